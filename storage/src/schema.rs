@@ -1,0 +1,92 @@
+//! The ledger's schema as numbered migrations on `PRAGMA user_version`.
+//!
+//! Migration `i` (0-based) moves a ledger from `user_version = i` to `i + 1`.
+//! Migrations are append-only: a released one is never edited, a change is a
+//! new entry at the end. Every column carries a comment saying what it holds.
+
+/// All migrations, in order. `MIGRATIONS.len()` is the schema version this
+/// build writes.
+pub(crate) const MIGRATIONS: &[&str] = &[MIGRATION_1];
+
+/// The first schema: inventory, reservations calendar, clusters, peers, events.
+const MIGRATION_1: &str = r#"
+-- One row per physical host of the site (or one row named "nodes" for the
+-- `nodes = N` shorthand of the config). Rewritten from the config at start.
+CREATE TABLE inventory (
+    name        TEXT PRIMARY KEY,          -- host name from the config
+    cores       INTEGER NOT NULL,          -- CPU cores of the host
+    memory_mib  INTEGER NOT NULL,          -- memory of the host, MiB
+    disk_gib    INTEGER NOT NULL,          -- disk of the host, GiB
+    slots       INTEGER NOT NULL CHECK (slots >= 0) -- node slots of the site's node shape it holds
+) STRICT;
+
+-- Small site-wide settings that are not rows of their own (the node shape).
+CREATE TABLE settings (
+    key         TEXT PRIMARY KEY,          -- setting name
+    value       TEXT NOT NULL              -- setting value, JSON
+) STRICT;
+
+-- The reservation calendar. A row is a block of nodes of one shape over a
+-- half-open window [start_ms, end_ms), held (until lease_expires_at_ms) or
+-- committed for one cluster on behalf of one requesting site.
+CREATE TABLE reservations (
+    id                  INTEGER PRIMARY KEY, -- local row id
+    idem_key            TEXT NOT NULL UNIQUE, -- idempotency key chosen by the requester
+    cluster_id          TEXT NOT NULL,       -- cluster the nodes are for
+    requester           TEXT NOT NULL,       -- site that asked (the cluster's master)
+    start_ms            INTEGER NOT NULL,    -- window start, unix ms, inclusive
+    end_ms              INTEGER NOT NULL,    -- window end, unix ms, exclusive
+    nodes               INTEGER NOT NULL CHECK (nodes > 0), -- number of nodes
+    cores               INTEGER NOT NULL,    -- per-node cores
+    memory_mib          INTEGER NOT NULL,    -- per-node memory, MiB
+    disk_gib            INTEGER NOT NULL,    -- per-node disk, GiB
+    state               TEXT NOT NULL CHECK (state IN ('held', 'committed', 'released', 'expired')),
+    lease_expires_at_ms INTEGER,             -- unix ms after which a held row no longer counts; NULL once committed
+    created_at_ms       INTEGER NOT NULL,    -- when the hold was taken, unix ms
+    updated_at_ms       INTEGER NOT NULL,    -- last state change, unix ms
+    CHECK (end_ms > start_ms)
+) STRICT;
+CREATE INDEX reservations_by_state_end ON reservations (state, end_ms);
+CREATE INDEX reservations_by_cluster ON reservations (cluster_id);
+
+-- Virtual clusters this site knows about: the ones it masters and the ones it
+-- serves as a worker.
+CREATE TABLE clusters (
+    id            TEXT PRIMARY KEY,          -- federation-wide cluster id
+    name          TEXT NOT NULL,             -- name given by the requester
+    master_site   TEXT NOT NULL,             -- site that masters the cluster
+    request_json  TEXT NOT NULL,             -- the original request, JSON
+    state         TEXT NOT NULL,             -- lifecycle state (requested ... finished | failed)
+    reason        TEXT,                      -- why it failed, when it did
+    created_at_ms INTEGER NOT NULL,          -- when this site learnt of it, unix ms
+    updated_at_ms INTEGER NOT NULL           -- last state change, unix ms
+) STRICT;
+
+-- Where a cluster's nodes are: one row per site taking part.
+CREATE TABLE cluster_parts (
+    cluster_id      TEXT NOT NULL REFERENCES clusters (id) ON DELETE CASCADE, -- the cluster
+    site            TEXT NOT NULL,           -- site holding this part
+    nodes           INTEGER NOT NULL CHECK (nodes > 0), -- nodes at that site
+    reservation_key TEXT,                    -- idempotency key of the reservation at that site
+    PRIMARY KEY (cluster_id, site)
+) STRICT;
+
+-- Federation members this site has heard of, so that a restart rejoins
+-- without bootstrap.
+CREATE TABLE peers (
+    peer_id       TEXT PRIMARY KEY,          -- libp2p peer id of the site's agent
+    site_name     TEXT,                      -- site name, once known
+    addrs_json    TEXT NOT NULL,             -- known multiaddrs, JSON array of strings
+    first_seen_ms INTEGER NOT NULL,          -- first contact, unix ms
+    last_seen_ms  INTEGER NOT NULL           -- latest contact, unix ms
+) STRICT;
+
+-- Append-only log of what happened at this site, for operators and tests.
+CREATE TABLE events (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT, -- order of events
+    at_ms       INTEGER NOT NULL,          -- when, unix ms
+    kind        TEXT NOT NULL,             -- what happened, e.g. "reservation.held"
+    subject     TEXT NOT NULL,             -- what it happened to (a key, a cluster id)
+    detail_json TEXT NOT NULL              -- more, JSON object
+) STRICT;
+"#;

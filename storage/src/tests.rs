@@ -1,0 +1,600 @@
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+
+use super::*;
+
+const SHAPE: NodeShape = NodeShape {
+    cores: 2,
+    memory_mib: 4096,
+    disk_gib: 20,
+};
+
+fn inventory(slots: u32) -> Inventory {
+    Inventory {
+        node: SHAPE,
+        hosts: vec![InventoryHost {
+            name: "nodes".into(),
+            cores: 2 * slots,
+            memory_mib: 4096 * u64::from(slots),
+            disk_gib: 20 * u64::from(slots),
+            slots,
+        }],
+    }
+}
+
+fn ledger(slots: u32) -> Ledger {
+    let mut ledger = Ledger::open_in_memory().unwrap();
+    ledger.set_inventory(&inventory(slots), 0).unwrap();
+    ledger
+}
+
+fn request(key: &str, start_ms: i64, end_ms: i64, nodes: u32, lease_ms: i64) -> HoldRequest {
+    HoldRequest {
+        key: key.into(),
+        cluster_id: format!("cluster-{key}"),
+        requester: "site-a".into(),
+        window: Window::new(start_ms, end_ms).unwrap(),
+        nodes,
+        shape: SHAPE,
+        lease_ms,
+    }
+}
+
+fn held(outcome: HoldOutcome) -> Reservation {
+    match outcome {
+        HoldOutcome::Held(reservation) => reservation,
+        HoldOutcome::Denied { available } => panic!("denied, {available} available"),
+    }
+}
+
+#[test]
+fn migrates_from_empty_and_reopens_with_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    {
+        let mut ledger = Ledger::open(&path).unwrap();
+        assert_eq!(
+            ledger.schema_version().unwrap() as usize,
+            schema::MIGRATIONS.len()
+        );
+        ledger.set_inventory(&inventory(4), 0).unwrap();
+        held(ledger.hold(&request("a", 0, 100, 2, 10), 0).unwrap());
+        ledger.commit("a", "site-a", 1).unwrap();
+        ledger
+            .upsert_peer(
+                "12D3KooWpeer",
+                Some("site-b"),
+                &["/ip4/198.18.0.2/tcp/7781".into()],
+                1,
+            )
+            .unwrap();
+    }
+    let ledger = Ledger::open(&path).unwrap();
+    assert_eq!(
+        ledger.schema_version().unwrap() as usize,
+        schema::MIGRATIONS.len()
+    );
+    assert_eq!(ledger.capacity().unwrap(), 4);
+    assert_eq!(ledger.inventory().unwrap(), Some(inventory(4)));
+    assert_eq!(
+        ledger.reservation("a").unwrap().unwrap().state,
+        ReservationState::Committed
+    );
+    assert_eq!(
+        ledger.peers().unwrap()[0].site_name.as_deref(),
+        Some("site-b")
+    );
+}
+
+#[test]
+fn refuses_a_ledger_from_a_newer_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    drop(Ledger::open(&path).unwrap());
+    {
+        let conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+    }
+    let err = Ledger::open(&path).unwrap_err();
+    assert!(
+        matches!(err, LedgerError::SchemaTooNew { found: 99, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("upgrade vcfed"));
+}
+
+#[test]
+fn hold_never_overbooks_and_reports_what_is_free() {
+    let mut ledger = ledger(4);
+    held(ledger.hold(&request("a", 0, 100, 3, 50), 0).unwrap());
+    assert_eq!(
+        ledger.hold(&request("b", 50, 150, 2, 50), 0).unwrap(),
+        HoldOutcome::Denied { available: 1 }
+    );
+    // Outside the first window the whole site is free.
+    held(ledger.hold(&request("c", 100, 150, 4, 50), 0).unwrap());
+    assert_eq!(
+        ledger.free_steps(Window::new(0, 200).unwrap(), 0).unwrap(),
+        vec![
+            Step { at_ms: 0, free: 1 },
+            Step {
+                at_ms: 100,
+                free: 0
+            },
+            Step {
+                at_ms: 150,
+                free: 4
+            }
+        ]
+    );
+    assert_eq!(
+        ledger
+            .reservations(ReservationFilter::All, 0)
+            .unwrap()
+            .len(),
+        2
+    );
+}
+
+#[test]
+fn a_shape_larger_than_the_slot_is_denied() {
+    let mut ledger = ledger(4);
+    let mut big = request("a", 0, 10, 1, 10);
+    big.shape.cores = 64;
+    assert_eq!(
+        ledger.hold(&big, 0).unwrap(),
+        HoldOutcome::Denied { available: 0 }
+    );
+}
+
+#[test]
+fn retries_are_idempotent_and_conflicts_refused() {
+    let mut ledger = ledger(4);
+    let first = held(ledger.hold(&request("a", 0, 100, 3, 50), 0).unwrap());
+    let again = held(ledger.hold(&request("a", 0, 100, 3, 50), 5).unwrap());
+    assert_eq!(first, again);
+    assert!(matches!(
+        ledger.hold(&request("a", 0, 100, 2, 50), 5),
+        Err(LedgerError::KeyConflict(_))
+    ));
+    let committed = ledger.commit("a", "site-a", 6).unwrap();
+    assert_eq!(committed.state, ReservationState::Committed);
+    assert_eq!(committed.lease_expires_at_ms, None);
+    assert_eq!(ledger.commit("a", "site-a", 7).unwrap(), committed);
+    assert_eq!(
+        held(ledger.hold(&request("a", 0, 100, 3, 50), 8).unwrap()),
+        committed
+    );
+    assert_eq!(
+        ledger.available(Window::new(0, 100).unwrap(), 8).unwrap(),
+        1
+    );
+}
+
+#[test]
+fn only_the_requester_may_commit_or_release() {
+    let mut ledger = ledger(4);
+    held(ledger.hold(&request("a", 0, 100, 1, 50), 0).unwrap());
+    assert!(matches!(
+        ledger.commit("a", "site-x", 1),
+        Err(LedgerError::NotOwner { .. })
+    ));
+    assert!(matches!(
+        ledger.release("a", "site-x", 1),
+        Err(LedgerError::NotOwner { .. })
+    ));
+    assert!(matches!(
+        ledger.commit("nope", "site-a", 1),
+        Err(LedgerError::UnknownReservation(_))
+    ));
+    assert_eq!(
+        ledger.reservation("a").unwrap().unwrap().state,
+        ReservationState::Held
+    );
+}
+
+#[test]
+fn leases_run_out_and_the_sweep_records_it() {
+    let mut ledger = ledger(4);
+    held(ledger.hold(&request("a", 0, 100, 4, 10), 0).unwrap());
+    assert_eq!(
+        ledger.available(Window::new(0, 100).unwrap(), 9).unwrap(),
+        0
+    );
+    // At the lease's end the hold stops counting, swept or not.
+    assert_eq!(
+        ledger.available(Window::new(0, 100).unwrap(), 10).unwrap(),
+        4
+    );
+    let err = ledger.commit("a", "site-a", 10).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LedgerError::WrongState {
+                state: ReservationState::Expired,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    held(ledger.hold(&request("b", 0, 100, 1, 10), 11).unwrap());
+    let swept = ledger.sweep_expired(21).unwrap();
+    assert_eq!(
+        swept.iter().map(|r| r.key.as_str()).collect::<Vec<_>>(),
+        ["b"]
+    );
+    assert!(ledger.sweep_expired(22).unwrap().is_empty());
+    assert_eq!(
+        ledger.reservation("a").unwrap().unwrap().state,
+        ReservationState::Expired
+    );
+    assert!(
+        ledger
+            .reservations(ReservationFilter::Active, 22)
+            .unwrap()
+            .is_empty()
+    );
+    let kinds: Vec<String> = ledger
+        .events(0, 100)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert!(
+        kinds.contains(&"reservation.expired".to_owned()),
+        "{kinds:?}"
+    );
+}
+
+#[test]
+fn restart_keeps_commitments_and_drops_expired_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    {
+        let mut ledger = Ledger::open(&path).unwrap();
+        ledger.set_inventory(&inventory(8), 0).unwrap();
+        for i in 0..4 {
+            held(
+                ledger
+                    .hold(&request(&format!("c{i}"), 0, 1000, 1, 100), 0)
+                    .unwrap(),
+            );
+            ledger.commit(&format!("c{i}"), "site-a", 1).unwrap();
+            held(
+                ledger
+                    .hold(&request(&format!("h{i}"), 0, 1000, 1, 100), 0)
+                    .unwrap(),
+            );
+        }
+    }
+    let mut ledger = Ledger::open(&path).unwrap();
+    ledger.sweep_expired(500).unwrap();
+    let active = ledger.reservations(ReservationFilter::Active, 500).unwrap();
+    assert_eq!(
+        active.iter().map(|r| r.key.as_str()).collect::<Vec<_>>(),
+        ["c0", "c1", "c2", "c3"]
+    );
+    let expired = ledger.reservations(ReservationFilter::All, 500).unwrap();
+    assert!(
+        expired
+            .iter()
+            .filter(|r| r.key.starts_with('h'))
+            .all(|r| r.state == ReservationState::Expired)
+    );
+}
+
+#[test]
+fn shrinking_the_inventory_keeps_reservations() {
+    let mut ledger = ledger(4);
+    held(ledger.hold(&request("a", 0, 100, 4, 50), 0).unwrap());
+    ledger.commit("a", "site-a", 0).unwrap();
+    ledger.set_inventory(&inventory(2), 1).unwrap();
+    assert_eq!(
+        ledger.reservation("a").unwrap().unwrap().state,
+        ReservationState::Committed
+    );
+    assert_eq!(
+        ledger.available(Window::new(0, 100).unwrap(), 1).unwrap(),
+        0
+    );
+    assert_eq!(
+        ledger.hold(&request("b", 50, 60, 1, 50), 1).unwrap(),
+        HoldOutcome::Denied { available: 0 }
+    );
+}
+
+#[test]
+fn invalid_holds_write_nothing() {
+    let mut ledger = ledger(4);
+    for bad in [
+        request("", 0, 10, 1, 10),
+        request("a", 0, 10, 0, 10),
+        request("a", 0, 10, 1, 0),
+        {
+            let mut r = request("a", 0, 10, 1, 10);
+            r.key = "k".repeat(KEY_LEN_MAX + 1);
+            r
+        },
+    ] {
+        assert!(
+            matches!(ledger.hold(&bad, 0), Err(LedgerError::Invalid(_))),
+            "{bad:?}"
+        );
+    }
+    assert!(
+        ledger
+            .reservations(ReservationFilter::All, 0)
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[test]
+fn clusters_round_trip_with_parts() {
+    let mut ledger = ledger(4);
+    let record = ClusterRecord {
+        id: "c-1".into(),
+        name: "demo".into(),
+        master_site: "site-a".into(),
+        request: serde_json::json!({ "nodes": 10 }),
+        state: ClusterState::Requested,
+        reason: None,
+        parts: vec![ClusterPart {
+            site: "site-a".into(),
+            nodes: 4,
+            reservation_key: None,
+        }],
+        created_at_ms: 5,
+        updated_at_ms: 5,
+    };
+    assert_eq!(ledger.insert_cluster(&record).unwrap(), record);
+    assert_eq!(ledger.insert_cluster(&record).unwrap(), record);
+    let parts = [
+        ClusterPart {
+            site: "site-a".into(),
+            nodes: 4,
+            reservation_key: Some("k-a".into()),
+        },
+        ClusterPart {
+            site: "site-b".into(),
+            nodes: 6,
+            reservation_key: Some("k-b".into()),
+        },
+    ];
+    let updated = ledger
+        .update_cluster("c-1", ClusterState::Reserved, None, Some(&parts), 9)
+        .unwrap();
+    assert_eq!(updated.parts, parts);
+    assert_eq!(updated.state, ClusterState::Reserved);
+    let failed = ledger
+        .update_cluster("c-1", ClusterState::Failed, Some("site-b gone"), None, 10)
+        .unwrap();
+    assert_eq!(failed.reason.as_deref(), Some("site-b gone"));
+    assert_eq!(failed.parts, parts);
+    assert_eq!(ledger.clusters().unwrap(), vec![failed]);
+    assert!(
+        ledger
+            .update_cluster("nope", ClusterState::Failed, None, None, 10)
+            .is_err()
+    );
+}
+
+#[test]
+fn peers_merge_addresses() {
+    let mut ledger = ledger(1);
+    ledger.upsert_peer("p1", None, &["/a".into()], 1).unwrap();
+    let peer = ledger
+        .upsert_peer("p1", Some("site-b"), &["/b".into(), "/a".into()], 2)
+        .unwrap();
+    assert_eq!(peer.addrs, ["/a", "/b"]);
+    assert_eq!((peer.first_seen_ms, peer.last_seen_ms), (1, 2));
+    assert_eq!(
+        ledger
+            .upsert_peer("p1", None, &[], 3)
+            .unwrap()
+            .site_name
+            .as_deref(),
+        Some("site-b")
+    );
+    assert!(ledger.remove_peer("p1").unwrap());
+    assert!(ledger.peers().unwrap().is_empty());
+}
+
+/// One step of the calendar property test.
+#[derive(Debug, Clone)]
+enum Op {
+    Hold {
+        key: u8,
+        start_ms: i64,
+        len_ms: i64,
+        nodes: u32,
+        lease_ms: i64,
+    },
+    Commit {
+        key: u8,
+    },
+    Release {
+        key: u8,
+    },
+    Advance {
+        ms: i64,
+    },
+    Sweep,
+    RetryLast,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0u8..12, 0i64..200, 1i64..100, 1u32..5, 1i64..60)
+            .prop_map(|(key, start_ms, len_ms, nodes, lease_ms)| Op::Hold { key, start_ms, len_ms, nodes, lease_ms }),
+        2 => (0u8..12).prop_map(|key| Op::Commit { key }),
+        1 => (0u8..12).prop_map(|key| Op::Release { key }),
+        2 => (0i64..30).prop_map(|ms| Op::Advance { ms }),
+        1 => Just(Op::Sweep),
+        2 => Just(Op::RetryLast),
+    ]
+}
+
+/// What the model expects of a reservation.
+#[derive(Debug, Clone)]
+struct ModelEntry {
+    request: HoldRequest,
+    state: ReservationState,
+    lease_expires_at_ms: i64,
+}
+
+impl ModelEntry {
+    fn counts_at(&self, now_ms: i64) -> bool {
+        self.state == ReservationState::Committed
+            || (self.state == ReservationState::Held && self.lease_expires_at_ms > now_ms)
+    }
+}
+
+/// Nodes in use at instant `t` by the reservations that count at `now_ms`.
+fn used_at(entries: &[Reservation], now_ms: i64, t: i64) -> u64 {
+    entries
+        .iter()
+        .filter(|r| r.counts_at(now_ms) && r.window.start_ms <= t && t < r.window.end_ms)
+        .map(|r| u64::from(r.nodes))
+        .sum()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+    /// Random holds, commits, releases, lease expiries and retries: at every
+    /// instant held + committed never exceeds capacity, every admission
+    /// decision matches a brute-force model, and retries change nothing.
+    #[test]
+    fn calendar_never_overbooks(ops in prop::collection::vec(op(), 1..80)) {
+        const CAPACITY: u32 = 6;
+        let mut ledger = ledger(CAPACITY);
+        let mut model: BTreeMap<String, ModelEntry> = BTreeMap::new();
+        let mut now_ms = 0i64;
+        let mut last: Option<Op> = None;
+
+        for step in ops {
+            let step = match step {
+                Op::RetryLast => match last.clone() {
+                    Some(previous) => previous,
+                    None => continue,
+                },
+                other => other,
+            };
+            let before = ledger.reservations(ReservationFilter::All, now_ms).unwrap();
+            let is_retry = last.as_ref().is_some_and(|l| format!("{l:?}") == format!("{step:?}"));
+            match &step {
+                Op::Hold { key, start_ms, len_ms, nodes, lease_ms } => {
+                    let key = format!("k{key}");
+                    let req = HoldRequest {
+                        key: key.clone(),
+                        cluster_id: "c".into(),
+                        requester: "site-a".into(),
+                        window: Window::new(*start_ms, start_ms + len_ms).unwrap(),
+                        nodes: *nodes,
+                        shape: SHAPE,
+                        lease_ms: *lease_ms,
+                    };
+                    let got = ledger.hold(&req, now_ms);
+                    match model.get(&key) {
+                        Some(entry) if entry.request.window != req.window || entry.request.nodes != req.nodes => {
+                            prop_assert!(matches!(got, Err(LedgerError::KeyConflict(_))), "{got:?}");
+                        }
+                        Some(entry) if entry.counts_at(now_ms) => {
+                            let reservation = held(got.unwrap());
+                            prop_assert_eq!(reservation.state, entry.state);
+                        }
+                        Some(_) => prop_assert!(matches!(got, Err(LedgerError::WrongState { .. })), "{got:?}"),
+                        None => {
+                            let fits = (req.window.start_ms..req.window.end_ms).all(|t| {
+                                let used: u64 = model
+                                    .values()
+                                    .filter(|e| e.counts_at(now_ms))
+                                    .filter(|e| e.request.window.start_ms <= t && t < e.request.window.end_ms)
+                                    .map(|e| u64::from(e.request.nodes))
+                                    .sum();
+                                used + u64::from(req.nodes) <= u64::from(CAPACITY)
+                            });
+                            match got.unwrap() {
+                                HoldOutcome::Held(reservation) => {
+                                    prop_assert!(fits, "admitted a hold that does not fit");
+                                    prop_assert_eq!(reservation.lease_expires_at_ms, Some(now_ms + lease_ms));
+                                    model.insert(key, ModelEntry {
+                                        request: req,
+                                        state: ReservationState::Held,
+                                        lease_expires_at_ms: now_ms + lease_ms,
+                                    });
+                                }
+                                HoldOutcome::Denied { available } => {
+                                    prop_assert!(!fits, "denied a hold that fits");
+                                    prop_assert!(available < *nodes);
+                                }
+                            }
+                        }
+                    }
+                }
+                Op::Commit { key } => {
+                    let key = format!("k{key}");
+                    let got = ledger.commit(&key, "site-a", now_ms);
+                    match model.get_mut(&key) {
+                        None => prop_assert!(matches!(got, Err(LedgerError::UnknownReservation(_)))),
+                        Some(entry) if entry.counts_at(now_ms) => {
+                            prop_assert_eq!(got.unwrap().state, ReservationState::Committed);
+                            entry.state = ReservationState::Committed;
+                        }
+                        Some(entry) => {
+                            prop_assert!(got.is_err());
+                            if entry.state == ReservationState::Held {
+                                entry.state = ReservationState::Expired;
+                            }
+                        }
+                    }
+                }
+                Op::Release { key } => {
+                    let key = format!("k{key}");
+                    let got = ledger.release(&key, "site-a", now_ms);
+                    match model.get_mut(&key) {
+                        None => prop_assert!(got.is_err()),
+                        Some(entry) => {
+                            let got = got.unwrap();
+                            if matches!(entry.state, ReservationState::Held | ReservationState::Committed) {
+                                entry.state = ReservationState::Released;
+                            }
+                            prop_assert_eq!(got.state, entry.state);
+                        }
+                    }
+                }
+                Op::Advance { ms } => now_ms += ms,
+                Op::Sweep => {
+                    let swept = ledger.sweep_expired(now_ms).unwrap();
+                    for reservation in swept {
+                        let entry = model.get_mut(&reservation.key).unwrap();
+                        prop_assert_eq!(entry.state, ReservationState::Held);
+                        prop_assert!(entry.lease_expires_at_ms <= now_ms);
+                        entry.state = ReservationState::Expired;
+                    }
+                }
+                Op::RetryLast => unreachable!("replaced above"),
+            }
+
+            let after = ledger.reservations(ReservationFilter::All, now_ms).unwrap();
+            // A repeated hold, commit or release changes nothing.
+            if is_retry && !matches!(step, Op::Advance { .. } | Op::Sweep) {
+                prop_assert_eq!(&before, &after, "retry of {:?} changed the ledger", step);
+            }
+            // The core invariant, at every instant where usage can change.
+            for reservation in &after {
+                let t = reservation.window.start_ms;
+                prop_assert!(used_at(&after, now_ms, t) <= u64::from(CAPACITY), "overbooked at {t}");
+            }
+            for reservation in &after {
+                let entry = &model[&reservation.key];
+                // The ledger may mark an unswept expired hold `expired` on a
+                // failed commit exactly when the model does.
+                prop_assert_eq!(reservation.state, entry.state, "state of {}", reservation.key);
+            }
+            last = Some(step);
+        }
+    }
+}
