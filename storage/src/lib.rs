@@ -132,6 +132,16 @@ impl NodeShape {
     }
 }
 
+impl std::fmt::Display for NodeShape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} cores, {} MiB memory, {} GiB disk",
+            self.cores, self.memory_mib, self.disk_gib
+        )
+    }
+}
+
 /// One physical host of the inventory and the node slots it provides.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InventoryHost {

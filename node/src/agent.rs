@@ -1,0 +1,193 @@
+//! The site agent: `vcfed run`.
+//!
+//! Start-up order matters: everything that can be wrong with the site's
+//! config, keys or ledger is found before the API listens, so a broken site
+//! fails at once with a clear message instead of half-starting.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use vcfed_storage::{Inventory, InventoryHost, Ledger};
+
+use crate::api::{self, ApiState, CapacityTotals, SiteInfo};
+use crate::config::{Config, InventorySource};
+use crate::identity::{self, KeyPaths};
+use crate::time::now_ms;
+
+/// How often expired holds are swept.
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A started agent: its API address and the handle to wait for its end.
+pub struct RunningAgent {
+    /// Where the API listens (the real port when the config asked for 0).
+    pub api_addr: SocketAddr,
+    /// Finishes when the agent has shut down.
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+/// Loads everything the agent needs and starts it; it runs until `shutdown`
+/// resolves. Errors here are start-up errors: nothing is listening yet.
+pub async fn start(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<RunningAgent> {
+    let keys = identity::load(&key_paths(&config))
+        .context("loading the site's keys (did you run `vcfed init`?)")?;
+    let inventory = ledger_inventory(&config);
+    let ledger_path = config.ledger_path();
+    let mut ledger = Ledger::open(&ledger_path)
+        .with_context(|| format!("opening the ledger {}", ledger_path.display()))?;
+    let now = now_ms();
+    ledger
+        .set_inventory(&inventory, now)
+        .context("writing the inventory to the ledger")?;
+    let expired = ledger
+        .sweep_expired(now)
+        .context("sweeping expired holds")?;
+    if !expired.is_empty() {
+        tracing::info!(count = expired.len(), "expired holds released at start");
+    }
+    let ledger = Arc::new(Mutex::new(ledger));
+
+    let site = SiteInfo {
+        name: config.site.name.clone(),
+        peer_id: keys.peer_id().to_string(),
+        tunnel_public_key: keys.tunnel_public_key(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        node: inventory.node,
+        capacity: totals(&inventory),
+        free_now: 0,
+        vlans: config.clusters.vlans.to_string(),
+    };
+    let listener = TcpListener::bind(config.api.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "binding the API to {} (api.listen in {})",
+                config.api.listen,
+                config.path.display()
+            )
+        })?;
+    let api_addr = listener
+        .local_addr()
+        .context("reading the API's local address")?;
+    let state = Arc::new(ApiState::new(site.clone(), ledger.clone(), &keys.api_token));
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let sweeper = tokio::spawn(sweep_loop(ledger.clone(), stop_rx.clone()));
+    let mut api_stop = stop_rx;
+    let task = tokio::spawn(async move {
+        tracing::info!(
+            site = %site.name,
+            peer_id = %site.peer_id,
+            api = %api_addr,
+            nodes = site.capacity.nodes,
+            "agent ready"
+        );
+        tokio::spawn(async move {
+            shutdown.await;
+            tracing::info!("shutting down");
+            let _ = stop_tx.send(true);
+        });
+        let served = api::serve(listener, state, async move {
+            let _ = api_stop.wait_for(|stop| *stop).await;
+        })
+        .await;
+        let _ = sweeper.await;
+        served.context("serving the API")?;
+        tracing::info!("agent stopped");
+        Ok(())
+    });
+    Ok(RunningAgent { api_addr, task })
+}
+
+/// The key files of a configured site.
+pub fn key_paths(config: &Config) -> KeyPaths {
+    KeyPaths::new(&config.site.data_dir, &config.api.token_file)
+}
+
+/// The inventory as the ledger stores it.
+pub fn ledger_inventory(config: &Config) -> Inventory {
+    let node = config.inventory.node;
+    let hosts = match &config.inventory.source {
+        InventorySource::Nodes(nodes) => vec![InventoryHost {
+            name: "nodes".to_owned(),
+            cores: node.cores.saturating_mul(*nodes),
+            memory_mib: node.memory_mib.saturating_mul(u64::from(*nodes)),
+            disk_gib: node.disk_gib.saturating_mul(u64::from(*nodes)),
+            slots: *nodes,
+        }],
+        InventorySource::Hosts(hosts) => hosts
+            .iter()
+            .map(|host| InventoryHost {
+                name: host.name.clone(),
+                cores: host.cores,
+                memory_mib: host.memory_mib,
+                disk_gib: host.disk_gib,
+                slots: host.slots(&node),
+            })
+            .collect(),
+    };
+    Inventory { node, hosts }
+}
+
+fn totals(inventory: &Inventory) -> CapacityTotals {
+    CapacityTotals {
+        nodes: inventory.slots(),
+        hosts: u32::try_from(inventory.hosts.len()).unwrap_or(u32::MAX),
+        cores: inventory.hosts.iter().map(|h| u64::from(h.cores)).sum(),
+        memory_mib: inventory.hosts.iter().map(|h| h.memory_mib).sum(),
+        disk_gib: inventory.hosts.iter().map(|h| h.disk_gib).sum(),
+    }
+}
+
+/// Marks holds whose lease ran out as expired, every [`SWEEP_INTERVAL`].
+async fn sweep_loop(ledger: Arc<Mutex<Ledger>>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut ticker = tokio::time::interval(SWEEP_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.wait_for(|stop| *stop) => return,
+        }
+        let ledger = ledger.clone();
+        let swept = tokio::task::spawn_blocking(move || {
+            let mut guard = ledger
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            guard.sweep_expired(now_ms())
+        })
+        .await;
+        match swept {
+            Ok(Ok(expired)) => {
+                for reservation in expired {
+                    tracing::info!(key = %reservation.key, cluster = %reservation.cluster_id, "hold expired");
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %format!("{e:#}"), "sweeping expired holds failed")
+            }
+            Err(e) => tracing::warn!(error = %e, "sweep task failed"),
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+pub async fn termination_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::warn!("cannot install signal handlers; stop the agent with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!(signal = "SIGTERM", "signal received"),
+        _ = int.recv() => tracing::info!(signal = "SIGINT", "signal received"),
+    }
+}

@@ -1,0 +1,579 @@
+//! The agent's local HTTP API (axum), described in `docs/openapi.yaml`.
+//!
+//! Every request needs `Authorization: Bearer <token>` (the site's
+//! `api.token`); errors are JSON `{"error": {"code": ..., "message": ...}}`
+//! with a stable `code`. Ledger calls run on the blocking pool, one at a time
+//! behind a mutex: SQLite serialises writers anyway, and every write is
+//! durable before its response is sent.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use ring::digest::{SHA256, digest};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use vcfed_storage::{
+    Event, HoldOutcome, HoldRequest, Ledger, LedgerError, NodeShape, Reservation,
+    ReservationFilter, Window,
+};
+
+use crate::time::{DAY_MS, format_instant, now_ms, parse_instant};
+
+/// Largest request body accepted, bytes.
+pub const BODY_LEN_MAX: usize = 64 * 1024;
+/// Default lease of a hold made through the API, seconds.
+pub const DEFAULT_LEASE_S: u64 = 60;
+/// Longest lease accepted, seconds.
+pub const LEASE_S_MAX: u64 = 24 * 60 * 60;
+/// Default span of a capacity query, ms.
+pub const DEFAULT_CAPACITY_SPAN_MS: i64 = 7 * DAY_MS;
+/// Longest window a capacity query or reservation may span, ms.
+pub const WINDOW_MS_MAX: i64 = 366 * DAY_MS;
+/// Most events one call returns.
+pub const EVENTS_LIMIT_MAX: u32 = 1000;
+
+/// What `GET /v1/site` says about the site.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SiteInfo {
+    /// Site name.
+    pub name: String,
+    /// Peer id of the site's agent in the federation.
+    pub peer_id: String,
+    /// WireGuard public key of the site's gateway, base64.
+    pub tunnel_public_key: String,
+    /// vcfed version of the agent.
+    pub version: String,
+    /// Shape of one node slot.
+    pub node: NodeShape,
+    /// Totals of the inventory.
+    pub capacity: CapacityTotals,
+    /// Node slots free right now.
+    pub free_now: u32,
+    /// VLAN ids the site may give to clusters, e.g. `100-199`.
+    pub vlans: String,
+}
+
+/// Totals of a site's inventory.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CapacityTotals {
+    /// Node slots.
+    pub nodes: u32,
+    /// Physical hosts (1 for the `nodes = N` shorthand).
+    pub hosts: u32,
+    /// CPU cores of all hosts.
+    pub cores: u64,
+    /// Memory of all hosts, MiB.
+    pub memory_mib: u64,
+    /// Disk of all hosts, GiB.
+    pub disk_gib: u64,
+}
+
+/// What `GET /v1/capacity` answers: free nodes over a window, as steps.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CapacityReport {
+    /// Window start, unix ms.
+    pub from_ms: i64,
+    /// Window end, unix ms.
+    pub to_ms: i64,
+    /// Node slots of the site.
+    pub total_nodes: u32,
+    /// The fewest free nodes at any instant of the window.
+    pub min_free: u32,
+    /// Free nodes from each step's instant until the next step.
+    pub steps: Vec<CapacityStep>,
+}
+
+/// One level of free capacity.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CapacityStep {
+    /// From when, unix ms.
+    pub at_ms: i64,
+    /// The same instant, RFC 3339.
+    pub at: String,
+    /// Free node slots from then on.
+    pub free: u32,
+}
+
+/// An instant in a request body: unix ms, or text as [`parse_instant`] reads it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum InstantArg {
+    /// Unix ms.
+    Ms(i64),
+    /// `now`, `+2h`, RFC 3339, ...
+    Text(String),
+}
+
+/// Body of `POST /v1/reservations`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HoldBody {
+    /// Idempotency key: retrying with the same key never books twice.
+    pub key: String,
+    /// Cluster the nodes are for.
+    pub cluster_id: String,
+    /// Site the hold is for; this site when absent.
+    #[serde(default)]
+    pub requester: Option<String>,
+    /// Window start.
+    pub start: InstantArg,
+    /// Window end (exclusive).
+    pub end: InstantArg,
+    /// Number of nodes.
+    pub nodes: u32,
+    /// Per-node shape; the site's node slot when absent.
+    #[serde(default)]
+    pub shape: Option<NodeShape>,
+    /// Lease, seconds; [`DEFAULT_LEASE_S`] when absent.
+    #[serde(default)]
+    pub lease_s: Option<u64>,
+}
+
+/// Body of `POST /v1/reservations/{key}/commit` and `.../release`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OwnerBody {
+    /// Site that holds the reservation; this site when absent.
+    #[serde(default)]
+    pub requester: Option<String>,
+}
+
+/// Error body: `{"error": {...}}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// What went wrong.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    /// Stable machine-readable code, e.g. `insufficient_capacity`.
+    pub code: String,
+    /// Human-readable explanation.
+    pub message: String,
+    /// For `insufficient_capacity`: the fewest nodes free in the window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub available: Option<u32>,
+}
+
+/// Shared state of the API handlers.
+pub struct ApiState {
+    site: SiteInfo,
+    ledger: Arc<Mutex<Ledger>>,
+    token_digest: ring::digest::Digest,
+}
+
+impl ApiState {
+    /// State for a site described by `site` (its `free_now` is filled per request).
+    pub fn new(site: SiteInfo, ledger: Arc<Mutex<Ledger>>, token: &str) -> ApiState {
+        ApiState {
+            site,
+            ledger,
+            token_digest: digest(&SHA256, token.as_bytes()),
+        }
+    }
+}
+
+/// The API's routes, behind the token check.
+pub fn router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/v1/site", get(site))
+        .route("/v1/capacity", get(capacity))
+        .route("/v1/reservations", get(list_reservations).post(hold))
+        .route("/v1/reservations/{key}", get(show_reservation))
+        .route("/v1/reservations/{key}/commit", post(commit))
+        .route("/v1/reservations/{key}/release", post(release))
+        .route("/v1/events", get(events))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .layer(DefaultBodyLimit::max(BODY_LEN_MAX))
+        .with_state(state)
+}
+
+/// Serves the API on `listener` until `shutdown` resolves, then finishes the
+/// requests in flight.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<ApiState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// An error answer of the API.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    detail: ErrorDetail,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            detail: ErrorDetail {
+                code: code.to_owned(),
+                message: message.into(),
+                available: None,
+            },
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, Json(ErrorBody { error: self.detail })).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+impl From<LedgerError> for ApiError {
+    fn from(e: LedgerError) -> ApiError {
+        match &e {
+            LedgerError::Invalid(_) => ApiError::bad_request(e.to_string()),
+            LedgerError::UnknownReservation(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
+            }
+            LedgerError::KeyConflict(_) | LedgerError::WrongState { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string())
+            }
+            LedgerError::NotOwner { .. } => {
+                ApiError::new(StatusCode::FORBIDDEN, "not_owner", e.to_string())
+            }
+            LedgerError::Sqlite(_)
+            | LedgerError::SchemaTooNew { .. }
+            | LedgerError::NoWal { .. }
+            | LedgerError::Corrupt { .. } => {
+                tracing::error!(error = %format!("{e:#}"), "ledger failure");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+            }
+        }
+    }
+}
+
+async fn require_token(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Response {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(presented) = presented else {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing `Authorization: Bearer <token>` header",
+        )
+        .into_response();
+    };
+    // Comparing digests keeps the comparison's timing independent of how
+    // much of the token a caller guessed right.
+    if digest(&SHA256, presented.as_bytes()).as_ref() != state.token_digest.as_ref() {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "invalid API token",
+        )
+        .into_response();
+    }
+    next.run(request).await
+}
+
+/// Runs `operation` on the ledger on the blocking pool.
+async fn with_ledger<T, F>(state: &ApiState, operation: F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: FnOnce(&mut Ledger) -> Result<T, LedgerError> + Send + 'static,
+{
+    let ledger = state.ledger.clone();
+    tokio::task::spawn_blocking(move || {
+        // A panic inside a ledger call rolls its transaction back when the
+        // transaction drops, so a poisoned lock still guards a sound ledger.
+        let mut guard = ledger
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        operation(&mut guard)
+    })
+    .await
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("ledger task failed: {e}"),
+        )
+    })?
+    .map_err(ApiError::from)
+}
+
+async fn site(State(state): State<Arc<ApiState>>) -> Result<Json<SiteInfo>, ApiError> {
+    let now = now_ms();
+    let window = Window::new(now, now + 1).expect("a one-millisecond window is non-empty");
+    let free_now = with_ledger(&state, move |ledger| ledger.available(window, now)).await?;
+    Ok(Json(SiteInfo {
+        free_now,
+        ..state.site.clone()
+    }))
+}
+
+/// Query of `GET /v1/capacity`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CapacityQuery {
+    from: Option<String>,
+    to: Option<String>,
+}
+
+async fn capacity(
+    State(state): State<Arc<ApiState>>,
+    query: Result<Query<CapacityQuery>, QueryRejection>,
+) -> Result<Json<CapacityReport>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let now = now_ms();
+    let from_ms = match &query.from {
+        Some(from) => {
+            parse_instant(from, now).map_err(|e| ApiError::bad_request(format!("from: {e}")))?
+        }
+        None => now,
+    };
+    let to_ms = match &query.to {
+        Some(to) => {
+            parse_instant(to, now).map_err(|e| ApiError::bad_request(format!("to: {e}")))?
+        }
+        None => from_ms.saturating_add(DEFAULT_CAPACITY_SPAN_MS),
+    };
+    let window = checked_window(from_ms, to_ms)?;
+    let (total_nodes, steps) = with_ledger(&state, move |ledger| {
+        Ok((ledger.capacity()?, ledger.free_steps(window, now)?))
+    })
+    .await?;
+    let min_free = steps
+        .iter()
+        .map(|step| step.free)
+        .min()
+        .unwrap_or(total_nodes);
+    let steps = steps
+        .into_iter()
+        .map(|step| CapacityStep {
+            at_ms: step.at_ms,
+            at: format_instant(step.at_ms),
+            free: step.free,
+        })
+        .collect();
+    Ok(Json(CapacityReport {
+        from_ms,
+        to_ms,
+        total_nodes,
+        min_free,
+        steps,
+    }))
+}
+
+/// Query of `GET /v1/reservations`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    /// `active` (default) or `all`.
+    state: Option<String>,
+}
+
+async fn list_reservations(
+    State(state): State<Arc<ApiState>>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<Vec<Reservation>>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let filter = match query.state.as_deref() {
+        None | Some("active") => ReservationFilter::Active,
+        Some("all") => ReservationFilter::All,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "state: expected `active` or `all`, got {other:?}"
+            )));
+        }
+    };
+    let now = now_ms();
+    Ok(Json(
+        with_ledger(&state, move |ledger| ledger.reservations(filter, now)).await?,
+    ))
+}
+
+async fn show_reservation(
+    State(state): State<Arc<ApiState>>,
+    Path(key): Path<String>,
+) -> Result<Json<Reservation>, ApiError> {
+    let found = with_ledger(&state, {
+        let key = key.clone();
+        move |ledger| ledger.reservation(&key)
+    })
+    .await?;
+    found.map(Json).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no reservation with key {key:?}"),
+        )
+    })
+}
+
+async fn hold(
+    State(state): State<Arc<ApiState>>,
+    body: Result<Json<HoldBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(body) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let now = now_ms();
+    let instant = |arg: &InstantArg, field: &str| match arg {
+        InstantArg::Ms(ms) => Ok(*ms),
+        InstantArg::Text(text) => {
+            parse_instant(text, now).map_err(|e| ApiError::bad_request(format!("{field}: {e}")))
+        }
+    };
+    let window = checked_window(instant(&body.start, "start")?, instant(&body.end, "end")?)?;
+    let lease_s = body.lease_s.unwrap_or(DEFAULT_LEASE_S);
+    if !(1..=LEASE_S_MAX).contains(&lease_s) {
+        return Err(ApiError::bad_request(format!(
+            "lease_s must be between 1 and {LEASE_S_MAX}"
+        )));
+    }
+    let shape = body.shape.unwrap_or(state.site.node);
+    if !shape.fits_in(&state.site.node) {
+        return Err(ApiError::bad_request(format!(
+            "a node of {shape} does not fit this site's node slot of {}",
+            state.site.node
+        )));
+    }
+    let request = HoldRequest {
+        key: body.key,
+        cluster_id: body.cluster_id,
+        requester: body.requester.unwrap_or_else(|| state.site.name.clone()),
+        window,
+        nodes: body.nodes,
+        shape,
+        lease_ms: i64::try_from(lease_s * 1000).expect("lease_s is bounded by LEASE_S_MAX"),
+    };
+    let outcome = with_ledger(&state, move |ledger| ledger.hold(&request, now)).await?;
+    match outcome {
+        HoldOutcome::Held(reservation) => {
+            tracing::info!(key = %reservation.key, nodes = reservation.nodes, state = %reservation.state, "hold");
+            Ok((StatusCode::CREATED, Json(reservation)).into_response())
+        }
+        HoldOutcome::Denied { available } => {
+            let mut error = ApiError::new(
+                StatusCode::CONFLICT,
+                "insufficient_capacity",
+                match available {
+                    1 => "only 1 node is free for the whole window".to_owned(),
+                    n => format!("only {n} nodes are free for the whole window"),
+                },
+            );
+            error.detail.available = Some(available);
+            Err(error)
+        }
+    }
+}
+
+async fn commit(
+    State(state): State<Arc<ApiState>>,
+    Path(key): Path<String>,
+    body: Option<Json<OwnerBody>>,
+) -> Result<Json<Reservation>, ApiError> {
+    let requester = owner(&state, body);
+    let now = now_ms();
+    let reservation =
+        with_ledger(&state, move |ledger| ledger.commit(&key, &requester, now)).await?;
+    tracing::info!(key = %reservation.key, "commit");
+    Ok(Json(reservation))
+}
+
+async fn release(
+    State(state): State<Arc<ApiState>>,
+    Path(key): Path<String>,
+    body: Option<Json<OwnerBody>>,
+) -> Result<Json<Reservation>, ApiError> {
+    let requester = owner(&state, body);
+    let now = now_ms();
+    let reservation =
+        with_ledger(&state, move |ledger| ledger.release(&key, &requester, now)).await?;
+    tracing::info!(key = %reservation.key, "release");
+    Ok(Json(reservation))
+}
+
+/// Query of `GET /v1/events`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    after: Option<i64>,
+    limit: Option<u32>,
+}
+
+async fn events(
+    State(state): State<Arc<ApiState>>,
+    query: Result<Query<EventsQuery>, QueryRejection>,
+) -> Result<Json<Vec<Event>>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let after = query.after.unwrap_or(0);
+    let limit = query.limit.unwrap_or(100).min(EVENTS_LIMIT_MAX);
+    Ok(Json(
+        with_ledger(&state, move |ledger| ledger.events(after, limit)).await?,
+    ))
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such endpoint; see docs/openapi.yaml",
+    )
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this endpoint",
+    )
+}
+
+fn owner(state: &ApiState, body: Option<Json<OwnerBody>>) -> String {
+    body.and_then(|Json(body)| body.requester)
+        .unwrap_or_else(|| state.site.name.clone())
+}
+
+fn checked_window(from_ms: i64, to_ms: i64) -> Result<Window, ApiError> {
+    let window = Window::new(from_ms, to_ms).ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "the window must end after it starts ({} .. {})",
+            format_instant(from_ms),
+            format_instant(to_ms)
+        ))
+    })?;
+    if window.duration_ms() > WINDOW_MS_MAX {
+        return Err(ApiError::bad_request(format!(
+            "the window may span at most {} days",
+            WINDOW_MS_MAX / DAY_MS
+        )));
+    }
+    Ok(window)
+}

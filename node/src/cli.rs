@@ -1,0 +1,602 @@
+//! The `vcfed` command line: argument parsing, exit codes, output.
+//!
+//! Exit codes: 0 on success, 1 when an operation fails, 2 for bad usage or a
+//! bad config (nothing was written or started then).
+
+// The CLI's job is to print for the user.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use multiaddr::Multiaddr;
+use vcfed_storage::{NodeShape, Reservation};
+
+use crate::api::{CapacityReport, HoldBody, InstantArg, OwnerBody, SiteInfo};
+use crate::client::ApiClient;
+use crate::config::{self, Config, ConfigError, InitParams, VlanRange};
+use crate::identity::{self, IdentityError};
+use crate::time::{format_instant, now_ms, parse_duration_ms, parse_instant};
+
+/// Federated virtual clusters: one agent per site, pooling sites' machines
+/// into virtual clusters.
+#[derive(Debug, Parser)]
+#[command(name = "vcfed", version, propagate_version = true)]
+pub struct Cli {
+    /// Log format on stderr. RUST_LOG sets the level (default: info for
+    /// `run`, warn otherwise).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "VCFED_LOG_FORMAT", global = true)]
+    pub log_format: LogFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a site: write a commented config and generate the site's keys
+    /// and API token.
+    Init(InitArgs),
+    /// Run the site agent until SIGTERM or Ctrl-C.
+    Run(ConfigArg),
+    /// Show the site: name, peer id, capacity.
+    Status(StatusArgs),
+    /// Show free nodes over a time window, as steps.
+    Capacity(CapacityArgs),
+    /// Hold, commit, release and list local reservations.
+    #[command(subcommand)]
+    Reservation(ReservationCommand),
+    /// Run a self-contained demo of one site on this machine.
+    Demo(crate::demo::DemoArgs),
+}
+
+/// Where the site's config is.
+#[derive(Debug, Clone, Args)]
+pub struct ConfigArg {
+    /// The site's config file (written by `vcfed init`).
+    #[arg(long, short = 'c', env = "VCFED_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+/// Arguments of `vcfed init`.
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Site name: lowercase letters, digits and '-', at most 63.
+    #[arg(long, env = "VCFED_SITE")]
+    pub site: String,
+    /// Directory for the site's keys and ledger (created, mode 0700).
+    #[arg(long, env = "VCFED_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// Where to write the config [default: DATA_DIR/vcfed.toml].
+    #[arg(long, short = 'c')]
+    pub config: Option<PathBuf>,
+    /// Replace an existing config and keys (the site gets a new identity).
+    #[arg(long)]
+    pub force: bool,
+    /// Address of the local HTTP API.
+    #[arg(long, default_value = config::DEFAULT_API_LISTEN)]
+    pub api_listen: SocketAddr,
+    /// Federation listen address (repeatable).
+    #[arg(long = "listen", default_value = config::DEFAULT_FEDERATION_LISTEN)]
+    pub listen: Vec<Multiaddr>,
+    /// UDP address of the gateway's data plane.
+    #[arg(long, default_value = config::DEFAULT_GATEWAY_LISTEN)]
+    pub gateway_listen: SocketAddr,
+    /// Federation member to join through, ending in /p2p/<peer id> (repeatable).
+    #[arg(long)]
+    pub bootstrap: Vec<Multiaddr>,
+    /// Node slots of the site (the `nodes = N` shorthand of the inventory).
+    #[arg(long, default_value_t = 4)]
+    pub nodes: u32,
+    /// Cores of one node slot.
+    #[arg(long, default_value_t = 2)]
+    pub node_cores: u32,
+    /// Memory of one node slot, MiB.
+    #[arg(long, default_value_t = 4096)]
+    pub node_memory_mib: u64,
+    /// Disk of one node slot, GiB.
+    #[arg(long, default_value_t = 20)]
+    pub node_disk_gib: u64,
+    /// VLAN ids this site may give to clusters.
+    #[arg(long, default_value = "100-199")]
+    pub vlans: VlanRange,
+}
+
+/// Arguments of `vcfed status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Arguments of `vcfed capacity`.
+#[derive(Debug, Args)]
+pub struct CapacityArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Window start: `now`, `+2h`, RFC 3339 or unix ms.
+    #[arg(long, default_value = "now")]
+    from: String,
+    /// Window end [default: 7 days after --from].
+    #[arg(long)]
+    to: Option<String>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `vcfed reservation ...`
+#[derive(Debug, Subcommand)]
+pub enum ReservationCommand {
+    /// Hold nodes for a window; the hold expires after its lease unless committed.
+    Hold(HoldArgs),
+    /// Commit a hold.
+    Commit(KeyArgs),
+    /// Release a hold or a commitment.
+    Release(KeyArgs),
+    /// List reservations that take capacity (or all with --all).
+    List(ListArgs),
+}
+
+/// Arguments of `vcfed reservation hold`.
+#[derive(Debug, Args)]
+pub struct HoldArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Number of nodes.
+    #[arg(long)]
+    nodes: u32,
+    /// Window start: `now`, `+2h`, RFC 3339 or unix ms.
+    #[arg(long, default_value = "now")]
+    start: String,
+    /// Window length, e.g. 2h.
+    #[arg(long)]
+    duration: String,
+    /// Lease of the hold before it must be committed, e.g. 60s.
+    #[arg(long, default_value = "60s")]
+    lease: String,
+    /// Idempotency key [default: a fresh one].
+    #[arg(long)]
+    key: Option<String>,
+    /// Cluster the nodes are for [default: "local"].
+    #[arg(long, default_value = "local")]
+    cluster: String,
+    /// Commit at once.
+    #[arg(long)]
+    commit: bool,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A reservation named by its key.
+#[derive(Debug, Args)]
+pub struct KeyArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// The reservation's key.
+    key: String,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Arguments of `vcfed reservation list`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Include released and expired reservations.
+    #[arg(long)]
+    all: bool,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Bad usage: reported with exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// Entry point of the binary: parses arguments, sets up logging and the
+/// runtime, runs the command and maps errors to exit codes.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = if matches!(cli.command, Command::Run(_) | Command::Demo(_)) {
+        "info"
+    } else {
+        "warn"
+    };
+    init_logging(cli.log_format, default_level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            exit_code(&e)
+        }
+    }
+}
+
+/// Runs one command.
+pub async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Init(args) => init(&args).map(|_| ()),
+        Command::Run(args) => {
+            let config = load_config(&args)?;
+            let agent = crate::agent::start(config, crate::agent::termination_signal()).await?;
+            agent.task.await.context("agent task")?
+        }
+        Command::Status(args) => status(&args).await,
+        Command::Capacity(args) => capacity(&args).await,
+        Command::Reservation(command) => reservation(command).await,
+        Command::Demo(args) => crate::demo::run(&args).await,
+    }
+}
+
+/// Exit code for an error: 2 for bad usage or config, 1 otherwise.
+pub fn exit_code(e: &anyhow::Error) -> ExitCode {
+    let usage = e.chain().any(|cause| {
+        cause.is::<ConfigError>()
+            || cause.is::<UsageError>()
+            || matches!(
+                cause.downcast_ref::<IdentityError>(),
+                Some(IdentityError::Exists { .. })
+            )
+    });
+    if usage {
+        ExitCode::from(2)
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn init_logging(format: LogFormat, default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Loads the config named by `--config` / `VCFED_CONFIG`.
+pub fn load_config(arg: &ConfigArg) -> anyhow::Result<Config> {
+    let Some(path) = &arg.config else {
+        return Err(UsageError(
+            "no config file: pass --config FILE or set VCFED_CONFIG (`vcfed init` writes DATA_DIR/vcfed.toml)".to_owned(),
+        )
+        .into());
+    };
+    Ok(Config::load(path)?)
+}
+
+/// A client for the agent of the config named by `arg`.
+pub fn client_for(arg: &ConfigArg) -> anyhow::Result<ApiClient> {
+    let config = load_config(arg)?;
+    client_from_config(&config)
+}
+
+/// A client for the agent configured by `config`.
+pub fn client_from_config(config: &Config) -> anyhow::Result<ApiClient> {
+    let token = identity::load_token(&config.api.token_file).context("reading the API token")?;
+    Ok(ApiClient::new(connect_addr(config.api.listen), token))
+}
+
+/// Where to connect to reach an agent listening on `listen`: a wildcard
+/// listen address is reached through loopback.
+pub fn connect_addr(listen: SocketAddr) -> SocketAddr {
+    let ip = match listen.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    SocketAddr::new(ip, listen.port())
+}
+
+/// What `vcfed init` created.
+#[derive(Debug)]
+pub struct InitOutcome {
+    /// The config file written.
+    pub config_path: PathBuf,
+    /// The site's peer id.
+    pub peer_id: String,
+}
+
+/// `vcfed init`: validates everything, then writes keys and config. Writes
+/// nothing if anything is wrong or would be overwritten without `--force`.
+pub fn init(args: &InitArgs) -> anyhow::Result<InitOutcome> {
+    let data_dir = absolute(&args.data_dir)?;
+    let config_path = match &args.config {
+        Some(path) => absolute(path)?,
+        None => data_dir.join(config::CONFIG_FILE_NAME),
+    };
+    let params = InitParams {
+        api_listen: args.api_listen,
+        federation_listen: args.listen.clone(),
+        gateway_listen: args.gateway_listen,
+        nodes: args.nodes,
+        node: NodeShape {
+            cores: args.node_cores,
+            memory_mib: args.node_memory_mib,
+            disk_gib: args.node_disk_gib,
+        },
+        vlans: args.vlans,
+        bootstrap: args.bootstrap.clone(),
+        ..InitParams::new(args.site.clone(), data_dir.clone())
+    };
+    let text = config::render_template(&params);
+    // The template goes through the same checks as any config, so a bad
+    // flag is reported exactly as a bad config line would be.
+    let config = Config::parse(&text, &config_path)?;
+    if config_path.exists() && !args.force {
+        return Err(UsageError(format!(
+            "{} already exists; pass --force to replace it (the site gets a new identity)",
+            config_path.display()
+        ))
+        .into());
+    }
+    let paths = crate::agent::key_paths(&config);
+    if let Some(existing) = paths.existing().first()
+        && !args.force
+    {
+        return Err(IdentityError::Exists {
+            path: existing.to_path_buf(),
+        }
+        .into());
+    }
+
+    create_private_dir(&data_dir)?;
+    let keys = identity::generate(&paths, args.force)?;
+    identity::write_file(&config_path, text.as_bytes(), 0o644)?;
+    println!("initialised site {}", config.site.name);
+    println!("  config            {}", config_path.display());
+    println!("  data dir          {}", data_dir.display());
+    println!("  peer id           {}", keys.peer_id());
+    println!("  tunnel public key {}", keys.tunnel_public_key());
+    println!(
+        "  API               http://{} (token in {})",
+        config.api.listen,
+        config.api.token_file.display()
+    );
+    println!();
+    println!(
+        "start it with: vcfed run --config {}",
+        config_path.display()
+    );
+    Ok(InitOutcome {
+        config_path,
+        peer_id: keys.peer_id().to_string(),
+    })
+}
+
+fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
+    std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))
+}
+
+fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating the data dir {}", dir.display()))
+}
+
+async fn status(args: &StatusArgs) -> anyhow::Result<()> {
+    let client = client_for(&args.config)?;
+    let site: SiteInfo = client.get("/v1/site").await?;
+    if args.json {
+        return print_json(&site);
+    }
+    println!("site        {}", site.name);
+    println!("peer id     {}", site.peer_id);
+    println!("version     {}", site.version);
+    println!("tunnel key  {}", site.tunnel_public_key);
+    println!(
+        "node slot   {} cores, {} MiB memory, {} GiB disk",
+        site.node.cores, site.node.memory_mib, site.node.disk_gib
+    );
+    println!(
+        "capacity    {} nodes on {} hosts ({} cores, {} MiB, {} GiB)",
+        site.capacity.nodes,
+        site.capacity.hosts,
+        site.capacity.cores,
+        site.capacity.memory_mib,
+        site.capacity.disk_gib
+    );
+    println!("free now    {} nodes", site.free_now);
+    println!("vlans       {}", site.vlans);
+    Ok(())
+}
+
+async fn capacity(args: &CapacityArgs) -> anyhow::Result<()> {
+    let client = client_for(&args.config)?;
+    let now = now_ms();
+    let from = parse_instant(&args.from, now).map_err(|e| UsageError(format!("--from: {e}")))?;
+    let to = match &args.to {
+        Some(to) => parse_instant(to, now).map_err(|e| UsageError(format!("--to: {e}")))?,
+        None => from.saturating_add(crate::api::DEFAULT_CAPACITY_SPAN_MS),
+    };
+    let report: CapacityReport = client
+        .get(&format!("/v1/capacity?from={from}&to={to}"))
+        .await?;
+    if args.json {
+        return print_json(&report);
+    }
+    println!(
+        "{} nodes in all; at least {} free from {} to {}",
+        report.total_nodes,
+        report.min_free,
+        format_instant(report.from_ms),
+        format_instant(report.to_ms)
+    );
+    let mut rows = vec![vec!["FROM".to_owned(), "FREE".to_owned()]];
+    rows.extend(
+        report
+            .steps
+            .iter()
+            .map(|step| vec![step.at.clone(), step.free.to_string()]),
+    );
+    print_table(&rows);
+    Ok(())
+}
+
+async fn reservation(command: ReservationCommand) -> anyhow::Result<()> {
+    match command {
+        ReservationCommand::Hold(args) => {
+            let client = client_for(&args.config)?;
+            let now = now_ms();
+            let start =
+                parse_instant(&args.start, now).map_err(|e| UsageError(format!("--start: {e}")))?;
+            let duration = parse_duration_ms(&args.duration)
+                .map_err(|e| UsageError(format!("--duration: {e}")))?;
+            let lease_ms =
+                parse_duration_ms(&args.lease).map_err(|e| UsageError(format!("--lease: {e}")))?;
+            let lease_s = u64::try_from(lease_ms)
+                .map_err(|_| UsageError("--lease must be positive".into()))?
+                .div_ceil(1000);
+            let key = args
+                .key
+                .clone()
+                .unwrap_or_else(|| format!("cli-{}-{}", std::process::id(), now));
+            let body = HoldBody {
+                key: key.clone(),
+                cluster_id: args.cluster.clone(),
+                requester: None,
+                start: InstantArg::Ms(start),
+                end: InstantArg::Ms(start.saturating_add(duration)),
+                nodes: args.nodes,
+                shape: None,
+                lease_s: Some(lease_s),
+            };
+            let mut reservation: Reservation = client.post("/v1/reservations", &body).await?;
+            if args.commit {
+                reservation = client
+                    .post(
+                        &format!("/v1/reservations/{key}/commit"),
+                        &OwnerBody::default(),
+                    )
+                    .await?;
+            }
+            print_reservations(&[reservation], args.json)
+        }
+        ReservationCommand::Commit(args) => key_action(&args, "commit").await,
+        ReservationCommand::Release(args) => key_action(&args, "release").await,
+        ReservationCommand::List(args) => {
+            let client = client_for(&args.config)?;
+            let state = if args.all { "all" } else { "active" };
+            let reservations: Vec<Reservation> = client
+                .get(&format!("/v1/reservations?state={state}"))
+                .await?;
+            print_reservations(&reservations, args.json)
+        }
+    }
+}
+
+async fn key_action(args: &KeyArgs, action: &str) -> anyhow::Result<()> {
+    let client = client_for(&args.config)?;
+    let reservation: Reservation = client
+        .post(
+            &format!("/v1/reservations/{}/{action}", args.key),
+            &OwnerBody::default(),
+        )
+        .await?;
+    print_reservations(&[reservation], args.json)
+}
+
+/// Prints reservations as a table, or as JSON.
+pub fn print_reservations(reservations: &[Reservation], json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(&reservations);
+    }
+    let mut rows = vec![
+        [
+            "KEY",
+            "CLUSTER",
+            "REQUESTER",
+            "NODES",
+            "START",
+            "END",
+            "STATE",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+    ];
+    for r in reservations {
+        let state = match r.lease_expires_at_ms {
+            Some(at) if r.state == vcfed_storage::ReservationState::Held => {
+                format!("held until {}", format_instant(at))
+            }
+            _ => r.state.to_string(),
+        };
+        rows.push(vec![
+            r.key.clone(),
+            r.cluster_id.clone(),
+            r.requester.clone(),
+            r.nodes.to_string(),
+            format_instant(r.window.start_ms),
+            format_instant(r.window.end_ms),
+            state,
+        ]);
+    }
+    print_table(&rows);
+    Ok(())
+}
+
+/// Prints `value` as pretty JSON on stdout.
+pub fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// Prints rows as left-aligned columns; the first row is the header.
+pub fn print_table(rows: &[Vec<String>]) {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|row| row.get(c))
+                .map(|cell| cell.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .enumerate()
+            .map(|(c, cell)| format!("{cell:<width$}", width = widths[c]))
+            .collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+}

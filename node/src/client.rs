@@ -1,0 +1,184 @@
+//! A small client of the agent's local HTTP API, used by the CLI, the demo
+//! and the tests.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Request, StatusCode, header};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::api::ErrorBody;
+
+/// How long one API call may take.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest response body read, bytes.
+const RESPONSE_LEN_MAX: usize = 16 * 1024 * 1024;
+
+/// Errors of API calls.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The agent could not be reached.
+    #[error("cannot reach the vcfed agent at {addr} (is `vcfed run` running?): {detail}")]
+    Unreachable {
+        /// API address.
+        addr: SocketAddr,
+        /// What failed.
+        detail: String,
+    },
+    /// The agent did not answer in time.
+    #[error("the vcfed agent at {addr} did not answer within {}s", REQUEST_TIMEOUT.as_secs())]
+    Timeout {
+        /// API address.
+        addr: SocketAddr,
+    },
+    /// The agent answered with an error.
+    #[error("{message} ({status}, {code})")]
+    Api {
+        /// HTTP status.
+        status: StatusCode,
+        /// The error's code.
+        code: String,
+        /// The error's message.
+        message: String,
+        /// For capacity errors: nodes available.
+        available: Option<u32>,
+    },
+    /// The answer did not decode.
+    #[error("unexpected answer from the agent ({status}): {detail}")]
+    BadResponse {
+        /// HTTP status.
+        status: StatusCode,
+        /// What is wrong.
+        detail: String,
+    },
+}
+
+/// A client bound to one agent's API address and token.
+#[derive(Clone)]
+pub struct ApiClient {
+    addr: SocketAddr,
+    token: String,
+    http: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl std::fmt::Debug for ApiClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiClient")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ApiClient {
+    /// A client for the agent at `addr` using `token`.
+    pub fn new(addr: SocketAddr, token: String) -> ApiClient {
+        let http = Client::builder(TokioExecutor::new()).build_http();
+        ApiClient { addr, token, http }
+    }
+
+    /// The agent's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `GET path`, decoding the JSON answer.
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.call(Method::GET, path, None::<&()>).await
+    }
+
+    /// `POST path` with a JSON body, decoding the JSON answer.
+    pub async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        self.call(Method::POST, path, Some(body)).await
+    }
+
+    /// One call: sends, waits at most [`REQUEST_TIMEOUT`], maps errors.
+    pub async fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T, ClientError> {
+        let (status, bytes) = self.raw(method, path, body).await?;
+        if !status.is_success() {
+            return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
+                Ok(ErrorBody { error }) => ClientError::Api {
+                    status,
+                    code: error.code,
+                    message: error.message,
+                    available: error.available,
+                },
+                Err(_) => ClientError::BadResponse {
+                    status,
+                    detail: String::from_utf8_lossy(&bytes).into_owned(),
+                },
+            });
+        }
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::BadResponse {
+            status,
+            detail: e.to_string(),
+        })
+    }
+
+    /// One call returning the status and the raw body, without mapping
+    /// error statuses (for tests of the API itself).
+    pub async fn raw<B: Serialize>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        let uri = format!("http://{}{}", self.addr, path);
+        let mut builder = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(header::AUTHORIZATION, format!("Bearer {}", self.token));
+        let payload = match body {
+            Some(body) => {
+                builder = builder.header(header::CONTENT_TYPE, "application/json");
+                Bytes::from(
+                    serde_json::to_vec(body).expect("request bodies are plain serde structs"),
+                )
+            }
+            None => Bytes::new(),
+        };
+        let request = builder
+            .body(Full::new(payload))
+            .map_err(|e| ClientError::Unreachable {
+                addr: self.addr,
+                detail: e.to_string(),
+            })?;
+        let exchange = async {
+            let response =
+                self.http
+                    .request(request)
+                    .await
+                    .map_err(|e| ClientError::Unreachable {
+                        addr: self.addr,
+                        detail: format!("{e:#}"),
+                    })?;
+            let status = response.status();
+            let body = http_body_util::Limited::new(response.into_body(), RESPONSE_LEN_MAX)
+                .collect()
+                .await
+                .map_err(|e| ClientError::BadResponse {
+                    status,
+                    detail: e.to_string(),
+                })?
+                .to_bytes();
+            Ok((status, body))
+        };
+        tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+            .await
+            .map_err(|_| ClientError::Timeout { addr: self.addr })?
+    }
+}

@@ -1,0 +1,18 @@
+//! vcfed, the site agent of federated virtual clusters.
+//!
+//! Every site runs this same agent. This crate is the shell around the
+//! protocol cores: it owns the CLI, the daemon (`vcfed run`), the local HTTP
+//! API and, through the other crates, the ledger, the federation and the
+//! overlay. Protocol decisions belong in sans-IO cores; here they meet
+//! tokio, sockets, files and the wall clock.
+//!
+//! The binary `vcfed` is a thin `main` over [`cli`].
+
+pub mod agent;
+pub mod api;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod demo;
+pub mod identity;
+pub mod time;

@@ -1,0 +1,167 @@
+//! Helpers shared by the agent's integration tests: sites in temporary
+//! directories, agent processes that are always killed, polling with bounds.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use vcfed::client::ApiClient;
+use vcfed::config::Config;
+
+/// The `vcfed` binary under test.
+pub fn vcfed_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_vcfed")
+}
+
+/// Runs `vcfed args...` to completion.
+pub fn vcfed(args: &[&str]) -> Output {
+    Command::new(vcfed_bin())
+        .args(args)
+        .env_remove("VCFED_CONFIG")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("the vcfed binary runs")
+}
+
+/// A site initialised in its own temporary directory.
+pub struct Site {
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+}
+
+impl Site {
+    /// `vcfed init` of a site with `nodes` node slots and its API on a free
+    /// loopback port.
+    pub fn init(name: &str, nodes: u32) -> Site {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let data_dir = dir.path().join("data");
+        let port = free_port();
+        let out = vcfed(&[
+            "init",
+            "--site",
+            name,
+            "--data-dir",
+            data_dir.to_str().unwrap(),
+            "--api-listen",
+            &format!("127.0.0.1:{port}"),
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--nodes",
+            &nodes.to_string(),
+        ]);
+        assert!(out.status.success(), "init failed: {}", String::from_utf8_lossy(&out.stderr));
+        Site { config_path: data_dir.join("vcfed.toml"), dir }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn config(&self) -> Config {
+        Config::load(&self.config_path).expect("the site's config loads")
+    }
+
+    pub fn config_arg(&self) -> &str {
+        self.config_path.to_str().unwrap()
+    }
+
+    /// Starts `vcfed run` for this site; stderr goes to `agent.log`.
+    pub fn spawn(&self) -> Agent {
+        let log_path = self.dir.path().join("agent.log");
+        let log = std::fs::File::create(&log_path).expect("the log file opens");
+        let child = Command::new(vcfed_bin())
+            .args(["run", "--config", self.config_arg()])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("vcfed run starts");
+        Agent { child: Some(child), log_path }
+    }
+
+    pub fn client(&self) -> ApiClient {
+        vcfed::cli::client_from_config(&self.config()).expect("a client for the site")
+    }
+}
+
+/// An agent process, SIGKILLed on drop if still running.
+pub struct Agent {
+    pub child: Option<Child>,
+    pub log_path: PathBuf,
+}
+
+impl Agent {
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the agent runs").id()
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit.
+    pub fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
+        signal(self.pid(), "TERM");
+        self.wait(within)
+    }
+
+    /// Sends SIGKILL and reaps the process.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("the agent runs");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Waits at most `within` for the process to exit.
+    pub fn wait(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        let child = self.child.as_mut().expect("the agent runs");
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return status;
+            }
+            assert!(Instant::now() < deadline, "agent did not exit within {within:?}; log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Sends a signal by name with kill(1).
+pub fn signal(pid: u32, name: &str) {
+    let status = Command::new("kill").args([&format!("-{name}"), &pid.to_string()]).status().expect("kill runs");
+    assert!(status.success(), "kill -{name} {pid} failed");
+}
+
+/// A loopback TCP port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap().local_addr().unwrap().port()
+}
+
+/// Waits until the agent answers, at most 15 s.
+pub async fn wait_ready(client: &ApiClient) {
+    tokio::time::timeout(Duration::from_secs(15), vcfed::demo::wait_ready(client))
+        .await
+        .expect("the agent answers within 15 s")
+        .expect("the agent answers");
+}
+
+/// Text of a process's stderr.
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+pub fn exists(path: &Path) -> bool {
+    path.exists()
+}
