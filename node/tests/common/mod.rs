@@ -1,7 +1,7 @@
 //! Helpers shared by the agent's integration tests: sites in temporary
 //! directories, agent processes that are always killed, polling with bounds.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -51,8 +51,15 @@ impl Site {
             "--nodes",
             &nodes.to_string(),
         ]);
-        assert!(out.status.success(), "init failed: {}", String::from_utf8_lossy(&out.stderr));
-        Site { config_path: data_dir.join("vcfed.toml"), dir }
+        assert!(
+            out.status.success(),
+            "init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Site {
+            config_path: data_dir.join("vcfed.toml"),
+            dir,
+        }
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -78,7 +85,10 @@ impl Site {
             .stderr(log)
             .spawn()
             .expect("vcfed run starts");
-        Agent { child: Some(child), log_path }
+        Agent {
+            child: Some(child),
+            log_path,
+        }
     }
 
     pub fn client(&self) -> ApiClient {
@@ -119,7 +129,11 @@ impl Agent {
                 self.child = None;
                 return status;
             }
-            assert!(Instant::now() < deadline, "agent did not exit within {within:?}; log:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "agent did not exit within {within:?}; log:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -140,13 +154,20 @@ impl Drop for Agent {
 
 /// Sends a signal by name with kill(1).
 pub fn signal(pid: u32, name: &str) {
-    let status = Command::new("kill").args([&format!("-{name}"), &pid.to_string()]).status().expect("kill runs");
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status()
+        .expect("kill runs");
     assert!(status.success(), "kill -{name} {pid} failed");
 }
 
 /// A loopback TCP port that was free a moment ago.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind(("127.0.0.1", 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Waits until the agent answers, at most 15 s.

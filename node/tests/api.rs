@@ -1,0 +1,363 @@
+//! The local HTTP API: authentication, answers and error shapes.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+mod common;
+
+use std::sync::Arc;
+
+use hyper::{Method, StatusCode};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use vcfed::client::{ApiClient, ClientError};
+
+struct Running {
+    site: common::Site,
+    client: ApiClient,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    async fn start(nodes: u32) -> Running {
+        let site = common::Site::init("site-a", nodes);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let agent = vcfed::agent::start(site.config(), async move {
+            let _ = stopped.await;
+        })
+        .await
+        .expect("the agent starts");
+        let client = site.client();
+        common::wait_ready(&client).await;
+        Running {
+            site,
+            client,
+            stop: Some(stop),
+            task: agent.task,
+        }
+    }
+
+    async fn raw(&self, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let (status, bytes) = self
+            .client
+            .raw(method, path, body.as_ref())
+            .await
+            .expect("the agent answers");
+        let value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| panic!("{path}: not JSON: {bytes:?}"));
+        (status, value)
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+fn code(body: &Value) -> &str {
+    body["error"]["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error code in {body}"))
+}
+
+#[tokio::test]
+async fn requests_need_the_bearer_token() {
+    let running = Running::start(4).await;
+    let addr = running.client.addr();
+
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /v1/site HTTP/1.1\r\nHost: vcfed\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 401"), "{response}");
+    assert!(
+        response
+            .to_ascii_lowercase()
+            .contains("www-authenticate: bearer"),
+        "{response}"
+    );
+    assert!(
+        response.contains(r#"{"error":{"code":"unauthorized""#),
+        "{response}"
+    );
+
+    let wrong = ApiClient::new(addr, "not-the-token".into());
+    match wrong.get::<Value>("/v1/site").await {
+        Err(ClientError::Api { status, code, .. }) => {
+            assert_eq!(status, StatusCode::UNAUTHORIZED);
+            assert_eq!(code, "unauthorized");
+        }
+        other => panic!("expected 401, got {other:?}"),
+    }
+
+    let (status, site) = running.raw(Method::GET, "/v1/site", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(site["name"], "site-a");
+    assert_eq!(site["capacity"]["nodes"], 4);
+    let keys = vcfed::identity::load(&vcfed::agent::key_paths(&running.site.config())).unwrap();
+    assert_eq!(site["peer_id"], keys.peer_id().to_string());
+    assert_eq!(site["tunnel_public_key"], keys.tunnel_public_key());
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn holds_commits_and_capacity_steps() {
+    let running = Running::start(4).await;
+    let hold = json!({"key": "k1", "cluster_id": "c1", "start": 1_000_000, "end": 2_000_000, "nodes": 3, "lease_s": 60});
+    // A window in the past is allowed for the local API; the calendar is what matters here.
+    let (status, held) = running
+        .raw(Method::POST, "/v1/reservations", Some(hold.clone()))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{held}");
+    assert_eq!(held["state"], "held");
+    let (status, again) = running
+        .raw(Method::POST, "/v1/reservations", Some(hold.clone()))
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(again, held, "a retried hold returns the same reservation");
+
+    let other =
+        json!({"key": "k2", "cluster_id": "c2", "start": 1_500_000, "end": 2_500_000, "nodes": 2});
+    let (status, body) = running
+        .raw(Method::POST, "/v1/reservations", Some(other))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(code(&body), "insufficient_capacity");
+    assert_eq!(body["error"]["available"], 1);
+
+    let conflicting =
+        json!({"key": "k1", "cluster_id": "c1", "start": 1_000_000, "end": 2_000_000, "nodes": 1});
+    let (status, body) = running
+        .raw(Method::POST, "/v1/reservations", Some(conflicting))
+        .await;
+    assert_eq!((status, code(&body)), (StatusCode::CONFLICT, "conflict"));
+
+    let (status, body) = running
+        .raw(
+            Method::POST,
+            "/v1/reservations/k1/commit",
+            Some(json!({"requester": "site-x"})),
+        )
+        .await;
+    assert_eq!((status, code(&body)), (StatusCode::FORBIDDEN, "not_owner"));
+    let (status, committed) = running
+        .raw(Method::POST, "/v1/reservations/k1/commit", None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{committed}");
+    assert_eq!(committed["state"], "committed");
+
+    let (status, report) = running
+        .raw(Method::GET, "/v1/capacity?from=0&to=3000000", None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let steps: Vec<(i64, u64)> = report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["at_ms"].as_i64().unwrap(), s["free"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(steps, [(0, 4), (1_000_000, 1), (2_000_000, 4)]);
+
+    let (status, list) = running
+        .raw(Method::GET, "/v1/reservations?state=all", None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    let (status, released) = running
+        .raw(Method::POST, "/v1/reservations/k1/release", None)
+        .await;
+    assert_eq!(
+        (status, released["state"].as_str()),
+        (StatusCode::OK, Some("released"))
+    );
+    let (_, events) = running.raw(Method::GET, "/v1/events", None).await;
+    let kinds: Vec<&str> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert!(
+        kinds.ends_with(&[
+            "reservation.held",
+            "reservation.committed",
+            "reservation.released"
+        ]),
+        "{kinds:?}"
+    );
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn bad_requests_get_json_errors() {
+    let running = Running::start(2).await;
+    let cases: Vec<(Method, &str, Option<Value>, StatusCode, &str)> = vec![
+        (
+            Method::GET,
+            "/v1/nope",
+            None,
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            Method::DELETE,
+            "/v1/site",
+            None,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        ),
+        (
+            Method::GET,
+            "/v1/capacity?from=tomorrow",
+            None,
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            Method::GET,
+            "/v1/capacity?from=2000&to=1000",
+            None,
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            Method::GET,
+            "/v1/capacity?bogus=1",
+            None,
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            Method::GET,
+            "/v1/reservations?state=maybe",
+            None,
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            Method::GET,
+            "/v1/reservations/none",
+            None,
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            Method::POST,
+            "/v1/reservations/none/commit",
+            None,
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            Method::POST,
+            "/v1/reservations",
+            Some(json!({"key": "k"})),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            Method::POST,
+            "/v1/reservations",
+            Some(json!({"key": "k", "cluster_id": "c", "start": 0, "end": 10, "nodes": 0})),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            Method::POST,
+            "/v1/reservations",
+            Some(
+                json!({"key": "k", "cluster_id": "c", "start": 0, "end": 10, "nodes": 1, "lease_s": 0}),
+            ),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            Method::POST,
+            "/v1/reservations",
+            Some(
+                json!({"key": "k", "cluster_id": "c", "start": 0, "end": 10, "nodes": 1,
+                        "shape": {"cores": 64, "memory_mib": 1, "disk_gib": 1}}),
+            ),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+    ];
+    for (method, path, body, status, expected) in cases {
+        let (got, value) = running.raw(method.clone(), path, body).await;
+        assert_eq!(
+            (got, code(&value)),
+            (status, expected),
+            "{method} {path}: {value}"
+        );
+        assert!(!value["error"]["message"].as_str().unwrap().is_empty());
+    }
+    let (status, list) = running
+        .raw(Method::GET, "/v1/reservations?state=all", None)
+        .await;
+    assert_eq!(
+        (status, list),
+        (StatusCode::OK, json!([])),
+        "bad requests hold nothing"
+    );
+    running.stop().await;
+}
+
+/// Every path of docs/openapi.yaml is served (no fallback 404 or 405), and
+/// every route the agent serves is in the document.
+#[tokio::test]
+async fn openapi_document_matches_the_routes() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.yaml"))
+        .unwrap();
+    let mut documented: Vec<(String, String)> = Vec::new();
+    let mut path: Option<String> = None;
+    for line in doc.lines() {
+        if let Some(p) = line.strip_prefix("  /").and_then(|p| p.strip_suffix(':')) {
+            path = Some(format!("/{p}"));
+        } else if let Some(method) = line.strip_prefix("    ").and_then(|m| m.strip_suffix(':'))
+            && ["get", "post", "put", "delete", "patch"].contains(&method)
+        {
+            documented.push((
+                method.to_uppercase(),
+                path.clone().expect("a method under a path"),
+            ));
+        }
+    }
+    let mut served: Vec<(String, String)> = [
+        ("GET", "/v1/site"),
+        ("GET", "/v1/capacity"),
+        ("GET", "/v1/reservations"),
+        ("POST", "/v1/reservations"),
+        ("GET", "/v1/reservations/{key}"),
+        ("POST", "/v1/reservations/{key}/commit"),
+        ("POST", "/v1/reservations/{key}/release"),
+        ("GET", "/v1/events"),
+    ]
+    .iter()
+    .map(|(m, p)| (m.to_string(), p.to_string()))
+    .collect();
+    documented.sort();
+    served.sort();
+    assert_eq!(
+        documented, served,
+        "docs/openapi.yaml and the routes differ"
+    );
+
+    let running = Arc::new(Running::start(1).await);
+    for (method, path) in &documented {
+        let concrete = path.replace("{key}", "some-key");
+        let method = Method::from_bytes(method.as_bytes()).unwrap();
+        let (_, body) = running
+            .client
+            .raw(method.clone(), &concrete, Some(&json!({})))
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&body);
+        assert!(
+            !text.contains("no such endpoint") && !text.contains("method_not_allowed"),
+            "{method} {path}: {text}"
+        );
+    }
+}

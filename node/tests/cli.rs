@@ -1,0 +1,236 @@
+//! The `vcfed` binary as a user drives it: init, run, status, SIGTERM, and
+//! the refusals that must leave everything untouched.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Site, stderr, vcfed};
+
+#[test]
+fn init_run_status_capacity_and_sigterm() {
+    let site = Site::init("site-a", 6);
+    for key in ["federation.key", "tunnel.key", "api.token"] {
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(site.data_dir().join(key))
+                .unwrap()
+                .permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600, "{key}");
+    }
+    let mut agent = site.spawn();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(common::wait_ready(&site.client()));
+
+    let out = vcfed(&["status", "--config", site.config_arg()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("site        site-a"), "{text}");
+    assert!(text.contains("capacity    6 nodes"), "{text}");
+
+    let out = vcfed(&["status", "--json", "--config", site.config_arg()]);
+    let status: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("status --json prints JSON");
+    assert_eq!(status["name"], "site-a");
+    assert_eq!(status["free_now"], 6);
+    assert!(status["peer_id"].as_str().unwrap().starts_with("12D3KooW"));
+
+    let out = vcfed(&[
+        "reservation",
+        "hold",
+        "--config",
+        site.config_arg(),
+        "--nodes",
+        "2",
+        "--start",
+        "+1h",
+        "--duration",
+        "2h",
+        "--key",
+        "k1",
+        "--commit",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let held: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(held[0]["state"], "committed");
+
+    let out = vcfed(&[
+        "capacity",
+        "--config",
+        site.config_arg(),
+        "--from",
+        "now",
+        "--to",
+        "+4h",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let free: Vec<u64> = report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["free"].as_u64().unwrap())
+        .collect();
+    assert_eq!(free, [6, 4, 6]);
+    assert_eq!(report["min_free"], 4);
+
+    let out = vcfed(&["capacity", "--config", site.config_arg(), "--to", "+4h"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("6 nodes in all; at least 4 free"), "{text}");
+
+    let status = agent.terminate(Duration::from_secs(10));
+    assert!(
+        status.success(),
+        "agent exit {status:?}; log:\n{}",
+        agent.log()
+    );
+    let log = agent.log();
+    assert!(
+        log.contains("SIGTERM") && log.contains("agent stopped"),
+        "{log}"
+    );
+
+    let out = vcfed(&["status", "--config", site.config_arg()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("cannot reach the vcfed agent"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn init_refuses_to_overwrite_without_force() {
+    let site = Site::init("site-a", 2);
+    let key_path = site.data_dir().join("federation.key");
+    let before = std::fs::read(&key_path).unwrap();
+    let data_dir = site.data_dir();
+    let args = [
+        "init",
+        "--site",
+        "site-a",
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+    ];
+
+    let out = vcfed(&args);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("already exists; pass --force"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        std::fs::read(&key_path).unwrap(),
+        before,
+        "keys must be untouched"
+    );
+
+    let out = vcfed(&[&args[..], &["--force"]].concat());
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_ne!(
+        std::fs::read(&key_path).unwrap(),
+        before,
+        "--force makes a new identity"
+    );
+}
+
+#[test]
+fn init_with_bad_flags_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let out = vcfed(&[
+        "init",
+        "--site",
+        "Bad_Name",
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("site.name"), "{}", stderr(&out));
+    assert!(!data_dir.exists(), "nothing may be written");
+
+    let out = vcfed(&[
+        "init",
+        "--site",
+        "ok",
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+        "--vlans",
+        "0-5000",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(!data_dir.exists(), "nothing may be written");
+}
+
+#[test]
+fn a_bad_config_is_refused_before_anything_starts() {
+    let site = Site::init("site-a", 2);
+    let text = std::fs::read_to_string(&site.config_path).unwrap();
+    let bad = text.replace("vlans = \"100-199\"", "vlans = \"300-200\"");
+    assert_ne!(bad, text, "the template has a vlans line");
+    std::fs::write(&site.config_path, &bad).unwrap();
+    let line = bad.lines().position(|l| l.starts_with("vlans")).unwrap() + 1;
+
+    let out = vcfed(&["run", "--config", site.config_arg()]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("{}:{line}:", site.config_path.display())),
+        "{err}"
+    );
+    assert!(err.contains("clusters.vlans"), "{err}");
+    assert!(
+        !site.data_dir().join("ledger.db").exists(),
+        "nothing may be written"
+    );
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let out = vcfed(&["status"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("pass --config FILE or set VCFED_CONFIG"),
+        "{}",
+        stderr(&out)
+    );
+    let out = vcfed(&["no-such-command"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = vcfed(&["run", "--config", "/nonexistent/vcfed.toml"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("/nonexistent/vcfed.toml"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn the_demo_runs_and_cleans_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(common::vcfed_bin())
+        .arg("demo")
+        .env("TMPDIR", dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for expected in [
+        "refused: only 1 node is free",
+        "expired",
+        "commitments survive",
+        "demo finished",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    }
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "the demo removes its directory"
+    );
+}
