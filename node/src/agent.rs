@@ -6,7 +6,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -16,6 +16,7 @@ use vcfed_storage::{Inventory, InventoryHost, Ledger};
 use crate::api::{self, ApiState, CapacityTotals, SiteInfo};
 use crate::config::{Config, InventorySource};
 use crate::identity::{self, KeyPaths};
+use crate::ledger::SharedLedger;
 use crate::time::now_ms;
 
 /// How often expired holds are swept.
@@ -51,7 +52,7 @@ pub async fn start(
     if !expired.is_empty() {
         tracing::info!(count = expired.len(), "expired holds released at start");
     }
-    let ledger = Arc::new(Mutex::new(ledger));
+    let ledger = SharedLedger::new(ledger);
 
     let site = SiteInfo {
         name: config.site.name.clone(),
@@ -75,10 +76,19 @@ pub async fn start(
     let api_addr = listener
         .local_addr()
         .context("reading the API's local address")?;
-    let state = Arc::new(ApiState::new(site.clone(), ledger.clone(), &keys.api_token));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let sweeper = tokio::spawn(sweep_loop(ledger.clone(), stop_rx.clone()));
+    let (federation, federation_task) =
+        crate::federation::start(&config, &keys, ledger.clone(), stop_rx.clone())
+            .await
+            .context("starting the federation")?;
+    let state = Arc::new(ApiState::new(
+        site.clone(),
+        ledger.clone(),
+        &keys.api_token,
+        federation.clone(),
+    ));
+    let sweeper = tokio::spawn(sweep_loop(ledger.clone(), federation, stop_rx.clone()));
     let mut api_stop = stop_rx;
     let task = tokio::spawn(async move {
         tracing::info!(
@@ -98,6 +108,7 @@ pub async fn start(
         })
         .await;
         let _ = sweeper.await;
+        let _ = federation_task.await;
         served.context("serving the API")?;
         tracing::info!("agent stopped");
         Ok(())
@@ -146,7 +157,11 @@ fn totals(inventory: &Inventory) -> CapacityTotals {
 }
 
 /// Marks holds whose lease ran out as expired, every [`SWEEP_INTERVAL`].
-async fn sweep_loop(ledger: Arc<Mutex<Ledger>>, mut stop: tokio::sync::watch::Receiver<bool>) {
+async fn sweep_loop(
+    ledger: SharedLedger,
+    federation: crate::federation::FederationHandle,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
     let mut ticker = tokio::time::interval(SWEEP_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -154,24 +169,16 @@ async fn sweep_loop(ledger: Arc<Mutex<Ledger>>, mut stop: tokio::sync::watch::Re
             _ = ticker.tick() => {}
             _ = stop.wait_for(|stop| *stop) => return,
         }
-        let ledger = ledger.clone();
-        let swept = tokio::task::spawn_blocking(move || {
-            let mut guard = ledger
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            guard.sweep_expired(now_ms())
-        })
-        .await;
-        match swept {
-            Ok(Ok(expired)) => {
+        match ledger.run(|ledger| ledger.sweep_expired(now_ms())).await {
+            Ok(expired) => {
+                if !expired.is_empty() {
+                    federation.capacity_changed();
+                }
                 for reservation in expired {
                     tracing::info!(key = %reservation.key, cluster = %reservation.cluster_id, "hold expired");
                 }
             }
-            Ok(Err(e)) => {
-                tracing::warn!(error = %format!("{e:#}"), "sweeping expired holds failed")
-            }
-            Err(e) => tracing::warn!(error = %e, "sweep task failed"),
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "sweeping expired holds failed"),
         }
     }
 }

@@ -7,7 +7,7 @@
 //! durable before its response is sent.
 
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
@@ -24,6 +24,8 @@ use vcfed_storage::{
     ReservationFilter, Window,
 };
 
+use crate::federation::{FederationHandle, SitesReport};
+use crate::ledger::SharedLedger;
 use crate::time::{DAY_MS, format_instant, now_ms, parse_instant};
 
 /// Largest request body accepted, bytes.
@@ -167,17 +169,24 @@ pub struct ErrorDetail {
 /// Shared state of the API handlers.
 pub struct ApiState {
     site: SiteInfo,
-    ledger: Arc<Mutex<Ledger>>,
+    ledger: SharedLedger,
     token_digest: ring::digest::Digest,
+    federation: FederationHandle,
 }
 
 impl ApiState {
     /// State for a site described by `site` (its `free_now` is filled per request).
-    pub fn new(site: SiteInfo, ledger: Arc<Mutex<Ledger>>, token: &str) -> ApiState {
+    pub fn new(
+        site: SiteInfo,
+        ledger: SharedLedger,
+        token: &str,
+        federation: FederationHandle,
+    ) -> ApiState {
         ApiState {
             site,
             ledger,
             token_digest: digest(&SHA256, token.as_bytes()),
+            federation,
         }
     }
 }
@@ -192,6 +201,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/reservations/{key}/commit", post(commit))
         .route("/v1/reservations/{key}/release", post(release))
         .route("/v1/events", get(events))
+        .route("/v1/sites", get(sites))
+        .route("/v1/peers", post(join))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
@@ -303,30 +314,13 @@ async fn require_token(
     next.run(request).await
 }
 
-/// Runs `operation` on the ledger on the blocking pool.
+/// Runs `operation` on the ledger, mapping its errors to API errors.
 async fn with_ledger<T, F>(state: &ApiState, operation: F) -> Result<T, ApiError>
 where
     T: Send + 'static,
     F: FnOnce(&mut Ledger) -> Result<T, LedgerError> + Send + 'static,
 {
-    let ledger = state.ledger.clone();
-    tokio::task::spawn_blocking(move || {
-        // A panic inside a ledger call rolls its transaction back when the
-        // transaction drops, so a poisoned lock still guards a sound ledger.
-        let mut guard = ledger
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        operation(&mut guard)
-    })
-    .await
-    .map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            format!("ledger task failed: {e}"),
-        )
-    })?
-    .map_err(ApiError::from)
+    state.ledger.run(operation).await.map_err(ApiError::from)
 }
 
 async fn site(State(state): State<Arc<ApiState>>) -> Result<Json<SiteInfo>, ApiError> {
@@ -476,6 +470,7 @@ async fn hold(
     let outcome = with_ledger(&state, move |ledger| ledger.hold(&request, now)).await?;
     match outcome {
         HoldOutcome::Held(reservation) => {
+            state.federation.capacity_changed();
             tracing::info!(key = %reservation.key, nodes = reservation.nodes, state = %reservation.state, "hold");
             Ok((StatusCode::CREATED, Json(reservation)).into_response())
         }
@@ -538,6 +533,41 @@ async fn events(
     Ok(Json(
         with_ledger(&state, move |ledger| ledger.events(after, limit)).await?,
     ))
+}
+
+async fn sites(State(state): State<Arc<ApiState>>) -> Result<Json<SitesReport>, ApiError> {
+    state.federation.sites().await.map(Json).map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!("{e:#}"),
+        )
+    })
+}
+
+/// Body of `POST /v1/peers`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinBody {
+    /// A member's multiaddr, ending in /p2p/<peer id>.
+    pub addr: String,
+}
+
+async fn join(
+    State(state): State<Arc<ApiState>>,
+    body: Result<Json<JoinBody>, JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Json(body) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let addr: multiaddr::Multiaddr = body
+        .addr
+        .parse()
+        .map_err(|e| ApiError::bad_request(format!("addr {:?}: {e}", body.addr)))?;
+    state
+        .federation
+        .join(addr.clone())
+        .await
+        .map_err(|e| ApiError::bad_request(format!("{e:#}")))?;
+    Ok(Json(serde_json::json!({ "dialing": addr.to_string() })))
 }
 
 async fn not_found() -> ApiError {

@@ -15,9 +15,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use multiaddr::Multiaddr;
 use vcfed_storage::{NodeShape, Reservation};
 
-use crate::api::{CapacityReport, HoldBody, InstantArg, OwnerBody, SiteInfo};
+use crate::api::{CapacityReport, HoldBody, InstantArg, JoinBody, OwnerBody, SiteInfo};
 use crate::client::ApiClient;
 use crate::config::{self, Config, ConfigError, InitParams, VlanRange};
+use crate::federation::SitesReport;
 use crate::identity::{self, IdentityError};
 use crate::time::{format_instant, now_ms, parse_duration_ms, parse_instant};
 
@@ -59,6 +60,13 @@ pub enum Command {
     /// Hold, commit, release and list local reservations.
     #[command(subcommand)]
     Reservation(ReservationCommand),
+    /// List the federation's sites as this site sees them.
+    Sites(SitesArgs),
+    /// Connect the running agent to a federation member.
+    Join(JoinArgs),
+    /// Federation pre-shared keys (private federations).
+    #[command(subcommand)]
+    Psk(PskCommand),
     /// Run a self-contained demo of one site on this machine.
     Demo(crate::demo::DemoArgs),
 }
@@ -123,6 +131,41 @@ pub struct StatusArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+}
+
+/// Arguments of `vcfed sites`.
+#[derive(Debug, Args)]
+pub struct SitesArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Arguments of `vcfed join`.
+#[derive(Debug, Args)]
+pub struct JoinArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// A member's federation address, ending in /p2p/<peer id>
+    /// (`vcfed status` at that site prints it).
+    addr: Multiaddr,
+}
+
+/// `vcfed psk ...`
+#[derive(Debug, Subcommand)]
+pub enum PskCommand {
+    /// Write a new random pre-shared key (mode 0600). Give the same file to
+    /// every site of the federation as `federation.psk_file`.
+    Generate {
+        /// Where to write it.
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace an existing file.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 /// Arguments of `vcfed capacity`.
@@ -256,6 +299,24 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
         Command::Status(args) => status(&args).await,
         Command::Capacity(args) => capacity(&args).await,
         Command::Reservation(command) => reservation(command).await,
+        Command::Sites(args) => sites(&args).await,
+        Command::Join(args) => {
+            let client = client_for(&args.config)?;
+            let _: serde_json::Value = client
+                .post(
+                    "/v1/peers",
+                    &JoinBody {
+                        addr: args.addr.to_string(),
+                    },
+                )
+                .await?;
+            println!(
+                "dialing {}; `vcfed sites` shows the federation as it is learnt",
+                args.addr
+            );
+            Ok(())
+        }
+        Command::Psk(PskCommand::Generate { out, force }) => generate_psk(&out, force),
         Command::Demo(args) => crate::demo::run(&args).await,
     }
 }
@@ -436,6 +497,86 @@ async fn status(args: &StatusArgs) -> anyhow::Result<()> {
     );
     println!("free now    {} nodes", site.free_now);
     println!("vlans       {}", site.vlans);
+    let report: SitesReport = client.get("/v1/sites").await?;
+    if let Some(local) = report.sites.iter().find(|s| s.local) {
+        for addr in &local.addrs {
+            println!("join at     {addr}/p2p/{}", site.peer_id);
+        }
+    }
+    let alive = report
+        .sites
+        .iter()
+        .filter(|s| !s.local && s.state == vcfed_registry::SiteState::Alive)
+        .count();
+    println!(
+        "federation  {alive} other sites alive, {} peers connected",
+        report.connected_peers
+    );
+    Ok(())
+}
+
+async fn sites(args: &SitesArgs) -> anyhow::Result<()> {
+    let client = client_for(&args.config)?;
+    let report: SitesReport = client.get("/v1/sites").await?;
+    if args.json {
+        return print_json(&report);
+    }
+    let mut rows = vec![
+        [
+            "SITE",
+            "STATE",
+            "FREE",
+            "TOTAL",
+            "RTT",
+            "ADVERT AGE",
+            "VERSION",
+            "PEER ID",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+    ];
+    for site in &report.sites {
+        let name = if site.local {
+            format!("{} (this site)", site.name)
+        } else {
+            site.name.clone()
+        };
+        let state = serde_json::to_value(site.state)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        rows.push(vec![
+            name,
+            state,
+            site.free_now.to_string(),
+            site.total_nodes.to_string(),
+            site.rtt_ms
+                .map_or_else(|| "-".to_owned(), |ms| format!("{ms:.1}ms")),
+            format!("{:.1}s", site.advert_age_ms as f64 / 1000.0),
+            site.version.to_string(),
+            site.peer_id.clone(),
+        ]);
+    }
+    print_table(&rows);
+    Ok(())
+}
+
+fn generate_psk(out: &Path, force: bool) -> anyhow::Result<()> {
+    if out.exists() && !force {
+        return Err(UsageError(format!(
+            "{} already exists; pass --force to replace it",
+            out.display()
+        ))
+        .into());
+    }
+    let mut key = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
+        .map_err(|_| anyhow::anyhow!("the system random source failed"))?;
+    identity::write_file(out, vcfed_registry::p2p::format_psk(&key).as_bytes(), 0o600)?;
+    println!(
+        "wrote a new federation key to {}; set federation.psk_file to it at every site",
+        out.display()
+    );
     Ok(())
 }
 

@@ -25,6 +25,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::time::Duration;
 
 use libp2p_identity::PeerId;
 use multiaddr::{Multiaddr, Protocol};
@@ -96,7 +97,37 @@ pub struct FederationConfig {
     pub psk_file: Option<PathBuf>,
     /// Peer ids listed in `allow_peers`, in file order.
     pub allow_peers: Vec<PeerId>,
+    /// Timing of capacity gossip.
+    pub gossip: GossipTiming,
 }
+
+/// Timing of capacity gossip (`advert_ttl`, `advert_refresh`, `anti_entropy`
+/// in `[federation]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GossipTiming {
+    /// How long an advert stays valid; a site not heard of for this long is
+    /// suspect, and gone one refresh interval later.
+    pub advert_ttl: Duration,
+    /// How often a site re-signs and pushes its advert even if unchanged.
+    pub advert_refresh: Duration,
+    /// How often a site compares views with a random peer.
+    pub anti_entropy: Duration,
+}
+
+impl Default for GossipTiming {
+    fn default() -> Self {
+        GossipTiming {
+            advert_ttl: Duration::from_secs(30),
+            advert_refresh: Duration::from_secs(10),
+            anti_entropy: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Longest accepted advert TTL.
+const ADVERT_TTL_MAX: Duration = Duration::from_secs(3600);
+/// Shortest accepted gossip interval.
+const GOSSIP_INTERVAL_MIN: Duration = Duration::from_millis(100);
 
 /// The `[api]` table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -446,12 +477,20 @@ data_dir = {data_dir}
 listen = {federation_listen}
 # Agents of other sites to connect to at start-up. Each address must end in
 # /p2p/<peer id> of that agent, e.g.
-# "/dns4/peer.example.org/tcp/7781/p2p/12D3KooW...". Default: [].
+# "/ip4/203.0.113.7/tcp/7781/p2p/12D3KooW...". Default: [].
 bootstrap = {bootstrap}
 # File holding the federation's pre-shared key. Default: unset.
 # psk_file = "federation.psk"
 # Peer ids of other sites' agents that are allowed in. Default: [].
 # allow_peers = ["12D3KooW..."]
+# How long this site's capacity advert stays valid: a site not heard of for
+# this long is suspect, and gone one refresh later. Default: "30s".
+# advert_ttl = "30s"
+# How often the advert is re-signed and pushed even if unchanged; at most
+# half of advert_ttl. Default: "10s".
+# advert_refresh = "10s"
+# How often this site compares its view with a random member. Default: "2s".
+# anti_entropy = "2s"
 
 [api]
 # Address (IP:port) of the local HTTP API. Default: "{DEFAULT_API_LISTEN}".
@@ -577,6 +616,9 @@ struct RawFederation {
     bootstrap: Vec<Spanned<String>>,
     psk_file: Option<Spanned<PathBuf>>,
     allow_peers: Vec<Spanned<String>>,
+    advert_ttl: Option<Spanned<String>>,
+    advert_refresh: Option<Spanned<String>>,
+    anti_entropy: Option<Spanned<String>>,
 }
 
 #[derive(Default, Deserialize)]
@@ -732,11 +774,71 @@ impl RawFederation {
             })
             .collect::<Result<_, _>>()?;
 
+        let defaults = GossipTiming::default();
+        let duration = |value: &Option<Spanned<String>>, field: &str, default: Duration| {
+            let Some(value) = value else {
+                return Ok(default);
+            };
+            let parsed = humantime::parse_duration(value.get_ref()).map_err(|e| {
+                source.invalid(
+                    value,
+                    field,
+                    format!("invalid duration {:?}: {e}", value.get_ref()),
+                    Some("write a duration such as \"500ms\", \"10s\" or \"2m\"".to_owned()),
+                )
+            })?;
+            if !(GOSSIP_INTERVAL_MIN..=ADVERT_TTL_MAX).contains(&parsed) {
+                return Err(source.invalid(
+                    value,
+                    field,
+                    format!("{:?} is out of range", value.get_ref()),
+                    Some("use a duration between 100ms and 1h".to_owned()),
+                ));
+            }
+            Ok(parsed)
+        };
+        let gossip = GossipTiming {
+            advert_ttl: duration(
+                &self.advert_ttl,
+                "federation.advert_ttl",
+                defaults.advert_ttl,
+            )?,
+            advert_refresh: duration(
+                &self.advert_refresh,
+                "federation.advert_refresh",
+                defaults.advert_refresh,
+            )?,
+            anti_entropy: duration(
+                &self.anti_entropy,
+                "federation.anti_entropy",
+                defaults.anti_entropy,
+            )?,
+        };
+        if gossip.advert_ttl < gossip.advert_refresh * 2 {
+            let at = self.advert_ttl.as_ref().or(self.advert_refresh.as_ref());
+            let message = format!(
+                "advert_ttl ({:?}) must be at least twice advert_refresh ({:?}), or sites flap to suspect \
+                 whenever one refresh is late",
+                gossip.advert_ttl, gossip.advert_refresh
+            );
+            let hint = Some("raise advert_ttl or lower advert_refresh".to_owned());
+            return Err(match at {
+                Some(at) => source.invalid(at, "federation.advert_ttl", message, hint),
+                None => source.error(
+                    None,
+                    Some("federation.advert_ttl".to_owned()),
+                    message,
+                    hint,
+                ),
+            });
+        }
+
         Ok(FederationConfig {
             listen,
             bootstrap,
             psk_file,
             allow_peers,
+            gossip,
         })
     }
 }
@@ -1259,11 +1361,12 @@ fn example(field: &str) -> Option<&'static str> {
         "site.name" => r#"name = "site-a""#,
         "site.data_dir" => r#"data_dir = "/var/lib/vcfed""#,
         "federation.listen" => r#"listen = ["/ip4/0.0.0.0/tcp/7781"]"#,
-        "federation.bootstrap" => {
-            r#"bootstrap = ["/dns4/peer.example.org/tcp/7781/p2p/12D3KooW..."]"#
-        }
+        "federation.bootstrap" => r#"bootstrap = ["/ip4/203.0.113.7/tcp/7781/p2p/12D3KooW..."]"#,
         "federation.psk_file" => r#"psk_file = "federation.psk""#,
         "federation.allow_peers" => r#"allow_peers = ["12D3KooW..."]"#,
+        "federation.advert_ttl" => r#"advert_ttl = "30s""#,
+        "federation.advert_refresh" => r#"advert_refresh = "10s""#,
+        "federation.anti_entropy" => r#"anti_entropy = "2s""#,
         "api.listen" => r#"listen = "127.0.0.1:7780""#,
         "api.token_file" => r#"token_file = "api.token""#,
         "inventory.node" => "node = { cores = 2, memory_mib = 4096, disk_gib = 20 }",
@@ -2193,5 +2296,37 @@ mod tests {
         assert_eq!(params.nodes, 4);
         assert_eq!(params.vlans.to_string(), "100-199");
         assert!(params.bootstrap.is_empty());
+    }
+
+    #[test]
+    fn gossip_timing_is_read_and_checked() {
+        let config = parse(&minimal(
+            "[federation]\nadvert_ttl = \"3s\"\nadvert_refresh = \"1s\"\nanti_entropy = \"500ms\"\n",
+        ))
+        .unwrap();
+        assert_eq!(
+            config.federation.gossip,
+            GossipTiming {
+                advert_ttl: Duration::from_secs(3),
+                advert_refresh: Duration::from_secs(1),
+                anti_entropy: Duration::from_millis(500),
+            }
+        );
+        assert_eq!(
+            parse(&minimal("")).unwrap().federation.gossip,
+            GossipTiming::default()
+        );
+
+        let e = parse_err(&minimal("[federation]\nadvert_ttl = \"15s\"\n"));
+        assert_error(
+            &e,
+            12,
+            "federation.advert_ttl",
+            "at least twice advert_refresh",
+        );
+        let e = parse_err(&minimal("[federation]\nanti_entropy = \"soon\"\n"));
+        assert_error(&e, 12, "federation.anti_entropy", "invalid duration");
+        let e = parse_err(&minimal("[federation]\nanti_entropy = \"1ms\"\n"));
+        assert_error(&e, 12, "federation.anti_entropy", "out of range");
     }
 }

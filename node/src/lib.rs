@@ -14,5 +14,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod demo;
+pub mod federation;
 pub mod identity;
+pub mod ledger;
 pub mod time;

@@ -13,3 +13,20 @@
 //! was not handed; that is what lets `vcfed-simnet` drive it on a virtual
 //! clock. The libp2p adapter (transport, pnet, gossipsub, request-response,
 //! identify, ping) is a thin shell around the core.
+//!
+//! `libp2p-identity` is allowed in the core: it is pure key and peer-id
+//! arithmetic (Ed25519 signatures, peer id derivation), with no I/O.
+
+pub mod advert;
+pub mod core;
+pub mod p2p;
+pub mod wire;
+
+#[cfg(test)]
+mod tests;
+
+pub use advert::{Advert, CapacitySummary, GatewayInfo, NodeShape, SignedAdvert};
+pub use core::{
+    Candidate, LocalAdvert, Registry, RegistryConfig, RegistryEvent, RegistryStats, SiteState,
+    SiteView, Transmit, Verdict,
+};

@@ -44,6 +44,8 @@ pub use calendar::{Step, Usage, Window, free_steps, min_free, peak_usage};
 pub const KEY_LEN_MAX: usize = 200;
 /// Longest accepted cluster id or site name stored with a reservation, in bytes.
 pub const NAME_LEN_MAX: usize = 200;
+/// Addresses remembered per peer; the oldest are forgotten first.
+pub const PEER_ADDRS_MAX: usize = 16;
 /// Events kept in the event log; older ones are pruned by the sweep.
 pub const EVENTS_MAX: i64 = 100_000;
 
@@ -527,6 +529,55 @@ impl Ledger {
         capacity(&self.conn)
     }
 
+    /// The highest capacity-advert version this site has used (0 if none).
+    pub fn advert_version(&self) -> Result<u64, LedgerError> {
+        let value: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT value FROM settings WHERE key = 'advert_version'",
+                [],
+                |row| row.get(0),
+            )
+            .optional()?;
+        value
+            .map(|text| {
+                text.parse().map_err(|_| LedgerError::Corrupt {
+                    table: "settings",
+                    column: "value",
+                    detail: format!("advert_version {text:?} is not a number"),
+                })
+            })
+            .transpose()
+            .map(Option::unwrap_or_default)
+    }
+
+    /// Records that the site used advert `version`; the stored value never
+    /// goes down, so a restart always continues above every version sent.
+    pub fn set_advert_version(&mut self, version: u64) -> Result<(), LedgerError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let current = {
+            let value: Option<String> = tx
+                .query_row(
+                    "SELECT value FROM settings WHERE key = 'advert_version'",
+                    [],
+                    |row| row.get(0),
+                )
+                .optional()?;
+            value.and_then(|text| text.parse::<u64>().ok()).unwrap_or(0)
+        };
+        if version > current {
+            tx.execute(
+                "INSERT INTO settings (key, value) VALUES ('advert_version', ?1)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                params![version.to_string()],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Holds `request.nodes` nodes over `request.window` for `request.lease_ms`,
     /// atomically: either the nodes fit at every instant of the window and the
     /// hold is written (durably), or nothing is written and the answer says
@@ -845,8 +896,9 @@ impl Ledger {
         Ok(clusters)
     }
 
-    /// Remembers a peer (or refreshes it): addresses are merged, the site
-    /// name is kept unless a new one is given.
+    /// Remembers a peer (or refreshes it): addresses are merged, most recent
+    /// last, at most [`PEER_ADDRS_MAX`]; the site name is kept unless a new
+    /// one is given.
     pub fn upsert_peer(
         &mut self,
         peer_id: &str,
@@ -861,9 +913,11 @@ impl Ledger {
             .map(|peer| peer.addrs)
             .unwrap_or_default();
         for addr in addrs {
-            if !merged.contains(addr) {
-                merged.push(addr.clone());
-            }
+            merged.retain(|known| known != addr);
+            merged.push(addr.clone());
+        }
+        if merged.len() > PEER_ADDRS_MAX {
+            merged.drain(..merged.len() - PEER_ADDRS_MAX);
         }
         let addrs_json =
             serde_json::to_string(&merged).map_err(|e| LedgerError::Invalid(e.to_string()))?;

@@ -387,8 +387,12 @@ fn peers_merge_addresses() {
     let peer = ledger
         .upsert_peer("p1", Some("site-b"), &["/b".into(), "/a".into()], 2)
         .unwrap();
-    assert_eq!(peer.addrs, ["/a", "/b"]);
-    assert_eq!((peer.first_seen_ms, peer.last_seen_ms), (1, 2));
+    assert_eq!(peer.addrs, ["/b", "/a"]);
+    let many: Vec<String> = (0..40).map(|i| format!("/{i}")).collect();
+    let capped = ledger.upsert_peer("p1", None, &many, 2).unwrap();
+    assert_eq!(capped.addrs.len(), PEER_ADDRS_MAX);
+    assert_eq!(capped.addrs.last().map(String::as_str), Some("/39"));
+    assert_eq!((peer.first_seen_ms, capped.last_seen_ms), (1, 2));
     assert_eq!(
         ledger
             .upsert_peer("p1", None, &[], 3)
@@ -597,4 +601,18 @@ proptest! {
             last = Some(step);
         }
     }
+}
+
+#[test]
+fn advert_version_only_goes_up_and_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    {
+        let mut ledger = Ledger::open(&path).unwrap();
+        assert_eq!(ledger.advert_version().unwrap(), 0);
+        ledger.set_advert_version(7).unwrap();
+        ledger.set_advert_version(3).unwrap();
+        assert_eq!(ledger.advert_version().unwrap(), 7);
+    }
+    assert_eq!(Ledger::open(&path).unwrap().advert_version().unwrap(), 7);
 }

@@ -35,22 +35,30 @@ impl Site {
     /// `vcfed init` of a site with `nodes` node slots and its API on a free
     /// loopback port.
     pub fn init(name: &str, nodes: u32) -> Site {
+        Site::init_with(name, nodes, "/ip4/127.0.0.1/tcp/0", &[])
+    }
+
+    /// `vcfed init` with a federation listen address and more flags.
+    pub fn init_with(name: &str, nodes: u32, listen: &str, extra: &[&str]) -> Site {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let data_dir = dir.path().join("data");
-        let port = free_port();
-        let out = vcfed(&[
+        let api = format!("127.0.0.1:{}", free_port());
+        let nodes = nodes.to_string();
+        let mut args = vec![
             "init",
             "--site",
             name,
             "--data-dir",
             data_dir.to_str().unwrap(),
             "--api-listen",
-            &format!("127.0.0.1:{port}"),
+            &api,
             "--listen",
-            "/ip4/127.0.0.1/tcp/0",
+            listen,
             "--nodes",
-            &nodes.to_string(),
-        ]);
+            &nodes,
+        ];
+        args.extend_from_slice(extra);
+        let out = vcfed(&args);
         assert!(
             out.status.success(),
             "init failed: {}",
@@ -60,6 +68,13 @@ impl Site {
             config_path: data_dir.join("vcfed.toml"),
             dir,
         }
+    }
+
+    /// Adds lines to the `[federation]` table of the site's config.
+    pub fn add_federation_settings(&self, lines: &str) {
+        let text = std::fs::read_to_string(&self.config_path).unwrap();
+        let text = text.replacen("[federation]\n", &format!("[federation]\n{lines}\n"), 1);
+        std::fs::write(&self.config_path, text).unwrap();
     }
 
     pub fn data_dir(&self) -> PathBuf {

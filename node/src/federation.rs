@@ -1,0 +1,660 @@
+//! The agent's federation shell: feeds the registry core from libp2p, the
+//! ledger and the wall clock, and carries out what the core asks.
+//!
+//! One task owns the [`Registry`] core. It never waits on the swarm: what
+//! the core wants sent goes through a bounded outbox drained by a second
+//! task, so a busy swarm cannot stall the core and the swarm's own event
+//! channel can always be drained. Gossip is best-effort: when the outbox is
+//! full a message is dropped and counted, and anti-entropy repairs the loss.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use anyhow::Context;
+use libp2p_identity::PeerId;
+use multiaddr::{Multiaddr, Protocol};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch};
+use vcfed_registry::p2p::{self, GossipId, InboundRequestId, P2pConfig, P2pEvent, P2pHandle};
+use vcfed_registry::{
+    CapacitySummary, GatewayInfo, LocalAdvert, NodeShape, Registry, RegistryConfig, RegistryEvent,
+    RegistryStats, SiteState, Transmit, Verdict,
+};
+use vcfed_storage::Window;
+
+use crate::config::Config;
+use crate::identity::SiteKeys;
+use crate::ledger::SharedLedger;
+use crate::time::{DAY_MS, now_ms};
+
+/// Gossipsub topic of capacity adverts.
+pub const ADVERT_TOPIC: &str = "vcfed/adverts/1";
+/// Largest federation message, bytes.
+pub const MESSAGE_MAX_BYTES: usize = 1 << 20;
+/// How far ahead a site advertises its free capacity.
+pub const HORIZON_MS: i64 = 7 * DAY_MS;
+/// Queued outgoing messages before new ones are dropped.
+const OUTBOX_MAX: usize = 1024;
+/// Queued commands from the API.
+const COMMANDS_MAX: usize = 64;
+/// How often disconnected sites are considered for a redial.
+const RECONNECT_TICK: Duration = Duration::from_secs(2);
+/// First and longest wait between redials of one peer.
+const BACKOFF_MIN: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// Most peers this site dials on its own; beyond that gossip carries the view.
+const DIALED_PEERS_MAX: usize = 64;
+/// How long an RPC may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One site as `GET /v1/sites` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SiteSummary {
+    /// Site name.
+    pub name: String,
+    /// Peer id of its agent.
+    pub peer_id: String,
+    /// Whether it is this site.
+    pub local: bool,
+    /// alive, suspect or gone.
+    pub state: SiteState,
+    /// Node slots free now, per its latest advert.
+    pub free_now: u32,
+    /// Node slots in all.
+    pub total_nodes: u32,
+    /// Round-trip time in ms, if measured.
+    pub rtt_ms: Option<f64>,
+    /// Age of its latest advert, ms.
+    pub advert_age_ms: i64,
+    /// Version of its latest advert.
+    pub version: u64,
+    /// Its federation addresses.
+    pub addrs: Vec<String>,
+}
+
+/// What `GET /v1/sites` answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SitesReport {
+    /// Every known site, this one first.
+    pub sites: Vec<SiteSummary>,
+    /// Peers connected right now.
+    pub connected_peers: usize,
+    /// Counters of the gossip core.
+    pub stats: RegistryStats,
+    /// Outgoing messages dropped because the outbox was full.
+    pub outbox_dropped: u64,
+}
+
+/// Talks to the federation task.
+#[derive(Clone, Debug)]
+pub struct FederationHandle {
+    commands: mpsc::Sender<Command>,
+    peer_id: PeerId,
+}
+
+#[derive(Debug)]
+enum Command {
+    Sites {
+        reply: oneshot::Sender<SitesReport>,
+    },
+    CapacityChanged,
+    Join {
+        addr: Multiaddr,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+}
+
+impl FederationHandle {
+    /// This site's peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    /// The federation view.
+    pub async fn sites(&self) -> anyhow::Result<SitesReport> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Sites { reply })
+            .await
+            .context("the federation task has stopped")?;
+        answer.await.context("the federation task has stopped")
+    }
+
+    /// The ledger changed: re-advertise if the free capacity did.
+    pub fn capacity_changed(&self) {
+        // A full queue already holds a pending recomputation.
+        let _ = self.commands.try_send(Command::CapacityChanged);
+    }
+
+    /// Dials a member by address (ending in /p2p/<peer id>).
+    pub async fn join(&self, addr: Multiaddr) -> anyhow::Result<()> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Join { addr, reply })
+            .await
+            .context("the federation task has stopped")?;
+        answer
+            .await
+            .context("the federation task has stopped")?
+            .map_err(anyhow::Error::msg)
+    }
+}
+
+/// Starts the swarm and the registry core. Fails (before anything is
+/// listening for long) on a bad PSK file or an unusable listen address.
+pub async fn start(
+    config: &Config,
+    keys: &SiteKeys,
+    ledger: SharedLedger,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<(FederationHandle, tokio::task::JoinHandle<()>)> {
+    let psk = match &config.federation.psk_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| {
+                format!("reading the federation pre-shared key {}", path.display())
+            })?;
+            Some(p2p::parse_psk(&text).with_context(|| format!("in {}", path.display()))?)
+        }
+        None => None,
+    };
+    let allow_peers = (!config.federation.allow_peers.is_empty()).then(|| {
+        let mut allowed: BTreeSet<PeerId> = config.federation.allow_peers.iter().copied().collect();
+        // Our own id is always allowed (libp2p never dials itself anyway).
+        allowed.insert(keys.peer_id());
+        allowed
+    });
+    let (handle, events) = p2p::spawn(P2pConfig {
+        keypair: keys.federation.clone(),
+        listen: config.federation.listen.clone(),
+        bootstrap: config.federation.bootstrap.clone(),
+        psk,
+        allow_peers,
+        topic: ADVERT_TOPIC.to_owned(),
+        message_max_bytes: MESSAGE_MAX_BYTES,
+        request_timeout: REQUEST_TIMEOUT,
+        idle_connection_timeout: Duration::from_secs(3600),
+    })
+    .await
+    .context("starting the federation transport")?;
+
+    let gossip = config.federation.gossip;
+    let registry_config = RegistryConfig {
+        advert_ttl_ms: u32::try_from(gossip.advert_ttl.as_millis()).unwrap_or(u32::MAX),
+        refresh_ms: millis(gossip.advert_refresh),
+        anti_entropy_ms: millis(gossip.anti_entropy),
+        suspect_ms: millis(gossip.advert_refresh),
+        message_max_bytes: MESSAGE_MAX_BYTES,
+        ..RegistryConfig::default()
+    };
+    let version = ledger
+        .run(|ledger| ledger.advert_version())
+        .await
+        .context("reading the advert version")?;
+    let mut seed = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed)
+        .map_err(|_| anyhow::anyhow!("the system random source failed"))?;
+    let registry = Registry::new(
+        registry_config,
+        keys.federation.clone(),
+        version,
+        u64::from_le_bytes(seed),
+        now_ms(),
+    );
+
+    let (outbox_tx, outbox_rx) = mpsc::channel(OUTBOX_MAX);
+    tokio::spawn(outbox_loop(handle.clone(), outbox_rx));
+    let (commands_tx, commands_rx) = mpsc::channel(COMMANDS_MAX);
+    let mut shell = Shell {
+        registry,
+        p2p: handle,
+        outbox: outbox_tx,
+        outbox_dropped: 0,
+        ledger,
+        site_name: config.site.name.clone(),
+        gateway: config.gateway.endpoint.clone().map(|endpoint| GatewayInfo {
+            endpoint,
+            tunnel_public_key: x25519_dalek::PublicKey::from(&keys.tunnel).to_bytes(),
+        }),
+        listen_addrs: Vec::new(),
+        connected: BTreeSet::new(),
+        dial_targets: BTreeMap::new(),
+    };
+    for addr in &config.federation.bootstrap {
+        if let Some(Protocol::P2p(peer)) = addr.iter().last() {
+            shell
+                .dial_targets
+                .entry(peer)
+                .or_insert_with(|| DialTarget::new(vec![strip_p2p(addr)]));
+        }
+    }
+    shell.load_known_peers().await;
+    shell.refresh_local_advert().await;
+    let task = tokio::spawn(shell.run(events, commands_rx, stop));
+    Ok((
+        FederationHandle {
+            commands: commands_tx,
+            peer_id: keys.peer_id(),
+        },
+        task,
+    ))
+}
+
+/// What the core asked to send, on its way to the swarm.
+enum Outgoing {
+    Publish(Vec<u8>),
+    Request {
+        to: PeerId,
+        data: Vec<u8>,
+    },
+    Respond {
+        request: InboundRequestId,
+        data: Vec<u8>,
+    },
+    Validate {
+        id: GossipId,
+        source: PeerId,
+        verdict: Verdict,
+    },
+    Dial(Multiaddr),
+}
+
+async fn outbox_loop(p2p: P2pHandle, mut outbox: mpsc::Receiver<Outgoing>) {
+    while let Some(outgoing) = outbox.recv().await {
+        let result = match outgoing {
+            Outgoing::Publish(data) => p2p.publish(data).await,
+            Outgoing::Request { to, data } => p2p.request(to, data).await.map(|_| ()),
+            Outgoing::Respond { request, data } => p2p.respond(request, data).await,
+            Outgoing::Validate {
+                id,
+                source,
+                verdict,
+            } => {
+                p2p.report_validation(id, source, verdict == Verdict::Accept)
+                    .await
+            }
+            Outgoing::Dial(addr) => p2p.dial(addr).await,
+        };
+        match result {
+            Ok(()) => {}
+            Err(p2p::P2pError::Closed) => return,
+            Err(e) => tracing::debug!(error = %e, "federation send failed"),
+        }
+    }
+}
+
+/// A peer this site keeps dialing until connected, with backoff.
+#[derive(Debug)]
+struct DialTarget {
+    addrs: Vec<Multiaddr>,
+    next_attempt: tokio::time::Instant,
+    backoff: Duration,
+}
+
+impl DialTarget {
+    fn new(addrs: Vec<Multiaddr>) -> DialTarget {
+        DialTarget {
+            addrs,
+            next_attempt: tokio::time::Instant::now(),
+            backoff: BACKOFF_MIN,
+        }
+    }
+}
+
+struct Shell {
+    registry: Registry,
+    p2p: P2pHandle,
+    outbox: mpsc::Sender<Outgoing>,
+    outbox_dropped: u64,
+    ledger: SharedLedger,
+    site_name: String,
+    gateway: Option<GatewayInfo>,
+    listen_addrs: Vec<Multiaddr>,
+    connected: BTreeSet<PeerId>,
+    dial_targets: BTreeMap<PeerId, DialTarget>,
+}
+
+impl Shell {
+    async fn run(
+        mut self,
+        mut events: mpsc::Receiver<P2pEvent>,
+        mut commands: mpsc::Receiver<Command>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut stopped = std::pin::pin!(async move {
+            let _ = stop.wait_for(|stop| *stop).await;
+        });
+        let mut reconnect = tokio::time::interval(RECONNECT_TICK);
+        reconnect.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let wake = self
+                .registry
+                .poll_timeout()
+                .map_or(Duration::from_secs(3600), |at| {
+                    Duration::from_millis(u64::try_from(at - now_ms()).unwrap_or(0))
+                });
+            tokio::select! {
+                () = &mut stopped => break,
+                event = events.recv() => match event {
+                    Some(event) => self.on_p2p_event(event).await,
+                    None => {
+                        tracing::warn!("the federation transport stopped");
+                        break;
+                    }
+                },
+                Some(command) = commands.recv() => self.on_command(command).await,
+                _ = tokio::time::sleep(wake) => {
+                    // Time moves the advertised steps (a reservation starts or
+                    // ends), so the local advert is recomputed before the core
+                    // refreshes it.
+                    self.refresh_local_advert().await;
+                    self.registry.handle_timeout(now_ms());
+                }
+                _ = reconnect.tick() => self.redial(),
+            }
+            self.drain().await;
+        }
+        self.p2p.shutdown().await;
+        tracing::info!("federation stopped");
+    }
+
+    async fn on_p2p_event(&mut self, event: P2pEvent) {
+        let now = now_ms();
+        match event {
+            P2pEvent::Listening { addr } => {
+                tracing::info!(%addr, "federation listening");
+                if !self.listen_addrs.contains(&addr) {
+                    self.listen_addrs.push(addr);
+                }
+                self.refresh_local_advert().await;
+            }
+            P2pEvent::PeerConnected { peer, addr } => {
+                tracing::debug!(%peer, %addr, "peer connected");
+                self.connected.insert(peer);
+                if let Some(target) = self.dial_targets.get_mut(&peer) {
+                    target.backoff = BACKOFF_MIN;
+                }
+                self.registry.peer_connected(peer);
+            }
+            P2pEvent::PeerDisconnected { peer } => {
+                tracing::debug!(%peer, "peer disconnected");
+                self.connected.remove(&peer);
+                self.registry.peer_disconnected(peer);
+            }
+            P2pEvent::PeerAddresses { peer, addrs } => {
+                let addrs: Vec<String> = addrs.iter().map(|a| strip_p2p(a).to_string()).collect();
+                self.remember_peer(peer, None, addrs).await;
+            }
+            P2pEvent::Rtt { peer, rtt } => self.registry.peer_rtt(peer, rtt),
+            P2pEvent::Gossip { id, source, data } => {
+                let verdict = self.registry.handle_gossip(now, &data);
+                self.send(Outgoing::Validate {
+                    id,
+                    source,
+                    verdict,
+                });
+            }
+            P2pEvent::Request {
+                peer,
+                request,
+                data,
+            } => {
+                if let Some(answer) = self.registry.handle_request(now, peer, &data) {
+                    self.send(Outgoing::Respond {
+                        request,
+                        data: answer,
+                    });
+                }
+            }
+            P2pEvent::Response { peer, data, .. } => {
+                self.registry.handle_response(now, peer, &data)
+            }
+            P2pEvent::RequestFailed { peer, error, .. } => {
+                tracing::debug!(%peer, %error, "federation request failed");
+            }
+            P2pEvent::ConnectionFailed { peer, error } => {
+                tracing::debug!(peer = ?peer, %error, "federation connection failed");
+            }
+        }
+    }
+
+    async fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Sites { reply } => {
+                let _ = reply.send(self.report());
+            }
+            Command::CapacityChanged => self.refresh_local_advert().await,
+            Command::Join { addr, reply } => {
+                let Some(Protocol::P2p(peer)) = addr.iter().last() else {
+                    let _ = reply.send(Err(format!("{addr} does not end in /p2p/<peer id>")));
+                    return;
+                };
+                if peer == self.registry.local_id() {
+                    let _ = reply.send(Err("that is this site's own address".to_owned()));
+                    return;
+                }
+                let result = self.p2p.dial(addr.clone()).await.map_err(|e| e.to_string());
+                if result.is_ok() {
+                    self.dial_targets
+                        .entry(peer)
+                        .or_insert_with(|| DialTarget::new(Vec::new()))
+                        .addrs = vec![strip_p2p(&addr)];
+                    self.remember_peer(peer, None, vec![strip_p2p(&addr).to_string()])
+                        .await;
+                }
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    /// Carries out what the core asked, events first (see the core's contract).
+    async fn drain(&mut self) {
+        while let Some(event) = self.registry.poll_event() {
+            match event {
+                RegistryEvent::PersistVersion(version) => {
+                    if let Err(e) = self
+                        .ledger
+                        .run(move |ledger| ledger.set_advert_version(version))
+                        .await
+                    {
+                        tracing::error!(error = %format!("{e:#}"), version, "cannot persist the advert version");
+                    }
+                }
+                RegistryEvent::SiteAlive { site, name } => {
+                    tracing::info!(site = %name, peer = %site, "site alive")
+                }
+                RegistryEvent::SiteUpdated { site, version } => {
+                    tracing::debug!(peer = %site, version, "site advert updated");
+                }
+                RegistryEvent::SiteSuspect { site } => tracing::info!(peer = %site, "site suspect"),
+                RegistryEvent::SiteGone { site } => tracing::warn!(peer = %site, "site gone"),
+                RegistryEvent::SiteAddrs { site, addrs } => {
+                    let name = self
+                        .registry
+                        .sites(now_ms())
+                        .into_iter()
+                        .find(|view| view.site == site)
+                        .map(|view| view.advert.site_name);
+                    let parsed: Vec<Multiaddr> =
+                        addrs.iter().filter_map(|a| a.parse().ok()).collect();
+                    if !parsed.is_empty()
+                        && (self.dial_targets.len() < DIALED_PEERS_MAX
+                            || self.dial_targets.contains_key(&site))
+                    {
+                        self.dial_targets
+                            .entry(site)
+                            .or_insert_with(|| DialTarget::new(Vec::new()))
+                            .addrs = parsed;
+                    }
+                    self.remember_peer(site, name, addrs).await;
+                }
+            }
+        }
+        while let Some(transmit) = self.registry.poll_transmit() {
+            match transmit {
+                Transmit::Publish { data } => self.send(Outgoing::Publish(data)),
+                Transmit::Request { to, data } => self.send(Outgoing::Request { to, data }),
+            }
+        }
+    }
+
+    fn send(&mut self, outgoing: Outgoing) {
+        if self.outbox.try_send(outgoing).is_err() {
+            self.outbox_dropped += 1;
+        }
+    }
+
+    /// Dials the targets that are not connected and whose backoff elapsed.
+    fn redial(&mut self) {
+        let now = tokio::time::Instant::now();
+        let mut dials = Vec::new();
+        for (peer, target) in &mut self.dial_targets {
+            if self.connected.contains(peer) || target.next_attempt > now || target.addrs.is_empty()
+            {
+                continue;
+            }
+            for addr in &target.addrs {
+                dials.push(addr.clone().with(Protocol::P2p(*peer)));
+            }
+            target.next_attempt = now + target.backoff;
+            target.backoff = (target.backoff * 2).min(BACKOFF_MAX);
+        }
+        for addr in dials {
+            self.send(Outgoing::Dial(addr));
+        }
+    }
+
+    async fn load_known_peers(&mut self) {
+        let peers = match self.ledger.run(|ledger| ledger.peers()).await {
+            Ok(peers) => peers,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot read known peers");
+                return;
+            }
+        };
+        for peer in peers.into_iter().take(DIALED_PEERS_MAX) {
+            let Ok(id) = peer.peer_id.parse::<PeerId>() else {
+                continue;
+            };
+            let addrs: Vec<Multiaddr> = peer.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+            if !addrs.is_empty() {
+                self.dial_targets
+                    .entry(id)
+                    .or_insert_with(|| DialTarget::new(addrs));
+            }
+        }
+        if !self.dial_targets.is_empty() {
+            tracing::info!(peers = self.dial_targets.len(), "dialing known peers");
+        }
+    }
+
+    async fn remember_peer(&mut self, peer: PeerId, name: Option<String>, addrs: Vec<String>) {
+        if addrs.is_empty() && name.is_none() {
+            return;
+        }
+        let id = peer.to_string();
+        let result = self
+            .ledger
+            .run(move |ledger| ledger.upsert_peer(&id, name.as_deref(), &addrs, now_ms()))
+            .await;
+        if let Err(e) = result {
+            tracing::warn!(error = %format!("{e:#}"), %peer, "cannot remember a peer");
+        }
+    }
+
+    /// Recomputes the local advert from the ledger; the core pushes it only
+    /// if it changed.
+    async fn refresh_local_advert(&mut self) {
+        let now = now_ms();
+        let horizon_end_ms = round_up(now + HORIZON_MS, 3_600_000);
+        let window = Window::new(now, horizon_end_ms).expect("the horizon is in the future");
+        let read = self
+            .ledger
+            .run(move |ledger| Ok((ledger.inventory()?, ledger.free_steps(window, now)?)))
+            .await;
+        let (inventory, steps) = match read {
+            Ok((Some(inventory), steps)) => (inventory, steps),
+            Ok((None, _)) => return,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot read capacity for the advert");
+                return;
+            }
+        };
+        // The first step holds from before now: anchoring it at 0 keeps the
+        // advert unchanged (and unsent) while nothing but the clock moves.
+        let mut steps: Vec<(i64, u32)> = steps
+            .into_iter()
+            .map(|step| (step.at_ms, step.free))
+            .collect();
+        if let Some(first) = steps.first_mut() {
+            first.0 = 0;
+        }
+        let capacity = CapacitySummary {
+            total_nodes: inventory.slots(),
+            node: NodeShape {
+                cores: inventory.node.cores,
+                memory_mib: inventory.node.memory_mib,
+                disk_gib: inventory.node.disk_gib,
+            },
+            steps,
+            horizon_end_ms,
+        };
+        let addrs = self
+            .listen_addrs
+            .iter()
+            .take(vcfed_registry::advert::ADVERT_ADDRS_MAX)
+            .map(ToString::to_string)
+            .collect();
+        self.registry.set_local(
+            now,
+            LocalAdvert {
+                site_name: self.site_name.clone(),
+                capacity,
+                gateway: self.gateway.clone(),
+                addrs,
+                software: format!("vcfed/{}", env!("CARGO_PKG_VERSION")),
+            },
+        );
+    }
+
+    fn report(&self) -> SitesReport {
+        let now = now_ms();
+        let sites = self
+            .registry
+            .sites(now)
+            .into_iter()
+            .map(|view| SiteSummary {
+                name: view.advert.site_name.clone(),
+                peer_id: view.site.to_string(),
+                local: view.local,
+                state: view.state,
+                free_now: view.free_now,
+                total_nodes: view.advert.capacity.total_nodes,
+                rtt_ms: view.rtt.map(|rtt| rtt.as_secs_f64() * 1000.0),
+                advert_age_ms: view.advert_age_ms,
+                version: view.advert.version,
+                addrs: view.advert.addrs.clone(),
+            })
+            .collect();
+        SitesReport {
+            sites,
+            connected_peers: self.connected.len(),
+            stats: self.registry.stats(),
+            outbox_dropped: self.outbox_dropped,
+        }
+    }
+}
+
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn round_up(value: i64, unit: i64) -> i64 {
+    value.div_euclid(unit) * unit + if value.rem_euclid(unit) == 0 { 0 } else { unit }
+}
+
+/// The address without a trailing /p2p/<peer id>.
+fn strip_p2p(addr: &Multiaddr) -> Multiaddr {
+    addr.iter()
+        .filter(|protocol| !matches!(protocol, Protocol::P2p(_)))
+        .collect()
+}

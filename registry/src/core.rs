@@ -1,0 +1,840 @@
+//! The registry core: a sans-IO state machine that keeps the federation
+//! view and disseminates this site's capacity advert.
+//!
+//! # Contract
+//!
+//! The core never reads a clock, a socket or a random source: every input
+//! carries `now_ms` (unix ms of the caller's clock) and randomness comes from
+//! the seed given to [`Registry::new`]. After **every** input
+//! (`handle_*`, `set_local`, `peer_*`), the caller drains the outputs:
+//!
+//! 1. [`Registry::poll_event`] until `None`, and handles each event
+//!    (in particular persists [`RegistryEvent::PersistVersion`] *before*
+//!    sending anything, so a restart never reuses a version);
+//! 2. [`Registry::poll_transmit`] until `None`, and sends each transmit;
+//! 3. [`Registry::poll_timeout`], and calls [`Registry::handle_timeout`]
+//!    when that instant comes.
+//!
+//! Dissemination: the local advert is pushed (gossip publish) whenever it
+//! changes and re-signed with a higher version every `refresh_ms`. Every
+//! `anti_entropy_ms` the core sends a digest (site → version) to one random
+//! connected peer, which answers with what the digest lacks and asks for what
+//! it lacks itself: sites that missed pushes or were partitioned converge.
+//!
+//! Failure detection: an advert is fresh for its TTL after it was issued
+//! (bounded by the receiver's own clock, allowing `clock_skew_max_ms`); a
+//! site whose advert is no longer fresh is *suspect*, and *gone* after a
+//! further `suspect_ms`. Gone sites are never offered as workers; a fresh
+//! advert brings them back.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
+
+use libp2p_identity::{Keypair, PeerId};
+
+use crate::advert::{Advert, AdvertError, CapacitySummary, GatewayInfo, NodeShape, SignedAdvert};
+use crate::wire::{self, DigestEntry, Message, WireError};
+
+/// Settings of the registry core. Times in ms.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistryConfig {
+    /// How long an advert stays valid after it is issued.
+    pub advert_ttl_ms: u32,
+    /// How often the local advert is re-signed and pushed even if unchanged.
+    pub refresh_ms: i64,
+    /// How often a digest goes to a random peer.
+    pub anti_entropy_ms: i64,
+    /// How long a site stays suspect before it is gone.
+    pub suspect_ms: i64,
+    /// How long a gone site is remembered before it is forgotten.
+    pub forget_ms: i64,
+    /// How far another site's clock may be off ours.
+    pub clock_skew_max_ms: i64,
+    /// Longest message accepted or sent.
+    pub message_max_bytes: usize,
+    /// Most sites kept in the view.
+    pub sites_max: usize,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            advert_ttl_ms: 30_000,
+            refresh_ms: 10_000,
+            anti_entropy_ms: 2_000,
+            suspect_ms: 30_000,
+            forget_ms: 600_000,
+            clock_skew_max_ms: 60_000,
+            message_max_bytes: 1 << 20,
+            sites_max: 10_000,
+        }
+    }
+}
+
+/// What this site advertises (the core adds identity, version and times).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalAdvert {
+    /// Site name.
+    pub site_name: String,
+    /// Free capacity.
+    pub capacity: CapacitySummary,
+    /// The gateway, once configured.
+    pub gateway: Option<GatewayInfo>,
+    /// Federation multiaddrs to dial this site at.
+    pub addrs: Vec<String>,
+    /// vcfed version.
+    pub software: String,
+}
+
+/// Liveness of a site in the view.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum SiteState {
+    /// Its advert is fresh.
+    Alive,
+    /// Its advert is stale; it may be gone.
+    Suspect,
+    /// Not heard of for too long; never chosen as a worker.
+    Gone,
+}
+
+/// Something the caller must send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transmit {
+    /// Publish to every member (gossip).
+    Publish {
+        /// Encoded message.
+        data: Vec<u8>,
+    },
+    /// A request to one peer; its answer goes to [`Registry::handle_response`].
+    Request {
+        /// The peer.
+        to: PeerId,
+        /// Encoded message.
+        data: Vec<u8>,
+    },
+}
+
+/// Something that happened, for the caller to act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegistryEvent {
+    /// The local advert now has this version: persist it before sending.
+    PersistVersion(u64),
+    /// A site appeared in the view, or came back from gone.
+    SiteAlive {
+        /// The site.
+        site: PeerId,
+        /// Its name.
+        name: String,
+    },
+    /// A site's advert changed.
+    SiteUpdated {
+        /// The site.
+        site: PeerId,
+        /// The new version.
+        version: u64,
+    },
+    /// A site's advert went stale.
+    SiteSuspect {
+        /// The site.
+        site: PeerId,
+    },
+    /// A site is gone.
+    SiteGone {
+        /// The site.
+        site: PeerId,
+    },
+    /// A site's federation addresses, for the caller to dial and remember.
+    SiteAddrs {
+        /// The site.
+        site: PeerId,
+        /// Its multiaddrs (without /p2p/).
+        addrs: Vec<String>,
+    },
+}
+
+/// What the caller should do with a gossip message after it was handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// New and valid: forward it.
+    Accept,
+    /// Valid but not new (duplicate or older): do not forward, no penalty.
+    Ignore,
+    /// Invalid: drop and penalise the peer that sent it.
+    Reject,
+}
+
+/// Counters of what the core received and dropped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RegistryStats {
+    /// Adverts applied.
+    pub adverts_applied: u64,
+    /// Adverts that repeated a version already held.
+    pub adverts_duplicate: u64,
+    /// Adverts with a lower version than held.
+    pub dropped_stale: u64,
+    /// Adverts past their TTL, or issued in the future.
+    pub dropped_expired: u64,
+    /// Adverts with a bad key, bad signature or wrong signer.
+    pub dropped_forged: u64,
+    /// Messages or adverts that did not decode or were out of bounds.
+    pub dropped_undecodable: u64,
+    /// Messages over the size limit.
+    pub dropped_oversized: u64,
+    /// Adverts dropped because the view was full.
+    pub dropped_full: u64,
+    /// Messages sent.
+    pub messages_sent: u64,
+    /// Bytes sent.
+    pub bytes_sent: u64,
+}
+
+/// One site as the view shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SiteView {
+    /// The site.
+    pub site: PeerId,
+    /// Whether it is this site.
+    pub local: bool,
+    /// Liveness.
+    pub state: SiteState,
+    /// Its latest advert.
+    pub advert: Advert,
+    /// Age of that advert, by the issuer's clock against ours.
+    pub advert_age_ms: i64,
+    /// Free slots now.
+    pub free_now: u32,
+    /// Round-trip time, if measured.
+    pub rtt: Option<Duration>,
+}
+
+/// A worker candidate for a window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    /// The site.
+    pub site: PeerId,
+    /// Its name.
+    pub name: String,
+    /// Fewest free slots at any instant of the window, per its advert.
+    pub free: u32,
+    /// Round-trip time, if measured.
+    pub rtt: Option<Duration>,
+}
+
+#[derive(Debug, Clone)]
+struct SiteEntry {
+    signed: SignedAdvert,
+    advert: Advert,
+    /// Until when the advert is fresh, by our clock.
+    fresh_until_ms: i64,
+    state: SiteState,
+}
+
+#[derive(Debug, Clone, Default)]
+struct PeerInfo {
+    connected: bool,
+    rtt: Option<Duration>,
+}
+
+/// The registry state machine. See the module docs for the contract.
+pub struct Registry {
+    config: RegistryConfig,
+    keypair: Keypair,
+    local_id: PeerId,
+    local: Option<LocalAdvert>,
+    local_version: u64,
+    local_signed: Option<(SignedAdvert, Advert)>,
+    sites: BTreeMap<PeerId, SiteEntry>,
+    peers: BTreeMap<PeerId, PeerInfo>,
+    rng: SplitMix64,
+    next_refresh_ms: Option<i64>,
+    next_anti_entropy_ms: i64,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<RegistryEvent>,
+    stats: RegistryStats,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("local_id", &self.local_id)
+            .field("local_version", &self.local_version)
+            .field("sites", &self.sites.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Registry {
+    /// A registry for the site with `keypair`, whose last persisted advert
+    /// version was `persisted_version` (0 for a new site).
+    pub fn new(
+        config: RegistryConfig,
+        keypair: Keypair,
+        persisted_version: u64,
+        seed: u64,
+        now_ms: i64,
+    ) -> Registry {
+        let local_id = keypair.public().to_peer_id();
+        let mut rng = SplitMix64(seed);
+        // Spread the first anti-entropy round so that sites started together
+        // do not all talk at once.
+        let jitter = rng.below(u64::try_from(config.anti_entropy_ms).unwrap_or(1).max(1));
+        let next_anti_entropy_ms = now_ms + i64::try_from(jitter).expect("jitter is below an i64");
+        Registry {
+            config,
+            keypair,
+            local_id,
+            local: None,
+            local_version: persisted_version,
+            local_signed: None,
+            sites: BTreeMap::new(),
+            peers: BTreeMap::new(),
+            rng,
+            next_refresh_ms: None,
+            next_anti_entropy_ms,
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            stats: RegistryStats::default(),
+        }
+    }
+
+    /// This site's peer id.
+    pub fn local_id(&self) -> PeerId {
+        self.local_id
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> RegistryStats {
+        self.stats
+    }
+
+    /// Sets what this site advertises. A change is pushed at once with a new
+    /// version; an identical advert changes nothing.
+    pub fn set_local(&mut self, now_ms: i64, local: LocalAdvert) {
+        if self.local.as_ref() == Some(&local) {
+            return;
+        }
+        self.local = Some(local);
+        self.publish_local(now_ms);
+    }
+
+    /// A connection to `peer` is up.
+    pub fn peer_connected(&mut self, peer: PeerId) {
+        self.peers.entry(peer).or_default().connected = true;
+    }
+
+    /// The connection to `peer` is down.
+    pub fn peer_disconnected(&mut self, peer: PeerId) {
+        if let Some(info) = self.peers.get_mut(&peer) {
+            info.connected = false;
+        }
+    }
+
+    /// A round-trip time to `peer` was measured.
+    pub fn peer_rtt(&mut self, peer: PeerId, rtt: Duration) {
+        self.peers.entry(peer).or_default().rtt = Some(rtt);
+    }
+
+    /// A gossip message arrived; the verdict tells whether to forward it.
+    pub fn handle_gossip(&mut self, now_ms: i64, data: &[u8]) -> Verdict {
+        match self.decode(data) {
+            Some(Message::Advert(signed)) => self.apply(now_ms, signed),
+            Some(_) => {
+                // Only adverts travel by gossip.
+                self.stats.dropped_undecodable += 1;
+                Verdict::Reject
+            }
+            None => Verdict::Reject,
+        }
+    }
+
+    /// A request arrived from `from`; returns the encoded answer, or `None`
+    /// if the request was dropped (then the caller answers nothing).
+    pub fn handle_request(&mut self, now_ms: i64, from: PeerId, data: &[u8]) -> Option<Vec<u8>> {
+        let reply = match self.decode(data)? {
+            Message::DigestHash { hash, count } => {
+                let mine = self.digest(now_ms);
+                if digest_hash(&mine) == hash
+                    && mine.len() == usize::try_from(count).unwrap_or(usize::MAX)
+                {
+                    Message::InSync
+                } else {
+                    Message::Digest(mine)
+                }
+            }
+            Message::Pull(sites) => Message::Adverts(self.adverts_for(now_ms, &sites)),
+            Message::Adverts(adverts) => {
+                for signed in adverts {
+                    self.apply(now_ms, signed);
+                }
+                Message::Ack
+            }
+            Message::Advert(signed) => {
+                self.apply(now_ms, signed);
+                Message::Ack
+            }
+            Message::InSync | Message::Digest(_) | Message::Ack => {
+                tracing::debug!(peer = %from, "unexpected message kind in a request");
+                self.stats.dropped_undecodable += 1;
+                return None;
+            }
+        };
+        Some(self.encode_counted(&reply))
+    }
+
+    /// The answer to one of our requests arrived from `from`.
+    pub fn handle_response(&mut self, now_ms: i64, from: PeerId, data: &[u8]) {
+        match self.decode(data) {
+            Some(Message::Digest(theirs)) => self.reconcile(now_ms, from, &theirs),
+            Some(Message::Adverts(adverts)) => {
+                for signed in adverts {
+                    self.apply(now_ms, signed);
+                }
+            }
+            Some(Message::InSync | Message::Ack) | None => {}
+            Some(_) => self.stats.dropped_undecodable += 1,
+        }
+    }
+
+    /// Timers: refresh, anti-entropy, liveness. Call at [`Registry::poll_timeout`].
+    pub fn handle_timeout(&mut self, now_ms: i64) {
+        if self.next_refresh_ms.is_some_and(|at| at <= now_ms) {
+            self.publish_local(now_ms);
+        }
+        if self.next_anti_entropy_ms <= now_ms {
+            self.next_anti_entropy_ms = now_ms + self.config.anti_entropy_ms;
+            self.send_digest(now_ms);
+        }
+        self.update_liveness(now_ms);
+    }
+
+    /// The next instant at which [`Registry::handle_timeout`] has work.
+    pub fn poll_timeout(&self) -> Option<i64> {
+        let mut next = self.next_anti_entropy_ms;
+        if let Some(refresh) = self.next_refresh_ms {
+            next = next.min(refresh);
+        }
+        for entry in self.sites.values() {
+            let at = match entry.state {
+                SiteState::Alive => entry.fresh_until_ms,
+                SiteState::Suspect => entry.fresh_until_ms + self.config.suspect_ms,
+                SiteState::Gone => {
+                    entry.fresh_until_ms + self.config.suspect_ms + self.config.forget_ms
+                }
+            };
+            next = next.min(at);
+        }
+        Some(next)
+    }
+
+    /// The next event, if any.
+    pub fn poll_event(&mut self) -> Option<RegistryEvent> {
+        self.events.pop_front()
+    }
+
+    /// The next message to send, if any.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// The view: this site first, then every other known site by name.
+    pub fn sites(&self, now_ms: i64) -> Vec<SiteView> {
+        let mut views = Vec::with_capacity(self.sites.len() + 1);
+        if let Some((_, advert)) = &self.local_signed {
+            views.push(SiteView {
+                site: self.local_id,
+                local: true,
+                state: SiteState::Alive,
+                advert_age_ms: now_ms - advert.issued_at_ms,
+                free_now: advert.capacity.min_free(now_ms, now_ms + 1),
+                rtt: None,
+                advert: advert.clone(),
+            });
+        }
+        let mut others: Vec<SiteView> = self
+            .sites
+            .iter()
+            .map(|(site, entry)| SiteView {
+                site: *site,
+                local: false,
+                state: entry.state,
+                advert_age_ms: now_ms - entry.advert.issued_at_ms,
+                free_now: entry.advert.capacity.min_free(now_ms, now_ms + 1),
+                rtt: self.peers.get(site).and_then(|p| p.rtt),
+                advert: entry.advert.clone(),
+            })
+            .collect();
+        others.sort_by(|a, b| (&a.advert.site_name, a.site).cmp(&(&b.advert.site_name, b.site)));
+        views.extend(others);
+        views
+    }
+
+    /// The state of one remote site, if known.
+    pub fn site_state(&self, site: &PeerId) -> Option<SiteState> {
+        self.sites.get(site).map(|entry| entry.state)
+    }
+
+    /// Alive remote sites that could hold nodes of `shape` over
+    /// `[start_ms, end_ms)`, best first: most free capacity in the window,
+    /// then lowest RTT (unmeasured last), then name. Taking them in this
+    /// order needs the fewest sites.
+    pub fn candidates(&self, start_ms: i64, end_ms: i64, shape: &NodeShape) -> Vec<Candidate> {
+        let mut candidates: Vec<Candidate> = self
+            .sites
+            .iter()
+            .filter(|(_, entry)| entry.state == SiteState::Alive)
+            .filter(|(_, entry)| shape.fits_in(&entry.advert.capacity.node))
+            .map(|(site, entry)| Candidate {
+                site: *site,
+                name: entry.advert.site_name.clone(),
+                free: entry.advert.capacity.min_free(start_ms, end_ms),
+                rtt: self.peers.get(site).and_then(|p| p.rtt),
+            })
+            .filter(|candidate| candidate.free > 0)
+            .collect();
+        candidates.sort_by(|a, b| {
+            b.free
+                .cmp(&a.free)
+                .then_with(|| match (a.rtt, b.rtt) {
+                    (Some(x), Some(y)) => x.cmp(&y),
+                    (Some(_), None) => std::cmp::Ordering::Less,
+                    (None, Some(_)) => std::cmp::Ordering::Greater,
+                    (None, None) => std::cmp::Ordering::Equal,
+                })
+                .then_with(|| a.name.cmp(&b.name))
+                .then_with(|| a.site.cmp(&b.site))
+        });
+        candidates
+    }
+
+    fn publish_local(&mut self, now_ms: i64) {
+        let Some(local) = self.local.clone() else {
+            return;
+        };
+        self.local_version += 1;
+        let advert = Advert {
+            site: self.local_id,
+            site_name: local.site_name,
+            version: self.local_version,
+            issued_at_ms: now_ms,
+            ttl_ms: self.config.advert_ttl_ms,
+            capacity: local.capacity,
+            gateway: local.gateway,
+            addrs: local.addrs,
+            software: local.software,
+        };
+        let signed = match SignedAdvert::sign(&advert, &self.keypair) {
+            Ok(signed) => signed,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot sign the local advert");
+                return;
+            }
+        };
+        self.events
+            .push_back(RegistryEvent::PersistVersion(self.local_version));
+        let data = self.encode_counted(&Message::Advert(signed.clone()));
+        self.transmits.push_back(Transmit::Publish { data });
+        self.local_signed = Some((signed, advert));
+        self.next_refresh_ms = Some(now_ms + self.config.refresh_ms);
+    }
+
+    fn send_digest(&mut self, now_ms: i64) {
+        let connected: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, info)| info.connected)
+            .map(|(peer, _)| *peer)
+            .collect();
+        if connected.is_empty() {
+            return;
+        }
+        let index = self.rng.below(connected.len() as u64);
+        let to = connected[usize::try_from(index).expect("index is below a usize length")];
+        let entries = self.digest(now_ms);
+        let count = u32::try_from(entries.len()).unwrap_or(u32::MAX);
+        let data = self.encode_counted(&Message::DigestHash {
+            hash: digest_hash(&entries),
+            count,
+        });
+        self.transmits.push_back(Transmit::Request { to, data });
+    }
+
+    /// The versions we hold of adverts that are still valid, ours included.
+    fn digest(&self, now_ms: i64) -> Vec<DigestEntry> {
+        let mut entries: Vec<DigestEntry> = self
+            .sites
+            .iter()
+            .filter(|(_, entry)| !self.is_expired(&entry.advert, now_ms))
+            .map(|(site, entry)| DigestEntry {
+                site: *site,
+                version: entry.advert.version,
+            })
+            .collect();
+        if let Some((_, advert)) = &self.local_signed {
+            entries.push(DigestEntry {
+                site: self.local_id,
+                version: advert.version,
+            });
+        }
+        entries
+    }
+
+    /// After a peer's digest differed from ours: push what it lacks, pull
+    /// what we lack.
+    fn reconcile(&mut self, now_ms: i64, peer: PeerId, theirs: &[DigestEntry]) {
+        let theirs_by_site: BTreeMap<PeerId, u64> =
+            theirs.iter().map(|e| (e.site, e.version)).collect();
+        let mine = self.digest(now_ms);
+        let mine_by_site: BTreeMap<PeerId, u64> =
+            mine.iter().map(|e| (e.site, e.version)).collect();
+        let they_lack: Vec<PeerId> = mine
+            .iter()
+            .filter(|entry| entry.site != peer)
+            .filter(|entry| {
+                theirs_by_site
+                    .get(&entry.site)
+                    .is_none_or(|v| *v < entry.version)
+            })
+            .map(|entry| entry.site)
+            .collect();
+        let we_lack: Vec<PeerId> = theirs
+            .iter()
+            .filter(|entry| entry.site != self.local_id)
+            .filter(|entry| {
+                mine_by_site
+                    .get(&entry.site)
+                    .is_none_or(|v| *v < entry.version)
+            })
+            .map(|entry| entry.site)
+            .take(self.config.sites_max)
+            .collect();
+        let push = self.adverts_for(now_ms, &they_lack);
+        if !push.is_empty() {
+            let data = self.encode_counted(&Message::Adverts(push));
+            self.transmits
+                .push_back(Transmit::Request { to: peer, data });
+        }
+        if !we_lack.is_empty() {
+            let data = self.encode_counted(&Message::Pull(we_lack));
+            self.transmits
+                .push_back(Transmit::Request { to: peer, data });
+        }
+    }
+
+    /// Signed adverts we hold for `sites`, as many as fit one message.
+    fn adverts_for(&self, now_ms: i64, sites: &[PeerId]) -> Vec<SignedAdvert> {
+        // Leave room for the envelope and the `want` list.
+        let budget = self.config.message_max_bytes / 2;
+        let mut used = 0;
+        let mut adverts = Vec::new();
+        for site in sites {
+            let signed = if *site == self.local_id {
+                self.local_signed.as_ref().map(|(signed, _)| signed)
+            } else {
+                self.sites
+                    .get(site)
+                    .filter(|e| !self.is_expired(&e.advert, now_ms))
+                    .map(|e| &e.signed)
+            };
+            let Some(signed) = signed else { continue };
+            let size = signed.body.len() + signed.signature.len() + signed.public_key.len() + 16;
+            if used + size > budget {
+                break;
+            }
+            used += size;
+            adverts.push(signed.clone());
+        }
+        adverts
+    }
+
+    /// Verifies and applies one advert.
+    fn apply(&mut self, now_ms: i64, signed: SignedAdvert) -> Verdict {
+        let advert = match signed.verify() {
+            Ok(advert) => advert,
+            Err(
+                AdvertError::BadKey | AdvertError::BadSignature | AdvertError::WrongSigner { .. },
+            ) => {
+                self.stats.dropped_forged += 1;
+                return Verdict::Reject;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "dropping an invalid advert");
+                self.stats.dropped_undecodable += 1;
+                return Verdict::Reject;
+            }
+        };
+        if advert.site == self.local_id {
+            // Our own advert coming back to us.
+            return Verdict::Ignore;
+        }
+        if advert.ttl_ms > self.config.advert_ttl_ms.saturating_mul(10)
+            || self.is_expired(&advert, now_ms)
+        {
+            self.stats.dropped_expired += 1;
+            return Verdict::Ignore;
+        }
+        if advert.issued_at_ms > now_ms + self.config.clock_skew_max_ms {
+            self.stats.dropped_expired += 1;
+            return Verdict::Reject;
+        }
+        let fresh_until_ms = self.fresh_until(&advert, now_ms);
+        let site = advert.site;
+        match self.sites.get(&site) {
+            Some(entry) if entry.advert.version == advert.version => {
+                self.stats.adverts_duplicate += 1;
+                return Verdict::Ignore;
+            }
+            Some(entry) if entry.advert.version > advert.version => {
+                self.stats.dropped_stale += 1;
+                return Verdict::Ignore;
+            }
+            None if self.sites.len() >= self.config.sites_max => {
+                self.stats.dropped_full += 1;
+                return Verdict::Ignore;
+            }
+            _ => {}
+        }
+        let previous = self.sites.insert(
+            site,
+            SiteEntry {
+                signed,
+                advert: advert.clone(),
+                fresh_until_ms,
+                state: SiteState::Alive,
+            },
+        );
+        self.stats.adverts_applied += 1;
+        match previous {
+            Some(previous) if previous.state == SiteState::Alive => {
+                self.events.push_back(RegistryEvent::SiteUpdated {
+                    site,
+                    version: advert.version,
+                });
+                if previous.advert.addrs != advert.addrs {
+                    self.events.push_back(RegistryEvent::SiteAddrs {
+                        site,
+                        addrs: advert.addrs,
+                    });
+                }
+            }
+            _ => {
+                self.events.push_back(RegistryEvent::SiteAlive {
+                    site,
+                    name: advert.site_name.clone(),
+                });
+                self.events.push_back(RegistryEvent::SiteUpdated {
+                    site,
+                    version: advert.version,
+                });
+                self.events.push_back(RegistryEvent::SiteAddrs {
+                    site,
+                    addrs: advert.addrs,
+                });
+            }
+        }
+        Verdict::Accept
+    }
+
+    /// Whether an advert is past its TTL by the issuer's clock, allowing skew.
+    fn is_expired(&self, advert: &Advert, now_ms: i64) -> bool {
+        advert.issued_at_ms + i64::from(advert.ttl_ms) + self.config.clock_skew_max_ms <= now_ms
+    }
+
+    /// Until when (our clock) an advert received at `now_ms` counts as fresh:
+    /// at most its TTL from now, and no longer than the issuer's clock allows.
+    fn fresh_until(&self, advert: &Advert, now_ms: i64) -> i64 {
+        let ttl = i64::from(advert.ttl_ms);
+        let by_issuer = advert.issued_at_ms + ttl + self.config.clock_skew_max_ms;
+        (now_ms + ttl).min(by_issuer.max(now_ms))
+    }
+
+    fn update_liveness(&mut self, now_ms: i64) {
+        let suspect_ms = self.config.suspect_ms;
+        let forget_ms = self.config.forget_ms;
+        let mut forget = Vec::new();
+        for (site, entry) in &mut self.sites {
+            let state = if now_ms < entry.fresh_until_ms {
+                SiteState::Alive
+            } else if now_ms < entry.fresh_until_ms + suspect_ms {
+                SiteState::Suspect
+            } else {
+                SiteState::Gone
+            };
+            if state == SiteState::Gone && now_ms >= entry.fresh_until_ms + suspect_ms + forget_ms {
+                forget.push(*site);
+            }
+            if state == entry.state {
+                continue;
+            }
+            entry.state = state;
+            self.events.push_back(match state {
+                SiteState::Alive => RegistryEvent::SiteAlive {
+                    site: *site,
+                    name: entry.advert.site_name.clone(),
+                },
+                SiteState::Suspect => RegistryEvent::SiteSuspect { site: *site },
+                SiteState::Gone => RegistryEvent::SiteGone { site: *site },
+            });
+        }
+        for site in forget {
+            self.sites.remove(&site);
+        }
+    }
+
+    fn decode(&mut self, data: &[u8]) -> Option<Message> {
+        match wire::decode(data, self.config.message_max_bytes) {
+            Ok(message) => Some(message),
+            Err(WireError::Oversized { .. }) => {
+                self.stats.dropped_oversized += 1;
+                None
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "dropping an undecodable message");
+                self.stats.dropped_undecodable += 1;
+                None
+            }
+        }
+    }
+
+    fn encode_counted(&mut self, message: &Message) -> Vec<u8> {
+        let data = wire::encode(message);
+        self.stats.messages_sent += 1;
+        self.stats.bytes_sent += data.len() as u64;
+        data
+    }
+}
+
+/// An order-independent hash of digest entries: equal sets hash equal
+/// whatever order they were collected in.
+fn digest_hash(entries: &[DigestEntry]) -> u64 {
+    entries.iter().fold(0u64, |sum, entry| {
+        let mut h: u64 = 0xCBF2_9CE4_8422_2325;
+        for byte in entry.site.to_bytes() {
+            h = (h ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01B3);
+        }
+        sum.wrapping_add(SplitMix64(h ^ entry.version).next())
+    })
+}
+
+/// A small, fast, seedable generator (SplitMix64): enough for choosing
+/// gossip partners; never used for secrets.
+#[derive(Debug, Clone)]
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform-enough in `0..bound` (`bound > 0`).
+    fn below(&mut self, bound: u64) -> u64 {
+        assert!(bound > 0, "below() needs a positive bound");
+        self.next() % bound
+    }
+}

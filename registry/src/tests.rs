@@ -1,0 +1,584 @@
+//! The registry core on a simulated network with a virtual clock: no
+//! sockets, no sleeps. Gossip is modelled as flooding along connections
+//! (a message is forwarded only when its receiver accepts it), requests and
+//! answers travel the same links, and each delivery may be lost.
+
+#![allow(clippy::cast_possible_truncation)] // small simulated indices
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use libp2p_identity::{Keypair, PeerId};
+
+use crate::advert::{Advert, CapacitySummary, NodeShape, SignedAdvert};
+use crate::core::{
+    LocalAdvert, Registry, RegistryConfig, RegistryEvent, SiteState, Transmit, Verdict,
+};
+use crate::wire::{self, Message};
+
+const SHAPE: NodeShape = NodeShape {
+    cores: 2,
+    memory_mib: 4096,
+    disk_gib: 20,
+};
+/// One-way latency of every simulated link.
+const LATENCY_MS: i64 = 5;
+
+fn config() -> RegistryConfig {
+    RegistryConfig {
+        advert_ttl_ms: 10_000,
+        refresh_ms: 3_000,
+        anti_entropy_ms: 1_000,
+        suspect_ms: 5_000,
+        forget_ms: 60_000,
+        clock_skew_max_ms: 2_000,
+        ..RegistryConfig::default()
+    }
+}
+
+fn local(name: &str, free: u32) -> LocalAdvert {
+    LocalAdvert {
+        site_name: name.to_owned(),
+        capacity: CapacitySummary {
+            total_nodes: 8,
+            node: SHAPE,
+            steps: vec![(0, free)],
+            horizon_end_ms: i64::MAX,
+        },
+        gateway: None,
+        addrs: vec![format!("/ip4/127.0.0.1/tcp/{}", 7000 + free)],
+        software: "test".to_owned(),
+    }
+}
+
+/// What travels between simulated nodes.
+#[derive(Debug)]
+enum Delivery {
+    Gossip { data: Vec<u8> },
+    Request { from: usize, data: Vec<u8> },
+    Response { from: usize, data: Vec<u8> },
+}
+
+struct Node {
+    keypair: Keypair,
+    registry: Registry,
+    up: bool,
+    persisted_version: u64,
+    seen_gossip: BTreeSet<Vec<u8>>,
+}
+
+/// A simulated federation.
+struct Net {
+    nodes: Vec<Node>,
+    links: BTreeSet<(usize, usize)>,
+    queue: BTreeMap<(i64, u64), (usize, Delivery)>,
+    seq: u64,
+    now_ms: i64,
+    rng: u64,
+    loss_percent: u64,
+    delivered_bytes: u64,
+}
+
+impl Net {
+    fn new(size: usize, seed: u64) -> Net {
+        let nodes = (0..size)
+            .map(|i| {
+                let keypair = Keypair::generate_ed25519();
+                let registry = Registry::new(config(), keypair.clone(), 0, seed ^ i as u64, 0);
+                Node {
+                    keypair,
+                    registry,
+                    up: true,
+                    persisted_version: 0,
+                    seen_gossip: BTreeSet::new(),
+                }
+            })
+            .collect();
+        Net {
+            nodes,
+            links: BTreeSet::new(),
+            queue: BTreeMap::new(),
+            seq: 0,
+            now_ms: 0,
+            rng: seed,
+            loss_percent: 0,
+            delivered_bytes: 0,
+        }
+    }
+
+    fn random(&mut self) -> u64 {
+        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A ring plus `extra` random chords per node: connected, sparse.
+    fn connect_sparse(&mut self, extra: usize) {
+        let n = self.nodes.len();
+        for i in 0..n {
+            self.link(i, (i + 1) % n);
+            for _ in 0..extra {
+                let j = (self.random() % n as u64) as usize;
+                if j != i {
+                    self.link(i, j);
+                }
+            }
+        }
+    }
+
+    fn link(&mut self, a: usize, b: usize) {
+        self.links.insert((a.min(b), a.max(b)));
+        let (pa, pb) = (self.id(a), self.id(b));
+        self.nodes[a].registry.peer_connected(pb);
+        self.nodes[b].registry.peer_connected(pa);
+        self.nodes[a]
+            .registry
+            .peer_rtt(pb, Duration::from_millis(2 * LATENCY_MS as u64 + b as u64));
+        self.nodes[b]
+            .registry
+            .peer_rtt(pa, Duration::from_millis(2 * LATENCY_MS as u64 + a as u64));
+    }
+
+    fn neighbours(&self, a: usize) -> Vec<usize> {
+        self.links
+            .iter()
+            .filter_map(|&(x, y)| {
+                if x == a {
+                    Some(y)
+                } else if y == a {
+                    Some(x)
+                } else {
+                    None
+                }
+            })
+            .collect()
+    }
+
+    fn id(&self, index: usize) -> PeerId {
+        self.nodes[index].keypair.public().to_peer_id()
+    }
+
+    fn index_of(&self, peer: &PeerId) -> usize {
+        self.nodes
+            .iter()
+            .position(|n| n.keypair.public().to_peer_id() == *peer)
+            .expect("a known peer")
+    }
+
+    fn send(&mut self, to: usize, delivery: Delivery) {
+        if self.loss_percent > 0 && self.random() % 100 < self.loss_percent {
+            return;
+        }
+        self.seq += 1;
+        self.queue
+            .insert((self.now_ms + LATENCY_MS, self.seq), (to, delivery));
+    }
+
+    /// Drains one node's outputs into the network, as the contract says.
+    fn drain(&mut self, index: usize) {
+        while let Some(event) = self.nodes[index].registry.poll_event() {
+            if let RegistryEvent::PersistVersion(version) = event {
+                self.nodes[index].persisted_version = version;
+            }
+        }
+        while let Some(transmit) = self.nodes[index].registry.poll_transmit() {
+            match transmit {
+                Transmit::Publish { data } => {
+                    self.nodes[index].seen_gossip.insert(data.clone());
+                    for peer in self.neighbours(index) {
+                        self.send(peer, Delivery::Gossip { data: data.clone() });
+                    }
+                }
+                Transmit::Request { to, data } => {
+                    let to = self.index_of(&to);
+                    if self.links.contains(&(index.min(to), index.max(to))) {
+                        self.send(to, Delivery::Request { from: index, data });
+                    }
+                }
+            }
+        }
+    }
+
+    fn deliver(&mut self, to: usize, delivery: Delivery) {
+        if !self.nodes[to].up {
+            return;
+        }
+        let now = self.now_ms;
+        match delivery {
+            Delivery::Gossip { data } => {
+                self.delivered_bytes += data.len() as u64;
+                if !self.nodes[to].seen_gossip.insert(data.clone()) {
+                    return;
+                }
+                if self.nodes[to].registry.handle_gossip(now, &data) == Verdict::Accept {
+                    for peer in self.neighbours(to) {
+                        self.send(peer, Delivery::Gossip { data: data.clone() });
+                    }
+                }
+            }
+            Delivery::Request { from, data } => {
+                self.delivered_bytes += data.len() as u64;
+                let from_id = self.id(from);
+                if let Some(answer) = self.nodes[to].registry.handle_request(now, from_id, &data) {
+                    self.send(
+                        from,
+                        Delivery::Response {
+                            from: to,
+                            data: answer,
+                        },
+                    );
+                }
+            }
+            Delivery::Response { from, data } => {
+                self.delivered_bytes += data.len() as u64;
+                let from_id = self.id(from);
+                self.nodes[to].registry.handle_response(now, from_id, &data);
+            }
+        }
+        self.drain(to);
+    }
+
+    /// Runs the network until `until_ms` (virtual), or until `done` holds.
+    fn run_until(&mut self, until_ms: i64, mut done: impl FnMut(&Net) -> bool) -> Option<i64> {
+        for index in 0..self.nodes.len() {
+            self.drain(index);
+        }
+        loop {
+            if done(self) {
+                return Some(self.now_ms);
+            }
+            let next_delivery = self.queue.keys().next().map(|(at, _)| *at);
+            let next_timer = (0..self.nodes.len())
+                .filter(|&i| self.nodes[i].up)
+                .filter_map(|i| self.nodes[i].registry.poll_timeout())
+                .min();
+            let next = match (next_delivery, next_timer) {
+                (Some(a), Some(b)) => a.min(b),
+                (Some(a), None) | (None, Some(a)) => a,
+                (None, None) => return None,
+            };
+            if next > until_ms {
+                self.now_ms = until_ms;
+                return done(self).then_some(until_ms);
+            }
+            self.now_ms = self.now_ms.max(next);
+            while let Some((&key, _)) = self.queue.first_key_value() {
+                if key.0 > self.now_ms {
+                    break;
+                }
+                let (to, delivery) = self.queue.remove(&key).expect("the key was just read");
+                self.deliver(to, delivery);
+            }
+            for index in 0..self.nodes.len() {
+                if self.nodes[index].up
+                    && self.nodes[index]
+                        .registry
+                        .poll_timeout()
+                        .is_some_and(|at| at <= self.now_ms)
+                {
+                    let now = self.now_ms;
+                    self.nodes[index].registry.handle_timeout(now);
+                    self.drain(index);
+                }
+            }
+        }
+    }
+
+    fn everyone_sees_everyone(&self) -> bool {
+        let n = self.nodes.len();
+        self.nodes.iter().filter(|node| node.up).all(|node| {
+            let view = node.registry.sites(self.now_ms);
+            view.iter().filter(|s| s.state == SiteState::Alive).count() == n
+        })
+    }
+
+    fn state_of(&self, observer: usize, site: usize) -> Option<SiteState> {
+        self.nodes[observer].registry.site_state(&self.id(site))
+    }
+}
+
+fn start_all(net: &mut Net, free: u32) {
+    for i in 0..net.nodes.len() {
+        net.nodes[i]
+            .registry
+            .set_local(0, local(&format!("site-{i:02}"), free));
+    }
+}
+
+#[test]
+fn fifty_sites_converge_on_a_sparse_network() {
+    for seed in 0..5 {
+        let mut net = Net::new(50, seed);
+        net.connect_sparse(2);
+        start_all(&mut net, 4);
+        let converged = net.run_until(20_000, Net::everyone_sees_everyone);
+        let at =
+            converged.unwrap_or_else(|| panic!("seed {seed}: no full view after 20 s virtual"));
+        assert!(at <= 2_000, "seed {seed}: full view took {at} ms");
+    }
+}
+
+#[test]
+fn anti_entropy_converges_when_pushes_are_lost() {
+    for seed in 0..5 {
+        let mut net = Net::new(50, seed);
+        net.connect_sparse(2);
+        net.loss_percent = 40;
+        start_all(&mut net, 4);
+        let converged = net.run_until(60_000, Net::everyone_sees_everyone);
+        assert!(
+            converged.is_some(),
+            "seed {seed}: no full view with 40% loss after 60 s virtual"
+        );
+    }
+}
+
+#[test]
+fn a_capacity_change_reaches_everyone() {
+    let mut net = Net::new(20, 7);
+    net.connect_sparse(1);
+    start_all(&mut net, 4);
+    net.run_until(10_000, Net::everyone_sees_everyone)
+        .expect("converges");
+    let changed_at = net.now_ms;
+    net.nodes[4]
+        .registry
+        .set_local(changed_at, local("site-04", 1));
+    let site = net.id(4);
+    let seen = net.run_until(changed_at + 10_000, |net| {
+        net.nodes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != 4)
+            .all(|(_, node)| {
+                node.registry
+                    .sites(net.now_ms)
+                    .iter()
+                    .any(|s| s.site == site && s.free_now == 1)
+            })
+    });
+    let at = seen.expect("the change reaches every site");
+    assert!(at - changed_at <= 1_000, "took {} ms", at - changed_at);
+}
+
+#[test]
+fn a_silent_site_becomes_suspect_then_gone_then_comes_back() {
+    let mut net = Net::new(5, 3);
+    net.connect_sparse(1);
+    start_all(&mut net, 4);
+    net.run_until(10_000, Net::everyone_sees_everyone)
+        .expect("converges");
+    let killed_at = net.now_ms;
+    net.nodes[2].up = false;
+    let ttl = i64::from(config().advert_ttl_ms);
+    let suspect = net.run_until(killed_at + 60_000, |net| {
+        net.state_of(0, 2) == Some(SiteState::Suspect)
+    });
+    assert!(
+        suspect.expect("becomes suspect") <= killed_at + ttl + LATENCY_MS,
+        "suspect within the TTL"
+    );
+    let gone = net.run_until(killed_at + 60_000, |net| {
+        (0..5)
+            .filter(|&i| i != 2)
+            .all(|i| net.state_of(i, 2) == Some(SiteState::Gone))
+    });
+    let gone_at = gone.expect("becomes gone everywhere");
+    assert!(
+        gone_at <= killed_at + ttl + config().suspect_ms + config().anti_entropy_ms,
+        "gone at {gone_at}"
+    );
+    let shape = SHAPE;
+    assert!(
+        net.nodes[0]
+            .registry
+            .candidates(0, 1, &shape)
+            .iter()
+            .all(|c| c.site != net.id(2))
+    );
+
+    // Restart with the persisted version: a fresh registry, same key.
+    let persisted = net.nodes[2].persisted_version;
+    let keypair = net.nodes[2].keypair.clone();
+    let now = net.now_ms;
+    net.nodes[2].registry = Registry::new(config(), keypair, persisted, 99, now);
+    net.nodes[2].up = true;
+    for peer in net.neighbours(2) {
+        let id = net.id(peer);
+        net.nodes[2].registry.peer_connected(id);
+    }
+    net.nodes[2].registry.set_local(now, local("site-02", 3));
+    let back = net.run_until(now + 10_000, |net| {
+        (0..5).all(|i| i == 2 || net.state_of(i, 2) == Some(SiteState::Alive))
+    });
+    back.expect("comes back alive everywhere");
+    let view = net.nodes[0].registry.sites(net.now_ms);
+    let site2 = view
+        .iter()
+        .find(|s| s.site == net.id(2))
+        .expect("in the view");
+    assert!(
+        site2.advert.version > persisted,
+        "the restarted site advertises a higher version"
+    );
+    assert_eq!(site2.free_now, 3);
+}
+
+#[test]
+fn forged_stale_expired_and_garbage_adverts_are_dropped_and_counted() {
+    let victim = Keypair::generate_ed25519();
+    let attacker = Keypair::generate_ed25519();
+    let mut registry = Registry::new(config(), Keypair::generate_ed25519(), 0, 1, 0);
+    let advert = |keypair: &Keypair, version: u64, issued_at_ms: i64| Advert {
+        site: keypair.public().to_peer_id(),
+        site_name: "victim".into(),
+        version,
+        issued_at_ms,
+        ttl_ms: 10_000,
+        capacity: CapacitySummary {
+            total_nodes: 8,
+            node: SHAPE,
+            steps: vec![(0, 8)],
+            horizon_end_ms: 100_000,
+        },
+        gateway: None,
+        addrs: vec![],
+        software: "test".into(),
+    };
+    let push = |signed: SignedAdvert| wire::encode(&Message::Advert(signed));
+
+    let genuine = SignedAdvert::sign(&advert(&victim, 5, 1_000), &victim).unwrap();
+    assert_eq!(
+        registry.handle_gossip(1_000, &push(genuine.clone())),
+        Verdict::Accept
+    );
+    assert_eq!(
+        registry.handle_gossip(1_001, &push(genuine.clone())),
+        Verdict::Ignore
+    );
+
+    // Forged: the attacker signs an advert claiming to be the victim, or
+    // swaps its key into the victim's advert.
+    let mut forged = SignedAdvert::sign(&advert(&attacker, 9, 1_000), &attacker).unwrap();
+    forged.public_key = victim.public().encode_protobuf();
+    assert_eq!(
+        registry.handle_gossip(1_002, &push(forged)),
+        Verdict::Reject
+    );
+    let mut tampered = genuine.clone();
+    tampered.body[3] ^= 0x40;
+    assert_eq!(
+        registry.handle_gossip(1_003, &push(tampered)),
+        Verdict::Reject
+    );
+
+    let stale = SignedAdvert::sign(&advert(&victim, 4, 1_500), &victim).unwrap();
+    assert_eq!(registry.handle_gossip(1_004, &push(stale)), Verdict::Ignore);
+    let expired = SignedAdvert::sign(&advert(&attacker, 1, -20_000), &attacker).unwrap();
+    assert_eq!(
+        registry.handle_gossip(1_005, &push(expired)),
+        Verdict::Ignore
+    );
+    assert_eq!(
+        registry.handle_gossip(1_006, b"\x01garbage"),
+        Verdict::Reject
+    );
+    assert_eq!(
+        registry.handle_gossip(1_007, &vec![0u8; config().message_max_bytes + 1]),
+        Verdict::Reject
+    );
+
+    let stats = registry.stats();
+    assert_eq!(stats.adverts_applied, 1);
+    assert_eq!(stats.adverts_duplicate, 1);
+    assert_eq!(stats.dropped_forged, 2);
+    assert_eq!(stats.dropped_stale, 1);
+    assert_eq!(stats.dropped_expired, 1);
+    assert_eq!(stats.dropped_undecodable, 1);
+    assert_eq!(stats.dropped_oversized, 1);
+    let view = registry.sites(1_010);
+    assert_eq!(view.len(), 1, "only the genuine advert is in the view");
+    assert_eq!(view[0].advert.version, 5);
+}
+
+#[test]
+fn versions_are_persisted_before_they_are_sent() {
+    let mut registry = Registry::new(config(), Keypair::generate_ed25519(), 41, 1, 0);
+    registry.set_local(0, local("a", 1));
+    assert_eq!(
+        registry.poll_event(),
+        Some(RegistryEvent::PersistVersion(42))
+    );
+    assert!(matches!(
+        registry.poll_transmit(),
+        Some(Transmit::Publish { .. })
+    ));
+    // Unchanged: nothing new.
+    registry.set_local(1, local("a", 1));
+    assert_eq!(registry.poll_event(), None);
+    assert_eq!(registry.poll_transmit(), None);
+    // Refresh re-signs with a higher version.
+    registry.handle_timeout(config().refresh_ms);
+    assert_eq!(
+        registry.poll_event(),
+        Some(RegistryEvent::PersistVersion(43))
+    );
+}
+
+#[test]
+fn candidates_rank_by_free_then_rtt_and_skip_the_unfit() {
+    let mut net = Net::new(5, 11);
+    for i in 1..5 {
+        net.link(0, i);
+    }
+    for (i, free) in [(1, 2), (2, 6), (3, 6), (4, 0)] {
+        net.nodes[i]
+            .registry
+            .set_local(0, local(&format!("site-{i}"), free));
+    }
+    net.nodes[0].registry.set_local(0, local("site-0", 1));
+    net.run_until(1_000, |net| {
+        net.nodes[0].registry.sites(net.now_ms).len() == 5
+    })
+    .expect("view");
+    let ranked = net.nodes[0].registry.candidates(0, 1_000, &SHAPE);
+    let names: Vec<&str> = ranked.iter().map(|c| c.name.as_str()).collect();
+    // 6 free at sites 2 and 3 (site 2 has the lower RTT), then 2; 0 free is skipped.
+    assert_eq!(names, ["site-2", "site-3", "site-1"]);
+    let big = NodeShape { cores: 64, ..SHAPE };
+    assert!(net.nodes[0].registry.candidates(0, 1_000, &big).is_empty());
+}
+
+#[test]
+fn anti_entropy_in_steady_state_costs_little() {
+    let mut net = Net::new(50, 5);
+    net.connect_sparse(2);
+    // No refresh inside the measured minute: what is left is anti-entropy.
+    for node in &mut net.nodes {
+        let keypair = node.keypair.clone();
+        let config = RegistryConfig {
+            refresh_ms: 1_000_000,
+            advert_ttl_ms: 1_000_000,
+            ..config()
+        };
+        node.registry = Registry::new(config, keypair, 0, 5, 0);
+    }
+    let links: Vec<(usize, usize)> = net.links.iter().copied().collect();
+    for (a, b) in links {
+        net.link(a, b);
+    }
+    start_all(&mut net, 4);
+    net.run_until(10_000, Net::everyone_sees_everyone)
+        .expect("converges");
+    let bytes_before = net.delivered_bytes;
+    let from = net.now_ms;
+    net.run_until(from + 60_000, |_| false);
+    let per_site_per_s = (net.delivered_bytes - bytes_before) as f64 / 50.0 / 60.0;
+    // One digest hash and its answer per site per second, once in sync.
+    assert!(
+        per_site_per_s < 100.0,
+        "{per_site_per_s} bytes per site per second"
+    );
+}
