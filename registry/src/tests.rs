@@ -582,3 +582,43 @@ fn anti_entropy_in_steady_state_costs_little() {
         "{per_site_per_s} bytes per site per second"
     );
 }
+
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// Arbitrary bytes on every network entry point of the core never
+        /// panic and never put anything into the view.
+        #[test]
+        fn arbitrary_input_is_dropped(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
+            let keypair = Keypair::generate_ed25519();
+            let peer = Keypair::generate_ed25519().public().to_peer_id();
+            let mut registry = Registry::new(config(), keypair, 0, 1, 0);
+            let verdict = registry.handle_gossip(0, &bytes);
+            prop_assert_ne!(verdict, Verdict::Accept);
+            let _ = registry.handle_request(0, peer, &bytes);
+            registry.handle_response(0, peer, &bytes);
+            prop_assert!(registry.sites(0).is_empty());
+        }
+
+        /// Well-formed envelopes around arbitrary advert parts are refused.
+        #[test]
+        fn arbitrary_signed_adverts_are_refused(
+            public_key in prop::collection::vec(any::<u8>(), 0..64),
+            body in prop::collection::vec(any::<u8>(), 0..512),
+            signature in prop::collection::vec(any::<u8>(), 0..96),
+        ) {
+            let signed = SignedAdvert { public_key, body, signature };
+            prop_assert!(signed.verify().is_err());
+            let mut registry = Registry::new(config(), Keypair::generate_ed25519(), 0, 1, 0);
+            let data = wire::encode(&Message::Advert(signed.clone()));
+            prop_assert_eq!(registry.handle_gossip(0, &data), Verdict::Reject);
+            let peer = Keypair::generate_ed25519().public().to_peer_id();
+            let data = wire::encode(&Message::Adverts(vec![signed]));
+            prop_assert!(registry.handle_request(0, peer, &data).is_some());
+            prop_assert!(registry.sites(0).is_empty());
+        }
+    }
+}
