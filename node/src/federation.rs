@@ -269,8 +269,12 @@ async fn outbox_loop(p2p: P2pHandle, mut outbox: mpsc::Receiver<Outgoing>) {
                 source,
                 verdict,
             } => {
-                p2p.report_validation(id, source, verdict == Verdict::Accept)
-                    .await
+                let validation = match verdict {
+                    Verdict::Accept => p2p::Validation::Accept,
+                    Verdict::Ignore => p2p::Validation::Ignore,
+                    Verdict::Reject => p2p::Validation::Reject,
+                };
+                p2p.report_validation(id, source, validation).await
             }
             Outgoing::Dial(addr) => p2p.dial(addr).await,
         };

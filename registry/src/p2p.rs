@@ -146,6 +146,18 @@ pub enum P2pEvent {
     ConnectionFailed { peer: Option<PeerId>, error: String },
 }
 
+/// The outcome of validating a gossip message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Validation {
+    /// Valid and new: forward it.
+    Accept,
+    /// Valid but not worth forwarding (a duplicate, an older version): drop
+    /// it without penalising the peer that sent it.
+    Ignore,
+    /// Invalid (forged, undecodable): drop it and penalise the sender.
+    Reject,
+}
+
 /// Identifies a received gossip message for [`P2pHandle::report_validation`].
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct GossipId(gossipsub::MessageId);
@@ -248,19 +260,20 @@ impl P2pHandle {
             .await?
     }
 
-    /// Tells gossipsub whether a received message is valid: accepted messages
-    /// are forwarded to the mesh, rejected ones are dropped and count against
-    /// `source`. Reporting a message that has left the cache is not an error.
+    /// Tells gossipsub what to do with a received message: accepted messages
+    /// are forwarded to the mesh, ignored ones are dropped, rejected ones are
+    /// dropped and count against `source`. Reporting a message that has left
+    /// the cache is not an error.
     pub async fn report_validation(
         &self,
         id: GossipId,
         source: PeerId,
-        accepted: bool,
+        validation: Validation,
     ) -> Result<(), P2pError> {
         self.call(|reply| task::Command::ReportValidation {
             id,
             source,
-            accepted,
+            validation,
             reply,
         })
         .await

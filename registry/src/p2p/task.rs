@@ -79,7 +79,7 @@ pub(super) enum Command {
     ReportValidation {
         id: GossipId,
         source: PeerId,
-        accepted: bool,
+        validation: super::Validation,
         reply: oneshot::Sender<()>,
     },
     Request {
@@ -419,13 +419,13 @@ impl Task {
             Command::ReportValidation {
                 id,
                 source,
-                accepted,
+                validation,
                 reply,
             } => {
-                let acceptance = if accepted {
-                    gossipsub::MessageAcceptance::Accept
-                } else {
-                    gossipsub::MessageAcceptance::Reject
+                let acceptance = match validation {
+                    super::Validation::Accept => gossipsub::MessageAcceptance::Accept,
+                    super::Validation::Ignore => gossipsub::MessageAcceptance::Ignore,
+                    super::Validation::Reject => gossipsub::MessageAcceptance::Reject,
                 };
                 let cached = self
                     .swarm
@@ -433,7 +433,7 @@ impl Task {
                     .gossipsub
                     .report_message_validation_result(&id.0, &source, acceptance);
                 if !cached {
-                    tracing::debug!(message_id = %id, peer = %source, accepted, "validated message no longer cached");
+                    tracing::debug!(message_id = %id, peer = %source, ?validation, "validated message no longer cached");
                 }
                 answer(reply, ());
             }

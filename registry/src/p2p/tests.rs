@@ -185,7 +185,10 @@ async fn two_nodes_connect_gossip_and_shut_down() {
     let (id, source, data) = publish_until_received(&a, &mut b, b"advert from A").await;
     assert_eq!(source, a.peer);
     assert_eq!(data, b"advert from A");
-    b.handle.report_validation(id, source, true).await.unwrap();
+    b.handle
+        .report_validation(id, source, Validation::Accept)
+        .await
+        .unwrap();
 
     // Identical bytes are the same message: publishing again is a no-op.
     a.handle.publish(b"advert from A".to_vec()).await.unwrap();
@@ -240,13 +243,19 @@ async fn gossip_is_forwarded_only_after_validation() {
         early.is_err(),
         "C got a message B has not validated: {early:?}"
     );
-    b.handle.report_validation(id, source, true).await.unwrap();
+    b.handle
+        .report_validation(id, source, Validation::Accept)
+        .await
+        .unwrap();
     let (_, via, data) = next_matching(&mut c.events, WAIT, "forwarded gossip", gossip).await;
     assert_eq!(via, b.peer);
     assert_eq!(data, b"accepted advert");
 
     let (id, source, _) = publish_until_received(&a, &mut b, b"rejected advert").await;
-    b.handle.report_validation(id, source, false).await.unwrap();
+    b.handle
+        .report_validation(id, source, Validation::Reject)
+        .await
+        .unwrap();
     let leaked = timeout(QUIET, recv_matching(&mut c.events, gossip)).await;
     assert!(leaked.is_err(), "C got a message B rejected: {leaked:?}");
 }
