@@ -375,7 +375,7 @@ impl Registry {
                 self.apply(now_ms, signed);
                 Message::Ack
             }
-            Message::InSync | Message::Digest(_) | Message::Ack => {
+            Message::InSync | Message::Digest(_) | Message::Ack | Message::Cluster(_) => {
                 tracing::debug!(peer = %from, "unexpected message kind in a request");
                 self.stats.dropped_undecodable += 1;
                 return None;
@@ -469,6 +469,21 @@ impl Registry {
         others.sort_by(|a, b| (&a.advert.site_name, a.site).cmp(&(&b.advert.site_name, b.site)));
         views.extend(others);
         views
+    }
+
+    /// The name of a site (this one included), if known.
+    pub fn site_name(&self, site: &PeerId) -> Option<String> {
+        if *site == self.local_id {
+            return self.local.as_ref().map(|local| local.site_name.clone());
+        }
+        self.sites.get(site).map(|entry| entry.advert.site_name.clone())
+    }
+
+    /// Whether any alive remote site has node slots that fit `shape`.
+    pub fn offers_shape(&self, shape: &NodeShape) -> bool {
+        self.sites
+            .values()
+            .any(|entry| entry.state == SiteState::Alive && shape.fits_in(&entry.advert.capacity.node))
     }
 
     /// The state of one remote site, if known.

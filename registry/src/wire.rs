@@ -50,6 +50,9 @@ pub enum Message {
     Adverts(Vec<SignedAdvert>),
     /// Acknowledges `Adverts` or `Advert` sent as a request.
     Ack,
+    /// A message of the cluster reservation protocol (the agent's cluster
+    /// core encodes it; the registry only carries it).
+    Cluster(Vec<u8>),
 }
 
 /// The versioned envelope around a message.

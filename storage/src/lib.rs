@@ -362,13 +362,71 @@ impl std::fmt::Display for ClusterState {
     }
 }
 
-/// The share of a cluster's nodes at one site.
+/// The state of one part of a cluster at one site, as its master sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PartState {
+    /// A hold was asked for; no answer yet.
+    Reserving,
+    /// The site holds the nodes (until its lease runs out).
+    Held,
+    /// The commit was decided and sent; no answer yet.
+    Committing,
+    /// The site committed the nodes.
+    Committed,
+    /// A release was sent; no answer yet.
+    Releasing,
+    /// Nothing is held at the site for this part.
+    Released,
+}
+
+impl PartState {
+    /// The name stored in the database and shown to users.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PartState::Reserving => "reserving",
+            PartState::Held => "held",
+            PartState::Committing => "committing",
+            PartState::Committed => "committed",
+            PartState::Releasing => "releasing",
+            PartState::Released => "released",
+        }
+    }
+
+    fn parse(text: &str) -> Option<PartState> {
+        Some(match text {
+            "reserving" => PartState::Reserving,
+            "held" => PartState::Held,
+            "committing" => PartState::Committing,
+            "committed" => PartState::Committed,
+            "releasing" => PartState::Releasing,
+            "released" => PartState::Released,
+            _ => return None,
+        })
+    }
+}
+
+impl std::fmt::Display for PartState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The share of a cluster's nodes at one site (one reservation attempt).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterPart {
-    /// Site holding the nodes.
+    /// Name of the site holding the nodes.
     pub site: String,
-    /// How many nodes.
+    /// Peer id of that site's agent.
+    pub peer_id: Option<String>,
+    /// Reservation attempt at that site (0 for the master's own part).
+    pub attempt: u32,
+    /// How many compute nodes.
     pub nodes: u32,
+    /// Whether the part also holds the cluster's frontend.
+    pub frontend: bool,
+    /// Where the part stands.
+    pub state: PartState,
     /// Key of the reservation at that site, once there is one.
     pub reservation_key: Option<String>,
 }
@@ -1238,15 +1296,25 @@ fn write_parts(
     parts: &[ClusterPart],
 ) -> Result<(), LedgerError> {
     for part in parts {
-        if part.nodes == 0 {
+        if part.nodes == 0 && !part.frontend {
             return Err(LedgerError::Invalid(format!(
                 "cluster part at {} has no nodes",
                 part.site
             )));
         }
         tx.execute(
-            "INSERT INTO cluster_parts (cluster_id, site, nodes, reservation_key) VALUES (?1, ?2, ?3, ?4)",
-            params![cluster_id, part.site, part.nodes, part.reservation_key],
+            "INSERT INTO cluster_parts (cluster_id, site, peer_id, attempt, nodes, frontend, state, reservation_key)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                cluster_id,
+                part.site,
+                part.peer_id,
+                part.attempt,
+                part.nodes,
+                part.frontend,
+                part.state.as_str(),
+                part.reservation_key
+            ],
         )?;
     }
     Ok(())
@@ -1287,17 +1355,34 @@ fn cluster_by_id(conn: &Connection, id: &str) -> Result<Option<ClusterRecord>, L
         detail: format!("unknown state {state:?}"),
     })?;
     let mut stmt = conn.prepare_cached(
-        "SELECT site, nodes, reservation_key FROM cluster_parts WHERE cluster_id = ?1 ORDER BY site",
+        "SELECT site, peer_id, attempt, nodes, frontend, state, reservation_key FROM cluster_parts
+         WHERE cluster_id = ?1 ORDER BY frontend DESC, site, attempt",
     )?;
-    let parts = stmt
+    let rows = stmt
         .query_map(params![id], |row| {
-            Ok(ClusterPart {
-                site: row.get(0)?,
-                nodes: row.get(1)?,
-                reservation_key: row.get(2)?,
-            })
+            Ok((
+                ClusterPart {
+                    site: row.get(0)?,
+                    peer_id: row.get(1)?,
+                    attempt: row.get(2)?,
+                    nodes: row.get(3)?,
+                    frontend: row.get(4)?,
+                    state: PartState::Released,
+                    reservation_key: row.get(6)?,
+                },
+                row.get::<_, String>(5)?,
+            ))
         })?
         .collect::<Result<Vec<_>, _>>()?;
+    let mut parts = Vec::with_capacity(rows.len());
+    for (mut part, state) in rows {
+        part.state = PartState::parse(&state).ok_or_else(|| LedgerError::Corrupt {
+            table: "cluster_parts",
+            column: "state",
+            detail: format!("unknown state {state:?}"),
+        })?;
+        parts.push(part);
+    }
     Ok(Some(ClusterRecord {
         id,
         name,

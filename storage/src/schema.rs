@@ -6,7 +6,7 @@
 
 /// All migrations, in order. `MIGRATIONS.len()` is the schema version this
 /// build writes.
-pub(crate) const MIGRATIONS: &[&str] = &[MIGRATION_1];
+pub(crate) const MIGRATIONS: &[&str] = &[MIGRATION_1, MIGRATION_2];
 
 /// The first schema: inventory, reservations calendar, clusters, peers, events.
 const MIGRATION_1: &str = r#"
@@ -89,4 +89,25 @@ CREATE TABLE events (
     subject     TEXT NOT NULL,             -- what it happened to (a key, a cluster id)
     detail_json TEXT NOT NULL              -- more, JSON object
 ) STRICT;
+"#;
+
+/// Cluster parts become one row per reservation attempt, with the peer id of
+/// the site, the part's own state and whether it carries the frontend, so a
+/// restarted master knows which commits or releases to send again.
+const MIGRATION_2: &str = r#"
+CREATE TABLE cluster_parts_v2 (
+    cluster_id      TEXT NOT NULL REFERENCES clusters (id) ON DELETE CASCADE, -- the cluster
+    site            TEXT NOT NULL,           -- name of the site holding this part
+    peer_id         TEXT,                    -- peer id of that site's agent
+    attempt         INTEGER NOT NULL DEFAULT 0, -- reservation attempt at that site (0: the master's own part)
+    nodes           INTEGER NOT NULL CHECK (nodes >= 0), -- compute nodes in this part (0: frontend only)
+    frontend        INTEGER NOT NULL DEFAULT 0 CHECK (frontend IN (0, 1)), -- 1 if the part also holds the frontend
+    state           TEXT NOT NULL DEFAULT 'held', -- reserving, held, committing, committed, releasing, released
+    reservation_key TEXT,                    -- idempotency key of the reservation at that site
+    PRIMARY KEY (cluster_id, site, attempt)
+) STRICT;
+INSERT INTO cluster_parts_v2 (cluster_id, site, nodes, reservation_key)
+    SELECT cluster_id, site, nodes, reservation_key FROM cluster_parts;
+DROP TABLE cluster_parts;
+ALTER TABLE cluster_parts_v2 RENAME TO cluster_parts;
 "#;

@@ -330,6 +330,18 @@ fn invalid_holds_write_nothing() {
     );
 }
 
+fn part(site: &str, attempt: u32, nodes: u32, frontend: bool, state: PartState) -> ClusterPart {
+    ClusterPart {
+        site: site.into(),
+        peer_id: Some(format!("peer-{site}")),
+        attempt,
+        nodes,
+        frontend,
+        state,
+        reservation_key: Some(format!("c-1/{attempt}")),
+    }
+}
+
 #[test]
 fn clusters_round_trip_with_parts() {
     let mut ledger = ledger(4);
@@ -340,27 +352,16 @@ fn clusters_round_trip_with_parts() {
         request: serde_json::json!({ "nodes": 10 }),
         state: ClusterState::Requested,
         reason: None,
-        parts: vec![ClusterPart {
-            site: "site-a".into(),
-            nodes: 4,
-            reservation_key: None,
-        }],
+        parts: vec![part("site-a", 0, 4, true, PartState::Held)],
         created_at_ms: 5,
         updated_at_ms: 5,
     };
     assert_eq!(ledger.insert_cluster(&record).unwrap(), record);
     assert_eq!(ledger.insert_cluster(&record).unwrap(), record);
     let parts = [
-        ClusterPart {
-            site: "site-a".into(),
-            nodes: 4,
-            reservation_key: Some("k-a".into()),
-        },
-        ClusterPart {
-            site: "site-b".into(),
-            nodes: 6,
-            reservation_key: Some("k-b".into()),
-        },
+        part("site-a", 0, 0, true, PartState::Committed),
+        part("site-b", 1, 6, false, PartState::Released),
+        part("site-b", 2, 4, false, PartState::Committing),
     ];
     let updated = ledger
         .update_cluster("c-1", ClusterState::Reserved, None, Some(&parts), 9)
@@ -615,4 +616,28 @@ fn advert_version_only_goes_up_and_survives_reopen() {
         assert_eq!(ledger.advert_version().unwrap(), 7);
     }
     assert_eq!(Ledger::open(&path).unwrap().advert_version().unwrap(), 7);
+}
+
+#[test]
+fn migration_2_keeps_cluster_parts_of_a_version_1_ledger() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    {
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(schema::MIGRATIONS[0]).unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        conn.execute_batch(
+            "INSERT INTO clusters VALUES ('c', 'n', 'site-a', '{}', 'reserved', NULL, 1, 1);
+             INSERT INTO cluster_parts VALUES ('c', 'site-b', 3, 'c/1');",
+        )
+        .unwrap();
+    }
+    let ledger = Ledger::open(&path).unwrap();
+    assert_eq!(ledger.schema_version().unwrap() as usize, schema::MIGRATIONS.len());
+    let cluster = ledger.cluster("c").unwrap().unwrap();
+    assert_eq!(cluster.parts.len(), 1);
+    assert_eq!(cluster.parts[0].site, "site-b");
+    assert_eq!(cluster.parts[0].nodes, 3);
+    assert_eq!(cluster.parts[0].state, PartState::Held);
+    assert_eq!(cluster.parts[0].reservation_key.as_deref(), Some("c/1"));
 }

@@ -1,0 +1,1 @@
+//! Tests of the cluster core on a simulated federation.
