@@ -20,10 +20,11 @@ use ring::digest::{SHA256, digest};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use vcfed_storage::{
-    Event, HoldOutcome, HoldRequest, Ledger, LedgerError, NodeShape, Reservation,
+    ClusterRecord, Event, HoldOutcome, HoldRequest, Ledger, LedgerError, NodeShape, Reservation,
     ReservationFilter, Window,
 };
 
+use crate::cluster::{ClusterRequest, CreateError, DeleteError};
 use crate::federation::{FederationHandle, SitesReport};
 use crate::ledger::SharedLedger;
 use crate::time::{DAY_MS, format_instant, now_ms, parse_instant};
@@ -202,6 +203,11 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/reservations/{key}/release", post(release))
         .route("/v1/events", get(events))
         .route("/v1/sites", get(sites))
+        .route("/v1/clusters", get(list_clusters).post(create_cluster))
+        .route(
+            "/v1/clusters/{id}",
+            get(show_cluster).delete(delete_cluster),
+        )
         .route("/v1/peers", post(join))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -568,6 +574,184 @@ async fn join(
         .await
         .map_err(|e| ApiError::bad_request(format!("{e:#}")))?;
     Ok(Json(serde_json::json!({ "dialing": addr.to_string() })))
+}
+
+/// Body of `POST /v1/clusters`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateClusterBody {
+    /// Cluster name.
+    pub name: String,
+    /// Compute nodes (the frontend comes on top, at this site).
+    pub nodes: u32,
+    /// Cores per node [default: this site's node slot].
+    #[serde(default)]
+    pub cores: Option<u32>,
+    /// Memory per node, MiB [default: this site's node slot].
+    #[serde(default)]
+    pub memory_mib: Option<u64>,
+    /// Disk per node, GiB [default: this site's node slot].
+    #[serde(default)]
+    pub disk_gib: Option<u64>,
+    /// Start [default: now].
+    #[serde(default)]
+    pub start: Option<InstantArg>,
+    /// How long, e.g. `2h`.
+    pub duration: String,
+    /// Image the nodes install.
+    #[serde(default)]
+    pub image: Option<String>,
+}
+
+async fn list_clusters(
+    State(state): State<Arc<ApiState>>,
+) -> Result<Json<Vec<ClusterRecord>>, ApiError> {
+    Ok(Json(with_ledger(&state, |ledger| ledger.clusters()).await?))
+}
+
+async fn show_cluster(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+) -> Result<Json<ClusterRecord>, ApiError> {
+    let wanted = id.clone();
+    let clusters = with_ledger(&state, |ledger| ledger.clusters()).await?;
+    if let Some(cluster) = clusters.iter().find(|c| c.id == wanted) {
+        return Ok(Json(cluster.clone()));
+    }
+    let named: Vec<&ClusterRecord> = clusters.iter().filter(|c| c.name == wanted).collect();
+    match named.as_slice() {
+        [] => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no cluster with id or name {id:?}"),
+        )),
+        [one] => Ok(Json((*one).clone())),
+        many => {
+            // The newest live one is what a user means by a reused name.
+            let live: Vec<&&ClusterRecord> =
+                many.iter().filter(|c| !c.state.is_terminal()).collect();
+            match live.as_slice() {
+                [one] => Ok(Json((**one).clone())),
+                _ => Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "ambiguous",
+                    format!(
+                        "{} clusters are named {id:?}; use the cluster id",
+                        many.len()
+                    ),
+                )),
+            }
+        }
+    }
+}
+
+async fn create_cluster(
+    State(state): State<Arc<ApiState>>,
+    body: Result<Json<CreateClusterBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(body) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let now = now_ms();
+    let start = match &body.start {
+        None => now,
+        Some(InstantArg::Ms(ms)) => *ms,
+        Some(InstantArg::Text(text)) => {
+            parse_instant(text, now).map_err(|e| ApiError::bad_request(format!("start: {e}")))?
+        }
+    };
+    let duration_ms = crate::time::parse_duration_ms(&body.duration)
+        .map_err(|e| ApiError::bad_request(format!("duration: {e}")))?;
+    if duration_ms <= 0 {
+        return Err(ApiError::bad_request("duration: must be positive"));
+    }
+    let window = checked_window(start, start.saturating_add(duration_ms))?;
+    let slot = state.site.node;
+    let request = ClusterRequest {
+        name: body.name,
+        nodes: body.nodes,
+        shape: NodeShape {
+            cores: body.cores.unwrap_or(slot.cores),
+            memory_mib: body.memory_mib.unwrap_or(slot.memory_mib),
+            disk_gib: body.disk_gib.unwrap_or(slot.disk_gib),
+        },
+        window,
+        image: body.image,
+    };
+    let id = new_cluster_id()
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e))?;
+    let created = state
+        .federation
+        .create_cluster(id, request)
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                format!("{e:#}"),
+            )
+        })?;
+    match created {
+        Ok(record) => Ok((StatusCode::CREATED, Json(record)).into_response()),
+        Err(CreateError::Invalid(message)) => Err(ApiError::bad_request(message)),
+        Err(e @ CreateError::UnknownShape(_)) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "unknown_shape",
+            e.to_string(),
+        )),
+        Err(CreateError::Insufficient { available, detail }) => {
+            let mut error = ApiError::new(StatusCode::CONFLICT, "insufficient_capacity", detail);
+            error.detail.available = Some(available);
+            Err(error)
+        }
+        Err(e @ CreateError::Exists(_)) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            e.to_string(),
+        )),
+        Err(CreateError::Ledger(e)) => Err(e.into()),
+    }
+}
+
+async fn delete_cluster(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+) -> Result<Json<ClusterRecord>, ApiError> {
+    let Json(found) = show_cluster(State(state.clone()), Path(id)).await?;
+    let deleted = state
+        .federation
+        .delete_cluster(found.id)
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                format!("{e:#}"),
+            )
+        })?;
+    match deleted {
+        Ok(record) => Ok(Json(record)),
+        Err(e @ DeleteError::Unknown(_)) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            e.to_string(),
+        )),
+        Err(e @ DeleteError::NotMaster(..)) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_master",
+            e.to_string(),
+        )),
+        Err(DeleteError::Ledger(e)) => Err(e.into()),
+    }
+}
+
+/// A fresh federation-wide cluster id.
+fn new_cluster_id() -> Result<String, String> {
+    let mut bytes = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| "the system random source failed".to_owned())?;
+    Ok(format!(
+        "c-{}",
+        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    ))
 }
 
 async fn not_found() -> ApiError {

@@ -60,6 +60,9 @@ pub enum Command {
     /// Hold, commit, release and list local reservations.
     #[command(subcommand)]
     Reservation(ReservationCommand),
+    /// Create, list, show and delete virtual clusters.
+    #[command(subcommand)]
+    Cluster(crate::cluster_cli::ClusterCommand),
     /// List the federation's sites as this site sees them.
     Sites(SitesArgs),
     /// Connect the running agent to a federation member.
@@ -300,6 +303,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
         Command::Capacity(args) => capacity(&args).await,
         Command::Reservation(command) => reservation(command).await,
         Command::Sites(args) => sites(&args).await,
+        Command::Cluster(command) => crate::cluster_cli::run(command).await,
         Command::Join(args) => {
             let client = client_for(&args.config)?;
             let _: serde_json::Value = client

@@ -16,11 +16,16 @@ use multiaddr::{Multiaddr, Protocol};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 use vcfed_registry::p2p::{self, GossipId, InboundRequestId, P2pConfig, P2pEvent, P2pHandle};
+use vcfed_registry::wire::{self, Message};
 use vcfed_registry::{
     CapacitySummary, GatewayInfo, LocalAdvert, NodeShape, Registry, RegistryConfig, RegistryEvent,
     RegistryStats, SiteState, Transmit, Verdict,
 };
-use vcfed_storage::Window;
+use vcfed_storage::{ClusterRecord, Window};
+
+use crate::cluster::{
+    ClusterConfig, ClusterCore, ClusterMsg, ClusterRequest, CreateError, DeleteError,
+};
 
 use crate::config::Config;
 use crate::identity::SiteKeys;
@@ -102,6 +107,15 @@ enum Command {
         addr: Multiaddr,
         reply: oneshot::Sender<Result<(), String>>,
     },
+    CreateCluster {
+        id: String,
+        request: ClusterRequest,
+        reply: oneshot::Sender<Result<ClusterRecord, CreateError>>,
+    },
+    DeleteCluster {
+        id: String,
+        reply: oneshot::Sender<Result<ClusterRecord, DeleteError>>,
+    },
 }
 
 impl FederationHandle {
@@ -124,6 +138,34 @@ impl FederationHandle {
     pub fn capacity_changed(&self) {
         // A full queue already holds a pending recomputation.
         let _ = self.commands.try_send(Command::CapacityChanged);
+    }
+
+    /// Asks for a new cluster, mastered by this site. Answers once the
+    /// request is accepted (the reservation then proceeds) or refused.
+    pub async fn create_cluster(
+        &self,
+        id: String,
+        request: ClusterRequest,
+    ) -> anyhow::Result<Result<ClusterRecord, CreateError>> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::CreateCluster { id, request, reply })
+            .await
+            .context("the federation task has stopped")?;
+        answer.await.context("the federation task has stopped")
+    }
+
+    /// Deletes a cluster this site masters.
+    pub async fn delete_cluster(
+        &self,
+        id: String,
+    ) -> anyhow::Result<Result<ClusterRecord, DeleteError>> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::DeleteCluster { id, reply })
+            .await
+            .context("the federation task has stopped")?;
+        answer.await.context("the federation task has stopped")
     }
 
     /// Dials a member by address (ending in /p2p/<peer id>).
@@ -190,6 +232,15 @@ pub async fn start(
         .run(|ledger| ledger.advert_version())
         .await
         .context("reading the advert version")?;
+    let (local_id, local_name) = (keys.peer_id(), config.site.name.clone());
+    let cluster = ledger
+        .run(move |ledger| {
+            let mut cluster = ClusterCore::new(local_id, local_name, ClusterConfig::default());
+            cluster.resume(ledger, now_ms())?;
+            Ok(cluster)
+        })
+        .await
+        .context("resuming the clusters this site masters")?;
     let mut seed = [0u8; 8];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed)
         .map_err(|_| anyhow::anyhow!("the system random source failed"))?;
@@ -206,6 +257,7 @@ pub async fn start(
     let (commands_tx, commands_rx) = mpsc::channel(COMMANDS_MAX);
     let mut shell = Shell {
         registry,
+        cluster,
         p2p: handle,
         outbox: outbox_tx,
         outbox_dropped: 0,
@@ -227,9 +279,24 @@ pub async fn start(
                 .or_insert_with(|| DialTarget::new(vec![strip_p2p(addr)]));
         }
     }
-    shell.load_known_peers().await;
-    shell.refresh_local_advert().await;
-    let task = tokio::spawn(shell.run(events, commands_rx, stop));
+    // The shell runs on a thread of its own: it calls the ledger (SQLite,
+    // fsync) synchronously from the cores, which must not stall the
+    // runtime that serves the API and the swarm.
+    let task = tokio::task::spawn_blocking(move || {
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(runtime) => runtime,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the federation thread's runtime");
+                return;
+            }
+        };
+        shell.load_known_peers();
+        shell.refresh_local_advert();
+        runtime.block_on(shell.run(events, commands_rx, stop));
+    });
     Ok((
         FederationHandle {
             commands: commands_tx,
@@ -306,6 +373,7 @@ impl DialTarget {
 
 struct Shell {
     registry: Registry,
+    cluster: ClusterCore,
     p2p: P2pHandle,
     outbox: mpsc::Sender<Outgoing>,
     outbox_dropped: u64,
@@ -330,12 +398,13 @@ impl Shell {
         let mut reconnect = tokio::time::interval(RECONNECT_TICK);
         reconnect.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let wake = self
-                .registry
-                .poll_timeout()
-                .map_or(Duration::from_secs(3600), |at| {
-                    Duration::from_millis(u64::try_from(at - now_ms()).unwrap_or(0))
-                });
+            let next = [self.registry.poll_timeout(), self.cluster.poll_timeout()]
+                .into_iter()
+                .flatten()
+                .min();
+            let wake = next.map_or(Duration::from_secs(3600), |at| {
+                Duration::from_millis(u64::try_from(at - now_ms()).unwrap_or(0))
+            });
             tokio::select! {
                 () = &mut stopped => break,
                 event = events.recv() => match event {
@@ -350,8 +419,13 @@ impl Shell {
                     // Time moves the advertised steps (a reservation starts or
                     // ends), so the local advert is recomputed before the core
                     // refreshes it.
-                    self.refresh_local_advert().await;
-                    self.registry.handle_timeout(now_ms());
+                    self.refresh_local_advert();
+                    let now = now_ms();
+                    self.registry.handle_timeout(now);
+                    let (cluster, registry) = (&mut self.cluster, &self.registry);
+                    if let Err(e) = self.ledger.blocking(|ledger| cluster.handle_timeout(ledger, registry, now)) {
+                        tracing::error!(error = %format!("{e:#}"), "cluster timers failed");
+                    }
                 }
                 _ = reconnect.tick() => self.redial(),
             }
@@ -369,7 +443,7 @@ impl Shell {
                 if !self.listen_addrs.contains(&addr) {
                     self.listen_addrs.push(addr);
                 }
-                self.refresh_local_advert().await;
+                self.refresh_local_advert();
             }
             P2pEvent::PeerConnected { peer, addr } => {
                 tracing::debug!(%peer, %addr, "peer connected");
@@ -386,7 +460,7 @@ impl Shell {
             }
             P2pEvent::PeerAddresses { peer, addrs } => {
                 let addrs: Vec<String> = addrs.iter().map(|a| strip_p2p(a).to_string()).collect();
-                self.remember_peer(peer, None, addrs).await;
+                self.remember_peer(peer, None, addrs);
             }
             P2pEvent::Rtt { peer, rtt } => self.registry.peer_rtt(peer, rtt),
             P2pEvent::Gossip { id, source, data } => {
@@ -402,16 +476,30 @@ impl Shell {
                 request,
                 data,
             } => {
-                if let Some(answer) = self.registry.handle_request(now, peer, &data) {
+                let answer = match cluster_payload(&data) {
+                    Some(msg) => self.on_cluster_request(now, peer, msg),
+                    None => self.registry.handle_request(now, peer, &data),
+                };
+                if let Some(answer) = answer {
                     self.send(Outgoing::Respond {
                         request,
                         data: answer,
                     });
                 }
             }
-            P2pEvent::Response { peer, data, .. } => {
-                self.registry.handle_response(now, peer, &data)
-            }
+            P2pEvent::Response { peer, data, .. } => match cluster_payload(&data) {
+                Some(msg) => {
+                    let (cluster, registry) = (&mut self.cluster, &self.registry);
+                    let handled = self
+                        .ledger
+                        .blocking(|ledger| cluster.handle_reply(ledger, registry, now, peer, msg));
+                    if let Err(e) = handled {
+                        tracing::error!(error = %format!("{e:#}"), %peer, "handling a cluster answer failed");
+                    }
+                    self.refresh_local_advert();
+                }
+                None => self.registry.handle_response(now, peer, &data),
+            },
             P2pEvent::RequestFailed { peer, error, .. } => {
                 tracing::debug!(%peer, %error, "federation request failed");
             }
@@ -421,12 +509,46 @@ impl Shell {
         }
     }
 
+    /// A cluster request from another site: this site as a worker.
+    fn on_cluster_request(&mut self, now: i64, peer: PeerId, msg: ClusterMsg) -> Option<Vec<u8>> {
+        let (cluster, registry) = (&mut self.cluster, &self.registry);
+        let answer = self
+            .ledger
+            .blocking(|ledger| cluster.handle_request(ledger, registry, now, peer, msg));
+        self.refresh_local_advert();
+        match answer {
+            Ok(answer) => answer.map(|msg| wire::encode(&Message::Cluster(msg.encode()))),
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), %peer, "handling a cluster request failed");
+                None
+            }
+        }
+    }
+
     async fn on_command(&mut self, command: Command) {
         match command {
             Command::Sites { reply } => {
                 let _ = reply.send(self.report());
             }
-            Command::CapacityChanged => self.refresh_local_advert().await,
+            Command::CapacityChanged => self.refresh_local_advert(),
+            Command::CreateCluster { id, request, reply } => {
+                let now = now_ms();
+                let (cluster, registry) = (&mut self.cluster, &self.registry);
+                let created = self
+                    .ledger
+                    .blocking(|ledger| cluster.create(ledger, registry, now, id, request));
+                let _ = reply.send(created);
+                self.refresh_local_advert();
+            }
+            Command::DeleteCluster { id, reply } => {
+                let now = now_ms();
+                let cluster = &mut self.cluster;
+                let deleted = self
+                    .ledger
+                    .blocking(|ledger| cluster.delete(ledger, now, &id));
+                let _ = reply.send(deleted);
+                self.refresh_local_advert();
+            }
             Command::Join { addr, reply } => {
                 let Some(Protocol::P2p(peer)) = addr.iter().last() else {
                     let _ = reply.send(Err(format!("{addr} does not end in /p2p/<peer id>")));
@@ -442,8 +564,7 @@ impl Shell {
                         .entry(peer)
                         .or_insert_with(|| DialTarget::new(Vec::new()))
                         .addrs = vec![strip_p2p(&addr)];
-                    self.remember_peer(peer, None, vec![strip_p2p(&addr).to_string()])
-                        .await;
+                    self.remember_peer(peer, None, vec![strip_p2p(&addr).to_string()]);
                 }
                 let _ = reply.send(result);
             }
@@ -457,8 +578,7 @@ impl Shell {
                 RegistryEvent::PersistVersion(version) => {
                     if let Err(e) = self
                         .ledger
-                        .run(move |ledger| ledger.set_advert_version(version))
-                        .await
+                        .blocking(move |ledger| ledger.set_advert_version(version))
                     {
                         tracing::error!(error = %format!("{e:#}"), version, "cannot persist the advert version");
                     }
@@ -489,9 +609,13 @@ impl Shell {
                             .or_insert_with(|| DialTarget::new(Vec::new()))
                             .addrs = parsed;
                     }
-                    self.remember_peer(site, name, addrs).await;
+                    self.remember_peer(site, name, addrs);
                 }
             }
+        }
+        while let Some((to, msg)) = self.cluster.poll_transmit() {
+            let data = wire::encode(&Message::Cluster(msg.encode()));
+            self.send(Outgoing::Request { to, data });
         }
         while let Some(transmit) = self.registry.poll_transmit() {
             match transmit {
@@ -527,8 +651,8 @@ impl Shell {
         }
     }
 
-    async fn load_known_peers(&mut self) {
-        let peers = match self.ledger.run(|ledger| ledger.peers()).await {
+    fn load_known_peers(&mut self) {
+        let peers = match self.ledger.blocking(|ledger| ledger.peers()) {
             Ok(peers) => peers,
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "cannot read known peers");
@@ -551,15 +675,14 @@ impl Shell {
         }
     }
 
-    async fn remember_peer(&mut self, peer: PeerId, name: Option<String>, addrs: Vec<String>) {
+    fn remember_peer(&mut self, peer: PeerId, name: Option<String>, addrs: Vec<String>) {
         if addrs.is_empty() && name.is_none() {
             return;
         }
         let id = peer.to_string();
         let result = self
             .ledger
-            .run(move |ledger| ledger.upsert_peer(&id, name.as_deref(), &addrs, now_ms()))
-            .await;
+            .blocking(move |ledger| ledger.upsert_peer(&id, name.as_deref(), &addrs, now_ms()));
         if let Err(e) = result {
             tracing::warn!(error = %format!("{e:#}"), %peer, "cannot remember a peer");
         }
@@ -567,14 +690,15 @@ impl Shell {
 
     /// Recomputes the local advert from the ledger; the core pushes it only
     /// if it changed.
-    async fn refresh_local_advert(&mut self) {
+    fn refresh_local_advert(&mut self) {
         let now = now_ms();
         let horizon_end_ms = round_up(now + HORIZON_MS, 3_600_000);
         let window = Window::new(now, horizon_end_ms).expect("the horizon is in the future");
         let read = self
             .ledger
-            .run(move |ledger| Ok((ledger.inventory()?, ledger.free_steps(window, now)?)))
-            .await;
+            .blocking(move |ledger| -> Result<_, vcfed_storage::LedgerError> {
+                Ok((ledger.inventory()?, ledger.free_steps(window, now)?))
+            });
         let (inventory, steps) = match read {
             Ok((Some(inventory), steps)) => (inventory, steps),
             Ok((None, _)) => return,
@@ -645,6 +769,20 @@ impl Shell {
             stats: self.registry.stats(),
             outbox_dropped: self.outbox_dropped,
         }
+    }
+}
+
+/// The cluster message inside a federation message, if that is what it is.
+fn cluster_payload(data: &[u8]) -> Option<ClusterMsg> {
+    match wire::decode(data, MESSAGE_MAX_BYTES) {
+        Ok(Message::Cluster(inner)) => {
+            let msg = ClusterMsg::decode(&inner);
+            if msg.is_none() {
+                tracing::debug!("dropping an undecodable cluster message");
+            }
+            msg
+        }
+        _ => None,
     }
 }
 

@@ -24,6 +24,13 @@ impl SharedLedger {
         SharedLedger(Arc::new(Mutex::new(ledger)))
     }
 
+    /// Runs `operation` on the ledger on the calling thread, blocking it.
+    /// Only for threads that may block (the federation thread).
+    pub fn blocking<T>(&self, operation: impl FnOnce(&mut Ledger) -> T) -> T {
+        let mut guard = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        operation(&mut guard)
+    }
+
     /// Runs `operation` on the ledger on the blocking pool.
     pub async fn run<T, F>(&self, operation: F) -> Result<T, LedgerError>
     where

@@ -13,6 +13,7 @@ pub mod api;
 pub mod cli;
 pub mod client;
 pub mod cluster;
+pub mod cluster_cli;
 pub mod config;
 pub mod demo;
 pub mod federation;

@@ -8,9 +8,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Agent, Site, free_port, vcfed};
-use vcfed::api::{HoldBody, InstantArg, OwnerBody, SiteInfo};
-use vcfed::client::ApiClient;
+use common::{Site, eventually, free_port, start, vcfed, view};
+use vcfed::api::{HoldBody, InstantArg, OwnerBody};
 use vcfed::federation::SitesReport;
 use vcfed_registry::SiteState;
 use vcfed_storage::Reservation;
@@ -19,47 +18,6 @@ use vcfed_storage::Reservation;
 const TIMING: &str = "advert_ttl = \"3s\"\nadvert_refresh = \"1s\"\nanti_entropy = \"500ms\"";
 const TTL: Duration = Duration::from_secs(3);
 const REFRESH: Duration = Duration::from_secs(1);
-
-struct Member {
-    site: Site,
-    agent: Option<Agent>,
-    client: ApiClient,
-    peer_id: String,
-}
-
-async fn start(site: Site) -> Member {
-    let agent = site.spawn();
-    let client = site.client();
-    common::wait_ready(&client).await;
-    let info: SiteInfo = client.get("/v1/site").await.unwrap();
-    Member {
-        site,
-        agent: Some(agent),
-        client,
-        peer_id: info.peer_id,
-    }
-}
-
-async fn view(client: &ApiClient) -> SitesReport {
-    client.get("/v1/sites").await.unwrap()
-}
-
-/// Polls `check` every 100 ms until it holds or `within` passes; returns
-/// how long it took.
-async fn eventually<F, Fut>(what: &str, within: Duration, mut check: F) -> Duration
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let started = Instant::now();
-    loop {
-        if check().await {
-            return started.elapsed();
-        }
-        assert!(started.elapsed() < within, "{what}: not within {within:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 fn state_of(report: &SitesReport, peer_id: &str) -> Option<SiteState> {
     report

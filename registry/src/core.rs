@@ -476,14 +476,16 @@ impl Registry {
         if *site == self.local_id {
             return self.local.as_ref().map(|local| local.site_name.clone());
         }
-        self.sites.get(site).map(|entry| entry.advert.site_name.clone())
+        self.sites
+            .get(site)
+            .map(|entry| entry.advert.site_name.clone())
     }
 
     /// Whether any alive remote site has node slots that fit `shape`.
     pub fn offers_shape(&self, shape: &NodeShape) -> bool {
-        self.sites
-            .values()
-            .any(|entry| entry.state == SiteState::Alive && shape.fits_in(&entry.advert.capacity.node))
+        self.sites.values().any(|entry| {
+            entry.state == SiteState::Alive && shape.fits_in(&entry.advert.capacity.node)
+        })
     }
 
     /// The state of one remote site, if known.

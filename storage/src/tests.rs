@@ -633,7 +633,10 @@ fn migration_2_keeps_cluster_parts_of_a_version_1_ledger() {
         .unwrap();
     }
     let ledger = Ledger::open(&path).unwrap();
-    assert_eq!(ledger.schema_version().unwrap() as usize, schema::MIGRATIONS.len());
+    assert_eq!(
+        ledger.schema_version().unwrap() as usize,
+        schema::MIGRATIONS.len()
+    );
     let cluster = ledger.cluster("c").unwrap().unwrap();
     assert_eq!(cluster.parts.len(), 1);
     assert_eq!(cluster.parts[0].site, "site-b");

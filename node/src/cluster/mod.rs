@@ -37,8 +37,8 @@ use libp2p_identity::PeerId;
 use serde::{Deserialize, Serialize};
 use vcfed_registry::Candidate;
 use vcfed_storage::{
-    ClusterPart, ClusterRecord, ClusterState, HoldOutcome, HoldRequest, Ledger, LedgerError, NodeShape, PartState,
-    Window,
+    ClusterPart, ClusterRecord, ClusterState, HoldOutcome, HoldRequest, Ledger, LedgerError,
+    NodeShape, PartState, Window,
 };
 
 /// Longest cluster id or name accepted, bytes.
@@ -186,14 +186,24 @@ impl ClusterMsg {
 
     fn ids(&self) -> (&str, u32) {
         match self {
-            ClusterMsg::Reserve { cluster, attempt, .. }
-            | ClusterMsg::Commit { cluster, attempt, .. }
+            ClusterMsg::Reserve {
+                cluster, attempt, ..
+            }
+            | ClusterMsg::Commit {
+                cluster, attempt, ..
+            }
             | ClusterMsg::Release { cluster, attempt }
-            | ClusterMsg::Held { cluster, attempt, .. }
-            | ClusterMsg::Denied { cluster, attempt, .. }
+            | ClusterMsg::Held {
+                cluster, attempt, ..
+            }
+            | ClusterMsg::Denied {
+                cluster, attempt, ..
+            }
             | ClusterMsg::Committed { cluster, attempt }
             | ClusterMsg::Released { cluster, attempt }
-            | ClusterMsg::Refused { cluster, attempt, .. } => (cluster, *attempt),
+            | ClusterMsg::Refused {
+                cluster, attempt, ..
+            } => (cluster, *attempt),
         }
     }
 }
@@ -310,18 +320,28 @@ impl Master {
         let remote: u32 = self
             .parts
             .iter()
-            .filter(|p| matches!(p.state, PartState::Held | PartState::Committing | PartState::Committed))
+            .filter(|p| {
+                matches!(
+                    p.state,
+                    PartState::Held | PartState::Committing | PartState::Committed
+                )
+            })
             .map(|p| p.nodes)
             .sum();
         self.local_nodes + remote
     }
 
     fn pending(&self) -> u32 {
-        self.parts.iter().filter(|p| p.state == PartState::Reserving).map(|p| p.nodes).sum()
+        self.parts
+            .iter()
+            .filter(|p| p.state == PartState::Reserving)
+            .map(|p| p.nodes)
+            .sum()
     }
 
     fn all_released(&self) -> bool {
-        self.local_state == PartState::Released && self.parts.iter().all(|p| p.state == PartState::Released)
+        self.local_state == PartState::Released
+            && self.parts.iter().all(|p| p.state == PartState::Released)
     }
 }
 
@@ -346,7 +366,13 @@ impl std::fmt::Debug for ClusterCore {
 impl ClusterCore {
     /// The core of the site `local_name` with peer id `local`.
     pub fn new(local: PeerId, local_name: String, config: ClusterConfig) -> ClusterCore {
-        ClusterCore { local, local_name, config, masters: BTreeMap::new(), transmits: VecDeque::new() }
+        ClusterCore {
+            local,
+            local_name,
+            config,
+            masters: BTreeMap::new(),
+            transmits: VecDeque::new(),
+        }
     }
 
     /// After a restart: picks up the clusters this site masters that were
@@ -361,7 +387,10 @@ impl ClusterCore {
                 continue;
             };
             let decided = master.local_state == PartState::Committed
-                || master.parts.iter().any(|p| matches!(p.state, PartState::Committing | PartState::Committed));
+                || master
+                    .parts
+                    .iter()
+                    .any(|p| matches!(p.state, PartState::Committing | PartState::Committed));
             match master.state {
                 ClusterState::Reserving if decided => {
                     tracing::info!(cluster = %master.id, "resuming the commit of a cluster");
@@ -376,14 +405,18 @@ impl ClusterCore {
                 ClusterState::Requested | ClusterState::Reserving => {
                     tracing::info!(cluster = %master.id, "releasing a cluster whose reservation the restart interrupted");
                     master.state = ClusterState::Failed;
-                    master.reason = Some("the master restarted before the reservation was complete".to_owned());
+                    master.reason =
+                        Some("the master restarted before the reservation was complete".to_owned());
                     release_everything(&mut master);
                 }
                 ClusterState::Stopping | ClusterState::Failed => {}
                 _ => continue,
             }
             for part in &mut master.parts {
-                if matches!(part.state, PartState::Committing | PartState::Releasing | PartState::Reserving) {
+                if matches!(
+                    part.state,
+                    PartState::Committing | PartState::Releasing | PartState::Reserving
+                ) {
                     part.deadline_ms = Some(now_ms);
                     part.tries = 0;
                 }
@@ -415,13 +448,21 @@ impl ClusterCore {
         let local_slot = ledger.inventory()?.map(|inventory| inventory.node);
         let fits_here = local_slot.is_some_and(|slot| request.shape.fits_in(&slot));
         let candidates = sites.candidates(window.start_ms, window.end_ms, &request.shape);
-        let local_free = if fits_here { ledger.available(window, now_ms)? } else { 0 };
+        let local_free = if fits_here {
+            ledger.available(window, now_ms)?
+        } else {
+            0
+        };
         let federation_free: u64 = candidates.iter().map(|c| u64::from(c.free)).sum();
         if !fits_here && !sites.offers_shape(&request.shape) {
             return Err(CreateError::UnknownShape(request.shape));
         }
         if local_free == 0 {
-            let what = if fits_here { "no free slot" } else { "no slot of that shape" };
+            let what = if fits_here {
+                "no free slot"
+            } else {
+                "no slot of that shape"
+            };
             return Err(CreateError::Insufficient {
                 available: 0,
                 detail: format!(
@@ -473,7 +514,8 @@ impl ClusterCore {
             HoldOutcome::Denied { available } => {
                 return Err(CreateError::Insufficient {
                     available: available.saturating_sub(1),
-                    detail: "this site's free capacity changed while planning; try again".to_owned(),
+                    detail: "this site's free capacity changed while planning; try again"
+                        .to_owned(),
                 });
             }
         }
@@ -507,8 +549,15 @@ impl ClusterCore {
     /// Deletes a cluster this site masters: releases every part. The cluster
     /// is `stopping` until every site acknowledged (or its window passed),
     /// then `finished`.
-    pub fn delete(&mut self, ledger: &mut Ledger, now_ms: i64, id: &str) -> Result<ClusterRecord, DeleteError> {
-        let record = ledger.cluster(id)?.ok_or_else(|| DeleteError::Unknown(id.to_owned()))?;
+    pub fn delete(
+        &mut self,
+        ledger: &mut Ledger,
+        now_ms: i64,
+        id: &str,
+    ) -> Result<ClusterRecord, DeleteError> {
+        let record = ledger
+            .cluster(id)?
+            .ok_or_else(|| DeleteError::Unknown(id.to_owned()))?;
         if record.master_site != self.local_name {
             return Err(DeleteError::NotMaster(id.to_owned(), record.master_site));
         }
@@ -543,7 +592,15 @@ impl ClusterCore {
     ) -> Result<Option<ClusterMsg>, LedgerError> {
         let requester = from.to_string();
         let answer = match msg {
-            ClusterMsg::Reserve { cluster, name: _, attempt, nodes, shape, window, lease_ms } => {
+            ClusterMsg::Reserve {
+                cluster,
+                name: _,
+                attempt,
+                nodes,
+                shape,
+                window,
+                lease_ms,
+            } => {
                 if cluster.is_empty() || cluster.len() > CLUSTER_ID_LEN_MAX || nodes == 0 {
                     return Ok(Some(refused(cluster, attempt, "invalid reserve request")));
                 }
@@ -558,23 +615,49 @@ impl ClusterCore {
                 };
                 match ledger.hold(&hold, now_ms) {
                     Ok(HoldOutcome::Held(reservation)) => match reservation.lease_expires_at_ms {
-                        Some(lease_expires_at_ms) => ClusterMsg::Held { cluster, attempt, lease_expires_at_ms },
+                        Some(lease_expires_at_ms) => ClusterMsg::Held {
+                            cluster,
+                            attempt,
+                            lease_expires_at_ms,
+                        },
                         // Already committed under this key: a duplicate after the commit.
-                        None => ClusterMsg::Held { cluster, attempt, lease_expires_at_ms: window.end_ms },
+                        None => ClusterMsg::Held {
+                            cluster,
+                            attempt,
+                            lease_expires_at_ms: window.end_ms,
+                        },
                     },
-                    Ok(HoldOutcome::Denied { available }) => ClusterMsg::Denied { cluster, attempt, available },
-                    Err(e @ (LedgerError::Invalid(_) | LedgerError::KeyConflict(_) | LedgerError::WrongState { .. })) => {
-                        refused(cluster, attempt, &e.to_string())
-                    }
+                    Ok(HoldOutcome::Denied { available }) => ClusterMsg::Denied {
+                        cluster,
+                        attempt,
+                        available,
+                    },
+                    Err(
+                        e @ (LedgerError::Invalid(_)
+                        | LedgerError::KeyConflict(_)
+                        | LedgerError::WrongState { .. }),
+                    ) => refused(cluster, attempt, &e.to_string()),
                     Err(e) => return Err(e),
                 }
             }
-            ClusterMsg::Commit { cluster, name, attempt } => {
+            ClusterMsg::Commit {
+                cluster,
+                name,
+                attempt,
+            } => {
                 let key = format!("{cluster}/{attempt}");
                 match ledger.commit(&key, &requester, now_ms) {
                     Ok(reservation) => {
-                        let master_name = sites.site_name(&from).unwrap_or_else(|| from.to_string());
-                        self.record_worker_part(ledger, &reservation, &name, &master_name, attempt, now_ms)?;
+                        let master_name =
+                            sites.site_name(&from).unwrap_or_else(|| from.to_string());
+                        self.record_worker_part(
+                            ledger,
+                            &reservation,
+                            &name,
+                            &master_name,
+                            attempt,
+                            now_ms,
+                        )?;
                         ClusterMsg::Committed { cluster, attempt }
                     }
                     Err(
@@ -592,7 +675,9 @@ impl ClusterCore {
                         self.finish_worker_record(ledger, &cluster, now_ms)?;
                         ClusterMsg::Released { cluster, attempt }
                     }
-                    Err(e @ LedgerError::NotOwner { .. }) => refused(cluster, attempt, &e.to_string()),
+                    Err(e @ LedgerError::NotOwner { .. }) => {
+                        refused(cluster, attempt, &e.to_string())
+                    }
                     Err(e) => return Err(e),
                 }
             }
@@ -619,13 +704,20 @@ impl ClusterCore {
         let Some(master) = self.masters.get_mut(&cluster) else {
             // A late answer for a cluster no longer in flight: if it holds
             // something, give it back.
-            if matches!(msg, ClusterMsg::Held { .. }) && !self.is_committed_part(ledger, &cluster, &from, attempt)? {
-                self.transmits.push_back((from, ClusterMsg::Release { cluster, attempt }));
+            if matches!(msg, ClusterMsg::Held { .. })
+                && !self.is_committed_part(ledger, &cluster, &from, attempt)?
+            {
+                self.transmits
+                    .push_back((from, ClusterMsg::Release { cluster, attempt }));
             }
             return Ok(());
         };
         let in_reservation = master.state == ClusterState::Reserving;
-        let Some(part) = master.parts.iter_mut().find(|p| p.peer == from && p.attempt == attempt) else {
+        let Some(part) = master
+            .parts
+            .iter_mut()
+            .find(|p| p.peer == from && p.attempt == attempt)
+        else {
             return Ok(());
         };
         match (part.state, msg) {
@@ -666,7 +758,13 @@ impl ClusterCore {
             }
             (PartState::Releasing | PartState::Released, ClusterMsg::Held { .. }) => {
                 // A reordered hold after our release: release it again.
-                self.transmits.push_back((from, ClusterMsg::Release { cluster: cluster.clone(), attempt }));
+                self.transmits.push_back((
+                    from,
+                    ClusterMsg::Release {
+                        cluster: cluster.clone(),
+                        attempt,
+                    },
+                ));
             }
             _ => {}
         }
@@ -674,13 +772,20 @@ impl ClusterCore {
     }
 
     /// Timers: retries, give-ups, deadlines.
-    pub fn handle_timeout(&mut self, ledger: &mut Ledger, sites: &dyn SiteDirectory, now_ms: i64) -> Result<(), LedgerError> {
+    pub fn handle_timeout(
+        &mut self,
+        ledger: &mut Ledger,
+        sites: &dyn SiteDirectory,
+        now_ms: i64,
+    ) -> Result<(), LedgerError> {
         let due: Vec<String> = self
             .masters
             .values()
             .filter(|m| {
                 (m.state == ClusterState::Reserving && m.reserve_deadline_ms <= now_ms)
-                    || m.parts.iter().any(|p| p.deadline_ms.is_some_and(|at| at <= now_ms))
+                    || m.parts
+                        .iter()
+                        .any(|p| p.deadline_ms.is_some_and(|at| at <= now_ms))
             })
             .map(|m| m.id.clone())
             .collect();
@@ -692,12 +797,14 @@ impl ClusterCore {
             }
             let window_end = master.request.window.end_ms;
             for part in &mut master.parts {
-                if !part.deadline_ms.is_some_and(|at| at <= now_ms) {
+                if part.deadline_ms.is_none_or(|at| at > now_ms) {
                     continue;
                 }
                 part.tries += 1;
                 match part.state {
-                    PartState::Reserving | PartState::Committing if part.tries < config.tries_max => {
+                    PartState::Reserving | PartState::Committing
+                        if part.tries < config.tries_max =>
+                    {
                         part.deadline_ms = Some(now_ms + config.request_timeout_ms);
                     }
                     PartState::Reserving | PartState::Committing => {
@@ -712,10 +819,13 @@ impl ClusterCore {
                         part.deadline_ms = None;
                     }
                     PartState::Releasing => {
-                        part.backoff_ms = (part.backoff_ms * 2).clamp(config.request_timeout_ms, config.release_backoff_max_ms);
+                        part.backoff_ms = (part.backoff_ms * 2)
+                            .clamp(config.request_timeout_ms, config.release_backoff_max_ms);
                         part.deadline_ms = Some(now_ms + part.backoff_ms);
                     }
-                    PartState::Held | PartState::Committed | PartState::Released => part.deadline_ms = None,
+                    PartState::Held | PartState::Committed | PartState::Released => {
+                        part.deadline_ms = None
+                    }
                 }
                 if part.deadline_ms.is_some() {
                     let msg = request_for(&id, &master.request, part, &config);
@@ -761,7 +871,11 @@ impl ClusterCore {
             if candidate.site == self.local || master.excluded.contains(&candidate.site) {
                 continue;
             }
-            let attempts = master.parts.iter().filter(|p| p.peer == candidate.site).count();
+            let attempts = master
+                .parts
+                .iter()
+                .filter(|p| p.peer == candidate.site)
+                .count();
             if u32::try_from(attempts).unwrap_or(u32::MAX) >= self.config.attempts_per_site_max {
                 continue;
             }
@@ -785,7 +899,14 @@ impl ClusterCore {
             return false;
         }
         for (peer, site_name, nodes) in assigned {
-            let attempt = master.parts.iter().filter(|p| p.peer == peer).map(|p| p.attempt).max().unwrap_or(0) + 1;
+            let attempt = master
+                .parts
+                .iter()
+                .filter(|p| p.peer == peer)
+                .map(|p| p.attempt)
+                .max()
+                .unwrap_or(0)
+                + 1;
             let part = RemotePart {
                 site_name,
                 peer,
@@ -817,9 +938,13 @@ impl ClusterCore {
             let nodes = master.request.nodes;
             let (covered, pending) = (master.covered(), master.pending());
             if covered + pending < nodes {
-                let planned = sites.is_some_and(|sites| self.plan(&mut master, sites, nodes - covered - pending));
+                let planned = sites
+                    .is_some_and(|sites| self.plan(&mut master, sites, nodes - covered - pending));
                 if !planned {
-                    fail(&mut master, "not enough free nodes left in the federation after denials and timeouts");
+                    fail(
+                        &mut master,
+                        "not enough free nodes left in the federation after denials and timeouts",
+                    );
                 }
             } else if covered == nodes && pending == 0 {
                 // Decide the commit: every hold moves to committing together.
@@ -835,19 +960,26 @@ impl ClusterCore {
                         Err(e) => {
                             tracing::warn!(cluster = %id, error = %e, "the master's own hold could not be committed");
                             master.local_state = PartState::Released;
-                            fail(&mut master, "the master's own hold expired before the commit");
+                            fail(
+                                &mut master,
+                                "the master's own hold expired before the commit",
+                            );
                         }
                     }
                 }
-                let all_committed =
-                    master.parts.iter().all(|p| matches!(p.state, PartState::Committed | PartState::Released));
+                let all_committed = master
+                    .parts
+                    .iter()
+                    .all(|p| matches!(p.state, PartState::Committed | PartState::Released));
                 if master.state == ClusterState::Reserving && all_committed {
                     master.state = ClusterState::Reserved;
                     tracing::info!(cluster = %id, "cluster reserved");
                 }
             }
         }
-        if matches!(master.state, ClusterState::Failed | ClusterState::Stopping) && master.local_state != PartState::Released {
+        if matches!(master.state, ClusterState::Failed | ClusterState::Stopping)
+            && master.local_state != PartState::Released
+        {
             ledger.release(&master.local_key(), &self.local.to_string(), now_ms)?;
             master.local_state = PartState::Released;
         }
@@ -857,19 +989,33 @@ impl ClusterCore {
 
         // Persist before sending anything that follows from this state.
         let parts = record_parts(&master, &self.local_name, &self.local);
-        ledger.update_cluster(id, master.state, master.reason.as_deref(), Some(&parts), now_ms)?;
+        ledger.update_cluster(
+            id,
+            master.state,
+            master.reason.as_deref(),
+            Some(&parts),
+            now_ms,
+        )?;
 
         for part in &mut master.parts {
-            let needs_send = matches!(part.state, PartState::Reserving | PartState::Committing | PartState::Releasing)
-                && part.deadline_ms.is_none();
+            let needs_send = matches!(
+                part.state,
+                PartState::Reserving | PartState::Committing | PartState::Releasing
+            ) && part.deadline_ms.is_none();
             if needs_send {
                 part.deadline_ms = Some(now_ms + self.config.request_timeout_ms);
                 part.tries = 0;
-                self.transmits.push_back((part.peer, request_for(id, &master.request, part, &self.config)));
+                self.transmits.push_back((
+                    part.peer,
+                    request_for(id, &master.request, part, &self.config),
+                ));
             }
         }
         let settled = match master.state {
-            ClusterState::Reserved => master.parts.iter().all(|p| matches!(p.state, PartState::Committed | PartState::Released)),
+            ClusterState::Reserved => master
+                .parts
+                .iter()
+                .all(|p| matches!(p.state, PartState::Committed | PartState::Released)),
             ClusterState::Failed | ClusterState::Finished => master.all_released(),
             _ => false,
         };
@@ -883,13 +1029,21 @@ impl ClusterCore {
 
     /// Whether this site committed the part (cluster, attempt) of `from` —
     /// used for late answers to clusters no longer in flight.
-    fn is_committed_part(&self, ledger: &Ledger, cluster: &str, from: &PeerId, attempt: u32) -> Result<bool, LedgerError> {
+    fn is_committed_part(
+        &self,
+        ledger: &Ledger,
+        cluster: &str,
+        from: &PeerId,
+        attempt: u32,
+    ) -> Result<bool, LedgerError> {
         let Some(record) = ledger.cluster(cluster)? else {
             return Ok(false);
         };
         let from = from.to_string();
         Ok(record.parts.iter().any(|p| {
-            p.peer_id.as_deref() == Some(from.as_str()) && p.attempt == attempt && p.state == PartState::Committed
+            p.peer_id.as_deref() == Some(from.as_str())
+                && p.attempt == attempt
+                && p.state == PartState::Committed
         }))
     }
 
@@ -916,10 +1070,19 @@ impl ClusterCore {
         match existing {
             Some(record) if record.master_site == self.local_name => Ok(()),
             Some(record) => {
-                let mut parts: Vec<ClusterPart> =
-                    record.parts.into_iter().filter(|p| p.attempt != attempt).collect();
+                let mut parts: Vec<ClusterPart> = record
+                    .parts
+                    .into_iter()
+                    .filter(|p| p.attempt != attempt)
+                    .collect();
                 parts.push(part);
-                ledger.update_cluster(&reservation.cluster_id, ClusterState::Reserved, None, Some(&parts), now_ms)?;
+                ledger.update_cluster(
+                    &reservation.cluster_id,
+                    ClusterState::Reserved,
+                    None,
+                    Some(&parts),
+                    now_ms,
+                )?;
                 Ok(())
             }
             None => {
@@ -947,7 +1110,12 @@ impl ClusterCore {
 
     /// After a release at a worker: the cluster is finished here once none
     /// of its reservations takes capacity any more.
-    fn finish_worker_record(&mut self, ledger: &mut Ledger, cluster: &str, now_ms: i64) -> Result<(), LedgerError> {
+    fn finish_worker_record(
+        &mut self,
+        ledger: &mut Ledger,
+        cluster: &str,
+        now_ms: i64,
+    ) -> Result<(), LedgerError> {
         let Some(record) = ledger.cluster(cluster)? else {
             return Ok(());
         };
@@ -958,8 +1126,14 @@ impl ClusterCore {
         let mut active = false;
         for part in &mut parts {
             let key = part.reservation_key.clone().unwrap_or_default();
-            let counts = ledger.reservation(&key)?.is_some_and(|r| r.counts_at(now_ms));
-            part.state = if counts { PartState::Committed } else { PartState::Released };
+            let counts = ledger
+                .reservation(&key)?
+                .is_some_and(|r| r.counts_at(now_ms));
+            part.state = if counts {
+                PartState::Committed
+            } else {
+                PartState::Released
+            };
             active |= counts;
         }
         if !active {
@@ -972,11 +1146,16 @@ impl ClusterCore {
 fn validate(id: &str, request: &ClusterRequest, now_ms: i64) -> Result<(), CreateError> {
     let invalid = |why: String| Err(CreateError::Invalid(why));
     if id.is_empty() || id.len() > CLUSTER_ID_LEN_MAX {
-        return invalid(format!("cluster id must be 1 to {CLUSTER_ID_LEN_MAX} bytes"));
+        return invalid(format!(
+            "cluster id must be 1 to {CLUSTER_ID_LEN_MAX} bytes"
+        ));
     }
     let name_ok = !request.name.is_empty()
         && request.name.len() <= CLUSTER_ID_LEN_MAX
-        && request.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+        && request
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
     if !name_ok {
         return invalid(format!(
             "cluster name {:?} must be 1 to {CLUSTER_ID_LEN_MAX} letters, digits, '-', '_' or '.'",
@@ -987,7 +1166,9 @@ fn validate(id: &str, request: &ClusterRequest, now_ms: i64) -> Result<(), Creat
         return invalid("a cluster needs at least 1 node".to_owned());
     }
     if request.nodes > CLUSTER_NODES_MAX {
-        return invalid(format!("a cluster may have at most {CLUSTER_NODES_MAX} nodes"));
+        return invalid(format!(
+            "a cluster may have at most {CLUSTER_NODES_MAX} nodes"
+        ));
     }
     if request.window.end_ms <= request.window.start_ms {
         return invalid("the duration must be positive".to_owned());
@@ -1003,7 +1184,11 @@ fn validate(id: &str, request: &ClusterRequest, now_ms: i64) -> Result<(), Creat
 }
 
 fn refused(cluster: String, attempt: u32, reason: &str) -> ClusterMsg {
-    ClusterMsg::Refused { cluster, attempt, reason: reason.to_owned() }
+    ClusterMsg::Refused {
+        cluster,
+        attempt,
+        reason: reason.to_owned(),
+    }
 }
 
 fn fail(master: &mut Master, reason: &str) {
@@ -1035,7 +1220,12 @@ fn start_release(part: &mut RemotePart, _now_ms: i64) {
 }
 
 /// The message a part in its current state is waiting on.
-fn request_for(id: &str, request: &ClusterRequest, part: &RemotePart, config: &ClusterConfig) -> ClusterMsg {
+fn request_for(
+    id: &str,
+    request: &ClusterRequest,
+    part: &RemotePart,
+    config: &ClusterConfig,
+) -> ClusterMsg {
     match part.state {
         PartState::Reserving => ClusterMsg::Reserve {
             cluster: id.to_owned(),
@@ -1046,10 +1236,15 @@ fn request_for(id: &str, request: &ClusterRequest, part: &RemotePart, config: &C
             window: request.window,
             lease_ms: config.lease_ms,
         },
-        PartState::Committing => {
-            ClusterMsg::Commit { cluster: id.to_owned(), name: request.name.clone(), attempt: part.attempt }
-        }
-        _ => ClusterMsg::Release { cluster: id.to_owned(), attempt: part.attempt },
+        PartState::Committing => ClusterMsg::Commit {
+            cluster: id.to_owned(),
+            name: request.name.clone(),
+            attempt: part.attempt,
+        },
+        _ => ClusterMsg::Release {
+            cluster: id.to_owned(),
+            attempt: part.attempt,
+        },
     }
 }
 
@@ -1076,7 +1271,11 @@ fn record_parts(master: &Master, local_name: &str, local: &PeerId) -> Vec<Cluste
 }
 
 /// Rebuilds the in-memory state of a mastered cluster from its record.
-fn master_from_record(record: &ClusterRecord, now_ms: i64, config: &ClusterConfig) -> Option<Master> {
+fn master_from_record(
+    record: &ClusterRecord,
+    now_ms: i64,
+    config: &ClusterConfig,
+) -> Option<Master> {
     let request: ClusterRequest = serde_json::from_value(record.request.clone()).ok()?;
     let local = record.parts.iter().find(|p| p.frontend && p.attempt == 0)?;
     let parts = record

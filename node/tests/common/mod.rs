@@ -201,3 +201,95 @@ pub fn stderr(out: &Output) -> String {
 pub fn exists(path: &Path) -> bool {
     path.exists()
 }
+
+/// A running agent with its site and API client.
+pub struct Member {
+    pub site: Site,
+    pub agent: Option<Agent>,
+    pub client: ApiClient,
+    pub peer_id: String,
+}
+
+/// Starts the agent of `site` and waits until its API answers.
+pub async fn start(site: Site) -> Member {
+    let agent = site.spawn();
+    let client = site.client();
+    wait_ready(&client).await;
+    let info: vcfed::api::SiteInfo = client.get("/v1/site").await.unwrap();
+    Member {
+        site,
+        agent: Some(agent),
+        client,
+        peer_id: info.peer_id,
+    }
+}
+
+/// The federation view of one agent.
+pub async fn view(client: &ApiClient) -> vcfed::federation::SitesReport {
+    client.get("/v1/sites").await.unwrap()
+}
+
+/// Polls `check` every 100 ms until it holds or `within` passes; returns
+/// how long it took.
+pub async fn eventually<F, Fut>(what: &str, within: Duration, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    loop {
+        if check().await {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < within, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Gossip timing for test federations (short, so tests are quick).
+pub const FAST_GOSSIP: &str =
+    "advert_ttl = \"3s\"\nadvert_refresh = \"1s\"\nanti_entropy = \"500ms\"";
+
+/// Starts a federation of sites `(name, nodes)` on loopback, every site
+/// bootstrapped from the first, and waits until every agent sees all of
+/// them alive.
+pub async fn start_federation(specs: &[(&str, u32)]) -> Vec<Member> {
+    let port = free_port();
+    let first = Site::init_with(
+        specs[0].0,
+        specs[0].1,
+        &format!("/ip4/127.0.0.1/tcp/{port}"),
+        &[],
+    );
+    first.add_federation_settings(FAST_GOSSIP);
+    let first = start(first).await;
+    let bootstrap = format!("/ip4/127.0.0.1/tcp/{port}/p2p/{}", first.peer_id);
+    let mut members = vec![first];
+    for (name, nodes) in &specs[1..] {
+        let listen = format!("/ip4/127.0.0.1/tcp/{}", free_port());
+        let site = Site::init_with(name, *nodes, &listen, &["--bootstrap", &bootstrap]);
+        site.add_federation_settings(FAST_GOSSIP);
+        members.push(start(site).await);
+    }
+    let count = members.len();
+    eventually(
+        "every agent sees every site",
+        Duration::from_secs(20),
+        || async {
+            for member in &members {
+                let report = view(&member.client).await;
+                let alive = report
+                    .sites
+                    .iter()
+                    .filter(|s| s.state == vcfed_registry::SiteState::Alive)
+                    .count();
+                if alive != count {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+    members
+}

@@ -1,0 +1,297 @@
+//! `vcfed cluster ...`: the cluster commands of the CLI.
+
+// The CLI's job is to print for the user.
+#![allow(clippy::print_stdout)]
+
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use vcfed_storage::{ClusterRecord, ClusterState};
+
+use crate::api::{CreateClusterBody, InstantArg};
+use clap::{Args, Subcommand};
+
+use crate::cli::{ConfigArg, UsageError, client_for, print_json, print_table};
+use crate::client::ApiClient;
+use crate::time::{format_instant, now_ms, parse_instant};
+
+/// How long `--wait` waits.
+const WAIT_MAX: Duration = Duration::from_secs(300);
+/// How often `--wait` polls.
+const POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+/// `vcfed cluster ...`
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Ask this site for a cluster; it becomes the master and borrows
+    /// nodes from other sites if it has too few.
+    Create(ClusterCreateArgs),
+    /// List the clusters this site masters or serves.
+    List(ListClustersArgs),
+    /// Show one cluster with its per-site parts.
+    Show(ClusterNameArgs),
+    /// Delete a cluster (at its master): releases its nodes at every site.
+    Delete(ClusterNameArgs),
+}
+
+/// Arguments of `vcfed cluster create`.
+#[derive(Debug, Args)]
+pub struct ClusterCreateArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Cluster name.
+    #[arg(long)]
+    name: String,
+    /// Compute nodes (the frontend comes on top, at this site).
+    #[arg(long)]
+    nodes: u32,
+    /// Cores per node [default: this site's node slot].
+    #[arg(long)]
+    cores: Option<u32>,
+    /// Memory per node, MiB [default: this site's node slot].
+    #[arg(long)]
+    memory_mib: Option<u64>,
+    /// Disk per node, GiB [default: this site's node slot].
+    #[arg(long)]
+    disk_gib: Option<u64>,
+    /// Start: `now`, `+2h`, RFC 3339 or unix ms.
+    #[arg(long, default_value = "now")]
+    start: String,
+    /// How long the cluster runs, e.g. 2h.
+    #[arg(long)]
+    duration: String,
+    /// Image the nodes install.
+    #[arg(long)]
+    image: Option<String>,
+    /// Wait until the nodes are reserved (or the request failed), showing progress.
+    #[arg(long)]
+    wait: bool,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Arguments of `vcfed cluster list`.
+#[derive(Debug, Args)]
+pub struct ListClustersArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A cluster named by id or name.
+#[derive(Debug, Args)]
+pub struct ClusterNameArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Cluster name or id.
+    name: String,
+    /// For delete: wait until every site released its nodes.
+    #[arg(long)]
+    wait: bool,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs a `vcfed cluster` command.
+pub async fn run(command: ClusterCommand) -> anyhow::Result<()> {
+    match command {
+        ClusterCommand::Create(args) => {
+            let client = client_for(&args.config)?;
+            let start = parse_instant(&args.start, now_ms())
+                .map_err(|e| UsageError(format!("--start: {e}")))?;
+            let body = CreateClusterBody {
+                name: args.name.clone(),
+                nodes: args.nodes,
+                cores: args.cores,
+                memory_mib: args.memory_mib,
+                disk_gib: args.disk_gib,
+                start: Some(InstantArg::Ms(start)),
+                duration: args.duration.clone(),
+                image: args.image.clone(),
+            };
+            let record: ClusterRecord = client.post("/v1/clusters", &body).await?;
+            if !args.wait {
+                return show(&record, args.json);
+            }
+            if !args.json {
+                show(&record, false)?;
+            }
+            let record = wait(&client, &record.id, args.json, |state| {
+                state != ClusterState::Reserving
+            })
+            .await?;
+            if args.json {
+                show(&record, true)?;
+            }
+            if record.state == ClusterState::Failed {
+                bail!(
+                    "cluster {} failed: {}",
+                    record.name,
+                    record.reason.as_deref().unwrap_or("no reason given")
+                );
+            }
+            Ok(())
+        }
+        ClusterCommand::List(args) => {
+            let client = client_for(&args.config)?;
+            let clusters: Vec<ClusterRecord> = client.get("/v1/clusters").await?;
+            if args.json {
+                return print_json(&clusters);
+            }
+            let mut rows = vec![
+                [
+                    "NAME", "ID", "STATE", "MASTER", "NODES", "SITES", "START", "END",
+                ]
+                .map(str::to_owned)
+                .to_vec(),
+            ];
+            for cluster in &clusters {
+                let live: Vec<_> = cluster
+                    .parts
+                    .iter()
+                    .filter(|p| p.state != vcfed_storage::PartState::Released)
+                    .collect();
+                let mut sites: Vec<&str> = live.iter().map(|p| p.site.as_str()).collect();
+                sites.dedup();
+                let (start, end) = window_of(cluster);
+                rows.push(vec![
+                    cluster.name.clone(),
+                    cluster.id.clone(),
+                    cluster.state.to_string(),
+                    cluster.master_site.clone(),
+                    live.iter().map(|p| p.nodes).sum::<u32>().to_string(),
+                    sites.join(","),
+                    start,
+                    end,
+                ]);
+            }
+            print_table(&rows);
+            Ok(())
+        }
+        ClusterCommand::Show(args) => {
+            let client = client_for(&args.config)?;
+            let record: ClusterRecord = client.get(&format!("/v1/clusters/{}", args.name)).await?;
+            show(&record, args.json)
+        }
+        ClusterCommand::Delete(args) => {
+            let client = client_for(&args.config)?;
+            let record: ClusterRecord = client
+                .call(
+                    hyper::Method::DELETE,
+                    &format!("/v1/clusters/{}", args.name),
+                    None::<&()>,
+                )
+                .await?;
+            if !args.wait || record.state.is_terminal() {
+                return show(&record, args.json);
+            }
+            let record = wait(&client, &record.id, args.json, ClusterState::is_terminal).await?;
+            show(&record, args.json)
+        }
+    }
+}
+
+/// Polls the cluster until `done(state)`, printing each change of its parts.
+async fn wait(
+    client: &ApiClient,
+    id: &str,
+    quiet: bool,
+    done: impl Fn(ClusterState) -> bool,
+) -> anyhow::Result<ClusterRecord> {
+    let started = Instant::now();
+    let mut last: Option<ClusterRecord> = None;
+    loop {
+        let record: ClusterRecord = client.get(&format!("/v1/clusters/{id}")).await?;
+        let changed = last
+            .as_ref()
+            .is_none_or(|l| l.state != record.state || l.parts != record.parts);
+        if changed && !quiet {
+            println!(
+                "[{:>5.1}s] {}",
+                started.elapsed().as_secs_f64(),
+                progress_line(&record)
+            );
+        }
+        if done(record.state) {
+            return Ok(record);
+        }
+        if started.elapsed() > WAIT_MAX {
+            bail!(
+                "cluster {id} is still {} after {}s; `vcfed cluster show {id}` follows it",
+                record.state,
+                WAIT_MAX.as_secs()
+            );
+        }
+        last = Some(record);
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+fn progress_line(record: &ClusterRecord) -> String {
+    let parts: Vec<String> = record
+        .parts
+        .iter()
+        .map(|p| {
+            format!(
+                "{}:{}{} {}",
+                p.site,
+                p.nodes,
+                if p.frontend { "+fe" } else { "" },
+                p.state
+            )
+        })
+        .collect();
+    format!("{} — {}", record.state, parts.join(", "))
+}
+
+fn window_of(record: &ClusterRecord) -> (String, String) {
+    let window = &record.request["window"];
+    let at = |key: &str| {
+        window[key]
+            .as_i64()
+            .map(format_instant)
+            .unwrap_or_else(|| "-".to_owned())
+    };
+    (at("start_ms"), at("end_ms"))
+}
+
+/// Prints a cluster with its parts.
+pub fn show(record: &ClusterRecord, json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(record);
+    }
+    let (start, end) = window_of(record);
+    let nodes = record.request["nodes"].as_u64().unwrap_or(0);
+    println!("cluster  {} ({})", record.name, record.id);
+    match &record.reason {
+        Some(reason) => println!("state    {} — {reason}", record.state),
+        None => println!("state    {}", record.state),
+    }
+    println!("master   {} (hosts the frontend)", record.master_site);
+    println!("window   {start} .. {end}");
+    println!("nodes    {nodes}");
+    let mut rows = vec![
+        ["SITE", "NODES", "FRONTEND", "ATTEMPT", "STATE"]
+            .map(str::to_owned)
+            .to_vec(),
+    ];
+    for part in &record.parts {
+        rows.push(vec![
+            part.site.clone(),
+            part.nodes.to_string(),
+            if part.frontend {
+                "yes".to_owned()
+            } else {
+                String::new()
+            },
+            part.attempt.to_string(),
+            part.state.to_string(),
+        ]);
+    }
+    print_table(&rows);
+    Ok(())
+}

@@ -1,0 +1,313 @@
+//! Federated cluster requests with real agents on loopback: the receiving
+//! site becomes master and reserves the rest at workers; bad requests hold
+//! nothing anywhere; competing masters never overbook a worker.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Member, eventually, start_federation, vcfed};
+use hyper::{Method, StatusCode};
+use serde_json::{Value, json};
+use vcfed_storage::{ClusterRecord, ClusterState, PartState, Reservation};
+
+async fn create(member: &Member, body: Value) -> (StatusCode, Value) {
+    let (status, bytes) = member
+        .client
+        .raw(Method::POST, "/v1/clusters", Some(&body))
+        .await
+        .unwrap();
+    (status, serde_json::from_slice(&bytes).unwrap())
+}
+
+async fn cluster(member: &Member, id: &str) -> ClusterRecord {
+    member
+        .client
+        .get(&format!("/v1/clusters/{id}"))
+        .await
+        .unwrap()
+}
+
+async fn wait_settled(member: &Member, id: &str) -> ClusterRecord {
+    let started = Instant::now();
+    loop {
+        let record = cluster(member, id).await;
+        if record.state != ClusterState::Reserving && record.state != ClusterState::Stopping {
+            return record;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "cluster {id} still {}",
+            record.state
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+async fn active(member: &Member) -> Vec<Reservation> {
+    member.client.get("/v1/reservations").await.unwrap()
+}
+
+/// Nodes of the reservations that count now, at the busiest instant.
+fn peak(reservations: &[Reservation]) -> u32 {
+    reservations
+        .iter()
+        .map(|r| r.window.start_ms)
+        .map(|t| {
+            reservations
+                .iter()
+                .filter(|r| r.window.start_ms <= t && t < r.window.end_ms)
+                .map(|r| r.nodes)
+                .sum::<u32>()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_masters_a_cluster_larger_than_itself() {
+    let mut members = start_federation(&[("site-a", 4), ("site-b", 4), ("site-c", 4)]).await;
+
+    // 10 nodes at A, which has 4 slots: the frontend and 3 nodes stay at A,
+    // the other 7 are borrowed from B and C. Through the CLI, with --wait.
+    let out = vcfed(&[
+        "cluster",
+        "create",
+        "--config",
+        members[0].site.config_arg(),
+        "--name",
+        "big",
+        "--nodes",
+        "10",
+        "--duration",
+        "1h",
+        "--wait",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}\n{text}", common::stderr(&out));
+    assert!(text.contains("reserved"), "{text}");
+
+    let out = vcfed(&[
+        "cluster",
+        "show",
+        "big",
+        "--json",
+        "--config",
+        members[0].site.config_arg(),
+    ]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let record: ClusterRecord = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(record.state, ClusterState::Reserved);
+    assert_eq!(record.master_site, "site-a");
+    let committed: Vec<_> = record
+        .parts
+        .iter()
+        .filter(|p| p.state == PartState::Committed)
+        .collect();
+    assert_eq!(
+        committed.iter().map(|p| p.nodes).sum::<u32>(),
+        10,
+        "{committed:?}"
+    );
+    let at = |site: &str| {
+        committed
+            .iter()
+            .filter(|p| p.site == site)
+            .map(|p| p.nodes)
+            .sum::<u32>()
+    };
+    assert_eq!((at("site-a"), at("site-b") + at("site-c")), (3, 7));
+    assert!(committed.iter().any(|p| p.site == "site-a" && p.frontend));
+
+    // The workers committed exactly their share and know the cluster.
+    for worker in &members[1..] {
+        let reservations = active(worker).await;
+        let name = worker.site.config().site.name;
+        let held: u32 = reservations
+            .iter()
+            .filter(|r| r.cluster_id == record.id)
+            .map(|r| r.nodes)
+            .sum();
+        assert_eq!(held, at(&name), "{name}");
+        assert!(
+            reservations
+                .iter()
+                .all(|r| r.state == vcfed_storage::ReservationState::Committed)
+        );
+        let theirs = cluster(worker, &record.id).await;
+        assert_eq!(theirs.master_site, "site-a");
+        assert_eq!(theirs.state, ClusterState::Reserved);
+    }
+
+    // Delete releases everywhere.
+    let out = vcfed(&[
+        "cluster",
+        "delete",
+        "big",
+        "--wait",
+        "--config",
+        members[0].site.config_arg(),
+    ]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    for member in &members {
+        assert!(
+            active(member).await.is_empty(),
+            "{:?}",
+            active(member).await
+        );
+    }
+
+    // Bad requests: a clear 4xx, and nothing held anywhere afterwards.
+    let base = json!({"name": "bad", "nodes": 2, "duration": "1h"});
+    let with = |patch: Value| {
+        let mut body = base.clone();
+        body.as_object_mut()
+            .unwrap()
+            .extend(patch.as_object().unwrap().clone());
+        body
+    };
+    let cases = [
+        (
+            with(json!({"nodes": 0})),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            with(json!({"duration": "0s"})),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            with(json!({"start": "2020-01-01T00:00:00Z"})),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            with(json!({"cores": 999})),
+            StatusCode::BAD_REQUEST,
+            "unknown_shape",
+        ),
+        (
+            with(json!({"nodes": 50})),
+            StatusCode::CONFLICT,
+            "insufficient_capacity",
+        ),
+    ];
+    for (body, status, code) in cases {
+        let (got, answer) = create(&members[0], body.clone()).await;
+        assert_eq!(
+            (got, answer["error"]["code"].as_str().unwrap()),
+            (status, code),
+            "{body}: {answer}"
+        );
+    }
+    let (_, answer) = create(&members[0], with(json!({"nodes": 50}))).await;
+    assert_eq!(answer["error"]["available"], 11, "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("11 nodes"),
+        "{answer}"
+    );
+    for member in &members {
+        assert!(active(member).await.is_empty());
+    }
+
+    // Request → reserved latency over 100 requests that each borrow nodes.
+    let mut latencies = Vec::new();
+    for i in 0..100 {
+        let started = Instant::now();
+        let (status, answer) = create(
+            &members[0],
+            json!({"name": format!("l{i}"), "nodes": 5, "duration": "10m"}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{answer}");
+        let id = answer["id"].as_str().unwrap().to_owned();
+        let record = wait_settled(&members[0], &id).await;
+        latencies.push(started.elapsed());
+        assert_eq!(record.state, ClusterState::Reserved, "{record:?}");
+        let (status, _) = members[0]
+            .client
+            .raw(Method::DELETE, &format!("/v1/clusters/{id}"), None::<&()>)
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::OK);
+        wait_settled(&members[0], &id).await;
+    }
+    latencies.sort();
+    eprintln!(
+        "request → reserved over 100 requests (5 nodes: 3 at the master, 2 borrowed): median {:.1} ms, p99 {:.1} ms",
+        latencies[49].as_secs_f64() * 1000.0,
+        latencies[98].as_secs_f64() * 1000.0
+    );
+
+    for member in &mut members {
+        assert!(
+            member
+                .agent
+                .as_mut()
+                .unwrap()
+                .terminate(Duration::from_secs(10))
+                .success()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn competing_masters_never_overbook_a_worker() {
+    let mut members = start_federation(&[("site-a", 3), ("site-b", 3), ("site-c", 4)]).await;
+    for round in 0..5 {
+        // A and B each need all of C's 4 nodes for the same hour.
+        let body = |name: &str| json!({"name": name, "nodes": 6, "duration": "1h"});
+        let (a, b) = tokio::join!(
+            create(&members[0], body(&format!("a{round}"))),
+            create(&members[1], body(&format!("b{round}")))
+        );
+        let mut ids = Vec::new();
+        for ((status, answer), member) in [(a, &members[0]), (b, &members[1])] {
+            if status == StatusCode::CREATED {
+                ids.push((member, answer["id"].as_str().unwrap().to_owned()));
+            }
+        }
+        let mut reserved = 0;
+        for (member, id) in &ids {
+            if wait_settled(member, id).await.state == ClusterState::Reserved {
+                reserved += 1;
+            }
+        }
+        let at_c = active(&members[2]).await;
+        assert!(peak(&at_c) <= 4, "round {round}: C overbooked: {at_c:?}");
+        assert!(reserved <= 1, "round {round}: both masters got C's nodes");
+        // Clean up for the next round, and wait until holds of failed
+        // attempts are gone (released, or expired by their lease).
+        for (member, id) in &ids {
+            let _ = member
+                .client
+                .raw(Method::DELETE, &format!("/v1/clusters/{id}"), None::<&()>)
+                .await;
+        }
+        eventually("everything released", Duration::from_secs(40), || async {
+            for member in &members {
+                if !active(member).await.is_empty() {
+                    return false;
+                }
+            }
+            true
+        })
+        .await;
+    }
+    for member in &mut members {
+        assert!(
+            member
+                .agent
+                .as_mut()
+                .unwrap()
+                .terminate(Duration::from_secs(10))
+                .success()
+        );
+    }
+}
