@@ -329,19 +329,27 @@ async fn openapi_document_matches_the_routes() {
     let source =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/api.rs")).unwrap();
     let mut served: Vec<(String, String)> = Vec::new();
-    for line in source
-        .lines()
-        .map(str::trim)
-        .filter(|l| l.starts_with(".route(\""))
-    {
-        let path = line
-            .trim_start_matches(".route(\"")
-            .split('"')
-            .next()
-            .unwrap()
-            .to_owned();
+    for (start, _) in source.match_indices(".route(") {
+        // The whole call, however rustfmt wrapped it: up to the matching ')'.
+        let mut depth = 0;
+        let mut end = start;
+        for (offset, c) in source[start..].char_indices() {
+            match c {
+                '(' => depth += 1,
+                ')' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        end = start + offset;
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        let call: String = source[start..end].split_whitespace().collect();
+        let path = call.trim_start_matches(".route(\"").split('"').next().unwrap().to_owned();
         for method in ["get", "post", "put", "delete", "patch"] {
-            if line.contains(&format!(" {method}(")) || line.contains(&format!(".{method}(")) {
+            if call.contains(&format!(",{method}(")) || call.contains(&format!(".{method}(")) {
                 served.push((method.to_uppercase(), path.clone()));
             }
         }
