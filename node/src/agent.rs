@@ -98,18 +98,36 @@ pub async fn start(
             nodes = site.capacity.nodes,
             "agent ready"
         );
+        let stop_tx = Arc::new(stop_tx);
+        let stopper = stop_tx.clone();
         tokio::spawn(async move {
             shutdown.await;
             tracing::info!("shutting down");
+            let _ = stopper.send(true);
+        });
+        // The federation ends only when told to; if it ends on its own (a
+        // panic, a dead transport), the agent stops too rather than serving
+        // an API for a site the federation no longer sees.
+        let federation_stop = stop_tx.subscribe();
+        let federation = tokio::spawn(async move {
+            let ended = federation_task.await;
+            if *federation_stop.borrow() {
+                return Ok(());
+            }
             let _ = stop_tx.send(true);
+            match ended {
+                Ok(()) => Err(anyhow::anyhow!("the federation task stopped unexpectedly")),
+                Err(e) => Err(anyhow::anyhow!("the federation task failed: {e}")),
+            }
         });
         let served = api::serve(listener, state, async move {
             let _ = api_stop.wait_for(|stop| *stop).await;
         })
         .await;
         let _ = sweeper.await;
-        let _ = federation_task.await;
+        let federation = federation.await.context("federation monitor")?;
         served.context("serving the API")?;
+        federation?;
         tracing::info!("agent stopped");
         Ok(())
     });

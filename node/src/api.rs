@@ -297,8 +297,9 @@ async fn require_token(
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "))
-        .map(str::trim);
+        .and_then(|value| value.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
     let Some(presented) = presented else {
         return ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -776,6 +777,13 @@ fn owner(state: &ApiState, body: Option<Json<OwnerBody>>) -> String {
 }
 
 fn checked_window(from_ms: i64, to_ms: i64) -> Result<Window, ApiError> {
+    for instant in [from_ms, to_ms] {
+        if !(0..=vcfed_storage::INSTANT_MS_MAX).contains(&instant) {
+            return Err(ApiError::bad_request(format!(
+                "time {instant} is outside 1970 to 9999"
+            )));
+        }
+    }
     let window = Window::new(from_ms, to_ms).ok_or_else(|| {
         ApiError::bad_request(format!(
             "the window must end after it starts ({} .. {})",

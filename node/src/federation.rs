@@ -44,6 +44,12 @@ const OUTBOX_MAX: usize = 1024;
 const COMMANDS_MAX: usize = 64;
 /// How often disconnected sites are considered for a redial.
 const RECONNECT_TICK: Duration = Duration::from_secs(2);
+/// Longest the shell sleeps without looking at its timers.
+const WAKE_MAX: Duration = Duration::from_secs(1);
+/// Capacity changes closer together than this are advertised once.
+const ADVERT_COALESCE: Duration = Duration::from_millis(200);
+/// Peers whose last written addresses are remembered, to skip rewriting them.
+const REMEMBERED_MAX: usize = 4096;
 /// First and longest wait between redials of one peer.
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
@@ -192,14 +198,17 @@ pub async fn start(
 ) -> anyhow::Result<(FederationHandle, tokio::task::JoinHandle<()>)> {
     let psk = match &config.federation.psk_file {
         Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| {
-                format!("reading the federation pre-shared key {}", path.display())
-            })?;
-            Some(p2p::parse_psk(&text).with_context(|| format!("in {}", path.display()))?)
+            // A missing, unreadable, too open or malformed key file is a
+            // configuration error: the site must not start without it.
+            let bad = |why: String| crate::cli::UsageError(format!("federation.psk_file: {why}"));
+            let bytes = crate::identity::read_secret(path).map_err(|e| bad(e.to_string()))?;
+            let text = String::from_utf8(bytes)
+                .map_err(|_| bad(format!("{} is not text", path.display())))?;
+            Some(p2p::parse_psk(&text).map_err(|e| bad(format!("{}: {e}", path.display())))?)
         }
         None => None,
     };
-    let allow_peers = (!config.federation.allow_peers.is_empty()).then(|| {
+    let allowed_sites = (!config.federation.allow_peers.is_empty()).then(|| {
         let mut allowed: BTreeSet<PeerId> = config.federation.allow_peers.iter().copied().collect();
         // Our own id is always allowed (libp2p never dials itself anyway).
         allowed.insert(keys.peer_id());
@@ -210,7 +219,7 @@ pub async fn start(
         listen: config.federation.listen.clone(),
         bootstrap: config.federation.bootstrap.clone(),
         psk,
-        allow_peers,
+        allow_peers: allowed_sites.clone(),
         topic: ADVERT_TOPIC.to_owned(),
         message_max_bytes: MESSAGE_MAX_BYTES,
         request_timeout: REQUEST_TIMEOUT,
@@ -226,6 +235,7 @@ pub async fn start(
         anti_entropy_ms: millis(gossip.anti_entropy),
         suspect_ms: millis(gossip.advert_refresh),
         message_max_bytes: MESSAGE_MAX_BYTES,
+        allowed_sites: allowed_sites.clone(),
         ..RegistryConfig::default()
     };
     let version = ledger
@@ -270,6 +280,8 @@ pub async fn start(
         listen_addrs: Vec::new(),
         connected: BTreeSet::new(),
         dial_targets: BTreeMap::new(),
+        remembered: BTreeMap::new(),
+        advert_due: None,
     };
     for addr in &config.federation.bootstrap {
         if let Some(Protocol::P2p(peer)) = addr.iter().last() {
@@ -357,6 +369,9 @@ async fn outbox_loop(p2p: P2pHandle, mut outbox: mpsc::Receiver<Outgoing>) {
 #[derive(Debug)]
 struct DialTarget {
     addrs: Vec<Multiaddr>,
+    /// Which address the next redial uses: libp2p drops a second dial to a
+    /// peer while one is pending, so each attempt tries one address, in turn.
+    next_addr: usize,
     next_attempt: tokio::time::Instant,
     backoff: Duration,
 }
@@ -365,6 +380,7 @@ impl DialTarget {
     fn new(addrs: Vec<Multiaddr>) -> DialTarget {
         DialTarget {
             addrs,
+            next_addr: 0,
             next_attempt: tokio::time::Instant::now(),
             backoff: BACKOFF_MIN,
         }
@@ -383,6 +399,9 @@ struct Shell {
     listen_addrs: Vec<Multiaddr>,
     connected: BTreeSet<PeerId>,
     dial_targets: BTreeMap<PeerId, DialTarget>,
+    remembered: BTreeMap<PeerId, (Option<String>, Vec<String>)>,
+    /// When a pending capacity change is to be advertised.
+    advert_due: Option<tokio::time::Instant>,
 }
 
 impl Shell {
@@ -402,9 +421,13 @@ impl Shell {
                 .into_iter()
                 .flatten()
                 .min();
-            let wake = next.map_or(Duration::from_secs(3600), |at| {
-                Duration::from_millis(u64::try_from(at - now_ms()).unwrap_or(0))
+            // Never sleep long: deadlines are on the wall clock, which may step.
+            let mut wake = next.map_or(WAKE_MAX, |at| {
+                Duration::from_millis(u64::try_from(at - now_ms()).unwrap_or(0)).min(WAKE_MAX)
             });
+            if let Some(due) = self.advert_due {
+                wake = wake.min(due.saturating_duration_since(tokio::time::Instant::now()));
+            }
             tokio::select! {
                 () = &mut stopped => break,
                 event = events.recv() => match event {
@@ -419,7 +442,10 @@ impl Shell {
                     // Time moves the advertised steps (a reservation starts or
                     // ends), so the local advert is recomputed before the core
                     // refreshes it.
-                    self.refresh_local_advert();
+                    if self.advert_due.is_none_or(|due| due <= tokio::time::Instant::now()) {
+                        self.advert_due = None;
+                        self.refresh_local_advert();
+                    }
                     let now = now_ms();
                     self.registry.handle_timeout(now);
                     let (cluster, registry) = (&mut self.cluster, &self.registry);
@@ -496,7 +522,7 @@ impl Shell {
                     if let Err(e) = handled {
                         tracing::error!(error = %format!("{e:#}"), %peer, "handling a cluster answer failed");
                     }
-                    self.refresh_local_advert();
+                    self.capacity_changed();
                 }
                 None => self.registry.handle_response(now, peer, &data),
             },
@@ -509,13 +535,20 @@ impl Shell {
         }
     }
 
+    /// Schedules a re-advertisement soon; changes in a burst share one.
+    fn capacity_changed(&mut self) {
+        if self.advert_due.is_none() {
+            self.advert_due = Some(tokio::time::Instant::now() + ADVERT_COALESCE);
+        }
+    }
+
     /// A cluster request from another site: this site as a worker.
     fn on_cluster_request(&mut self, now: i64, peer: PeerId, msg: ClusterMsg) -> Option<Vec<u8>> {
         let (cluster, registry) = (&mut self.cluster, &self.registry);
         let answer = self
             .ledger
             .blocking(|ledger| cluster.handle_request(ledger, registry, now, peer, msg));
-        self.refresh_local_advert();
+        self.capacity_changed();
         match answer {
             Ok(answer) => answer.map(|msg| wire::encode(&Message::Cluster(msg.encode()))),
             Err(e) => {
@@ -530,7 +563,7 @@ impl Shell {
             Command::Sites { reply } => {
                 let _ = reply.send(self.report());
             }
-            Command::CapacityChanged => self.refresh_local_advert(),
+            Command::CapacityChanged => self.capacity_changed(),
             Command::CreateCluster { id, request, reply } => {
                 let now = now_ms();
                 let (cluster, registry) = (&mut self.cluster, &self.registry);
@@ -538,7 +571,7 @@ impl Shell {
                     .ledger
                     .blocking(|ledger| cluster.create(ledger, registry, now, id, request));
                 let _ = reply.send(created);
-                self.refresh_local_advert();
+                self.capacity_changed();
             }
             Command::DeleteCluster { id, reply } => {
                 let now = now_ms();
@@ -547,7 +580,7 @@ impl Shell {
                     .ledger
                     .blocking(|ledger| cluster.delete(ledger, now, &id));
                 let _ = reply.send(deleted);
-                self.refresh_local_advert();
+                self.capacity_changed();
             }
             Command::Join { addr, reply } => {
                 let Some(Protocol::P2p(peer)) = addr.iter().last() else {
@@ -573,6 +606,9 @@ impl Shell {
 
     /// Carries out what the core asked, events first (see the core's contract).
     async fn drain(&mut self) {
+        // A version that is not on disk must not be sent: after a restart the
+        // site would reuse it and receivers would ignore it as a duplicate.
+        let mut version_unsaved = false;
         while let Some(event) = self.registry.poll_event() {
             match event {
                 RegistryEvent::PersistVersion(version) => {
@@ -580,7 +616,8 @@ impl Shell {
                         .ledger
                         .blocking(move |ledger| ledger.set_advert_version(version))
                     {
-                        tracing::error!(error = %format!("{e:#}"), version, "cannot persist the advert version");
+                        tracing::error!(error = %format!("{e:#}"), version, "cannot persist the advert version; not publishing it");
+                        version_unsaved = true;
                     }
                 }
                 RegistryEvent::SiteAlive { site, name } => {
@@ -592,22 +629,15 @@ impl Shell {
                 RegistryEvent::SiteSuspect { site } => tracing::info!(peer = %site, "site suspect"),
                 RegistryEvent::SiteGone { site } => tracing::warn!(peer = %site, "site gone"),
                 RegistryEvent::SiteAddrs { site, addrs } => {
-                    let name = self
-                        .registry
-                        .sites(now_ms())
-                        .into_iter()
-                        .find(|view| view.site == site)
-                        .map(|view| view.advert.site_name);
+                    let name = self.registry.site_name(&site);
                     let parsed: Vec<Multiaddr> =
                         addrs.iter().filter_map(|a| a.parse().ok()).collect();
-                    if !parsed.is_empty()
-                        && (self.dial_targets.len() < DIALED_PEERS_MAX
-                            || self.dial_targets.contains_key(&site))
-                    {
-                        self.dial_targets
+                    if !parsed.is_empty() && self.make_room_for_target(&site) {
+                        let target = self
+                            .dial_targets
                             .entry(site)
-                            .or_insert_with(|| DialTarget::new(Vec::new()))
-                            .addrs = parsed;
+                            .or_insert_with(|| DialTarget::new(Vec::new()));
+                        target.addrs = parsed;
                     }
                     self.remember_peer(site, name, addrs);
                 }
@@ -619,9 +649,33 @@ impl Shell {
         }
         while let Some(transmit) = self.registry.poll_transmit() {
             match transmit {
+                Transmit::Publish { .. } if version_unsaved => {}
                 Transmit::Publish { data } => self.send(Outgoing::Publish(data)),
                 Transmit::Request { to, data } => self.send(Outgoing::Request { to, data }),
             }
+        }
+    }
+
+    /// Whether `site` is or can become a dial target: beyond
+    /// [`DIALED_PEERS_MAX`], a target whose site is gone makes room.
+    fn make_room_for_target(&mut self, site: &PeerId) -> bool {
+        if self.dial_targets.contains_key(site) || self.dial_targets.len() < DIALED_PEERS_MAX {
+            return true;
+        }
+        let gone = self
+            .dial_targets
+            .keys()
+            .find(|peer| {
+                self.registry.site_state(peer) == Some(SiteState::Gone)
+                    && !self.connected.contains(*peer)
+            })
+            .copied();
+        match gone {
+            Some(peer) => {
+                self.dial_targets.remove(&peer);
+                true
+            }
+            None => false,
         }
     }
 
@@ -640,9 +694,9 @@ impl Shell {
             {
                 continue;
             }
-            for addr in &target.addrs {
-                dials.push(addr.clone().with(Protocol::P2p(*peer)));
-            }
+            let addr = &target.addrs[target.next_addr % target.addrs.len()];
+            dials.push(addr.clone().with(Protocol::P2p(*peer)));
+            target.next_addr = target.next_addr.wrapping_add(1);
             target.next_attempt = now + target.backoff;
             target.backoff = (target.backoff * 2).min(BACKOFF_MAX);
         }
@@ -679,6 +733,15 @@ impl Shell {
         if addrs.is_empty() && name.is_none() {
             return;
         }
+        // Identify repeats itself: write (and fsync) only what is new.
+        let entry = (name.clone(), addrs.clone());
+        if self.remembered.get(&peer) == Some(&entry) {
+            return;
+        }
+        if self.remembered.len() >= REMEMBERED_MAX {
+            self.remembered.clear();
+        }
+        self.remembered.insert(peer, entry);
         let id = peer.to_string();
         let result = self
             .ledger
@@ -726,9 +789,20 @@ impl Shell {
             steps,
             horizon_end_ms,
         };
-        let addrs = self
+        // Loopback addresses only help on this host: advertise them only if
+        // there is nothing else.
+        let routable: Vec<&Multiaddr> = self
             .listen_addrs
             .iter()
+            .filter(|a| !is_loopback(a))
+            .collect();
+        let chosen: Vec<&Multiaddr> = if routable.is_empty() {
+            self.listen_addrs.iter().collect()
+        } else {
+            routable
+        };
+        let addrs = chosen
+            .into_iter()
             .take(vcfed_registry::advert::ADVERT_ADDRS_MAX)
             .map(ToString::to_string)
             .collect();
@@ -792,6 +866,14 @@ fn millis(duration: Duration) -> i64 {
 
 fn round_up(value: i64, unit: i64) -> i64 {
     value.div_euclid(unit) * unit + if value.rem_euclid(unit) == 0 { 0 } else { unit }
+}
+
+fn is_loopback(addr: &Multiaddr) -> bool {
+    addr.iter().any(|protocol| match protocol {
+        Protocol::Ip4(ip) => ip.is_loopback(),
+        Protocol::Ip6(ip) => ip.is_loopback(),
+        _ => false,
+    })
 }
 
 /// The address without a trailing /p2p/<peer id>.

@@ -224,8 +224,8 @@ pub fn load_token(path: &Path) -> Result<String, IdentityError> {
     Ok(token.to_owned())
 }
 
-/// Reads a secret file after checking its mode.
-fn read_secret(path: &Path) -> Result<Vec<u8>, IdentityError> {
+/// Reads a secret file after checking that no other user can read it.
+pub fn read_secret(path: &Path) -> Result<Vec<u8>, IdentityError> {
     let io = |source| IdentityError::Io {
         path: path.to_owned(),
         source,

@@ -347,7 +347,12 @@ async fn openapi_document_matches_the_routes() {
             }
         }
         let call: String = source[start..end].split_whitespace().collect();
-        let path = call.trim_start_matches(".route(\"").split('"').next().unwrap().to_owned();
+        let path = call
+            .trim_start_matches(".route(\"")
+            .split('"')
+            .next()
+            .unwrap()
+            .to_owned();
         for method in ["get", "post", "put", "delete", "patch"] {
             if call.contains(&format!(",{method}(")) || call.contains(&format!(".{method}(")) {
                 served.push((method.to_uppercase(), path.clone()));

@@ -191,6 +191,9 @@ async fn five_agents_discover_each_other_by_gossip() {
     std::fs::write(&members[2].site.config_path, without_bootstrap).unwrap();
     members[2].agent = Some(members[2].site.spawn());
     common::wait_ready(&members[2].client).await;
+    // With no bootstrap it can only have found the others in its ledger.
+    let log = members[2].agent.as_ref().unwrap().log();
+    assert!(log.contains("dialing known peers"), "{log}");
     eventually(
         "agent 3 is alive again everywhere",
         Duration::from_secs(15),

@@ -19,6 +19,34 @@ pub const ADVERT_STEPS_MAX: usize = 1024;
 pub const ADVERT_TEXT_LEN_MAX: usize = 255;
 /// Most federation addresses an advert may carry.
 pub const ADVERT_ADDRS_MAX: usize = 16;
+/// Largest encoded advert body, bytes (a full one is about 13 KiB).
+pub const ADVERT_BODY_MAX: usize = 32 * 1024;
+
+/// Merges capacity steps down to at most `max` (≥ 1), conservatively: a
+/// merged step says the fewest free nodes of the steps it replaces, so the
+/// advert never promises more than the site has.
+pub fn coarsen_steps(steps: &[(i64, u32)], max: usize) -> Vec<(i64, u32)> {
+    assert!(max >= 1, "at least one step must remain");
+    if steps.len() <= max {
+        return steps.to_vec();
+    }
+    let group = steps.len().div_ceil(max);
+    let mut merged: Vec<(i64, u32)> = steps
+        .chunks(group)
+        .map(|chunk| {
+            (
+                chunk[0].0,
+                chunk
+                    .iter()
+                    .map(|&(_, free)| free)
+                    .min()
+                    .expect("chunks are non-empty"),
+            )
+        })
+        .collect();
+    merged.dedup_by(|later, earlier| later.1 == earlier.1);
+    merged
+}
 
 /// The shape of one node slot of a site.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -167,13 +195,27 @@ impl SignedAdvert {
 
     /// Verifies the signature and the advert's bounds and returns the advert.
     pub fn verify(&self) -> Result<Advert, AdvertError> {
+        // Bound the work and the memory a relayed advert can cost before
+        // spending a signature check on it.
+        if self.body.len() > ADVERT_BODY_MAX
+            || self.public_key.len() > 128
+            || self.signature.len() > 128
+        {
+            return Err(AdvertError::OutOfBounds("advert too large"));
+        }
         let public_key =
             PublicKey::try_decode_protobuf(&self.public_key).map_err(|_| AdvertError::BadKey)?;
         if !public_key.verify(&signed_bytes(&self.body), &self.signature) {
             return Err(AdvertError::BadSignature);
         }
-        let advert: Advert = postcard::from_bytes(&self.body)
+        let (advert, rest): (Advert, &[u8]) = postcard::take_from_bytes(&self.body)
             .map_err(|e| AdvertError::Undecodable(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(AdvertError::Undecodable(format!(
+                "{} trailing bytes",
+                rest.len()
+            )));
+        }
         let signer = public_key.to_peer_id();
         if advert.site != signer {
             return Err(AdvertError::WrongSigner {
@@ -318,5 +360,37 @@ mod tests {
         assert_eq!(capacity.min_free(6_000, 7_000), 1);
         assert_eq!(capacity.min_free(9_000, 200_000), 4);
         assert_eq!(capacity.min_free(-10, -5), 4);
+    }
+
+    #[test]
+    fn trailing_bytes_and_oversized_bodies_are_refused() {
+        let keypair = Keypair::generate_ed25519();
+        let mut body = postcard::to_allocvec(&advert(&keypair, 1)).unwrap();
+        body.extend_from_slice(&[0u8; 16]);
+        let padded = SignedAdvert {
+            public_key: keypair.public().encode_protobuf(),
+            signature: keypair.sign(&signed_bytes(&body)).unwrap(),
+            body,
+        };
+        assert!(matches!(padded.verify(), Err(AdvertError::Undecodable(_))));
+        let mut huge = padded.clone();
+        huge.body = vec![0; ADVERT_BODY_MAX + 1];
+        assert_eq!(
+            huge.verify(),
+            Err(AdvertError::OutOfBounds("advert too large"))
+        );
+    }
+
+    #[test]
+    fn coarsening_never_promises_more() {
+        let steps: Vec<(i64, u32)> = (0..3000u32).map(|i| (i64::from(i) * 10, i % 7)).collect();
+        let coarse = coarsen_steps(&steps, ADVERT_STEPS_MAX);
+        assert!(coarse.len() <= ADVERT_STEPS_MAX);
+        assert_eq!(coarse[0].0, 0);
+        for &(at, free) in &steps {
+            let covering = coarse.iter().rev().find(|(start, _)| *start <= at).unwrap();
+            assert!(covering.1 <= free, "at {at}: {} > {free}", covering.1);
+        }
+        assert_eq!(coarsen_steps(&steps[..5], 10), steps[..5].to_vec());
     }
 }

@@ -27,12 +27,15 @@
 //! further `suspect_ms`. Gone sites are never offered as workers; a fresh
 //! advert brings them back.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
 use libp2p_identity::{Keypair, PeerId};
 
-use crate::advert::{Advert, AdvertError, CapacitySummary, GatewayInfo, NodeShape, SignedAdvert};
+use crate::advert::{
+    ADVERT_ADDRS_MAX, ADVERT_STEPS_MAX, Advert, AdvertError, CapacitySummary, GatewayInfo,
+    NodeShape, SignedAdvert, coarsen_steps,
+};
 use crate::wire::{self, DigestEntry, Message, WireError};
 
 /// Settings of the registry core. Times in ms.
@@ -54,6 +57,9 @@ pub struct RegistryConfig {
     pub message_max_bytes: usize,
     /// Most sites kept in the view.
     pub sites_max: usize,
+    /// If set, only adverts of these sites enter the view (a federation
+    /// allowlist applies to what is relayed, not only to connections).
+    pub allowed_sites: Option<BTreeSet<PeerId>>,
 }
 
 impl Default for RegistryConfig {
@@ -67,6 +73,7 @@ impl Default for RegistryConfig {
             clock_skew_max_ms: 60_000,
             message_max_bytes: 1 << 20,
             sites_max: 10_000,
+            allowed_sites: None,
         }
     }
 }
@@ -185,6 +192,8 @@ pub struct RegistryStats {
     pub dropped_oversized: u64,
     /// Adverts dropped because the view was full.
     pub dropped_full: u64,
+    /// Adverts of sites outside the allowlist.
+    pub dropped_not_allowed: u64,
     /// Messages sent.
     pub messages_sent: u64,
     /// Bytes sent.
@@ -327,9 +336,8 @@ impl Registry {
 
     /// The connection to `peer` is down.
     pub fn peer_disconnected(&mut self, peer: PeerId) {
-        if let Some(info) = self.peers.get_mut(&peer) {
-            info.connected = false;
-        }
+        // Forget the peer entirely: a churning network must not grow this map.
+        self.peers.remove(&peer);
     }
 
     /// A round-trip time to `peer` was measured.
@@ -400,6 +408,17 @@ impl Registry {
 
     /// Timers: refresh, anti-entropy, liveness. Call at [`Registry::poll_timeout`].
     pub fn handle_timeout(&mut self, now_ms: i64) {
+        // Deadlines are on the caller's wall clock; if it stepped back, a
+        // deadline far in the future would silence this site for as long.
+        if self
+            .next_refresh_ms
+            .is_some_and(|at| at > now_ms.saturating_add(self.config.refresh_ms))
+        {
+            self.next_refresh_ms = Some(now_ms);
+        }
+        if self.next_anti_entropy_ms > now_ms.saturating_add(self.config.anti_entropy_ms) {
+            self.next_anti_entropy_ms = now_ms;
+        }
         if self.next_refresh_ms.is_some_and(|at| at <= now_ms) {
             self.publish_local(now_ms);
         }
@@ -531,15 +550,21 @@ impl Registry {
             return;
         };
         self.local_version += 1;
+        // Receivers refuse adverts out of bounds: a busy calendar is merged
+        // (conservatively) rather than making this site vanish.
+        let mut capacity = local.capacity;
+        capacity.steps = coarsen_steps(&capacity.steps, ADVERT_STEPS_MAX);
+        let mut addrs = local.addrs;
+        addrs.truncate(ADVERT_ADDRS_MAX);
         let advert = Advert {
             site: self.local_id,
             site_name: local.site_name,
             version: self.local_version,
             issued_at_ms: now_ms,
             ttl_ms: self.config.advert_ttl_ms,
-            capacity: local.capacity,
+            capacity,
             gateway: local.gateway,
-            addrs: local.addrs,
+            addrs,
             software: local.software,
         };
         let signed = match SignedAdvert::sign(&advert, &self.keypair) {
@@ -646,6 +671,8 @@ impl Registry {
         let budget = self.config.message_max_bytes / 2;
         let mut used = 0;
         let mut adverts = Vec::new();
+        // A request naming a site many times gets its advert once.
+        let sites: BTreeSet<&PeerId> = sites.iter().collect();
         for site in sites {
             let signed = if *site == self.local_id {
                 self.local_signed.as_ref().map(|(signed, _)| signed)
@@ -686,15 +713,21 @@ impl Registry {
             // Our own advert coming back to us.
             return Verdict::Ignore;
         }
-        if advert.ttl_ms > self.config.advert_ttl_ms.saturating_mul(10)
-            || self.is_expired(&advert, now_ms)
+        if let Some(allowed) = &self.config.allowed_sites
+            && !allowed.contains(&advert.site)
         {
+            self.stats.dropped_not_allowed += 1;
+            return Verdict::Ignore;
+        }
+        if self.is_expired(&advert, now_ms) {
             self.stats.dropped_expired += 1;
             return Verdict::Ignore;
         }
-        if advert.issued_at_ms > now_ms + self.config.clock_skew_max_ms {
+        if advert.issued_at_ms > now_ms.saturating_add(self.config.clock_skew_max_ms) {
+            // Issued in our future: the issuer's clock (or ours) is off by
+            // more than the allowance. Not the relaying peer's fault.
             self.stats.dropped_expired += 1;
-            return Verdict::Reject;
+            return Verdict::Ignore;
         }
         let fresh_until_ms = self.fresh_until(&advert, now_ms);
         let site = advert.site;
@@ -756,15 +789,32 @@ impl Registry {
 
     /// Whether an advert is past its TTL by the issuer's clock, allowing skew.
     fn is_expired(&self, advert: &Advert, now_ms: i64) -> bool {
-        advert.issued_at_ms + i64::from(advert.ttl_ms) + self.config.clock_skew_max_ms <= now_ms
+        advert
+            .issued_at_ms
+            .saturating_add(self.ttl_of(advert))
+            .saturating_add(self.config.clock_skew_max_ms)
+            <= now_ms
+    }
+
+    /// An advert's TTL as this site honours it: at most ten times its own,
+    /// so a site with a long TTL is still seen (and still expires) here.
+    fn ttl_of(&self, advert: &Advert) -> i64 {
+        i64::from(
+            advert
+                .ttl_ms
+                .min(self.config.advert_ttl_ms.saturating_mul(10)),
+        )
     }
 
     /// Until when (our clock) an advert received at `now_ms` counts as fresh:
     /// at most its TTL from now, and no longer than the issuer's clock allows.
     fn fresh_until(&self, advert: &Advert, now_ms: i64) -> i64 {
-        let ttl = i64::from(advert.ttl_ms);
-        let by_issuer = advert.issued_at_ms + ttl + self.config.clock_skew_max_ms;
-        (now_ms + ttl).min(by_issuer.max(now_ms))
+        let ttl = self.ttl_of(advert);
+        let by_issuer = advert
+            .issued_at_ms
+            .saturating_add(ttl)
+            .saturating_add(self.config.clock_skew_max_ms);
+        now_ms.saturating_add(ttl).min(by_issuer.max(now_ms))
     }
 
     fn update_liveness(&mut self, now_ms: i64) {

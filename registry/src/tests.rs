@@ -620,5 +620,89 @@ mod fuzz {
             prop_assert!(registry.handle_request(0, peer, &data).is_some());
             prop_assert!(registry.sites(0).is_empty());
         }
+
+        /// Properly signed adverts with arbitrary bodies reach the body
+        /// decoder and the bounds checks, and are refused without panicking.
+        #[test]
+        fn signed_garbage_bodies_are_refused(body in prop::collection::vec(any::<u8>(), 0..1024)) {
+            let keypair = Keypair::generate_ed25519();
+            let mut domain = b"vcfed/advert/1\0".to_vec();
+            domain.extend_from_slice(&body);
+            let signed = SignedAdvert {
+                public_key: keypair.public().encode_protobuf(),
+                signature: keypair.sign(&domain).unwrap(),
+                body,
+            };
+            let mut registry = Registry::new(config(), Keypair::generate_ed25519(), 0, 1, 0);
+            let verdict = registry.handle_gossip(0, &wire::encode(&Message::Advert(signed)));
+            prop_assert_ne!(verdict, Verdict::Accept);
+            prop_assert!(registry.sites(0).is_empty());
+        }
     }
+}
+
+#[test]
+fn extreme_times_and_long_ttls_do_not_break_the_view() {
+    let site = Keypair::generate_ed25519();
+    let mut registry = Registry::new(config(), Keypair::generate_ed25519(), 0, 1, 1_000_000);
+    let mut advert = Advert {
+        site: site.public().to_peer_id(),
+        site_name: "far".into(),
+        version: 1,
+        issued_at_ms: i64::MAX - 10,
+        ttl_ms: u32::MAX,
+        capacity: CapacitySummary {
+            total_nodes: 1,
+            node: SHAPE,
+            steps: vec![(0, 1)],
+            horizon_end_ms: i64::MAX,
+        },
+        gateway: None,
+        addrs: vec![],
+        software: "test".into(),
+    };
+    let push = |advert: &Advert| {
+        wire::encode(&Message::Advert(SignedAdvert::sign(advert, &site).unwrap()))
+    };
+    // From the far future: dropped, no overflow.
+    assert_eq!(
+        registry.handle_gossip(1_000_000, &push(&advert)),
+        Verdict::Ignore
+    );
+    // A TTL far longer than ours is honoured up to ten times ours, not dropped.
+    advert.issued_at_ms = 1_000_000;
+    advert.version = 2;
+    advert.ttl_ms = 3_600_000;
+    assert_eq!(
+        registry.handle_gossip(1_000_000, &push(&advert)),
+        Verdict::Accept
+    );
+    let ten_ttls = 10 * i64::from(config().advert_ttl_ms);
+    registry.handle_timeout(1_000_000 + ten_ttls - 1);
+    assert_eq!(registry.site_state(&advert.site), Some(SiteState::Alive));
+    registry.handle_timeout(1_000_000 + ten_ttls + 1);
+    assert_eq!(registry.site_state(&advert.site), Some(SiteState::Suspect));
+}
+
+#[test]
+fn a_clock_stepped_back_does_not_silence_the_site() {
+    let mut registry = Registry::new(config(), Keypair::generate_ed25519(), 0, 1, 10_000_000);
+    registry.set_local(10_000_000, local("a", 1));
+    while registry.poll_transmit().is_some() {}
+    // The wall clock jumps back an hour: the refresh is due again at once.
+    let back = 10_000_000 - 3_600_000;
+    registry.handle_timeout(back);
+    assert!(
+        registry
+            .poll_timeout()
+            .is_some_and(|at| at <= back + config().refresh_ms)
+    );
+    let mut published = false;
+    while let Some(transmit) = registry.poll_transmit() {
+        published |= matches!(transmit, Transmit::Publish { .. });
+    }
+    assert!(
+        published,
+        "the advert is refreshed after the clock stepped back"
+    );
 }

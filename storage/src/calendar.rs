@@ -29,7 +29,8 @@ impl Window {
 
     /// Length of the window in milliseconds (always positive).
     pub fn duration_ms(&self) -> i64 {
-        self.end_ms - self.start_ms
+        // Saturates: a window from i64::MIN to i64::MAX is "as long as can be".
+        self.end_ms.saturating_sub(self.start_ms)
     }
 }
 

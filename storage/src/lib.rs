@@ -44,6 +44,10 @@ pub use calendar::{Step, Usage, Window, free_steps, min_free, peak_usage};
 pub const KEY_LEN_MAX: usize = 200;
 /// Longest accepted cluster id or site name stored with a reservation, in bytes.
 pub const NAME_LEN_MAX: usize = 200;
+/// Longest lease a hold may have, ms (a week).
+pub const LEASE_MS_MAX: i64 = 7 * 86_400_000;
+/// Latest instant the calendar accepts: the end of year 9999, unix ms.
+pub const INSTANT_MS_MAX: i64 = 253_402_300_799_999;
 /// Addresses remembered per peer; the oldest are forgotten first.
 pub const PEER_ADDRS_MAX: usize = 16;
 /// Events kept in the event log; older ones are pruned by the sweep.
@@ -1103,8 +1107,16 @@ fn validate_hold(request: &HoldRequest) -> Result<(), LedgerError> {
     if request.nodes == 0 {
         return invalid("nodes must be at least 1".to_owned());
     }
-    if request.lease_ms <= 0 {
-        return invalid("lease must be positive".to_owned());
+    if request.lease_ms <= 0 || request.lease_ms > LEASE_MS_MAX {
+        return invalid(format!(
+            "lease must be between 1 ms and {} days",
+            LEASE_MS_MAX / 86_400_000
+        ));
+    }
+    if !(0..=INSTANT_MS_MAX).contains(&request.window.start_ms)
+        || request.window.end_ms > INSTANT_MS_MAX
+    {
+        return invalid("window must lie between 1970 and 9999".to_owned());
     }
     Ok(())
 }
