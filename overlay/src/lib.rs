@@ -12,3 +12,7 @@
 //! devices, netlink or clocks inside; the caller passes `now` and frames in and
 //! drains datagrams and frames out. The Linux shell (TAP, UDP, netlink) feeds
 //! it.
+
+pub mod encap;
+pub mod frame;
+pub mod switch;
