@@ -135,7 +135,7 @@ pub(crate) mod tests {
         frame.extend_from_slice(&dst.0);
         frame.extend_from_slice(&src.0);
         frame.extend_from_slice(&0x0800u16.to_be_bytes());
-        frame.extend((0..len).map(|i| (i % 251) as u8));
+        frame.extend((0..len).map(|i| u8::try_from(i % 251).expect("below 251")));
         frame
     }
 

@@ -410,6 +410,11 @@ impl ClusterCore {
                     release_everything(&mut master);
                 }
                 ClusterState::Stopping | ClusterState::Failed => {}
+                // A reserved cluster may still be taking nodes back from a site
+                // it gave up on, which may have committed them: keep releasing,
+                // or that site keeps them until the window ends.
+                ClusterState::Reserved
+                    if master.parts.iter().any(|p| p.state == PartState::Releasing) => {}
                 _ => continue,
             }
             for part in &mut master.parts {
@@ -967,10 +972,14 @@ impl ClusterCore {
                         }
                     }
                 }
-                let all_committed = master
+                // Parts still being released (sites given up on) are not part
+                // of the cluster: their release is retried on its own and must
+                // not keep the cluster from being reserved (else the reserve
+                // deadline would fail a cluster whose nodes are all committed).
+                let all_committed = !master
                     .parts
                     .iter()
-                    .all(|p| matches!(p.state, PartState::Committed | PartState::Released));
+                    .any(|p| p.state == PartState::Committing);
                 if master.state == ClusterState::Reserving && all_committed {
                     master.state = ClusterState::Reserved;
                     tracing::info!(cluster = %id, "cluster reserved");
