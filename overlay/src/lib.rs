@@ -15,4 +15,5 @@
 
 pub mod encap;
 pub mod frame;
+pub mod gateway;
 pub mod switch;

@@ -1,0 +1,395 @@
+//! The gateway's data plane without sockets: segments (learning switches),
+//! encapsulation and one WireGuard session (boringtun `noise::Tunn`) per
+//! peer gateway.
+//!
+//! The caller feeds frames from the site's bridge and datagrams from the UDP
+//! socket, calls [`Gateway::handle_timers`] every [`TIMER_TICK_MS`], and sends
+//! the [`Output`]s. Peers are identified cryptographically, never by address:
+//! a datagram is matched to a peer by the receiver index WireGuard put in it,
+//! or, for a handshake initiation, by the initiator's static key; datagrams
+//! that match no configured key are dropped and counted. A peer's endpoint
+//! follows the address its authenticated datagrams come from (roaming).
+//!
+//! One caveat to the sans-IO rule: boringtun reads the monotonic clock inside
+//! `Tunn` for handshake and rekey timers. The switch, encapsulation and
+//! reassembly take `now_ms` like every core.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::x25519::{PublicKey, StaticSecret};
+
+use crate::encap::{Decapsulator, Encapsulator, INNER_MTU_DEFAULT};
+use crate::switch::{Decision, PeerIndex, Segment, SwitchConfig};
+
+/// How often [`Gateway::handle_timers`] should run, ms.
+pub const TIMER_TICK_MS: i64 = 100;
+/// Keepalive interval of the tunnels, seconds (keeps NAT mappings open).
+pub const KEEPALIVE_S: u16 = 25;
+/// Largest datagram the gateway writes or reads.
+pub const DATAGRAM_LEN_MAX: usize = 65_536;
+/// Most peers one gateway serves.
+pub const PEERS_MAX: usize = 1024;
+
+/// A peer gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerConfig {
+    /// The caller's number for the peer.
+    pub index: PeerIndex,
+    /// Its WireGuard public key.
+    pub public_key: [u8; 32],
+    /// Where to reach it (until it is heard from elsewhere).
+    pub endpoint: Option<SocketAddr>,
+}
+
+/// Something to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// A datagram for a peer gateway.
+    ToNetwork {
+        /// Where.
+        to: SocketAddr,
+        /// The encrypted datagram.
+        datagram: Vec<u8>,
+    },
+    /// A frame for this site's bridge of `segment`.
+    ToLocal {
+        /// The segment.
+        segment: u32,
+        /// The Ethernet frame.
+        frame: Vec<u8>,
+    },
+}
+
+/// Counters of the data plane.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GatewayStats {
+    /// Datagrams dropped: unknown key or index, failed authentication, replay.
+    pub datagrams_dropped: u64,
+    /// Inner packets dropped: not GRE-TEB, bad fragments.
+    pub inner_dropped: u64,
+    /// Frames for segments this gateway does not carry, or from peers
+    /// outside the segment.
+    pub wrong_segment: u64,
+    /// Frames that had no endpoint to go to yet.
+    pub no_endpoint: u64,
+}
+
+struct PeerState {
+    tunn: Tunn,
+    public_key: [u8; 32],
+    endpoint: Option<SocketAddr>,
+    encap: Encapsulator,
+    decap: Decapsulator,
+}
+
+/// The data plane of one gateway.
+pub struct Gateway {
+    private: StaticSecret,
+    public: PublicKey,
+    inner_mtu: usize,
+    switch: SwitchConfig,
+    peers: BTreeMap<PeerIndex, PeerState>,
+    segments: BTreeMap<u32, Segment>,
+    stats: GatewayStats,
+    scratch: Vec<u8>,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("peers", &self.peers.len())
+            .field("segments", &self.segments.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Gateway {
+    /// A gateway with WireGuard private key `private_key`.
+    pub fn new(private_key: [u8; 32], switch: SwitchConfig) -> Gateway {
+        let private = StaticSecret::from(private_key);
+        let public = PublicKey::from(&private);
+        Gateway {
+            private,
+            public,
+            inner_mtu: INNER_MTU_DEFAULT,
+            switch,
+            peers: BTreeMap::new(),
+            segments: BTreeMap::new(),
+            stats: GatewayStats::default(),
+            scratch: vec![0; DATAGRAM_LEN_MAX],
+        }
+    }
+
+    /// Sets the largest inner packet (path MTU − 60); default for a
+    /// 1500-byte path.
+    pub fn set_inner_mtu(&mut self, inner_mtu: usize) {
+        self.inner_mtu = inner_mtu;
+        for peer in self.peers.values_mut() {
+            peer.encap = encapsulator(inner_mtu);
+        }
+    }
+
+    /// This gateway's public key.
+    pub fn public_key(&self) -> [u8; 32] {
+        self.public.to_bytes()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> GatewayStats {
+        self.stats
+    }
+
+    /// Adds (or replaces) a peer gateway.
+    pub fn add_peer(&mut self, peer: PeerConfig) -> Result<(), &'static str> {
+        if !self.peers.contains_key(&peer.index) && self.peers.len() >= PEERS_MAX {
+            return Err("too many peers");
+        }
+        if peer.index > 0x00ff_ffff {
+            return Err("peer index must fit 24 bits");
+        }
+        let tunn = Tunn::new(
+            self.private.clone(),
+            PublicKey::from(peer.public_key),
+            None,
+            Some(KEEPALIVE_S),
+            peer.index,
+            None,
+        );
+        let state = PeerState {
+            tunn,
+            public_key: peer.public_key,
+            endpoint: peer.endpoint,
+            encap: encapsulator(self.inner_mtu),
+            decap: Decapsulator::new(),
+        };
+        self.peers.insert(peer.index, state);
+        Ok(())
+    }
+
+    /// Removes a peer gateway from the gateway and every segment.
+    pub fn remove_peer(&mut self, index: PeerIndex) {
+        self.peers.remove(&index);
+        for segment in self.segments.values_mut() {
+            segment.remove_peer(index);
+        }
+    }
+
+    /// Adds (or replaces) a segment carried to `peers`.
+    pub fn add_segment(&mut self, now_ms: i64, segment: u32, peers: &[PeerIndex]) {
+        let mut switch = Segment::new(self.switch, now_ms);
+        for peer in peers {
+            switch.add_peer(*peer);
+        }
+        self.segments.insert(segment, switch);
+    }
+
+    /// Stops carrying a segment.
+    pub fn remove_segment(&mut self, segment: u32) {
+        self.segments.remove(&segment);
+    }
+
+    /// The switch of a segment.
+    pub fn segment(&self, segment: u32) -> Option<&Segment> {
+        self.segments.get(&segment)
+    }
+
+    /// A frame from this site's bridge of `segment`.
+    pub fn handle_local_frame(
+        &mut self,
+        now_ms: i64,
+        segment: u32,
+        frame: &[u8],
+        out: &mut Vec<Output>,
+    ) {
+        let Some(switch) = self.segments.get_mut(&segment) else {
+            self.stats.wrong_segment += 1;
+            return;
+        };
+        let targets = match switch.from_local(now_ms, frame) {
+            Decision::Peer(peer) => vec![peer],
+            Decision::Peers(peers) => peers,
+            Decision::Local | Decision::Drop(_) => return,
+        };
+        let mut packets = Vec::new();
+        for index in targets {
+            let Some(peer) = self.peers.get_mut(&index) else {
+                continue;
+            };
+            let Some(endpoint) = peer.endpoint else {
+                self.stats.no_endpoint += 1;
+                continue;
+            };
+            packets.clear();
+            peer.encap.encapsulate(segment, frame, &mut packets);
+            for packet in &packets {
+                match peer.tunn.encapsulate(packet, &mut self.scratch) {
+                    TunnResult::WriteToNetwork(datagram) => {
+                        out.push(Output::ToNetwork {
+                            to: endpoint,
+                            datagram: datagram.to_vec(),
+                        });
+                    }
+                    // Queued inside boringtun until the handshake completes.
+                    TunnResult::Done => {}
+                    TunnResult::Err(e) => {
+                        tracing::debug!(peer = index, error = ?e, "encapsulation failed")
+                    }
+                    TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {}
+                }
+            }
+        }
+    }
+
+    /// A datagram from the network.
+    pub fn handle_datagram(
+        &mut self,
+        now_ms: i64,
+        from: SocketAddr,
+        datagram: &[u8],
+        out: &mut Vec<Output>,
+    ) {
+        let Some(index) = self.identify(datagram) else {
+            self.stats.datagrams_dropped += 1;
+            return;
+        };
+        let peer = self
+            .peers
+            .get_mut(&index)
+            .expect("identify returns configured peers");
+        let mut authenticated = false;
+        let mut result = peer
+            .tunn
+            .decapsulate(Some(from.ip()), datagram, &mut self.scratch);
+        loop {
+            match result {
+                TunnResult::WriteToNetwork(reply) => {
+                    authenticated = true;
+                    out.push(Output::ToNetwork {
+                        to: from,
+                        datagram: reply.to_vec(),
+                    });
+                    // Packets queued while the handshake ran go out now.
+                    result = peer.tunn.decapsulate(None, &[], &mut self.scratch);
+                    continue;
+                }
+                TunnResult::WriteToTunnelV4(packet, _) => {
+                    authenticated = true;
+                    let packet = packet.to_vec();
+                    match peer.decap.decapsulate(now_ms, &packet) {
+                        Ok(Some((segment, frame))) => {
+                            deliver(
+                                &mut self.segments,
+                                &mut self.stats,
+                                now_ms,
+                                index,
+                                segment,
+                                frame,
+                                out,
+                            );
+                        }
+                        Ok(None) => {}
+                        Err(_) => self.stats.inner_dropped += 1,
+                    }
+                }
+                TunnResult::WriteToTunnelV6(..) => {
+                    authenticated = true;
+                    self.stats.inner_dropped += 1;
+                }
+                TunnResult::Done => {
+                    authenticated |= matches!(
+                        Tunn::parse_incoming_packet(datagram),
+                        Ok(Packet::PacketData(_))
+                    )
+                }
+                TunnResult::Err(e) => {
+                    tracing::trace!(peer = index, error = ?e, "datagram refused");
+                    self.stats.datagrams_dropped += 1;
+                }
+            }
+            break;
+        }
+        if authenticated {
+            // Roaming: the peer is wherever its authenticated packets come from.
+            peer.endpoint = Some(from);
+        }
+    }
+
+    /// Timers of the tunnels (handshakes, keepalives, rekeys), reassembly
+    /// and MAC aging. Call every [`TIMER_TICK_MS`].
+    pub fn handle_timers(&mut self, now_ms: i64, out: &mut Vec<Output>) {
+        for (index, peer) in &mut self.peers {
+            peer.decap.expire(now_ms);
+            match peer.tunn.update_timers(&mut self.scratch) {
+                TunnResult::WriteToNetwork(datagram) => {
+                    if let Some(to) = peer.endpoint {
+                        out.push(Output::ToNetwork {
+                            to,
+                            datagram: datagram.to_vec(),
+                        });
+                    }
+                }
+                TunnResult::Err(e) => tracing::trace!(peer = index, error = ?e, "tunnel timer"),
+                _ => {}
+            }
+        }
+        for segment in self.segments.values_mut() {
+            segment.expire(now_ms);
+        }
+    }
+
+    /// Which configured peer a datagram belongs to, by receiver index or
+    /// (handshake initiation) by the initiator's static key.
+    fn identify(&self, datagram: &[u8]) -> Option<PeerIndex> {
+        let index = match Tunn::parse_incoming_packet(datagram).ok()? {
+            Packet::HandshakeInit(init) => {
+                let half = parse_handshake_anon(&self.private, &self.public, &init).ok()?;
+                return self
+                    .peers
+                    .iter()
+                    .find(|(_, p)| p.public_key == half.peer_static_public)
+                    .map(|(i, _)| *i);
+            }
+            Packet::HandshakeResponse(response) => response.receiver_idx,
+            Packet::PacketCookieReply(cookie) => cookie.receiver_idx,
+            Packet::PacketData(data) => data.receiver_idx,
+        };
+        let peer = index >> 8;
+        self.peers.contains_key(&peer).then_some(peer)
+    }
+}
+
+/// Hands a decapsulated frame to its segment's switch.
+fn deliver(
+    segments: &mut BTreeMap<u32, Segment>,
+    stats: &mut GatewayStats,
+    now_ms: i64,
+    peer: PeerIndex,
+    segment: u32,
+    frame: Vec<u8>,
+    out: &mut Vec<Output>,
+) {
+    let Some(switch) = segments.get_mut(&segment) else {
+        stats.wrong_segment += 1;
+        return;
+    };
+    match switch.from_peer(now_ms, peer, &frame) {
+        Decision::Local => out.push(Output::ToLocal { segment, frame }),
+        Decision::Drop(crate::switch::DropReason::UnknownPeer) => stats.wrong_segment += 1,
+        _ => {}
+    }
+}
+
+/// Inner addresses never leave the tunnel; they only need to be valid.
+fn encapsulator(inner_mtu: usize) -> Encapsulator {
+    Encapsulator::new(
+        Ipv4Addr::new(169, 254, 0, 1),
+        Ipv4Addr::new(169, 254, 0, 2),
+        inner_mtu,
+    )
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,175 @@
+//! Gateways exchanging datagrams in memory: handshakes, frames, isolation.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+
+use super::*;
+use crate::frame::Mac;
+use crate::frame::tests::{frame, mac};
+
+struct Site {
+    addr: SocketAddr,
+    gateway: Gateway,
+    delivered: Vec<(u32, Vec<u8>)>,
+    datagram_sizes: Vec<usize>,
+}
+
+fn key(seed: u8) -> [u8; 32] {
+    [seed; 32]
+}
+
+fn public(seed: u8) -> [u8; 32] {
+    PublicKey::from(&StaticSecret::from(key(seed))).to_bytes()
+}
+
+/// Sites 0..n with full-mesh peers; `segments[i]` lists the segments site
+/// i carries (to every other site).
+fn mesh(n: u8, segments: &[&[u32]]) -> Vec<Site> {
+    (0..n)
+        .map(|i| {
+            let mut gateway = Gateway::new(key(i + 1), SwitchConfig::default());
+            for j in (0..n).filter(|j| *j != i) {
+                gateway
+                    .add_peer(PeerConfig {
+                        index: u32::from(j) + 1,
+                        public_key: public(j + 1),
+                        endpoint: Some(addr(j)),
+                    })
+                    .unwrap();
+            }
+            let peers: Vec<PeerIndex> = (0..n)
+                .filter(|j| *j != i)
+                .map(|j| u32::from(j) + 1)
+                .collect();
+            for segment in segments[usize::from(i)] {
+                gateway.add_segment(0, *segment, &peers);
+            }
+            Site {
+                addr: addr(i),
+                gateway,
+                delivered: Vec::new(),
+                datagram_sizes: Vec::new(),
+            }
+        })
+        .collect()
+}
+
+fn addr(i: u8) -> SocketAddr {
+    SocketAddr::from(([198, 18, 0, i + 1], 7782))
+}
+
+/// Delivers datagrams until none are left (bounded).
+fn run(sites: &mut [Site], mut queue: VecDeque<(usize, SocketAddr, Vec<u8>)>, now_ms: i64) {
+    let mut steps = 0;
+    while let Some((to, from, datagram)) = queue.pop_front() {
+        steps += 1;
+        assert!(steps < 10_000, "datagrams ping-pong forever");
+        let mut out = Vec::new();
+        sites[to].datagram_sizes.push(datagram.len());
+        sites[to]
+            .gateway
+            .handle_datagram(now_ms, from, &datagram, &mut out);
+        collect(sites, to, out, &mut queue);
+    }
+}
+
+fn collect(
+    sites: &mut [Site],
+    at: usize,
+    out: Vec<Output>,
+    queue: &mut VecDeque<(usize, SocketAddr, Vec<u8>)>,
+) {
+    for output in out {
+        match output {
+            Output::ToNetwork { to, datagram } => {
+                let index = sites
+                    .iter()
+                    .position(|s| s.addr == to)
+                    .expect("a known site");
+                let from = sites[at].addr;
+                queue.push_back((index, from, datagram));
+            }
+            Output::ToLocal { segment, frame } => sites[at].delivered.push((segment, frame)),
+        }
+    }
+}
+
+fn send_local(sites: &mut [Site], at: usize, segment: u32, frame: &[u8], now_ms: i64) {
+    let mut out = Vec::new();
+    sites[at]
+        .gateway
+        .handle_local_frame(now_ms, segment, frame, &mut out);
+    let mut queue = VecDeque::new();
+    collect(sites, at, out, &mut queue);
+    run(sites, queue, now_ms);
+}
+
+#[test]
+fn frames_cross_after_the_handshake_and_full_frames_fit_the_path() {
+    let mut sites = mesh(2, &[&[7], &[7]]);
+    let small = frame(mac(2), mac(1), 60);
+    send_local(&mut sites, 0, 7, &small, 0);
+    assert_eq!(
+        sites[1].delivered,
+        vec![(7, small)],
+        "queued during the handshake, then delivered"
+    );
+
+    let full = frame(mac(2), mac(1), 1500);
+    send_local(&mut sites, 0, 7, &full, 1);
+    assert_eq!(sites[1].delivered.last(), Some(&(7, full)));
+    // Every datagram fits a 1500-byte path with IPv4 and UDP headers.
+    assert!(
+        sites[1].datagram_sizes.iter().all(|len| *len <= 1500 - 28),
+        "{:?}",
+        sites[1].datagram_sizes
+    );
+
+    // The reply goes straight to the learnt site.
+    let reply = frame(mac(1), mac(2), 60);
+    send_local(&mut sites, 1, 7, &reply, 2);
+    assert_eq!(sites[0].delivered, vec![(7, reply)]);
+}
+
+#[test]
+fn broadcasts_reach_every_site_and_segments_stay_apart() {
+    let mut sites = mesh(3, &[&[1, 2], &[1], &[2]]);
+    send_local(&mut sites, 0, 1, &frame(Mac::BROADCAST, mac(1), 60), 0);
+    assert_eq!(sites[1].delivered.len(), 1);
+    assert!(
+        sites[2].delivered.is_empty(),
+        "site 2 does not carry segment 1"
+    );
+    assert!(sites[2].gateway.stats().wrong_segment > 0);
+    send_local(&mut sites, 0, 2, &frame(Mac::BROADCAST, mac(1), 60), 1);
+    assert_eq!(sites[2].delivered.len(), 1);
+    assert_eq!(
+        sites[1].delivered.len(),
+        1,
+        "segment 2 never reaches site 1"
+    );
+}
+
+#[test]
+fn a_peer_with_the_wrong_key_gets_nothing_through() {
+    let mut sites = mesh(2, &[&[7], &[7]]);
+    // Site 1 expects another key for site 0: it never completes a handshake.
+    sites[1]
+        .gateway
+        .add_peer(PeerConfig {
+            index: 1,
+            public_key: public(99),
+            endpoint: Some(addr(0)),
+        })
+        .unwrap();
+    sites[1].gateway.add_segment(0, 7, &[1]);
+    send_local(&mut sites, 0, 7, &frame(mac(2), mac(1), 60), 0);
+    assert!(sites[1].delivered.is_empty());
+    assert!(sites[1].gateway.stats().datagrams_dropped > 0);
+    // Garbage is dropped too.
+    let mut out = Vec::new();
+    sites[1]
+        .gateway
+        .handle_datagram(0, addr(0), &[1, 0, 0, 0, 5, 6], &mut out);
+    assert!(out.is_empty());
+}
