@@ -501,12 +501,7 @@ async fn commit(
     Path(key): Path<String>,
     body: Option<Json<OwnerBody>>,
 ) -> Result<Json<Reservation>, ApiError> {
-    let requester = owner(&state, body);
-    let now = now_ms();
-    let reservation =
-        with_ledger(&state, move |ledger| ledger.commit(&key, &requester, now)).await?;
-    tracing::info!(key = %reservation.key, "commit");
-    Ok(Json(reservation))
+    owner_action(&state, key, body, "commit", Ledger::commit).await
 }
 
 async fn release(
@@ -514,11 +509,25 @@ async fn release(
     Path(key): Path<String>,
     body: Option<Json<OwnerBody>>,
 ) -> Result<Json<Reservation>, ApiError> {
-    let requester = owner(&state, body);
+    owner_action(&state, key, body, "release", Ledger::release).await
+}
+
+/// Commits or releases `key` for its owner, then re-advertises capacity.
+async fn owner_action(
+    state: &ApiState,
+    key: String,
+    body: Option<Json<OwnerBody>>,
+    action: &'static str,
+    operation: fn(&mut Ledger, &str, &str, i64) -> Result<Reservation, LedgerError>,
+) -> Result<Json<Reservation>, ApiError> {
+    let requester = owner(state, body);
     let now = now_ms();
-    let reservation =
-        with_ledger(&state, move |ledger| ledger.release(&key, &requester, now)).await?;
-    tracing::info!(key = %reservation.key, "release");
+    let reservation = with_ledger(state, move |ledger| {
+        operation(ledger, &key, &requester, now)
+    })
+    .await?;
+    state.federation.capacity_changed();
+    tracing::info!(key = %reservation.key, action, "reservation");
     Ok(Json(reservation))
 }
 
