@@ -8,8 +8,15 @@
 //! sites' ledgers (their "adverts"), refreshed before every call (perfect
 //! gossip) or only every so often (stale gossip).
 //!
-//! After every event the ledger it touched is checked for overbooking by
-//! brute force over the window boundaries of the reservations that count.
+//! After every event, the site it touched is checked: no instant of any
+//! window is overbooked (brute force over the window boundaries of the
+//! reservations that count), and no cluster it masters has more nodes taken
+//! than asked, or is `reserved` without exactly the nodes asked committed.
+//! The sweeps check the end state of every cluster once the faults stopped.
+//!
+//! A failing simulation panics with `seed N:` and the last events; replay it
+//! with `VCFED_SIM_SEEDS=N cargo test -p vcfed --lib cluster`, or run a
+//! longer sweep with `VCFED_SIM_SEEDS=0..20000`.
 
 #![allow(
     clippy::cast_possible_truncation,
@@ -80,6 +87,14 @@ fn request(nodes: u32, window: Window) -> ClusterRequest {
         window,
         image: None,
     }
+}
+
+/// A window between one and five hours after [`T0_MS`], from half an hour
+/// to two hours long, so that random windows overlap in part or not at all.
+fn random_window(rng: &mut SplitMix64) -> Window {
+    let start_ms = T0_MS + HOUR_MS + rng.between(0, 2 * HOUR_MS);
+    let end_ms = start_ms + rng.between(HOUR_MS / 2, 2 * HOUR_MS);
+    Window { start_ms, end_ms }
 }
 
 /// SplitMix64 (Steele, Lea, Flood 2014): tiny, seedable, good enough for
@@ -408,7 +423,7 @@ impl Sim {
             Err(e) => format!("{} refuses {id}: {e}", self.sites[site].name),
         };
         self.log(line);
-        self.check_capacity(site);
+        self.check_site(site);
         self.flush();
         created
     }
@@ -422,7 +437,7 @@ impl Sim {
             self.sites[site].name,
             deleted.as_ref().map(|r| r.state)
         ));
-        self.check_capacity(site);
+        self.check_site(site);
         self.flush();
         deleted
     }
@@ -436,7 +451,7 @@ impl Sim {
             self.fail(&format!("resume failed: {e:#}"));
         }
         self.log(format!("{} restarted", self.sites[site].name));
-        self.check_capacity(site);
+        self.check_site(site);
         self.flush();
     }
 
@@ -593,10 +608,10 @@ impl Sim {
     fn fire_timers(&mut self) {
         let now_ms = self.now_ms;
         for i in 0..self.sites.len() {
-            if !self.sites[i]
+            if self.sites[i]
                 .core
                 .poll_timeout()
-                .is_some_and(|at| at <= now_ms)
+                .is_none_or(|at| at > now_ms)
             {
                 continue;
             }
@@ -622,7 +637,7 @@ impl Sim {
                     self.sites[i].name
                 ));
             }
-            self.check_capacity(i);
+            self.check_site(i);
         }
     }
 
@@ -682,7 +697,7 @@ impl Sim {
                 }
             }
         }
-        self.check_capacity(to);
+        self.check_site(to);
         if self
             .cut_after
             .as_ref()
@@ -691,6 +706,43 @@ impl Sim {
             let (site, _) = self.cut_after.take().expect("checked above");
             self.log(format!("{} is cut off", self.sites[site].name));
             self.sites[site].reachable = false;
+        }
+    }
+
+    /// The invariants that hold after every event at `site`.
+    fn check_site(&self, site: usize) {
+        self.check_capacity(site);
+        self.check_mastered(site);
+    }
+
+    /// A master never has more nodes held or committed than asked, and a
+    /// cluster it calls reserved has exactly the nodes asked, committed.
+    fn check_mastered(&self, site: usize) {
+        let entry = &self.sites[site];
+        for record in entry.ledger.clusters().expect("the ledger reads") {
+            if record.master_site != entry.name {
+                continue;
+            }
+            let nodes = record.request["nodes"]
+                .as_u64()
+                .expect("the request has nodes");
+            let sum = |states: &[PartState]| -> u64 {
+                let parts = record.parts.iter().filter(|p| states.contains(&p.state));
+                parts.map(|p| u64::from(p.nodes)).sum()
+            };
+            let committed = sum(&[PartState::Committed]);
+            let taken = sum(&[PartState::Held, PartState::Committing, PartState::Committed]);
+            let bad = match record.state {
+                ClusterState::Reserving => taken > nodes,
+                ClusterState::Reserved => committed != nodes || taken != nodes,
+                _ => false,
+            };
+            if bad {
+                self.fail(&format!(
+                    "{} is {} with {taken} nodes taken, {committed} committed, {nodes} asked: {:#?}",
+                    record.id, record.state, record.parts
+                ));
+            }
         }
     }
 
@@ -1009,6 +1061,7 @@ fn worker_killed_after_held_the_master_replans_onto_another_site() {
     assert_eq!(committed_parts_at(&record, "C"), 7);
     assert_eq!(sim.committed_nodes(2, "c2"), 7);
     assert!(!sim.sites[1].reachable);
+    assert_eq!(sim.counting(1, "c2").len(), 1, "B's hold lasts its lease");
 
     // B's hold runs out by itself.
     let lease_end = T0_MS + sim.config.lease_ms + SECOND_MS;
@@ -1086,16 +1139,17 @@ fn concurrent_masters(seed: u64) -> (Stats, [ClusterState; 2]) {
     // both need C; together they may need more than C has.
     let nodes_a = (a - 1) + b + rng.between(1, i64::from(c)) as u32;
     let nodes_b = (b - 1) + a + rng.between(1, i64::from(c)) as u32;
-    let window = window_after(T0_MS);
+    // Windows that overlap in part, or not at all.
+    let (window_a, window_b) = (random_window(&mut rng), random_window(&mut rng));
     let b_delay_ms = rng.between(0, 1_000);
 
     let mut created = [false, false];
     created[0] = sim
-        .create_request(0, "from-a", request(nodes_a, window))
+        .create_request(0, "from-a", request(nodes_a, window_a))
         .is_ok();
     sim.run_until(T0_MS + b_delay_ms);
     created[1] = sim
-        .create_request(1, "from-b", request(nodes_b, window))
+        .create_request(1, "from-b", request(nodes_b, window_b))
         .is_ok();
 
     let config = sim.config.clone();
@@ -1132,8 +1186,10 @@ fn concurrent_masters_never_overbook_the_site_they_compete_for() {
     let mut failed = 0;
     let sweep = seeds(CONCURRENT_SEEDS);
     let full = sweep.end - sweep.start >= CONCURRENT_SEEDS;
+    let mut totals = Stats::default();
     for seed in sweep {
-        let (_, states) = concurrent_masters(seed);
+        let (stats, states) = concurrent_masters(seed);
+        totals.add(&stats);
         for state in states {
             match state {
                 ClusterState::Reserved => reserved += 1,
@@ -1145,6 +1201,11 @@ fn concurrent_masters_never_overbook_the_site_they_compete_for() {
         !full || (reserved > 0 && failed > 0),
         "the sweep should see both outcomes: {reserved} reserved, {failed} not"
     );
+    // Stale views make masters ask for nodes another master took meanwhile:
+    // the worker's ledger must have denied some.
+    let denied = totals.sent.get("denied").copied().unwrap_or(0);
+    assert!(!full || denied > 0, "no reserve was denied: {totals:?}");
+    eprintln!("{reserved} reserved, {failed} failed or refused, {denied} reserves denied");
 }
 
 /// What happens to the federation at a given virtual time.
@@ -1234,7 +1295,6 @@ fn faulty_federation(seed: u64) -> Stats {
     }
     schedule.sort();
 
-    let window = window_after(T0_MS);
     let mut created = Vec::new();
     let mut deleted = Vec::new();
     let mut last_create_ms = T0_MS;
@@ -1244,7 +1304,7 @@ fn faulty_federation(seed: u64) -> Stats {
             Happening::Create { master, id, nodes } => {
                 last_create_ms = at_ms;
                 if sim
-                    .create_request(master, &id, request(nodes, window))
+                    .create_request(master, &id, request(nodes, random_window(&mut rng)))
                     .is_ok()
                 {
                     created.push((master, id, nodes));
