@@ -1,0 +1,436 @@
+//! The network-namespace driver: each node is a namespace with a veth on
+//! the cluster's bridge. The frontend runs dnsmasq (DHCP and a TFTP root
+//! with the install file); a compute node runs busybox `udhcpc` to get its
+//! address from the frontend and busybox `tftp` to fetch the install file,
+//! then reports `installed`.
+//!
+//! Everything the driver creates carries the `vcfn-` prefix (namespaces)
+//! or `vn`/`vp` (veth ends), with a short tag of the cluster id, so
+//! [`NetnsDriver::cleanup_stale`] can remove what a crashed agent left.
+//! Processes are children of the agent; they are killed on stop, and a
+//! frontend whose dnsmasq dies is restarted (a bounded number of times).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use super::{ComputeDriver, DriverError, NodeSpec, NodeState, NodeStatus, short_tag};
+
+/// Prefix of the driver's namespaces.
+pub const NETNS_PREFIX: &str = "vcfn-";
+/// Name of the install file the frontend serves.
+pub const INSTALL_FILE: &str = "install.cfg";
+/// Restarts of a dead frontend before it is reported failed.
+const FRONTEND_RESTARTS_MAX: u32 = 3;
+
+/// What the driver runs for one node.
+struct RunningNode {
+    spec: NodeSpec,
+    dir: PathBuf,
+    netns: String,
+    host_veth: String,
+    child: Option<Child>,
+    restarts: u32,
+    exit: Option<String>,
+}
+
+/// The netns driver of one site.
+pub struct NetnsDriver {
+    state_dir: PathBuf,
+    /// The namespace the site's bridges live in (`None`: the agent's own).
+    site_netns: Option<String>,
+    nodes: BTreeMap<String, BTreeMap<u32, RunningNode>>,
+}
+
+impl std::fmt::Debug for NetnsDriver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetnsDriver")
+            .field("state_dir", &self.state_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NetnsDriver {
+    /// A driver keeping its files under `state_dir`, whose cluster bridges
+    /// are in the namespace `site_netns` (`None`: the agent's own).
+    pub fn new(state_dir: PathBuf, site_netns: Option<String>) -> NetnsDriver {
+        NetnsDriver {
+            state_dir,
+            site_netns,
+            nodes: BTreeMap::new(),
+        }
+    }
+
+    /// Runs `ip ARGS` in the site's namespace.
+    fn site_ip(&self, args: &[&str]) -> Result<String, DriverError> {
+        match &self.site_netns {
+            Some(netns) => {
+                let mut full = vec!["-n", netns.as_str()];
+                full.extend_from_slice(args);
+                run("ip", &full)
+            }
+            None => run("ip", args),
+        }
+    }
+
+    /// Removes namespaces of clusters not in `keep` (by cluster id), left
+    /// behind by a crash.
+    pub fn cleanup_stale(&mut self, keep: &BTreeSet<String>) -> Result<(), DriverError> {
+        let keep_tags: BTreeSet<String> = keep.iter().map(|cluster| short_tag(cluster)).collect();
+        for netns in list_netns()? {
+            let Some(rest) = netns.strip_prefix(NETNS_PREFIX) else {
+                continue;
+            };
+            let tag = rest.split('-').next().unwrap_or_default();
+            if !keep_tags.contains(tag) {
+                tracing::info!(%netns, "removing a stale node namespace");
+                kill_netns_processes(&netns);
+                let _ = run("ip", &["netns", "del", &netns]);
+            }
+        }
+        Ok(())
+    }
+
+    fn node_dir(&self, spec: &NodeSpec) -> PathBuf {
+        self.state_dir
+            .join(&spec.cluster)
+            .join(spec.index.to_string())
+    }
+}
+
+/// Starts a node's process: dnsmasq for the frontend, the boot script for
+/// a compute node.
+fn spawn(node: &RunningNode) -> Result<Child, DriverError> {
+    let log =
+        std::fs::File::create(node.dir.join("log")).map_err(|e| io(&node.dir.join("log"), e))?;
+    let log2 = log.try_clone().map_err(|e| io(&node.dir.join("log"), e))?;
+    let mut command = Command::new("ip");
+    command.args(["netns", "exec", &node.netns]);
+    if node.spec.frontend {
+        let [a, b, c, _] = node.spec.subnet.octets();
+        command.args([
+            "dnsmasq",
+            "--no-daemon",
+            "--port=0",
+            "--interface=eth0",
+            "--bind-interfaces",
+            "--log-dhcp",
+            // dnsmasq pings an address before offering it, and with several
+            // clients booting at once that check loses replies: a cluster's
+            // network is fresh, so there is nothing to detect.
+            "--no-ping",
+            "--dhcp-authoritative",
+        ]);
+        command.arg(format!(
+            "--dhcp-range={a}.{b}.{c}.10,{a}.{b}.{c}.250,255.255.255.0,1h"
+        ));
+        command.arg("--enable-tftp");
+        command.arg(format!("--tftp-root={}", node.dir.join("tftp").display()));
+        command.arg(format!("--dhcp-boot={INSTALL_FILE}"));
+        command.arg(format!(
+            "--dhcp-leasefile={}",
+            node.dir.join("leases").display()
+        ));
+        command.arg(format!(
+            "--pid-file={}",
+            node.dir.join("dnsmasq.pid").display()
+        ));
+    } else {
+        command.args(["sh", &node.dir.join("node.sh").display().to_string()]);
+    }
+    command.stdin(Stdio::null()).stdout(log).stderr(log2);
+    command.spawn().map_err(|e| DriverError::Command {
+        command: format!("{command:?}"),
+        detail: e.to_string(),
+    })
+}
+
+impl ComputeDriver for NetnsDriver {
+    fn start_node(&mut self, spec: &NodeSpec) -> Result<(), DriverError> {
+        if self
+            .nodes
+            .get(&spec.cluster)
+            .is_some_and(|nodes| nodes.contains_key(&spec.index))
+        {
+            return Ok(());
+        }
+        let tag = short_tag(&spec.cluster);
+        let netns = format!("{NETNS_PREFIX}{tag}-{}", spec.index);
+        let host_veth = format!("vn{tag}{:x}", spec.index);
+        let peer_veth = format!("vp{tag}{:x}", spec.index);
+        let dir = self.node_dir(spec);
+        std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
+
+        // A leftover from a crash is replaced, not reused half-configured.
+        if list_netns()?.contains(&netns) {
+            kill_netns_processes(&netns);
+            let _ = run("ip", &["netns", "del", &netns]);
+        }
+        let _ = self.site_ip(&["link", "del", &host_veth]);
+        run("ip", &["netns", "add", &netns])?;
+        let setup = (|| {
+            self.site_ip(&[
+                "link", "add", &host_veth, "type", "veth", "peer", "name", &peer_veth,
+            ])?;
+            self.site_ip(&["link", "set", &host_veth, "master", &spec.bridge, "up"])?;
+            self.site_ip(&["link", "set", &peer_veth, "netns", &netns])?;
+            let mac = spec
+                .mac
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":");
+            run(
+                "ip",
+                &["-n", &netns, "link", "set", &peer_veth, "name", "eth0"],
+            )?;
+            run(
+                "ip",
+                &["-n", &netns, "link", "set", "eth0", "address", &mac, "up"],
+            )?;
+            run("ip", &["-n", &netns, "link", "set", "lo", "up"])?;
+            if spec.frontend {
+                let [a, b, c, _] = spec.subnet.octets();
+                run(
+                    "ip",
+                    &[
+                        "-n",
+                        &netns,
+                        "addr",
+                        "add",
+                        &format!("{a}.{b}.{c}.1/24"),
+                        "dev",
+                        "eth0",
+                    ],
+                )?;
+                let tftp = dir.join("tftp");
+                std::fs::create_dir_all(&tftp).map_err(|e| io(&tftp, e))?;
+                let install = format!("# vcfed install file\ncluster = {}\n", spec.cluster);
+                write(&tftp.join(INSTALL_FILE), &install)?;
+            } else {
+                write_node_scripts(&dir)?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = setup {
+            let _ = run("ip", &["netns", "del", &netns]);
+            let _ = self.site_ip(&["link", "del", &host_veth]);
+            return Err(e);
+        }
+        let mut node = RunningNode {
+            spec: spec.clone(),
+            dir,
+            netns,
+            host_veth,
+            child: None,
+            restarts: 0,
+            exit: None,
+        };
+        node.child = Some(spawn(&node)?);
+        tracing::info!(cluster = %spec.cluster, node = spec.index, frontend = spec.frontend, netns = %node.netns, "node started");
+        self.nodes
+            .entry(spec.cluster.clone())
+            .or_default()
+            .insert(spec.index, node);
+        Ok(())
+    }
+
+    fn poll(&mut self, cluster: &str) -> Vec<NodeStatus> {
+        let Some(nodes) = self.nodes.get_mut(cluster) else {
+            return Vec::new();
+        };
+        let mut restart = Vec::new();
+        for (index, node) in nodes.iter_mut() {
+            if let Some(child) = &mut node.child
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                node.child = None;
+                if !status.success() {
+                    node.exit = Some(format!("{status}: {}", last_line(&node.dir.join("log"))));
+                    if node.spec.frontend && node.restarts < FRONTEND_RESTARTS_MAX {
+                        restart.push(*index);
+                    }
+                }
+            }
+        }
+        for index in restart {
+            let node = nodes.get_mut(&index).expect("listed above");
+            let child = spawn(node);
+            node.restarts += 1;
+            match child {
+                Ok(child) => {
+                    tracing::warn!(cluster, node = index, "frontend restarted");
+                    node.child = Some(child);
+                    node.exit = None;
+                }
+                Err(e) => node.exit = Some(e.to_string()),
+            }
+        }
+        nodes
+            .iter()
+            .map(|(index, node)| NodeStatus {
+                index: *index,
+                frontend: node.spec.frontend,
+                state: state_of(node),
+            })
+            .collect()
+    }
+
+    fn stop_cluster(&mut self, cluster: &str) -> Result<(), DriverError> {
+        let Some(nodes) = self.nodes.remove(cluster) else {
+            return Ok(());
+        };
+        for (_, mut node) in nodes {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            kill_netns_processes(&node.netns);
+            let _ = run("ip", &["netns", "del", &node.netns]);
+            let _ = self.site_ip(&["link", "del", &node.host_veth]);
+        }
+        let dir = self.state_dir.join(cluster);
+        let _ = std::fs::remove_dir_all(&dir);
+        tracing::info!(cluster, "nodes stopped");
+        Ok(())
+    }
+}
+
+impl Drop for NetnsDriver {
+    fn drop(&mut self) {
+        let clusters: Vec<String> = self.nodes.keys().cloned().collect();
+        for cluster in clusters {
+            let _ = self.stop_cluster(&cluster);
+        }
+    }
+}
+
+fn state_of(node: &RunningNode) -> NodeState {
+    if node.spec.frontend {
+        let [a, b, c, _] = node.spec.subnet.octets();
+        return match (&node.child, &node.exit) {
+            (Some(_), _) => NodeState::Serving {
+                ip: Ipv4Addr::new(a, b, c, 1),
+            },
+            (None, Some(reason)) => NodeState::Failed {
+                reason: reason.clone(),
+            },
+            (None, None) => NodeState::Failed {
+                reason: "dnsmasq exited".to_owned(),
+            },
+        };
+    }
+    let lease = std::fs::read_to_string(node.dir.join("lease")).unwrap_or_default();
+    let mut fields = lease.split_whitespace();
+    let ip = fields.next().and_then(|f| f.parse().ok());
+    let server = fields.next().and_then(|f| f.parse().ok());
+    let state = std::fs::read_to_string(node.dir.join("state")).unwrap_or_default();
+    match (state.trim(), ip, server) {
+        ("installed", Some(ip), Some(server)) => NodeState::Installed { ip, server },
+        (_, Some(ip), Some(server)) if node.exit.is_none() => NodeState::Leased { ip, server },
+        _ => match &node.exit {
+            Some(reason) => NodeState::Failed {
+                reason: reason.clone(),
+            },
+            None => NodeState::Booting,
+        },
+    }
+}
+
+/// The boot sequence of a compute node: DHCP from the frontend, then the
+/// install file over TFTP from the server DHCP named.
+fn write_node_scripts(dir: &Path) -> Result<(), DriverError> {
+    let dir_text = dir.display().to_string();
+    let hook = format!(
+        "#!/bin/sh\n\
+         # udhcpc hook: configure the lease and record it for the driver.\n\
+         case \"$1\" in\n\
+           bound|renew)\n\
+             ip addr flush dev \"$interface\"\n\
+             ip addr add \"$ip/${{mask:-24}}\" dev \"$interface\"\n\
+             echo \"$ip ${{siaddr:-$serverid}} ${{boot_file:-{INSTALL_FILE}}}\" > '{dir_text}/lease'\n\
+             ;;\n\
+         esac\n"
+    );
+    write(&dir.join("udhcpc.sh"), &hook)?;
+    let script = format!(
+        "#!/bin/sh\n\
+         set -e\n\
+         for attempt in 1 2 3; do\n\
+           busybox udhcpc -i eth0 -q -n -t 10 -T 1 -s '{dir_text}/udhcpc.sh' && break\n\
+           [ \"$attempt\" = 3 ] && exit 1\n\
+         done\n\
+         echo leased > '{dir_text}/state'\n\
+         read ip server boot < '{dir_text}/lease'\n\
+         busybox tftp -g -r \"$boot\" -l '{dir_text}/installed.cfg' \"$server\"\n\
+         echo installed > '{dir_text}/state'\n"
+    );
+    write(&dir.join("node.sh"), &script)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        dir.join("udhcpc.sh"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .map_err(|e| io(&dir.join("udhcpc.sh"), e))
+}
+
+fn list_netns() -> Result<Vec<String>, DriverError> {
+    let output = run("ip", &["netns", "list"])?;
+    Ok(output
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .map(str::to_owned)
+        .collect())
+}
+
+fn kill_netns_processes(netns: &str) {
+    let Ok(pids) = run("ip", &["netns", "pids", netns]) else {
+        return;
+    };
+    for pid in pids.split_whitespace() {
+        let _ = Command::new("kill").args(["-KILL", pid]).status();
+    }
+}
+
+/// Runs a command, returning its stdout, or an error with its stderr.
+fn run(program: &str, args: &[&str]) -> Result<String, DriverError> {
+    let output = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| DriverError::Command {
+            command: format!("{program} {}", args.join(" ")),
+            detail: e.to_string(),
+        })?;
+    if !output.status.success() {
+        return Err(DriverError::Command {
+            command: format!("{program} {}", args.join(" ")),
+            detail: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+fn write(path: &Path, text: &str) -> Result<(), DriverError> {
+    std::fs::write(path, text).map_err(|e| io(path, e))
+}
+
+fn io(path: &Path, source: std::io::Error) -> DriverError {
+    DriverError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+fn last_line(path: &Path) -> String {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .map(str::to_owned)
+        })
+        .unwrap_or_default()
+}
