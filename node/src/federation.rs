@@ -243,9 +243,19 @@ pub async fn start(
         .await
         .context("reading the advert version")?;
     let (local_id, local_name) = (keys.peer_id(), config.site.name.clone());
+    // What this site tells the sites it shares a cluster with about its gateway.
+    let gateway = config
+        .gateway
+        .endpoint
+        .clone()
+        .map(|endpoint| vcfed_storage::GatewayRef {
+            endpoint,
+            public_key: keys.tunnel_public_key(),
+        });
     let cluster = ledger
         .run(move |ledger| {
-            let mut cluster = ClusterCore::new(local_id, local_name, ClusterConfig::default());
+            let mut cluster =
+                ClusterCore::new(local_id, local_name, gateway, ClusterConfig::default());
             cluster.resume(ledger, now_ms())?;
             Ok(cluster)
         })

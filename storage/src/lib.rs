@@ -433,6 +433,17 @@ pub struct ClusterPart {
     pub state: PartState,
     /// Key of the reservation at that site, once there is one.
     pub reservation_key: Option<String>,
+    /// That site's gateway, as exchanged with the reservation.
+    pub gateway: Option<GatewayRef>,
+}
+
+/// A site's gateway as the sites of a cluster tell each other.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayRef {
+    /// Public `host:port` of its UDP socket.
+    pub endpoint: String,
+    /// Its WireGuard public key, base64.
+    pub public_key: String,
 }
 
 /// A cluster as stored.
@@ -452,6 +463,8 @@ pub struct ClusterRecord {
     pub reason: Option<String>,
     /// Per-site parts, ordered by site.
     pub parts: Vec<ClusterPart>,
+    /// Overlay segment id (GRE key) chosen by the master.
+    pub segment: Option<u32>,
     /// When this site learnt of it, unix ms.
     pub created_at_ms: i64,
     /// Last state change, unix ms.
@@ -871,8 +884,8 @@ impl Ledger {
         let request = serde_json::to_string(&cluster.request)
             .map_err(|e| LedgerError::Invalid(e.to_string()))?;
         tx.execute(
-            "INSERT INTO clusters (id, name, master_site, request_json, state, reason, created_at_ms, updated_at_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            "INSERT INTO clusters (id, name, master_site, request_json, state, reason, created_at_ms, updated_at_ms, segment)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             params![
                 cluster.id,
                 cluster.name,
@@ -882,6 +895,7 @@ impl Ledger {
                 cluster.reason,
                 cluster.created_at_ms,
                 cluster.updated_at_ms,
+                cluster.segment,
             ],
         )?;
         write_parts(&tx, &cluster.id, &cluster.parts)?;
@@ -1314,9 +1328,13 @@ fn write_parts(
                 part.site
             )));
         }
+        let gateway = part
+            .gateway
+            .as_ref()
+            .map(|gateway| serde_json::to_string(gateway).expect("a gateway serialises to JSON"));
         tx.execute(
-            "INSERT INTO cluster_parts (cluster_id, site, peer_id, attempt, nodes, frontend, state, reservation_key)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            "INSERT INTO cluster_parts (cluster_id, site, peer_id, attempt, nodes, frontend, state, reservation_key, gateway_json)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             params![
                 cluster_id,
                 part.site,
@@ -1325,7 +1343,8 @@ fn write_parts(
                 part.nodes,
                 part.frontend,
                 part.state.as_str(),
-                part.reservation_key
+                part.reservation_key,
+                gateway,
             ],
         )?;
     }
@@ -1335,7 +1354,7 @@ fn write_parts(
 fn cluster_by_id(conn: &Connection, id: &str) -> Result<Option<ClusterRecord>, LedgerError> {
     let row = conn
         .query_row(
-            "SELECT id, name, master_site, request_json, state, reason, created_at_ms, updated_at_ms
+            "SELECT id, name, master_site, request_json, state, reason, created_at_ms, updated_at_ms, segment
              FROM clusters WHERE id = ?1",
             params![id],
             |row| {
@@ -1348,11 +1367,22 @@ fn cluster_by_id(conn: &Connection, id: &str) -> Result<Option<ClusterRecord>, L
                     row.get::<_, Option<String>>(5)?,
                     row.get::<_, i64>(6)?,
                     row.get::<_, i64>(7)?,
+                    row.get::<_, Option<u32>>(8)?,
                 ))
             },
         )
         .optional()?;
-    let Some((id, name, master_site, request, state, reason, created_at_ms, updated_at_ms)) = row
+    let Some((
+        id,
+        name,
+        master_site,
+        request,
+        state,
+        reason,
+        created_at_ms,
+        updated_at_ms,
+        segment,
+    )) = row
     else {
         return Ok(None);
     };
@@ -1367,7 +1397,7 @@ fn cluster_by_id(conn: &Connection, id: &str) -> Result<Option<ClusterRecord>, L
         detail: format!("unknown state {state:?}"),
     })?;
     let mut stmt = conn.prepare_cached(
-        "SELECT site, peer_id, attempt, nodes, frontend, state, reservation_key FROM cluster_parts
+        "SELECT site, peer_id, attempt, nodes, frontend, state, reservation_key, gateway_json FROM cluster_parts
          WHERE cluster_id = ?1 ORDER BY frontend DESC, site, attempt",
     )?;
     let rows = stmt
@@ -1381,13 +1411,24 @@ fn cluster_by_id(conn: &Connection, id: &str) -> Result<Option<ClusterRecord>, L
                     frontend: row.get(4)?,
                     state: PartState::Released,
                     reservation_key: row.get(6)?,
+                    gateway: None,
                 },
                 row.get::<_, String>(5)?,
+                row.get::<_, Option<String>>(7)?,
             ))
         })?
         .collect::<Result<Vec<_>, _>>()?;
     let mut parts = Vec::with_capacity(rows.len());
-    for (mut part, state) in rows {
+    for (mut part, state, gateway) in rows {
+        part.gateway = gateway
+            .map(|text| {
+                serde_json::from_str(&text).map_err(|e| LedgerError::Corrupt {
+                    table: "cluster_parts",
+                    column: "gateway_json",
+                    detail: e.to_string(),
+                })
+            })
+            .transpose()?;
         part.state = PartState::parse(&state).ok_or_else(|| LedgerError::Corrupt {
             table: "cluster_parts",
             column: "state",
@@ -1405,6 +1446,7 @@ fn cluster_by_id(conn: &Connection, id: &str) -> Result<Option<ClusterRecord>, L
         parts,
         created_at_ms,
         updated_at_ms,
+        segment,
     }))
 }
 

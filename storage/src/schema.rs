@@ -6,7 +6,7 @@
 
 /// All migrations, in order. `MIGRATIONS.len()` is the schema version this
 /// build writes.
-pub(crate) const MIGRATIONS: &[&str] = &[MIGRATION_1, MIGRATION_2];
+pub(crate) const MIGRATIONS: &[&str] = &[MIGRATION_1, MIGRATION_2, MIGRATION_3];
 
 /// The first schema: inventory, reservations calendar, clusters, peers, events.
 const MIGRATION_1: &str = r#"
@@ -110,4 +110,12 @@ INSERT INTO cluster_parts_v2 (cluster_id, site, nodes, reservation_key)
     SELECT cluster_id, site, nodes, reservation_key FROM cluster_parts;
 DROP TABLE cluster_parts;
 ALTER TABLE cluster_parts_v2 RENAME TO cluster_parts;
+"#;
+
+/// What the sites of a cluster exchange with the reservation to build its
+/// network: the overlay segment id chosen by the master, and each site's
+/// gateway (endpoint and WireGuard key), so nothing is guessed at start time.
+const MIGRATION_3: &str = r#"
+ALTER TABLE clusters ADD COLUMN segment INTEGER; -- overlay segment id (GRE key) chosen by the master
+ALTER TABLE cluster_parts ADD COLUMN gateway_json TEXT; -- that site's gateway as exchanged: {"endpoint", "public_key"}
 "#;

@@ -339,6 +339,10 @@ fn part(site: &str, attempt: u32, nodes: u32, frontend: bool, state: PartState) 
         frontend,
         state,
         reservation_key: Some(format!("c-1/{attempt}")),
+        gateway: (attempt == 2).then(|| GatewayRef {
+            endpoint: format!("{site}.example:7782"),
+            public_key: "a2V5".into(),
+        }),
     }
 }
 
@@ -353,6 +357,7 @@ fn clusters_round_trip_with_parts() {
         state: ClusterState::Requested,
         reason: None,
         parts: vec![part("site-a", 0, 4, true, PartState::Held)],
+        segment: Some(77),
         created_at_ms: 5,
         updated_at_ms: 5,
     };

@@ -37,8 +37,8 @@ use libp2p_identity::PeerId;
 use serde::{Deserialize, Serialize};
 use vcfed_registry::Candidate;
 use vcfed_storage::{
-    ClusterPart, ClusterRecord, ClusterState, HoldOutcome, HoldRequest, Ledger, LedgerError,
-    NodeShape, PartState, Window,
+    ClusterPart, ClusterRecord, ClusterState, GatewayRef, HoldOutcome, HoldRequest, Ledger,
+    LedgerError, NodeShape, PartState, Window,
 };
 
 /// Longest cluster id or name accepted, bytes.
@@ -113,6 +113,10 @@ pub enum ClusterMsg {
         window: Window,
         /// How long to hold without a commit, ms.
         lease_ms: i64,
+        /// Overlay segment id of the cluster (GRE key), chosen by the master.
+        segment: u32,
+        /// The master's gateway, for the tunnels at start time.
+        gateway: Option<GatewayRef>,
     },
     /// Master → worker: commit the hold of this attempt.
     Commit {
@@ -122,6 +126,11 @@ pub enum ClusterMsg {
         name: String,
         /// Attempt.
         attempt: u32,
+        /// Overlay segment id of the cluster.
+        segment: u32,
+        /// Every part of the cluster (site, nodes, gateway), so that each
+        /// worker can reach every other site at start time.
+        parts: Vec<ClusterPart>,
     },
     /// Master → worker: release the hold or commitment of this attempt.
     Release {
@@ -138,6 +147,8 @@ pub enum ClusterMsg {
         attempt: u32,
         /// When the hold lapses, worker's clock.
         lease_expires_at_ms: i64,
+        /// The worker's gateway, for the tunnels at start time.
+        gateway: Option<GatewayRef>,
     },
     /// Worker → master: not enough room.
     Denied {
@@ -286,6 +297,8 @@ pub enum DeleteError {
 struct RemotePart {
     site_name: String,
     peer: PeerId,
+    /// The site's gateway, from its `Held`.
+    gateway: Option<GatewayRef>,
     attempt: u32,
     nodes: u32,
     state: PartState,
@@ -299,6 +312,7 @@ struct RemotePart {
 #[derive(Debug, Clone)]
 struct Master {
     id: String,
+    segment: u32,
     request: ClusterRequest,
     state: ClusterState,
     reason: Option<String>,
@@ -349,6 +363,7 @@ impl Master {
 pub struct ClusterCore {
     local: PeerId,
     local_name: String,
+    gateway: Option<GatewayRef>,
     config: ClusterConfig,
     masters: BTreeMap<String, Master>,
     transmits: VecDeque<(PeerId, ClusterMsg)>,
@@ -365,10 +380,16 @@ impl std::fmt::Debug for ClusterCore {
 
 impl ClusterCore {
     /// The core of the site `local_name` with peer id `local`.
-    pub fn new(local: PeerId, local_name: String, config: ClusterConfig) -> ClusterCore {
+    pub fn new(
+        local: PeerId,
+        local_name: String,
+        gateway: Option<GatewayRef>,
+        config: ClusterConfig,
+    ) -> ClusterCore {
         ClusterCore {
             local,
             local_name,
+            gateway,
             config,
             masters: BTreeMap::new(),
             transmits: VecDeque::new(),
@@ -494,6 +515,7 @@ impl ClusterCore {
 
         let mut master = Master {
             id: id.clone(),
+            segment: segment_for(&id),
             request: request.clone(),
             state: ClusterState::Reserving,
             reason: None,
@@ -531,7 +553,8 @@ impl ClusterCore {
             request: serde_json::to_value(&request).expect("a request serialises to JSON"),
             state: ClusterState::Reserving,
             reason: None,
-            parts: record_parts(&master, &self.local_name, &self.local),
+            parts: record_parts(&master, &self.local_name, &self.local, &self.gateway),
+            segment: Some(master.segment),
             created_at_ms: now_ms,
             updated_at_ms: now_ms,
         };
@@ -605,6 +628,8 @@ impl ClusterCore {
                 shape,
                 window,
                 lease_ms,
+                segment: _,
+                gateway: _,
             } => {
                 if cluster.is_empty() || cluster.len() > CLUSTER_ID_LEN_MAX || nodes == 0 {
                     return Ok(Some(refused(cluster, attempt, "invalid reserve request")));
@@ -624,12 +649,14 @@ impl ClusterCore {
                             cluster,
                             attempt,
                             lease_expires_at_ms,
+                            gateway: self.gateway.clone(),
                         },
                         // Already committed under this key: a duplicate after the commit.
                         None => ClusterMsg::Held {
                             cluster,
                             attempt,
                             lease_expires_at_ms: window.end_ms,
+                            gateway: self.gateway.clone(),
                         },
                     },
                     Ok(HoldOutcome::Denied { available }) => ClusterMsg::Denied {
@@ -649,20 +676,21 @@ impl ClusterCore {
                 cluster,
                 name,
                 attempt,
+                segment,
+                parts,
             } => {
                 let key = format!("{cluster}/{attempt}");
                 match ledger.commit(&key, &requester, now_ms) {
                     Ok(reservation) => {
                         let master_name =
                             sites.site_name(&from).unwrap_or_else(|| from.to_string());
-                        self.record_worker_part(
-                            ledger,
-                            &reservation,
-                            &name,
-                            &master_name,
-                            attempt,
-                            now_ms,
-                        )?;
+                        let shared = SharedCluster {
+                            name: &name,
+                            master: &master_name,
+                            segment,
+                            parts: &parts,
+                        };
+                        self.record_worker_part(ledger, &reservation, &shared, attempt, now_ms)?;
                         ClusterMsg::Committed { cluster, attempt }
                     }
                     Err(
@@ -726,10 +754,11 @@ impl ClusterCore {
             return Ok(());
         };
         match (part.state, msg) {
-            (PartState::Reserving, ClusterMsg::Held { .. }) => {
+            (PartState::Reserving, ClusterMsg::Held { gateway, .. }) => {
                 if in_reservation {
                     part.state = PartState::Held;
                     part.deadline_ms = None;
+                    part.gateway = gateway;
                 } else {
                     start_release(part, now_ms);
                 }
@@ -801,6 +830,17 @@ impl ClusterCore {
                 fail(master, "timed out collecting holds");
             }
             let window_end = master.request.window.end_ms;
+            let shared = live_parts(record_parts(
+                master,
+                &self.local_name,
+                &self.local,
+                &self.gateway,
+            ));
+            let context = RequestContext {
+                segment: master.segment,
+                gateway: &self.gateway,
+                parts: &shared,
+            };
             for part in &mut master.parts {
                 if part.deadline_ms.is_none_or(|at| at > now_ms) {
                     continue;
@@ -833,7 +873,7 @@ impl ClusterCore {
                     }
                 }
                 if part.deadline_ms.is_some() {
-                    let msg = request_for(&id, &master.request, part, &config);
+                    let msg = request_for(&id, &master.request, part, &config, &context);
                     self.transmits.push_back((part.peer, msg));
                 }
             }
@@ -915,6 +955,7 @@ impl ClusterCore {
             let part = RemotePart {
                 site_name,
                 peer,
+                gateway: None,
                 attempt,
                 nodes,
                 state: PartState::Reserving,
@@ -997,7 +1038,7 @@ impl ClusterCore {
         }
 
         // Persist before sending anything that follows from this state.
-        let parts = record_parts(&master, &self.local_name, &self.local);
+        let parts = record_parts(&master, &self.local_name, &self.local, &self.gateway);
         ledger.update_cluster(
             id,
             master.state,
@@ -1006,6 +1047,12 @@ impl ClusterCore {
             now_ms,
         )?;
 
+        let shared = live_parts(parts);
+        let context = RequestContext {
+            segment: master.segment,
+            gateway: &self.gateway,
+            parts: &shared,
+        };
         for part in &mut master.parts {
             let needs_send = matches!(
                 part.state,
@@ -1016,7 +1063,7 @@ impl ClusterCore {
                 part.tries = 0;
                 self.transmits.push_back((
                     part.peer,
-                    request_for(id, &master.request, part, &self.config),
+                    request_for(id, &master.request, part, &self.config, &context),
                 ));
             }
         }
@@ -1056,35 +1103,61 @@ impl ClusterCore {
         }))
     }
 
-    /// A worker's own record of a cluster part it committed.
+    /// A worker's own record of a cluster it committed nodes to: its own
+    /// parts, and the other sites' parts with their gateways as the master
+    /// sent them, so it can build the cluster's network at start time.
     fn record_worker_part(
         &mut self,
         ledger: &mut Ledger,
         reservation: &vcfed_storage::Reservation,
-        name: &str,
-        master_name: &str,
+        shared: &SharedCluster<'_>,
         attempt: u32,
         now_ms: i64,
     ) -> Result<(), LedgerError> {
-        let part = ClusterPart {
+        let local_id = self.local.to_string();
+        let own = ClusterPart {
             site: self.local_name.clone(),
-            peer_id: Some(self.local.to_string()),
+            peer_id: Some(local_id.clone()),
             attempt,
             nodes: reservation.nodes,
             frontend: false,
             state: PartState::Committed,
             reservation_key: Some(reservation.key.clone()),
+            gateway: self.gateway.clone(),
         };
         let existing = ledger.cluster(&reservation.cluster_id)?;
-        match existing {
-            Some(record) if record.master_site == self.local_name => Ok(()),
-            Some(record) => {
-                let mut parts: Vec<ClusterPart> = record
+        if existing
+            .as_ref()
+            .is_some_and(|record| record.master_site == self.local_name)
+        {
+            return Ok(());
+        }
+        // Other sites' parts come from the master; this site's own parts
+        // (several attempts may have been committed) from its own record.
+        let mut parts: Vec<ClusterPart> = shared
+            .parts
+            .iter()
+            .filter(|p| p.peer_id.as_deref() != Some(local_id.as_str()))
+            .cloned()
+            .map(|mut p| {
+                p.state = PartState::Committed;
+                p
+            })
+            .collect();
+        if let Some(record) = &existing {
+            parts.extend(
+                record
                     .parts
-                    .into_iter()
-                    .filter(|p| p.attempt != attempt)
-                    .collect();
-                parts.push(part);
+                    .iter()
+                    .filter(|p| {
+                        p.peer_id.as_deref() == Some(local_id.as_str()) && p.attempt != attempt
+                    })
+                    .cloned(),
+            );
+        }
+        parts.push(own);
+        match existing {
+            Some(_) => {
                 ledger.update_cluster(
                     &reservation.cluster_id,
                     ClusterState::Reserved,
@@ -1092,29 +1165,29 @@ impl ClusterCore {
                     Some(&parts),
                     now_ms,
                 )?;
-                Ok(())
             }
             None => {
                 let request = serde_json::json!({
-                    "name": name,
+                    "name": shared.name,
                     "nodes": reservation.nodes,
                     "shape": reservation.shape,
                     "window": reservation.window,
                 });
                 ledger.insert_cluster(&ClusterRecord {
                     id: reservation.cluster_id.clone(),
-                    name: name.chars().take(CLUSTER_ID_LEN_MAX).collect(),
-                    master_site: master_name.to_owned(),
+                    name: shared.name.chars().take(CLUSTER_ID_LEN_MAX).collect(),
+                    master_site: shared.master.to_owned(),
                     request,
                     state: ClusterState::Reserved,
                     reason: None,
-                    parts: vec![part],
+                    parts,
+                    segment: Some(shared.segment),
                     created_at_ms: now_ms,
                     updated_at_ms: now_ms,
                 })?;
-                Ok(())
             }
         }
+        Ok(())
     }
 
     /// After a release at a worker: the cluster is finished here once none
@@ -1133,7 +1206,13 @@ impl ClusterCore {
         }
         let mut parts = record.parts.clone();
         let mut active = false;
-        for part in &mut parts {
+        let local_id = self.local.to_string();
+        // Only this site's own parts name reservations in this ledger; the
+        // others' keys belong to their sites' ledgers.
+        for part in parts
+            .iter_mut()
+            .filter(|p| p.peer_id.as_deref() == Some(local_id.as_str()))
+        {
             let key = part.reservation_key.clone().unwrap_or_default();
             let counts = ledger
                 .reservation(&key)?
@@ -1228,12 +1307,29 @@ fn start_release(part: &mut RemotePart, _now_ms: i64) {
     part.backoff_ms = 0;
 }
 
+/// What a worker learns of a cluster with the commit.
+struct SharedCluster<'a> {
+    name: &'a str,
+    master: &'a str,
+    segment: u32,
+    parts: &'a [ClusterPart],
+}
+
+/// What a request to a worker carries besides the part itself.
+struct RequestContext<'a> {
+    segment: u32,
+    gateway: &'a Option<GatewayRef>,
+    /// The cluster's parts that hold or will hold nodes (for `Commit`).
+    parts: &'a [ClusterPart],
+}
+
 /// The message a part in its current state is waiting on.
 fn request_for(
     id: &str,
     request: &ClusterRequest,
     part: &RemotePart,
     config: &ClusterConfig,
+    context: &RequestContext<'_>,
 ) -> ClusterMsg {
     match part.state {
         PartState::Reserving => ClusterMsg::Reserve {
@@ -1244,11 +1340,15 @@ fn request_for(
             shape: request.shape,
             window: request.window,
             lease_ms: config.lease_ms,
+            segment: context.segment,
+            gateway: context.gateway.clone(),
         },
         PartState::Committing => ClusterMsg::Commit {
             cluster: id.to_owned(),
             name: request.name.clone(),
             attempt: part.attempt,
+            segment: context.segment,
+            parts: context.parts.to_vec(),
         },
         _ => ClusterMsg::Release {
             cluster: id.to_owned(),
@@ -1257,7 +1357,12 @@ fn request_for(
     }
 }
 
-fn record_parts(master: &Master, local_name: &str, local: &PeerId) -> Vec<ClusterPart> {
+fn record_parts(
+    master: &Master,
+    local_name: &str,
+    local: &PeerId,
+    gateway: &Option<GatewayRef>,
+) -> Vec<ClusterPart> {
     let mut parts = vec![ClusterPart {
         site: local_name.to_owned(),
         peer_id: Some(local.to_string()),
@@ -1266,6 +1371,7 @@ fn record_parts(master: &Master, local_name: &str, local: &PeerId) -> Vec<Cluste
         frontend: true,
         state: master.local_state,
         reservation_key: Some(master.local_key()),
+        gateway: gateway.clone(),
     }];
     parts.extend(master.parts.iter().map(|p| ClusterPart {
         site: p.site_name.clone(),
@@ -1275,8 +1381,27 @@ fn record_parts(master: &Master, local_name: &str, local: &PeerId) -> Vec<Cluste
         frontend: false,
         state: p.state,
         reservation_key: Some(format!("{}/{}", master.id, p.attempt)),
+        gateway: p.gateway.clone(),
     }));
     parts
+}
+
+/// The parts that hold, or are about to hold, nodes.
+fn live_parts(parts: Vec<ClusterPart>) -> Vec<ClusterPart> {
+    parts
+        .into_iter()
+        .filter(|p| p.state != PartState::Released && p.state != PartState::Releasing)
+        .collect()
+}
+
+/// The overlay segment id of a cluster: derived from its (random) id, so
+/// master and workers agree without a counter; never 0.
+pub fn segment_for(cluster: &str) -> u32 {
+    let digest = ring::digest::digest(&ring::digest::SHA256, cluster.as_bytes());
+    let bytes: [u8; 4] = digest.as_ref()[..4]
+        .try_into()
+        .expect("a digest has four bytes");
+    u32::from_be_bytes(bytes).max(1)
 }
 
 /// Rebuilds the in-memory state of a mastered cluster from its record.
@@ -1295,6 +1420,7 @@ fn master_from_record(
             Some(RemotePart {
                 site_name: p.site.clone(),
                 peer: p.peer_id.as_deref()?.parse().ok()?,
+                gateway: p.gateway.clone(),
                 attempt: p.attempt,
                 nodes: p.nodes,
                 state: p.state,
@@ -1306,6 +1432,7 @@ fn master_from_record(
         .collect();
     Some(Master {
         id: record.id.clone(),
+        segment: record.segment.unwrap_or_else(|| segment_for(&record.id)),
         request,
         state: record.state,
         reason: record.reason.clone(),

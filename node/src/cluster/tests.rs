@@ -54,6 +54,14 @@ const CONCURRENT_SEEDS: u64 = 100;
 const FAULT_SEEDS: u64 = 200;
 
 /// The node slot every simulated site offers.
+/// The gateway each simulated site tells the others about.
+fn gateway_of(site: &str) -> vcfed_storage::GatewayRef {
+    vcfed_storage::GatewayRef {
+        endpoint: format!("{site}.gw:7782"),
+        public_key: format!("key-of-{site}"),
+    }
+}
+
 fn slot() -> NodeShape {
     NodeShape {
         cores: 4,
@@ -344,7 +352,7 @@ impl Sim {
                 usages: Vec::new(),
             };
             sites.push(Site {
-                core: ClusterCore::new(peer, name.clone(), config.clone()),
+                core: ClusterCore::new(peer, name.clone(), Some(gateway_of(&name)), config.clone()),
                 name,
                 peer,
                 capacity,
@@ -446,7 +454,12 @@ impl Sim {
     fn restart(&mut self, site: usize) {
         let now_ms = self.now_ms;
         let entry = &mut self.sites[site];
-        entry.core = ClusterCore::new(entry.peer, entry.name.clone(), self.config.clone());
+        entry.core = ClusterCore::new(
+            entry.peer,
+            entry.name.clone(),
+            Some(gateway_of(&entry.name)),
+            self.config.clone(),
+        );
         if let Err(e) = entry.core.resume(&mut entry.ledger, now_ms) {
             self.fail(&format!("resume failed: {e:#}"));
         }
@@ -1009,9 +1022,34 @@ fn happy_path_master_keeps_its_share_and_workers_commit_the_rest() {
         assert_eq!(own.state, ClusterState::Reserved);
         assert_eq!(own.master_site, "A");
         assert_eq!(
-            own.parts.iter().map(|p| p.nodes).sum::<u32>(),
+            committed_parts_at(&own, name),
             committed_parts_at(&record, name)
         );
+        // The worker learnt the cluster's segment and every other site's
+        // gateway with the commit: what it needs to build the network.
+        assert_eq!(own.segment, record.segment);
+        assert!(own.segment.is_some());
+        for site in ["A", "B", "C"] {
+            let part = own
+                .parts
+                .iter()
+                .find(|p| p.site == site)
+                .expect("every site of the cluster");
+            assert_eq!(
+                part.gateway,
+                Some(gateway_of(site)),
+                "{site}'s gateway at {name}"
+            );
+        }
+        assert!(own.parts.iter().any(|p| p.site == "A" && p.frontend));
+    }
+    // The master learnt each worker's gateway from its Held.
+    for part in record
+        .parts
+        .iter()
+        .filter(|p| p.state == PartState::Committed)
+    {
+        assert_eq!(part.gateway, Some(gateway_of(&part.site)));
     }
     assert_eq!(sim.in_flight(), 0);
     assert_eq!(sim.check_settled(0, "c1", 10), ClusterState::Reserved);
