@@ -72,6 +72,9 @@ pub enum Command {
     Psk(PskCommand),
     /// Run a self-contained demo of one site on this machine.
     Demo(crate::demo::DemoArgs),
+    /// Run the overlay data plane alone (`--config FILE`), for debugging and
+    /// benchmarks; `genkey` and `pubkey` make its WireGuard keys.
+    Gateway(crate::gateway::GatewayArgs),
 }
 
 /// Where the site's config is.
@@ -267,6 +270,10 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = if matches!(cli.command, Command::Run(_) | Command::Demo(_)) {
         "info"
+    } else if matches!(&cli.command, Command::Gateway(args) if args.command.is_none()) {
+        // boringtun warns on every handshake retry to a peer that is down, and
+        // netlink-packet-route on every kernel attribute newer than itself.
+        "info,boringtun=error,netlink_packet_route=error"
     } else {
         "warn"
     };
@@ -322,6 +329,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Psk(PskCommand::Generate { out, force }) => generate_psk(&out, force),
         Command::Demo(args) => crate::demo::run(&args).await,
+        Command::Gateway(args) => crate::gateway::run(args).await,
     }
 }
 

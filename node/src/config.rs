@@ -1033,14 +1033,15 @@ impl RawGateway {
 }
 
 /// The text being parsed and where it came from, to turn byte spans into error locations.
-struct Source<'a> {
-    path: &'a Path,
-    text: &'a str,
+/// Shared with the other configuration files of the crate (`vcfed gateway`'s).
+pub(crate) struct Source<'a> {
+    pub(crate) path: &'a Path,
+    pub(crate) text: &'a str,
 }
 
 impl Source<'_> {
     /// An error located at the start of `span`, or nowhere when `span` is `None`.
-    fn error(
+    pub(crate) fn error(
         &self,
         span: Option<Range<usize>>,
         field: Option<String>,
@@ -1059,7 +1060,7 @@ impl Source<'_> {
     }
 
     /// An error about the value `at`, which is the field `field`.
-    fn invalid<T>(
+    pub(crate) fn invalid<T>(
         &self,
         at: &Spanned<T>,
         field: &str,
@@ -1072,7 +1073,10 @@ impl Source<'_> {
     /// Turns a serde error into a config error, naming the field serde was at and adding a
     /// hint for the kinds of mistakes people make: a missing field, a misspelled one, a value
     /// of the wrong type.
-    fn deserialize_error(&self, error: serde_path_to_error::Error<toml::de::Error>) -> ConfigError {
+    pub(crate) fn deserialize_error(
+        &self,
+        error: serde_path_to_error::Error<toml::de::Error>,
+    ) -> ConfigError {
         let path = field_path(error.path());
         let error = error.into_inner();
         let message = error.message();
@@ -1124,7 +1128,11 @@ impl Source<'_> {
     }
 
     /// A path from the file, resolved against the config file's directory.
-    fn path_value(&self, value: Spanned<PathBuf>, field: &str) -> Result<PathBuf, ConfigError> {
+    pub(crate) fn path_value(
+        &self,
+        value: Spanned<PathBuf>,
+        field: &str,
+    ) -> Result<PathBuf, ConfigError> {
         if value.get_ref().as_os_str().is_empty() {
             return Err(self.invalid(
                 &value,
@@ -1163,7 +1171,7 @@ impl Source<'_> {
     }
 
     /// The socket address in `value`, or `default` when the field is absent.
-    fn socket_addr(
+    pub(crate) fn socket_addr(
         &self,
         value: Option<Spanned<String>>,
         field: &str,
@@ -1203,7 +1211,11 @@ impl Source<'_> {
         Ok(number)
     }
 
-    fn ifname(&self, value: Spanned<String>, field: &str) -> Result<String, ConfigError> {
+    pub(crate) fn ifname(
+        &self,
+        value: Spanned<String>,
+        field: &str,
+    ) -> Result<String, ConfigError> {
         if let Some(problem) = ifname_problem(value.get_ref()) {
             return Err(self.invalid(
                 &value,
@@ -1386,6 +1398,21 @@ fn example(field: &str) -> Option<&'static str> {
         "gateway.endpoint" => r#"endpoint = "gw.example.org:7782""#,
         "gateway.bridge" => r#"bridge = "br-site""#,
         "gateway.trunk" => r#"trunk = "eth1""#,
+        // The file of `vcfed gateway --config` (see `gateway_config`).
+        "private_key_file" => r#"private_key_file = "tunnel.key""#,
+        "listen" => r#"listen = "0.0.0.0:7782""#,
+        "inner_mtu" => "inner_mtu = 1440",
+        "link_prefix" => r#"link_prefix = "vcf""#,
+        "peers" => r#"peers = [{ index = 2, public_key = "...", endpoint = "203.0.113.7:7782" }]"#,
+        "peers.index" => "index = 2",
+        "peers.public_key" => r#"public_key = "hDWy...Ez4=""#,
+        "peers.endpoint" => r#"endpoint = "203.0.113.7:7782""#,
+        "segments" => r#"segments = [{ id = 100, peers = [2], bridge = "br-site" }]"#,
+        "segments.id" => "id = 100",
+        "segments.peers" => "peers = [2, 3]",
+        "segments.bridge" => r#"bridge = "br-site""#,
+        "segments.trunk" => r#"trunk = "eth1""#,
+        "segments.vlan" => "vlan = 100",
         _ => return None,
     })
 }

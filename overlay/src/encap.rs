@@ -48,9 +48,6 @@ pub enum DecapError {
     /// A fragment that does not fit with the others, or too large a packet.
     #[error("bad fragment")]
     BadFragment,
-    /// Too many packets waiting for fragments.
-    #[error("reassembly buffer full")]
-    ReassemblyFull,
 }
 
 /// Turns frames into inner packets for one tunnel peer.
@@ -155,6 +152,8 @@ fn ipv4_checksum(header: &[u8]) -> u16 {
 #[derive(Debug)]
 struct Partial {
     first_seen_ms: i64,
+    /// Order of arrival among partial packets, to evict the oldest.
+    arrival: u64,
     /// Fragment payloads by offset.
     pieces: BTreeMap<usize, Vec<u8>>,
     /// Payload length, once the last fragment arrived.
@@ -166,6 +165,7 @@ struct Partial {
 #[derive(Debug, Default)]
 pub struct Decapsulator {
     pending: BTreeMap<(u16, [u8; 4], [u8; 4]), Partial>,
+    arrivals: u64,
     /// Fragments dropped: timed out, overlapping, or over the bounds.
     pub fragments_dropped: u64,
 }
@@ -208,11 +208,23 @@ impl Decapsulator {
             packet[16..20].try_into().expect("four bytes"),
         );
         if !self.pending.contains_key(&key) && self.pending.len() >= PENDING_MAX {
+            // The oldest partial packet is the one least likely to complete
+            // (its other fragment was most likely lost); refusing new ones
+            // instead would stall every fragmented frame until timeouts.
+            let oldest = self
+                .pending
+                .iter()
+                .min_by_key(|(_, partial)| partial.arrival)
+                .map(|(key, _)| *key)
+                .expect("the buffer is full, so not empty");
+            self.pending.remove(&oldest);
             self.fragments_dropped += 1;
-            return Err(DecapError::ReassemblyFull);
         }
+        self.arrivals += 1;
+        let arrival = self.arrivals;
         let partial = self.pending.entry(key).or_insert_with(|| Partial {
             first_seen_ms: now_ms,
+            arrival,
             pieces: BTreeMap::new(),
             total: None,
             bytes: 0,
@@ -329,10 +341,22 @@ mod tests {
         for first in &firsts[..PENDING_MAX] {
             assert_eq!(dec.decapsulate(0, first), Ok(None));
         }
+        // A full buffer makes room by dropping the oldest partial packet:
+        // frames whose fragments all arrive still get through.
+        assert_eq!(dec.decapsulate(0, firsts[PENDING_MAX]), Ok(None));
+        assert_eq!(dec.pending(), PENDING_MAX);
+        assert_eq!(dec.fragments_dropped, 1);
+        let newest = &out[2 * (PENDING_MAX + 1)..2 * (PENDING_MAX + 2)];
+        assert_eq!(dec.decapsulate(0, &newest[0]), Ok(None));
+        assert!(matches!(dec.decapsulate(0, &newest[1]), Ok(Some(_))));
         assert_eq!(
-            dec.decapsulate(0, firsts[PENDING_MAX]),
-            Err(DecapError::ReassemblyFull)
+            dec.pending(),
+            PENDING_MAX - 1,
+            "one more evicted, one completed"
         );
+        // The evicted packet's late fragment starts a new partial, that
+        // times out like the others.
+        assert_eq!(dec.decapsulate(0, &out[1]), Ok(None));
         dec.expire(REASSEMBLY_TIMEOUT_MS);
         assert_eq!(dec.pending(), 0);
         assert!(dec.fragments_dropped >= PENDING_MAX as u64);

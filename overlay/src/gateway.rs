@@ -340,6 +340,30 @@ impl Gateway {
         }
     }
 
+    /// Starts a handshake with every peer that has an endpoint and no
+    /// handshake under way. A gateway that (re)starts calls this once: the
+    /// peers still hold sessions with its previous incarnation and would
+    /// otherwise send into them until their own rekey timers fire, 15 s or
+    /// more later. A fresh initiation replaces those sessions at once.
+    pub fn initiate_handshakes(&mut self, out: &mut Vec<Output>) {
+        for (index, peer) in &mut self.peers {
+            let Some(to) = peer.endpoint else {
+                continue;
+            };
+            match peer
+                .tunn
+                .format_handshake_initiation(&mut self.scratch, false)
+            {
+                TunnResult::WriteToNetwork(datagram) => out.push(Output::ToNetwork {
+                    to,
+                    datagram: datagram.to_vec(),
+                }),
+                TunnResult::Err(e) => tracing::debug!(peer = index, error = ?e, "handshake"),
+                _ => {}
+            }
+        }
+    }
+
     /// Which configured peer a datagram belongs to, by receiver index or
     /// (handshake initiation) by the initiator's static key.
     fn identify(&self, datagram: &[u8]) -> Option<PeerIndex> {

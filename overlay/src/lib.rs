@@ -16,4 +16,6 @@
 pub mod encap;
 pub mod frame;
 pub mod gateway;
+#[cfg(target_os = "linux")]
+pub mod linux;
 pub mod switch;

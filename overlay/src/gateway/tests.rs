@@ -173,3 +173,24 @@ fn a_peer_with_the_wrong_key_gets_nothing_through() {
         .handle_datagram(0, addr(0), &[1, 0, 0, 0, 5, 6], &mut out);
     assert!(out.is_empty());
 }
+
+#[test]
+fn a_restarted_gateway_replaces_the_sessions_its_peers_hold() {
+    let mut sites = mesh(2, &[&[7], &[7]]);
+    send_local(&mut sites, 0, 7, &frame(mac(2), mac(1), 60), 0);
+    assert_eq!(sites[1].delivered.len(), 1);
+
+    // Site 1 restarts: same key, no sessions.
+    let restarted = mesh(2, &[&[7], &[7]]).remove(1);
+    sites[1] = restarted;
+    let mut out = Vec::new();
+    sites[1].gateway.initiate_handshakes(&mut out);
+    assert_eq!(out.len(), 1, "one initiation per peer with an endpoint");
+    let mut queue = VecDeque::new();
+    collect(&mut sites, 1, out, &mut queue);
+    run(&mut sites, queue, 1);
+
+    // Site 0 now sends on the new session, with no frame lost to the old one.
+    send_local(&mut sites, 0, 7, &frame(mac(2), mac(1), 60), 2);
+    assert_eq!(sites[1].delivered.len(), 1);
+}

@@ -1,0 +1,138 @@
+//! `vcfed gateway`: the overlay data plane alone, with its peers and
+//! segments given in a file (see [`crate::gateway_config`]), for debugging
+//! and benchmarks; and the key helpers scripts need to write such files.
+
+// The CLI's job is to print for the user.
+#![allow(clippy::print_stdout)]
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use clap::{Args, Subcommand};
+
+use crate::cli::UsageError;
+use crate::identity;
+
+/// Arguments of `vcfed gateway`.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct GatewayArgs {
+    /// The gateway's config file: key file, listen address, peers, segments.
+    /// Runs the gateway until SIGTERM or Ctrl-C (needs root or
+    /// CAP_NET_ADMIN).
+    #[arg(long, short = 'c', env = "VCFED_GATEWAY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Key helpers.
+    #[command(subcommand)]
+    pub command: Option<GatewayCommand>,
+}
+
+/// `vcfed gateway ...`
+#[derive(Debug, Subcommand)]
+pub enum GatewayCommand {
+    /// Write a new WireGuard private key (base64, mode 0600) and print its
+    /// public key.
+    Genkey {
+        /// Where to write the key.
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace an existing file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the public key of a private key file.
+    Pubkey {
+        /// The private key file.
+        #[arg(long)]
+        key: PathBuf,
+    },
+}
+
+/// Runs `vcfed gateway`.
+pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
+    match (args.command, args.config) {
+        (Some(GatewayCommand::Genkey { out, force }), _) => genkey(&out, force),
+        (Some(GatewayCommand::Pubkey { key }), _) => {
+            let private = crate::gateway_config::read_private_key(&key)
+                .map_err(|problem| UsageError(format!("{}: {problem}", key.display())))?;
+            println!("{}", public_key_base64(private));
+            Ok(())
+        }
+        (None, Some(config)) => run_gateway(&config).await,
+        (None, None) => Err(UsageError(
+            "no config file: pass --config FILE or set VCFED_GATEWAY_CONFIG".to_owned(),
+        )
+        .into()),
+    }
+}
+
+/// The base64 public key of a private key.
+pub fn public_key_base64(private: [u8; 32]) -> String {
+    let public = x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from(private));
+    STANDARD.encode(public.as_bytes())
+}
+
+async fn run_gateway(path: &Path) -> anyhow::Result<()> {
+    let config = crate::gateway_config::load(path)?;
+    // On a thread of its own with a single-threaded runtime: the loop runs
+    // where the I/O driver wakes up, so no readiness event is handed between
+    // threads (with `block_on` on the CLI's multi-threaded runtime that
+    // hand-off, two context switches per packet, was most of the CPU time).
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("vcfed-gateway".to_owned())
+        .spawn(move || {
+            let ended = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map(|runtime| {
+                    runtime.block_on(vcfed_overlay::linux::run(
+                        config,
+                        crate::agent::termination_signal(),
+                    ))
+                });
+            let _ = done_tx.send(ended);
+        })
+        .context("starting the gateway thread")?;
+    let stats = done_rx
+        .await
+        .context("the gateway thread ended without an answer")?
+        .context("starting the gateway's runtime")?
+        .map_err(|e| {
+            let hint = if e.is_permission_denied() {
+                "running the gateway (it needs root or CAP_NET_ADMIN)"
+            } else {
+                "running the gateway"
+            };
+            anyhow::Error::new(e).context(hint)
+        })?;
+    tracing::debug!(?stats, "gateway counters");
+    Ok(())
+}
+
+fn genkey(out: &Path, force: bool) -> anyhow::Result<()> {
+    if out.exists() && !force {
+        return Err(UsageError(format!(
+            "{} already exists; pass --force to replace it",
+            out.display()
+        ))
+        .into());
+    }
+    let mut private = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut private)
+        .map_err(|_| anyhow::anyhow!("the system random source failed"))?;
+    // Clamped as WireGuard stores private keys; x25519 clamps anyway.
+    private[0] &= 248;
+    private[31] &= 127;
+    private[31] |= 64;
+    identity::write_file(
+        out,
+        format!("{}\n", STANDARD.encode(private)).as_bytes(),
+        0o600,
+    )
+    .with_context(|| format!("writing {}", out.display()))?;
+    println!("{}", public_key_base64(private));
+    Ok(())
+}

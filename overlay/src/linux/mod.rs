@@ -1,0 +1,216 @@
+//! The Linux shell around [`Gateway`](crate::gateway::Gateway): TAP
+//! devices, one UDP socket and netlink link setup, driven by tokio.
+//!
+//! One TAP device per segment carries the frames of the site's side of the
+//! segment; one UDP socket carries every tunnel. The shell owns no protocol
+//! logic: it reads frames and datagrams, hands them to the gateway with the
+//! time, sends whatever the gateway outputs, and ticks its timers.
+//!
+//! # Site side of a segment
+//!
+//! Each segment reaches the site's machines in one of three ways
+//! ([`SiteLink`]):
+//! - **bridge mode**: the TAP joins an existing Linux bridge of the site
+//!   (the bridge the VMs of the cluster are on);
+//! - **trunk mode**: the gateway creates a segment bridge, an 802.1Q
+//!   sub-interface `<trunk>.<vlan>` of the site's trunk, and puts both the
+//!   sub-interface and the TAP in the bridge;
+//! - **segment bridge only**: the gateway creates the segment bridge with
+//!   the TAP in it, and whoever runs the VMs attaches their ports to it.
+//!
+//! # Links the gateway owns
+//!
+//! Links the gateway creates carry the alias `vcfed-gateway:<prefix>`
+//! (IFLA_IFALIAS), and segment bridges are named `<prefix>b<segment>`. Both
+//! marks survive a crash, so a restarted gateway knows its leftovers: at
+//! start it deletes marked links that the configuration no longer names and
+//! reuses the ones it does; at a clean stop it deletes every marked link of
+//! its configuration. It never deletes a link it did not mark: the site
+//! bridge, the trunk, or a VLAN sub-interface that existed before it. TAP
+//! devices are not persistent, so they vanish with the process.
+
+mod netlink;
+mod shell;
+mod tap;
+
+use std::net::SocketAddr;
+
+pub use shell::{INPUT_BATCH_MAX, SEGMENTS_MAX, SOCKET_BUFFER_BYTES, ShellStats, run};
+
+use crate::gateway::PeerConfig;
+use crate::switch::PeerIndex;
+
+/// Longest Linux interface name, bytes (`IFNAMSIZ` − 1).
+pub const IFNAME_LEN_MAX: usize = 15;
+/// Smallest accepted inner MTU, bytes (the IPv4 minimum datagram size).
+pub const INNER_MTU_MIN: usize = 576;
+/// Largest accepted inner MTU, bytes (a 9000-byte jumbo path − 60).
+pub const INNER_MTU_MAX: usize = 8940;
+/// Default prefix of the names of the links the gateway creates.
+pub const LINK_PREFIX_DEFAULT: &str = "vcf";
+
+/// Everything the shell needs to run a gateway, already checked.
+#[derive(Clone, PartialEq, Eq)]
+pub struct GatewayConfig {
+    /// The WireGuard private key of this gateway.
+    pub private_key: [u8; 32],
+    /// UDP address of the data plane.
+    pub listen: SocketAddr,
+    /// Largest inner packet (WAN path MTU − 60); larger frames are
+    /// fragmented.
+    pub inner_mtu: usize,
+    /// The peer gateways.
+    pub peers: Vec<PeerConfig>,
+    /// The segments this gateway carries.
+    pub segments: Vec<SegmentConfig>,
+    /// Prefix of the names of the links the gateway creates, e.g. `vcf`
+    /// gives `vcft7` (TAP) and `vcfb7` (bridge) for segment 7.
+    pub link_prefix: String,
+}
+
+impl std::fmt::Debug for GatewayConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The private key never reaches logs.
+        f.debug_struct("GatewayConfig")
+            .field("listen", &self.listen)
+            .field("inner_mtu", &self.inner_mtu)
+            .field("peers", &self.peers)
+            .field("segments", &self.segments)
+            .field("link_prefix", &self.link_prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One segment (cluster network) as this gateway carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentConfig {
+    /// The segment id, carried in every encapsulated frame.
+    pub id: u32,
+    /// The peers (by [`PeerConfig::index`]) that carry it too.
+    pub peers: Vec<PeerIndex>,
+    /// How the segment reaches this site's machines.
+    pub site_link: SiteLink,
+}
+
+/// How a segment reaches this site's machines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SiteLink {
+    /// Bridge mode: the TAP joins this existing Linux bridge.
+    Bridge(String),
+    /// Trunk mode: an 802.1Q sub-interface of `trunk` for `vlan`, in a
+    /// segment bridge the gateway creates.
+    Trunk {
+        /// The site's trunk interface.
+        trunk: String,
+        /// The cluster's VLAN id at this site, 1-4094.
+        vlan: u16,
+    },
+    /// Only a segment bridge the gateway creates; local ports are attached
+    /// to it by whoever runs the VMs.
+    SegmentBridge,
+}
+
+/// Names of the links of one segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentLinkNames {
+    /// The TAP device.
+    pub tap: String,
+    /// The bridge the TAP joins.
+    pub bridge: String,
+    /// The 802.1Q sub-interface, in trunk mode.
+    pub vlan: Option<String>,
+}
+
+/// The names of the links of segment `segment` with `prefix`, without
+/// checking their length (see [`IFNAME_LEN_MAX`]).
+pub fn link_names(prefix: &str, segment: &SegmentConfig) -> SegmentLinkNames {
+    let own_bridge = segment_bridge_name(prefix, segment.id);
+    let (bridge, vlan) = match &segment.site_link {
+        SiteLink::Bridge(bridge) => (bridge.clone(), None),
+        SiteLink::Trunk { trunk, vlan } => (own_bridge, Some(format!("{trunk}.{vlan}"))),
+        SiteLink::SegmentBridge => (own_bridge, None),
+    };
+    SegmentLinkNames {
+        tap: format!("{prefix}t{}", segment.id),
+        bridge,
+        vlan,
+    }
+}
+
+/// The name of the bridge the gateway creates for `segment`.
+pub fn segment_bridge_name(prefix: &str, segment: u32) -> String {
+    format!("{prefix}b{segment}")
+}
+
+/// Why the shell stopped or could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ShellError {
+    /// The UDP socket could not be bound or failed.
+    #[error("UDP socket {addr}: {source}")]
+    Udp {
+        /// The listen address.
+        addr: SocketAddr,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// A TAP device could not be opened or failed.
+    #[error("TAP device {name}: {source}")]
+    Tap {
+        /// The device name.
+        name: String,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// A netlink request failed.
+    #[error("netlink: {what}: {source}")]
+    Netlink {
+        /// What was being done.
+        what: String,
+        /// What the kernel or the library said.
+        source: rtnetlink::Error,
+    },
+    /// The netlink socket could not be opened.
+    #[error("opening a netlink socket: {0}")]
+    NetlinkSocket(std::io::Error),
+    /// A link the configuration names does not exist.
+    #[error("{what} {name} does not exist")]
+    MissingLink {
+        /// Its name.
+        name: String,
+        /// What it should be, e.g. "site bridge".
+        what: &'static str,
+    },
+    /// A link exists but is not of the kind the configuration needs.
+    #[error("{name} is a {found} link, not a {expected}")]
+    WrongKind {
+        /// Its name.
+        name: String,
+        /// The kind needed.
+        expected: &'static str,
+        /// The kind found ("unknown" when the kernel did not say).
+        found: String,
+    },
+    /// The configuration does not fit the gateway's limits.
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+impl ShellError {
+    /// Whether the kernel refused for lack of privilege (the gateway needs
+    /// CAP_NET_ADMIN).
+    pub fn is_permission_denied(&self) -> bool {
+        const EPERM_NEGATED: i32 = -1;
+        match self {
+            ShellError::Tap { source, .. }
+            | ShellError::Udp { source, .. }
+            | ShellError::NetlinkSocket(source) => {
+                source.kind() == std::io::ErrorKind::PermissionDenied
+            }
+            ShellError::Netlink {
+                source: rtnetlink::Error::NetlinkError(message),
+                ..
+            } => message.raw_code() == EPERM_NEGATED,
+            _ => false,
+        }
+    }
+}
