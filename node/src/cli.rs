@@ -268,7 +268,8 @@ pub struct UsageError(pub String);
 /// runtime, runs the command and maps errors to exit codes.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let default_level = if matches!(cli.command, Command::Run(_) | Command::Demo(_)) {
+    // The demo prints its own story; its agents' logs would drown it.
+    let default_level = if matches!(cli.command, Command::Run(_)) {
         "info"
     } else if matches!(&cli.command, Command::Gateway(args) if args.command.is_none()) {
         // boringtun warns on every handshake retry to a peer that is down, and
