@@ -755,9 +755,7 @@ async fn delete_cluster(
 
 /// A fresh federation-wide cluster id.
 fn new_cluster_id() -> Result<String, String> {
-    let mut bytes = [0u8; 8];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
-        .map_err(|_| "the system random source failed".to_owned())?;
+    let bytes = crate::identity::random_bytes::<8>().map_err(|e| e.to_string())?;
     Ok(format!(
         "c-{}",
         bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()

@@ -575,16 +575,8 @@ async fn sites(args: &SitesArgs) -> anyhow::Result<()> {
 }
 
 fn generate_psk(out: &Path, force: bool) -> anyhow::Result<()> {
-    if out.exists() && !force {
-        return Err(UsageError(format!(
-            "{} already exists; pass --force to replace it",
-            out.display()
-        ))
-        .into());
-    }
-    let mut key = [0u8; 32];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
-        .map_err(|_| anyhow::anyhow!("the system random source failed"))?;
+    identity::refuse_overwrite(out, force)?;
+    let key = identity::random_bytes::<32>()?;
     identity::write_file(out, vcfed_registry::p2p::format_psk(&key).as_bytes(), 0o600)?;
     println!(
         "wrote a new federation key to {}; set federation.psk_file to it at every site",

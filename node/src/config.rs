@@ -249,6 +249,21 @@ pub struct ConfigError {
     pub hint: Option<String>,
 }
 
+impl ConfigError {
+    /// A configuration file that cannot be read (missing, no permission,
+    /// not UTF-8): no line to point at, the I/O error in the message.
+    pub(crate) fn unreadable(path: &Path, error: &std::io::Error) -> ConfigError {
+        ConfigError {
+            path: path.to_path_buf(),
+            line: None,
+            column: None,
+            field: None,
+            message: format!("cannot read the configuration file: {error}"),
+            hint: None,
+        }
+    }
+}
+
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.path.display())?;
@@ -276,14 +291,7 @@ impl Config {
     /// An unreadable file (missing, no permission, not UTF-8) gives an error without a line
     /// whose message includes the I/O error.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            path: path.to_path_buf(),
-            line: None,
-            column: None,
-            field: None,
-            message: format!("cannot read the configuration file: {e}"),
-            hint: None,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::unreadable(path, &e))?;
         Config::parse(&text, path)
     }
 

@@ -261,9 +261,7 @@ pub async fn start(
         })
         .await
         .context("resuming the clusters this site masters")?;
-    let mut seed = [0u8; 8];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed)
-        .map_err(|_| anyhow::anyhow!("the system random source failed"))?;
+    let seed = crate::identity::random_bytes::<8>()?;
     let registry = Registry::new(
         registry_config,
         keys.federation.clone(),

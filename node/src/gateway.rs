@@ -113,16 +113,8 @@ async fn run_gateway(path: &Path) -> anyhow::Result<()> {
 }
 
 fn genkey(out: &Path, force: bool) -> anyhow::Result<()> {
-    if out.exists() && !force {
-        return Err(UsageError(format!(
-            "{} already exists; pass --force to replace it",
-            out.display()
-        ))
-        .into());
-    }
-    let mut private = [0u8; 32];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut private)
-        .map_err(|_| anyhow::anyhow!("the system random source failed"))?;
+    crate::identity::refuse_overwrite(out, force)?;
+    let mut private = crate::identity::random_bytes::<32>()?;
     // Clamped as WireGuard stores private keys; x25519 clamps anyway.
     private[0] &= 248;
     private[31] &= 127;

@@ -52,14 +52,7 @@ pub const PEER_INDEX_MAX: u32 = 0x00ff_ffff;
 /// Reads and checks the gateway configuration at `path`, including the
 /// private key file it names.
 pub fn load(path: &Path) -> Result<GatewayConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        path: path.to_path_buf(),
-        line: None,
-        column: None,
-        field: None,
-        message: format!("cannot read the configuration file: {e}"),
-        hint: None,
-    })?;
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::unreadable(path, &e))?;
     parse(&text, path)
 }
 

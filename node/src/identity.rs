@@ -137,6 +137,27 @@ impl KeyPaths {
     }
 }
 
+/// `N` bytes from the system's secure random source (secrets, ids, seeds).
+pub fn random_bytes<const N: usize>() -> Result<[u8; N], IdentityError> {
+    let mut bytes = [0u8; N];
+    SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| IdentityError::Random)?;
+    Ok(bytes)
+}
+
+/// Refuses to replace `path` unless `force`: the usage error users get when
+/// a generated file already exists.
+pub fn refuse_overwrite(path: &Path, force: bool) -> Result<(), crate::cli::UsageError> {
+    if path.exists() && !force {
+        return Err(crate::cli::UsageError(format!(
+            "{} already exists; pass --force to replace it",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Generates fresh secrets and writes them. Without `force`, refuses (and
 /// writes nothing) if any secret file exists.
 pub fn generate(paths: &KeyPaths, force: bool) -> Result<SiteKeys, IdentityError> {
@@ -145,18 +166,10 @@ pub fn generate(paths: &KeyPaths, force: bool) -> Result<SiteKeys, IdentityError
             path: path.to_path_buf(),
         });
     }
-    let rng = SystemRandom::new();
-    let mut seed = [0u8; 32];
-    rng.fill(&mut seed).map_err(|_| IdentityError::Random)?;
-    let federation =
-        Keypair::ed25519_from_bytes(seed).expect("any 32 bytes are an Ed25519 secret key");
-    let mut tunnel_bytes = [0u8; 32];
-    rng.fill(&mut tunnel_bytes)
-        .map_err(|_| IdentityError::Random)?;
-    let tunnel = x25519_dalek::StaticSecret::from(tunnel_bytes);
-    let mut token_bytes = [0u8; TOKEN_BYTES];
-    rng.fill(&mut token_bytes)
-        .map_err(|_| IdentityError::Random)?;
+    let federation = Keypair::ed25519_from_bytes(random_bytes::<32>()?)
+        .expect("any 32 bytes are an Ed25519 secret key");
+    let tunnel = x25519_dalek::StaticSecret::from(random_bytes::<32>()?);
+    let token_bytes = random_bytes::<TOKEN_BYTES>()?;
     let keys = SiteKeys {
         federation,
         tunnel,
