@@ -82,12 +82,24 @@ pub async fn start(
         crate::federation::start(&config, &keys, ledger.clone(), stop_rx.clone())
             .await
             .context("starting the federation")?;
-    let state = Arc::new(ApiState::new(
+    let runner = crate::runner::start(
+        &config,
+        keys.peer_id().to_string(),
+        keys.tunnel.to_bytes(),
+        ledger.clone(),
+        stop_rx.clone(),
+    )
+    .context("starting the cluster runner")?;
+    let mut state = ApiState::new(
         site.clone(),
         ledger.clone(),
         &keys.api_token,
         federation.clone(),
-    ));
+    );
+    if let Some(runner) = &runner {
+        state = state.with_network(runner.board.clone());
+    }
+    let state = Arc::new(state);
     let sweeper = tokio::spawn(sweep_loop(ledger.clone(), federation, stop_rx.clone()));
     let mut api_stop = stop_rx;
     let task = tokio::spawn(async move {
@@ -104,6 +116,27 @@ pub async fn start(
             shutdown.await;
             tracing::info!("shutting down");
             let _ = stopper.send(true);
+        });
+        // Likewise if the gateway fails: the site's clusters would be cut off.
+        let (runner_task, gateway) = match runner {
+            Some(runner) => (Some(runner.task), runner.gateway),
+            None => (None, None),
+        };
+        let gateway_stop = stop_tx.clone();
+        let gateway = tokio::spawn(async move {
+            let Some(done) = gateway else {
+                return Ok(());
+            };
+            let ended = done
+                .await
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("the gateway thread died")));
+            let asked = *gateway_stop.borrow();
+            let _ = gateway_stop.send(true);
+            match ended {
+                Err(e) => Err(e),
+                Ok(()) if asked => Ok(()),
+                Ok(()) => Err(anyhow::anyhow!("the gateway stopped unexpectedly")),
+            }
         });
         // The federation ends only when told to; if it ends on its own (a
         // panic, a dead transport), the agent stops too rather than serving
@@ -125,6 +158,10 @@ pub async fn start(
         })
         .await;
         let _ = sweeper.await;
+        if let Some(task) = runner_task {
+            let _ = task.await;
+        }
+        gateway.await.context("gateway monitor")??;
         let federation = federation.await.context("federation monitor")?;
         served.context("serving the API")?;
         federation?;

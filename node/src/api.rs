@@ -173,6 +173,23 @@ pub struct ApiState {
     ledger: SharedLedger,
     token_digest: ring::digest::Digest,
     federation: FederationHandle,
+    network: crate::runner::NetworkBoard,
+}
+
+/// A cluster as `GET /v1/clusters/{id}` shows it: the stored record, the
+/// nodes at this site (and, at the master, those the workers reported),
+/// and its network here while it runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterDetail {
+    /// The stored record.
+    #[serde(flatten)]
+    pub record: ClusterRecord,
+    /// Node states as last reported, by node number.
+    #[serde(default)]
+    pub nodes: Vec<vcfed_storage::NodeRecord>,
+    /// The cluster's network at this site, while it runs here.
+    #[serde(default)]
+    pub network: Option<crate::runner::NetworkView>,
 }
 
 impl ApiState {
@@ -188,7 +205,14 @@ impl ApiState {
             ledger,
             token_digest: digest(&SHA256, token.as_bytes()),
             federation,
+            network: crate::runner::NetworkBoard::default(),
         }
+    }
+
+    /// Shows the cluster networks of this site's runner.
+    pub fn with_network(mut self, network: crate::runner::NetworkBoard) -> ApiState {
+        self.network = network;
+        self
     }
 }
 
@@ -271,7 +295,9 @@ impl From<LedgerError> for ApiError {
             LedgerError::UnknownReservation(_) => {
                 ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
             }
-            LedgerError::KeyConflict(_) | LedgerError::WrongState { .. } => {
+            LedgerError::KeyConflict(_)
+            | LedgerError::WrongState { .. }
+            | LedgerError::VlansExhausted { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string())
             }
             LedgerError::NotOwner { .. } => {
@@ -622,26 +648,38 @@ async fn list_clusters(
 async fn show_cluster(
     State(state): State<Arc<ApiState>>,
     Path(id): Path<String>,
-) -> Result<Json<ClusterRecord>, ApiError> {
-    let wanted = id.clone();
-    let clusters = with_ledger(&state, |ledger| ledger.clusters()).await?;
-    if let Some(cluster) = clusters.iter().find(|c| c.id == wanted) {
-        return Ok(Json(cluster.clone()));
+) -> Result<Json<ClusterDetail>, ApiError> {
+    let record = find_cluster(&state, &id).await?;
+    let cluster = record.id.clone();
+    let nodes = with_ledger(&state, move |ledger| ledger.nodes(&cluster)).await?;
+    let network = state.network.get(&record.id);
+    Ok(Json(ClusterDetail {
+        record,
+        nodes,
+        network,
+    }))
+}
+
+/// The cluster with id `id`, or the one named `id`.
+async fn find_cluster(state: &ApiState, id: &str) -> Result<ClusterRecord, ApiError> {
+    let clusters = with_ledger(state, |ledger| ledger.clusters()).await?;
+    if let Some(cluster) = clusters.iter().find(|c| c.id == id) {
+        return Ok(cluster.clone());
     }
-    let named: Vec<&ClusterRecord> = clusters.iter().filter(|c| c.name == wanted).collect();
+    let named: Vec<&ClusterRecord> = clusters.iter().filter(|c| c.name == id).collect();
     match named.as_slice() {
         [] => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
             format!("no cluster with id or name {id:?}"),
         )),
-        [one] => Ok(Json((*one).clone())),
+        [one] => Ok((*one).clone()),
         many => {
             // The newest live one is what a user means by a reused name.
             let live: Vec<&&ClusterRecord> =
                 many.iter().filter(|c| !c.state.is_terminal()).collect();
             match live.as_slice() {
-                [one] => Ok(Json((**one).clone())),
+                [one] => Ok((**one).clone()),
                 _ => Err(ApiError::new(
                     StatusCode::CONFLICT,
                     "ambiguous",
@@ -725,7 +763,7 @@ async fn delete_cluster(
     State(state): State<Arc<ApiState>>,
     Path(id): Path<String>,
 ) -> Result<Json<ClusterRecord>, ApiError> {
-    let Json(found) = show_cluster(State(state.clone()), Path(id)).await?;
+    let found = find_cluster(&state, &id).await?;
     let deleted = state
         .federation
         .delete_cluster(found.id)

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use vcfed_storage::{ClusterRecord, ClusterState};
 
-use crate::api::{CreateClusterBody, InstantArg};
+use crate::api::{ClusterDetail, CreateClusterBody, InstantArg};
 use clap::{Args, Subcommand};
 
 use crate::cli::{ConfigArg, UsageError, client_for, print_json, print_table};
@@ -174,8 +174,8 @@ pub async fn run(command: ClusterCommand) -> anyhow::Result<()> {
         }
         ClusterCommand::Show(args) => {
             let client = client_for(&args.config)?;
-            let record: ClusterRecord = client.get(&format!("/v1/clusters/{}", args.name)).await?;
-            show(&record, args.json)
+            let detail: ClusterDetail = client.get(&format!("/v1/clusters/{}", args.name)).await?;
+            show_detail(&detail, args.json)
         }
         ClusterCommand::Delete(args) => {
             let client = client_for(&args.config)?;
@@ -257,6 +257,63 @@ fn window_of(record: &ClusterRecord) -> (String, String) {
             .unwrap_or_else(|| "-".to_owned())
     };
     (at("start_ms"), at("end_ms"))
+}
+
+/// Prints a cluster with its parts, its network at this site and its nodes.
+pub fn show_detail(detail: &ClusterDetail, json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(detail);
+    }
+    show(&detail.record, false)?;
+    if let Some(network) = &detail.network {
+        println!();
+        let bridge = match (&network.bridge, &network.error) {
+            (Some(bridge), _) => bridge.clone(),
+            (None, Some(error)) => format!("not set up: {error}"),
+            (None, None) => "being set up".to_owned(),
+        };
+        println!(
+            "network  VLAN {} here, segment {:#010x}, bridge {bridge}",
+            network.vlan, network.segment
+        );
+        for tunnel in &network.tunnels {
+            println!(
+                "tunnel   {} ({}) {}",
+                tunnel.site,
+                tunnel.endpoint.as_deref().unwrap_or("no gateway endpoint"),
+                if tunnel.up { "up" } else { "down" }
+            );
+        }
+    }
+    if !detail.nodes.is_empty() {
+        println!();
+        let mut rows = vec![
+            ["NODE", "SITE", "ROLE", "STATE", "ADDRESS", "SERVER"]
+                .map(str::to_owned)
+                .to_vec(),
+        ];
+        for node in &detail.nodes {
+            let field = |key: &str| {
+                node.state[key]
+                    .as_str()
+                    .map_or_else(|| "-".to_owned(), str::to_owned)
+            };
+            let state = match node.state["reason"].as_str() {
+                Some(reason) => format!("{}: {reason}", field("state")),
+                None => field("state"),
+            };
+            rows.push(vec![
+                node.index.to_string(),
+                node.site.clone(),
+                if node.frontend { "frontend" } else { "compute" }.to_owned(),
+                state,
+                field("ip"),
+                field("server"),
+            ]);
+        }
+        print_table(&rows);
+    }
+    Ok(())
 }
 
 /// Prints a cluster with its parts.

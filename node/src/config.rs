@@ -205,6 +205,35 @@ pub enum ParseVlanRangeError {
 pub struct ClustersConfig {
     /// VLAN ids this site may give to cluster networks.
     pub vlans: VlanRange,
+    /// How this site runs the nodes of its clusters.
+    pub driver: DriverKind,
+}
+
+/// `clusters.driver`: how a site runs the nodes of its clusters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DriverKind {
+    /// `"none"`: nodes are reserved but nothing is started; clusters stay
+    /// `reserved` through their window.
+    #[default]
+    None,
+    /// `"sim"`: nodes "install" at once, with no side effect and no data
+    /// plane (for simulations and trying the lifecycle out).
+    Sim,
+    /// `"netns"`: each node is a network namespace on the cluster's bridge,
+    /// booted over DHCP/TFTP from the frontend, and the agent runs the
+    /// gateway that links the cluster's sites (needs root).
+    Netns,
+}
+
+impl DriverKind {
+    /// The name used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DriverKind::None => "none",
+            DriverKind::Sim => "sim",
+            DriverKind::Netns => "netns",
+        }
+    }
 }
 
 /// How cluster traffic reaches this site's machines.
@@ -534,6 +563,11 @@ disk_gib = {disk_gib}
 # VLAN ids this site may give to cluster networks (required): "FIRST-LAST",
 # or "ID" for a single id, within 1-4094 (802.1Q reserves 0 and 4095).
 vlans = {vlans}
+# How this site runs cluster nodes: "none" (reserve only, start nothing),
+# "sim" (no side effects) or "netns" (each node a network namespace booted
+# over DHCP/TFTP from the cluster's frontend; runs the gateway; needs root).
+# Default: "none".
+# driver = "netns"
 
 [gateway]
 # UDP address (IP:port) of the data plane. Default: "{DEFAULT_GATEWAY_LISTEN}".
@@ -665,6 +699,7 @@ struct RawHost {
 #[serde(deny_unknown_fields)]
 struct RawClusters {
     vlans: Spanned<String>,
+    driver: Option<Spanned<String>>,
 }
 
 #[derive(Default, Deserialize)]
@@ -985,7 +1020,23 @@ impl RawClusters {
                 )),
             )
         })?;
-        Ok(ClustersConfig { vlans })
+        let driver = match self.driver {
+            None => DriverKind::default(),
+            Some(driver) => match driver.get_ref().as_str() {
+                "none" => DriverKind::None,
+                "sim" => DriverKind::Sim,
+                "netns" => DriverKind::Netns,
+                other => {
+                    return Err(source.invalid(
+                        &driver,
+                        "clusters.driver",
+                        format!("unknown compute driver {other:?}"),
+                        Some("use \"none\", \"sim\" or \"netns\"".to_owned()),
+                    ));
+                }
+            },
+        };
+        Ok(ClustersConfig { vlans, driver })
     }
 }
 
@@ -2103,7 +2154,7 @@ mod tests {
         assert_error(&e, 10, "clusters.vlan", "unknown field `vlan`");
         assert_eq!(
             e.hint.as_deref(),
-            Some("did you mean `vlans`? the [clusters] table accepts `vlans`")
+            Some("did you mean `vlans`? the [clusters] table accepts `vlans`, `driver`")
         );
 
         let e = parse_err(&minimal("[gateway]\ncolour = \"blue\"\n"));

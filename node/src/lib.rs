@@ -22,4 +22,6 @@ pub mod gateway;
 pub mod gateway_config;
 pub mod identity;
 pub mod ledger;
+pub mod lifecycle;
+pub mod runner;
 pub mod time;

@@ -63,7 +63,7 @@ fn nodes_lease_from_the_frontend_and_install_over_tftp() {
     ip(&["-n", &site.0, "link", "set", "br0", "up"]);
     let state = tempfile::tempdir().unwrap();
     let cluster = format!("c-test-{}", std::process::id());
-    let mut driver = NetnsDriver::new(state.path().to_owned(), Some(site.0.clone()));
+    let mut driver = NetnsDriver::new(state.path().to_owned(), "site-t", Some(site.0.clone()));
     let spec = |index: u32| NodeSpec {
         cluster: cluster.clone(),
         index,
@@ -136,7 +136,11 @@ fn nodes_lease_from_the_frontend_and_install_over_tftp() {
             .stdout,
     )
     .unwrap();
-    let tag = format!("{NETNS_PREFIX}{}", short_tag(&cluster));
+    let tag = format!(
+        "{NETNS_PREFIX}{}-{}",
+        short_tag("site-t"),
+        short_tag(&cluster)
+    );
     assert!(!netns.contains(&tag), "namespaces left behind: {netns}");
     let links = String::from_utf8(
         Command::new("ip")

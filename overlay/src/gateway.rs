@@ -186,6 +186,37 @@ impl Gateway {
         self.segments.insert(segment, switch);
     }
 
+    /// Changes the peers a segment is carried to, keeping what its switch
+    /// learnt about the peers that stay. A segment not carried is added.
+    pub fn set_segment_peers(&mut self, now_ms: i64, segment: u32, peers: &[PeerIndex]) {
+        let Some(switch) = self.segments.get_mut(&segment) else {
+            self.add_segment(now_ms, segment, peers);
+            return;
+        };
+        for old in switch.peers() {
+            if !peers.contains(&old) {
+                switch.remove_peer(old);
+            }
+        }
+        for peer in peers {
+            switch.add_peer(*peer);
+        }
+    }
+
+    /// The public keys of the peers with a session: a handshake completed
+    /// within the last 3 minutes (WireGuard's reject-after time).
+    pub fn peers_with_session(&self) -> Vec<[u8; 32]> {
+        self.peers
+            .values()
+            .filter(|peer| {
+                peer.tunn
+                    .time_since_last_handshake()
+                    .is_some_and(|age| age.as_secs() < 180)
+            })
+            .map(|peer| peer.public_key)
+            .collect()
+    }
+
     /// Stops carrying a segment.
     pub fn remove_segment(&mut self, segment: u32) {
         self.segments.remove(&segment);
@@ -346,21 +377,32 @@ impl Gateway {
     /// otherwise send into them until their own rekey timers fire, 15 s or
     /// more later. A fresh initiation replaces those sessions at once.
     pub fn initiate_handshakes(&mut self, out: &mut Vec<Output>) {
-        for (index, peer) in &mut self.peers {
-            let Some(to) = peer.endpoint else {
-                continue;
-            };
-            match peer
-                .tunn
-                .format_handshake_initiation(&mut self.scratch, false)
-            {
-                TunnResult::WriteToNetwork(datagram) => out.push(Output::ToNetwork {
-                    to,
-                    datagram: datagram.to_vec(),
-                }),
-                TunnResult::Err(e) => tracing::debug!(peer = index, error = ?e, "handshake"),
-                _ => {}
-            }
+        let indices: Vec<PeerIndex> = self.peers.keys().copied().collect();
+        for index in indices {
+            self.initiate_handshake(index, out);
+        }
+    }
+
+    /// Starts a handshake with one peer, if it has an endpoint and no
+    /// handshake is under way (a peer just added, so that its tunnel is up
+    /// before the first frame needs it).
+    pub fn initiate_handshake(&mut self, index: PeerIndex, out: &mut Vec<Output>) {
+        let Some(peer) = self.peers.get_mut(&index) else {
+            return;
+        };
+        let Some(to) = peer.endpoint else {
+            return;
+        };
+        match peer
+            .tunn
+            .format_handshake_initiation(&mut self.scratch, false)
+        {
+            TunnResult::WriteToNetwork(datagram) => out.push(Output::ToNetwork {
+                to,
+                datagram: datagram.to_vec(),
+            }),
+            TunnResult::Err(e) => tracing::debug!(peer = index, error = ?e, "handshake"),
+            _ => {}
         }
     }
 

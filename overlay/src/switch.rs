@@ -137,6 +137,11 @@ impl Segment {
         self.macs.retain(|_, entry| entry.port != Port::Peer(peer));
     }
 
+    /// The tunnel peers of the segment.
+    pub fn peers(&self) -> Vec<PeerIndex> {
+        self.peers.iter().copied().collect()
+    }
+
     /// Counters.
     pub fn stats(&self) -> SwitchStats {
         self.stats

@@ -6,7 +6,7 @@
 
 /// All migrations, in order. `MIGRATIONS.len()` is the schema version this
 /// build writes.
-pub(crate) const MIGRATIONS: &[&str] = &[MIGRATION_1, MIGRATION_2, MIGRATION_3];
+pub(crate) const MIGRATIONS: &[&str] = &[MIGRATION_1, MIGRATION_2, MIGRATION_3, MIGRATION_4];
 
 /// The first schema: inventory, reservations calendar, clusters, peers, events.
 const MIGRATION_1: &str = r#"
@@ -118,4 +118,24 @@ ALTER TABLE cluster_parts_v2 RENAME TO cluster_parts;
 const MIGRATION_3: &str = r#"
 ALTER TABLE clusters ADD COLUMN segment INTEGER; -- overlay segment id (GRE key) chosen by the master
 ALTER TABLE cluster_parts ADD COLUMN gateway_json TEXT; -- that site's gateway as exchanged: {"endpoint", "public_key"}
+"#;
+
+/// What a cluster runs at this site: the local VLAN id it took from the
+/// site's pool (a row from start until the teardown is done, so a restarted
+/// agent knows what it had started), and the last known state of each node.
+const MIGRATION_4: &str = r#"
+CREATE TABLE cluster_runs (
+    cluster_id    TEXT PRIMARY KEY,          -- the cluster running (or being torn down) here
+    vlan          INTEGER NOT NULL UNIQUE CHECK (vlan BETWEEN 1 AND 4094), -- local VLAN id from the [clusters] pool
+    started_at_ms INTEGER NOT NULL           -- when this site started it, unix ms
+) STRICT;
+CREATE TABLE cluster_nodes (
+    cluster_id    TEXT NOT NULL,             -- the cluster
+    site          TEXT NOT NULL,             -- site the node runs at
+    idx           INTEGER NOT NULL CHECK (idx >= 0), -- node number in the cluster (0: the frontend)
+    frontend      INTEGER NOT NULL CHECK (frontend IN (0, 1)), -- 1 for the frontend
+    state_json    TEXT NOT NULL,             -- the node's state as the driver reported it, JSON object
+    updated_at_ms INTEGER NOT NULL,          -- when it was reported, unix ms
+    PRIMARY KEY (cluster_id, site, idx)
+) STRICT;
 "#;

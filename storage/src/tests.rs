@@ -649,3 +649,86 @@ fn migration_2_keeps_cluster_parts_of_a_version_1_ledger() {
     assert_eq!(cluster.parts[0].state, PartState::Held);
     assert_eq!(cluster.parts[0].reservation_key.as_deref(), Some("c/1"));
 }
+
+#[test]
+fn runs_take_the_lowest_free_vlan_and_give_it_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    let mut ledger = Ledger::open(&path).unwrap();
+    assert_eq!(ledger.start_run("a", 100, 102, 1).unwrap().vlan, 100);
+    assert_eq!(ledger.start_run("b", 100, 102, 2).unwrap().vlan, 101);
+    // Idempotent: a cluster that runs keeps its id and start time.
+    let again = ledger.start_run("a", 100, 102, 3).unwrap();
+    assert_eq!((again.vlan, again.started_at_ms), (100, 1));
+    assert_eq!(ledger.start_run("c", 100, 102, 4).unwrap().vlan, 102);
+    assert!(matches!(
+        ledger.start_run("d", 100, 102, 5),
+        Err(LedgerError::VlansExhausted {
+            first: 100,
+            last: 102
+        })
+    ));
+    assert!(ledger.end_run("a", 6).unwrap());
+    assert!(!ledger.end_run("a", 7).unwrap());
+    assert_eq!(ledger.start_run("d", 100, 102, 8).unwrap().vlan, 100);
+    for bad in [(0, 10), (10, 4095), (20, 10)] {
+        assert!(matches!(
+            ledger.start_run("e", bad.0, bad.1, 9),
+            Err(LedgerError::Invalid(_))
+        ));
+    }
+    drop(ledger);
+    // Durable: a restarted agent knows what it had started.
+    let ledger = Ledger::open(&path).unwrap();
+    let runs: Vec<(String, u16)> = ledger
+        .runs()
+        .unwrap()
+        .into_iter()
+        .map(|run| (run.cluster_id, run.vlan))
+        .collect();
+    assert_eq!(
+        runs,
+        [("b".into(), 101), ("c".into(), 102), ("d".into(), 100)]
+    );
+}
+
+#[test]
+fn node_states_are_replaced_per_site_and_forgotten_with_the_run() {
+    let mut ledger = ledger(4);
+    ledger.start_run("c", 1, 10, 0).unwrap();
+    let node = |site: &str, index: u32, state: &str| NodeRecord {
+        site: site.into(),
+        index,
+        frontend: index == 0,
+        state: serde_json::json!({ "state": state }),
+        updated_at_ms: 5,
+    };
+    ledger
+        .set_nodes(
+            "c",
+            "a",
+            &[node("a", 0, "serving"), node("a", 1, "booting")],
+        )
+        .unwrap();
+    ledger
+        .set_nodes("c", "b", &[node("b", 2, "booting")])
+        .unwrap();
+    ledger
+        .set_nodes(
+            "c",
+            "a",
+            &[node("a", 0, "serving"), node("a", 1, "installed")],
+        )
+        .unwrap();
+    let nodes = ledger.nodes("c").unwrap();
+    assert_eq!(
+        nodes,
+        [
+            node("a", 0, "serving"),
+            node("a", 1, "installed"),
+            node("b", 2, "booting")
+        ]
+    );
+    ledger.end_run("c", 6).unwrap();
+    assert!(ledger.nodes("c").unwrap().is_empty());
+}

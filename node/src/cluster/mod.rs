@@ -1039,13 +1039,8 @@ impl ClusterCore {
 
         // Persist before sending anything that follows from this state.
         let parts = record_parts(&master, &self.local_name, &self.local, &self.gateway);
-        ledger.update_cluster(
-            id,
-            master.state,
-            master.reason.as_deref(),
-            Some(&parts),
-            now_ms,
-        )?;
+        let state = stored_state(ledger, id, master.state)?;
+        ledger.update_cluster(id, state, master.reason.as_deref(), Some(&parts), now_ms)?;
 
         let shared = live_parts(parts);
         let context = RequestContext {
@@ -1158,9 +1153,10 @@ impl ClusterCore {
         parts.push(own);
         match existing {
             Some(_) => {
+                let state = stored_state(ledger, &reservation.cluster_id, ClusterState::Reserved)?;
                 ledger.update_cluster(
                     &reservation.cluster_id,
-                    ClusterState::Reserved,
+                    state,
                     None,
                     Some(&parts),
                     now_ms,
@@ -1405,6 +1401,23 @@ pub fn segment_for(cluster: &str) -> u32 {
 }
 
 /// Rebuilds the in-memory state of a mastered cluster from its record.
+/// The state to store for a cluster: one that already started at this site
+/// keeps its run state (`starting`, `running`, which the runner owns) when
+/// the reservation protocol only confirms that it is `reserved`.
+fn stored_state(
+    ledger: &Ledger,
+    id: &str,
+    state: ClusterState,
+) -> Result<ClusterState, LedgerError> {
+    if state == ClusterState::Reserved
+        && let Some(record) = ledger.cluster(id)?
+        && matches!(record.state, ClusterState::Starting | ClusterState::Running)
+    {
+        return Ok(record.state);
+    }
+    Ok(state)
+}
+
 fn master_from_record(
     record: &ClusterRecord,
     now_ms: i64,

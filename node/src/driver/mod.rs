@@ -109,6 +109,12 @@ pub trait ComputeDriver: Send {
     fn poll(&mut self, cluster: &str) -> Vec<NodeStatus>;
     /// Stops every node of `cluster` and removes what the driver created.
     fn stop_cluster(&mut self, cluster: &str) -> Result<(), DriverError>;
+    /// Removes what an earlier process of this site left behind for
+    /// clusters not in `keep` (by cluster id). Called once at start.
+    fn cleanup_stale(
+        &mut self,
+        keep: &std::collections::BTreeSet<String>,
+    ) -> Result<(), DriverError>;
 }
 
 /// A stable, locally administered MAC address for node `index` of `cluster`.

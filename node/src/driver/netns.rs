@@ -4,9 +4,11 @@
 //! address from the frontend and busybox `tftp` to fetch the install file,
 //! then reports `installed`.
 //!
-//! Everything the driver creates carries the `vcfn-` prefix (namespaces)
-//! or `vn`/`vp` (veth ends), with a short tag of the cluster id, so
-//! [`NetnsDriver::cleanup_stale`] can remove what a crashed agent left.
+//! Everything the driver creates carries the `vcfn-` prefix (namespaces,
+//! `vcfn-<site tag>-<cluster tag>-<node>`) or `vn`/`vp` (veth ends), with
+//! short tags of the site and the cluster id, so `cleanup_stale` can remove
+//! what a crashed agent of this site left, and nothing of another site on
+//! the same machine.
 //! Processes are children of the agent; they are killed on stop, and a
 //! frontend whose dnsmasq dies is restarted (a bounded number of times).
 
@@ -38,6 +40,8 @@ struct RunningNode {
 /// The netns driver of one site.
 pub struct NetnsDriver {
     state_dir: PathBuf,
+    /// Short tag of the site's name, in every namespace name.
+    site_tag: String,
     /// The namespace the site's bridges live in (`None`: the agent's own).
     site_netns: Option<String>,
     nodes: BTreeMap<String, BTreeMap<u32, RunningNode>>,
@@ -52,11 +56,13 @@ impl std::fmt::Debug for NetnsDriver {
 }
 
 impl NetnsDriver {
-    /// A driver keeping its files under `state_dir`, whose cluster bridges
-    /// are in the namespace `site_netns` (`None`: the agent's own).
-    pub fn new(state_dir: PathBuf, site_netns: Option<String>) -> NetnsDriver {
+    /// The driver of site `site`, keeping its files under `state_dir`,
+    /// whose cluster bridges are in the namespace `site_netns` (`None`: the
+    /// agent's own).
+    pub fn new(state_dir: PathBuf, site: &str, site_netns: Option<String>) -> NetnsDriver {
         NetnsDriver {
             state_dir,
+            site_tag: short_tag(site),
             site_netns,
             nodes: BTreeMap::new(),
         }
@@ -74,22 +80,13 @@ impl NetnsDriver {
         }
     }
 
-    /// Removes namespaces of clusters not in `keep` (by cluster id), left
-    /// behind by a crash.
-    pub fn cleanup_stale(&mut self, keep: &BTreeSet<String>) -> Result<(), DriverError> {
-        let keep_tags: BTreeSet<String> = keep.iter().map(|cluster| short_tag(cluster)).collect();
-        for netns in list_netns()? {
-            let Some(rest) = netns.strip_prefix(NETNS_PREFIX) else {
-                continue;
-            };
-            let tag = rest.split('-').next().unwrap_or_default();
-            if !keep_tags.contains(tag) {
-                tracing::info!(%netns, "removing a stale node namespace");
-                kill_netns_processes(&netns);
-                let _ = run("ip", &["netns", "del", &netns]);
-            }
-        }
-        Ok(())
+    /// The namespace name of node `index` of `cluster`.
+    pub fn netns_name(&self, cluster: &str, index: u32) -> String {
+        format!(
+            "{NETNS_PREFIX}{}-{}-{index}",
+            self.site_tag,
+            short_tag(cluster)
+        )
     }
 
     fn node_dir(&self, spec: &NodeSpec) -> PathBuf {
@@ -156,7 +153,7 @@ impl ComputeDriver for NetnsDriver {
             return Ok(());
         }
         let tag = short_tag(&spec.cluster);
-        let netns = format!("{NETNS_PREFIX}{tag}-{}", spec.index);
+        let netns = self.netns_name(&spec.cluster, spec.index);
         let host_veth = format!("vn{tag}{:x}", spec.index);
         let peer_veth = format!("vp{tag}{:x}", spec.index);
         let dir = self.node_dir(spec);
@@ -293,6 +290,27 @@ impl ComputeDriver for NetnsDriver {
         let dir = self.state_dir.join(cluster);
         let _ = std::fs::remove_dir_all(&dir);
         tracing::info!(cluster, "nodes stopped");
+        Ok(())
+    }
+
+    fn cleanup_stale(&mut self, keep: &BTreeSet<String>) -> Result<(), DriverError> {
+        let keep_tags: BTreeSet<String> = keep.iter().map(|cluster| short_tag(cluster)).collect();
+        let own = format!("{NETNS_PREFIX}{}-", self.site_tag);
+        for netns in list_netns()? {
+            let Some(rest) = netns.strip_prefix(&own) else {
+                continue;
+            };
+            let tag = rest.split('-').next().unwrap_or_default();
+            if !keep_tags.contains(tag) {
+                tracing::info!(%netns, "removing a stale node namespace");
+                kill_netns_processes(&netns);
+                let _ = run("ip", &["netns", "del", &netns]);
+                // The host end of its veth is in the site namespace.
+                if let Some(index) = rest.rsplit('-').next().and_then(|i| i.parse::<u32>().ok()) {
+                    let _ = self.site_ip(&["link", "del", &format!("vn{tag}{index:x}")]);
+                }
+            }
+        }
         Ok(())
     }
 }

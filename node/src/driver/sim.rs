@@ -55,6 +55,14 @@ impl ComputeDriver for SimDriver {
         self.nodes.remove(cluster);
         Ok(())
     }
+
+    fn cleanup_stale(
+        &mut self,
+        _keep: &std::collections::BTreeSet<String>,
+    ) -> Result<(), DriverError> {
+        // Nothing outlives the process.
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -77,6 +77,13 @@ impl Site {
         std::fs::write(&self.config_path, text).unwrap();
     }
 
+    /// Adds lines to the `[clusters]` table of the site's config.
+    pub fn add_clusters_settings(&self, lines: &str) {
+        let text = std::fs::read_to_string(&self.config_path).unwrap();
+        let text = text.replacen("[clusters]\n", &format!("[clusters]\n{lines}\n"), 1);
+        std::fs::write(&self.config_path, text).unwrap();
+    }
+
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }
@@ -254,6 +261,11 @@ pub const FAST_GOSSIP: &str =
 /// bootstrapped from the first, and waits until every agent sees all of
 /// them alive.
 pub async fn start_federation(specs: &[(&str, u32)]) -> Vec<Member> {
+    start_federation_with(specs, "").await
+}
+
+/// [`start_federation`] with `clusters` added to every site's `[clusters]`.
+pub async fn start_federation_with(specs: &[(&str, u32)], clusters: &str) -> Vec<Member> {
     let port = free_port();
     let first = Site::init_with(
         specs[0].0,
@@ -262,6 +274,7 @@ pub async fn start_federation(specs: &[(&str, u32)]) -> Vec<Member> {
         &[],
     );
     first.add_federation_settings(FAST_GOSSIP);
+    first.add_clusters_settings(clusters);
     let first = start(first).await;
     let bootstrap = format!("/ip4/127.0.0.1/tcp/{port}/p2p/{}", first.peer_id);
     let mut members = vec![first];
@@ -269,6 +282,7 @@ pub async fn start_federation(specs: &[(&str, u32)]) -> Vec<Member> {
         let listen = format!("/ip4/127.0.0.1/tcp/{}", free_port());
         let site = Site::init_with(name, *nodes, &listen, &["--bootstrap", &bootstrap]);
         site.add_federation_settings(FAST_GOSSIP);
+        site.add_clusters_settings(clusters);
         members.push(start(site).await);
     }
     let count = members.len();

@@ -33,9 +33,10 @@ mod netlink;
 mod shell;
 mod tap;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
-pub use shell::{INPUT_BATCH_MAX, SEGMENTS_MAX, SOCKET_BUFFER_BYTES, ShellStats, run};
+pub use shell::{INPUT_BATCH_MAX, SEGMENTS_MAX, SOCKET_BUFFER_BYTES, ShellStats, run, run_dynamic};
 
 use crate::gateway::PeerConfig;
 use crate::switch::PeerIndex;
@@ -79,6 +80,69 @@ impl std::fmt::Debug for GatewayConfig {
             .field("link_prefix", &self.link_prefix)
             .finish_non_exhaustive()
     }
+}
+
+/// The fixed settings of a gateway whose segments and peers change while
+/// it runs ([`run_dynamic`]): the agent's gateway.
+#[derive(Clone, PartialEq, Eq)]
+pub struct GatewayBase {
+    /// The WireGuard private key of this gateway.
+    pub private_key: [u8; 32],
+    /// UDP address of the data plane.
+    pub listen: SocketAddr,
+    /// Largest inner packet (WAN path MTU − 60).
+    pub inner_mtu: usize,
+    /// Prefix of the names of the links the gateway creates.
+    pub link_prefix: String,
+}
+
+impl std::fmt::Debug for GatewayBase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayBase")
+            .field("listen", &self.listen)
+            .field("inner_mtu", &self.inner_mtu)
+            .field("link_prefix", &self.link_prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a dynamic gateway should carry now: its segments, each with the
+/// peer gateways it reaches. Peers are named by public key; the gateway
+/// numbers them itself, and drops a peer no segment names any more.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Carried {
+    /// The segments.
+    pub segments: Vec<CarriedSegment>,
+}
+
+/// One segment of [`Carried`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CarriedSegment {
+    /// The segment id.
+    pub id: u32,
+    /// How it reaches this site's machines.
+    pub site_link: SiteLink,
+    /// The peer gateways of the cluster's other sites.
+    pub peers: Vec<CarriedPeer>,
+}
+
+/// A peer gateway of [`CarriedSegment`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CarriedPeer {
+    /// Its WireGuard public key.
+    pub public_key: [u8; 32],
+    /// Where to reach it.
+    pub endpoint: Option<SocketAddr>,
+}
+
+/// What a dynamic gateway reports back while it runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GatewayReport {
+    /// Per carried segment: the bridge its local ports join, or why the
+    /// segment could not be set up (it is retried).
+    pub segments: BTreeMap<u32, Result<String, String>>,
+    /// Public keys of the peers with a live session.
+    pub sessions: BTreeSet<[u8; 32]>,
 }
 
 /// One segment (cluster network) as this gateway carries it.

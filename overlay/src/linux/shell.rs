@@ -21,14 +21,19 @@ use base64::engine::general_purpose::STANDARD;
 use tokio::net::UdpSocket;
 use tracing::Instrument;
 
+use tokio::sync::watch;
+
 use super::netlink::Links;
 use super::tap::Tap;
 use super::{
-    GatewayConfig, INNER_MTU_MAX, INNER_MTU_MIN, SegmentLinkNames, ShellError, link_names,
+    Carried, CarriedSegment, GatewayBase, GatewayConfig, GatewayReport, INNER_MTU_MAX,
+    INNER_MTU_MIN, SegmentLinkNames, ShellError, link_names,
 };
 use crate::frame::FRAME_LEN_MAX;
-use crate::gateway::{DATAGRAM_LEN_MAX, Gateway, GatewayStats, Output, PEERS_MAX, TIMER_TICK_MS};
-use crate::switch::SwitchConfig;
+use crate::gateway::{
+    DATAGRAM_LEN_MAX, Gateway, GatewayStats, Output, PEERS_MAX, PeerConfig, TIMER_TICK_MS,
+};
+use crate::switch::{PeerIndex, SwitchConfig};
 
 /// Packets read from one device in a row before the loop looks at its
 /// timers and the other devices again.
@@ -41,6 +46,12 @@ pub const SEGMENTS_MAX: usize = 256;
 pub const SOCKET_BUFFER_BYTES: usize = 4 << 20;
 /// How often the counters are logged at DEBUG, ms.
 pub const STATS_LOG_INTERVAL_MS: u64 = 10_000;
+/// How long a dynamic gateway waits before it tries again to set up a
+/// segment that failed, ms.
+const SEGMENT_RETRY_MS: i64 = 2_000;
+/// Largest peer index (the gateway puts it in the top 24 bits of
+/// WireGuard's receiver index).
+const PEER_INDEX_MAX: PeerIndex = 0x00ff_ffff;
 
 /// Counters of a gateway run.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -152,6 +163,130 @@ async fn run_inner(
     result
 }
 
+/// Runs a gateway whose segments and peers follow `carried` while it runs
+/// (the agent's gateway: a cluster's segment comes when the cluster starts
+/// at this site and goes when it stops), until `shutdown` resolves; then
+/// removes the links it owns and returns its counters.
+///
+/// Start-up binds the socket and removes the links of the prefix that the
+/// first value of `carried` does not name (a crashed run's leftovers); a
+/// failure there is returned. Later, a segment that cannot be set up is
+/// reported in `report` and retried; it never stops the gateway. The peers
+/// with a live session are reported too.
+pub async fn run_dynamic(
+    base: GatewayBase,
+    carried: watch::Receiver<Carried>,
+    report: watch::Sender<GatewayReport>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<ShellStats, ShellError> {
+    let span = tracing::info_span!("gateway", listen = %base.listen);
+    async move {
+        let config = GatewayConfig {
+            private_key: base.private_key,
+            listen: base.listen,
+            inner_mtu: base.inner_mtu,
+            peers: Vec::new(),
+            segments: Vec::new(),
+            link_prefix: base.link_prefix.clone(),
+        };
+        check_limits(&config)?;
+        let started = Instant::now();
+        let socket = bind_udp(config.listen).map_err(|source| ShellError::Udp {
+            addr: config.listen,
+            source,
+        })?;
+        let mut carried = carried;
+        let first = carried.borrow_and_update().clone();
+        let links = Links::connect(&base.link_prefix)?;
+        let keep: BTreeSet<String> = first
+            .segments
+            .iter()
+            .flat_map(|segment| {
+                let names = link_names(&base.link_prefix, &to_segment_config(segment));
+                std::iter::once(names.bridge).chain(names.vlan)
+            })
+            .collect();
+        for name in links.remove_stale(&keep).await? {
+            tracing::info!(link = %name, "removed a stale link");
+        }
+        let mut shell = Shell::new(&config, socket, BTreeMap::new(), started)?;
+        shell.control = Some(Control {
+            links,
+            prefix: base.link_prefix,
+            carried,
+            watching: true,
+            report,
+            peers: BTreeMap::new(),
+            next_index: 1,
+            applied: BTreeMap::new(),
+            retry_at_ms: None,
+        });
+        shell.apply(first).await;
+        shell.run(shutdown).await
+    }
+    .instrument(span)
+    .await
+}
+
+fn to_segment_config(segment: &CarriedSegment) -> super::SegmentConfig {
+    super::SegmentConfig {
+        id: segment.id,
+        peers: Vec::new(),
+        site_link: segment.site_link.clone(),
+    }
+}
+
+/// The state of a dynamic gateway's reconfiguration.
+struct Control {
+    links: Links,
+    prefix: String,
+    carried: watch::Receiver<Carried>,
+    /// False once the sender is gone: the last value stays in force.
+    watching: bool,
+    report: watch::Sender<GatewayReport>,
+    /// Peers by public key: their index and endpoint.
+    peers: BTreeMap<[u8; 32], (PeerIndex, Option<SocketAddr>)>,
+    next_index: PeerIndex,
+    /// Segments set up, with the links they use.
+    applied: BTreeMap<u32, (CarriedSegment, SegmentLinkNames)>,
+    /// When to try the failed segments again.
+    retry_at_ms: Option<i64>,
+}
+
+impl Control {
+    /// A peer index no current peer uses.
+    fn allocate_index(&mut self) -> PeerIndex {
+        let used: BTreeSet<PeerIndex> = self.peers.values().map(|(index, _)| *index).collect();
+        // At most PEERS_MAX peers exist, so a free index is found within
+        // PEERS_MAX + 1 steps.
+        for _ in 0..=PEERS_MAX {
+            let index = self.next_index;
+            self.next_index = if index >= PEER_INDEX_MAX {
+                1
+            } else {
+                index + 1
+            };
+            if !used.contains(&index) {
+                return index;
+            }
+        }
+        self.next_index
+    }
+
+    /// Resolves when `carried` changes; never once its sender is gone.
+    async fn changed(control: &mut Option<Control>) {
+        match control {
+            Some(control) if control.watching => {
+                if control.carried.changed().await.is_err() {
+                    control.watching = false;
+                    std::future::pending::<()>().await;
+                }
+            }
+            _ => std::future::pending().await,
+        }
+    }
+}
+
 /// The gateway's UDP socket, with large buffers: a burst that finds the loop
 /// busy waits in the kernel instead of being dropped there.
 fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
@@ -211,6 +346,8 @@ struct Shell {
     buf: Vec<u8>,
     /// Outputs of the gateway, reused between inputs.
     out: Vec<Output>,
+    /// For a dynamic gateway: what it should carry, and what it does.
+    control: Option<Control>,
 }
 
 impl Shell {
@@ -241,7 +378,146 @@ impl Shell {
             tap_cursor: 0,
             buf: vec![0; DATAGRAM_LEN_MAX],
             out: Vec::new(),
+            control: None,
         })
+    }
+
+    /// Brings a dynamic gateway's segments and peers in line with
+    /// `carried`: removes what is no longer wanted, adds peers (with a
+    /// handshake at once) and segments (TAP and links), and updates the
+    /// peers of segments that stay.
+    async fn apply(&mut self, carried: Carried) {
+        let Some(mut control) = self.control.take() else {
+            return;
+        };
+        let now_ms = self.now_ms();
+        let wanted: BTreeMap<u32, CarriedSegment> = carried
+            .segments
+            .into_iter()
+            .take(SEGMENTS_MAX)
+            .map(|segment| (segment.id, segment))
+            .collect();
+        let mut report = control.report.borrow().clone();
+
+        let gone: Vec<u32> = control
+            .applied
+            .iter()
+            .filter(|(id, (segment, _))| {
+                wanted.get(id).map(|w| &w.site_link) != Some(&segment.site_link)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            let (_, names) = control.applied.remove(&id).expect("listed above");
+            self.gateway.remove_segment(id);
+            self.taps.remove(&id);
+            let removed = control.links.teardown(std::slice::from_ref(&names)).await;
+            tracing::info!(segment = id, links = ?removed, "segment removed");
+        }
+        report.segments.retain(|id, _| wanted.contains_key(id));
+
+        let needed: BTreeMap<[u8; 32], Option<SocketAddr>> = wanted
+            .values()
+            .flat_map(|segment| &segment.peers)
+            .map(|peer| (peer.public_key, peer.endpoint))
+            .collect();
+        let unneeded: Vec<[u8; 32]> = control
+            .peers
+            .keys()
+            .filter(|key| !needed.contains_key(*key))
+            .copied()
+            .collect();
+        for key in unneeded {
+            let (index, _) = control.peers.remove(&key).expect("listed above");
+            self.gateway.remove_peer(index);
+            tracing::info!(peer = %STANDARD.encode(key), "peer removed");
+        }
+        for (key, endpoint) in &needed {
+            let index = match control.peers.get(key) {
+                Some((_, known)) if known == endpoint => continue,
+                Some((index, _)) => *index,
+                None => control.allocate_index(),
+            };
+            let peer = PeerConfig {
+                index,
+                public_key: *key,
+                endpoint: *endpoint,
+            };
+            match self.gateway.add_peer(peer) {
+                Ok(()) => {
+                    control.peers.insert(*key, (index, *endpoint));
+                    self.gateway.initiate_handshake(index, &mut self.out);
+                    tracing::info!(peer = %STANDARD.encode(key), endpoint = ?endpoint, "peer added");
+                }
+                Err(e) => tracing::warn!(peer = %STANDARD.encode(key), error = e, "peer not added"),
+            }
+        }
+
+        let mut failed = false;
+        for (id, segment) in wanted {
+            let peers: Vec<PeerIndex> = segment
+                .peers
+                .iter()
+                .filter_map(|peer| control.peers.get(&peer.public_key).map(|(index, _)| *index))
+                .collect();
+            if let Some(applied) = control.applied.get_mut(&id) {
+                self.gateway.set_segment_peers(now_ms, id, &peers);
+                applied.0 = segment;
+                continue;
+            }
+            let names = link_names(&control.prefix, &to_segment_config(&segment));
+            let attached = match Tap::open(&names.tap) {
+                Ok(tap) => match control.links.attach(&names, &segment.site_link).await {
+                    Ok(()) => Ok(tap),
+                    Err(e) => Err(e),
+                },
+                Err(source) => Err(ShellError::Tap {
+                    name: names.tap.clone(),
+                    source,
+                }),
+            };
+            match attached {
+                Ok(tap) => {
+                    self.taps.insert(id, tap);
+                    self.gateway.add_segment(now_ms, id, &peers);
+                    tracing::info!(segment = id, tap = %names.tap, bridge = %names.bridge, peers = peers.len(), "segment attached");
+                    report.segments.insert(id, Ok(names.bridge.clone()));
+                    control.applied.insert(id, (segment, names));
+                }
+                Err(e) => {
+                    failed = true;
+                    tracing::warn!(segment = id, error = %e, "segment not set up; retrying");
+                    report.segments.insert(id, Err(e.to_string()));
+                    control.links.teardown(std::slice::from_ref(&names)).await;
+                }
+            }
+        }
+        control.retry_at_ms = failed.then_some(now_ms + SEGMENT_RETRY_MS);
+        control.report.send_if_modified(|current| {
+            let changed = current.segments != report.segments;
+            current.segments = report.segments;
+            changed
+        });
+        self.control = Some(control);
+        self.flush().await;
+    }
+
+    /// A dynamic gateway's periodic work: publishes which peers have a
+    /// session, and retries failed segments when it is time.
+    async fn control_tick(&mut self, now_ms: i64) {
+        let Some(control) = &mut self.control else {
+            return;
+        };
+        let sessions: BTreeSet<[u8; 32]> = self.gateway.peers_with_session().into_iter().collect();
+        control.report.send_if_modified(|current| {
+            let changed = current.sessions != sessions;
+            current.sessions = sessions;
+            changed
+        });
+        if control.retry_at_ms.is_some_and(|at| at <= now_ms) {
+            let carried = control.carried.borrow().clone();
+            self.apply(carried).await;
+        }
     }
 
     async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<ShellStats, ShellError> {
@@ -269,6 +545,13 @@ impl Shell {
                     let now_ms = self.now_ms();
                     self.gateway.handle_timers(now_ms, &mut self.out);
                     self.flush().await;
+                    self.control_tick(now_ms).await;
+                }
+                () = Control::changed(&mut self.control) => {
+                    if let Some(control) = &mut self.control {
+                        let carried = control.carried.borrow_and_update().clone();
+                        self.apply(carried).await;
+                    }
                 }
                 _ = stats_log.tick() => {
                     self.stats.gateway = self.gateway.stats();
@@ -316,6 +599,17 @@ impl Shell {
         );
         // The TAP devices close (and vanish) when they drop.
         drop(self.taps);
+        if let Some(control) = self.control.take() {
+            let plan: Vec<SegmentLinkNames> = control
+                .applied
+                .into_values()
+                .map(|(_, names)| names)
+                .collect();
+            let removed = control.links.teardown(&plan).await;
+            if !removed.is_empty() {
+                tracing::info!(links = ?removed, "removed the gateway's links");
+            }
+        }
         ended.map(|()| stats)
     }
 

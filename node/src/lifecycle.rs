@@ -1,0 +1,259 @@
+//! The cluster lifecycle at one site: which clusters should run here now,
+//! with which nodes and which peer gateways, and what to do to get there.
+//!
+//! Sans-IO: every function reads a [`ClusterRecord`] (or the [`Ledger`])
+//! and the time it is given, and returns what should be; the runner (the
+//! agent's shell, [`crate::runner`]) or the simulator carries it out. Each
+//! site derives everything from its own persisted record of the cluster,
+//! which the reservation exchange filled (segment id, every part with its
+//! gateway), so the sites of a cluster agree without talking at start time:
+//!
+//! - a cluster runs at a site from its window's start to its end while it
+//!   is `reserved`, `starting` or `running` and the site holds a committed
+//!   part of it (the master always does: it holds the frontend);
+//! - the nodes are numbered cluster-wide: the frontend is 0, at the
+//!   master; compute nodes follow, 1..=N, part by part in the order of
+//!   (site name, attempt), so a node's number and MAC are the same
+//!   whichever site computes them;
+//! - the cluster network is the segment's /24 in 198.19.0.0/16 (benchmark
+//!   space, never routed): the frontend is `.1` and leases `.10`-`.250`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use vcfed_storage::{
+    ClusterRecord, ClusterRun, ClusterState, GatewayRef, Ledger, LedgerError, PartState, Window,
+};
+
+use crate::driver::{NodeState, NodeStatus};
+
+/// One node of a cluster at this site.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlannedNode {
+    /// Cluster-wide node number (0: the frontend).
+    pub index: u32,
+    /// Whether it is the frontend.
+    pub frontend: bool,
+}
+
+/// A peer gateway of a cluster: another site of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedPeer {
+    /// The site's name.
+    pub site: String,
+    /// Its gateway, as exchanged with the reservation (`None`: the site has
+    /// no gateway endpoint, so its nodes cannot be reached).
+    pub gateway: Option<GatewayRef>,
+}
+
+/// A cluster that should run at this site now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunPlan {
+    /// Cluster id.
+    pub cluster: String,
+    /// Whether this site is the master (it runs the frontend).
+    pub master: bool,
+    /// The overlay segment id.
+    pub segment: u32,
+    /// The cluster network (a /24; the frontend is `.1`).
+    pub subnet: Ipv4Addr,
+    /// When the window ends, unix ms.
+    pub end_ms: i64,
+    /// This site's nodes.
+    pub nodes: Vec<PlannedNode>,
+    /// The cluster's other sites.
+    pub peers: Vec<PlannedPeer>,
+}
+
+/// What the runner must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Start (or, after a restart, resume) a cluster here.
+    Start(RunPlan),
+    /// Tear a cluster down here and give its VLAN back.
+    Stop {
+        /// Cluster id.
+        cluster: String,
+    },
+}
+
+/// The cluster network of segment `segment`.
+pub fn subnet_for(segment: u32) -> Ipv4Addr {
+    Ipv4Addr::new(198, 19, (segment & 0xff) as u8, 0)
+}
+
+/// The window of a stored cluster, from its request.
+pub fn window_of(record: &ClusterRecord) -> Option<Window> {
+    serde_json::from_value(record.request.get("window")?.clone()).ok()
+}
+
+/// The plan of `record` if it should run at this site (`local_name`, with
+/// peer id `local_peer`) at `now_ms`.
+pub fn plan(
+    record: &ClusterRecord,
+    local_name: &str,
+    local_peer: &str,
+    now_ms: i64,
+) -> Option<RunPlan> {
+    if !matches!(
+        record.state,
+        ClusterState::Reserved | ClusterState::Starting | ClusterState::Running
+    ) {
+        return None;
+    }
+    let window = window_of(record)?;
+    if now_ms < window.start_ms || now_ms >= window.end_ms {
+        return None;
+    }
+    let segment = record.segment?;
+    let master = record.master_site == local_name;
+    let is_local = |site: &str, peer: Option<&str>| match peer {
+        Some(peer) => peer == local_peer,
+        None => site == local_name,
+    };
+    let mut parts: Vec<_> = record
+        .parts
+        .iter()
+        .filter(|p| p.state == PartState::Committed)
+        .collect();
+    parts.sort_by(|a, b| (&a.site, a.attempt).cmp(&(&b.site, b.attempt)));
+
+    let mut nodes = Vec::new();
+    if master {
+        nodes.push(PlannedNode {
+            index: 0,
+            frontend: true,
+        });
+    }
+    let mut next = 1u32;
+    let mut peers: BTreeMap<&str, Option<GatewayRef>> = BTreeMap::new();
+    for part in &parts {
+        let local = is_local(&part.site, part.peer_id.as_deref());
+        for index in next..next.saturating_add(part.nodes) {
+            if local {
+                nodes.push(PlannedNode {
+                    index,
+                    frontend: false,
+                });
+            }
+        }
+        next = next.saturating_add(part.nodes);
+        if !local {
+            let entry = peers.entry(part.site.as_str()).or_default();
+            if entry.is_none() {
+                *entry = part.gateway.clone();
+            }
+        }
+    }
+    // The master's own part may hold only the frontend (0 compute nodes);
+    // a worker without a committed part has nothing to run.
+    if nodes.is_empty() {
+        return None;
+    }
+    Some(RunPlan {
+        cluster: record.id.clone(),
+        master,
+        segment,
+        subnet: subnet_for(segment),
+        end_ms: window.end_ms,
+        nodes,
+        peers: peers
+            .into_iter()
+            .map(|(site, gateway)| PlannedPeer {
+                site: site.to_owned(),
+                gateway,
+            })
+            .collect(),
+    })
+}
+
+/// The plans of every cluster that should run at this site at `now_ms`.
+pub fn plans(
+    ledger: &Ledger,
+    local_name: &str,
+    local_peer: &str,
+    now_ms: i64,
+) -> Result<Vec<RunPlan>, LedgerError> {
+    Ok(ledger
+        .clusters()?
+        .iter()
+        .filter_map(|record| plan(record, local_name, local_peer, now_ms))
+        .collect())
+}
+
+/// What to do so that what runs (`running`: the clusters the runner has
+/// started in this process; `runs`: the ones the ledger says were started,
+/// perhaps by an earlier process) matches `plans`.
+///
+/// A plan not running is started; one the ledger knows but this process
+/// does not is started again (resumed after a restart: starting is
+/// idempotent); a run no plan names any more is stopped.
+pub fn reconcile(
+    plans: &[RunPlan],
+    running: &BTreeSet<String>,
+    runs: &[ClusterRun],
+) -> Vec<Action> {
+    let planned: BTreeSet<&str> = plans.iter().map(|p| p.cluster.as_str()).collect();
+    let mut actions: Vec<Action> = plans
+        .iter()
+        .filter(|plan| !running.contains(&plan.cluster))
+        .cloned()
+        .map(Action::Start)
+        .collect();
+    let known: BTreeSet<&str> = running
+        .iter()
+        .map(String::as_str)
+        .chain(runs.iter().map(|run| run.cluster_id.as_str()))
+        .collect();
+    actions.extend(
+        known
+            .into_iter()
+            .filter(|cluster| !planned.contains(cluster))
+            .map(|cluster| Action::Stop {
+                cluster: cluster.to_owned(),
+            }),
+    );
+    actions
+}
+
+/// Whether every node of a run is up: the frontend serving, compute nodes
+/// installed.
+pub fn all_up(plan: &RunPlan, statuses: &[NodeStatus]) -> bool {
+    plan.nodes.iter().all(|node| {
+        statuses
+            .iter()
+            .find(|s| s.index == node.index)
+            .is_some_and(|s| match s.state {
+                NodeState::Serving { .. } => node.frontend,
+                NodeState::Installed { .. } => !node.frontend,
+                _ => false,
+            })
+    })
+}
+
+/// The state a cluster moves to at this site once it runs here (or
+/// `None` to keep it): `starting` while its nodes come up, `running` once
+/// they all are. Only moves forward from `reserved` or `starting`.
+pub fn next_state(current: ClusterState, up: bool) -> Option<ClusterState> {
+    match (current, up) {
+        (ClusterState::Reserved, false) => Some(ClusterState::Starting),
+        (ClusterState::Reserved | ClusterState::Starting, true) => Some(ClusterState::Running),
+        _ => None,
+    }
+}
+
+/// The state a cluster moves to at this site once it was torn down here,
+/// if any: `finished` when its window is over and it was still
+/// `reserved`, `starting` or `running`; a delete or a failure already moved
+/// it on.
+pub fn state_after_stop(record: &ClusterRecord, now_ms: i64) -> Option<ClusterState> {
+    let over = window_of(record).is_some_and(|w| now_ms >= w.end_ms);
+    let live = matches!(
+        record.state,
+        ClusterState::Reserved | ClusterState::Starting | ClusterState::Running
+    );
+    (over && live).then_some(ClusterState::Finished)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,189 @@
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use super::*;
+use vcfed_storage::{ClusterPart, NodeShape};
+
+const SHAPE: NodeShape = NodeShape {
+    cores: 1,
+    memory_mib: 512,
+    disk_gib: 1,
+};
+
+fn gateway(site: &str) -> Option<GatewayRef> {
+    Some(GatewayRef {
+        endpoint: format!("{site}.example:7782"),
+        public_key: format!("key-{site}"),
+    })
+}
+
+fn part(site: &str, attempt: u32, nodes: u32, frontend: bool, state: PartState) -> ClusterPart {
+    ClusterPart {
+        site: site.into(),
+        peer_id: Some(format!("peer-{site}")),
+        attempt,
+        nodes,
+        frontend,
+        state,
+        reservation_key: None,
+        gateway: gateway(site),
+    }
+}
+
+/// Cluster "c" mastered by site-a: 1 node there (plus the frontend),
+/// 2 at site-b (two attempts, one released), 2 at site-c; window [100, 200).
+fn record(state: ClusterState) -> ClusterRecord {
+    ClusterRecord {
+        id: "c".into(),
+        name: "c".into(),
+        master_site: "site-a".into(),
+        request: serde_json::json!({
+            "name": "c",
+            "nodes": 5,
+            "shape": SHAPE,
+            "window": Window::new(100, 200).unwrap(),
+        }),
+        state,
+        reason: None,
+        parts: vec![
+            part("site-c", 1, 2, false, PartState::Committed),
+            part("site-a", 0, 1, true, PartState::Committed),
+            part("site-b", 2, 2, false, PartState::Committed),
+            part("site-b", 1, 3, false, PartState::Released),
+        ],
+        segment: Some(0x1234_5678),
+        created_at_ms: 0,
+        updated_at_ms: 0,
+    }
+}
+
+fn indices(plan: &RunPlan) -> Vec<(u32, bool)> {
+    plan.nodes.iter().map(|n| (n.index, n.frontend)).collect()
+}
+
+#[test]
+fn every_site_numbers_the_nodes_the_same_way() {
+    let record = record(ClusterState::Reserved);
+    let a = plan(&record, "site-a", "peer-site-a", 150).unwrap();
+    let b = plan(&record, "site-b", "peer-site-b", 150).unwrap();
+    let c = plan(&record, "site-c", "peer-site-c", 150).unwrap();
+    assert!(a.master && !b.master && !c.master);
+    assert_eq!(indices(&a), [(0, true), (1, false)]);
+    assert_eq!(indices(&b), [(2, false), (3, false)]);
+    assert_eq!(indices(&c), [(4, false), (5, false)]);
+    for p in [&a, &b, &c] {
+        assert_eq!(p.segment, 0x1234_5678);
+        assert_eq!(p.subnet, Ipv4Addr::new(198, 19, 0x78, 0));
+        assert_eq!(p.end_ms, 200);
+        assert_eq!(p.peers.len(), 2, "{p:?}");
+    }
+    let sites: Vec<&str> = a.peers.iter().map(|p| p.site.as_str()).collect();
+    assert_eq!(sites, ["site-b", "site-c"]);
+    assert_eq!(a.peers[0].gateway, gateway("site-b"));
+}
+
+#[test]
+fn a_cluster_runs_only_in_its_window_and_live_states() {
+    let live = record(ClusterState::Reserved);
+    assert!(plan(&live, "site-a", "peer-site-a", 99).is_none());
+    assert!(plan(&live, "site-a", "peer-site-a", 100).is_some());
+    assert!(plan(&live, "site-a", "peer-site-a", 199).is_some());
+    assert!(plan(&live, "site-a", "peer-site-a", 200).is_none());
+    for state in [ClusterState::Starting, ClusterState::Running] {
+        assert!(plan(&record(state), "site-b", "peer-site-b", 150).is_some());
+    }
+    for state in [
+        ClusterState::Requested,
+        ClusterState::Reserving,
+        ClusterState::Stopping,
+        ClusterState::Finished,
+        ClusterState::Failed,
+    ] {
+        assert!(plan(&record(state), "site-a", "peer-site-a", 150).is_none());
+    }
+    // A site without a committed part runs nothing.
+    assert!(plan(&live, "site-d", "peer-site-d", 150).is_none());
+    let mut no_segment = live.clone();
+    no_segment.segment = None;
+    assert!(plan(&no_segment, "site-a", "peer-site-a", 150).is_none());
+}
+
+#[test]
+fn reconcile_starts_resumes_and_stops() {
+    let record = record(ClusterState::Reserved);
+    let planned = plan(&record, "site-a", "peer-site-a", 150).unwrap();
+    let run = |id: &str| ClusterRun {
+        cluster_id: id.into(),
+        vlan: 100,
+        started_at_ms: 0,
+    };
+    // Fresh: start.
+    assert_eq!(
+        reconcile(std::slice::from_ref(&planned), &BTreeSet::new(), &[]),
+        [Action::Start(planned.clone())]
+    );
+    // Started by an earlier process: start again (resume).
+    assert_eq!(
+        reconcile(
+            std::slice::from_ref(&planned),
+            &BTreeSet::new(),
+            &[run("c")]
+        ),
+        [Action::Start(planned.clone())]
+    );
+    // Running here: nothing to do.
+    let running: BTreeSet<String> = ["c".to_owned()].into();
+    assert!(reconcile(std::slice::from_ref(&planned), &running, &[run("c")]).is_empty());
+    // No longer planned: stop, whether this process or an earlier one started it.
+    assert_eq!(
+        reconcile(&[], &running, &[run("c"), run("old")]),
+        [
+            Action::Stop {
+                cluster: "c".into()
+            },
+            Action::Stop {
+                cluster: "old".into()
+            }
+        ]
+    );
+}
+
+#[test]
+fn states_move_forward_only() {
+    assert_eq!(
+        next_state(ClusterState::Reserved, false),
+        Some(ClusterState::Starting)
+    );
+    assert_eq!(
+        next_state(ClusterState::Starting, true),
+        Some(ClusterState::Running)
+    );
+    assert_eq!(next_state(ClusterState::Running, false), None);
+    assert_eq!(next_state(ClusterState::Stopping, true), None);
+    let live = record(ClusterState::Running);
+    assert_eq!(state_after_stop(&live, 150), None);
+    assert_eq!(state_after_stop(&live, 200), Some(ClusterState::Finished));
+    assert_eq!(state_after_stop(&record(ClusterState::Finished), 300), None);
+}
+
+#[test]
+fn all_up_needs_every_node_in_its_final_state() {
+    let planned = plan(
+        &record(ClusterState::Reserved),
+        "site-a",
+        "peer-site-a",
+        150,
+    )
+    .unwrap();
+    let ip = Ipv4Addr::new(198, 19, 0, 1);
+    let status = |index, frontend, state| NodeStatus {
+        index,
+        frontend,
+        state,
+    };
+    let serving = status(0, true, NodeState::Serving { ip });
+    let leased = status(1, false, NodeState::Leased { ip, server: ip });
+    let installed = status(1, false, NodeState::Installed { ip, server: ip });
+    assert!(!all_up(&planned, &[serving.clone()]));
+    assert!(!all_up(&planned, &[serving.clone(), leased]));
+    assert!(all_up(&planned, &[serving, installed]));
+}
