@@ -404,11 +404,35 @@ pub struct InitOutcome {
     pub config_path: PathBuf,
     /// The site's peer id.
     pub peer_id: String,
+    /// The site's tunnel public key, base64.
+    pub tunnel_public_key: String,
 }
 
 /// `vcfed init`: validates everything, then writes keys and config. Writes
 /// nothing if anything is wrong or would be overwritten without `--force`.
 pub fn init(args: &InitArgs) -> anyhow::Result<InitOutcome> {
+    let outcome = write_site(args)?;
+    let config = Config::load(&outcome.config_path)?;
+    println!("initialised site {}", config.site.name);
+    println!("  config            {}", outcome.config_path.display());
+    println!("  data dir          {}", config.site.data_dir.display());
+    println!("  peer id           {}", outcome.peer_id);
+    println!("  tunnel public key {}", outcome.tunnel_public_key);
+    println!(
+        "  API               http://{} (token in {})",
+        config.api.listen,
+        config.api.token_file.display()
+    );
+    println!();
+    println!(
+        "start it with: vcfed run --config {}",
+        outcome.config_path.display()
+    );
+    Ok(outcome)
+}
+
+/// What `vcfed init` writes, without printing anything.
+pub fn write_site(args: &InitArgs) -> anyhow::Result<InitOutcome> {
     let data_dir = absolute(&args.data_dir)?;
     let config_path = match &args.config {
         Some(path) => absolute(path)?,
@@ -452,24 +476,10 @@ pub fn init(args: &InitArgs) -> anyhow::Result<InitOutcome> {
     create_private_dir(&data_dir)?;
     let keys = identity::generate(&paths, args.force)?;
     identity::write_file(&config_path, text.as_bytes(), 0o644)?;
-    println!("initialised site {}", config.site.name);
-    println!("  config            {}", config_path.display());
-    println!("  data dir          {}", data_dir.display());
-    println!("  peer id           {}", keys.peer_id());
-    println!("  tunnel public key {}", keys.tunnel_public_key());
-    println!(
-        "  API               http://{} (token in {})",
-        config.api.listen,
-        config.api.token_file.display()
-    );
-    println!();
-    println!(
-        "start it with: vcfed run --config {}",
-        config_path.display()
-    );
     Ok(InitOutcome {
         config_path,
         peer_id: keys.peer_id().to_string(),
+        tunnel_public_key: keys.tunnel_public_key(),
     })
 }
 

@@ -231,7 +231,7 @@ async fn wait(
     }
 }
 
-fn progress_line(record: &ClusterRecord) -> String {
+pub fn progress_line(record: &ClusterRecord) -> String {
     let parts: Vec<String> = record
         .parts
         .iter()

@@ -194,10 +194,13 @@ pub fn free_port() -> u16 {
 
 /// Waits until the agent answers, at most 15 s.
 pub async fn wait_ready(client: &ApiClient) {
-    tokio::time::timeout(Duration::from_secs(15), vcfed::demo::wait_ready(client))
-        .await
-        .expect("the agent answers within 15 s")
-        .expect("the agent answers");
+    tokio::time::timeout(
+        Duration::from_secs(15),
+        vcfed::demo::local::wait_ready(client),
+    )
+    .await
+    .expect("the agent answers within 15 s")
+    .expect("the agent answers");
 }
 
 /// Text of a process's stderr.

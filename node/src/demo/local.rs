@@ -1,18 +1,14 @@
-//! `vcfed demo`: one site on this machine, end to end, in a few seconds.
+//! `vcfed demo --local` (and `vcfed demo` without root): one site on this
+//! machine, end to end, in a few seconds.
 //!
 //! It initialises a site in a fresh directory, runs its agent, and walks
 //! through what a site does on its own: capacity, a hold and its commit, a
 //! refused overbooking, a lease running out, and a restart that keeps every
 //! commitment. Everything goes through the same code and API as `vcfed run`.
 
-// The demo's job is to print for the user.
-#![allow(clippy::print_stdout)]
-
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use clap::Args;
 use vcfed_storage::{Reservation, ReservationState};
 
 use crate::api::{CapacityReport, HoldBody, InstantArg, OwnerBody, SiteInfo};
@@ -21,17 +17,7 @@ use crate::client::{ApiClient, ClientError};
 use crate::config::{self, Config};
 use crate::time::now_ms;
 
-/// Arguments of `vcfed demo`.
-#[derive(Debug, Args)]
-pub struct DemoArgs {
-    /// Keep the site running after the tour, until Ctrl-C.
-    #[arg(long)]
-    pub keep: bool,
-    /// Directory for the demo site [default: a fresh temporary directory,
-    /// removed afterwards unless --keep].
-    #[arg(long)]
-    pub dir: Option<PathBuf>,
-}
+use super::{DemoArgs, step};
 
 /// Nodes of the demo site.
 const DEMO_NODES: u32 = 4;
@@ -236,8 +222,4 @@ pub async fn wait_ready(client: &ApiClient) -> anyhow::Result<()> {
 fn free_loopback_port() -> std::io::Result<std::net::SocketAddr> {
     let listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
     listener.local_addr()
-}
-
-fn step(title: &str) {
-    println!("\n==> {title}");
 }

@@ -1,0 +1,461 @@
+//! The federated demo: three sites in network namespaces, a cluster larger
+//! than the site it is asked of, and every step of its start until each
+//! node has installed from the master's frontend across the tunnels.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+use vcfed_storage::{ClusterState, PartState};
+
+use super::federation::{DemoFederation, DemoSpec};
+use super::{DemoArgs, step};
+use crate::api::ClusterDetail;
+use crate::cli::print_table;
+use crate::client::ApiClient;
+use crate::federation::SitesReport;
+
+/// Compute nodes the demo asks for (the first site has 2 slots).
+pub const DEMO_CLUSTER_NODES: u32 = 6;
+/// How long the demo waits for the cluster to come up.
+const UP_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the demo waits for gossip and for teardown.
+const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the demo polls the sites.
+const POLL: Duration = Duration::from_millis(100);
+
+/// What the federated demo did, as `--report` writes it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DemoReport {
+    /// The sites, in order (the first is the master).
+    pub sites: Vec<String>,
+    /// The cluster's id.
+    pub cluster: String,
+    /// The frontend's address.
+    pub frontend_ip: Option<String>,
+    /// Every node as the demo last saw it.
+    pub nodes: Vec<ReportNode>,
+    /// Seconds from the command's start to the end of each phase.
+    pub phases: Vec<(String, f64)>,
+    /// What was left after teardown (nothing, normally).
+    pub left_behind: Vec<String>,
+}
+
+/// One node of [`DemoReport`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportNode {
+    /// Node number.
+    pub index: u32,
+    /// The site it runs at.
+    pub site: String,
+    /// Whether it is the frontend.
+    pub frontend: bool,
+    /// Its state: serving, booting, leased, installed or failed.
+    pub state: String,
+    /// Its address.
+    pub ip: Option<String>,
+    /// The DHCP/TFTP server it booted from.
+    pub server: Option<String>,
+}
+
+/// Runs the federated demo.
+pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let (dir, remove_after) = match &args.dir {
+        Some(dir) => (dir.clone(), false),
+        None => (
+            std::env::temp_dir().join(format!("vcfed-demo-{}", std::process::id())),
+            !args.keep,
+        ),
+    };
+    let mut report = DemoReport::default();
+    // Ctrl-C drops the tour, and with it the federation, which tears down.
+    let result = tokio::select! {
+        result = tour(args, &dir, started, &mut report) => result,
+        () = crate::agent::termination_signal() => Err(anyhow::anyhow!("interrupted; the demo federation was removed")),
+    };
+    if let Some(path) = &args.report {
+        let text = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if remove_after {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    result?;
+    println!("\ndemo finished in {:.1}s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Seconds since the start, for the progress lines.
+fn at(started: Instant) -> String {
+    format!("[{:>5.1}s]", started.elapsed().as_secs_f64())
+}
+
+async fn tour(
+    args: &DemoArgs,
+    dir: &Path,
+    started: Instant,
+    report: &mut DemoReport,
+) -> anyhow::Result<()> {
+    let spec = DemoSpec::default();
+
+    step("build 3 sites, each a network namespace joined by a veth WAN (198.18.0.0/24)");
+    let mut federation = DemoFederation::build(spec.clone(), dir)?;
+    let mut rows = vec![
+        ["SITE", "NAMESPACE", "WAN ADDRESS", "NODE SLOTS"]
+            .map(str::to_owned)
+            .to_vec(),
+    ];
+    for (site, nodes) in federation.sites.iter().zip(&spec.nodes) {
+        rows.push(vec![
+            site.name.clone(),
+            site.netns.clone(),
+            site.ip.to_string(),
+            nodes.to_string(),
+        ]);
+    }
+    print_table(&rows);
+    report.sites = federation.sites.iter().map(|s| s.name.clone()).collect();
+
+    step("start an agent per site (ledger, federation, API, gateway, netns driver)");
+    let mut clients = Vec::new();
+    for index in 0..federation.sites.len() {
+        federation.start_agent(index)?;
+        let client = federation.sites[index].client()?;
+        super::local::wait_ready(&client)
+            .await
+            .with_context(|| format!("see {}", federation.sites[index].log_path.display()))?;
+        clients.push(client);
+    }
+    println!("{} 3 agents up", at(started));
+
+    step("gossip: every site learns every site's free capacity");
+    let count = federation.sites.len();
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    loop {
+        let mut complete = true;
+        for client in &clients {
+            let view: SitesReport = client.get("/v1/sites").await?;
+            let alive = view
+                .sites
+                .iter()
+                .filter(|s| s.state == vcfed_registry::SiteState::Alive)
+                .count();
+            complete &= alive == count;
+        }
+        if complete {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the sites did not all see each other within {STEP_TIMEOUT:?}");
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    let view: SitesReport = clients[0].get("/v1/sites").await?;
+    let seen: Vec<String> = view
+        .sites
+        .iter()
+        .map(|s| format!("{} ({} free)", s.name, s.free_now))
+        .collect();
+    println!(
+        "{} gossip view complete at every site: {}",
+        at(started),
+        seen.join(", ")
+    );
+    report_phase(report, started, "gossip view complete");
+
+    let master = &federation.sites[0].name;
+    step(&format!(
+        "ask {master} for a cluster of {DEMO_CLUSTER_NODES} nodes: more than its {} slots",
+        spec.nodes[0]
+    ));
+    let created: ClusterDetail = clients[0]
+        .post(
+            "/v1/clusters",
+            &serde_json::json!({
+                "name": "demo",
+                "nodes": DEMO_CLUSTER_NODES,
+                "duration": "1h",
+            }),
+        )
+        .await?;
+    let id = created.record.id.clone();
+    report.cluster = id.clone();
+    println!(
+        "{} {master} is the master of {id}: it keeps the frontend and what fits, and asks the others",
+        at(started)
+    );
+
+    follow(&federation, &clients, &id, started, report).await?;
+    let total = started.elapsed().as_secs_f64();
+    print_summary(report, total);
+    // What the demo is for: nodes at every site booted from the master.
+    let frontend = report.frontend_ip.clone();
+    if let Some(stray) = report
+        .nodes
+        .iter()
+        .find(|n| !n.frontend && n.server != frontend)
+    {
+        bail!(
+            "node {} at {} booted from {:?}, not from the frontend {frontend:?}",
+            stray.index,
+            stray.site,
+            stray.server
+        );
+    }
+
+    if args.keep {
+        step("the federation keeps running; try (as root):");
+        for site in &federation.sites {
+            println!(
+                "  vcfed cluster show demo --config {}",
+                site.config_path.display()
+            );
+        }
+        println!(
+            "  vcfed sites --config {}",
+            federation.sites[0].config_path.display()
+        );
+        println!("  ip netns list        # the sites, the WAN and every node");
+        println!("press Ctrl-C here, or run `vcfed demo --down` elsewhere, to remove everything");
+        println!("(site files stay in {})", dir.display());
+        crate::agent::termination_signal().await;
+    } else {
+        step("delete the cluster: every site stops its nodes and frees its VLAN id");
+        let deleted_at = Instant::now();
+        let _: serde_json::Value = clients[0]
+            .call(
+                hyper::Method::DELETE,
+                &format!("/v1/clusters/{id}"),
+                None::<&()>,
+            )
+            .await?;
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        'wait: loop {
+            for client in &clients {
+                let detail: ClusterDetail = client.get(&format!("/v1/clusters/{id}")).await?;
+                if !detail.record.state.is_terminal() || detail.network.is_some() {
+                    if Instant::now() > deadline {
+                        bail!("the cluster is not torn down everywhere within {STEP_TIMEOUT:?}");
+                    }
+                    tokio::time::sleep(POLL).await;
+                    continue 'wait;
+                }
+            }
+            break;
+        }
+        println!(
+            "{} finished at every site in {:.1}s",
+            at(started),
+            deleted_at.elapsed().as_secs_f64()
+        );
+    }
+
+    step("remove the federation: agents, namespaces, links");
+    let left = federation.teardown();
+    report.left_behind = left.clone();
+    if !left.is_empty() {
+        bail!("left behind: {}", left.join(", "));
+    }
+    println!("{} nothing left behind", at(started));
+    Ok(())
+}
+
+/// Follows the cluster from the request until every node is up, printing
+/// each step as it happens.
+async fn follow(
+    federation: &DemoFederation,
+    clients: &[ApiClient],
+    id: &str,
+    started: Instant,
+    report: &mut DemoReport,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + UP_TIMEOUT;
+    let mut last_parts = String::new();
+    let mut reserved = false;
+    let mut tunnels_up = false;
+    let mut frontend_up = false;
+    let mut nodes: BTreeMap<u32, ReportNode> = BTreeMap::new();
+    loop {
+        let mut details = Vec::new();
+        for client in clients {
+            // A worker knows the cluster only once it committed.
+            details.push(
+                client
+                    .get::<ClusterDetail>(&format!("/v1/clusters/{id}"))
+                    .await
+                    .ok(),
+            );
+        }
+        let Some(at_master) = details[0].clone() else {
+            bail!("the master lost the cluster");
+        };
+        let record = &at_master.record;
+        if record.state == ClusterState::Failed {
+            bail!(
+                "the cluster failed: {}",
+                record.reason.as_deref().unwrap_or("no reason given")
+            );
+        }
+        let parts = crate::cluster_cli::progress_line(record);
+        if parts != last_parts {
+            println!("{} {parts}", at(started));
+            last_parts = parts;
+        }
+        let committed = !record.parts.is_empty()
+            && record
+                .parts
+                .iter()
+                .all(|p| matches!(p.state, PartState::Committed | PartState::Released));
+        if !reserved && committed && record.state != ClusterState::Reserving {
+            reserved = true;
+            let holders: Vec<String> = record
+                .parts
+                .iter()
+                .filter(|p| p.state == PartState::Committed)
+                .map(|p| format!("{} {}", p.site, p.nodes))
+                .collect();
+            println!(
+                "{} committed everywhere: {} (+ the frontend at the master)",
+                at(started),
+                holders.join(", ")
+            );
+            report_phase(report, started, "reserved and committed");
+        }
+        if !tunnels_up
+            && let Some(network) = &at_master.network
+            && !network.tunnels.is_empty()
+            && network.tunnels.iter().all(|t| t.up)
+        {
+            tunnels_up = true;
+            let peers: Vec<&str> = network.tunnels.iter().map(|t| t.site.as_str()).collect();
+            println!(
+                "{} tunnels up: {} ⇄ {} (WireGuard, segment {:#010x}, VLAN {} at {})",
+                at(started),
+                federation.sites[0].name,
+                peers.join(", "),
+                network.segment,
+                network.vlan,
+                federation.sites[0].name
+            );
+            report_phase(report, started, "tunnels up");
+        }
+        for (site, detail) in federation.sites.iter().zip(&details) {
+            let Some(detail) = detail else { continue };
+            for node in &detail.nodes {
+                let field = |key: &str| node.state[key].as_str().map(str::to_owned);
+                let seen = ReportNode {
+                    index: node.index,
+                    site: site.name.clone(),
+                    frontend: node.frontend,
+                    state: field("state").unwrap_or_default(),
+                    ip: field("ip"),
+                    server: field("server"),
+                };
+                if nodes.get(&node.index) == Some(&seen) {
+                    continue;
+                }
+                announce(&seen, started);
+                if seen.state == "failed" {
+                    bail!(
+                        "node {} at {} failed: {}; see {}",
+                        seen.index,
+                        seen.site,
+                        field("reason").unwrap_or_default(),
+                        site.log_path.display()
+                    );
+                }
+                if seen.frontend && seen.state == "serving" && !frontend_up {
+                    frontend_up = true;
+                    report.frontend_ip = seen.ip.clone();
+                    report_phase(report, started, "frontend up");
+                }
+                nodes.insert(node.index, seen);
+            }
+        }
+        report.nodes = nodes.values().cloned().collect();
+        let installed = nodes
+            .values()
+            .filter(|n| !n.frontend && n.state == "installed")
+            .count();
+        if frontend_up && installed == DEMO_CLUSTER_NODES as usize {
+            report_phase(report, started, "all nodes installed");
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "only {installed} of {DEMO_CLUSTER_NODES} nodes installed within {UP_TIMEOUT:?}; \
+                 the agents' logs are agent.log in each site's directory"
+            );
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+fn report_phase(report: &mut DemoReport, started: Instant, name: &str) {
+    report
+        .phases
+        .push((name.to_owned(), started.elapsed().as_secs_f64()));
+}
+
+fn announce(node: &ReportNode, started: Instant) {
+    let what = match (node.frontend, node.state.as_str()) {
+        (true, "serving") => format!(
+            "frontend up at {}: dnsmasq serves DHCP and TFTP",
+            node.ip.as_deref().unwrap_or("?")
+        ),
+        (_, "booting") => "booting (network boot: DHCP, then TFTP)".to_owned(),
+        (_, "leased") => format!(
+            "leased {} from {}",
+            node.ip.as_deref().unwrap_or("?"),
+            node.server.as_deref().unwrap_or("?")
+        ),
+        (_, "installed") => format!(
+            "installed: fetched install.cfg over TFTP from {}",
+            node.server.as_deref().unwrap_or("?")
+        ),
+        (_, other) => other.to_owned(),
+    };
+    let role = if node.frontend { "frontend" } else { "node" };
+    println!(
+        "{} {role} {} at {}: {what}",
+        at(started),
+        node.index,
+        node.site
+    );
+}
+
+fn print_summary(report: &DemoReport, total: f64) {
+    step("the cluster: every node installed from the master's frontend");
+    let mut rows = vec![
+        ["NODE", "SITE", "ROLE", "STATE", "ADDRESS", "BOOTED FROM"]
+            .map(str::to_owned)
+            .to_vec(),
+    ];
+    for node in &report.nodes {
+        rows.push(vec![
+            node.index.to_string(),
+            node.site.clone(),
+            if node.frontend { "frontend" } else { "compute" }.to_owned(),
+            node.state.clone(),
+            node.ip.clone().unwrap_or_default(),
+            node.server.clone().unwrap_or_default(),
+        ]);
+    }
+    print_table(&rows);
+    println!();
+    let mut previous = 0.0;
+    let mut rows = vec![["PHASE", "TOOK", "AT"].map(str::to_owned).to_vec()];
+    for (name, at) in &report.phases {
+        rows.push(vec![
+            name.clone(),
+            format!("{:.1}s", at - previous),
+            format!("{at:.1}s"),
+        ]);
+        previous = *at;
+    }
+    print_table(&rows);
+    println!("from the command to every node installed: {total:.1}s");
+}

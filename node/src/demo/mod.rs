@@ -1,0 +1,84 @@
+//! `vcfed demo`: the README's quick start.
+//!
+//! As root, it builds a federation of three sites on this machine, each a
+//! network namespace with its own agent, ledger, gateway and bridge, joined
+//! by veth "WAN" links in 198.18.0.0/15, submits to the first site a
+//! cluster larger than it, and shows every step until each node has leased
+//! its address from the master's frontend and installed over TFTP across
+//! the tunnels ([`federated`], on the plumbing of [`federation`]).
+//!
+//! Without root (or without iproute2, dnsmasq or busybox), it says so,
+//! points to `vcfed simnet`, and tours one site instead ([`local`]).
+
+// The demo's job is to print for the user.
+#![allow(clippy::print_stdout)]
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+pub mod federated;
+pub mod federation;
+pub mod local;
+
+/// Arguments of `vcfed demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Keep the federation (or the site) running after the tour, until
+    /// Ctrl-C; `vcfed demo --down` removes it from another shell.
+    #[arg(long)]
+    pub keep: bool,
+    /// Remove every namespace, link and process a kept (or crashed) demo
+    /// federation left, and exit.
+    #[arg(long, conflicts_with_all = ["keep", "local"])]
+    pub down: bool,
+    /// Tour one site only (what the demo does without root).
+    #[arg(long)]
+    pub local: bool,
+    /// Directory for the demo's sites [default: a fresh temporary
+    /// directory, removed afterwards unless --keep].
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Also write the federated demo's outcome (nodes, phases) to this
+    /// file, as JSON.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+}
+
+/// Runs the demo.
+pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
+    if args.down {
+        let spec = federation::DemoSpec::default();
+        let removed = federation::down(&spec);
+        if removed.is_empty() {
+            println!("no demo federation was running");
+        } else {
+            println!("removed: {}", removed.join(", "));
+        }
+        let left = federation::leftovers(&spec);
+        if !left.is_empty() {
+            anyhow::bail!("could not remove: {}", left.join(", "));
+        }
+        return Ok(());
+    }
+    if !args.local {
+        match federation::check_environment() {
+            Ok(()) => return federated::run(args).await,
+            Err(why) => {
+                println!(
+                    "The federated demo (3 sites in network namespaces) cannot run here: {why}."
+                );
+                println!(
+                    "Run it as root with iproute2, dnsmasq and busybox installed, or try \
+                     `vcfed simnet`, which simulates a whole federation without root."
+                );
+                println!("Touring a single site instead.");
+            }
+        }
+    }
+    local::run(args).await
+}
+
+fn step(title: &str) {
+    println!("\n==> {title}");
+}
