@@ -87,6 +87,7 @@ pub async fn start(
         keys.peer_id().to_string(),
         keys.tunnel.to_bytes(),
         ledger.clone(),
+        Some(federation.clone()),
         stop_rx.clone(),
     )
     .context("starting the cluster runner")?;

@@ -24,7 +24,7 @@ use vcfed_registry::{
 use vcfed_storage::{ClusterRecord, Window};
 
 use crate::cluster::{
-    ClusterConfig, ClusterCore, ClusterMsg, ClusterRequest, CreateError, DeleteError,
+    ClusterConfig, ClusterCore, ClusterMsg, ClusterRequest, CreateError, DeleteError, ReportedNode,
 };
 
 use crate::config::Config;
@@ -122,6 +122,10 @@ enum Command {
         id: String,
         reply: oneshot::Sender<Result<ClusterRecord, DeleteError>>,
     },
+    ReportNodes {
+        cluster: String,
+        nodes: Vec<ReportedNode>,
+    },
 }
 
 impl FederationHandle {
@@ -172,6 +176,15 @@ impl FederationHandle {
             .await
             .context("the federation task has stopped")?;
         answer.await.context("the federation task has stopped")
+    }
+
+    /// Sends the states of this site's nodes of `cluster` to its master
+    /// (nothing at the master). Best effort: with the queue full the report
+    /// is dropped, and the next one carries the same states.
+    pub fn report_nodes(&self, cluster: String, nodes: Vec<ReportedNode>) {
+        let _ = self
+            .commands
+            .try_send(Command::ReportNodes { cluster, nodes });
     }
 
     /// Dials a member by address (ending in /p2p/<peer id>).
@@ -589,6 +602,15 @@ impl Shell {
                     .blocking(|ledger| cluster.delete(ledger, now, &id));
                 let _ = reply.send(deleted);
                 self.capacity_changed();
+            }
+            Command::ReportNodes { cluster, nodes } => {
+                let core = &mut self.cluster;
+                if let Err(e) = self
+                    .ledger
+                    .blocking(|ledger| core.report_nodes(ledger, &cluster, nodes))
+                {
+                    tracing::warn!(%cluster, error = %format!("{e:#}"), "reporting node states failed");
+                }
             }
             Command::Join { addr, reply } => {
                 let Some(Protocol::P2p(peer)) = addr.iter().last() else {

@@ -36,8 +36,10 @@ use vcfed_overlay::linux::{
 };
 use vcfed_storage::{Ledger, LedgerError, NodeRecord};
 
+use crate::cluster::ReportedNode;
 use crate::config::{Config, DriverKind, SiteLink, VlanRange};
 use crate::driver::{ComputeDriver, NodeSpec, NodeStatus, node_mac};
+use crate::federation::FederationHandle;
 use crate::ledger::SharedLedger;
 use crate::lifecycle::{self, Action, RunPlan};
 use crate::time::now_ms;
@@ -50,6 +52,9 @@ pub const LINK_PREFIX: &str = "vcf";
 pub const INNER_MTU: usize = 1440;
 /// Name of the "bridge" of a cluster when there is no data plane (sim).
 const SIM_BRIDGE: &str = "sim";
+/// How often a worker sends its node states to the master even when they
+/// did not change (a report may have been lost), ms.
+const REPORT_EVERY_MS: i64 = 10_000;
 
 /// A cluster's network at this site, as the API shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,6 +122,8 @@ struct Active {
     segment: CarriedSegment,
     nodes_started: bool,
     statuses: Vec<NodeStatus>,
+    /// When the node states were last sent to the master.
+    reported_at_ms: Option<i64>,
 }
 
 /// The runner of one site. See the module docs.
@@ -131,6 +138,8 @@ pub struct Runner {
     board: NetworkBoard,
     /// Clusters whose start failed, with the reason last logged.
     blocked: BTreeMap<String, String>,
+    /// Where a worker's node states go to the master.
+    federation: Option<FederationHandle>,
 }
 
 impl std::fmt::Debug for Runner {
@@ -162,6 +171,7 @@ pub fn start(
     peer_id: String,
     tunnel_key: [u8; 32],
     ledger: SharedLedger,
+    federation: Option<FederationHandle>,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<Option<RunningRunner>> {
     let driver: Box<dyn ComputeDriver> = match config.clusters.driver {
@@ -183,6 +193,7 @@ pub fn start(
         active: BTreeMap::new(),
         board: NetworkBoard::default(),
         blocked: BTreeMap::new(),
+        federation,
     };
     // What ran before a restart and still should: its segments are kept by
     // the gateway's start-up cleanup, and its nodes by the driver's.
@@ -380,6 +391,7 @@ impl Runner {
                         segment,
                         nodes_started: false,
                         statuses: Vec::new(),
+                        reported_at_ms: None,
                     },
                 );
             }
@@ -442,6 +454,13 @@ impl Runner {
         }
         let statuses = self.driver.poll(cluster);
         if statuses == active.statuses {
+            let due = active
+                .reported_at_ms
+                .is_none_or(|at| now_ms - at >= REPORT_EVERY_MS);
+            if due && !active.plan.master {
+                report(self.federation.as_ref(), cluster, &statuses);
+                active.reported_at_ms = Some(now_ms);
+            }
             return;
         }
         for status in &statuses {
@@ -467,7 +486,13 @@ impl Runner {
             set_state(ledger, cluster, up, now_ms)
         });
         match stored {
-            Ok(()) => active.statuses = statuses,
+            Ok(()) => {
+                if !active.plan.master {
+                    report(self.federation.as_ref(), cluster, &statuses);
+                    active.reported_at_ms = Some(now_ms);
+                }
+                active.statuses = statuses;
+            }
             Err(e) => tracing::warn!(%cluster, error = %e, "recording node states failed"),
         }
     }
@@ -558,6 +583,24 @@ impl Runner {
             .collect();
         self.board.set(views);
     }
+}
+
+/// Sends a worker's node states to the cluster's master.
+fn report(federation: Option<&FederationHandle>, cluster: &str, statuses: &[NodeStatus]) {
+    let Some(federation) = federation else {
+        return;
+    };
+    let nodes = statuses
+        .iter()
+        .filter_map(|status| {
+            Some(ReportedNode {
+                index: status.index,
+                frontend: status.frontend,
+                state_json: serde_json::to_string(&status.state).ok()?,
+            })
+        })
+        .collect();
+    federation.report_nodes(cluster.to_owned(), nodes);
 }
 
 /// Moves the cluster forward at this site (`starting`, then `running`

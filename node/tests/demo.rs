@@ -113,13 +113,15 @@ async fn detail(client: &ApiClient, id: &str) -> Option<ClusterDetail> {
     client.get(&format!("/v1/clusters/{id}")).await.ok()
 }
 
-/// Node number → (state, updated_at_ms) of the nodes a site reports.
-async fn nodes(client: &ApiClient, id: &str) -> BTreeMap<u32, (String, i64)> {
+/// Node number → (state, updated_at_ms) of the nodes at `site`, as the
+/// site queried shows them.
+async fn nodes(client: &ApiClient, id: &str, site: &str) -> BTreeMap<u32, (String, i64)> {
     detail(client, id)
         .await
         .map(|d| {
             d.nodes
                 .iter()
+                .filter(|n| n.site == site)
                 .map(|n| {
                     let state = n.state["state"].as_str().unwrap_or_default().to_owned();
                     (n.index, (state, n.updated_at_ms))
@@ -186,12 +188,13 @@ async fn a_restarted_worker_brings_its_segment_and_tunnels_back() {
     let id = created.record.id;
     let (a, b, c) = (&clients[0], &clients[1], &clients[2]);
     eventually("every node installed", Duration::from_secs(60), || async {
-        all_installed(&nodes(b, &id).await, 2) && all_installed(&nodes(c, &id).await, 2)
+        all_installed(&nodes(b, &id, "rst-b").await, 2)
+            && all_installed(&nodes(c, &id, "rst-c").await, 2)
     })
     .await;
-    let a_before = nodes(a, &id).await;
-    let c_before = nodes(c, &id).await;
-    let b_before = nodes(b, &id).await;
+    let a_before = nodes(a, &id, "rst-a").await;
+    let c_before = nodes(c, &id, "rst-c").await;
+    let b_before = nodes(b, &id, "rst-b").await;
     let pids: Vec<Option<u32>> = federation.sites.iter().map(|s| s.agent_pid()).collect();
 
     // B crashes. A and C go on; B's nodes are cut off.
@@ -239,8 +242,21 @@ async fn a_restarted_worker_brings_its_segment_and_tunnels_back() {
     assert!(tunnel_to_b.up);
 
     // The other sites were not touched: same agents, same nodes.
-    assert_eq!(nodes(a, &id).await, a_before);
-    assert_eq!(nodes(c, &id).await, c_before);
+    assert_eq!(nodes(a, &id, "rst-a").await, a_before);
+    assert_eq!(nodes(c, &id, "rst-c").await, c_before);
+    // The master shows B's new node states too.
+    eventually(
+        "the master shows B's nodes again",
+        Duration::from_secs(15),
+        || async {
+            let at_master = nodes(a, &id, "rst-b").await;
+            all_installed(&at_master, 2)
+                && at_master.iter().all(|(index, (_, at))| {
+                    b_before.get(index).is_some_and(|(_, before)| at > before)
+                })
+        },
+    )
+    .await;
     for index in [0, 2] {
         assert!(federation.agent_running(index), "site {index}'s agent died");
         assert_eq!(federation.sites[index].agent_pid(), pids[index]);

@@ -45,9 +45,11 @@ async fn a_cluster_runs_at_every_site_for_its_window_and_is_torn_down() {
         .unwrap();
     let id = created.record.id.clone();
 
+    // The master shows every node once the worker reported its own.
     eventually("running at A and B", Duration::from_secs(15), || async {
         state(a, &id).await == Some(ClusterState::Running)
             && state(b, &id).await == Some(ClusterState::Running)
+            && detail(a, &id).await.nodes.len() == 5
     })
     .await;
     let at_a = detail(a, &id).await;
@@ -66,8 +68,16 @@ async fn a_cluster_runs_at_every_site_for_its_window_and_is_torn_down() {
     };
     assert_eq!(
         nodes(&at_a),
-        [(0, true, "serving".into()), (1, false, "installed".into())]
+        [
+            (0, true, "serving".into()),
+            (1, false, "installed".into()),
+            (2, false, "installed".into()),
+            (3, false, "installed".into()),
+            (4, false, "installed".into())
+        ]
     );
+    let sites: Vec<&str> = at_a.nodes.iter().map(|n| n.site.as_str()).collect();
+    assert_eq!(sites, ["site-a", "site-a", "site-b", "site-b", "site-b"]);
     assert_eq!(
         nodes(&at_b),
         [

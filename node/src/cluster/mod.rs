@@ -173,6 +173,19 @@ pub enum ClusterMsg {
         /// Attempt.
         attempt: u32,
     },
+    /// Worker → master: the states of the worker's nodes of a running
+    /// cluster, so that the master shows every node.
+    Nodes {
+        /// Cluster id.
+        cluster: String,
+        /// The worker's nodes.
+        nodes: Vec<ReportedNode>,
+    },
+    /// Master → worker: the node states are stored.
+    NodesNoted {
+        /// Cluster id.
+        cluster: String,
+    },
     /// Worker → master: the request cannot be honoured.
     Refused {
         /// Cluster id.
@@ -183,6 +196,20 @@ pub enum ClusterMsg {
         reason: String,
     },
 }
+
+/// One node of [`ClusterMsg::Nodes`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportedNode {
+    /// Cluster-wide node number.
+    pub index: u32,
+    /// Whether it is the frontend.
+    pub frontend: bool,
+    /// Its state as the worker's driver reports it, a JSON object.
+    pub state_json: String,
+}
+
+/// Longest node state accepted in a report, bytes.
+pub const NODE_STATE_LEN_MAX: usize = 1024;
 
 impl ClusterMsg {
     /// Encodes for the wire (inside the federation envelope).
@@ -215,6 +242,7 @@ impl ClusterMsg {
             | ClusterMsg::Refused {
                 cluster, attempt, ..
             } => (cluster, *attempt),
+            ClusterMsg::Nodes { cluster, .. } | ClusterMsg::NodesNoted { cluster } => (cluster, 0),
         }
     }
 }
@@ -714,10 +742,17 @@ impl ClusterCore {
                     Err(e) => return Err(e),
                 }
             }
+            ClusterMsg::Nodes { cluster, nodes } => {
+                match self.note_nodes(ledger, &from, &cluster, &nodes, now_ms)? {
+                    Ok(()) => ClusterMsg::NodesNoted { cluster },
+                    Err(why) => refused(cluster, 0, why),
+                }
+            }
             ClusterMsg::Held { .. }
             | ClusterMsg::Denied { .. }
             | ClusterMsg::Committed { .. }
             | ClusterMsg::Released { .. }
+            | ClusterMsg::NodesNoted { .. }
             | ClusterMsg::Refused { .. } => return Ok(None),
         };
         Ok(Some(answer))
@@ -1096,6 +1131,96 @@ impl ClusterCore {
                 && p.attempt == attempt
                 && p.state == PartState::Committed
         }))
+    }
+
+    /// At a worker: sends the states of its nodes of `cluster` to the
+    /// cluster's master. Returns whether there is a master to send to
+    /// (`false` at the master itself, or for an unknown cluster).
+    pub fn report_nodes(
+        &mut self,
+        ledger: &Ledger,
+        cluster: &str,
+        nodes: Vec<ReportedNode>,
+    ) -> Result<bool, LedgerError> {
+        let Some(record) = ledger.cluster(cluster)? else {
+            return Ok(false);
+        };
+        if record.master_site == self.local_name {
+            return Ok(false);
+        }
+        let master = record
+            .parts
+            .iter()
+            .find(|p| p.frontend && p.attempt == 0)
+            .and_then(|p| p.peer_id.as_deref()?.parse::<PeerId>().ok());
+        let Some(master) = master else {
+            return Ok(false);
+        };
+        self.transmits.push_back((
+            master,
+            ClusterMsg::Nodes {
+                cluster: cluster.to_owned(),
+                nodes,
+            },
+        ));
+        Ok(true)
+    }
+
+    /// At the master: stores the node states a worker reported, if the
+    /// worker holds committed nodes of the cluster and the report fits them.
+    fn note_nodes(
+        &mut self,
+        ledger: &mut Ledger,
+        from: &PeerId,
+        cluster: &str,
+        nodes: &[ReportedNode],
+        now_ms: i64,
+    ) -> Result<Result<(), &'static str>, LedgerError> {
+        let Some(record) = ledger.cluster(cluster)? else {
+            return Ok(Err("unknown cluster"));
+        };
+        if record.master_site != self.local_name {
+            return Ok(Err("this site is not the cluster's master"));
+        }
+        if !matches!(
+            record.state,
+            ClusterState::Reserved | ClusterState::Starting | ClusterState::Running
+        ) {
+            return Ok(Err("the cluster does not run"));
+        }
+        let from = from.to_string();
+        let parts: Vec<&ClusterPart> = record
+            .parts
+            .iter()
+            .filter(|p| p.peer_id.as_deref() == Some(from.as_str()))
+            .filter(|p| p.state == PartState::Committed)
+            .collect();
+        let Some(site) = parts.first().map(|p| p.site.clone()) else {
+            return Ok(Err("the sender holds no committed part of the cluster"));
+        };
+        let held: u32 = parts.iter().map(|p| p.nodes).sum();
+        if nodes.len() > held as usize {
+            return Ok(Err("more nodes than the sender holds"));
+        }
+        let mut records = Vec::with_capacity(nodes.len());
+        for node in nodes {
+            if node.frontend || node.state_json.len() > NODE_STATE_LEN_MAX {
+                return Ok(Err("invalid node report"));
+            }
+            let Ok(state @ serde_json::Value::Object(_)) = serde_json::from_str(&node.state_json)
+            else {
+                return Ok(Err("invalid node report"));
+            };
+            records.push(vcfed_storage::NodeRecord {
+                site: site.clone(),
+                index: node.index,
+                frontend: false,
+                state,
+                updated_at_ms: now_ms,
+            });
+        }
+        ledger.set_nodes(cluster, &site, &records)?;
+        Ok(Ok(()))
     }
 
     /// A worker's own record of a cluster it committed nodes to: its own

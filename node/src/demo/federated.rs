@@ -251,6 +251,24 @@ async fn tour(
             at(started),
             deleted_at.elapsed().as_secs_f64()
         );
+        // The gateways drop the segments just after the runners stop.
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        loop {
+            let left: Vec<String> = (0..federation.sites.len())
+                .flat_map(|index| federation.cluster_leftovers(index))
+                .collect();
+            if left.is_empty() {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the cluster left behind: {}", left.join(", "));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        println!(
+            "{} no node, segment bridge or TAP left at any site; VLAN ids back in the pools",
+            at(started)
+        );
     }
 
     step("remove the federation: agents, namespaces, links");
@@ -279,19 +297,8 @@ async fn follow(
     let mut frontend_up = false;
     let mut nodes: BTreeMap<u32, ReportNode> = BTreeMap::new();
     loop {
-        let mut details = Vec::new();
-        for client in clients {
-            // A worker knows the cluster only once it committed.
-            details.push(
-                client
-                    .get::<ClusterDetail>(&format!("/v1/clusters/{id}"))
-                    .await
-                    .ok(),
-            );
-        }
-        let Some(at_master) = details[0].clone() else {
-            bail!("the master lost the cluster");
-        };
+        // The master shows every node: the workers report theirs to it.
+        let at_master: ClusterDetail = clients[0].get(&format!("/v1/clusters/{id}")).await?;
         let record = &at_master.record;
         if record.state == ClusterState::Failed {
             bail!(
@@ -342,38 +349,40 @@ async fn follow(
             );
             report_phase(report, started, "tunnels up");
         }
-        for (site, detail) in federation.sites.iter().zip(&details) {
-            let Some(detail) = detail else { continue };
-            for node in &detail.nodes {
-                let field = |key: &str| node.state[key].as_str().map(str::to_owned);
-                let seen = ReportNode {
-                    index: node.index,
-                    site: site.name.clone(),
-                    frontend: node.frontend,
-                    state: field("state").unwrap_or_default(),
-                    ip: field("ip"),
-                    server: field("server"),
-                };
-                if nodes.get(&node.index) == Some(&seen) {
-                    continue;
-                }
-                announce(&seen, started);
-                if seen.state == "failed" {
-                    bail!(
-                        "node {} at {} failed: {}; see {}",
-                        seen.index,
-                        seen.site,
-                        field("reason").unwrap_or_default(),
-                        site.log_path.display()
-                    );
-                }
-                if seen.frontend && seen.state == "serving" && !frontend_up {
-                    frontend_up = true;
-                    report.frontend_ip = seen.ip.clone();
-                    report_phase(report, started, "frontend up");
-                }
-                nodes.insert(node.index, seen);
+        for node in &at_master.nodes {
+            let field = |key: &str| node.state[key].as_str().map(str::to_owned);
+            let seen = ReportNode {
+                index: node.index,
+                site: node.site.clone(),
+                frontend: node.frontend,
+                state: field("state").unwrap_or_default(),
+                ip: field("ip"),
+                server: field("server"),
+            };
+            if nodes.get(&node.index) == Some(&seen) {
+                continue;
             }
+            announce(&seen, started);
+            if seen.state == "failed" {
+                let log = federation
+                    .sites
+                    .iter()
+                    .find(|s| s.name == seen.site)
+                    .map(|s| s.log_path.display().to_string())
+                    .unwrap_or_default();
+                bail!(
+                    "node {} at {} failed: {}; see {log}",
+                    seen.index,
+                    seen.site,
+                    field("reason").unwrap_or_default(),
+                );
+            }
+            if seen.frontend && seen.state == "serving" && !frontend_up {
+                frontend_up = true;
+                report.frontend_ip = seen.ip.clone();
+                report_phase(report, started, "frontend up");
+            }
+            nodes.insert(node.index, seen);
         }
         report.nodes = nodes.values().cloned().collect();
         let installed = nodes

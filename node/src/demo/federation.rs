@@ -347,6 +347,34 @@ impl DemoFederation {
         Ok(())
     }
 
+    /// What of the clusters' networks and nodes exists at site `index`:
+    /// its gateway's segment links, node veths and node namespaces.
+    pub fn cluster_leftovers(&self, index: usize) -> Vec<String> {
+        let Some(site) = self.sites.get(index) else {
+            return Vec::new();
+        };
+        let links = Command::new("ip")
+            .args(["-o", "-n", &site.netns, "link", "show"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let mut left: Vec<String> = links
+            .lines()
+            .filter_map(|line| line.split(':').nth(1))
+            .map(|name| name.trim().split('@').next().unwrap_or_default().to_owned())
+            .filter(|name| name.starts_with(crate::runner::LINK_PREFIX) || name.starts_with("vn"))
+            .map(|name| format!("link {name} in {}", site.netns))
+            .collect();
+        let prefix = format!("{NETNS_PREFIX}{}-", short_tag(&site.name));
+        left.extend(
+            list_netns()
+                .into_iter()
+                .filter(|n| n.starts_with(&prefix))
+                .map(|n| format!("namespace {n}")),
+        );
+        left
+    }
+
     /// Whether the agent of site `index` runs (it may have exited).
     pub fn agent_running(&mut self, index: usize) -> bool {
         self.sites
