@@ -35,7 +35,8 @@ use vcfed_storage::{
 };
 
 use super::{
-    ClusterConfig, ClusterCore, ClusterMsg, ClusterRequest, CreateError, DeleteError, SiteDirectory,
+    ClusterConfig, ClusterCore, ClusterMsg, ClusterRequest, CreateError, DeleteError, ReportedNode,
+    SiteDirectory,
 };
 
 /// Virtual time at which every simulation starts, unix ms.
@@ -308,6 +309,8 @@ fn kind(msg: &ClusterMsg) -> &'static str {
         ClusterMsg::Committed { .. } => "committed",
         ClusterMsg::Released { .. } => "released",
         ClusterMsg::Refused { .. } => "refused",
+        ClusterMsg::Nodes { .. } => "nodes",
+        ClusterMsg::NodesNoted { .. } => "nodes-noted",
     }
 }
 
@@ -1759,4 +1762,99 @@ fn delete_gives_up_on_an_unreachable_worker_once_the_window_has_passed() {
         at_b.iter().all(|r| r.window.end_ms <= sim.now_ms),
         "{at_b:?}"
     );
+}
+
+fn reported(indices: &[u32], state: &str) -> Vec<ReportedNode> {
+    indices
+        .iter()
+        .map(|&index| ReportedNode {
+            index,
+            frontend: false,
+            state_json: format!(r#"{{"state":"{state}"}}"#),
+        })
+        .collect()
+}
+
+#[test]
+fn workers_report_their_nodes_and_the_master_stores_them() {
+    let mut sim = Sim::new(1, &[4, 4, 4], ClusterConfig::default(), Faults::none(10));
+    sim.create(0, "c1", 10).expect("room for 11 nodes");
+    sim.run_quiet(T0_MS + 60 * SECOND_MS);
+    assert_eq!(sim.record(0, "c1").state, ClusterState::Reserved);
+    let at_b = committed_parts_at(&sim.record(0, "c1"), "B");
+
+    // B reports its nodes: they reach the master, filed under B.
+    let indices: Vec<u32> = (10..10 + at_b).collect();
+    let site = &mut sim.sites[1];
+    let sent = site
+        .core
+        .report_nodes(&site.ledger, "c1", reported(&indices, "installed"))
+        .unwrap();
+    assert!(sent);
+    sim.flush();
+    sim.run_quiet(sim.now_ms + 10 * SECOND_MS);
+    let stored = sim.sites[0].ledger.nodes("c1").unwrap();
+    assert_eq!(stored.len(), at_b as usize);
+    assert!(
+        stored
+            .iter()
+            .all(|n| n.site == "B" && n.state["state"] == "installed")
+    );
+    // The master reports to nobody.
+    let master = &mut sim.sites[0];
+    assert!(
+        !master
+            .core
+            .report_nodes(&master.ledger, "c1", Vec::new())
+            .unwrap()
+    );
+
+    // Reports the master cannot trust are refused and change nothing.
+    let stranger = Keypair::generate_ed25519().public().to_peer_id();
+    let directory = sim.directory(0);
+    let now = sim.now_ms;
+    let bad = [
+        (stranger, reported(&[1], "installed")),
+        (
+            sim.sites[1].peer,
+            reported(&(0..=at_b).collect::<Vec<_>>(), "installed"),
+        ),
+        (
+            sim.sites[1].peer,
+            vec![ReportedNode {
+                index: 1,
+                frontend: false,
+                state_json: "not json".to_owned(),
+            }],
+        ),
+        (
+            sim.sites[1].peer,
+            vec![ReportedNode {
+                index: 1,
+                frontend: false,
+                state_json: format!("{{\"x\":\"{}\"}}", "a".repeat(2000)),
+            }],
+        ),
+    ];
+    for (from, nodes) in bad {
+        let master = &mut sim.sites[0];
+        let answer = master
+            .core
+            .handle_request(
+                &mut master.ledger,
+                &directory,
+                now,
+                from,
+                ClusterMsg::Nodes {
+                    cluster: "c1".to_owned(),
+                    nodes,
+                },
+            )
+            .unwrap();
+        assert!(
+            matches!(answer, Some(ClusterMsg::Refused { .. })),
+            "{answer:?}"
+        );
+    }
+    assert_eq!(sim.sites[0].ledger.nodes("c1").unwrap(), stored);
 }

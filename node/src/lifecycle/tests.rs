@@ -183,7 +183,7 @@ fn all_up_needs_every_node_in_its_final_state() {
     let serving = status(0, true, NodeState::Serving { ip });
     let leased = status(1, false, NodeState::Leased { ip, server: ip });
     let installed = status(1, false, NodeState::Installed { ip, server: ip });
-    assert!(!all_up(&planned, &[serving.clone()]));
+    assert!(!all_up(&planned, std::slice::from_ref(&serving)));
     assert!(!all_up(&planned, &[serving.clone(), leased]));
     assert!(all_up(&planned, &[serving, installed]));
 }
