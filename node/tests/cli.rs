@@ -211,10 +211,11 @@ fn usage_errors_exit_2() {
 }
 
 #[test]
-fn the_demo_runs_and_cleans_up() {
+fn the_single_site_demo_runs_and_cleans_up() {
+    // The federated demo (root) is tests/demo.rs.
     let dir = tempfile::tempdir().unwrap();
     let out = std::process::Command::new(common::vcfed_bin())
-        .arg("demo")
+        .args(["demo", "--local"])
         .env("TMPDIR", dir.path())
         .output()
         .unwrap();
