@@ -61,6 +61,9 @@ pub struct RunPlan {
     pub end_ms: i64,
     /// This site's nodes.
     pub nodes: Vec<PlannedNode>,
+    /// Nodes of the whole cluster, the frontend included (numbered
+    /// `0..total_nodes`).
+    pub total_nodes: u32,
     /// The cluster's other sites.
     pub peers: Vec<PlannedPeer>,
 }
@@ -157,6 +160,7 @@ pub fn plan(
         subnet: subnet_for(segment),
         end_ms: window.end_ms,
         nodes,
+        total_nodes: next,
         peers: peers
             .into_iter()
             .map(|(site, gateway)| PlannedPeer {
@@ -228,6 +232,22 @@ pub fn all_up(plan: &RunPlan, statuses: &[NodeStatus]) -> bool {
                 NodeState::Installed { .. } => !node.frontend,
                 _ => false,
             })
+    })
+}
+
+/// Whether every node of the whole cluster is up, from the node states a
+/// master stores (its own and those the workers reported).
+pub fn cluster_up(plan: &RunPlan, nodes: &[vcfed_storage::NodeRecord]) -> bool {
+    (0..plan.total_nodes).all(|index| {
+        nodes.iter().any(|node| {
+            node.index == index
+                && node.state["state"]
+                    == if node.frontend {
+                        "serving"
+                    } else {
+                        "installed"
+                    }
+        })
     })
 }
 

@@ -124,6 +124,8 @@ struct Active {
     statuses: Vec<NodeStatus>,
     /// When the node states were last sent to the master.
     reported_at_ms: Option<i64>,
+    /// Whether the cluster was marked `running` here.
+    running: bool,
 }
 
 /// The runner of one site. See the module docs.
@@ -392,6 +394,7 @@ impl Runner {
                         nodes_started: false,
                         statuses: Vec::new(),
                         reported_at_ms: None,
+                        running: false,
                     },
                 );
             }
@@ -453,47 +456,59 @@ impl Runner {
             active.nodes_started = true;
         }
         let statuses = self.driver.poll(cluster);
-        if statuses == active.statuses {
+        let changed = statuses != active.statuses;
+        if changed {
+            for status in &statuses {
+                let before = active.statuses.iter().find(|s| s.index == status.index);
+                if before.map(|s| &s.state) != Some(&status.state) {
+                    tracing::info!(%cluster, node = status.index, state = ?status.state, "node");
+                }
+            }
+            let records: Vec<NodeRecord> = statuses
+                .iter()
+                .map(|status| NodeRecord {
+                    site: self.site.clone(),
+                    index: status.index,
+                    frontend: status.frontend,
+                    state: serde_json::to_value(&status.state).unwrap_or_default(),
+                    updated_at_ms: now_ms,
+                })
+                .collect();
+            let site = self.site.clone();
+            let stored = self
+                .ledger
+                .blocking(|ledger| ledger.set_nodes(cluster, &site, &records));
+            if let Err(e) = stored {
+                tracing::warn!(%cluster, error = %e, "recording node states failed");
+                return;
+            }
+        }
+        if !active.plan.master {
             let due = active
                 .reported_at_ms
                 .is_none_or(|at| now_ms - at >= REPORT_EVERY_MS);
-            if due && !active.plan.master {
+            if changed || due {
                 report(self.federation.as_ref(), cluster, &statuses);
                 active.reported_at_ms = Some(now_ms);
             }
+        }
+        active.statuses = statuses;
+        if active.running {
             return;
         }
-        for status in &statuses {
-            let before = active.statuses.iter().find(|s| s.index == status.index);
-            if before.map(|s| &s.state) != Some(&status.state) {
-                tracing::info!(%cluster, node = status.index, state = ?status.state, "node");
-            }
-        }
-        let up = lifecycle::all_up(&active.plan, &statuses);
-        let records: Vec<NodeRecord> = statuses
-            .iter()
-            .map(|status| NodeRecord {
-                site: self.site.clone(),
-                index: status.index,
-                frontend: status.frontend,
-                state: serde_json::to_value(&status.state).unwrap_or_default(),
-                updated_at_ms: now_ms,
-            })
-            .collect();
-        let site = self.site.clone();
-        let stored = self.ledger.blocking(|ledger| -> Result<(), LedgerError> {
-            ledger.set_nodes(cluster, &site, &records)?;
-            set_state(ledger, cluster, up, now_ms)
+        // A worker's part is up when its nodes are; the cluster, at the
+        // master, when every node of every site is (the workers report).
+        let local_up = lifecycle::all_up(&active.plan, &active.statuses);
+        let plan = &active.plan;
+        let moved = self.ledger.blocking(|ledger| -> Result<bool, LedgerError> {
+            let up =
+                local_up && (!plan.master || lifecycle::cluster_up(plan, &ledger.nodes(cluster)?));
+            set_state(ledger, cluster, up, now_ms)?;
+            Ok(up)
         });
-        match stored {
-            Ok(()) => {
-                if !active.plan.master {
-                    report(self.federation.as_ref(), cluster, &statuses);
-                    active.reported_at_ms = Some(now_ms);
-                }
-                active.statuses = statuses;
-            }
-            Err(e) => tracing::warn!(%cluster, error = %e, "recording node states failed"),
+        match moved {
+            Ok(up) => active.running = up,
+            Err(e) => tracing::warn!(%cluster, error = %e, "recording the cluster's state failed"),
         }
     }
 

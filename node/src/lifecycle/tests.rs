@@ -187,3 +187,28 @@ fn all_up_needs_every_node_in_its_final_state() {
     assert!(!all_up(&planned, &[serving.clone(), leased]));
     assert!(all_up(&planned, &[serving, installed]));
 }
+
+#[test]
+fn the_cluster_is_up_when_every_node_of_every_site_is() {
+    let planned = plan(
+        &record(ClusterState::Reserved),
+        "site-a",
+        "peer-site-a",
+        150,
+    )
+    .unwrap();
+    assert_eq!(planned.total_nodes, 6, "the frontend and 5 compute nodes");
+    let node = |index: u32, state: &str| vcfed_storage::NodeRecord {
+        site: "any".into(),
+        index,
+        frontend: index == 0,
+        state: serde_json::json!({ "state": state }),
+        updated_at_ms: 0,
+    };
+    let mut nodes: Vec<_> = (1..6).map(|i| node(i, "installed")).collect();
+    assert!(!cluster_up(&planned, &nodes), "no frontend");
+    nodes.push(node(0, "serving"));
+    assert!(cluster_up(&planned, &nodes));
+    nodes[2] = node(3, "leased");
+    assert!(!cluster_up(&planned, &nodes));
+}
