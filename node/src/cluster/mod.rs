@@ -459,10 +459,11 @@ impl ClusterCore {
                     release_everything(&mut master);
                 }
                 ClusterState::Stopping | ClusterState::Failed => {}
-                // A reserved cluster may still be taking nodes back from a site
-                // it gave up on, which may have committed them: keep releasing,
-                // or that site keeps them until the window ends.
-                ClusterState::Reserved
+                // A reserved (or started) cluster may still be taking nodes
+                // back from a site it gave up on, which may have committed
+                // them: keep releasing, or that site keeps them until the
+                // window ends.
+                ClusterState::Reserved | ClusterState::Starting | ClusterState::Running
                     if master.parts.iter().any(|p| p.state == PartState::Releasing) => {}
                 _ => continue,
             }
@@ -1029,8 +1030,15 @@ impl ClusterCore {
                 }
             } else if covered == nodes && pending == 0 {
                 // Decide the commit: every hold moves to committing together.
+                // Parts committed in an earlier round (before a site was
+                // given up and replaced) are committed again: the Commit
+                // carries the final list of parts, from which every site
+                // numbers the nodes and builds its tunnels.
+                let replanned = master.parts.iter().any(|p| p.state == PartState::Held)
+                    && master.parts.iter().any(|p| p.state == PartState::Committed);
                 for part in &mut master.parts {
-                    if part.state == PartState::Held {
+                    let recommit = replanned && part.state == PartState::Committed;
+                    if part.state == PartState::Held || recommit {
                         part.state = PartState::Committing;
                         part.deadline_ms = None;
                     }
@@ -1098,7 +1106,7 @@ impl ClusterCore {
             }
         }
         let settled = match master.state {
-            ClusterState::Reserved => master
+            ClusterState::Reserved | ClusterState::Starting | ClusterState::Running => master
                 .parts
                 .iter()
                 .all(|p| matches!(p.state, PartState::Committed | PartState::Released)),
@@ -1525,24 +1533,33 @@ pub fn segment_for(cluster: &str) -> u32 {
     u32::from_be_bytes(bytes).max(1)
 }
 
-/// Rebuilds the in-memory state of a mastered cluster from its record.
-/// The state to store for a cluster: one that already started at this site
-/// keeps its run state (`starting`, `running`, which the runner owns) when
-/// the reservation protocol only confirms that it is `reserved`.
+/// The state to store for a cluster. The runner owns `starting`,
+/// `running` and the `finished` of a window that ended; when the
+/// reservation protocol only confirms that a cluster is live (`reserved`,
+/// or the run state it read earlier), a cluster that moved on keeps its
+/// state. Only `requested`, `reserving` and `reserved` are overwritten so.
 fn stored_state(
     ledger: &Ledger,
     id: &str,
     state: ClusterState,
 ) -> Result<ClusterState, LedgerError> {
-    if state == ClusterState::Reserved
+    let confirms_live = matches!(
+        state,
+        ClusterState::Reserved | ClusterState::Starting | ClusterState::Running
+    );
+    if confirms_live
         && let Some(record) = ledger.cluster(id)?
-        && matches!(record.state, ClusterState::Starting | ClusterState::Running)
+        && !matches!(
+            record.state,
+            ClusterState::Requested | ClusterState::Reserving | ClusterState::Reserved
+        )
     {
         return Ok(record.state);
     }
     Ok(state)
 }
 
+/// Rebuilds the in-memory state of a mastered cluster from its record.
 fn master_from_record(
     record: &ClusterRecord,
     now_ms: i64,

@@ -921,6 +921,26 @@ impl Sim {
                         site.name
                     ));
                 }
+                // Every site numbers the nodes from its own list of the
+                // committed parts: it must be the master's.
+                let parts = |r: &ClusterRecord| {
+                    let mut parts: Vec<(String, u32, u32)> = r
+                        .parts
+                        .iter()
+                        .filter(|p| p.state == PartState::Committed)
+                        .map(|p| (p.site.clone(), p.attempt, p.nodes))
+                        .collect();
+                    parts.sort();
+                    parts
+                };
+                if parts(&worker) != parts(record) {
+                    self.fail(&format!(
+                        "{cluster}: worker {} knows the committed parts {:?}, the master {:?}",
+                        site.name,
+                        parts(&worker),
+                        parts(record)
+                    ));
+                }
             }
         }
     }
@@ -1857,4 +1877,30 @@ fn workers_report_their_nodes_and_the_master_stores_them() {
         );
     }
     assert_eq!(sim.sites[0].ledger.nodes("c1").unwrap(), stored);
+}
+
+#[test]
+fn a_site_replaced_after_the_commit_decision_updates_every_sites_parts() {
+    // A holds only the frontend; B and C take the 4 nodes, D has room too.
+    let mut sim = Sim::new(5, &[1, 2, 2, 2], ClusterConfig::default(), Faults::none(10));
+    // Every Commit to C is lost until C's hold has expired: C then refuses
+    // the commit, and the master replaces it with D, after B committed with
+    // a list of parts that named C.
+    let c = 2;
+    sim.drop_if = Some(Box::new(move |e: &Envelope| {
+        e.to == c && matches!(e.msg, ClusterMsg::Commit { .. })
+    }));
+    sim.create(0, "c9", 4).expect("the federation has room");
+    sim.run_until(T0_MS + 45 * SECOND_MS);
+    sim.drop_if = None;
+    sim.run_quiet(T0_MS + 120 * SECOND_MS);
+
+    let record = sim.record(0, "c9");
+    assert_eq!(record.state, ClusterState::Reserved, "{:#?}", record.parts);
+    assert_eq!(committed_parts_at(&record, "C"), 0);
+    assert_eq!(committed_parts_at(&record, "B"), 2);
+    assert_eq!(committed_parts_at(&record, "D"), 2);
+    // check_settled compares every worker's committed parts with the
+    // master's: B learnt that D replaced C.
+    assert_eq!(sim.check_settled(0, "c9", 4), ClusterState::Reserved);
 }
