@@ -90,6 +90,7 @@ pub async fn start(
         Some(federation.clone()),
         stop_rx.clone(),
     )
+    .await
     .context("starting the cluster runner")?;
     let mut state = ApiState::new(
         site.clone(),
@@ -97,9 +98,7 @@ pub async fn start(
         &keys.api_token,
         federation.clone(),
     );
-    if let Some(runner) = &runner {
-        state = state.with_network(runner.board.clone());
-    }
+    state = state.with_network(runner.board.clone());
     let state = Arc::new(state);
     let sweeper = tokio::spawn(sweep_loop(ledger.clone(), federation, stop_rx.clone()));
     let mut api_stop = stop_rx;
@@ -118,11 +117,20 @@ pub async fn start(
             tracing::info!("shutting down");
             let _ = stopper.send(true);
         });
-        // Likewise if the gateway fails: the site's clusters would be cut off.
-        let (runner_task, gateway) = match runner {
-            Some(runner) => (Some(runner.task), runner.gateway),
-            None => (None, None),
-        };
+        // Likewise if the runner or the gateway fails: the site's clusters
+        // would be neither followed nor reachable.
+        let (runner_task, gateway) = (runner.task, runner.gateway);
+        let runner_stop = stop_tx.clone();
+        let runner = tokio::spawn(async move {
+            let ended = runner_task.await;
+            let asked = *runner_stop.borrow();
+            let _ = runner_stop.send(true);
+            match ended {
+                Ok(()) if asked => Ok(()),
+                Ok(()) => Err(anyhow::anyhow!("the cluster runner stopped unexpectedly")),
+                Err(e) => Err(anyhow::anyhow!("the cluster runner failed: {e}")),
+            }
+        });
         let gateway_stop = stop_tx.clone();
         let gateway = tokio::spawn(async move {
             let Some(done) = gateway else {
@@ -159,9 +167,7 @@ pub async fn start(
         })
         .await;
         let _ = sweeper.await;
-        if let Some(task) = runner_task {
-            let _ = task.await;
-        }
+        runner.await.context("runner monitor")??;
         gateway.await.context("gateway monitor")??;
         let federation = federation.await.context("federation monitor")?;
         served.context("serving the API")?;

@@ -272,10 +272,13 @@ pub fn show_detail(detail: &ClusterDetail, json: bool) -> anyhow::Result<()> {
             (None, Some(error)) => format!("not set up: {error}"),
             (None, None) => "being set up".to_owned(),
         };
-        println!(
-            "network  VLAN {} here, segment {:#010x}, bridge {bridge}",
-            network.vlan, network.segment
-        );
+        match network.vlan {
+            Some(vlan) => println!(
+                "network  VLAN {vlan} here, segment {:#010x}, bridge {bridge}",
+                network.segment
+            ),
+            None => println!("network  {bridge}"),
+        }
         for tunnel in &network.tunnels {
             println!(
                 "tunnel   {} ({}) {}",

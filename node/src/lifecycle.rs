@@ -53,6 +53,8 @@ pub struct RunPlan {
     pub cluster: String,
     /// Whether this site is the master (it runs the frontend).
     pub master: bool,
+    /// The master's site name.
+    pub master_site: String,
     /// The overlay segment id.
     pub segment: u32,
     /// The cluster network (a /24; the frontend is `.1`).
@@ -109,11 +111,19 @@ pub fn plan(
         return None;
     }
     let segment = record.segment?;
-    let master = record.master_site == local_name;
     let is_local = |site: &str, peer: Option<&str>| match peer {
         Some(peer) => peer == local_peer,
         None => site == local_name,
     };
+    // The master is the site of the frontend's part (by peer id: names
+    // are not guaranteed unique).
+    let master = record
+        .parts
+        .iter()
+        .find(|p| p.frontend && p.attempt == 0)
+        .map_or(record.master_site == local_name, |p| {
+            is_local(&p.site, p.peer_id.as_deref())
+        });
     let mut parts: Vec<_> = record
         .parts
         .iter()
@@ -132,13 +142,14 @@ pub fn plan(
     let mut peers: BTreeMap<&str, Option<GatewayRef>> = BTreeMap::new();
     for part in &parts {
         let local = is_local(&part.site, part.peer_id.as_deref());
-        for index in next..next.saturating_add(part.nodes) {
-            if local {
-                nodes.push(PlannedNode {
+        if local {
+            // Bounded: a committed part of this site fits its inventory.
+            nodes.extend(
+                (next..next.saturating_add(part.nodes)).map(|index| PlannedNode {
                     index,
                     frontend: false,
-                });
-            }
+                }),
+            );
         }
         next = next.saturating_add(part.nodes);
         if !local {
@@ -156,6 +167,7 @@ pub fn plan(
     Some(RunPlan {
         cluster: record.id.clone(),
         master,
+        master_site: record.master_site.clone(),
         segment,
         subnet: subnet_for(segment),
         end_ms: window.end_ms,
@@ -179,10 +191,17 @@ pub fn plans(
     now_ms: i64,
 ) -> Result<Vec<RunPlan>, LedgerError> {
     Ok(ledger
-        .clusters()?
+        .live_clusters()?
         .iter()
         .filter_map(|record| plan(record, local_name, local_peer, now_ms))
         .collect())
+}
+
+/// Whether a live cluster's window is over at `now_ms`: it is `finished`
+/// here once whatever ran of it here is torn down (at once, if nothing
+/// ran: a site that was down for the whole window, or did not start it).
+pub fn is_overdue(record: &ClusterRecord, now_ms: i64) -> bool {
+    state_after_stop(record, now_ms).is_some()
 }
 
 /// What to do so that what runs (`running`: the clusters the runner has

@@ -59,8 +59,9 @@ const REPORT_EVERY_MS: i64 = 10_000;
 /// A cluster's network at this site, as the API shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetworkView {
-    /// The cluster's local VLAN id at this site.
-    pub vlan: u16,
+    /// The cluster's local VLAN id at this site (`None`: it could not
+    /// start here; `error` says why).
+    pub vlan: Option<u16>,
     /// The overlay segment id.
     pub segment: u32,
     /// The local bridge its nodes are on, once set up.
@@ -117,11 +118,17 @@ enum Network {
 struct Active {
     plan: RunPlan,
     vlan: u16,
-    /// The segment as the gateway carries it (peer endpoints resolved
-    /// once, when the plan is made or changes).
+    /// The segment as the gateway carries it (peer endpoints resolved when
+    /// the plan is made or changes, and again while one does not resolve).
     segment: CarriedSegment,
+    resolved_at_ms: i64,
     nodes_started: bool,
     statuses: Vec<NodeStatus>,
+    /// Nodes that failed (to start, or to boot), with their retries so far
+    /// and when the next is due.
+    retries: BTreeMap<u32, (u32, i64)>,
+    /// Why a node could not be started at all, by node number.
+    start_errors: BTreeMap<u32, String>,
     /// When the node states were last sent to the master.
     reported_at_ms: Option<i64>,
     /// Whether the cluster was marked `running` here.
@@ -134,11 +141,13 @@ pub struct Runner {
     peer_id: String,
     vlans: VlanRange,
     ledger: SharedLedger,
-    driver: Box<dyn ComputeDriver>,
+    /// `None` for `clusters.driver = "none"`: nothing is started, clusters
+    /// are only finished when their window is over.
+    driver: Option<Box<dyn ComputeDriver>>,
     network: Network,
     active: BTreeMap<String, Active>,
     board: NetworkBoard,
-    /// Clusters whose start failed, with the reason last logged.
+    /// Clusters that cannot start here now, with the reason.
     blocked: BTreeMap<String, String>,
     /// Where a worker's node states go to the master.
     federation: Option<FederationHandle>,
@@ -156,7 +165,8 @@ impl std::fmt::Debug for Runner {
 /// A started runner (and gateway): wait for them at shutdown.
 pub struct RunningRunner {
     /// The runner's task; ends after the stop signal, once the nodes are
-    /// stopped (the ledger keeps the runs, so a restart resumes them).
+    /// stopped (the ledger keeps the runs, so a restart resumes them), or
+    /// early if the runner failed.
     pub task: tokio::task::JoinHandle<()>,
     /// The gateway's thread result, if there is a gateway: an error if it
     /// failed (the agent then stops).
@@ -166,25 +176,25 @@ pub struct RunningRunner {
 }
 
 /// Starts the runner (and, for the netns driver, the gateway) of the site
-/// configured by `config`; both run until `stop` turns true. `None` for
-/// `clusters.driver = "none"`.
-pub fn start(
+/// configured by `config`; both run until `stop` turns true.
+pub async fn start(
     config: &Config,
     peer_id: String,
     tunnel_key: [u8; 32],
     ledger: SharedLedger,
     federation: Option<FederationHandle>,
     stop: watch::Receiver<bool>,
-) -> anyhow::Result<Option<RunningRunner>> {
-    let driver: Box<dyn ComputeDriver> = match config.clusters.driver {
-        DriverKind::None => return Ok(None),
-        DriverKind::Sim => Box::new(crate::driver::sim::SimDriver::new()),
-        DriverKind::Netns => Box::new(crate::driver::netns::NetnsDriver::new(
+) -> anyhow::Result<RunningRunner> {
+    let driver: Option<Box<dyn ComputeDriver>> = match config.clusters.driver {
+        DriverKind::None => None,
+        DriverKind::Sim => Some(Box::new(crate::driver::sim::SimDriver::new())),
+        DriverKind::Netns => Some(Box::new(crate::driver::netns::NetnsDriver::new(
             config.site.data_dir.join("nodes"),
             &config.site.name,
             None,
-        )),
+        ))),
     };
+    let site_link = config.gateway.site_link.clone();
     let mut runner = Runner {
         site: config.site.name.clone(),
         peer_id,
@@ -198,24 +208,24 @@ pub fn start(
         federation,
     };
     // What ran before a restart and still should: its segments are kept by
-    // the gateway's start-up cleanup, and its nodes by the driver's.
-    let now = now_ms();
-    let (plans, runs) = runner.ledger.blocking(|ledger| -> Result<_, LedgerError> {
-        Ok((
-            lifecycle::plans(ledger, &runner.site, &runner.peer_id, now)?,
-            ledger.runs()?,
-        ))
-    })?;
-    let keep: BTreeSet<String> = plans.iter().map(|p| p.cluster.clone()).collect();
-    runner.driver.cleanup_stale(&keep)?;
-
-    let mut gateway = None;
-    if config.clusters.driver == DriverKind::Netns {
+    // the gateway's start-up cleanup, and its nodes by the driver's. This
+    // spawns commands and resolves names, so off the async threads.
+    let (runner, first) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let now = now_ms();
+        let (plans, runs) = runner.ledger.blocking(|ledger| -> Result<_, LedgerError> {
+            Ok((
+                lifecycle::plans(ledger, &runner.site, &runner.peer_id, now)?,
+                ledger.runs()?,
+            ))
+        })?;
+        let keep: BTreeSet<String> = plans.iter().map(|p| p.cluster.clone()).collect();
+        if let Some(driver) = &mut runner.driver {
+            driver.cleanup_stale(&keep)?;
+        }
         let vlans: BTreeMap<&str, u16> = runs
             .iter()
             .map(|run| (run.cluster_id.as_str(), run.vlan))
             .collect();
-        let site_link = config.gateway.site_link.clone();
         let first = Carried {
             segments: plans
                 .iter()
@@ -225,6 +235,13 @@ pub fn start(
                 })
                 .collect(),
         };
+        Ok((runner, first))
+    })
+    .await??;
+    let mut runner = runner;
+
+    let mut gateway = None;
+    if config.clusters.driver == DriverKind::Netns {
         let (carried_tx, carried_rx) = watch::channel(first);
         let (report_tx, report_rx) = watch::channel(GatewayReport::default());
         let base = GatewayBase {
@@ -237,16 +254,16 @@ pub fn start(
         runner.network = Network::Gateway {
             carried: carried_tx,
             report: report_rx,
-            site_link,
+            site_link: config.gateway.site_link.clone(),
         };
     }
     let board = runner.board.clone();
     let task = tokio::spawn(run(runner, stop));
-    Ok(Some(RunningRunner {
+    Ok(RunningRunner {
         task,
         gateway,
         board,
-    }))
+    })
 }
 
 /// Runs the gateway on a thread of its own with a single-threaded runtime
@@ -309,7 +326,9 @@ async fn run(runner: Runner, mut stop: watch::Receiver<bool>) {
         match ticked {
             Ok(current) => runner = Some(current),
             Err(e) => {
-                tracing::error!(error = %e, "the cluster runner panicked; clusters are no longer started or stopped");
+                // The agent sees the task end and stops: its clusters
+                // would otherwise be neither followed nor stopped.
+                tracing::error!(error = %e, "the cluster runner failed");
                 return;
             }
         }
@@ -320,9 +339,11 @@ async fn run(runner: Runner, mut stop: watch::Receiver<bool>) {
     if let Some(mut runner) = runner {
         let _ = tokio::task::spawn_blocking(move || {
             let clusters: Vec<String> = runner.active.keys().cloned().collect();
-            for cluster in clusters {
-                if let Err(e) = runner.driver.stop_cluster(&cluster) {
-                    tracing::warn!(%cluster, error = %e, "stopping the nodes failed");
+            if let Some(driver) = &mut runner.driver {
+                for cluster in clusters {
+                    if let Err(e) = driver.stop_cluster(&cluster) {
+                        tracing::warn!(%cluster, error = %e, "stopping the nodes failed");
+                    }
                 }
             }
         })
@@ -330,22 +351,35 @@ async fn run(runner: Runner, mut stop: watch::Receiver<bool>) {
     }
 }
 
+/// Retries of a node that failed, before it is left failed.
+const NODE_RETRIES_MAX: u32 = 5;
+/// First wait before a node is retried, ms; it doubles up to
+/// [`NODE_RETRY_MAX_MS`].
+const NODE_RETRY_FIRST_MS: i64 = 2_000;
+const NODE_RETRY_MAX_MS: i64 = 30_000;
+/// How often endpoints that did not resolve are tried again, ms.
+const RESOLVE_EVERY_MS: i64 = 30_000;
+
 impl Runner {
     /// One round: start, advance and stop clusters as the ledger says.
     pub fn tick(&mut self, now_ms: i64) {
         let (site, peer) = (self.site.clone(), self.peer_id.clone());
         let read = self.ledger.blocking(|ledger| -> Result<_, LedgerError> {
-            Ok((
-                lifecycle::plans(ledger, &site, &peer, now_ms)?,
-                ledger.runs()?,
-            ))
+            Ok((ledger.live_clusters()?, ledger.runs()?))
         });
-        let (plans, runs) = match read {
+        let (records, runs) = match read {
             Ok(read) => read,
             Err(e) => {
                 tracing::warn!(error = %e, "reading the clusters failed");
                 return;
             }
+        };
+        let plans: Vec<RunPlan> = match self.driver {
+            Some(_) => records
+                .iter()
+                .filter_map(|record| lifecycle::plan(record, &site, &peer, now_ms))
+                .collect(),
+            None => Vec::new(),
         };
         let running: BTreeSet<String> = self.active.keys().cloned().collect();
         for action in lifecycle::reconcile(&plans, &running, &runs) {
@@ -354,14 +388,46 @@ impl Runner {
                 Action::Stop { cluster } => self.stop(&cluster, now_ms),
             }
         }
-        // A running cluster's plan may change (a part's gateway learnt late).
+        // Clusters whose window is over and that do not run here (any
+        // more) are finished here.
+        let ran: BTreeSet<&str> = runs.iter().map(|r| r.cluster_id.as_str()).collect();
+        for record in records.iter().filter(|r| lifecycle::is_overdue(r, now_ms)) {
+            if ran.contains(record.id.as_str()) || self.active.contains_key(&record.id) {
+                continue;
+            }
+            let finished = self.ledger.blocking(|ledger| {
+                ledger.update_cluster(
+                    &record.id,
+                    vcfed_storage::ClusterState::Finished,
+                    None,
+                    None,
+                    now_ms,
+                )
+            });
+            match finished {
+                Ok(_) => tracing::info!(cluster = %record.id, "window over: cluster finished here"),
+                Err(e) => {
+                    tracing::warn!(cluster = %record.id, error = %e, "recording the end of a cluster failed")
+                }
+            }
+        }
+        let planned: BTreeSet<&str> = plans.iter().map(|p| p.cluster.as_str()).collect();
+        self.blocked
+            .retain(|cluster, _| planned.contains(cluster.as_str()));
+        // A running cluster's plan may change (a part replaced after a
+        // re-plan); endpoints that did not resolve are tried again.
         let site_link = self.site_link();
         for plan in plans {
-            if let Some(active) = self.active.get_mut(&plan.cluster)
-                && active.plan != plan
-            {
-                active.segment = carried_segment(&plan, active.vlan, site_link.as_ref());
-                active.plan = plan;
+            if let Some(active) = self.active.get_mut(&plan.cluster) {
+                let unresolved = active.segment.peers.len()
+                    < plan.peers.iter().filter(|p| p.gateway.is_some()).count()
+                    || active.segment.peers.iter().any(|p| p.endpoint.is_none());
+                let stale = unresolved && now_ms - active.resolved_at_ms >= RESOLVE_EVERY_MS;
+                if active.plan != plan || stale {
+                    active.segment = carried_segment(&plan, active.vlan, site_link.as_ref());
+                    active.resolved_at_ms = now_ms;
+                    active.plan = plan;
+                }
             }
         }
         self.publish_network();
@@ -372,14 +438,41 @@ impl Runner {
         self.publish_board();
     }
 
+    /// Why a new cluster cannot start here now, if it cannot.
+    fn cannot_start(&self) -> Option<String> {
+        let Network::Gateway { site_link, .. } = &self.network else {
+            return None;
+        };
+        if self.active.len() >= vcfed_overlay::linux::SEGMENTS_MAX {
+            return Some(format!(
+                "the gateway carries at most {} clusters at once",
+                vcfed_overlay::linux::SEGMENTS_MAX
+            ));
+        }
+        if matches!(site_link, Some(SiteLink::Bridge(_))) && !self.active.is_empty() {
+            return Some(
+                "with gateway.bridge every cluster would share the site bridge: one cluster at a time"
+                    .to_owned(),
+            );
+        }
+        None
+    }
+
     fn start(&mut self, plan: RunPlan, now_ms: i64) {
-        let (first, last) = (self.vlans.first, self.vlans.last);
         let cluster = plan.cluster.clone();
-        let started = self.ledger.blocking(|ledger| -> Result<u16, LedgerError> {
-            let run = ledger.start_run(&cluster, first, last, now_ms)?;
-            set_state(ledger, &cluster, false, now_ms)?;
-            Ok(run.vlan)
-        });
+        let started = match self.cannot_start() {
+            Some(reason) => Err(reason),
+            None => {
+                let (first, last) = (self.vlans.first, self.vlans.last);
+                self.ledger
+                    .blocking(|ledger| -> Result<u16, LedgerError> {
+                        let run = ledger.start_run(&cluster, first, last, now_ms)?;
+                        set_state(ledger, &cluster, false, now_ms)?;
+                        Ok(run.vlan)
+                    })
+                    .map_err(|e| e.to_string())
+            }
+        };
         match started {
             Ok(vlan) => {
                 tracing::info!(%cluster, vlan, segment = plan.segment, nodes = plan.nodes.len(), master = plan.master, "starting the cluster here");
@@ -391,15 +484,17 @@ impl Runner {
                         plan,
                         vlan,
                         segment,
+                        resolved_at_ms: now_ms,
                         nodes_started: false,
                         statuses: Vec::new(),
+                        retries: BTreeMap::new(),
+                        start_errors: BTreeMap::new(),
                         reported_at_ms: None,
                         running: false,
                     },
                 );
             }
-            Err(e) => {
-                let reason = e.to_string();
+            Err(reason) => {
                 if self.blocked.get(&cluster) != Some(&reason) {
                     tracing::warn!(%cluster, error = %reason, "the cluster cannot start here; retrying");
                     self.blocked.insert(cluster, reason);
@@ -409,7 +504,9 @@ impl Runner {
     }
 
     fn stop(&mut self, cluster: &str, now_ms: i64) {
-        if let Err(e) = self.driver.stop_cluster(cluster) {
+        if let Some(driver) = &mut self.driver
+            && let Err(e) = driver.stop_cluster(cluster)
+        {
             tracing::warn!(%cluster, error = %e, "stopping the nodes failed; the run is kept to retry");
             return;
         }
@@ -430,32 +527,86 @@ impl Runner {
         }
     }
 
-    /// Boots the nodes once the segment's bridge is there, then follows them.
+    /// Whether a worker may boot its nodes: its segment's bridge is there
+    /// and, with a data plane, the tunnel to the master is up (nodes that
+    /// boot before it would find no DHCP server). `None`: not yet.
+    fn boot_bridge(&self, cluster: &str) -> Option<String> {
+        let active = self.active.get(cluster)?;
+        let Network::Gateway { report, .. } = &self.network else {
+            return Some(SIM_BRIDGE.to_owned());
+        };
+        let report = report.borrow();
+        let Some(Ok(bridge)) = report.segments.get(&active.plan.segment) else {
+            return None;
+        };
+        if !active.plan.master {
+            let master_key = active
+                .plan
+                .peers
+                .iter()
+                .find(|p| p.site == active.plan.master_site)
+                .and_then(|p| p.gateway.as_ref())
+                .and_then(|g| decode_key(&g.public_key));
+            // A master without a gateway can never be reached: boot anyway,
+            // the nodes report why they fail.
+            if master_key.is_some_and(|key| !report.sessions.contains(&key)) {
+                return None;
+            }
+        }
+        Some(bridge.clone())
+    }
+
+    /// Boots the nodes once the network is there, retries the ones that
+    /// failed, follows their states and the cluster's.
     fn advance(&mut self, cluster: &str, now_ms: i64) {
-        let bridge = self.bridge_of(cluster);
+        let bridge = self.boot_bridge(cluster);
+        let Some(driver) = &mut self.driver else {
+            return;
+        };
         let Some(active) = self.active.get_mut(cluster) else {
             return;
+        };
+        let spec = |index: u32, frontend: bool, bridge: &str, active: &Active| NodeSpec {
+            cluster: cluster.to_owned(),
+            index,
+            frontend,
+            bridge: bridge.to_owned(),
+            subnet: active.plan.subnet,
+            mac: node_mac(cluster, index),
         };
         if !active.nodes_started {
             let Some(bridge) = bridge else {
                 return;
             };
-            for node in &active.plan.nodes {
-                let spec = NodeSpec {
-                    cluster: cluster.to_owned(),
-                    index: node.index,
-                    frontend: node.frontend,
-                    bridge: bridge.clone(),
-                    subnet: active.plan.subnet,
-                    mac: node_mac(cluster, node.index),
-                };
-                if let Err(e) = self.driver.start_node(&spec) {
-                    tracing::warn!(%cluster, node = node.index, error = %e, "node did not start");
+            // The frontend first: the master's plan lists it first.
+            for node in active.plan.nodes.clone() {
+                if let Err(e) = driver.start_node(&spec(node.index, node.frontend, &bridge, active))
+                {
+                    tracing::warn!(%cluster, node = node.index, error = %e, "node did not start; retrying");
+                    active.start_errors.insert(node.index, e.to_string());
                 }
             }
             active.nodes_started = true;
+        } else if let Some(bridge) = bridge {
+            retry_failed(driver.as_mut(), cluster, active, &bridge, now_ms, spec);
         }
-        let statuses = self.driver.poll(cluster);
+        let mut statuses = driver.poll(cluster);
+        for (index, error) in &active.start_errors {
+            if !statuses.iter().any(|s| s.index == *index) {
+                statuses.push(NodeStatus {
+                    index: *index,
+                    frontend: active
+                        .plan
+                        .nodes
+                        .iter()
+                        .any(|n| n.index == *index && n.frontend),
+                    state: crate::driver::NodeState::Failed {
+                        reason: error.clone(),
+                    },
+                });
+            }
+        }
+        statuses.sort_by_key(|s| s.index);
         let changed = statuses != active.statuses;
         if changed {
             for status in &statuses {
@@ -512,20 +663,6 @@ impl Runner {
         }
     }
 
-    /// The bridge a cluster's nodes join, once its segment is up.
-    fn bridge_of(&self, cluster: &str) -> Option<String> {
-        let active = self.active.get(cluster)?;
-        match &self.network {
-            Network::None => Some(SIM_BRIDGE.to_owned()),
-            Network::Gateway { report, .. } => {
-                match report.borrow().segments.get(&active.plan.segment) {
-                    Some(Ok(bridge)) => Some(bridge.clone()),
-                    _ => None,
-                }
-            }
-        }
-    }
-
     fn site_link(&self) -> Option<SiteLink> {
         match &self.network {
             Network::Gateway { site_link, .. } => site_link.clone(),
@@ -556,7 +693,7 @@ impl Runner {
             Network::Gateway { report, .. } => Some(report.borrow().clone()),
             Network::None => None,
         };
-        let views = self
+        let mut views: BTreeMap<String, NetworkView> = self
             .active
             .iter()
             .map(|(cluster, active)| {
@@ -587,7 +724,7 @@ impl Runner {
                     None => (None, None),
                 };
                 let view = NetworkView {
-                    vlan: active.vlan,
+                    vlan: Some(active.vlan),
                     segment: active.plan.segment,
                     bridge,
                     error,
@@ -596,7 +733,60 @@ impl Runner {
                 (cluster.clone(), view)
             })
             .collect();
+        for (cluster, reason) in &self.blocked {
+            views.entry(cluster.clone()).or_insert_with(|| NetworkView {
+                vlan: None,
+                segment: 0,
+                bridge: None,
+                error: Some(format!("cannot start here: {reason}")),
+                tunnels: Vec::new(),
+            });
+        }
         self.board.set(views);
+    }
+}
+
+/// Starts again, with a growing backoff and a bounded number of times, the
+/// nodes that failed (to start, or to boot).
+fn retry_failed(
+    driver: &mut dyn ComputeDriver,
+    cluster: &str,
+    active: &mut Active,
+    bridge: &str,
+    now_ms: i64,
+    spec: impl Fn(u32, bool, &str, &Active) -> NodeSpec,
+) {
+    let failed: Vec<(u32, bool)> = active
+        .plan
+        .nodes
+        .iter()
+        .filter(|node| {
+            active.start_errors.contains_key(&node.index)
+                || active.statuses.iter().any(|s| {
+                    s.index == node.index
+                        && matches!(s.state, crate::driver::NodeState::Failed { .. })
+                })
+        })
+        .map(|node| (node.index, node.frontend))
+        .collect();
+    for (index, frontend) in failed {
+        let (tries, due_ms) = active.retries.get(&index).copied().unwrap_or((0, now_ms));
+        if tries >= NODE_RETRIES_MAX || now_ms < due_ms {
+            continue;
+        }
+        let backoff = NODE_RETRY_FIRST_MS
+            .saturating_mul(1 << tries.min(16))
+            .min(NODE_RETRY_MAX_MS);
+        active.retries.insert(index, (tries + 1, now_ms + backoff));
+        tracing::info!(%cluster, node = index, attempt = tries + 1, "retrying a failed node");
+        match driver.start_node(&spec(index, frontend, bridge, active)) {
+            Ok(()) => {
+                active.start_errors.remove(&index);
+            }
+            Err(e) => {
+                active.start_errors.insert(index, e.to_string());
+            }
+        }
     }
 }
 

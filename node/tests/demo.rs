@@ -198,6 +198,7 @@ async fn a_restarted_worker_brings_its_segment_and_tunnels_back() {
     let pids: Vec<Option<u32>> = federation.sites.iter().map(|s| s.agent_pid()).collect();
 
     // B crashes. A and C go on; B's nodes are cut off.
+    let killed_at = std::time::SystemTime::now();
     federation.kill_agent(1);
     tokio::time::sleep(Duration::from_millis(500)).await;
     federation.start_agent(1).unwrap();
@@ -213,11 +214,20 @@ async fn a_restarted_worker_brings_its_segment_and_tunnels_back() {
             let Some(at_b) = detail(b, &id).await else {
                 return false;
             };
+            // Installed again: the install file was fetched over TFTP
+            // after the crash (a fresh boot, not the old run's files).
             let renewed = at_b.nodes.iter().all(|n| {
+                let fetched = dir
+                    .path()
+                    .join("rst-b/nodes")
+                    .join(&id)
+                    .join(n.index.to_string())
+                    .join("installed.cfg");
                 n.state["state"] == "installed"
-                    && b_before
-                        .get(&n.index)
-                        .is_some_and(|(_, at)| n.updated_at_ms > *at)
+                    && b_before.contains_key(&n.index)
+                    && std::fs::metadata(&fetched)
+                        .and_then(|m| m.modified())
+                        .is_ok_and(|at| at > killed_at)
             });
             at_b.nodes.len() == 2
                 && renewed

@@ -91,7 +91,7 @@ async fn a_cluster_runs_at_every_site_for_its_window_and_is_torn_down() {
             .network
             .as_ref()
             .expect("the network of a running cluster");
-        assert_eq!(network.vlan, 100, "the lowest id of the pool");
+        assert_eq!(network.vlan, Some(100), "the lowest id of the pool");
         assert_eq!(Some(network.segment), d.record.segment);
         assert_eq!(network.tunnels.len(), 1);
     }
@@ -150,6 +150,33 @@ async fn a_deleted_cluster_stops_everywhere() {
             && da.network.is_none()
             && db.network.is_none()
             && db.nodes.is_empty()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_that_never_ran_at_a_site_still_finishes_there() {
+    // driver = "none" (the default): nothing starts, but the window's end
+    // is still the cluster's end at every site.
+    let members = start_federation_with(&[("site-a", 1), ("site-b", 4)], "").await;
+    let (a, b) = (&members[0], &members[1]);
+    let created: ClusterDetail = a
+        .client
+        .post(
+            "/v1/clusters",
+            &json!({ "name": "idle", "nodes": 2, "duration": "3s" }),
+        )
+        .await
+        .unwrap();
+    let id = created.record.id.clone();
+    eventually("reserved at B", Duration::from_secs(15), || async {
+        state(b, &id).await == Some(ClusterState::Reserved)
+    })
+    .await;
+    assert!(detail(a, &id).await.network.is_none());
+    eventually("finished at A and B", Duration::from_secs(15), || async {
+        state(a, &id).await == Some(ClusterState::Finished)
+            && state(b, &id).await == Some(ClusterState::Finished)
     })
     .await;
 }

@@ -990,6 +990,24 @@ impl Ledger {
         cluster_by_id(&self.conn, id)
     }
 
+    /// The clusters that are `reserved`, `starting` or `running`, oldest
+    /// first: the ones that may run (or still run) at this site.
+    pub fn live_clusters(&self) -> Result<Vec<ClusterRecord>, LedgerError> {
+        let ids: Vec<String> = {
+            let mut stmt = self.conn.prepare(
+                "SELECT id FROM clusters WHERE state IN ('reserved', 'starting', 'running')
+                 ORDER BY created_at_ms, id",
+            )?;
+            stmt.query_map([], |row| row.get(0))?
+                .collect::<Result<_, _>>()?
+        };
+        let mut clusters = Vec::with_capacity(ids.len());
+        for id in ids {
+            clusters.push(cluster_by_id(&self.conn, &id)?.expect("the id was just listed"));
+        }
+        Ok(clusters)
+    }
+
     /// All clusters, oldest first.
     pub fn clusters(&self) -> Result<Vec<ClusterRecord>, LedgerError> {
         let ids: Vec<String> = {

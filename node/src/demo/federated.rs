@@ -344,7 +344,7 @@ async fn follow(
                 federation.sites[0].name,
                 peers.join(", "),
                 network.segment,
-                network.vlan,
+                network.vlan.unwrap_or_default(),
                 federation.sites[0].name
             );
             report_phase(report, started, "tunnels up");

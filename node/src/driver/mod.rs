@@ -103,7 +103,8 @@ pub enum DriverError {
 
 /// Boots and stops a cluster's nodes at one site.
 pub trait ComputeDriver: Send {
-    /// Starts a node (idempotent: a node already running is left alone).
+    /// Starts a node. Idempotent: a node that runs, or that finished its
+    /// boot, is left alone; a node that failed is started again.
     fn start_node(&mut self, spec: &NodeSpec) -> Result<(), DriverError>;
     /// The state of every node of `cluster` at this site.
     fn poll(&mut self, cluster: &str) -> Vec<NodeStatus>;

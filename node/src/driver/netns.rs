@@ -145,18 +145,30 @@ fn spawn(node: &RunningNode) -> Result<Child, DriverError> {
 
 impl ComputeDriver for NetnsDriver {
     fn start_node(&mut self, spec: &NodeSpec) -> Result<(), DriverError> {
-        if self
+        if let Some(node) = self
             .nodes
-            .get(&spec.cluster)
-            .is_some_and(|nodes| nodes.contains_key(&spec.index))
+            .get_mut(&spec.cluster)
+            .and_then(|nodes| nodes.get_mut(&spec.index))
         {
-            return Ok(());
+            if !matches!(state_of(node), NodeState::Failed { .. }) {
+                return Ok(());
+            }
+            tracing::info!(cluster = %spec.cluster, node = spec.index, "restarting a failed node");
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
         }
         let tag = short_tag(&spec.cluster);
         let netns = self.netns_name(&spec.cluster, spec.index);
         let host_veth = format!("vn{tag}{:x}", spec.index);
         let peer_veth = format!("vp{tag}{:x}", spec.index);
         let dir = self.node_dir(spec);
+        // A fresh boot: nothing of an earlier one (a lease, "installed")
+        // may be mistaken for this one's progress.
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|e| io(&dir, e))?;
+        }
         std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
 
         // A leftover from a crash is replaced, not reused half-configured.
@@ -275,22 +287,43 @@ impl ComputeDriver for NetnsDriver {
     }
 
     fn stop_cluster(&mut self, cluster: &str) -> Result<(), DriverError> {
-        let Some(nodes) = self.nodes.remove(cluster) else {
-            return Ok(());
-        };
+        let nodes = self.nodes.remove(cluster).unwrap_or_default();
+        let mut failed = None;
         for (_, mut node) in nodes {
             if let Some(mut child) = node.child.take() {
                 let _ = child.kill();
                 let _ = child.wait();
             }
             kill_netns_processes(&node.netns);
-            let _ = run("ip", &["netns", "del", &node.netns]);
+            if let Err(e) = run("ip", &["netns", "del", &node.netns])
+                && list_netns()?.contains(&node.netns)
+            {
+                failed = Some(e);
+            }
+            // Gone with the namespace (its peer end was in it), normally.
             let _ = self.site_ip(&["link", "del", &node.host_veth]);
         }
+        // Also what an earlier process of this site left for the cluster.
+        let own = format!("{NETNS_PREFIX}{}-{}-", self.site_tag, short_tag(cluster));
+        for netns in list_netns()?.into_iter().filter(|n| n.starts_with(&own)) {
+            kill_netns_processes(&netns);
+            if let Err(e) = run("ip", &["netns", "del", &netns]) {
+                failed = Some(e);
+            }
+        }
         let dir = self.state_dir.join(cluster);
-        let _ = std::fs::remove_dir_all(&dir);
-        tracing::info!(cluster, "nodes stopped");
-        Ok(())
+        if dir.exists()
+            && let Err(e) = std::fs::remove_dir_all(&dir)
+        {
+            failed = Some(io(&dir, e));
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => {
+                tracing::info!(cluster, "nodes stopped");
+                Ok(())
+            }
+        }
     }
 
     fn cleanup_stale(&mut self, keep: &BTreeSet<String>) -> Result<(), DriverError> {
