@@ -1077,9 +1077,44 @@ impl RawGateway {
                 ));
             }
             (Some(bridge), None) => {
-                Some(SiteLink::Bridge(source.ifname(bridge, "gateway.bridge")?))
+                let at = bridge.span();
+                let name = source.ifname(bridge, "gateway.bridge")?;
+                let prefix = format!("{}b", crate::runner::LINK_PREFIX);
+                if name
+                    .strip_prefix(&prefix)
+                    .is_some_and(|digits| digits.bytes().all(|b| b.is_ascii_digit()))
+                {
+                    return Err(source.error(
+                        Some(at),
+                        Some("gateway.bridge".to_owned()),
+                        format!(
+                            "{name:?} is named like the gateway's own segment bridges, which it \
+                             deletes when a cluster stops"
+                        ),
+                        Some("rename the site bridge".to_owned()),
+                    ));
+                }
+                Some(SiteLink::Bridge(name))
             }
-            (None, Some(trunk)) => Some(SiteLink::Trunk(source.ifname(trunk, "gateway.trunk")?)),
+            (None, Some(trunk)) => {
+                let at = trunk.span();
+                let name = source.ifname(trunk, "gateway.trunk")?;
+                // The agent names a cluster's sub-interface <trunk>.<vlan id>.
+                let longest = name.len() + ".4094".len();
+                if longest > vcfed_overlay::linux::IFNAME_LEN_MAX {
+                    return Err(source.error(
+                        Some(at),
+                        Some("gateway.trunk".to_owned()),
+                        format!(
+                            "{name:?} is too long for its VLAN sub-interfaces: \
+                             \"{name}.4094\" has {longest} bytes, Linux allows {}",
+                            vcfed_overlay::linux::IFNAME_LEN_MAX
+                        ),
+                        Some("use an interface name of at most 10 bytes".to_owned()),
+                    ));
+                }
+                Some(SiteLink::Trunk(name))
+            }
             (None, None) => None,
         };
 
@@ -2215,6 +2250,24 @@ mod tests {
             config.gateway.site_link,
             Some(SiteLink::Bridge("br-site-fifteen".to_owned()))
         );
+    }
+
+    #[test]
+    fn site_links_the_agent_cannot_use_are_refused() {
+        let e = parse_err(&minimal("[gateway]\nbridge = \"vcfb12\"\n"));
+        assert_error(&e, 12, "gateway.bridge", "named like the gateway's own");
+        parse(&minimal("[gateway]\ntrunk = \"enp0s31f6x\"\n")).expect("10 bytes fit");
+        let e = parse_err(&minimal("[gateway]\ntrunk = \"enp0s31f6xy\"\n"));
+        assert_error(
+            &e,
+            12,
+            "gateway.trunk",
+            "too long for its VLAN sub-interfaces",
+        );
+        let e = parse_err(&minimal("").replace("vlans =", "driver = \"qemu\"\nvlans ="));
+        assert_error(&e, 10, "clusters.driver", "unknown compute driver \"qemu\"");
+        let netns = minimal("").replace("vlans =", "driver = \"netns\"\nvlans =");
+        assert_eq!(parse(&netns).unwrap().clusters.driver, DriverKind::Netns);
     }
 
     #[test]

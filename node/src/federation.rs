@@ -536,6 +536,7 @@ impl Shell {
             }
             P2pEvent::Response { peer, data, .. } => match cluster_payload(&data) {
                 Some(msg) => {
+                    let moves_capacity = !matches!(msg, ClusterMsg::NodesNoted { .. });
                     let (cluster, registry) = (&mut self.cluster, &self.registry);
                     let handled = self
                         .ledger
@@ -543,7 +544,9 @@ impl Shell {
                     if let Err(e) = handled {
                         tracing::error!(error = %format!("{e:#}"), %peer, "handling a cluster answer failed");
                     }
-                    self.capacity_changed();
+                    if moves_capacity {
+                        self.capacity_changed();
+                    }
                 }
                 None => self.registry.handle_response(now, peer, &data),
             },
@@ -566,10 +569,14 @@ impl Shell {
     /// A cluster request from another site: this site as a worker.
     fn on_cluster_request(&mut self, now: i64, peer: PeerId, msg: ClusterMsg) -> Option<Vec<u8>> {
         let (cluster, registry) = (&mut self.cluster, &self.registry);
+        // Node reports change no capacity: no re-advert for them.
+        let moves_capacity = !matches!(msg, ClusterMsg::Nodes { .. });
         let answer = self
             .ledger
             .blocking(|ledger| cluster.handle_request(ledger, registry, now, peer, msg));
-        self.capacity_changed();
+        if moves_capacity {
+            self.capacity_changed();
+        }
         match answer {
             Ok(answer) => answer.map(|msg| wire::encode(&Message::Cluster(msg.encode()))),
             Err(e) => {

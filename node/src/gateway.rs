@@ -88,10 +88,10 @@ async fn run_gateway(path: &Path) -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .map(|runtime| {
-                    runtime.block_on(vcfed_overlay::linux::run(
-                        config,
-                        crate::agent::termination_signal(),
-                    ))
+                    // Inside the runtime: the signal handlers need its reactor.
+                    runtime.block_on(async {
+                        vcfed_overlay::linux::run(config, crate::agent::termination_signal()).await
+                    })
                 });
             let _ = done_tx.send(ended);
         })

@@ -1206,17 +1206,30 @@ impl ClusterCore {
         let Some(site) = parts.first().map(|p| p.site.clone()) else {
             return Ok(Err("the sender holds no committed part of the cluster"));
         };
-        let held: u32 = parts.iter().map(|p| p.nodes).sum();
-        if nodes.len() > held as usize {
-            return Ok(Err("more nodes than the sender holds"));
-        }
+        // The node numbers the sender's parts have, as every site derives
+        // them (see the lifecycle); the report may name only those, once.
+        let Some(plan) = crate::lifecycle::plan(&record, &site, &from, now_ms) else {
+            return Ok(Err("the cluster does not run at the sender now"));
+        };
+        let mut allowed: BTreeSet<u32> = plan
+            .nodes
+            .iter()
+            .filter(|n| !n.frontend)
+            .map(|n| n.index)
+            .collect();
         let mut records = Vec::with_capacity(nodes.len());
         for node in nodes {
-            if node.frontend || node.state_json.len() > NODE_STATE_LEN_MAX {
+            if node.frontend || !allowed.remove(&node.index) {
+                return Ok(Err("a node the sender does not run, or named twice"));
+            }
+            if node.state_json.len() > NODE_STATE_LEN_MAX {
                 return Ok(Err("invalid node report"));
             }
-            let Ok(state @ serde_json::Value::Object(_)) = serde_json::from_str(&node.state_json)
+            let Ok(parsed) = serde_json::from_str::<crate::driver::NodeState>(&node.state_json)
             else {
+                return Ok(Err("invalid node report"));
+            };
+            let Ok(state) = serde_json::to_value(parsed.sanitized()) else {
                 return Ok(Err("invalid node report"));
             };
             records.push(vcfed_storage::NodeRecord {

@@ -1790,7 +1790,9 @@ fn reported(indices: &[u32], state: &str) -> Vec<ReportedNode> {
         .map(|&index| ReportedNode {
             index,
             frontend: false,
-            state_json: format!(r#"{{"state":"{state}"}}"#),
+            state_json: format!(
+                r#"{{"state":"{state}","ip":"198.19.0.{index}","server":"198.19.0.1"}}"#
+            ),
         })
         .collect()
 }
@@ -1798,13 +1800,20 @@ fn reported(indices: &[u32], state: &str) -> Vec<ReportedNode> {
 #[test]
 fn workers_report_their_nodes_and_the_master_stores_them() {
     let mut sim = Sim::new(1, &[4, 4, 4], ClusterConfig::default(), Faults::none(10));
-    sim.create(0, "c1", 10).expect("room for 11 nodes");
+    let now = sim.now_ms;
+    let window = Window::new(now, now + HOUR_MS).unwrap();
+    sim.create_request(0, "c1", request(10, window))
+        .expect("room for 11 nodes");
     sim.run_quiet(T0_MS + 60 * SECOND_MS);
     assert_eq!(sim.record(0, "c1").state, ClusterState::Reserved);
     let at_b = committed_parts_at(&sim.record(0, "c1"), "B");
 
-    // B reports its nodes: they reach the master, filed under B.
-    let indices: Vec<u32> = (10..10 + at_b).collect();
+    // B reports its nodes (the numbers it derives for them): they reach
+    // the master, filed under B.
+    let b_peer = sim.sites[1].peer.to_string();
+    let plan = crate::lifecycle::plan(&sim.record(1, "c1"), "B", &b_peer, sim.now_ms).unwrap();
+    let indices: Vec<u32> = plan.nodes.iter().map(|n| n.index).collect();
+    assert_eq!(indices.len(), at_b as usize);
     let site = &mut sim.sites[1];
     let sent = site
         .core
@@ -1833,12 +1842,19 @@ fn workers_report_their_nodes_and_the_master_stores_them() {
     let stranger = Keypair::generate_ed25519().public().to_peer_id();
     let directory = sim.directory(0);
     let now = sim.now_ms;
+    let c_peer = sim.sites[2].peer.to_string();
+    let at_c = crate::lifecycle::plan(&sim.record(2, "c1"), "C", &c_peer, now).unwrap();
+    let twice = [indices[0], indices[0]];
     let bad = [
-        (stranger, reported(&[1], "installed")),
+        (stranger, reported(&indices, "installed")),
+        // C's nodes, the frontend's number, one node twice, a bogus state.
         (
             sim.sites[1].peer,
-            reported(&(0..=at_b).collect::<Vec<_>>(), "installed"),
+            reported(&[at_c.nodes[0].index], "installed"),
         ),
+        (sim.sites[1].peer, reported(&[0], "installed")),
+        (sim.sites[1].peer, reported(&twice, "installed")),
+        (sim.sites[1].peer, reported(&indices, "exploded")),
         (
             sim.sites[1].peer,
             vec![ReportedNode {

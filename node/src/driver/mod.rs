@@ -69,6 +69,19 @@ pub enum NodeState {
     },
 }
 
+impl NodeState {
+    /// The state with control characters removed from its text, for a
+    /// state that came from another site and ends up on a terminal.
+    pub fn sanitized(self) -> NodeState {
+        match self {
+            NodeState::Failed { reason } => NodeState::Failed {
+                reason: reason.chars().filter(|c| !c.is_control()).collect(),
+            },
+            other => other,
+        }
+    }
+}
+
 /// A node's index and state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeStatus {
