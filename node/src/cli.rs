@@ -75,6 +75,9 @@ pub enum Command {
     /// Run the overlay data plane alone (`--config FILE`), for debugging and
     /// benchmarks; `genkey` and `pubkey` make its WireGuard keys.
     Gateway(crate::gateway::GatewayArgs),
+    /// Simulate a whole federation on a virtual clock under faults and check
+    /// its invariants (deterministic: a seed replays a run).
+    Simnet(crate::simnet::SimnetArgs),
 }
 
 /// Where the site's config is.
@@ -331,6 +334,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
         Command::Psk(PskCommand::Generate { out, force }) => generate_psk(&out, force),
         Command::Demo(args) => crate::demo::run(&args).await,
         Command::Gateway(args) => crate::gateway::run(args).await,
+        Command::Simnet(args) => crate::simnet::command(&args),
     }
 }
 

@@ -24,4 +24,5 @@ pub mod identity;
 pub mod ledger;
 pub mod lifecycle;
 pub mod runner;
+pub mod simnet;
 pub mod time;

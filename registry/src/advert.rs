@@ -228,6 +228,16 @@ impl SignedAdvert {
     }
 }
 
+/// How the registry checks adverts. Production uses [`SignedAdvert::verify`]
+/// on every advert (the default when no verifier is set). A simulator that
+/// runs a thousand sites in one process sees each advert a thousand times
+/// and may set a verifier that remembers verified adverts; it must return
+/// exactly what [`SignedAdvert::verify`] would.
+pub trait AdvertVerifier: Send + Sync + std::fmt::Debug {
+    /// Verifies `signed` as [`SignedAdvert::verify`] does.
+    fn verify(&self, signed: &SignedAdvert) -> Result<Advert, AdvertError>;
+}
+
 fn signed_bytes(body: &[u8]) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(SIGNING_DOMAIN.len() + body.len());
     bytes.extend_from_slice(SIGNING_DOMAIN);

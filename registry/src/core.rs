@@ -33,8 +33,8 @@ use std::time::Duration;
 use libp2p_identity::{Keypair, PeerId};
 
 use crate::advert::{
-    ADVERT_ADDRS_MAX, ADVERT_STEPS_MAX, Advert, AdvertError, CapacitySummary, GatewayInfo,
-    NodeShape, SignedAdvert, coarsen_steps,
+    ADVERT_ADDRS_MAX, ADVERT_STEPS_MAX, Advert, AdvertError, AdvertVerifier, CapacitySummary,
+    GatewayInfo, NodeShape, SignedAdvert, coarsen_steps,
 };
 use crate::wire::{self, DigestEntry, Message, WireError};
 
@@ -263,6 +263,8 @@ pub struct Registry {
     transmits: VecDeque<Transmit>,
     events: VecDeque<RegistryEvent>,
     stats: RegistryStats,
+    /// Checks adverts; `None` is [`SignedAdvert::verify`] (production).
+    verifier: Option<std::sync::Arc<dyn AdvertVerifier>>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -306,12 +308,19 @@ impl Registry {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             stats: RegistryStats::default(),
+            verifier: None,
         }
     }
 
     /// This site's peer id.
     pub fn local_id(&self) -> PeerId {
         self.local_id
+    }
+
+    /// Replaces how adverts are verified (see [`AdvertVerifier`]; the
+    /// simulator shares a cache of verified adverts between its sites).
+    pub fn set_verifier(&mut self, verifier: std::sync::Arc<dyn AdvertVerifier>) {
+        self.verifier = Some(verifier);
     }
 
     /// Counters.
@@ -695,7 +704,11 @@ impl Registry {
 
     /// Verifies and applies one advert.
     fn apply(&mut self, now_ms: i64, signed: SignedAdvert) -> Verdict {
-        let advert = match signed.verify() {
+        let verified = match &self.verifier {
+            Some(verifier) => verifier.verify(&signed),
+            None => signed.verify(),
+        };
+        let advert = match verified {
             Ok(advert) => advert,
             Err(
                 AdvertError::BadKey | AdvertError::BadSignature | AdvertError::WrongSigner { .. },

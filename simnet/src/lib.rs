@@ -9,3 +9,47 @@
 //!
 //! simnet performs no I/O of its own and must not depend on tokio, libp2p,
 //! netlink or a wall clock; every source of randomness derives from the seed.
+//! This crate is the engine only and knows nothing of vcfed's protocols: a
+//! [`Site`] is anything that takes messages, timers and inputs with a clock
+//! reading and queues messages to send. The agent crate implements [`Site`]
+//! with its production cores (`vcfed::simnet`).
+//!
+//! # Model
+//!
+//! - **Time** is true time in unix ms ([`Sim::now_ms`]); each site reads its
+//!   own [`SiteClock`] (offset and drift when skew is on), and timers are
+//!   armed on that clock.
+//! - **Events** (deliveries, timers, inputs, faults) run in order of time,
+//!   then of scheduling: a binary heap keyed by `(time, sequence)`.
+//! - **Network**: each pair of sites has a base latency drawn from the seed;
+//!   each message adds jitter (so messages reorder naturally), may be lost,
+//!   duplicated or held back, queues behind earlier ones on a capped uplink,
+//!   and is dropped by a partition (checked at send and at delivery) or when
+//!   its destination is down or restarted since the send (the connection is
+//!   gone).
+//! - **Faults** ([`Faults`]): partitions (random halves, one isolated site,
+//!   asymmetric halves) that heal, site crashes with restart after a
+//!   downtime, clock skew and drift. At [`Faults::stop_after_ms`] every
+//!   partition heals, every site restarts and message faults stop.
+//! - **Trace**: every event feeds a stable hash ([`Trace::hash`]); the last
+//!   events are kept for failure reports.
+
+mod clock;
+mod config;
+mod engine;
+mod rng;
+mod trace;
+
+#[cfg(test)]
+mod tests;
+
+pub use clock::{DRIFT_PPM_MAX, SiteClock};
+pub use config::{
+    CrashFaults, Faults, NetConfig, PartitionFaults, PartitionKind, SimConfig, SkewFaults,
+};
+pub use engine::{Ctx, NetStats, Payload, QUEUE_MAX, Sim, Site, SiteTraffic, Stepped};
+pub use rng::{Rng, mix64};
+pub use trace::{Trace, TraceEvent, TraceKind};
+
+/// A site's index in the simulation, `0..sites`.
+pub type SiteId = usize;

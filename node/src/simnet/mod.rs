@@ -1,0 +1,343 @@
+//! `vcfed simnet`: the whole federation in one process, on a virtual clock
+//! and a seeded faulty network, driving the production cores.
+//!
+//! - [`site`]: one site — the registry core ([`vcfed_registry::Registry`]),
+//!   the cluster core ([`crate::cluster::ClusterCore`]) and an in-memory
+//!   ledger, wired as the federation shell wires them, behind the engine's
+//!   [`vcfed_simnet::Site`] trait.
+//! - [`world`]: the harness — workload, invariants checked as the run goes,
+//!   convergence measurement, the report.
+//!
+//! See docs/SIMNET.md for the model, the faults, the invariants and how to
+//! replay a seed.
+
+// The command's job is to print for the user.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+pub mod site;
+pub mod verify;
+pub mod world;
+
+use std::fmt::Write as _;
+use std::ops::Range;
+
+use clap::Args;
+
+pub use site::PlantedBug;
+pub use world::{Fault, Options, Report, Violation, run};
+
+use crate::cli::UsageError;
+use crate::time::parse_duration_ms;
+
+/// Arguments of `vcfed simnet`.
+#[derive(Debug, Clone, Args)]
+pub struct SimnetArgs {
+    /// Number of sites.
+    #[arg(long, default_value_t = 20, env = "VCFED_SIMNET_SITES")]
+    pub sites: usize,
+    /// Seed of the run: the same seed replays the same run.
+    #[arg(long, default_value_t = 1, conflicts_with = "seeds")]
+    pub seed: u64,
+    /// Sweep seeds A..B (B excluded) or A..=B.
+    #[arg(long)]
+    pub seeds: Option<String>,
+    /// Simulated time, e.g. 30m, 2h.
+    #[arg(long, default_value = "30m")]
+    pub duration: String,
+    /// Faults, comma-separated: loss, dup, reorder, partition, crash, skew,
+    /// bandwidth, or all / none.
+    #[arg(long, default_value = "loss,dup,partition,crash,skew")]
+    pub faults: String,
+    /// Faults stop this long before the end; the invariants that say
+    /// "eventually" are checked in this calm.
+    #[arg(long, default_value = "10m")]
+    pub calm: String,
+    /// Cluster requests per site per simulated hour.
+    #[arg(long, default_value_t = 6.0)]
+    pub requests_per_site_hour: f64,
+    /// Message loss probability (with the `loss` fault).
+    #[arg(long, default_value_t = 0.02)]
+    pub loss: f64,
+    /// Duplication probability (with the `dup` fault).
+    #[arg(long, default_value_t = 0.02)]
+    pub dup: f64,
+    /// Gossip mesh degree.
+    #[arg(long, default_value_t = 6)]
+    pub mesh_degree: usize,
+    /// Advert refresh period [default: 10s up to 100 sites, then 0.6 s per site].
+    #[arg(long)]
+    pub advert_refresh: Option<String>,
+    /// Anti-entropy period [default: 2s up to 100 sites, then 20 ms per site].
+    #[arg(long)]
+    pub anti_entropy: Option<String>,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Plant a bug to check that the invariants catch it.
+    #[arg(long, hide = true, value_parser = ["commit-without-hold"])]
+    pub plant_bug: Option<String>,
+}
+
+impl SimnetArgs {
+    /// The run options the arguments describe.
+    pub fn options(&self) -> Result<Options, UsageError> {
+        let bad = |e: String| UsageError(e);
+        if self.sites == 0 || self.sites > 100_000 {
+            return Err(bad("--sites must be 1 to 100000".to_owned()));
+        }
+        let mut options = Options::new(self.sites);
+        options.duration_ms = parse_duration_ms(&self.duration).map_err(bad)?;
+        options.calm_ms = parse_duration_ms(&self.calm).map_err(bad)?;
+        if options.duration_ms <= 0 {
+            return Err(bad("--duration must be positive".to_owned()));
+        }
+        options.faults = Fault::parse_list(&self.faults).map_err(bad)?;
+        options.requests_per_site_hour = self.requests_per_site_hour.max(0.0);
+        if !(0.0..=1.0).contains(&self.loss) || !(0.0..=1.0).contains(&self.dup) {
+            return Err(bad("--loss and --dup are probabilities (0 to 1)".to_owned()));
+        }
+        options.loss = self.loss;
+        options.dup = self.dup;
+        options.mesh_degree = self.mesh_degree.max(1);
+        if let Some(refresh) = &self.advert_refresh {
+            options.advert_refresh_ms = parse_duration_ms(refresh).map_err(bad)?.max(1_000);
+            options.advert_ttl_ms = options.advert_refresh_ms * 3;
+        }
+        if let Some(anti_entropy) = &self.anti_entropy {
+            options.anti_entropy_ms = parse_duration_ms(anti_entropy).map_err(bad)?.max(100);
+        }
+        options.plant = self
+            .plant_bug
+            .as_deref()
+            .map(|_| PlantedBug::CommitWithoutHold);
+        Ok(options)
+    }
+
+    /// The seeds to run.
+    pub fn seed_range(&self) -> Result<Range<u64>, UsageError> {
+        let Some(text) = &self.seeds else {
+            return Ok(self.seed..self.seed + 1);
+        };
+        parse_seeds(text).ok_or_else(|| {
+            UsageError(format!(
+                "--seeds {text:?}: write A..B (B excluded) or A..=B"
+            ))
+        })
+    }
+}
+
+fn parse_seeds(text: &str) -> Option<Range<u64>> {
+    let (start, end) = text.split_once("..")?;
+    let start: u64 = start.trim().parse().ok()?;
+    let end: u64 = match end.strip_prefix('=') {
+        Some(last) => last.trim().parse::<u64>().ok()?.checked_add(1)?,
+        None => end.trim().parse().ok()?,
+    };
+    (start < end).then_some(start..end)
+}
+
+/// `vcfed simnet`: runs the seeds, prints progress on stderr and the
+/// reports on stdout; fails if any run broke an invariant.
+pub fn command(args: &SimnetArgs) -> anyhow::Result<()> {
+    // The cores log every give-up and re-plan at warn, which under injected
+    // faults is thousands of lines; the report says what matters. RUST_LOG
+    // brings them back.
+    if std::env::var_os("RUST_LOG").is_none() {
+        return tracing::subscriber::with_default(
+            tracing::subscriber::NoSubscriber::default(),
+            || command_inner(args),
+        );
+    }
+    command_inner(args)
+}
+
+fn command_inner(args: &SimnetArgs) -> anyhow::Result<()> {
+    let options = args.options()?;
+    let seeds = args.seed_range()?;
+    let sweep = seeds.end - seeds.start > 1;
+    let mut reports = Vec::new();
+    let mut failing = Vec::new();
+    for seed in seeds {
+        let mut progress = |p: world::Progress| {
+            if !sweep {
+                eprintln!(
+                    "seed {seed}: {}/{} simulated, {} requests, {} violations",
+                    minutes(p.simulated_ms),
+                    minutes(p.duration_ms),
+                    p.requests,
+                    p.violations
+                );
+            }
+        };
+        let report = run(&options, seed, &mut progress);
+        if sweep {
+            eprintln!(
+                "seed {seed}: {} violations, {} events, {:.1} s wall, trace {}",
+                report.violations.len(),
+                report.events,
+                report.wall_ms as f64 / 1000.0,
+                report.trace_hash
+            );
+        }
+        if !report.violations.is_empty() {
+            failing.push(seed);
+        }
+        if !args.json {
+            println!("{}", render(&report));
+        }
+        reports.push(report);
+    }
+    if args.json {
+        let json = if reports.len() == 1 {
+            serde_json::to_string_pretty(&reports[0])?
+        } else {
+            serde_json::to_string_pretty(&reports)?
+        };
+        println!("{json}");
+    }
+    if failing.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!(
+            "invariants broken with seeds {failing:?} (each report above has the replay command)"
+        )
+    }
+}
+
+fn minutes(ms: i64) -> String {
+    format!("{}m{:02}s", ms / 60_000, (ms % 60_000) / 1000)
+}
+
+/// The report as text.
+pub fn render(report: &Report) -> String {
+    let mut out = String::new();
+    let r = &report.requests;
+    let c = &report.convergence;
+    let t = &report.traffic;
+    let _ = writeln!(
+        out,
+        "simnet seed {}: {} sites, {} simulated in {:.1} s wall ({:.0}× real time), faults {}, trace {}",
+        report.seed,
+        report.sites,
+        minutes(report.duration_ms),
+        report.wall_ms as f64 / 1000.0,
+        report.speedup,
+        report.faults,
+        report.trace_hash
+    );
+    let _ = writeln!(
+        out,
+        "  gossip: refresh {} ms, ttl {} ms, anti-entropy {} ms, mesh degree {}",
+        report.gossip.0, report.gossip.1, report.gossip.2, report.gossip.3
+    );
+    let _ = writeln!(
+        out,
+        "  requests: {} sent, {} accepted, {} rejected, {} lost to a down site; {} deletes",
+        r.sent,
+        r.accepted,
+        r.rejected.values().sum::<u64>(),
+        r.site_down,
+        r.deletes
+    );
+    for (why, count) in &r.rejected {
+        let _ = writeln!(out, "    rejected {count:>5}  {why}");
+    }
+    let _ = writeln!(
+        out,
+        "  accepted clusters: {} reserved, {} finished (deleted), {} failed, {} unsettled",
+        r.reserved,
+        r.finished,
+        r.failed.values().sum::<u64>(),
+        r.unsettled
+    );
+    for (why, count) in &r.failed {
+        let _ = writeln!(out, "    failed {count:>7}  {why}");
+    }
+    let _ = writeln!(
+        out,
+        "  convergence of advert changes: {} calm, {} under faults; {} seen everywhere, {} not within 2 min",
+        c.changes_calm, c.changes_faulty, c.converged, c.not_converged
+    );
+    let p = |p: &world::Percentiles| {
+        format!(
+            "p50 {} p90 {} p99 {} max {} (n={})",
+            p.p50, p.p90, p.p99, p.max, p.count
+        )
+    };
+    let _ = writeln!(out, "    calm, ms to the last site:   {}", p(&c.calm_ms));
+    let _ = writeln!(out, "    calm, gossip hops:          {}", p(&c.calm_hops));
+    let _ = writeln!(out, "    under faults, ms:           {}", p(&c.faulty_ms));
+    let _ = writeln!(
+        out,
+        "    full view after the calm began: {}",
+        c.full_view_after_calm_ms
+            .map_or("never".to_owned(), |ms| format!("{ms} ms"))
+    );
+    let _ = writeln!(
+        out,
+        "  traffic per site: {:.1} msg/s, {:.0} B/s (max {:.0}); gossip {:.0} B/s, anti-entropy {:.0} B/s, cluster {:.1} B/s",
+        t.msgs_per_site_s,
+        t.bytes_per_site_s,
+        t.bytes_per_site_s_max,
+        t.gossip_bytes_per_site_s,
+        t.anti_entropy_bytes_per_site_s,
+        t.cluster_bytes_per_site_s
+    );
+    let _ = writeln!(
+        out,
+        "  network: {} lost, {} duplicated, {} reordered, {} cut by {} partitions, {} to down sites ({} crashes); {} gossip duplicates",
+        t.lost,
+        t.duplicated,
+        t.reordered,
+        t.partitioned,
+        t.partitions,
+        t.dest_down,
+        t.crashes,
+        t.gossip_duplicates
+    );
+    if report.violations.is_empty() {
+        let _ = writeln!(out, "  invariants: all held ({} events)", report.events);
+    } else {
+        let _ = writeln!(out, "  INVARIANT VIOLATIONS: {}", report.violations.len());
+        for (i, v) in report.violations.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "  - [{}] at t+{} ms{}: {}",
+                v.invariant,
+                v.at_ms,
+                v.site.map_or(String::new(), |s| format!(" site{s}")),
+                v.detail
+            );
+            let _ = writeln!(out, "    replay: {}", v.replay);
+            if i == 0 {
+                let _ = writeln!(out, "    trace before it:");
+                for line in &v.trace {
+                    let _ = writeln!(out, "      {line}");
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seed_ranges_parse() {
+        assert_eq!(parse_seeds("0..100"), Some(0..100));
+        assert_eq!(parse_seeds("5..=7"), Some(5..8));
+        assert_eq!(parse_seeds("7..7"), None);
+        assert_eq!(parse_seeds("x..2"), None);
+    }
+
+    #[test]
+    fn fault_lists_parse_and_print() {
+        let faults = Fault::parse_list("loss,dup,partition,crash,skew").unwrap();
+        assert_eq!(Fault::list(&faults), "loss,dup,partition,crash,skew");
+        assert_eq!(Fault::parse_list("all").unwrap().len(), 7);
+        assert!(Fault::parse_list("none").unwrap().is_empty());
+        assert!(Fault::parse_list("lightning").is_err());
+    }
+}

@@ -1,0 +1,954 @@
+//! One simulated site: the production registry and cluster cores with an
+//! in-memory ledger, wired the way the federation shell wires them.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+
+use libp2p_identity::{Keypair, PeerId};
+use vcfed_registry::wire::{self, Message};
+use vcfed_registry::{
+    CapacitySummary, GatewayInfo, LocalAdvert, NodeShape as AdvertShape, Registry, RegistryConfig,
+    RegistryEvent, RegistryStats, Transmit, Verdict,
+};
+use vcfed_simnet::{Ctx, Payload, SiteId, mix64};
+use vcfed_storage::{
+    GatewayRef, HoldOutcome, HoldRequest, Inventory, InventoryHost, Ledger, LedgerError, NodeShape,
+    Window,
+};
+
+use crate::cluster::{ClusterConfig, ClusterCore, ClusterMsg, ClusterRequest};
+
+/// Horizon of the advertised capacity (as the federation shell).
+const HORIZON_MS: i64 = 7 * 24 * 3_600_000;
+/// Capacity changes closer together than this are advertised once (as the shell).
+const ADVERT_COALESCE_MS: i64 = 200;
+/// How long a request waits for its answer before the transport gives up
+/// (the shell's libp2p request timeout).
+const REQUEST_TIMEOUT_MS: i64 = 10_000;
+/// Gossip message ids remembered per site (gossipsub's seen cache).
+const SEEN_MAX: usize = 65_536;
+/// How long a gossip message id is remembered, ms (gossipsub's default).
+const SEEN_TTL_MS: i64 = 120_000;
+
+/// The node slot every simulated site offers.
+pub fn slot() -> NodeShape {
+    NodeShape {
+        cores: 4,
+        memory_mib: 8192,
+        disk_gib: 40,
+    }
+}
+
+/// What the simulated network carries between sites.
+#[derive(Debug, Clone)]
+pub enum FedMsg {
+    /// A gossipsub message (published or forwarded), with its message id
+    /// and how many hops it travelled.
+    Gossip {
+        /// Message id: a hash of the data (gossipsub's content addressing).
+        id: u64,
+        /// Hops from the publisher.
+        hops: u16,
+        /// The encoded advert.
+        data: Arc<[u8]>,
+    },
+    /// A request-response request.
+    Request {
+        /// Request id, unique per sender.
+        id: u64,
+        /// `cluster` or `registry`.
+        label: &'static str,
+        /// Encoded federation message.
+        data: Vec<u8>,
+        /// Fingerprint of the data.
+        fingerprint: u64,
+    },
+    /// The answer to a request.
+    Response {
+        /// Id of the request.
+        id: u64,
+        /// `cluster` or `registry`.
+        label: &'static str,
+        /// Encoded federation message.
+        data: Vec<u8>,
+        /// Fingerprint of the data.
+        fingerprint: u64,
+    },
+}
+
+impl Payload for FedMsg {
+    fn wire_len(&self) -> usize {
+        match self {
+            FedMsg::Gossip { data, .. } => data.len(),
+            FedMsg::Request { data, .. } | FedMsg::Response { data, .. } => data.len(),
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            FedMsg::Gossip { .. } => "gossip",
+            FedMsg::Request {
+                label: "cluster", ..
+            } => "cluster-request",
+            FedMsg::Response {
+                label: "cluster", ..
+            } => "cluster-response",
+            FedMsg::Request { .. } => "anti-entropy-request",
+            FedMsg::Response { .. } => "anti-entropy-response",
+        }
+    }
+
+    fn fingerprint(&self) -> u64 {
+        match self {
+            FedMsg::Gossip { id, .. } => *id,
+            FedMsg::Request {
+                id, fingerprint, ..
+            } => mix64(*id ^ fingerprint),
+            FedMsg::Response {
+                id, fingerprint, ..
+            } => mix64(!*id ^ fingerprint),
+        }
+    }
+}
+
+/// A cheap content hash: length and up to 64 bytes of each end (signatures
+/// and ids live there), so that fingerprints cost the same for any size.
+pub fn fingerprint(data: &[u8]) -> u64 {
+    let mut hash = mix64(data.len() as u64);
+    let head = &data[..data.len().min(64)];
+    let tail = &data[data.len().saturating_sub(64)..];
+    for chunk in head.chunks(8).chain(tail.chunks(8)) {
+        let mut word = [0u8; 8];
+        word[..chunk.len()].copy_from_slice(chunk);
+        hash = mix64(hash ^ u64::from_le_bytes(word));
+    }
+    hash
+}
+
+/// A full content hash (FNV-1a then mixed): gossip message ids.
+fn content_id(data: &[u8]) -> u64 {
+    let hash = data.iter().fold(0xCBF2_9CE4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01B3)
+    });
+    mix64(hash)
+}
+
+/// Inputs from the workload.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// A cluster request arrives at the site (which becomes its master).
+    Create {
+        /// Cluster id.
+        id: String,
+        /// Compute nodes.
+        nodes: u32,
+        /// Window start, ms after the site's now.
+        start_in_ms: i64,
+        /// Window length, ms.
+        length_ms: i64,
+    },
+    /// A delete of a cluster this site masters.
+    Delete {
+        /// Cluster id.
+        id: String,
+    },
+}
+
+/// A bug planted on purpose, to show that the invariants catch it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum PlantedBug {
+    /// Workers answer `Held` without holding anything, and on `Commit` book
+    /// the nodes without checking capacity.
+    CommitWithoutHold,
+}
+
+/// How a create ended at the site that received it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CreateOutcome {
+    /// Accepted: the reservation proceeds.
+    Accepted,
+    /// Refused, with the error kind.
+    Rejected(&'static str),
+}
+
+/// Things the harness learns from a site after each step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Observation {
+    /// The site published its advert with this version.
+    Published {
+        /// Version.
+        version: u64,
+    },
+    /// The site's view took `site`'s advert at `version`.
+    Learned {
+        /// The site whose advert it is.
+        site: SiteId,
+        /// Its version.
+        version: u64,
+        /// Gossip hops, if it came by gossip (not anti-entropy).
+        hops: Option<u16>,
+    },
+    /// A create was answered.
+    Created {
+        /// Cluster id.
+        id: String,
+        /// How.
+        outcome: CreateOutcome,
+    },
+    /// The site's ledger may have changed.
+    LedgerTouched,
+    /// A core returned an error (the in-memory ledger should never fail).
+    CoreError(String),
+}
+
+/// Settings shared by every site of a run.
+#[derive(Debug, Clone)]
+pub struct SiteSettings {
+    /// Registry timing.
+    pub registry: RegistryConfig,
+    /// Reservation protocol timing.
+    pub cluster: ClusterConfig,
+    /// How often the ledger's expired holds are swept, ms.
+    pub sweep_ms: i64,
+    /// How often the local advert is recomputed from the ledger even
+    /// without a change, ms (time moves the advertised steps).
+    pub advert_recompute_ms: i64,
+    /// A planted bug, for the test that shows it is caught.
+    pub plant: Option<PlantedBug>,
+    /// Advert verification shared by the sites (a cache; see `verify`).
+    pub verifier: Option<Arc<dyn vcfed_registry::AdvertVerifier>>,
+}
+
+/// The other sites, by peer id and by index.
+#[derive(Debug)]
+pub struct Directory {
+    /// Peer id of each site.
+    pub peers: Vec<PeerId>,
+    /// Index of each peer id.
+    pub index: BTreeMap<PeerId, SiteId>,
+}
+
+/// What a site loses when it crashes.
+struct Volatile {
+    registry: Registry,
+    cluster: ClusterCore,
+    /// Gossip message ids seen, with when (local ms), oldest first.
+    seen: BTreeSet<u64>,
+    seen_order: VecDeque<(i64, u64)>,
+    /// Requests awaiting an answer: id → sent at (local ms).
+    pending: BTreeMap<u64, i64>,
+    next_request: u64,
+    /// When the registry next wants its timer (cached, see `poll_timeout`).
+    registry_wake: Option<i64>,
+    /// When a coalesced capacity change is to be advertised.
+    advert_due: Option<i64>,
+    next_advert_recompute: i64,
+    next_sweep: i64,
+    /// Holds the planted bug pretended to take: key → request.
+    fake_holds: BTreeMap<String, HoldRequest>,
+}
+
+/// One site of the simulated federation.
+pub struct FedSite {
+    index: SiteId,
+    name: String,
+    keypair: Keypair,
+    peer: PeerId,
+    capacity: u32,
+    settings: Arc<SiteSettings>,
+    directory: Arc<Directory>,
+    /// Gossip mesh and connected peers (static; see docs/SIMNET.md).
+    mesh: Vec<SiteId>,
+    /// Durable: survives crashes.
+    ledger: Ledger,
+    volatile: Option<Volatile>,
+    /// Registry counters of earlier incarnations.
+    stats_before: RegistryStats,
+    observations: Vec<Observation>,
+    /// Gossip messages dropped as duplicates by the seen cache.
+    pub gossip_duplicates: u64,
+    /// Gossip messages the core rejected.
+    pub gossip_rejected: u64,
+}
+
+impl std::fmt::Debug for FedSite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FedSite")
+            .field("index", &self.index)
+            .field("name", &self.name)
+            .field("up", &self.volatile.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl FedSite {
+    /// A site with `capacity` node slots and a key derived from `key_seed`.
+    pub fn new(
+        index: SiteId,
+        keypair: Keypair,
+        capacity: u32,
+        settings: Arc<SiteSettings>,
+        directory: Arc<Directory>,
+        mesh: Vec<SiteId>,
+        start_ms: i64,
+    ) -> Result<FedSite, LedgerError> {
+        let name = format!("site{index}");
+        let mut ledger = Ledger::open_in_memory()?;
+        let inventory = inventory(&name, capacity);
+        ledger.set_inventory(&inventory, start_ms)?;
+        Ok(FedSite {
+            index,
+            peer: keypair.public().to_peer_id(),
+            name,
+            keypair,
+            capacity,
+            settings,
+            directory,
+            mesh,
+            ledger,
+            volatile: None,
+            stats_before: RegistryStats::default(),
+            observations: Vec::new(),
+            gossip_duplicates: 0,
+            gossip_rejected: 0,
+        })
+    }
+
+    /// The site's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The site's peer id.
+    pub fn peer(&self) -> PeerId {
+        self.peer
+    }
+
+    /// Node slots.
+    pub fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
+    /// The durable ledger.
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// The gossip mesh neighbours.
+    pub fn mesh(&self) -> &[SiteId] {
+        &self.mesh
+    }
+
+    /// Registry counters over every incarnation.
+    pub fn registry_stats(&self) -> RegistryStats {
+        let mut total = self.stats_before;
+        if let Some(volatile) = &self.volatile {
+            add_stats(&mut total, &volatile.registry.stats());
+        }
+        total
+    }
+
+    /// Clusters this site masters that are still in flight in its core.
+    pub fn in_flight(&self) -> usize {
+        self.volatile.as_ref().map_or(0, |v| v.cluster.in_flight())
+    }
+
+    /// Takes what happened since the last call.
+    pub fn take_observations(&mut self) -> Vec<Observation> {
+        std::mem::take(&mut self.observations)
+    }
+
+    /// Whether observations are waiting.
+    pub fn has_observations(&self) -> bool {
+        !self.observations.is_empty()
+    }
+
+    fn gateway_ref(&self) -> GatewayRef {
+        GatewayRef {
+            endpoint: gateway_endpoint(self.index),
+            public_key: format!("simkey-{}", self.index),
+        }
+    }
+
+    fn boot(&mut self, ctx: &mut Ctx<'_, FedMsg>) -> Result<(), LedgerError> {
+        let now = ctx.now_ms();
+        let version = self.ledger.advert_version()?;
+        let seed = ctx.rng().next_u64();
+        let mut registry = Registry::new(
+            self.settings.registry.clone(),
+            self.keypair.clone(),
+            version,
+            seed,
+            now,
+        );
+        if let Some(verifier) = &self.settings.verifier {
+            registry.set_verifier(verifier.clone());
+        }
+        let mut cluster = ClusterCore::new(
+            self.peer,
+            self.name.clone(),
+            Some(self.gateway_ref()),
+            self.settings.cluster.clone(),
+        );
+        cluster.resume(&mut self.ledger, now)?;
+        let mut volatile = Volatile {
+            registry,
+            cluster,
+            seen: BTreeSet::new(),
+            seen_order: VecDeque::new(),
+            pending: BTreeMap::new(),
+            next_request: 0,
+            registry_wake: None,
+            advert_due: None,
+            next_advert_recompute: now + self.settings.advert_recompute_ms,
+            next_sweep: now + self.settings.sweep_ms,
+            fake_holds: BTreeMap::new(),
+        };
+        for &peer in &self.mesh {
+            volatile.registry.peer_connected(self.directory.peers[peer]);
+        }
+        self.volatile = Some(volatile);
+        self.observations.push(Observation::LedgerTouched);
+        self.refresh_local_advert(now)?;
+        self.drain(ctx);
+        Ok(())
+    }
+
+    /// Recomputes the local advert from the ledger, as the federation shell
+    /// does; the core publishes only if it changed.
+    fn refresh_local_advert(&mut self, now: i64) -> Result<(), LedgerError> {
+        let Some(volatile) = self.volatile.as_mut() else {
+            return Ok(());
+        };
+        let horizon_end_ms = round_up(now + HORIZON_MS, 3_600_000);
+        let window = Window::new(now, horizon_end_ms).expect("the horizon is in the future");
+        let steps = self.ledger.free_steps(window, now)?;
+        let mut steps: Vec<(i64, u32)> = steps.into_iter().map(|s| (s.at_ms, s.free)).collect();
+        if let Some(first) = steps.first_mut() {
+            first.0 = 0;
+        }
+        let node = slot();
+        let capacity = CapacitySummary {
+            total_nodes: self.capacity,
+            node: AdvertShape {
+                cores: node.cores,
+                memory_mib: node.memory_mib,
+                disk_gib: node.disk_gib,
+            },
+            steps,
+            horizon_end_ms,
+        };
+        let index = u32::try_from(self.index).unwrap_or(u32::MAX);
+        volatile.registry.set_local(
+            now,
+            LocalAdvert {
+                site_name: self.name.clone(),
+                capacity,
+                gateway: Some(GatewayInfo {
+                    endpoint: gateway_endpoint(self.index),
+                    tunnel_public_key: *blake_ish_key(index),
+                }),
+                addrs: vec![format!(
+                    "/ip4/198.18.{}.{}/tcp/7781",
+                    (index >> 8) & 0xFF,
+                    index & 0xFF
+                )],
+                software: format!("vcfed/{}", env!("CARGO_PKG_VERSION")),
+            },
+        );
+        // Publishing moves only the refresh deadline, later: a cached wake
+        // that is earlier just costs one early, harmless timer call.
+        if volatile.registry_wake.is_none() {
+            volatile.registry_wake = volatile.registry.poll_timeout();
+        }
+        Ok(())
+    }
+
+    fn capacity_changed(&mut self, now: i64) {
+        self.observations.push(Observation::LedgerTouched);
+        if let Some(volatile) = self.volatile.as_mut()
+            && volatile.advert_due.is_none()
+        {
+            volatile.advert_due = Some(now + ADVERT_COALESCE_MS);
+        }
+    }
+
+    /// Carries out what the cores asked: events first, then messages.
+    fn drain(&mut self, ctx: &mut Ctx<'_, FedMsg>) {
+        let Some(volatile) = self.volatile.as_mut() else {
+            return;
+        };
+        let mut version_unsaved = false;
+        while let Some(event) = volatile.registry.poll_event() {
+            match event {
+                RegistryEvent::PersistVersion(version) => {
+                    match self.ledger.set_advert_version(version) {
+                        Ok(()) => self.observations.push(Observation::Published { version }),
+                        Err(e) => {
+                            version_unsaved = true;
+                            self.observations
+                                .push(Observation::CoreError(format!("persisting version: {e}")));
+                        }
+                    }
+                }
+                RegistryEvent::SiteUpdated { site, version } => {
+                    if let Some(site) = self.directory.index.get(&site) {
+                        self.observations.push(Observation::Learned {
+                            site: *site,
+                            version,
+                            hops: None,
+                        });
+                    }
+                }
+                RegistryEvent::SiteAlive { .. }
+                | RegistryEvent::SiteSuspect { .. }
+                | RegistryEvent::SiteGone { .. }
+                | RegistryEvent::SiteAddrs { .. } => {}
+            }
+        }
+        let now = ctx.now_ms();
+        while let Some((to, msg)) = volatile.cluster.poll_transmit() {
+            let Some(&to) = self.directory.index.get(&to) else {
+                continue;
+            };
+            let data = wire::encode(&Message::Cluster(msg.encode()));
+            let id = volatile.next_request;
+            volatile.next_request += 1;
+            volatile.pending.insert(id, now);
+            let fingerprint = fingerprint(&data);
+            ctx.send(
+                to,
+                FedMsg::Request {
+                    id,
+                    label: "cluster",
+                    data,
+                    fingerprint,
+                },
+            );
+        }
+        while let Some(transmit) = volatile.registry.poll_transmit() {
+            match transmit {
+                Transmit::Publish { .. } if version_unsaved => {}
+                Transmit::Publish { data } => {
+                    let id = content_id(&data);
+                    remember(volatile, id, now);
+                    let data: Arc<[u8]> = data.into();
+                    for &peer in &self.mesh {
+                        ctx.send(
+                            peer,
+                            FedMsg::Gossip {
+                                id,
+                                hops: 1,
+                                data: data.clone(),
+                            },
+                        );
+                    }
+                }
+                Transmit::Request { to, data } => {
+                    let Some(&to) = self.directory.index.get(&to) else {
+                        continue;
+                    };
+                    let id = volatile.next_request;
+                    volatile.next_request += 1;
+                    volatile.pending.insert(id, now);
+                    let fingerprint = fingerprint(&data);
+                    ctx.send(
+                        to,
+                        FedMsg::Request {
+                            id,
+                            label: "registry",
+                            data,
+                            fingerprint,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    fn on_message(
+        &mut self,
+        ctx: &mut Ctx<'_, FedMsg>,
+        from: SiteId,
+        msg: FedMsg,
+    ) -> Result<(), LedgerError> {
+        let now = ctx.now_ms();
+        let from_peer = self.directory.peers[from];
+        let Some(volatile) = self.volatile.as_mut() else {
+            return Ok(());
+        };
+        match msg {
+            FedMsg::Gossip { id, hops, data } => {
+                if volatile.seen.contains(&id) {
+                    self.gossip_duplicates += 1;
+                    return Ok(());
+                }
+                remember(volatile, id, now);
+                let before = self.observations.len();
+                // The registry's timer can only move earlier by a new entry's
+                // freshness, at least a TTL away: the cached wake (never later
+                // than the next anti-entropy round) stands.
+                let verdict = volatile.registry.handle_gossip(now, &data);
+                self.drain(ctx);
+                for observation in &mut self.observations[before..] {
+                    if let Observation::Learned { hops: learned, .. } = observation {
+                        *learned = Some(hops);
+                    }
+                }
+                match verdict {
+                    Verdict::Accept => {
+                        for &peer in &self.mesh {
+                            if peer != from {
+                                ctx.send(
+                                    peer,
+                                    FedMsg::Gossip {
+                                        id,
+                                        hops: hops.saturating_add(1),
+                                        data: data.clone(),
+                                    },
+                                );
+                            }
+                        }
+                    }
+                    Verdict::Ignore => {}
+                    Verdict::Reject => self.gossip_rejected += 1,
+                }
+                Ok(())
+            }
+            FedMsg::Request { id, data, .. } => {
+                let answer = match cluster_payload(&data) {
+                    Some(msg) => {
+                        let answer = self.worker(now, from_peer, msg)?;
+                        self.capacity_changed(now);
+                        answer.map(|msg| (wire::encode(&Message::Cluster(msg.encode())), "cluster"))
+                    }
+                    None => {
+                        let volatile = self.volatile.as_mut().expect("checked above");
+                        // As for gossip: applying adverts cannot make the
+                        // registry's next deadline earlier than the cached one.
+                        let answer = volatile.registry.handle_request(now, from_peer, &data);
+                        answer.map(|data| (data, "registry"))
+                    }
+                };
+                if let Some((data, label)) = answer {
+                    let fingerprint = fingerprint(&data);
+                    ctx.send(
+                        from,
+                        FedMsg::Response {
+                            id,
+                            label,
+                            data,
+                            fingerprint,
+                        },
+                    );
+                }
+                self.drain(ctx);
+                Ok(())
+            }
+            FedMsg::Response { id, data, .. } => {
+                if volatile.pending.remove(&id).is_none() {
+                    // Timed out at the transport: libp2p drops it too.
+                    return Ok(());
+                }
+                match cluster_payload(&data) {
+                    Some(msg) => {
+                        let (cluster, registry) = (&mut volatile.cluster, &volatile.registry);
+                        cluster.handle_reply(&mut self.ledger, registry, now, from_peer, msg)?;
+                        self.capacity_changed(now);
+                    }
+                    None => {
+                        volatile.registry.handle_response(now, from_peer, &data);
+                    }
+                }
+                self.drain(ctx);
+                Ok(())
+            }
+        }
+    }
+
+    /// This site as a worker: the production core, or the planted bug.
+    fn worker(
+        &mut self,
+        now: i64,
+        from: PeerId,
+        msg: ClusterMsg,
+    ) -> Result<Option<ClusterMsg>, LedgerError> {
+        let volatile = self.volatile.as_mut().expect("only called while up");
+        if self.settings.plant == Some(PlantedBug::CommitWithoutHold) {
+            match &msg {
+                ClusterMsg::Reserve {
+                    cluster,
+                    attempt,
+                    nodes,
+                    shape,
+                    window,
+                    lease_ms,
+                    ..
+                } => {
+                    let key = format!("{cluster}/{attempt}");
+                    let request = HoldRequest {
+                        key: key.clone(),
+                        cluster_id: cluster.clone(),
+                        requester: from.to_string(),
+                        window: *window,
+                        nodes: *nodes,
+                        shape: *shape,
+                        lease_ms: *lease_ms,
+                    };
+                    volatile.fake_holds.insert(key, request);
+                    return Ok(Some(ClusterMsg::Held {
+                        cluster: cluster.clone(),
+                        attempt: *attempt,
+                        lease_expires_at_ms: now + lease_ms,
+                        gateway: Some(self.gateway_ref()),
+                    }));
+                }
+                ClusterMsg::Commit {
+                    cluster, attempt, ..
+                } => {
+                    let key = format!("{cluster}/{attempt}");
+                    if let Some(request) = volatile.fake_holds.remove(&key) {
+                        // Book without admission: grow the inventory for the
+                        // write, then put it back (the ledger keeps what was
+                        // promised even when the inventory shrinks).
+                        let real = inventory(&self.name, self.capacity);
+                        let inflated = inventory(&self.name, self.capacity + request.nodes);
+                        self.ledger.set_inventory(&inflated, now)?;
+                        let held = self.ledger.hold(&request, now);
+                        self.ledger.set_inventory(&real, now)?;
+                        if let Ok(HoldOutcome::Held(_)) = held {
+                            self.ledger.commit(&key, &request.requester, now)?;
+                        }
+                        return Ok(Some(ClusterMsg::Committed {
+                            cluster: cluster.clone(),
+                            attempt: *attempt,
+                        }));
+                    }
+                }
+                _ => {}
+            }
+        }
+        let (cluster, registry) = (&mut volatile.cluster, &volatile.registry);
+        cluster.handle_request(&mut self.ledger, registry, now, from, msg)
+    }
+
+    fn on_timeout(&mut self, ctx: &mut Ctx<'_, FedMsg>) -> Result<(), LedgerError> {
+        let now = ctx.now_ms();
+        let Some(volatile) = self.volatile.as_mut() else {
+            return Ok(());
+        };
+        let advert_due = volatile.advert_due.is_some_and(|at| at <= now);
+        if advert_due || volatile.next_advert_recompute <= now {
+            volatile.advert_due = None;
+            volatile.next_advert_recompute = now + self.settings.advert_recompute_ms;
+            self.refresh_local_advert(now)?;
+        }
+        let volatile = self.volatile.as_mut().expect("checked above");
+        if volatile.registry_wake.is_some_and(|at| at <= now) {
+            volatile.registry.handle_timeout(now);
+            volatile.registry_wake = volatile.registry.poll_timeout();
+        }
+        if volatile.cluster.poll_timeout().is_some_and(|at| at <= now) {
+            let (cluster, registry) = (&mut volatile.cluster, &volatile.registry);
+            cluster.handle_timeout(&mut self.ledger, registry, now)?;
+            self.capacity_changed(now);
+        }
+        let volatile = self.volatile.as_mut().expect("checked above");
+        if volatile.next_sweep <= now {
+            volatile.next_sweep = now + self.settings.sweep_ms;
+            if !self.ledger.sweep_expired(now)?.is_empty() {
+                self.capacity_changed(now);
+            }
+        }
+        let volatile = self.volatile.as_mut().expect("checked above");
+        // The transport's request timeout; ids grow with time.
+        while let Some((&id, &sent)) = volatile.pending.first_key_value() {
+            if sent + REQUEST_TIMEOUT_MS > now {
+                break;
+            }
+            volatile.pending.remove(&id);
+        }
+        while let Some(&(at, id)) = volatile.seen_order.front() {
+            if at + SEEN_TTL_MS > now {
+                break;
+            }
+            volatile.seen_order.pop_front();
+            volatile.seen.remove(&id);
+        }
+        self.drain(ctx);
+        Ok(())
+    }
+
+    fn on_input(&mut self, ctx: &mut Ctx<'_, FedMsg>, input: Input) -> Result<(), LedgerError> {
+        let now = ctx.now_ms();
+        let Some(volatile) = self.volatile.as_mut() else {
+            return Ok(());
+        };
+        match input {
+            Input::Create {
+                id,
+                nodes,
+                start_in_ms,
+                length_ms,
+            } => {
+                let start_ms = now + start_in_ms;
+                let request = ClusterRequest {
+                    name: id.clone(),
+                    nodes,
+                    shape: NodeShape {
+                        cores: 2,
+                        memory_mib: 4096,
+                        disk_gib: 20,
+                    },
+                    window: Window {
+                        start_ms,
+                        end_ms: start_ms + length_ms,
+                    },
+                    image: None,
+                };
+                let (cluster, registry) = (&mut volatile.cluster, &volatile.registry);
+                let outcome =
+                    match cluster.create(&mut self.ledger, registry, now, id.clone(), request) {
+                        Ok(_) => CreateOutcome::Accepted,
+                        Err(e) => CreateOutcome::Rejected(create_error_kind(&e)),
+                    };
+                self.observations.push(Observation::Created { id, outcome });
+            }
+            Input::Delete { id } => {
+                // Unknown ids (refused creates) are answered with an error,
+                // which the requester sees; nothing to record.
+                let _ = volatile.cluster.delete(&mut self.ledger, now, &id);
+            }
+        }
+        self.capacity_changed(now);
+        self.drain(ctx);
+        Ok(())
+    }
+
+    fn report_error(&mut self, what: &str, result: Result<(), LedgerError>) {
+        if let Err(e) = result {
+            self.observations
+                .push(Observation::CoreError(format!("{what}: {e}")));
+        }
+    }
+}
+
+impl vcfed_simnet::Site for FedSite {
+    type Msg = FedMsg;
+    type Input = Input;
+
+    fn start(&mut self, ctx: &mut Ctx<'_, FedMsg>) {
+        let result = self.boot(ctx);
+        self.report_error("boot", result);
+    }
+
+    fn handle_message(&mut self, ctx: &mut Ctx<'_, FedMsg>, from: SiteId, msg: FedMsg) {
+        let result = self.on_message(ctx, from, msg);
+        self.report_error("message", result);
+    }
+
+    fn handle_timeout(&mut self, ctx: &mut Ctx<'_, FedMsg>) {
+        let result = self.on_timeout(ctx);
+        self.report_error("timer", result);
+    }
+
+    fn handle_input(&mut self, ctx: &mut Ctx<'_, FedMsg>, input: Input) {
+        let result = self.on_input(ctx, input);
+        self.report_error("input", result);
+    }
+
+    fn crash(&mut self) {
+        if let Some(volatile) = self.volatile.take() {
+            add_stats(&mut self.stats_before, &volatile.registry.stats());
+        }
+    }
+
+    fn poll_timeout(&self) -> Option<i64> {
+        let volatile = self.volatile.as_ref()?;
+        [
+            volatile.registry_wake,
+            volatile.cluster.poll_timeout(),
+            volatile.advert_due,
+            Some(volatile.next_advert_recompute),
+            Some(volatile.next_sweep),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+}
+
+fn remember(volatile: &mut Volatile, id: u64, now: i64) {
+    if volatile.seen.len() >= SEEN_MAX
+        && let Some((_, oldest)) = volatile.seen_order.pop_front()
+    {
+        volatile.seen.remove(&oldest);
+    }
+    if volatile.seen.insert(id) {
+        volatile.seen_order.push_back((now, id));
+    }
+}
+
+fn inventory(name: &str, slots: u32) -> Inventory {
+    let node = slot();
+    Inventory {
+        node,
+        hosts: vec![InventoryHost {
+            name: format!("{name}-host"),
+            cores: node.cores * slots.max(1),
+            memory_mib: node.memory_mib * u64::from(slots.max(1)),
+            disk_gib: node.disk_gib * u64::from(slots.max(1)),
+            slots,
+        }],
+    }
+}
+
+fn gateway_endpoint(index: SiteId) -> String {
+    format!("198.19.{}.{}:7782", (index >> 8) & 0xFF, index & 0xFF)
+}
+
+/// A stable 32-byte stand-in for a site's WireGuard key.
+fn blake_ish_key(index: u32) -> Box<[u8; 32]> {
+    let mut key = [0u8; 32];
+    for (i, chunk) in key.chunks_mut(8).enumerate() {
+        chunk.copy_from_slice(&mix64(u64::from(index) << 8 | i as u64).to_le_bytes());
+    }
+    Box::new(key)
+}
+
+fn round_up(value: i64, unit: i64) -> i64 {
+    value.div_euclid(unit) * unit + if value.rem_euclid(unit) == 0 { 0 } else { unit }
+}
+
+fn cluster_payload(data: &[u8]) -> Option<ClusterMsg> {
+    match wire::decode(data, crate::federation::MESSAGE_MAX_BYTES) {
+        Ok(Message::Cluster(inner)) => ClusterMsg::decode(&inner),
+        _ => None,
+    }
+}
+
+fn create_error_kind(e: &crate::cluster::CreateError) -> &'static str {
+    use crate::cluster::CreateError;
+    match e {
+        CreateError::Invalid(_) => "invalid",
+        CreateError::UnknownShape(_) => "unknown shape",
+        CreateError::Insufficient { available: 0, .. } => "no room here for the frontend",
+        CreateError::Insufficient { .. } => "federation has too few free nodes",
+        CreateError::Exists(_) => "exists",
+        CreateError::Ledger(_) => "ledger error",
+    }
+}
+
+fn add_stats(total: &mut RegistryStats, more: &RegistryStats) {
+    total.adverts_applied += more.adverts_applied;
+    total.adverts_duplicate += more.adverts_duplicate;
+    total.dropped_stale += more.dropped_stale;
+    total.dropped_expired += more.dropped_expired;
+    total.dropped_forged += more.dropped_forged;
+    total.dropped_undecodable += more.dropped_undecodable;
+    total.dropped_oversized += more.dropped_oversized;
+    total.dropped_full += more.dropped_full;
+    total.dropped_not_allowed += more.dropped_not_allowed;
+    total.messages_sent += more.messages_sent;
+    total.bytes_sent += more.bytes_sent;
+}
