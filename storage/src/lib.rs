@@ -993,27 +993,21 @@ impl Ledger {
     /// The clusters that are `reserved`, `starting` or `running`, oldest
     /// first: the ones that may run (or still run) at this site.
     pub fn live_clusters(&self) -> Result<Vec<ClusterRecord>, LedgerError> {
-        let ids: Vec<String> = {
-            let mut stmt = self.conn.prepare(
-                "SELECT id FROM clusters WHERE state IN ('reserved', 'starting', 'running')
-                 ORDER BY created_at_ms, id",
-            )?;
-            stmt.query_map([], |row| row.get(0))?
-                .collect::<Result<_, _>>()?
-        };
-        let mut clusters = Vec::with_capacity(ids.len());
-        for id in ids {
-            clusters.push(cluster_by_id(&self.conn, &id)?.expect("the id was just listed"));
-        }
-        Ok(clusters)
+        self.clusters_where("state IN ('reserved', 'starting', 'running')")
     }
 
     /// All clusters, oldest first.
     pub fn clusters(&self) -> Result<Vec<ClusterRecord>, LedgerError> {
+        self.clusters_where("1")
+    }
+
+    /// The clusters whose row matches the SQL `condition` (a constant of
+    /// this crate, never user input), oldest first.
+    fn clusters_where(&self, condition: &str) -> Result<Vec<ClusterRecord>, LedgerError> {
         let ids: Vec<String> = {
-            let mut stmt = self
-                .conn
-                .prepare("SELECT id FROM clusters ORDER BY created_at_ms, id")?;
+            let mut stmt = self.conn.prepare(&format!(
+                "SELECT id FROM clusters WHERE {condition} ORDER BY created_at_ms, id"
+            ))?;
             stmt.query_map([], |row| row.get(0))?
                 .collect::<Result<_, _>>()?
         };

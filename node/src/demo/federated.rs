@@ -63,13 +63,7 @@ pub struct ReportNode {
 /// Runs the federated demo.
 pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
     let started = Instant::now();
-    let (dir, remove_after) = match &args.dir {
-        Some(dir) => (dir.clone(), false),
-        None => (
-            std::env::temp_dir().join(format!("vcfed-demo-{}", std::process::id())),
-            !args.keep,
-        ),
-    };
+    let (dir, remove_after) = super::demo_dir(args);
     let mut report = DemoReport::default();
     // Ctrl-C drops the tour, and with it the federation, which tears down.
     let result = tokio::select! {

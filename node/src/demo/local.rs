@@ -29,13 +29,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Runs the demo.
 pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
     let started = Instant::now();
-    let (dir, remove_after) = match &args.dir {
-        Some(dir) => (dir.clone(), false),
-        None => (
-            std::env::temp_dir().join(format!("vcfed-demo-{}", std::process::id())),
-            !args.keep,
-        ),
-    };
+    let (dir, remove_after) = super::demo_dir(args);
     let result = tour(args, &dir).await;
     if remove_after {
         let _ = std::fs::remove_dir_all(&dir);

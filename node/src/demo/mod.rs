@@ -79,6 +79,18 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
     local::run(args).await
 }
 
+/// Where the demo keeps its sites, and whether to remove it afterwards:
+/// `--dir`, kept; or a fresh temporary directory, removed unless `--keep`.
+fn demo_dir(args: &DemoArgs) -> (PathBuf, bool) {
+    match &args.dir {
+        Some(dir) => (dir.clone(), false),
+        None => (
+            std::env::temp_dir().join(format!("vcfed-demo-{}", std::process::id())),
+            !args.keep,
+        ),
+    }
+}
+
 fn step(title: &str) {
     println!("\n==> {title}");
 }
