@@ -76,6 +76,7 @@ pub fn public_key_base64(private: [u8; 32]) -> String {
 
 async fn run_gateway(path: &Path) -> anyhow::Result<()> {
     let config = crate::gateway_config::load(path)?;
+    let path = path.to_owned();
     // On a thread of its own with a single-threaded runtime: the loop runs
     // where the I/O driver wakes up, so no readiness event is handed between
     // threads (with `block_on` on the CLI's multi-threaded runtime that
@@ -90,7 +91,13 @@ async fn run_gateway(path: &Path) -> anyhow::Result<()> {
                 .map(|runtime| {
                     // Inside the runtime: the signal handlers need its reactor.
                     runtime.block_on(async {
-                        vcfed_overlay::linux::run(config, crate::agent::termination_signal()).await
+                        let (updates, watched) = tokio::sync::watch::channel(config);
+                        let stop = crate::agent::termination_signal();
+                        // Installed now: SIGHUP's default action would end the process.
+                        let hangups =
+                            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+                        tokio::spawn(reload_on_sighup(path, updates, hangups));
+                        vcfed_overlay::linux::run_reloadable(watched, stop).await
                     })
                 });
             let _ = done_tx.send(ended);
@@ -110,6 +117,32 @@ async fn run_gateway(path: &Path) -> anyhow::Result<()> {
         })?;
     tracing::debug!(?stats, "gateway counters");
     Ok(())
+}
+
+/// Reads the config file again on every SIGHUP and hands it to the running
+/// gateway (segments and peers change without a restart); a file that no
+/// longer loads is logged and the running configuration kept.
+async fn reload_on_sighup(
+    path: PathBuf,
+    updates: tokio::sync::watch::Sender<vcfed_overlay::linux::GatewayConfig>,
+    hangups: std::io::Result<tokio::signal::unix::Signal>,
+) {
+    let Ok(mut hangups) = hangups else {
+        tracing::warn!("cannot handle SIGHUP; restart the gateway to change its configuration");
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        match crate::gateway_config::load(&path) {
+            Ok(config) => {
+                tracing::info!(file = %path.display(), "SIGHUP: configuration read again");
+                updates.send_replace(config);
+            }
+            Err(e) => tracing::error!(
+                error = %format!("{e:#}"),
+                "SIGHUP: the configuration does not load; keeping the running one"
+            ),
+        }
+    }
 }
 
 fn genkey(out: &Path, force: bool) -> anyhow::Result<()> {

@@ -951,3 +951,43 @@ fn prerequisites(id: &str) -> Result<(), String> {
     }
     Ok(())
 }
+
+#[test]
+fn sighup_changes_segments_without_a_restart() {
+    let Some(mut lab) = Lab::new() else { return };
+    let sites = lab.sites(2);
+    lab.start_mesh_with(&sites, &[(7, None)]);
+    for site in &sites {
+        lab.eventually("segment 7 is set up", FIRST_TRAFFIC_WITHIN, || {
+            lab.link_exists(*site, "vcfb7")
+        });
+    }
+    let a = lab.vm(sites[0], "vcfb7", 1);
+    let b = lab.vm(sites[1], "vcfb7", 2);
+    lab.eventually_ping(&a, &b, FIRST_TRAFFIC_WITHIN);
+    let pid = lab.gateways[1].child.as_ref().unwrap().id();
+
+    // Site 1 adds segment 8: it appears, and segment 7 keeps working.
+    lab.configure(1, &[(7, None), (8, None)]);
+    common::signal(pid, "HUP");
+    lab.eventually("segment 8 is added", FIRST_TRAFFIC_WITHIN, || {
+        lab.links_with_prefix(sites[1], "vcf") == ["vcfb7", "vcfb8", "vcft7", "vcft8"]
+    });
+    lab.eventually_ping(&a, &b, RECOVERY_WITHIN);
+
+    // A file that does not load changes nothing.
+    std::fs::write(&lab.gateways[1].config, "not = [valid").unwrap();
+    common::signal(pid, "HUP");
+    lab.eventually_ping(&a, &b, RECOVERY_WITHIN);
+
+    // Segment 7 goes: its links go, the gateway keeps running.
+    lab.configure(1, &[(8, None)]);
+    common::signal(pid, "HUP");
+    lab.eventually("segment 7 is removed", FIRST_TRAFFIC_WITHIN, || {
+        lab.links_with_prefix(sites[1], "vcf") == ["vcfb8", "vcft8"]
+    });
+    assert_eq!(lab.gateways[1].child.as_ref().unwrap().id(), pid);
+    let log = lab.stop_gateway(1);
+    assert!(log.contains("keeping the running one"), "{log}");
+    assert_eq!(lab.links_with_prefix(sites[1], "vcf"), Vec::<String>::new());
+}

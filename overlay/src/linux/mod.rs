@@ -36,7 +36,10 @@ mod tap;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
-pub use shell::{INPUT_BATCH_MAX, SEGMENTS_MAX, SOCKET_BUFFER_BYTES, ShellStats, run, run_dynamic};
+pub use shell::{
+    INPUT_BATCH_MAX, SEGMENTS_MAX, SOCKET_BUFFER_BYTES, ShellStats, run, run_dynamic,
+    run_reloadable,
+};
 
 use crate::gateway::PeerConfig;
 use crate::switch::PeerIndex;

@@ -76,8 +76,8 @@ pub struct ShellStats {
     pub gateway: GatewayStats,
 }
 
-/// Runs a gateway until `shutdown` resolves, then removes the links it
-/// owns and returns its counters.
+/// Runs a gateway with a fixed configuration until `shutdown` resolves,
+/// then removes the links it owns and returns its counters.
 ///
 /// Start-up binds the socket, removes stale links, opens one TAP per
 /// segment and attaches it (see the module docs of [`super`]); a failure
@@ -91,76 +91,89 @@ pub async fn run(
     config: GatewayConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<ShellStats, ShellError> {
-    let span = tracing::info_span!("gateway", listen = %config.listen);
-    run_inner(config, shutdown).instrument(span).await
+    let (_keep, updates) = watch::channel(config);
+    run_reloadable(updates, shutdown).await
 }
 
-async fn run_inner(
-    config: GatewayConfig,
+/// [`run`], taking new configurations from `updates` while it runs (what
+/// `vcfed gateway` does on SIGHUP): segments and peers follow the latest
+/// value, keeping the sessions and learnt addresses of what stays. The
+/// first value is applied strictly, like [`run`]; a later segment that
+/// cannot be set up is logged and retried. The key, the listen address,
+/// the MTU and the link prefix are those of the first value.
+pub async fn run_reloadable(
+    mut updates: watch::Receiver<GatewayConfig>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<ShellStats, ShellError> {
+    let config = updates.borrow_and_update().clone();
     check_limits(&config)?;
-    let started = Instant::now();
-    let socket = bind_udp(config.listen).map_err(|source| ShellError::Udp {
-        addr: config.listen,
-        source,
-    })?;
-
-    let plan: Vec<SegmentLinkNames> = config
-        .segments
-        .iter()
-        .map(|segment| link_names(&config.link_prefix, segment))
-        .collect();
-    let links = Links::connect(&config.link_prefix)?;
-    let keep: BTreeSet<String> = plan
-        .iter()
-        .flat_map(|names| std::iter::once(names.bridge.clone()).chain(names.vlan.clone()))
-        .collect();
-    for name in links.remove_stale(&keep).await? {
-        tracing::info!(link = %name, "removed a stale link");
-    }
-
-    let mut taps = BTreeMap::new();
-    let mut setup = Ok(());
-    for (segment, names) in config.segments.iter().zip(&plan) {
-        let tap = match Tap::open(&names.tap) {
-            Ok(tap) => tap,
-            Err(source) => {
-                setup = Err(ShellError::Tap {
-                    name: names.tap.clone(),
-                    source,
-                });
-                break;
-            }
-        };
-        taps.insert(segment.id, tap);
-        setup = links.attach(names, &segment.site_link).await;
-        if setup.is_err() {
-            break;
-        }
-        tracing::info!(
-            segment = segment.id,
-            tap = %names.tap,
-            bridge = %names.bridge,
-            vlan = names.vlan.as_deref().unwrap_or("-"),
-            "segment attached"
-        );
-    }
-    if let Err(e) = setup {
-        drop(taps);
-        links.teardown(&plan).await;
-        return Err(e);
-    }
-
-    let result = match Shell::new(&config, socket, taps, started) {
-        Ok(shell) => shell.run(shutdown).await,
-        Err(e) => Err(e),
+    let base = GatewayBase {
+        private_key: config.private_key,
+        listen: config.listen,
+        inner_mtu: config.inner_mtu,
+        link_prefix: config.link_prefix.clone(),
     };
-    let removed = links.teardown(&plan).await;
-    if !removed.is_empty() {
-        tracing::info!(links = ?removed, "removed the gateway's links");
+    let (carried_tx, carried_rx) = watch::channel(carried_of(&config));
+    let (report_tx, _report) = watch::channel(GatewayReport::default());
+    let forward = async move {
+        while updates.changed().await.is_ok() {
+            let next = updates.borrow_and_update().clone();
+            if let Err(e) = check_limits(&next) {
+                tracing::warn!(error = %e, "new configuration refused; keeping the current one");
+                continue;
+            }
+            if next.private_key != config.private_key
+                || next.listen != config.listen
+                || next.inner_mtu != config.inner_mtu
+                || next.link_prefix != config.link_prefix
+            {
+                tracing::warn!(
+                    "the key, listen address, MTU or link prefix changed: they apply at the next start"
+                );
+            }
+            tracing::info!(
+                segments = next.segments.len(),
+                peers = next.peers.len(),
+                "configuration reloaded"
+            );
+            carried_tx.send_replace(carried_of(&next));
+        }
+        // The sender is gone: keep the last configuration until shutdown.
+        std::future::pending::<()>().await;
+    };
+    let shutdown = async move {
+        tokio::select! {
+            () = shutdown => {}
+            () = forward => {}
+        }
+    };
+    run_control(base, carried_rx, report_tx, true, shutdown).await
+}
+
+/// The segments and peers of a fixed configuration, as a dynamic gateway
+/// takes them (peers by key, through the indices the file gives them).
+fn carried_of(config: &GatewayConfig) -> Carried {
+    let peers: BTreeMap<PeerIndex, &crate::gateway::PeerConfig> =
+        config.peers.iter().map(|p| (p.index, p)).collect();
+    Carried {
+        segments: config
+            .segments
+            .iter()
+            .map(|segment| CarriedSegment {
+                id: segment.id,
+                site_link: segment.site_link.clone(),
+                peers: segment
+                    .peers
+                    .iter()
+                    .filter_map(|index| peers.get(index))
+                    .map(|peer| super::CarriedPeer {
+                        public_key: peer.public_key,
+                        endpoint: peer.endpoint,
+                    })
+                    .collect(),
+            })
+            .collect(),
     }
-    result
 }
 
 /// Runs a gateway whose segments and peers follow `carried` while it runs
@@ -177,6 +190,18 @@ pub async fn run_dynamic(
     base: GatewayBase,
     carried: watch::Receiver<Carried>,
     report: watch::Sender<GatewayReport>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<ShellStats, ShellError> {
+    run_control(base, carried, report, false, shutdown).await
+}
+
+/// The dynamic gateway; with `strict`, a segment of the first value of
+/// `carried` that cannot be set up is an error (after undoing the rest).
+async fn run_control(
+    base: GatewayBase,
+    carried: watch::Receiver<Carried>,
+    report: watch::Sender<GatewayReport>,
+    strict: bool,
     shutdown: impl Future<Output = ()>,
 ) -> Result<ShellStats, ShellError> {
     let span = tracing::info_span!("gateway", listen = %base.listen);
@@ -221,7 +246,11 @@ pub async fn run_dynamic(
             applied: BTreeMap::new(),
             retry_at_ms: None,
         });
-        shell.apply(first).await;
+        let applied = shell.apply(first).await;
+        if let (true, Err(e)) = (strict, applied) {
+            shell.shutdown_links().await;
+            return Err(e);
+        }
         shell.run(shutdown).await
     }
     .instrument(span)
@@ -386,9 +415,9 @@ impl Shell {
     /// `carried`: removes what is no longer wanted, adds peers (with a
     /// handshake at once) and segments (TAP and links), and updates the
     /// peers of segments that stay.
-    async fn apply(&mut self, carried: Carried) {
+    async fn apply(&mut self, carried: Carried) -> Result<(), ShellError> {
         let Some(mut control) = self.control.take() else {
-            return;
+            return Ok(());
         };
         let now_ms = self.now_ms();
         let wanted: BTreeMap<u32, CarriedSegment> = carried
@@ -453,7 +482,7 @@ impl Shell {
             }
         }
 
-        let mut failed = false;
+        let mut failed = None;
         for (id, segment) in wanted {
             let peers: Vec<PeerIndex> = segment
                 .peers
@@ -485,14 +514,14 @@ impl Shell {
                     control.applied.insert(id, (segment, names));
                 }
                 Err(e) => {
-                    failed = true;
                     tracing::warn!(segment = id, error = %e, "segment not set up; retrying");
                     report.segments.insert(id, Err(e.to_string()));
                     control.links.teardown(std::slice::from_ref(&names)).await;
+                    failed.get_or_insert(e);
                 }
             }
         }
-        control.retry_at_ms = failed.then_some(now_ms + SEGMENT_RETRY_MS);
+        control.retry_at_ms = failed.is_some().then_some(now_ms + SEGMENT_RETRY_MS);
         control.report.send_if_modified(|current| {
             let changed = current.segments != report.segments;
             current.segments = report.segments;
@@ -500,6 +529,20 @@ impl Shell {
         });
         self.control = Some(control);
         self.flush().await;
+        failed.map_or(Ok(()), Err)
+    }
+
+    /// Removes the links of every segment set up (a start that failed).
+    async fn shutdown_links(&mut self) {
+        self.taps.clear();
+        if let Some(control) = self.control.take() {
+            let plan: Vec<SegmentLinkNames> = control
+                .applied
+                .into_values()
+                .map(|(_, names)| names)
+                .collect();
+            control.links.teardown(&plan).await;
+        }
     }
 
     /// A dynamic gateway's periodic work: publishes which peers have a
@@ -516,7 +559,8 @@ impl Shell {
         });
         if control.retry_at_ms.is_some_and(|at| at <= now_ms) {
             let carried = control.carried.borrow().clone();
-            self.apply(carried).await;
+            // Failures are reported and retried again.
+            let _ = self.apply(carried).await;
         }
     }
 
@@ -550,7 +594,8 @@ impl Shell {
                 () = Control::changed(&mut self.control) => {
                     if let Some(control) = &mut self.control {
                         let carried = control.carried.borrow_and_update().clone();
-                        self.apply(carried).await;
+                        // Failures are reported and retried.
+                        let _ = self.apply(carried).await;
                     }
                 }
                 _ = stats_log.tick() => {
