@@ -270,6 +270,69 @@ pub fn cluster_up(plan: &RunPlan, nodes: &[vcfed_storage::NodeRecord]) -> bool {
     })
 }
 
+/// Whether this site is up for `plan`: a worker's part once its own nodes
+/// are ([`all_up`]); at the master, the whole cluster once every node of
+/// every site is ([`cluster_up`] over the node states the master stores,
+/// its own and those the workers reported, read only if needed).
+pub fn site_up<E>(
+    plan: &RunPlan,
+    statuses: &[NodeStatus],
+    stored_nodes: impl FnOnce() -> Result<Vec<vcfed_storage::NodeRecord>, E>,
+) -> Result<bool, E> {
+    if !all_up(plan, statuses) {
+        return Ok(false);
+    }
+    if !plan.master {
+        return Ok(true);
+    }
+    Ok(cluster_up(plan, &stored_nodes()?))
+}
+
+/// Whether this site may boot its nodes of `plan` now. The master boots at
+/// once (its frontend first). A worker waits for the tunnel to the
+/// master's gateway (`tunnel_up`): nodes that boot before it would find no
+/// DHCP server. A master without a gateway can never be reached, so its
+/// workers boot anyway and their nodes report why they fail.
+pub fn may_boot(plan: &RunPlan, tunnel_up: impl FnOnce(&GatewayRef) -> bool) -> bool {
+    if plan.master {
+        return true;
+    }
+    let master_gateway = plan
+        .peers
+        .iter()
+        .find(|peer| peer.site == plan.master_site)
+        .and_then(|peer| peer.gateway.as_ref());
+    master_gateway.is_none_or(tunnel_up)
+}
+
+/// How often a worker sends its node states to the master even when they
+/// did not change (a report may have been lost), ms.
+pub const REPORT_EVERY_MS: i64 = 10_000;
+
+/// Whether a worker sends its node states to the master now: when they
+/// changed, and every [`REPORT_EVERY_MS`] anyway. The master sends none.
+pub fn report_due(plan: &RunPlan, changed: bool, reported_at_ms: Option<i64>, now_ms: i64) -> bool {
+    !plan.master && (changed || reported_at_ms.is_none_or(|at| now_ms - at >= REPORT_EVERY_MS))
+}
+
+/// The live clusters to mark `finished` here now: their window is over
+/// ([`is_overdue`]) and nothing of them runs here any more, neither a run
+/// the ledger knows (`runs`) nor one this process started (`running`);
+/// those are finished when they are torn down ([`state_after_stop`]).
+pub fn finish_idle<'a>(
+    records: &'a [ClusterRecord],
+    runs: &[ClusterRun],
+    running: &BTreeSet<String>,
+    now_ms: i64,
+) -> Vec<&'a ClusterRecord> {
+    let ran: BTreeSet<&str> = runs.iter().map(|run| run.cluster_id.as_str()).collect();
+    records
+        .iter()
+        .filter(|record| is_overdue(record, now_ms))
+        .filter(|record| !ran.contains(record.id.as_str()) && !running.contains(&record.id))
+        .collect()
+}
+
 /// The state a cluster moves to at this site once it runs here (or
 /// `None` to keep it): `starting` while its nodes come up, `running` once
 /// they all are. Only moves forward from `reserved` or `starting`.

@@ -34,7 +34,7 @@ use tokio::sync::watch;
 use vcfed_overlay::linux::{
     Carried, CarriedPeer, CarriedSegment, GatewayBase, GatewayReport, SiteLink as OverlayLink,
 };
-use vcfed_storage::{Ledger, LedgerError, NodeRecord};
+use vcfed_storage::{GatewayRef, Ledger, LedgerError, NodeRecord};
 
 use crate::cluster::ReportedNode;
 use crate::config::{Config, DriverKind, SiteLink, VlanRange};
@@ -52,9 +52,6 @@ pub const LINK_PREFIX: &str = "vcf";
 pub const INNER_MTU: usize = 1440;
 /// Name of the "bridge" of a cluster when there is no data plane (sim).
 const SIM_BRIDGE: &str = "sim";
-/// How often a worker sends its node states to the master even when they
-/// did not change (a report may have been lost), ms.
-const REPORT_EVERY_MS: i64 = 10_000;
 
 /// A cluster's network at this site, as the API shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -390,11 +387,8 @@ impl Runner {
         }
         // Clusters whose window is over and that do not run here (any
         // more) are finished here.
-        let ran: BTreeSet<&str> = runs.iter().map(|r| r.cluster_id.as_str()).collect();
-        for record in records.iter().filter(|r| lifecycle::is_overdue(r, now_ms)) {
-            if ran.contains(record.id.as_str()) || self.active.contains_key(&record.id) {
-                continue;
-            }
+        let running: BTreeSet<String> = self.active.keys().cloned().collect();
+        for record in lifecycle::finish_idle(&records, &runs, &running, now_ms) {
             let finished = self.ledger.blocking(|ledger| {
                 ledger.update_cluster(
                     &record.id,
@@ -539,21 +533,11 @@ impl Runner {
         let Some(Ok(bridge)) = report.segments.get(&active.plan.segment) else {
             return None;
         };
-        if !active.plan.master {
-            let master_key = active
-                .plan
-                .peers
-                .iter()
-                .find(|p| p.site == active.plan.master_site)
-                .and_then(|p| p.gateway.as_ref())
-                .and_then(|g| decode_key(&g.public_key));
-            // A master without a gateway can never be reached: boot anyway,
-            // the nodes report why they fail.
-            if master_key.is_some_and(|key| !report.sessions.contains(&key)) {
-                return None;
-            }
-        }
-        Some(bridge.clone())
+        // A master key that is not an X25519 key has no tunnel to wait for.
+        let tunnel_up = |gateway: &GatewayRef| {
+            decode_key(&gateway.public_key).is_none_or(|key| report.sessions.contains(&key))
+        };
+        lifecycle::may_boot(&active.plan, tunnel_up).then(|| bridge.clone())
     }
 
     /// Boots the nodes once the network is there, retries the ones that
@@ -634,14 +618,9 @@ impl Runner {
                 return;
             }
         }
-        if !active.plan.master {
-            let due = active
-                .reported_at_ms
-                .is_none_or(|at| now_ms - at >= REPORT_EVERY_MS);
-            if changed || due {
-                report(self.federation.as_ref(), cluster, &statuses);
-                active.reported_at_ms = Some(now_ms);
-            }
+        if lifecycle::report_due(&active.plan, changed, active.reported_at_ms, now_ms) {
+            report(self.federation.as_ref(), cluster, &statuses);
+            active.reported_at_ms = Some(now_ms);
         }
         active.statuses = statuses;
         if active.running {
@@ -649,11 +628,9 @@ impl Runner {
         }
         // A worker's part is up when its nodes are; the cluster, at the
         // master, when every node of every site is (the workers report).
-        let local_up = lifecycle::all_up(&active.plan, &active.statuses);
-        let plan = &active.plan;
+        let (plan, statuses) = (&active.plan, &active.statuses);
         let moved = self.ledger.blocking(|ledger| -> Result<bool, LedgerError> {
-            let up =
-                local_up && (!plan.master || lifecycle::cluster_up(plan, &ledger.nodes(cluster)?));
+            let up = lifecycle::site_up(plan, statuses, || ledger.nodes(cluster))?;
             set_state(ledger, cluster, up, now_ms)?;
             Ok(up)
         });

@@ -29,6 +29,12 @@ fn sweep_options() -> Options {
     options.settle_bound_ms = 5 * MINUTE_MS;
     options.faults = Fault::ALL.into_iter().collect();
     options.requests_per_site_hour = 30.0;
+    // Windows that start and end within the run, so that clusters start,
+    // run and finish under faults and in the calm.
+    options.window_start_min_ms = 20_000;
+    options.window_start_max_ms = 3 * MINUTE_MS;
+    options.window_length_min_ms = MINUTE_MS;
+    options.window_length_max_ms = 4 * MINUTE_MS;
     options
 }
 
@@ -74,18 +80,34 @@ fn a_sweep_of_seeds_under_every_fault_keeps_every_invariant() {
             failures.push_str(&vcfed::simnet::render(report));
         }
     }
-    let accepted: u64 = reports.iter().map(|r| r.requests.accepted).sum();
-    let reserved: u64 = reports.iter().map(|r| r.requests.reserved).sum();
-    let crashes: u64 = reports.iter().map(|r| r.traffic.crashes).sum();
-    let partitions: u64 = reports.iter().map(|r| r.traffic.partitions).sum();
+    let sum = |f: &dyn Fn(&Report) -> u64| reports.iter().map(f).sum::<u64>();
+    let accepted = sum(&|r| r.requests.accepted);
+    let running = sum(&|r| r.lifecycle.running_at_master);
+    let finished = sum(&|r| r.lifecycle.finished_by_window);
+    let crashes = sum(&|r| r.traffic.crashes);
+    let partitions = sum(&|r| r.traffic.partitions);
+    let joined = sum(&|r| r.membership.joined);
+    let left = sum(&|r| r.membership.left);
+    let outages = sum(&|r| r.membership.gateway_outages);
     eprintln!(
-        "{} seeds × {SWEEP_SITES} sites × {SWEEP_MINUTES} min in {:.1} s: {accepted} clusters accepted, {reserved} reserved at the end, {crashes} crashes, {partitions} partitions",
+        "{} seeds × {SWEEP_SITES} sites × {SWEEP_MINUTES} min in {:.1} s: {accepted} clusters accepted, {running} ran at their master, {finished} finished by their window (per site); {crashes} crashes, {partitions} partitions, {joined} joins, {left} leaves, {outages} gateway outages",
         reports.len(),
         started.elapsed().as_secs_f64()
     );
     assert!(failures.is_empty(), "invariants broken:\n{failures}");
     // The sweep exercised what it claims to.
-    assert!(accepted > 0 && reserved > 0 && crashes > 0 && partitions > 0);
+    for (what, count) in [
+        ("accepted", accepted),
+        ("running", running),
+        ("finished", finished),
+        ("crashes", crashes),
+        ("partitions", partitions),
+        ("joins", joined),
+        ("leaves", left),
+        ("gateway outages", outages),
+    ] {
+        assert!(count > 0, "the sweep saw no {what}");
+    }
 }
 
 #[test]
@@ -101,15 +123,20 @@ fn the_same_seed_replays_the_same_trace() {
     assert_ne!(first.trace_hash, other.trace_hash);
 }
 
-#[test]
-fn a_planted_commit_without_hold_is_caught_by_the_sweep() {
-    let mut options = sweep_options();
-    options.plant = Some(PlantedBug::CommitWithoutHold);
+/// Runs `seeds` with `plant` and checks that some seed stops at a
+/// violation of `invariant` whose replay command plants the same bug.
+fn planted_bug_is_caught(
+    mut options: Options,
+    plant: PlantedBug,
+    invariant: &str,
+    seeds: Range<u64>,
+) {
+    options.plant = Some(plant);
     options.stop_at_first_violation = true;
-    let reports = sweep(&options, 0..8);
+    let reports = sweep(&options, seeds);
     let caught: Vec<&Report> = reports
         .iter()
-        .filter(|r| r.violations.iter().any(|v| v.invariant == "capacity"))
+        .filter(|r| r.violations.iter().any(|v| v.invariant == invariant))
         .collect();
     assert!(
         !caught.is_empty(),
@@ -117,8 +144,11 @@ fn a_planted_commit_without_hold_is_caught_by_the_sweep() {
         reports.iter().map(|r| &r.requests).collect::<Vec<_>>()
     );
     let violation = &caught[0].violations[0];
+    assert_eq!(violation.invariant, invariant);
     assert!(
-        violation.replay.contains("--plant-bug commit-without-hold"),
+        violation
+            .replay
+            .contains(&format!("--plant-bug {}", plant.name())),
         "{}",
         violation.replay
     );
@@ -129,4 +159,21 @@ fn a_planted_commit_without_hold_is_caught_by_the_sweep() {
         reports.len(),
         vcfed::simnet::render(caught[0])
     );
+}
+
+#[test]
+fn a_planted_commit_without_hold_is_caught_by_the_sweep() {
+    // Long windows far ahead: the reservations pile up, as overbooking
+    // needs.
+    let mut options = sweep_options();
+    options.window_start_min_ms = 2 * MINUTE_MS;
+    options.window_start_max_ms = 60 * MINUTE_MS;
+    options.window_length_min_ms = 10 * MINUTE_MS;
+    options.window_length_max_ms = 120 * MINUTE_MS;
+    planted_bug_is_caught(options, PlantedBug::CommitWithoutHold, "capacity", 0..8);
+}
+
+#[test]
+fn a_planted_vlan_leak_is_caught_by_the_sweep() {
+    planted_bug_is_caught(sweep_options(), PlantedBug::LeakVlan, "stale run", 0..4);
 }

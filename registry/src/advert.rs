@@ -7,6 +7,8 @@
 //! site id is the signer's peer id, and the advert's own bounds. Anything
 //! that fails is dropped and counted by the caller, never applied.
 
+use std::sync::Arc;
+
 use libp2p_identity::{Keypair, PeerId, PublicKey};
 use serde::{Deserialize, Serialize};
 
@@ -236,6 +238,25 @@ impl SignedAdvert {
 pub trait AdvertVerifier: Send + Sync + std::fmt::Debug {
     /// Verifies `signed` as [`SignedAdvert::verify`] does.
     fn verify(&self, signed: &SignedAdvert) -> Result<Advert, AdvertError>;
+
+    /// Verifies `signed` as [`AdvertVerifier::verify`] does and returns it
+    /// with its advert: what the registry keeps in its view. A verifier
+    /// that remembers adverts may hand every registry the same shared value
+    /// (its `signed` equal to the argument), so that a simulator's thousand
+    /// views hold one copy of each advert instead of a thousand.
+    fn verify_shared(&self, signed: SignedAdvert) -> Result<Arc<VerifiedAdvert>, AdvertError> {
+        let advert = self.verify(&signed)?;
+        Ok(Arc::new(VerifiedAdvert { signed, advert }))
+    }
+}
+
+/// A signed advert that verified, with the advert it carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedAdvert {
+    /// As received (and as relayed to peers that lack it).
+    pub signed: SignedAdvert,
+    /// What [`SignedAdvert::verify`] returned for it.
+    pub advert: Advert,
 }
 
 fn signed_bytes(body: &[u8]) -> Vec<u8> {

@@ -26,17 +26,26 @@
 //! site whose advert is no longer fresh is *suspect*, and *gone* after a
 //! further `suspect_ms`. Gone sites are never offered as workers; a fresh
 //! advert brings them back.
+//!
+//! Cost: the view keeps its anti-entropy digest hash and a bound on its next
+//! liveness deadline up to date as adverts arrive (O(1) each, beside finding
+//! the site), so an anti-entropy round, a timer and [`Registry::poll_timeout`]
+//! need no pass over the view. Passes remain where they are due: listing a
+//! digest that differs, and the rare moments an advert nears its expiry or
+//! a site's liveness changes.
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use libp2p_identity::{Keypair, PeerId};
 
 use crate::advert::{
     ADVERT_ADDRS_MAX, ADVERT_STEPS_MAX, Advert, AdvertError, AdvertVerifier, CapacitySummary,
-    GatewayInfo, NodeShape, SignedAdvert, coarsen_steps,
+    GatewayInfo, NodeShape, SignedAdvert, VerifiedAdvert, coarsen_steps,
 };
-use crate::wire::{self, DigestEntry, Message, WireError};
+use crate::wire::{self, DigestEntry, Message, PeerBytes, WireError};
 
 /// Settings of the registry core. Times in ms.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,6 +83,54 @@ impl Default for RegistryConfig {
             message_max_bytes: 1 << 20,
             sites_max: 10_000,
             allowed_sites: None,
+        }
+    }
+}
+
+impl RegistryConfig {
+    /// An advert's TTL as this site honours it: at most ten times its own,
+    /// so a site with a long TTL is still seen (and still expires) here.
+    fn ttl_of(&self, advert: &Advert) -> i64 {
+        i64::from(advert.ttl_ms.min(self.advert_ttl_ms.saturating_mul(10)))
+    }
+
+    /// When an advert expires by the issuer's clock, allowing skew: from
+    /// then on it is refused, and left out of the digest.
+    fn expires_at(&self, advert: &Advert) -> i64 {
+        advert
+            .issued_at_ms
+            .saturating_add(self.ttl_of(advert))
+            .saturating_add(self.clock_skew_max_ms)
+    }
+
+    /// The liveness at `now_ms` of a site whose advert is fresh until
+    /// `fresh_until_ms`.
+    fn liveness(&self, fresh_until_ms: i64, now_ms: i64) -> SiteState {
+        if now_ms < fresh_until_ms {
+            SiteState::Alive
+        } else if now_ms < fresh_until_ms.saturating_add(self.suspect_ms) {
+            SiteState::Suspect
+        } else {
+            SiteState::Gone
+        }
+    }
+
+    /// When a site whose advert is fresh until `fresh_until_ms` is forgotten
+    /// (once gone).
+    fn forget_at(&self, fresh_until_ms: i64) -> i64 {
+        fresh_until_ms
+            .saturating_add(self.suspect_ms)
+            .saturating_add(self.forget_ms)
+    }
+
+    /// When the liveness of a site in `state` whose advert is fresh until
+    /// `fresh_until_ms` next changes as time passes: it stops being alive,
+    /// stops being suspect, or is forgotten.
+    fn liveness_deadline(&self, state: SiteState, fresh_until_ms: i64) -> i64 {
+        match state {
+            SiteState::Alive => fresh_until_ms,
+            SiteState::Suspect => fresh_until_ms.saturating_add(self.suspect_ms),
+            SiteState::Gone => self.forget_at(fresh_until_ms),
         }
     }
 }
@@ -234,11 +291,135 @@ pub struct Candidate {
 
 #[derive(Debug, Clone)]
 struct SiteEntry {
-    signed: SignedAdvert,
-    advert: Advert,
+    /// The advert as received and as verified (possibly shared with the
+    /// verifier's cache and other views).
+    verified: Arc<VerifiedAdvert>,
     /// Until when the advert is fresh, by our clock.
     fresh_until_ms: i64,
     state: SiteState,
+    /// [`peer_hash`] of the site, computed once.
+    site_hash: u64,
+    /// The advert's version and [`RegistryConfig::expires_at`], beside the
+    /// key: passes over the view (digests) need no more of the advert.
+    version: u64,
+    expires_at_ms: i64,
+}
+
+impl SiteEntry {
+    fn advert(&self) -> &Advert {
+        &self.verified.advert
+    }
+
+    /// This entry's share of the digest hash.
+    fn digest_hash(&self) -> u64 {
+        digest_entry_hash(self.site_hash, self.version)
+    }
+}
+
+/// The anti-entropy digest of the remote entries (what [`Registry::digest`]
+/// lists, but ours) at `at_ms`, kept up to date as the view changes: the
+/// sum of the [`digest_entry_hash`]es of the entries still valid then, and
+/// their number. Entries also expire as time passes; bounds on the expiries
+/// say when that may have changed the sums, and only then are they
+/// recomputed from the view (rarely: adverts are refreshed long before they
+/// expire).
+#[derive(Debug, Clone)]
+struct DigestSummary {
+    at_ms: i64,
+    hash: u64,
+    count: usize,
+    /// No entry valid at `at_ms` expires before this.
+    valid_until_ms: i64,
+    /// No entry expired at `at_ms` expired after this.
+    expired_since_ms: i64,
+}
+
+impl DigestSummary {
+    /// The summary of `sites` at `now_ms`.
+    fn of(sites: &BTreeMap<PeerId, SiteEntry>, now_ms: i64) -> Self {
+        let mut summary = DigestSummary {
+            at_ms: now_ms,
+            hash: 0,
+            count: 0,
+            valid_until_ms: i64::MAX,
+            expired_since_ms: i64::MIN,
+        };
+        for entry in sites.values() {
+            summary.add(entry.expires_at_ms, entry.digest_hash());
+        }
+        summary
+    }
+
+    /// Whether the sums also describe `now_ms`: no entry expired or came
+    /// back (the clock stepped back) between `at_ms` and then.
+    fn holds_at(&self, now_ms: i64) -> bool {
+        self.expired_since_ms <= now_ms && now_ms < self.valid_until_ms
+    }
+
+    /// An entry that expires at `expires_at_ms` joins the view.
+    fn add(&mut self, expires_at_ms: i64, hash: u64) {
+        if expires_at_ms > self.at_ms {
+            self.hash = self.hash.wrapping_add(hash);
+            self.count += 1;
+            self.valid_until_ms = self.valid_until_ms.min(expires_at_ms);
+        } else {
+            self.expired_since_ms = self.expired_since_ms.max(expires_at_ms);
+        }
+    }
+
+    /// An entry added with [`DigestSummary::add`] leaves the view (the
+    /// bounds stay bounds).
+    fn remove(&mut self, expires_at_ms: i64, hash: u64) {
+        if expires_at_ms > self.at_ms {
+            assert!(self.count > 0, "only an added entry is removed");
+            self.hash = self.hash.wrapping_sub(hash);
+            self.count -= 1;
+        }
+    }
+}
+
+/// When the view next changes by itself, as far as
+/// [`Registry::poll_timeout`] needs it: a lower bound on the entries'
+/// liveness deadlines, exact when `exact` is set. Replacing or dropping the
+/// entry that held the bound leaves a stale (lower) bound, recomputed only
+/// once it comes before the registry's next timer: until then that timer is
+/// what `poll_timeout` answers anyway. Adverts are refreshed long before
+/// their deadlines, so keeping the bound costs O(1) per advert.
+#[derive(Debug, Clone, Copy)]
+struct DeadlineBound {
+    at_ms: i64,
+    exact: bool,
+}
+
+impl DeadlineBound {
+    /// The exact bound of `sites`.
+    fn of(sites: &BTreeMap<PeerId, SiteEntry>, config: &RegistryConfig) -> Self {
+        DeadlineBound {
+            at_ms: sites
+                .values()
+                .map(|entry| config.liveness_deadline(entry.state, entry.fresh_until_ms))
+                .min()
+                .unwrap_or(i64::MAX),
+            exact: true,
+        }
+    }
+
+    /// An entry with this deadline joined the view.
+    fn added(&mut self, deadline_ms: i64) {
+        if deadline_ms < self.at_ms {
+            // Below a lower bound of every other deadline: the minimum.
+            self.at_ms = deadline_ms;
+            self.exact = true;
+        }
+    }
+
+    /// An entry with this deadline left the view.
+    fn removed(&mut self, deadline_ms: i64) {
+        assert!(deadline_ms >= self.at_ms, "the bound is a lower bound");
+        if deadline_ms == self.at_ms {
+            self.exact = false;
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -248,14 +429,26 @@ struct PeerInfo {
 }
 
 /// The registry state machine. See the module docs for the contract.
+#[cfg_attr(test, derive(Clone))]
 pub struct Registry {
     config: RegistryConfig,
     keypair: Keypair,
     local_id: PeerId,
+    /// [`peer_hash`] of `local_id`.
+    local_hash: u64,
     local: Option<LocalAdvert>,
     local_version: u64,
     local_signed: Option<(SignedAdvert, Advert)>,
     sites: BTreeMap<PeerId, SiteEntry>,
+    /// When the view next changes by itself (the first liveness deadline
+    /// of its entries, [`RegistryConfig::liveness_deadline`]), as far as
+    /// [`Registry::poll_timeout`] needs it; settled after every input.
+    deadline: DeadlineBound,
+    /// The `now` liveness was last brought up to date for: every state in
+    /// the view is what that `now` gave.
+    liveness_at_ms: i64,
+    /// Hash and expiries of the remote entries of the digest.
+    digest: DigestSummary,
     peers: BTreeMap<PeerId, PeerInfo>,
     rng: SplitMix64,
     next_refresh_ms: Option<i64>,
@@ -293,14 +486,22 @@ impl Registry {
         // do not all talk at once.
         let jitter = rng.below(u64::try_from(config.anti_entropy_ms).unwrap_or(1).max(1));
         let next_anti_entropy_ms = now_ms + i64::try_from(jitter).expect("jitter is below an i64");
+        let digest = DigestSummary::of(&BTreeMap::new(), now_ms);
         Registry {
             config,
             keypair,
             local_id,
+            local_hash: peer_hash(&local_id),
             local: None,
             local_version: persisted_version,
             local_signed: None,
             sites: BTreeMap::new(),
+            deadline: DeadlineBound {
+                at_ms: i64::MAX,
+                exact: true,
+            },
+            liveness_at_ms: i64::MIN,
+            digest,
             peers: BTreeMap::new(),
             rng,
             next_refresh_ms: None,
@@ -336,6 +537,7 @@ impl Registry {
         }
         self.local = Some(local);
         self.publish_local(now_ms);
+        self.settle_deadline();
     }
 
     /// A connection to `peer` is up.
@@ -357,7 +559,11 @@ impl Registry {
     /// A gossip message arrived; the verdict tells whether to forward it.
     pub fn handle_gossip(&mut self, now_ms: i64, data: &[u8]) -> Verdict {
         match self.decode(data) {
-            Some(Message::Advert(signed)) => self.apply(now_ms, signed),
+            Some(Message::Advert(signed)) => {
+                let verdict = self.apply(now_ms, signed);
+                self.settle_deadline();
+                verdict
+            }
             Some(_) => {
                 // Only adverts travel by gossip.
                 self.stats.dropped_undecodable += 1;
@@ -372,13 +578,11 @@ impl Registry {
     pub fn handle_request(&mut self, now_ms: i64, from: PeerId, data: &[u8]) -> Option<Vec<u8>> {
         let reply = match self.decode(data)? {
             Message::DigestHash { hash, count } => {
-                let mine = self.digest(now_ms);
-                if digest_hash(&mine) == hash
-                    && mine.len() == usize::try_from(count).unwrap_or(usize::MAX)
-                {
+                let (mine_hash, mine_count) = self.digest_summary(now_ms);
+                if mine_hash == hash && mine_count == usize::try_from(count).unwrap_or(usize::MAX) {
                     Message::InSync
                 } else {
-                    Message::Digest(mine)
+                    Message::Digest(self.digest(now_ms))
                 }
             }
             Message::Pull(sites) => Message::Adverts(self.adverts_for(now_ms, &sites)),
@@ -398,6 +602,7 @@ impl Registry {
                 return None;
             }
         };
+        self.settle_deadline();
         Some(self.encode_counted(&reply))
     }
 
@@ -413,6 +618,7 @@ impl Registry {
             Some(Message::InSync | Message::Ack) | None => {}
             Some(_) => self.stats.dropped_undecodable += 1,
         }
+        self.settle_deadline();
     }
 
     /// Timers: refresh, anti-entropy, liveness. Call at [`Registry::poll_timeout`].
@@ -436,6 +642,7 @@ impl Registry {
             self.send_digest(now_ms);
         }
         self.update_liveness(now_ms);
+        self.settle_deadline();
     }
 
     /// The next instant at which [`Registry::handle_timeout`] has work.
@@ -444,17 +651,16 @@ impl Registry {
         if let Some(refresh) = self.next_refresh_ms {
             next = next.min(refresh);
         }
-        for entry in self.sites.values() {
-            let at = match entry.state {
-                SiteState::Alive => entry.fresh_until_ms,
-                SiteState::Suspect => entry.fresh_until_ms + self.config.suspect_ms,
-                SiteState::Gone => {
-                    entry.fresh_until_ms + self.config.suspect_ms + self.config.forget_ms
-                }
-            };
-            next = next.min(at);
-        }
-        Some(next)
+        debug_assert!(
+            self.deadline.exact || self.deadline.at_ms >= next,
+            "the deadline bound is settled after every input"
+        );
+        debug_assert_eq!(
+            next.min(self.deadline.at_ms),
+            next.min(DeadlineBound::of(&self.sites, &self.config).at_ms),
+            "poll_timeout is what a pass over the view gives"
+        );
+        Some(next.min(self.deadline.at_ms))
     }
 
     /// The next event, if any.
@@ -488,10 +694,10 @@ impl Registry {
                 site: *site,
                 local: false,
                 state: entry.state,
-                advert_age_ms: now_ms - entry.advert.issued_at_ms,
-                free_now: entry.advert.capacity.min_free(now_ms, now_ms + 1),
+                advert_age_ms: now_ms - entry.advert().issued_at_ms,
+                free_now: entry.advert().capacity.min_free(now_ms, now_ms + 1),
                 rtt: self.peers.get(site).and_then(|p| p.rtt),
-                advert: entry.advert.clone(),
+                advert: entry.advert().clone(),
             })
             .collect();
         others.sort_by(|a, b| (&a.advert.site_name, a.site).cmp(&(&b.advert.site_name, b.site)));
@@ -506,13 +712,13 @@ impl Registry {
         }
         self.sites
             .get(site)
-            .map(|entry| entry.advert.site_name.clone())
+            .map(|entry| entry.advert().site_name.clone())
     }
 
     /// Whether any alive remote site has node slots that fit `shape`.
     pub fn offers_shape(&self, shape: &NodeShape) -> bool {
         self.sites.values().any(|entry| {
-            entry.state == SiteState::Alive && shape.fits_in(&entry.advert.capacity.node)
+            entry.state == SiteState::Alive && shape.fits_in(&entry.advert().capacity.node)
         })
     }
 
@@ -530,11 +736,11 @@ impl Registry {
             .sites
             .iter()
             .filter(|(_, entry)| entry.state == SiteState::Alive)
-            .filter(|(_, entry)| shape.fits_in(&entry.advert.capacity.node))
+            .filter(|(_, entry)| shape.fits_in(&entry.advert().capacity.node))
             .map(|(site, entry)| Candidate {
                 site: *site,
-                name: entry.advert.site_name.clone(),
-                free: entry.advert.capacity.min_free(start_ms, end_ms),
+                name: entry.advert().site_name.clone(),
+                free: entry.advert().capacity.min_free(start_ms, end_ms),
                 rtt: self.peers.get(site).and_then(|p| p.rtt),
             })
             .filter(|candidate| candidate.free > 0)
@@ -603,13 +809,37 @@ impl Registry {
         }
         let index = self.rng.below(connected.len() as u64);
         let to = connected[usize::try_from(index).expect("index is below a usize length")];
-        let entries = self.digest(now_ms);
-        let count = u32::try_from(entries.len()).unwrap_or(u32::MAX);
+        let (hash, count) = self.digest_summary(now_ms);
         let data = self.encode_counted(&Message::DigestHash {
-            hash: digest_hash(&entries),
-            count,
+            hash,
+            count: u32::try_from(count).unwrap_or(u32::MAX),
         });
         self.transmits.push_back(Transmit::Request { to, data });
+    }
+
+    /// The [`digest_hash`] and length of [`Registry::digest`], from the
+    /// summary kept up to date with the view.
+    fn digest_summary(&mut self, now_ms: i64) -> (u64, usize) {
+        if self.digest.holds_at(now_ms) {
+            self.digest.at_ms = now_ms;
+        } else {
+            self.digest = DigestSummary::of(&self.sites, now_ms);
+        }
+        let mut hash = self.digest.hash;
+        let mut count = self.digest.count;
+        if let Some((_, advert)) = &self.local_signed {
+            hash = hash.wrapping_add(digest_entry_hash(self.local_hash, advert.version));
+            count += 1;
+        }
+        debug_assert_eq!(
+            (hash, count),
+            {
+                let entries = self.digest(now_ms);
+                (digest_hash(&entries), entries.len())
+            },
+            "the digest summary follows the view"
+        );
+        (hash, count)
     }
 
     /// The versions we hold of adverts that are still valid, ours included.
@@ -617,10 +847,10 @@ impl Registry {
         let mut entries: Vec<DigestEntry> = self
             .sites
             .iter()
-            .filter(|(_, entry)| !self.is_expired(&entry.advert, now_ms))
+            .filter(|(_, entry)| entry.expires_at_ms > now_ms)
             .map(|(site, entry)| DigestEntry {
                 site: *site,
-                version: entry.advert.version,
+                version: entry.version,
             })
             .collect();
         if let Some((_, advert)) = &self.local_signed {
@@ -635,32 +865,7 @@ impl Registry {
     /// After a peer's digest differed from ours: push what it lacks, pull
     /// what we lack.
     fn reconcile(&mut self, now_ms: i64, peer: PeerId, theirs: &[DigestEntry]) {
-        let theirs_by_site: BTreeMap<PeerId, u64> =
-            theirs.iter().map(|e| (e.site, e.version)).collect();
-        let mine = self.digest(now_ms);
-        let mine_by_site: BTreeMap<PeerId, u64> =
-            mine.iter().map(|e| (e.site, e.version)).collect();
-        let they_lack: Vec<PeerId> = mine
-            .iter()
-            .filter(|entry| entry.site != peer)
-            .filter(|entry| {
-                theirs_by_site
-                    .get(&entry.site)
-                    .is_none_or(|v| *v < entry.version)
-            })
-            .map(|entry| entry.site)
-            .collect();
-        let we_lack: Vec<PeerId> = theirs
-            .iter()
-            .filter(|entry| entry.site != self.local_id)
-            .filter(|entry| {
-                mine_by_site
-                    .get(&entry.site)
-                    .is_none_or(|v| *v < entry.version)
-            })
-            .map(|entry| entry.site)
-            .take(self.config.sites_max)
-            .collect();
+        let (they_lack, we_lack) = self.lacking(now_ms, peer, theirs);
         let push = self.adverts_for(now_ms, &they_lack);
         if !push.is_empty() {
             let data = self.encode_counted(&Message::Adverts(push));
@@ -672,6 +877,69 @@ impl Registry {
             self.transmits
                 .push_back(Transmit::Request { to: peer, data });
         }
+    }
+
+    /// Compares a peer's digest with ours: the sites whose adverts it lacks
+    /// or holds older (in our digest's order, never its own), and those we
+    /// lack or hold older (in its order, never ours). Where `theirs` lists
+    /// a site more than once, its last version is the one it holds, while
+    /// each listing is weighed on its own for what we lack.
+    ///
+    /// Both digests are walked in site order together (theirs sorted, which
+    /// costs little as peers send it sorted but for their own entry).
+    fn lacking(
+        &self,
+        now_ms: i64,
+        peer: PeerId,
+        theirs: &[DigestEntry],
+    ) -> (Vec<PeerId>, Vec<PeerId>) {
+        let mut order: Vec<usize> = (0..theirs.len()).collect();
+        // Stable: listings of one site stay in their order, the last last.
+        order.sort_by(|&a, &b| theirs[a].site.cmp(&theirs[b].site));
+        let after_local = order.partition_point(|&i| theirs[i].site <= self.local_id);
+        let theirs_of_local = after_local
+            .checked_sub(1)
+            .map(|last| &theirs[order[last]])
+            .filter(|entry| entry.site == self.local_id)
+            .map(|entry| entry.version);
+        let mut groups = order
+            .chunk_by(|&a, &b| theirs[a].site == theirs[b].site)
+            .peekable();
+        // Per listing of theirs: whether we lack that version.
+        let mut we_lack_listing = vec![false; theirs.len()];
+        let mut they_lack = Vec::new();
+        for (site, entry) in &self.sites {
+            while let Some(group) = groups.next_if(|group| theirs[group[0]].site < *site) {
+                weigh(theirs, group, None, &mut we_lack_listing);
+            }
+            let mine = (entry.expires_at_ms > now_ms).then_some(entry.version);
+            let theirs_version = groups
+                .next_if(|group| theirs[group[0]].site == *site)
+                .map(|group| weigh(theirs, group, mine, &mut we_lack_listing));
+            if let Some(version) = mine
+                && *site != peer
+                && theirs_version.is_none_or(|v| v < version)
+            {
+                they_lack.push(*site);
+            }
+        }
+        for group in groups {
+            weigh(theirs, group, None, &mut we_lack_listing);
+        }
+        if let Some((_, advert)) = &self.local_signed
+            && self.local_id != peer
+            && theirs_of_local.is_none_or(|v| v < advert.version)
+        {
+            they_lack.push(self.local_id);
+        }
+        let we_lack = theirs
+            .iter()
+            .zip(we_lack_listing)
+            .filter(|(entry, lack)| *lack && entry.site != self.local_id)
+            .map(|(entry, _)| entry.site)
+            .take(self.config.sites_max)
+            .collect();
+        (they_lack, we_lack)
     }
 
     /// Signed adverts we hold for `sites`, as many as fit one message.
@@ -688,8 +956,8 @@ impl Registry {
             } else {
                 self.sites
                     .get(site)
-                    .filter(|e| !self.is_expired(&e.advert, now_ms))
-                    .map(|e| &e.signed)
+                    .filter(|e| e.expires_at_ms > now_ms)
+                    .map(|e| &e.verified.signed)
             };
             let Some(signed) = signed else { continue };
             let size = signed.body.len() + signed.signature.len() + signed.public_key.len() + 16;
@@ -705,11 +973,13 @@ impl Registry {
     /// Verifies and applies one advert.
     fn apply(&mut self, now_ms: i64, signed: SignedAdvert) -> Verdict {
         let verified = match &self.verifier {
-            Some(verifier) => verifier.verify(&signed),
-            None => signed.verify(),
+            Some(verifier) => verifier.verify_shared(signed),
+            None => signed
+                .verify()
+                .map(|advert| Arc::new(VerifiedAdvert { signed, advert })),
         };
-        let advert = match verified {
-            Ok(advert) => advert,
+        let verified = match verified {
+            Ok(verified) => verified,
             Err(
                 AdvertError::BadKey | AdvertError::BadSignature | AdvertError::WrongSigner { .. },
             ) => {
@@ -722,6 +992,7 @@ impl Registry {
                 return Verdict::Reject;
             }
         };
+        let advert = &verified.advert;
         if advert.site == self.local_id {
             // Our own advert coming back to us.
             return Verdict::Ignore;
@@ -732,7 +1003,7 @@ impl Registry {
             self.stats.dropped_not_allowed += 1;
             return Verdict::Ignore;
         }
-        if self.is_expired(&advert, now_ms) {
+        if self.is_expired(advert, now_ms) {
             self.stats.dropped_expired += 1;
             return Verdict::Ignore;
         }
@@ -742,43 +1013,37 @@ impl Registry {
             self.stats.dropped_expired += 1;
             return Verdict::Ignore;
         }
-        let fresh_until_ms = self.fresh_until(&advert, now_ms);
+        let fresh_until_ms = self.fresh_until(advert, now_ms);
         let site = advert.site;
-        match self.sites.get(&site) {
-            Some(entry) if entry.advert.version == advert.version => {
+        let full = self.sites.len() >= self.config.sites_max;
+        let previous = match self.sites.entry(site) {
+            Entry::Occupied(entry) if entry.get().version == advert.version => {
                 self.stats.adverts_duplicate += 1;
                 return Verdict::Ignore;
             }
-            Some(entry) if entry.advert.version > advert.version => {
+            Entry::Occupied(entry) if entry.get().version > advert.version => {
                 self.stats.dropped_stale += 1;
                 return Verdict::Ignore;
             }
-            None if self.sites.len() >= self.config.sites_max => {
+            Entry::Vacant(_) if full => {
                 self.stats.dropped_full += 1;
                 return Verdict::Ignore;
             }
-            _ => {}
-        }
-        let previous = self.sites.insert(
-            site,
-            SiteEntry {
-                signed,
-                advert: advert.clone(),
-                fresh_until_ms,
-                state: SiteState::Alive,
-            },
-        );
+            Entry::Occupied(entry) => Some(entry.into_mut()),
+            Entry::Vacant(_) => None,
+        };
         self.stats.adverts_applied += 1;
-        match previous {
+        let config = &self.config;
+        match &previous {
             Some(previous) if previous.state == SiteState::Alive => {
                 self.events.push_back(RegistryEvent::SiteUpdated {
                     site,
                     version: advert.version,
                 });
-                if previous.advert.addrs != advert.addrs {
+                if previous.advert().addrs != advert.addrs {
                     self.events.push_back(RegistryEvent::SiteAddrs {
                         site,
-                        addrs: advert.addrs,
+                        addrs: advert.addrs.clone(),
                     });
                 }
             }
@@ -793,36 +1058,47 @@ impl Registry {
                 });
                 self.events.push_back(RegistryEvent::SiteAddrs {
                     site,
-                    addrs: advert.addrs,
+                    addrs: advert.addrs.clone(),
                 });
             }
         }
+        let entry = SiteEntry {
+            site_hash: previous
+                .as_ref()
+                .map_or_else(|| peer_hash(&site), |previous| previous.site_hash),
+            version: advert.version,
+            expires_at_ms: config.expires_at(advert),
+            verified,
+            fresh_until_ms,
+            state: SiteState::Alive,
+        };
+        let deadline_ms = config.liveness_deadline(entry.state, entry.fresh_until_ms);
+        self.digest.add(entry.expires_at_ms, entry.digest_hash());
+        match previous {
+            Some(previous) => {
+                self.deadline
+                    .removed(config.liveness_deadline(previous.state, previous.fresh_until_ms));
+                self.digest
+                    .remove(previous.expires_at_ms, previous.digest_hash());
+                *previous = entry;
+            }
+            None => {
+                self.sites.insert(site, entry);
+            }
+        }
+        self.deadline.added(deadline_ms);
         Verdict::Accept
     }
 
     /// Whether an advert is past its TTL by the issuer's clock, allowing skew.
     fn is_expired(&self, advert: &Advert, now_ms: i64) -> bool {
-        advert
-            .issued_at_ms
-            .saturating_add(self.ttl_of(advert))
-            .saturating_add(self.config.clock_skew_max_ms)
-            <= now_ms
-    }
-
-    /// An advert's TTL as this site honours it: at most ten times its own,
-    /// so a site with a long TTL is still seen (and still expires) here.
-    fn ttl_of(&self, advert: &Advert) -> i64 {
-        i64::from(
-            advert
-                .ttl_ms
-                .min(self.config.advert_ttl_ms.saturating_mul(10)),
-        )
+        self.config.expires_at(advert) <= now_ms
     }
 
     /// Until when (our clock) an advert received at `now_ms` counts as fresh:
     /// at most its TTL from now, and no longer than the issuer's clock allows.
     fn fresh_until(&self, advert: &Advert, now_ms: i64) -> i64 {
-        let ttl = self.ttl_of(advert);
+        let ttl = self.config.ttl_of(advert);
         let by_issuer = advert
             .issued_at_ms
             .saturating_add(ttl)
@@ -830,19 +1106,21 @@ impl Registry {
         now_ms.saturating_add(ttl).min(by_issuer.max(now_ms))
     }
 
+    /// Brings every entry's liveness to `now_ms`, announcing changes in site
+    /// order. While time runs forward, liveness only advances (alive,
+    /// suspect, gone, forgotten), each entry at its deadline: the view is
+    /// visited only when the first deadline is due, or the clock stepped back.
     fn update_liveness(&mut self, now_ms: i64) {
-        let suspect_ms = self.config.suspect_ms;
-        let forget_ms = self.config.forget_ms;
+        let due = now_ms < self.liveness_at_ms || self.deadline.at_ms <= now_ms;
+        self.liveness_at_ms = now_ms;
+        if !due {
+            return;
+        }
+        let config = &self.config;
         let mut forget = Vec::new();
         for (site, entry) in &mut self.sites {
-            let state = if now_ms < entry.fresh_until_ms {
-                SiteState::Alive
-            } else if now_ms < entry.fresh_until_ms + suspect_ms {
-                SiteState::Suspect
-            } else {
-                SiteState::Gone
-            };
-            if state == SiteState::Gone && now_ms >= entry.fresh_until_ms + suspect_ms + forget_ms {
+            let state = config.liveness(entry.fresh_until_ms, now_ms);
+            if state == SiteState::Gone && now_ms >= config.forget_at(entry.fresh_until_ms) {
                 forget.push(*site);
             }
             if state == entry.state {
@@ -852,14 +1130,31 @@ impl Registry {
             self.events.push_back(match state {
                 SiteState::Alive => RegistryEvent::SiteAlive {
                     site: *site,
-                    name: entry.advert.site_name.clone(),
+                    name: entry.advert().site_name.clone(),
                 },
                 SiteState::Suspect => RegistryEvent::SiteSuspect { site: *site },
                 SiteState::Gone => RegistryEvent::SiteGone { site: *site },
             });
         }
         for site in forget {
-            self.sites.remove(&site);
+            let entry = self
+                .sites
+                .remove(&site)
+                .expect("forgotten sites are in the view");
+            self.digest.remove(entry.expires_at_ms, entry.digest_hash());
+        }
+        self.deadline = DeadlineBound::of(&self.sites, &self.config);
+    }
+
+    /// Makes the deadline bound exact if the next timer would not hide it.
+    fn settle_deadline(&mut self) {
+        let next_timer_ms = self
+            .next_refresh_ms
+            .map_or(self.next_anti_entropy_ms, |refresh| {
+                refresh.min(self.next_anti_entropy_ms)
+            });
+        if !self.deadline.exact && self.deadline.at_ms < next_timer_ms {
+            self.deadline = DeadlineBound::of(&self.sites, &self.config);
         }
     }
 
@@ -886,16 +1181,39 @@ impl Registry {
     }
 }
 
+/// Weighs the listings `group` (indices into `theirs`, all of one site)
+/// against our version of that site: marks in `lacking` those newer than
+/// ours, and returns the version of the last listing.
+fn weigh(theirs: &[DigestEntry], group: &[usize], mine: Option<u64>, lacking: &mut [bool]) -> u64 {
+    for &i in group {
+        lacking[i] = mine.is_none_or(|v| v < theirs[i].version);
+    }
+    let last = group.last().expect("chunks are non-empty");
+    theirs[*last].version
+}
+
 /// An order-independent hash of digest entries: equal sets hash equal
-/// whatever order they were collected in.
+/// whatever order they were collected in. The sum of each entry's
+/// [`digest_entry_hash`], so that it can be kept up to date entry by entry.
 fn digest_hash(entries: &[DigestEntry]) -> u64 {
     entries.iter().fold(0u64, |sum, entry| {
-        let mut h: u64 = 0xCBF2_9CE4_8422_2325;
-        for byte in entry.site.to_bytes() {
-            h = (h ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01B3);
-        }
-        sum.wrapping_add(SplitMix64(h ^ entry.version).next())
+        sum.wrapping_add(digest_entry_hash(peer_hash(&entry.site), entry.version))
     })
+}
+
+/// One entry's share of [`digest_hash`]; `site_hash` is [`peer_hash`].
+fn digest_entry_hash(site_hash: u64, version: u64) -> u64 {
+    SplitMix64(site_hash ^ version).next()
+}
+
+/// FNV-1a of a peer id's bytes.
+fn peer_hash(peer: &PeerId) -> u64 {
+    PeerBytes::of(peer)
+        .as_slice()
+        .iter()
+        .fold(0xCBF2_9CE4_8422_2325, |h, byte| {
+            (h ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01B3)
+        })
 }
 
 /// A small, fast, seedable generator (SplitMix64): enough for choosing
@@ -916,5 +1234,281 @@ impl SplitMix64 {
     fn below(&mut self, bound: u64) -> u64 {
         assert!(bound > 0, "below() needs a positive bound");
         self.next() % bound
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The view's summaries (digest hash, deadline bound, reconciliation by
+    //! merging) against plain passes over the whole view, kept here as the
+    //! reference: same events, states, digests, timers and reconciliations,
+    //! under random adverts and a clock that also steps back.
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::advert::CapacitySummary;
+
+    const SHAPE: NodeShape = NodeShape {
+        cores: 2,
+        memory_mib: 4096,
+        disk_gib: 20,
+    };
+
+    fn config() -> RegistryConfig {
+        RegistryConfig {
+            advert_ttl_ms: 10_000,
+            refresh_ms: 3_000,
+            anti_entropy_ms: 1_000,
+            suspect_ms: 5_000,
+            forget_ms: 20_000,
+            clock_skew_max_ms: 2_000,
+            ..RegistryConfig::default()
+        }
+    }
+
+    fn keypair(index: u8) -> Keypair {
+        Keypair::ed25519_from_bytes([index; 32]).unwrap()
+    }
+
+    fn advert(keypair: &Keypair, version: u64, issued_at_ms: i64, ttl_ms: u32) -> Vec<u8> {
+        let advert = Advert {
+            site: keypair.public().to_peer_id(),
+            site_name: format!("site-{version}"),
+            version,
+            issued_at_ms,
+            ttl_ms,
+            capacity: CapacitySummary {
+                total_nodes: 4,
+                node: SHAPE,
+                steps: vec![(0, 2)],
+                horizon_end_ms: 1_000_000,
+            },
+            gateway: None,
+            addrs: vec![format!("/ip4/10.0.0.{}/tcp/1", version % 3)],
+            software: "test".into(),
+        };
+        wire::encode(&Message::Advert(
+            SignedAdvert::sign(&advert, keypair).unwrap(),
+        ))
+    }
+
+    /// The digest hash by its definition: FNV-1a of each peer id's bytes,
+    /// mixed with the version, summed.
+    fn reference_digest_hash(entries: &[DigestEntry]) -> u64 {
+        entries.iter().fold(0u64, |sum, entry| {
+            let mut h: u64 = 0xCBF2_9CE4_8422_2325;
+            for byte in entry.site.to_bytes() {
+                h = (h ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01B3);
+            }
+            sum.wrapping_add(SplitMix64(h ^ entry.version).next())
+        })
+    }
+
+    /// `poll_timeout` as a pass over the view.
+    fn reference_poll_timeout(registry: &Registry) -> Option<i64> {
+        let config = &registry.config;
+        let mut next = registry.next_anti_entropy_ms;
+        if let Some(refresh) = registry.next_refresh_ms {
+            next = next.min(refresh);
+        }
+        for entry in registry.sites.values() {
+            let at = match entry.state {
+                SiteState::Alive => entry.fresh_until_ms,
+                SiteState::Suspect => entry.fresh_until_ms + config.suspect_ms,
+                SiteState::Gone => entry.fresh_until_ms + config.suspect_ms + config.forget_ms,
+            };
+            next = next.min(at);
+        }
+        Some(next)
+    }
+
+    /// Liveness as a pass over the view (leaves the indexes stale: the
+    /// registry is only looked at afterwards).
+    fn reference_update_liveness(registry: &mut Registry, now_ms: i64) {
+        let suspect_ms = registry.config.suspect_ms;
+        let forget_ms = registry.config.forget_ms;
+        let mut forget = Vec::new();
+        for (site, entry) in &mut registry.sites {
+            let state = if now_ms < entry.fresh_until_ms {
+                SiteState::Alive
+            } else if now_ms < entry.fresh_until_ms + suspect_ms {
+                SiteState::Suspect
+            } else {
+                SiteState::Gone
+            };
+            if state == SiteState::Gone && now_ms >= entry.fresh_until_ms + suspect_ms + forget_ms {
+                forget.push(*site);
+            }
+            if state == entry.state {
+                continue;
+            }
+            entry.state = state;
+            registry.events.push_back(match state {
+                SiteState::Alive => RegistryEvent::SiteAlive {
+                    site: *site,
+                    name: entry.advert().site_name.clone(),
+                },
+                SiteState::Suspect => RegistryEvent::SiteSuspect { site: *site },
+                SiteState::Gone => RegistryEvent::SiteGone { site: *site },
+            });
+        }
+        for site in forget {
+            registry.sites.remove(&site);
+        }
+    }
+
+    /// What a peer's digest lacks and what we lack, through maps.
+    fn reference_lacking(
+        registry: &Registry,
+        now_ms: i64,
+        peer: PeerId,
+        theirs: &[DigestEntry],
+    ) -> (Vec<PeerId>, Vec<PeerId>) {
+        let theirs_by_site: BTreeMap<PeerId, u64> =
+            theirs.iter().map(|e| (e.site, e.version)).collect();
+        let mine = registry.digest(now_ms);
+        let mine_by_site: BTreeMap<PeerId, u64> =
+            mine.iter().map(|e| (e.site, e.version)).collect();
+        let they_lack = mine
+            .iter()
+            .filter(|entry| entry.site != peer)
+            .filter(|entry| {
+                theirs_by_site
+                    .get(&entry.site)
+                    .is_none_or(|v| *v < entry.version)
+            })
+            .map(|entry| entry.site)
+            .collect();
+        let we_lack = theirs
+            .iter()
+            .filter(|entry| entry.site != registry.local_id)
+            .filter(|entry| {
+                mine_by_site
+                    .get(&entry.site)
+                    .is_none_or(|v| *v < entry.version)
+            })
+            .map(|entry| entry.site)
+            .take(registry.config.sites_max)
+            .collect();
+        (they_lack, we_lack)
+    }
+
+    fn states(registry: &Registry) -> Vec<(PeerId, SiteState, i64)> {
+        registry
+            .sites
+            .iter()
+            .map(|(site, entry)| (*site, entry.state, entry.fresh_until_ms))
+            .collect()
+    }
+
+    fn check_indexes(registry: &Registry) {
+        let exact = DeadlineBound::of(&registry.sites, &registry.config).at_ms;
+        assert!(registry.deadline.at_ms <= exact);
+        if registry.deadline.exact {
+            assert_eq!(registry.deadline.at_ms, exact);
+        }
+        assert_eq!(registry.poll_timeout(), reference_poll_timeout(registry));
+    }
+
+    /// Only some steps look at the digest, so that the view also changes
+    /// while the summary describes an earlier instant.
+    fn check_digest(registry: &mut Registry, now_ms: i64) {
+        let entries = registry.digest(now_ms);
+        assert_eq!(
+            registry.digest_summary(now_ms),
+            (reference_digest_hash(&entries), entries.len())
+        );
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Gossip of an advert: site, version, issued (from now), TTL.
+        Advert(u8, u64, i64, u32),
+        /// The clock moves (also back).
+        Clock(i64),
+        /// A timer.
+        Timeout,
+        /// This site changes its advert.
+        Local(u32),
+        /// A peer's digest: (site, version) listings; site 6 is us, 7 the peer.
+        Digest(Vec<(u8, u64)>),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0u8..6, 1u64..8, -15_000i64..3_000, 1u32..30_000)
+                .prop_map(|(s, v, i, t)| Op::Advert(s, v, i, t)),
+            3 => (-8_000i64..25_000).prop_map(Op::Clock),
+            3 => Just(Op::Timeout),
+            1 => (0u32..4).prop_map(Op::Local),
+            2 => prop::collection::vec((0u8..8, 0u64..9), 0..12).prop_map(Op::Digest),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn indexes_decide_as_passes_over_the_view(ops in prop::collection::vec(op(), 1..80)) {
+            let sites: Vec<Keypair> = (0..6).map(keypair).collect();
+            let me = keypair(6);
+            let peer = keypair(7).public().to_peer_id();
+            let mut now = 1_000_000;
+            let mut registry = Registry::new(config(), me.clone(), 0, 9, now);
+            registry.peer_connected(peer);
+            for op in ops {
+                match op {
+                    Op::Advert(site, version, issued, ttl) => {
+                        let data = advert(&sites[usize::from(site)], version, now + issued, ttl);
+                        registry.handle_gossip(now, &data);
+                    }
+                    Op::Clock(step) => now += step,
+                    Op::Timeout => {
+                        let mut reference = registry.clone();
+                        registry.update_liveness(now);
+                        reference_update_liveness(&mut reference, now);
+                        prop_assert_eq!(&registry.events, &reference.events);
+                        prop_assert_eq!(states(&registry), states(&reference));
+                        // The timers too (liveness has nothing left to do).
+                        registry.handle_timeout(now);
+                    }
+                    Op::Local(free) => registry.set_local(
+                        now,
+                        LocalAdvert {
+                            site_name: "me".into(),
+                            capacity: CapacitySummary {
+                                total_nodes: 4,
+                                node: SHAPE,
+                                steps: vec![(0, free)],
+                                horizon_end_ms: 1_000_000,
+                            },
+                            gateway: None,
+                            addrs: vec![],
+                            software: "test".into(),
+                        },
+                    ),
+                    Op::Digest(listings) => {
+                        let theirs: Vec<DigestEntry> = listings
+                            .iter()
+                            .map(|&(site, version)| DigestEntry {
+                                site: match site {
+                                    6 => me.public().to_peer_id(),
+                                    7 => peer,
+                                    _ => sites[usize::from(site)].public().to_peer_id(),
+                                },
+                                version,
+                            })
+                            .collect();
+                        prop_assert_eq!(
+                            registry.lacking(now, peer, &theirs),
+                            reference_lacking(&registry, now, peer, &theirs)
+                        );
+                        check_digest(&mut registry, now);
+                    }
+                }
+                check_indexes(&registry);
+            }
+        }
     }
 }

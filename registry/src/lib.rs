@@ -25,7 +25,9 @@ pub mod wire;
 #[cfg(test)]
 mod tests;
 
-pub use advert::{Advert, AdvertVerifier, CapacitySummary, GatewayInfo, NodeShape, SignedAdvert};
+pub use advert::{
+    Advert, AdvertVerifier, CapacitySummary, GatewayInfo, NodeShape, SignedAdvert, VerifiedAdvert,
+};
 pub use core::{
     Candidate, LocalAdvert, Registry, RegistryConfig, RegistryEvent, RegistryStats, SiteState,
     SiteView, Transmit, Verdict,

@@ -16,7 +16,9 @@ pub const WIRE_VERSION: u16 = 1;
 /// One site's entry in an anti-entropy digest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct DigestEntry {
-    /// The site.
+    /// The site. Encoded as `PeerId` encodes itself, without its
+    /// allocation per id: a digest lists every site of the federation.
+    #[serde(serialize_with = "serialize_peer")]
     pub site: PeerId,
     /// The advert version the sender holds for it.
     pub version: u64,
@@ -85,9 +87,15 @@ pub enum WireError {
 
 /// Encodes a message in the current wire version.
 pub fn encode(message: &Message) -> Vec<u8> {
-    let envelope = Envelope {
+    // The same bytes as an `Envelope`, without copying the message into one.
+    #[derive(Serialize)]
+    struct EnvelopeRef<'a> {
+        version: u16,
+        message: &'a Message,
+    }
+    let envelope = EnvelopeRef {
         version: WIRE_VERSION,
-        message: message.clone(),
+        message,
     };
     postcard::to_allocvec(&envelope).expect("encoding plain data into a Vec cannot fail")
 }
@@ -115,6 +123,42 @@ pub fn decode(bytes: &[u8], max_len: usize) -> Result<Message, WireError> {
         )));
     }
     Ok(message)
+}
+
+/// Longest encoding of a peer id: a multihash of at most 64 digest bytes
+/// behind a code (varint, at most 10 bytes) and a size (varint, 2 bytes).
+const PEER_BYTES_MAX: usize = 80;
+
+/// A peer id's bytes, as [`PeerId::to_bytes`] gives them, on the stack.
+pub(crate) struct PeerBytes {
+    buf: [u8; PEER_BYTES_MAX],
+    len: usize,
+}
+
+impl PeerBytes {
+    /// Encodes `peer`.
+    pub(crate) fn of(peer: &PeerId) -> PeerBytes {
+        let mut buf = [0u8; PEER_BYTES_MAX];
+        let len = peer
+            .as_ref()
+            .write(&mut buf[..])
+            .expect("a multihash of a 64-byte digest fits in PEER_BYTES_MAX bytes");
+        PeerBytes { buf, len }
+    }
+
+    /// The bytes.
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+/// Serialises a peer id as its `Serialize` impl does, without allocating.
+fn serialize_peer<S: serde::Serializer>(peer: &PeerId, serializer: S) -> Result<S::Ok, S::Error> {
+    if serializer.is_human_readable() {
+        peer.serialize(serializer)
+    } else {
+        serializer.serialize_bytes(PeerBytes::of(peer).as_slice())
+    }
 }
 
 #[cfg(test)]
@@ -149,6 +193,50 @@ mod tests {
             decode(&other, 1024),
             Err(WireError::Undecodable(_))
         ));
+    }
+
+    /// A digest entry with the derived encoding of its fields: the bytes
+    /// `DigestEntry` must encode to.
+    #[derive(Serialize)]
+    struct PlainEntry {
+        site: PeerId,
+        version: u64,
+    }
+
+    #[test]
+    fn peer_bytes_are_the_peer_ids_bytes() {
+        let mut peers: Vec<PeerId> = (0..20)
+            .map(|_| {
+                libp2p_identity::Keypair::generate_ed25519()
+                    .public()
+                    .to_peer_id()
+            })
+            .collect();
+        // A hashed (SHA-256) peer id, as long keys get.
+        let mut hashed = vec![0x12, 0x20];
+        hashed.extend((0..32u8).map(|i| i.wrapping_mul(37)));
+        peers.push(PeerId::from_bytes(&hashed).unwrap());
+        for peer in peers {
+            assert_eq!(PeerBytes::of(&peer).as_slice(), &peer.to_bytes()[..]);
+            let entry = DigestEntry {
+                site: peer,
+                version: 300,
+            };
+            let plain = PlainEntry {
+                site: peer,
+                version: 300,
+            };
+            assert_eq!(
+                postcard::to_allocvec(&entry).unwrap(),
+                postcard::to_allocvec(&plain).unwrap()
+            );
+            let message = Message::Digest(vec![entry; 3]);
+            let envelope = Envelope {
+                version: WIRE_VERSION,
+                message: message.clone(),
+            };
+            assert_eq!(encode(&message), postcard::to_allocvec(&envelope).unwrap());
+        }
     }
 
     proptest! {

@@ -196,22 +196,30 @@ enum Event<M, I> {
     Calm,
 }
 
+/// The events of one instant, in the order they were scheduled.
+type Bucket<S> = VecDeque<Event<<S as Site>::Msg, <S as Site>::Input>>;
+
 /// Most events in the queue; beyond it a run is broken (a message storm).
 pub const QUEUE_MAX: usize = 50_000_000;
+/// Most emptied buckets kept for reuse.
+const SPARE_BUCKETS_MAX: usize = 256;
+/// Largest emptied bucket kept for reuse, events (a few MB at most are kept).
+const SPARE_BUCKET_EVENTS_MAX: usize = 256;
 
 /// A simulation of `S` sites. See the crate docs.
 pub struct Sim<S: Site> {
     config: SimConfig,
     sites: Vec<S>,
     runtime: Vec<SiteRuntime>,
-    /// Slots of queued events by time; within one instant, in the order
-    /// they were scheduled (a bucket queue: events cluster on few distinct
+    /// Queued events by time; within one instant, in the order they were
+    /// scheduled (a bucket queue: events cluster on few distinct
     /// milliseconds, so this beats a binary heap of millions of entries).
-    queue: BTreeMap<i64, VecDeque<u32>>,
+    /// Events live in their bucket, so that the events of one instant are
+    /// read one after another from memory.
+    queue: BTreeMap<i64, Bucket<S>>,
     queued: usize,
-    /// Payloads of queued events, by slot; free slots are reused.
-    slab: Vec<Option<Event<S::Msg, S::Input>>>,
-    free_slots: Vec<u32>,
+    /// Emptied buckets, reused for later instants (their allocations).
+    spare_buckets: Vec<Bucket<S>>,
     /// Events scheduled so far.
     scheduled: u64,
     now_ms: i64,
@@ -283,8 +291,7 @@ impl<S: Site> Sim<S> {
             runtime,
             queue: BTreeMap::new(),
             queued: 0,
-            slab: Vec::new(),
-            free_slots: Vec::new(),
+            spare_buckets: Vec::new(),
             scheduled: 0,
             site_rngs,
             partition: None,
@@ -415,20 +422,21 @@ impl<S: Site> Sim<S> {
                 return None;
             };
             let at_ms = *bucket.key();
-            let slot = bucket
+            let event = bucket
                 .get_mut()
                 .pop_front()
                 .expect("buckets in the queue are never empty");
             if bucket.get().is_empty() {
-                bucket.remove_entry();
+                let (_, emptied) = bucket.remove_entry();
+                if self.spare_buckets.len() < SPARE_BUCKETS_MAX
+                    && emptied.capacity() <= SPARE_BUCKET_EVENTS_MAX
+                {
+                    self.spare_buckets.push(emptied);
+                }
             }
             self.queued -= 1;
             assert!(at_ms >= self.now_ms, "events never run in the past");
             self.now_ms = at_ms;
-            let event = self.slab[slot as usize]
-                .take()
-                .expect("a queued slot holds its event");
-            self.free_slots.push(slot);
             if let Some(stepped) = self.run(event) {
                 self.stats.events += 1;
                 return Some(stepped);
@@ -466,17 +474,11 @@ impl<S: Site> Sim<S> {
             "event queue overflow: a message storm"
         );
         self.scheduled += 1;
-        let slot = match self.free_slots.pop() {
-            Some(slot) => {
-                self.slab[slot as usize] = Some(event);
-                slot
-            }
-            None => {
-                self.slab.push(Some(event));
-                u32::try_from(self.slab.len() - 1).expect("QUEUE_MAX is below u32::MAX")
-            }
-        };
-        self.queue.entry(at_ms).or_default().push_back(slot);
+        let spare_buckets = &mut self.spare_buckets;
+        self.queue
+            .entry(at_ms)
+            .or_insert_with(|| spare_buckets.pop().unwrap_or_default())
+            .push_back(event);
         self.queued += 1;
     }
 

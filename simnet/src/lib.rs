@@ -20,7 +20,8 @@
 //!   own [`SiteClock`] (offset and drift when skew is on), and timers are
 //!   armed on that clock.
 //! - **Events** (deliveries, timers, inputs, faults) run in order of time,
-//!   then of scheduling: a binary heap keyed by `(time, sequence)`.
+//!   then of scheduling: a bucket of events per millisecond, first in first
+//!   out.
 //! - **Network**: each pair of sites has a base latency drawn from the seed;
 //!   each message adds jitter (so messages reorder naturally), may be lost,
 //!   duplicated or held back, queues behind earlier ones on a capped uplink,

@@ -212,3 +212,128 @@ fn the_cluster_is_up_when_every_node_of_every_site_is() {
     nodes[2] = node(3, "leased");
     assert!(!cluster_up(&planned, &nodes));
 }
+
+#[test]
+fn a_master_is_up_when_every_site_is_a_worker_when_its_nodes_are() {
+    let record = record(ClusterState::Starting);
+    let master = plan(&record, "site-a", "peer-site-a", 150).unwrap();
+    let worker = plan(&record, "site-b", "peer-site-b", 150).unwrap();
+    let ip = Ipv4Addr::new(198, 19, 0, 1);
+    let installed = |index| NodeStatus {
+        index,
+        frontend: false,
+        state: NodeState::Installed { ip, server: ip },
+    };
+    let serving = NodeStatus {
+        index: 0,
+        frontend: true,
+        state: NodeState::Serving { ip },
+    };
+    let never = || -> Result<Vec<vcfed_storage::NodeRecord>, ()> {
+        panic!("a worker, or a master whose own nodes are not up, reads no stored states")
+    };
+    assert_eq!(
+        site_up(&worker, &[installed(2), installed(3)], never),
+        Ok(true)
+    );
+    assert_eq!(site_up(&worker, &[installed(2)], never), Ok(false));
+    assert_eq!(site_up(&master, &[installed(1)], never), Ok(false));
+    let own = [serving, installed(1)];
+    let stored = |indices: &[u32]| {
+        let nodes = indices
+            .iter()
+            .map(|&index| vcfed_storage::NodeRecord {
+                site: "any".into(),
+                index,
+                frontend: index == 0,
+                state: serde_json::json!({ "state": if index == 0 { "serving" } else { "installed" } }),
+                updated_at_ms: 0,
+            })
+            .collect();
+        move || -> Result<_, ()> { Ok(nodes) }
+    };
+    assert_eq!(site_up(&master, &own, stored(&[0, 1, 2, 3, 4])), Ok(false));
+    assert_eq!(
+        site_up(&master, &own, stored(&[0, 1, 2, 3, 4, 5])),
+        Ok(true)
+    );
+}
+
+#[test]
+fn workers_boot_once_the_tunnel_to_the_master_is_up() {
+    let live = record(ClusterState::Starting);
+    let master = plan(&live, "site-a", "peer-site-a", 150).unwrap();
+    let worker = plan(&live, "site-b", "peer-site-b", 150).unwrap();
+    assert!(may_boot(&master, |_| false), "the master boots at once");
+    assert!(!may_boot(&worker, |_| false));
+    assert!(may_boot(&worker, |gateway| gateway.public_key == "key-site-a"));
+    // A master without a gateway can never be reached: boot anyway.
+    let mut no_gateway = live.clone();
+    for part in no_gateway.parts.iter_mut().filter(|p| p.site == "site-a") {
+        part.gateway = None;
+    }
+    let worker = plan(&no_gateway, "site-b", "peer-site-b", 150).unwrap();
+    assert!(may_boot(&worker, |_| false));
+}
+
+#[test]
+fn workers_report_on_change_and_every_period() {
+    let live = record(ClusterState::Running);
+    let master = plan(&live, "site-a", "peer-site-a", 150).unwrap();
+    let worker = plan(&live, "site-b", "peer-site-b", 150).unwrap();
+    assert!(
+        !report_due(&master, true, None, 0),
+        "the master keeps its own"
+    );
+    assert!(report_due(&worker, false, None, 0), "the first report");
+    assert!(report_due(&worker, true, Some(1_000), 1_001));
+    assert!(!report_due(
+        &worker,
+        false,
+        Some(1_000),
+        1_000 + REPORT_EVERY_MS - 1
+    ));
+    assert!(report_due(
+        &worker,
+        false,
+        Some(1_000),
+        1_000 + REPORT_EVERY_MS
+    ));
+}
+
+#[test]
+fn only_overdue_clusters_that_run_nowhere_here_finish_idle() {
+    let live = record(ClusterState::Running);
+    let mut other = record(ClusterState::Reserved);
+    other.id = "other".into();
+    let records = [live, other];
+    let run = ClusterRun {
+        cluster_id: "c".into(),
+        vlan: 100,
+        started_at_ms: 0,
+    };
+    let none = BTreeSet::new();
+    let ids = |finished: Vec<&ClusterRecord>| -> Vec<String> {
+        finished.into_iter().map(|r| r.id.clone()).collect()
+    };
+    assert!(
+        finish_idle(&records, &[], &none, 199).is_empty(),
+        "not over yet"
+    );
+    assert_eq!(ids(finish_idle(&records, &[], &none, 200)), ["c", "other"]);
+    // What still runs here is finished when it is torn down.
+    assert_eq!(
+        ids(finish_idle(
+            &records,
+            std::slice::from_ref(&run),
+            &none,
+            200
+        )),
+        ["other"]
+    );
+    let running: BTreeSet<String> = ["other".to_owned()].into();
+    assert_eq!(
+        ids(finish_idle(&records, &[run], &running, 200)),
+        Vec::<String>::new()
+    );
+}

@@ -2,11 +2,16 @@
 //! and a seeded faulty network, driving the production cores.
 //!
 //! - [`site`]: one site — the registry core ([`vcfed_registry::Registry`]),
-//!   the cluster core ([`crate::cluster::ClusterCore`]) and an in-memory
-//!   ledger, wired as the federation shell wires them, behind the engine's
-//!   [`vcfed_simnet::Site`] trait.
-//! - [`world`]: the harness — workload, invariants checked as the run goes,
-//!   convergence measurement, the report.
+//!   the cluster core ([`crate::cluster::ClusterCore`]), an in-memory
+//!   ledger and the cluster runner, wired as the federation shell and the
+//!   agent wire them, behind the engine's [`vcfed_simnet::Site`] trait.
+//! - [`runner`]: the agent's cluster runner on the lifecycle core
+//!   ([`crate::lifecycle`]) with the `sim` compute driver.
+//! - [`dataplane`]: which gateway tunnels are up (sites, gateways,
+//!   partitions, carried segments).
+//! - [`world`]: the harness — workload, membership and gateway faults,
+//!   invariants checked as the run goes, convergence measurement, the
+//!   report; [`checks`]: the lifecycle's invariants.
 //!
 //! See docs/SIMNET.md for the model, the faults, the invariants and how to
 //! replay a seed.
@@ -14,6 +19,9 @@
 // The command's job is to print for the user.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+pub mod checks;
+pub mod dataplane;
+pub mod runner;
 pub mod site;
 pub mod verify;
 pub mod world;
@@ -45,7 +53,7 @@ pub struct SimnetArgs {
     #[arg(long, default_value = "30m")]
     pub duration: String,
     /// Faults, comma-separated: loss, dup, reorder, partition, crash, skew,
-    /// bandwidth, or all / none.
+    /// bandwidth, join, leave, gateway, or all / none.
     #[arg(long, default_value = "loss,dup,partition,crash,skew")]
     pub faults: String,
     /// Faults stop this long before the end; the invariants that say
@@ -55,6 +63,12 @@ pub struct SimnetArgs {
     /// Cluster requests per site per simulated hour.
     #[arg(long, default_value_t = 6.0)]
     pub requests_per_site_hour: f64,
+    /// When a requested window starts, after the request: MIN..MAX.
+    #[arg(long, default_value = "1m..20m")]
+    pub window_start: String,
+    /// How long a requested window is: MIN..MAX.
+    #[arg(long, default_value = "5m..1h")]
+    pub window_length: String,
     /// Message loss probability (with the `loss` fault).
     #[arg(long, default_value_t = 0.02)]
     pub loss: f64,
@@ -74,7 +88,7 @@ pub struct SimnetArgs {
     #[arg(long)]
     pub json: bool,
     /// Plant a bug to check that the invariants catch it.
-    #[arg(long, hide = true, value_parser = ["commit-without-hold"])]
+    #[arg(long, hide = true, value_parser = ["commit-without-hold", "leak-vlan"])]
     pub plant_bug: Option<String>,
 }
 
@@ -93,6 +107,13 @@ impl SimnetArgs {
         }
         options.faults = Fault::parse_list(&self.faults).map_err(bad)?;
         options.requests_per_site_hour = self.requests_per_site_hour.max(0.0);
+        (options.window_start_min_ms, options.window_start_max_ms) =
+            parse_duration_range(&self.window_start, "--window-start")?;
+        (options.window_length_min_ms, options.window_length_max_ms) =
+            parse_duration_range(&self.window_length, "--window-length")?;
+        if options.window_length_min_ms <= 0 {
+            return Err(bad("--window-length must be positive".to_owned()));
+        }
         if !(0.0..=1.0).contains(&self.loss) || !(0.0..=1.0).contains(&self.dup) {
             return Err(bad("--loss and --dup are probabilities (0 to 1)".to_owned()));
         }
@@ -109,7 +130,7 @@ impl SimnetArgs {
         options.plant = self
             .plant_bug
             .as_deref()
-            .map(|_| PlantedBug::CommitWithoutHold);
+            .and_then(|name| PlantedBug::ALL.into_iter().find(|p| p.name() == name));
         Ok(options)
     }
 
@@ -124,6 +145,18 @@ impl SimnetArgs {
             ))
         })
     }
+}
+
+/// `MIN..MAX` durations, MIN ≤ MAX, neither negative.
+fn parse_duration_range(text: &str, flag: &str) -> Result<(i64, i64), UsageError> {
+    let bad = || UsageError(format!("{flag} {text:?}: write MIN..MAX, e.g. 1m..20m"));
+    let (min, max) = text.split_once("..").ok_or_else(bad)?;
+    let min = parse_duration_ms(min.trim()).map_err(|_| bad())?;
+    let max = parse_duration_ms(max.trim()).map_err(|_| bad())?;
+    if min < 0 || max < min {
+        return Err(bad());
+    }
+    Ok((min, max))
 }
 
 fn parse_seeds(text: &str) -> Option<Range<u64>> {
@@ -244,8 +277,10 @@ pub fn render(report: &Report) -> String {
     }
     let _ = writeln!(
         out,
-        "  accepted clusters: {} reserved, {} finished (deleted), {} failed, {} unsettled",
+        "  accepted clusters at the end: {} reserved, {} starting, {} running, {} finished (deleted or window over), {} failed, {} unsettled",
         r.reserved,
+        r.starting,
+        r.running,
         r.finished,
         r.failed.values().sum::<u64>(),
         r.unsettled
@@ -253,6 +288,18 @@ pub fn render(report: &Report) -> String {
     for (why, count) in &r.failed {
         let _ = writeln!(out, "    failed {count:>7}  {why}");
     }
+    let l = &report.lifecycle;
+    let m = &report.membership;
+    let _ = writeln!(
+        out,
+        "  lifecycle: {} runs started, {} nodes booted, {} clusters running at their master, {} finished by their window (per site); at most {} runs at a site",
+        l.runs_started, l.nodes_booted, l.running_at_master, l.finished_by_window, l.runs_max
+    );
+    let _ = writeln!(
+        out,
+        "  membership: {} sites joined, {} left; {} gateway outages",
+        m.joined, m.left, m.gateway_outages
+    );
     let _ = writeln!(
         out,
         "  convergence of advert changes: {} calm, {} under faults; {} seen everywhere, {} not within 2 min",
@@ -336,7 +383,12 @@ mod tests {
     fn fault_lists_parse_and_print() {
         let faults = Fault::parse_list("loss,dup,partition,crash,skew").unwrap();
         assert_eq!(Fault::list(&faults), "loss,dup,partition,crash,skew");
-        assert_eq!(Fault::parse_list("all").unwrap().len(), 7);
+        assert_eq!(Fault::parse_list("all").unwrap().len(), 10);
+        assert_eq!(
+            parse_duration_range("1m..20m", "--w").unwrap(),
+            (60_000, 1_200_000)
+        );
+        assert!(parse_duration_range("20m..1m", "--w").is_err());
         assert!(Fault::parse_list("none").unwrap().is_empty());
         assert!(Fault::parse_list("lightning").is_err());
     }

@@ -16,6 +16,8 @@ use vcfed_storage::{
     Window,
 };
 
+use super::dataplane::{DataPlane, key_of_site};
+use super::runner::{RunnerEnv, SimRunner, TickReport};
 use crate::cluster::{ClusterConfig, ClusterCore, ClusterMsg, ClusterRequest};
 
 /// Horizon of the advertised capacity (as the federation shell).
@@ -25,6 +27,9 @@ const ADVERT_COALESCE_MS: i64 = 200;
 /// How long a request waits for its answer before the transport gives up
 /// (the shell's libp2p request timeout).
 const REQUEST_TIMEOUT_MS: i64 = 10_000;
+/// Bytes on the wire of a connection being opened or closed (a libp2p
+/// handshake or close, roughly).
+const CONNECT_BYTES: usize = 64;
 /// Gossip message ids remembered per site (gossipsub's seen cache).
 const SEEN_MAX: usize = 65_536;
 /// How long a gossip message id is remembered, ms (gossipsub's default).
@@ -74,6 +79,13 @@ pub enum FedMsg {
         /// Fingerprint of the data.
         fingerprint: u64,
     },
+    /// A connection opened (a joining site dials a member, or a site it
+    /// learned of): the receiver adds the sender to its gossip mesh and
+    /// connected peers.
+    Hello,
+    /// A connection closed (a site leaves): the receiver drops the sender
+    /// from its mesh and connected peers.
+    Bye,
 }
 
 impl Payload for FedMsg {
@@ -81,6 +93,7 @@ impl Payload for FedMsg {
         match self {
             FedMsg::Gossip { data, .. } => data.len(),
             FedMsg::Request { data, .. } | FedMsg::Response { data, .. } => data.len(),
+            FedMsg::Hello | FedMsg::Bye => CONNECT_BYTES,
         }
     }
 
@@ -95,6 +108,8 @@ impl Payload for FedMsg {
             } => "cluster-response",
             FedMsg::Request { .. } => "anti-entropy-request",
             FedMsg::Response { .. } => "anti-entropy-response",
+            FedMsg::Hello => "connect",
+            FedMsg::Bye => "disconnect",
         }
     }
 
@@ -107,6 +122,8 @@ impl Payload for FedMsg {
             FedMsg::Response {
                 id, fingerprint, ..
             } => mix64(!*id ^ fingerprint),
+            FedMsg::Hello => mix64(0x4E11_0000),
+            FedMsg::Bye => mix64(0xB7E0_0000),
         }
     }
 }
@@ -152,6 +169,15 @@ pub enum Input {
         /// Cluster id.
         id: String,
     },
+    /// The site joins the federation through `bootstrap`, a member (the
+    /// operator gives the address of any member).
+    Join {
+        /// The member it dials first.
+        bootstrap: SiteId,
+    },
+    /// The site leaves the federation for good: it closes its connections
+    /// and stops.
+    Leave,
 }
 
 /// A bug planted on purpose, to show that the invariants catch it.
@@ -160,6 +186,22 @@ pub enum PlantedBug {
     /// Workers answer `Held` without holding anything, and on `Commit` book
     /// the nodes without checking capacity.
     CommitWithoutHold,
+    /// The runner never frees a cluster's VLAN id when it stops the
+    /// cluster (it skips `Ledger::end_run`).
+    LeakVlan,
+}
+
+impl PlantedBug {
+    /// The name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            PlantedBug::CommitWithoutHold => "commit-without-hold",
+            PlantedBug::LeakVlan => "leak-vlan",
+        }
+    }
+
+    /// Every planted bug.
+    pub const ALL: [PlantedBug; 2] = [PlantedBug::CommitWithoutHold, PlantedBug::LeakVlan];
 }
 
 /// How a create ended at the site that received it.
@@ -197,6 +239,19 @@ pub enum Observation {
     },
     /// The site's ledger may have changed.
     LedgerTouched,
+    /// The site's cluster records may have changed.
+    RecordsTouched,
+    /// A worker reported node states of `cluster` to this site.
+    NodesReported {
+        /// Cluster id.
+        cluster: String,
+    },
+    /// The site's runner changed something.
+    Runner(TickReport),
+    /// The site joined the federation.
+    Joined,
+    /// The site left the federation.
+    Left,
     /// A core returned an error (the in-memory ledger should never fail).
     CoreError(String),
 }
@@ -217,6 +272,20 @@ pub struct SiteSettings {
     pub plant: Option<PlantedBug>,
     /// Advert verification shared by the sites (a cache; see `verify`).
     pub verifier: Option<Arc<dyn vcfed_registry::AdvertVerifier>>,
+    /// Fewest mesh peers a site keeps: below it, it connects to sites it
+    /// learns of (gossipsub's D / 2: links are both ways).
+    pub mesh_min: usize,
+}
+
+/// Whether a site belongs to the federation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Presence {
+    /// It joins later (`Input::Join`); until then it does nothing.
+    Waiting,
+    /// A member.
+    Member,
+    /// It left for good.
+    Left,
 }
 
 /// The other sites, by peer id and by index.
@@ -246,6 +315,8 @@ struct Volatile {
     next_sweep: i64,
     /// Holds the planted bug pretended to take: key → request.
     fake_holds: BTreeMap<String, HoldRequest>,
+    /// The cluster runner (the `sim` driver's nodes die with it).
+    runner: SimRunner,
 }
 
 /// One site of the simulated federation.
@@ -257,8 +328,19 @@ pub struct FedSite {
     capacity: u32,
     settings: Arc<SiteSettings>,
     directory: Arc<Directory>,
-    /// Gossip mesh and connected peers (static; see docs/SIMNET.md).
+    /// Gossip mesh and connected peers, sorted (static for the sites of
+    /// the start; see docs/SIMNET.md).
     mesh: Vec<SiteId>,
+    /// Durable: whether the site is a member.
+    presence: Presence,
+    /// Whether it joined during the run (it then grows its mesh from its
+    /// view, as gossipsub grafts peers it learns of).
+    joined_late: bool,
+    /// The site's VLAN pool (first, last).
+    vlans: (u16, u16),
+    dataplane: Arc<DataPlane>,
+    /// When the current incarnation booted, true time (for the harness).
+    up_since_ms: Option<i64>,
     /// Durable: survives crashes.
     ledger: Ledger,
     volatile: Option<Volatile>,
@@ -282,7 +364,10 @@ impl std::fmt::Debug for FedSite {
 }
 
 impl FedSite {
-    /// A site with `capacity` node slots and a key derived from `key_seed`.
+    /// A site with `capacity` node slots and a key derived from `key_seed`;
+    /// `member` says whether it belongs to the federation from the start
+    /// (or joins later).
+    #[allow(clippy::too_many_arguments)] // a constructor of plain parts
     pub fn new(
         index: SiteId,
         keypair: Keypair,
@@ -290,6 +375,9 @@ impl FedSite {
         settings: Arc<SiteSettings>,
         directory: Arc<Directory>,
         mesh: Vec<SiteId>,
+        member: bool,
+        vlans: (u16, u16),
+        dataplane: Arc<DataPlane>,
         start_ms: i64,
     ) -> Result<FedSite, LedgerError> {
         let name = format!("site{index}");
@@ -305,6 +393,15 @@ impl FedSite {
             settings,
             directory,
             mesh,
+            presence: if member {
+                Presence::Member
+            } else {
+                Presence::Waiting
+            },
+            joined_late: !member,
+            vlans,
+            dataplane,
+            up_since_ms: None,
             ledger,
             volatile: None,
             stats_before: RegistryStats::default(),
@@ -339,6 +436,26 @@ impl FedSite {
         &self.mesh
     }
 
+    /// Whether the site belongs to the federation.
+    pub fn presence(&self) -> Presence {
+        self.presence
+    }
+
+    /// The VLAN pool, first and last id.
+    pub fn vlans(&self) -> (u16, u16) {
+        self.vlans
+    }
+
+    /// When the running incarnation booted, true time (`None`: not running).
+    pub fn up_since_ms(&self) -> Option<i64> {
+        self.volatile.as_ref().and(self.up_since_ms)
+    }
+
+    /// The cluster runner, while the site runs.
+    pub fn runner(&self) -> Option<&SimRunner> {
+        self.volatile.as_ref().map(|v| &v.runner)
+    }
+
     /// Registry counters over every incarnation.
     pub fn registry_stats(&self) -> RegistryStats {
         let mut total = self.stats_before;
@@ -366,12 +483,19 @@ impl FedSite {
     fn gateway_ref(&self) -> GatewayRef {
         GatewayRef {
             endpoint: gateway_endpoint(self.index),
-            public_key: format!("simkey-{}", self.index),
+            public_key: key_of_site(self.index),
         }
     }
 
     fn boot(&mut self, ctx: &mut Ctx<'_, FedMsg>) -> Result<(), LedgerError> {
+        if self.presence != Presence::Member {
+            return Ok(());
+        }
         let now = ctx.now_ms();
+        self.up_since_ms = Some(ctx.true_ms());
+        // The agent sweeps holds whose lease ran out while it was down
+        // before it does anything else.
+        self.ledger.sweep_expired(now)?;
         let version = self.ledger.advert_version()?;
         let seed = ctx.rng().next_u64();
         let mut registry = Registry::new(
@@ -403,12 +527,27 @@ impl FedSite {
             next_advert_recompute: now + self.settings.advert_recompute_ms,
             next_sweep: now + self.settings.sweep_ms,
             fake_holds: BTreeMap::new(),
+            runner: SimRunner::new(
+                self.index,
+                self.name.clone(),
+                self.peer.to_string(),
+                self.vlans,
+                self.settings.plant,
+                now,
+            ),
         };
         for &peer in &self.mesh {
             volatile.registry.peer_connected(self.directory.peers[peer]);
+            // A site that joined redials its peers at every start; the
+            // sites of the start form a static mesh.
+            if self.joined_late {
+                ctx.send(peer, FedMsg::Hello);
+            }
         }
         self.volatile = Some(volatile);
+        self.dataplane.set_alive(self.index, true);
         self.observations.push(Observation::LedgerTouched);
+        self.observations.push(Observation::RecordsTouched);
         self.refresh_local_advert(now)?;
         self.drain(ctx);
         Ok(())
@@ -473,12 +612,64 @@ impl FedSite {
         }
     }
 
+    /// Cluster records (or the node states a master stores) may have
+    /// changed: the runner looks within a tick.
+    fn records_changed(&mut self, now: i64) {
+        self.observations.push(Observation::RecordsTouched);
+        if let Some(volatile) = self.volatile.as_mut() {
+            volatile.runner.wake(now);
+        }
+    }
+
+    /// A site whose mesh is below the minimum (it joined through one
+    /// member, or peers left) connects to sites it learns of (gossipsub
+    /// grafting peers it knows of, the shell dialling learned addresses).
+    fn learned_site(&mut self, ctx: &mut Ctx<'_, FedMsg>, site: &PeerId) {
+        if self.mesh.len() >= self.settings.mesh_min.max(1) {
+            return;
+        }
+        let Some(&other) = self.directory.index.get(site) else {
+            return;
+        };
+        let Some(volatile) = self.volatile.as_mut() else {
+            return;
+        };
+        if other == self.index || self.mesh.contains(&other) {
+            return;
+        }
+        insert_sorted(&mut self.mesh, other);
+        volatile.registry.peer_connected(*site);
+        ctx.send(other, FedMsg::Hello);
+    }
+
+    /// Runs the cluster runner if it is due.
+    fn run_lifecycle(&mut self, now: i64) -> Result<(), LedgerError> {
+        let Some(volatile) = self.volatile.as_mut() else {
+            return Ok(());
+        };
+        if volatile.runner.poll_timeout().is_none_or(|at| at > now) {
+            return Ok(());
+        }
+        let mut env = RunnerEnv {
+            ledger: &mut self.ledger,
+            core: &mut volatile.cluster,
+            dataplane: &self.dataplane,
+            now_ms: now,
+        };
+        let report = volatile.runner.run_due(&mut env)?;
+        if report != TickReport::default() {
+            self.observations.push(Observation::Runner(report));
+        }
+        Ok(())
+    }
+
     /// Carries out what the cores asked: events first, then messages.
     fn drain(&mut self, ctx: &mut Ctx<'_, FedMsg>) {
         let Some(volatile) = self.volatile.as_mut() else {
             return;
         };
         let mut version_unsaved = false;
+        let mut alive = Vec::new();
         while let Some(event) = volatile.registry.poll_event() {
             match event {
                 RegistryEvent::PersistVersion(version) => {
@@ -492,6 +683,9 @@ impl FedSite {
                     }
                 }
                 RegistryEvent::SiteUpdated { site, version } => {
+                    if self.mesh.len() < self.settings.mesh_min {
+                        alive.push(site);
+                    }
                     if let Some(site) = self.directory.index.get(&site) {
                         self.observations.push(Observation::Learned {
                             site: *site,
@@ -500,8 +694,8 @@ impl FedSite {
                         });
                     }
                 }
-                RegistryEvent::SiteAlive { .. }
-                | RegistryEvent::SiteSuspect { .. }
+                RegistryEvent::SiteAlive { site, .. } => alive.push(site),
+                RegistryEvent::SiteSuspect { .. }
                 | RegistryEvent::SiteGone { .. }
                 | RegistryEvent::SiteAddrs { .. } => {}
             }
@@ -564,6 +758,9 @@ impl FedSite {
                 }
             }
         }
+        for site in alive {
+            self.learned_site(ctx, &site);
+        }
     }
 
     fn on_message(
@@ -618,8 +815,28 @@ impl FedSite {
             FedMsg::Request { id, data, .. } => {
                 let answer = match cluster_payload(&data) {
                     Some(msg) => {
+                        // Node reports change no capacity (the shell does
+                        // not re-advertise for them either); a hold changes
+                        // no cluster record; node states matter to the
+                        // runner until the cluster runs.
+                        let moves_capacity = !matches!(msg, ClusterMsg::Nodes { .. });
+                        let records = match &msg {
+                            ClusterMsg::Reserve { .. } => false,
+                            ClusterMsg::Nodes { cluster, .. } => {
+                                self.observations.push(Observation::NodesReported {
+                                    cluster: cluster.clone(),
+                                });
+                                volatile.runner.awaits_reports(cluster)
+                            }
+                            _ => true,
+                        };
                         let answer = self.worker(now, from_peer, msg)?;
-                        self.capacity_changed(now);
+                        if moves_capacity {
+                            self.capacity_changed(now);
+                        }
+                        if records {
+                            self.records_changed(now);
+                        }
                         answer.map(|msg| (wire::encode(&Message::Cluster(msg.encode())), "cluster"))
                     }
                     None => {
@@ -645,6 +862,18 @@ impl FedSite {
                 self.drain(ctx);
                 Ok(())
             }
+            FedMsg::Hello => {
+                if !self.mesh.contains(&from) {
+                    insert_sorted(&mut self.mesh, from);
+                    volatile.registry.peer_connected(from_peer);
+                }
+                Ok(())
+            }
+            FedMsg::Bye => {
+                self.mesh.retain(|&peer| peer != from);
+                volatile.registry.peer_disconnected(from_peer);
+                Ok(())
+            }
             FedMsg::Response { id, data, .. } => {
                 if volatile.pending.remove(&id).is_none() {
                     // Timed out at the transport: libp2p drops it too.
@@ -652,9 +881,13 @@ impl FedSite {
                 }
                 match cluster_payload(&data) {
                     Some(msg) => {
+                        let noted = matches!(msg, ClusterMsg::NodesNoted { .. });
                         let (cluster, registry) = (&mut volatile.cluster, &volatile.registry);
                         cluster.handle_reply(&mut self.ledger, registry, now, from_peer, msg)?;
-                        self.capacity_changed(now);
+                        if !noted {
+                            self.capacity_changed(now);
+                            self.records_changed(now);
+                        }
                     }
                     None => {
                         volatile.registry.handle_response(now, from_peer, &data);
@@ -752,6 +985,7 @@ impl FedSite {
             let (cluster, registry) = (&mut volatile.cluster, &volatile.registry);
             cluster.handle_timeout(&mut self.ledger, registry, now)?;
             self.capacity_changed(now);
+            self.records_changed(now);
         }
         let volatile = self.volatile.as_mut().expect("checked above");
         if volatile.next_sweep <= now {
@@ -775,12 +1009,37 @@ impl FedSite {
             volatile.seen_order.pop_front();
             volatile.seen.remove(&id);
         }
+        self.run_lifecycle(now)?;
         self.drain(ctx);
         Ok(())
     }
 
     fn on_input(&mut self, ctx: &mut Ctx<'_, FedMsg>, input: Input) -> Result<(), LedgerError> {
         let now = ctx.now_ms();
+        match input {
+            Input::Join { bootstrap } => {
+                if self.presence != Presence::Waiting || bootstrap == self.index {
+                    return Ok(());
+                }
+                self.presence = Presence::Member;
+                self.mesh = vec![bootstrap];
+                self.observations.push(Observation::Joined);
+                return self.boot(ctx);
+            }
+            Input::Leave => {
+                if self.presence != Presence::Member {
+                    return Ok(());
+                }
+                for &peer in &self.mesh {
+                    ctx.send(peer, FedMsg::Bye);
+                }
+                self.presence = Presence::Left;
+                vcfed_simnet::Site::crash(self);
+                self.observations.push(Observation::Left);
+                return Ok(());
+            }
+            Input::Create { .. } | Input::Delete { .. } => {}
+        }
         let Some(volatile) = self.volatile.as_mut() else {
             return Ok(());
         };
@@ -819,8 +1078,10 @@ impl FedSite {
                 // which the requester sees; nothing to record.
                 let _ = volatile.cluster.delete(&mut self.ledger, now, &id);
             }
+            Input::Join { .. } | Input::Leave => unreachable!("handled above"),
         }
         self.capacity_changed(now);
+        self.records_changed(now);
         self.drain(ctx);
         Ok(())
     }
@@ -861,6 +1122,7 @@ impl vcfed_simnet::Site for FedSite {
         if let Some(volatile) = self.volatile.take() {
             add_stats(&mut self.stats_before, &volatile.registry.stats());
         }
+        self.dataplane.set_alive(self.index, false);
     }
 
     fn poll_timeout(&self) -> Option<i64> {
@@ -871,10 +1133,17 @@ impl vcfed_simnet::Site for FedSite {
             volatile.advert_due,
             Some(volatile.next_advert_recompute),
             Some(volatile.next_sweep),
+            volatile.runner.poll_timeout(),
         ]
         .into_iter()
         .flatten()
         .min()
+    }
+}
+
+fn insert_sorted(list: &mut Vec<SiteId>, site: SiteId) {
+    if let Err(at) = list.binary_search(&site) {
+        list.insert(at, site);
     }
 }
 

@@ -15,8 +15,10 @@ use vcfed_simnet::{
 };
 use vcfed_storage::{ClusterState, PartState, ReservationFilter, ReservationState, Usage};
 
+use super::checks::{self, Found, LifecycleChecks, LifecycleReport};
+use super::dataplane::DataPlane;
 use super::site::{
-    CreateOutcome, Directory, FedSite, Input, Observation, PlantedBug, SiteSettings,
+    CreateOutcome, Directory, FedSite, Input, Observation, PlantedBug, Presence, SiteSettings,
 };
 use crate::cluster::{ClusterConfig, ClusterRequest};
 
@@ -52,11 +54,17 @@ pub enum Fault {
     Skew,
     /// Capped uplinks.
     Bandwidth,
+    /// Sites that join the federation during the run.
+    Join,
+    /// Sites that leave the federation for good.
+    Leave,
+    /// Gateways that go down for a while (the data plane only).
+    Gateway,
 }
 
 impl Fault {
     /// Every fault.
-    pub const ALL: [Fault; 7] = [
+    pub const ALL: [Fault; 10] = [
         Fault::Loss,
         Fault::Dup,
         Fault::Reorder,
@@ -64,6 +72,9 @@ impl Fault {
         Fault::Crash,
         Fault::Skew,
         Fault::Bandwidth,
+        Fault::Join,
+        Fault::Leave,
+        Fault::Gateway,
     ];
 
     /// The name on the command line.
@@ -76,6 +87,9 @@ impl Fault {
             Fault::Crash => "crash",
             Fault::Skew => "skew",
             Fault::Bandwidth => "bandwidth",
+            Fault::Join => "join",
+            Fault::Leave => "leave",
+            Fault::Gateway => "gateway",
         }
     }
 
@@ -92,7 +106,7 @@ impl Fault {
                         .find(|f| f.name() == word)
                         .ok_or_else(|| {
                             format!(
-                                "unknown fault {word:?}: use loss, dup, reorder, partition, crash, skew, bandwidth, all or none"
+                                "unknown fault {word:?}: use loss, dup, reorder, partition, crash, skew, bandwidth, join, leave, gateway, all or none"
                             )
                         })?;
                     faults.insert(fault);
@@ -132,6 +146,14 @@ pub struct Options {
     pub delete_share: f64,
     /// Most compute nodes one request asks for.
     pub nodes_max: u32,
+    /// A window starts this long after its request at the earliest, ms.
+    pub window_start_min_ms: i64,
+    /// ... and at the latest, ms.
+    pub window_start_max_ms: i64,
+    /// Shortest window, ms.
+    pub window_length_min_ms: i64,
+    /// Longest window, ms.
+    pub window_length_max_ms: i64,
     /// Node slots of the largest site (the smallest has 4).
     pub capacity_max: u32,
     /// Message loss probability (with `loss`).
@@ -177,6 +199,10 @@ impl Options {
             requests_per_site_hour: 6.0,
             delete_share: 0.3,
             nodes_max: 16,
+            window_start_min_ms: MINUTE_MS,
+            window_start_max_ms: 20 * MINUTE_MS,
+            window_length_min_ms: 5 * MINUTE_MS,
+            window_length_max_ms: HOUR_MS,
             capacity_max: 16,
             loss: 0.02,
             dup: 0.02,
@@ -234,8 +260,18 @@ impl Options {
             format_duration(self.anti_entropy_ms),
             format_duration(defaults.anti_entropy_ms),
         );
-        if let Some(PlantedBug::CommitWithoutHold) = self.plant {
-            command.push_str(" --plant-bug commit-without-hold");
+        flag(
+            "window-start",
+            format_range(self.window_start_min_ms, self.window_start_max_ms),
+            format_range(defaults.window_start_min_ms, defaults.window_start_max_ms),
+        );
+        flag(
+            "window-length",
+            format_range(self.window_length_min_ms, self.window_length_max_ms),
+            format_range(defaults.window_length_min_ms, defaults.window_length_max_ms),
+        );
+        if let Some(plant) = self.plant {
+            command.push_str(&format!(" --plant-bug {}", plant.name()));
         }
         command
     }
@@ -251,6 +287,10 @@ pub fn gossip_timing(sites: usize) -> (i64, i64, i64) {
     }
     let refresh = sites.saturating_mul(600);
     (refresh, refresh * 3, sites.saturating_mul(20))
+}
+
+fn format_range(min_ms: i64, max_ms: i64) -> String {
+    format!("{}..{}", format_duration(min_ms), format_duration(max_ms))
 }
 
 fn format_duration(ms: i64) -> String {
@@ -293,11 +333,15 @@ pub struct RequestReport {
     pub accepted: u64,
     /// Refused at once, by reason.
     pub rejected: BTreeMap<String, u64>,
-    /// Accepted and reserved (and still so at the end).
+    /// Accepted and reserved (and still so at the end, not started).
     pub reserved: u64,
+    /// Accepted and starting at the master at the end.
+    pub starting: u64,
+    /// Accepted and running at the master at the end.
+    pub running: u64,
     /// Accepted, then failed, by reason.
     pub failed: BTreeMap<String, u64>,
-    /// Deleted (finished).
+    /// Finished: deleted, or the window is over.
     pub finished: u64,
     /// Still reserving or stopping at the end.
     pub unsettled: u64,
@@ -395,6 +439,17 @@ pub struct TrafficReport {
     pub partitions: u64,
 }
 
+/// Sites joining and leaving, gateways failing.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MembershipReport {
+    /// Sites that joined during the run.
+    pub joined: u64,
+    /// Sites that left for good.
+    pub left: u64,
+    /// Gateway outages.
+    pub gateway_outages: u64,
+}
+
 /// The report of one run.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -416,6 +471,10 @@ pub struct Report {
     pub convergence: ConvergenceReport,
     /// Traffic.
     pub traffic: TrafficReport,
+    /// The cluster lifecycle.
+    pub lifecycle: LifecycleReport,
+    /// Membership and data-plane faults.
+    pub membership: MembershipReport,
     /// Hash of the whole trace (hex).
     pub trace_hash: String,
     /// Events processed.
@@ -482,6 +541,21 @@ struct World {
     in_flight: Vec<BTreeSet<String>>,
     requests: RequestReport,
     violations: Vec<Violation>,
+    dataplane: Arc<DataPlane>,
+    lifecycle: LifecycleChecks,
+    /// When each site that joins late should join, true ms (removed once
+    /// it did).
+    joins: BTreeMap<SiteId, i64>,
+    /// When each leaving site should leave, true ms (removed once it did).
+    leaves: BTreeMap<SiteId, i64>,
+    /// Gateway outages: (down at, up at, site), true ms, by start.
+    outages: Vec<(i64, i64, SiteId)>,
+    next_outage: usize,
+    /// Gateways down, with when they come back.
+    gateways_down: BTreeMap<SiteId, i64>,
+    /// Bootstrap choices.
+    membership_rng: Rng,
+    membership: MembershipReport,
 }
 
 /// Runs one simulation and reports.
@@ -522,6 +596,9 @@ pub fn run(options: &Options, seed: u64, progress: &mut dyn FnMut(Progress)) -> 
     }
     if world.violations.is_empty() || !options.stop_at_first_violation {
         world.final_checks();
+        let mut found = Vec::new();
+        world.lifecycle.final_checks(&world.sim, &mut found);
+        world.record_found(found);
     }
     world.report(wall.elapsed())
 }
@@ -543,7 +620,11 @@ impl World {
         let peers: Vec<_> = keys.iter().map(|k| k.public().to_peer_id()).collect();
         let index = peers.iter().enumerate().map(|(i, p)| (*p, i)).collect();
         let directory = Arc::new(Directory { peers, index });
-        let mesh = build_mesh(n, options.mesh_degree, &mut setup);
+        let mut membership_rng = Rng::derive(seed, 9);
+        let (joins, leaves) = membership_schedule(&options, &mut membership_rng);
+        let members: Vec<bool> = (0..n).map(|site| !joins.contains_key(&site)).collect();
+        let mesh = build_mesh(&members, options.mesh_degree, &mut setup);
+        let dataplane = Arc::new(DataPlane::new(n));
         let settings = Arc::new(SiteSettings {
             registry: RegistryConfig {
                 advert_ttl_ms: u32::try_from(options.advert_ttl_ms).unwrap_or(u32::MAX),
@@ -559,6 +640,7 @@ impl World {
             advert_recompute_ms: options.advert_refresh_ms.min(10_000),
             plant: options.plant,
             verifier: Some(Arc::new(super::verify::CachingVerifier::default())),
+            mesh_min: (options.mesh_degree / 2).max(1),
         });
         let sites: Vec<FedSite> = keys
             .into_iter()
@@ -568,6 +650,11 @@ impl World {
                 let capacity =
                     u32::try_from(setup.between(4, i64::from(options.capacity_max.max(4))))
                         .expect("a small positive number");
+                // A pool that every site's committed nodes fit in (each
+                // cluster takes at least one slot), with room for a run
+                // that is still being torn down.
+                let first = u16::try_from(setup.between(2, 3000)).expect("below 4094");
+                let size = u16::try_from(capacity + 4).expect("a small number");
                 FedSite::new(
                     i,
                     keypair,
@@ -575,6 +662,9 @@ impl World {
                     settings.clone(),
                     directory.clone(),
                     mesh,
+                    members[i],
+                    (first, first + size - 1),
+                    dataplane.clone(),
                     START_MS,
                 )
                 .expect("an in-memory ledger opens")
@@ -583,7 +673,17 @@ impl World {
         let mut config = SimConfig::new(seed, n, START_MS);
         config.trace_keep = TRACE_LINES;
         config.faults = faults_for(&options);
+        let outages = gateway_schedule(&options, &mut Rng::derive(seed, 10));
         World {
+            lifecycle: LifecycleChecks::new(directory.clone()),
+            dataplane,
+            joins,
+            leaves,
+            outages,
+            next_outage: 0,
+            gateways_down: BTreeMap::new(),
+            membership_rng,
+            membership: MembershipReport::default(),
             seed,
             sim: Sim::new(config, sites),
             directory,
@@ -630,8 +730,16 @@ impl World {
             let id = format!("c{number}-s{site}");
             let nodes = u32::try_from(rng.between(1, i64::from(options.nodes_max.max(1))))
                 .expect("a small positive number");
-            let start_in_ms = rng.between(2 * MINUTE_MS, HOUR_MS);
-            let length_ms = rng.between(10 * MINUTE_MS, 2 * HOUR_MS);
+            let start_in_ms = rng.between(
+                options.window_start_min_ms,
+                options.window_start_max_ms.max(options.window_start_min_ms),
+            );
+            let length_ms = rng.between(
+                options.window_length_min_ms,
+                options
+                    .window_length_max_ms
+                    .max(options.window_length_min_ms),
+            );
             let delete_at = rng
                 .chance(options.delete_share)
                 .then(|| at + rng.between(5_000, 20 * MINUTE_MS))
@@ -640,6 +748,7 @@ impl World {
         }
         for (at, site, id, nodes, start_in_ms, length_ms, delete_at) in schedule {
             self.requests.sent += 1;
+            self.lifecycle.track(&id, site, nodes);
             self.clusters.insert(
                 id.clone(),
                 Tracked {
@@ -681,6 +790,19 @@ impl World {
     }
 
     fn after_step(&mut self, site: Option<SiteId>, kind: TraceKind) {
+        // The data plane follows the engine's partitions.
+        match (kind, site) {
+            (TraceKind::PartitionStart | TraceKind::Heal | TraceKind::Calm, _) => {
+                let sim = &self.sim;
+                self.dataplane.set_reach_all(|a, b| sim.can_reach(a, b));
+            }
+            (TraceKind::Restart, Some(site)) => {
+                let sim = &self.sim;
+                self.dataplane
+                    .set_reach_of(site, |a, b| sim.can_reach(a, b));
+            }
+            _ => {}
+        }
         let Some(site) = site else {
             return;
         };
@@ -692,6 +814,7 @@ impl World {
         }
         let observations = self.sim.site_mut(site).take_observations();
         let mut touched = false;
+        let mut ticks = Vec::new();
         for observation in observations {
             match observation {
                 Observation::Published { version } => self.published_version(site, version),
@@ -703,11 +826,116 @@ impl World {
                 Observation::Created { id, outcome } => self.created(site, id, outcome),
                 Observation::LedgerTouched => touched = true,
                 Observation::CoreError(e) => self.violation("core error", Some(site), e),
+                Observation::RecordsTouched => self.lifecycle.touched(site),
+                Observation::NodesReported { cluster } => self.lifecycle.nodes_touched(cluster),
+                Observation::Runner(tick) => {
+                    touched = true;
+                    self.lifecycle.touched(site);
+                    ticks.push(tick);
+                }
+                Observation::Joined => {
+                    self.membership.joined += 1;
+                    self.joins.remove(&site);
+                }
+                Observation::Left => {
+                    self.membership.left += 1;
+                    self.leaves.remove(&site);
+                    self.forget_view(site);
+                }
             }
         }
         if touched {
             self.check_capacity(site);
             self.check_mastered(site);
+        }
+        for tick in ticks {
+            let mut found = Vec::new();
+            self.lifecycle
+                .after_tick(&self.sim, site, &tick, &mut found);
+            self.record_found(found);
+        }
+    }
+
+    fn record_found(&mut self, found: Vec<Found>) {
+        for found in found {
+            self.violation(found.invariant, found.site, found.detail);
+        }
+    }
+
+    /// Sites join and leave when their time comes (retried every second
+    /// while the site is down); membership changes stop with the faults.
+    fn membership_events(&mut self, now: i64) {
+        if !self.sim.faults_active() {
+            self.joins.clear();
+            self.leaves.clear();
+            return;
+        }
+        let n = self.options.sites;
+        let due: Vec<SiteId> = self
+            .joins
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(site, _)| *site)
+            .collect();
+        for site in due {
+            // The operator gives the address of a member that stays.
+            let members: Vec<SiteId> = (0..n)
+                .filter(|&s| s != site && checks::alive(&self.sim, s))
+                .filter(|s| !self.leaves.contains_key(s))
+                .collect();
+            if !self.sim.is_up(site) || members.is_empty() {
+                continue;
+            }
+            let bootstrap = members[self.membership_rng.index(members.len())];
+            self.sim
+                .schedule_input(now, site, "join", Input::Join { bootstrap });
+            self.joins.insert(site, now + 1_000);
+        }
+        let due: Vec<SiteId> = self
+            .leaves
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(site, _)| *site)
+            .collect();
+        for site in due {
+            let members = (0..n)
+                .filter(|&s| self.sim.sites()[s].presence() == Presence::Member)
+                .count();
+            if !self.sim.is_up(site) || members <= 2 {
+                continue;
+            }
+            self.sim.schedule_input(now, site, "leave", Input::Leave);
+            self.leaves.insert(site, now + 1_000);
+        }
+    }
+
+    /// Gateways go down and come back as scheduled; all are up once the
+    /// faults stop.
+    fn gateway_events(&mut self, now: i64) {
+        let back: Vec<SiteId> = self
+            .gateways_down
+            .iter()
+            .filter(|(_, up_at)| **up_at <= now || !self.sim.faults_active())
+            .map(|(site, _)| *site)
+            .collect();
+        for site in back {
+            self.gateways_down.remove(&site);
+            self.dataplane.set_gateway_up(site, true);
+            self.sim.note(Some(site), "gateway-up", 0);
+        }
+        let down_max = (self.options.sites / 10).max(1);
+        while let Some(&(down_at, up_at, site)) = self.outages.get(self.next_outage) {
+            if down_at > now || !self.sim.faults_active() {
+                break;
+            }
+            self.next_outage += 1;
+            if self.gateways_down.contains_key(&site) || self.gateways_down.len() >= down_max {
+                continue;
+            }
+            self.gateways_down.insert(site, up_at);
+            self.dataplane.set_gateway_up(site, false);
+            self.membership.gateway_outages += 1;
+            self.sim.note(Some(site), "gateway-down", 0);
         }
     }
 
@@ -761,7 +989,10 @@ impl World {
         let mut missing = vec![0u64; n.div_ceil(64)];
         let mut missing_count = 0;
         for other in 0..n {
-            if other != site && self.sim.is_up(other) && self.known[other * n + site] < version {
+            if other != site
+                && checks::alive(&self.sim, other)
+                && self.known[other * n + site] < version
+            {
                 missing[other / 64] |= 1 << (other % 64);
                 missing_count += 1;
             }
@@ -887,9 +1118,13 @@ impl World {
                     continue;
                 }
             };
-            if record.state == ClusterState::Reserved
-                && !self.clusters.get(&id).is_some_and(|t| t.verified_reserved)
-            {
+            // The runner may move a cluster on from `reserved` in the same
+            // step that reserved it (a site that restarts resumes both).
+            let reached = matches!(
+                record.state,
+                ClusterState::Reserved | ClusterState::Starting | ClusterState::Running
+            );
+            if reached && !self.clusters.get(&id).is_some_and(|t| t.verified_reserved) {
                 if let Some(detail) = self.reserved_problem(site, &record) {
                     self.violation("reserved cluster", Some(site), detail);
                 }
@@ -897,7 +1132,7 @@ impl World {
                     tracked.verified_reserved = true;
                 }
             }
-            if record.state.is_terminal() || record.state == ClusterState::Reserved {
+            if record.state.is_terminal() || reached {
                 self.in_flight[site].remove(&id);
             }
         }
@@ -975,6 +1210,14 @@ impl World {
     /// Checks that run every simulated second.
     fn periodic(&mut self, now: i64) {
         let n = self.options.sites;
+        self.membership_events(now);
+        self.gateway_events(now);
+        if (now - START_MS) % 10_000 == 0 {
+            let mut found = Vec::new();
+            self.lifecycle
+                .periodic(&self.sim, now, self.sim.calm_at_ms(), &mut found);
+            self.record_found(found);
+        }
         // Changes that never reached everyone.
         let stale: Vec<_> = self
             .changes
@@ -989,7 +1232,7 @@ impl World {
         // Holds resolved within lease + bound (every 10 s).
         if (now - START_MS) % 10_000 == 0 {
             for site in 0..n {
-                if self.sim.is_up(site) {
+                if checks::alive(&self.sim, site) {
                     self.check_holds(site);
                 }
             }
@@ -1049,17 +1292,19 @@ impl World {
     fn full_view(&self, now: i64) -> bool {
         let n = self.options.sites;
         let required: Vec<u64> = (0..n).map(|j| self.required_version(j, now)).collect();
-        (0..n).filter(|&i| self.sim.is_up(i)).all(|i| {
-            (0..n).all(|j| i == j || !self.sim.is_up(j) || self.known[i * n + j] >= required[j])
-        })
+        let alive: Vec<bool> = (0..n).map(|i| checks::alive(&self.sim, i)).collect();
+        (0..n)
+            .filter(|&i| alive[i])
+            .all(|i| (0..n).all(|j| i == j || !alive[j] || self.known[i * n + j] >= required[j]))
     }
 
     fn first_gap(&self, now: i64) -> String {
         let n = self.options.sites;
         let mut gaps = 0;
         let mut first = None;
-        for i in (0..n).filter(|&i| self.sim.is_up(i)) {
-            for j in (0..n).filter(|&j| j != i && self.sim.is_up(j)) {
+        let alive: Vec<bool> = (0..n).map(|i| checks::alive(&self.sim, i)).collect();
+        for i in (0..n).filter(|&i| alive[i]) {
+            for j in (0..n).filter(|&j| j != i && alive[j]) {
                 let required = self.required_version(j, now);
                 if self.known[i * n + j] < required {
                     gaps += 1;
@@ -1097,15 +1342,31 @@ impl World {
             let Ok(Some(record)) = record else {
                 continue;
             };
-            match record.state {
-                ClusterState::Reserved => {
-                    self.requests.reserved += 1;
-                    if record
-                        .parts
-                        .iter()
-                        .any(|p| !matches!(p.state, PartState::Committed | PartState::Released))
+            // A cluster whose master left, or with a part at a site that
+            // left, waits for answers that never come until its window
+            // ends: not a fault of the protocol.
+            let gone = self.sim.sites()[*master].presence() != Presence::Member
+                || record.parts.iter().any(|p| {
+                    p.state != PartState::Released
+                        && self
+                            .site_of_peer(p.peer_id.as_deref())
+                            .is_some_and(|s| self.sim.sites()[s].presence() != Presence::Member)
+                });
+            let state = record.state;
+            match state {
+                ClusterState::Reserved | ClusterState::Starting | ClusterState::Running => {
+                    match state {
+                        ClusterState::Reserved => self.requests.reserved += 1,
+                        ClusterState::Starting => self.requests.starting += 1,
+                        _ => self.requests.running += 1,
+                    }
+                    if !gone
+                        && record
+                            .parts
+                            .iter()
+                            .any(|p| !matches!(p.state, PartState::Committed | PartState::Released))
                     {
-                        unsettled.push(format!("{id} reserved with parts in flight"));
+                        unsettled.push(format!("{id} {state} with parts in flight"));
                     }
                 }
                 ClusterState::Failed => {
@@ -1113,7 +1374,8 @@ impl World {
                     *self.requests.failed.entry(reason).or_default() += 1;
                 }
                 ClusterState::Finished => self.requests.finished += 1,
-                state => unsettled.push(format!("{id} {state}")),
+                state if !gone => unsettled.push(format!("{id} {state}")),
+                _ => {}
             }
         }
         self.requests.unsettled = unsettled.len() as u64;
@@ -1128,11 +1390,20 @@ impl World {
         self.check_leaks();
     }
 
-    /// Every commitment a site keeps belongs to a part its master counts.
+    fn site_of_peer(&self, peer: Option<&str>) -> Option<SiteId> {
+        let peer: libp2p_identity::PeerId = peer?.parse().ok()?;
+        self.directory.index.get(&peer).copied()
+    }
+
+    /// Every commitment a member keeps belongs to a part its master counts
+    /// (unless the master left).
     fn check_leaks(&mut self) {
         let sites = self.sim.sites();
         let mut leak = None;
         'sites: for (index, site) in sites.iter().enumerate() {
+            if site.presence() != Presence::Member {
+                continue;
+            }
             let now = self.sim.local_now_ms(index);
             let Ok(active) = site.ledger().reservations(ReservationFilter::Active, now) else {
                 continue;
@@ -1141,10 +1412,20 @@ impl World {
                 let Some(tracked) = self.clusters.get(&r.cluster_id) else {
                     continue;
                 };
+                if sites[tracked.master].presence() != Presence::Member {
+                    continue;
+                }
                 let master = &sites[tracked.master];
                 let record = master.ledger().cluster(&r.cluster_id).ok().flatten();
+                // A cluster that finished because its window is over (by
+                // the master's clock) keeps its parts committed; each
+                // site's reservation ends with the window by its own clock.
+                let master_now = self.sim.local_now_ms(tracked.master);
                 let counted = record.as_ref().is_some_and(|record| {
-                    !record.state.is_terminal()
+                    let over = record.state == ClusterState::Finished
+                        && crate::lifecycle::window_of(record)
+                            .is_some_and(|w| w.end_ms <= master_now);
+                    (!record.state.is_terminal() || over)
                         && record.parts.iter().any(|p| {
                             p.reservation_key.as_deref() == Some(r.key.as_str())
                                 && p.peer_id.as_deref() == Some(site.peer().to_string().as_str())
@@ -1251,6 +1532,8 @@ impl World {
             violations: self.violations.clone(),
             convergence,
             traffic,
+            lifecycle: self.lifecycle.report(),
+            membership: self.membership.clone(),
             trace_hash: format!("{:016x}", self.sim.trace().hash()),
             events: stats.events,
             wall_ms,
@@ -1262,17 +1545,22 @@ impl World {
 
 /// A gossipsub-like mesh: every site links to `degree / 2` random others
 /// and links are both ways, so degrees average `degree`.
-fn build_mesh(n: usize, degree: usize, rng: &mut Rng) -> Vec<Vec<SiteId>> {
+/// Only the sites that are members at the start take part; the others
+/// join later through a member.
+fn build_mesh(members: &[bool], degree: usize, rng: &mut Rng) -> Vec<Vec<SiteId>> {
+    let n = members.len();
     let mut links: Vec<BTreeSet<SiteId>> = vec![BTreeSet::new(); n];
-    if n < 2 {
+    let member_ids: Vec<SiteId> = (0..n).filter(|&s| members[s]).collect();
+    let m = member_ids.len();
+    if m < 2 {
         return vec![Vec::new(); n];
     }
-    let out = (degree / 2).max(1).min(n - 1);
-    for site in 0..n {
+    let out = (degree / 2).max(1).min(m - 1);
+    for &site in &member_ids {
         let mut tries = 0;
         while links[site].len() < out && tries < 100 * out {
             tries += 1;
-            let other = rng.index(n);
+            let other = member_ids[rng.index(m)];
             if other != site {
                 links[site].insert(other);
                 links[other].insert(site);
@@ -1280,6 +1568,65 @@ fn build_mesh(n: usize, degree: usize, rng: &mut Rng) -> Vec<Vec<SiteId>> {
         }
     }
     links.into_iter().map(|l| l.into_iter().collect()).collect()
+}
+
+/// Which sites join late and which leave, and when (true ms): with `join`
+/// a tenth of the sites (at least one) join during the faulty phase; with
+/// `leave` a twentieth (at least one) of the others leave in it. Fewer
+/// than four sites: nobody moves.
+fn membership_schedule(
+    options: &Options,
+    rng: &mut Rng,
+) -> (BTreeMap<SiteId, i64>, BTreeMap<SiteId, i64>) {
+    let n = options.sites;
+    let span = (options.duration_ms - options.calm_ms).max(0);
+    let mut joins = BTreeMap::new();
+    let mut leaves = BTreeMap::new();
+    if n < 4 || span < 2 * MINUTE_MS {
+        return (joins, leaves);
+    }
+    let mut order: Vec<SiteId> = (0..n).collect();
+    rng.shuffle(&mut order);
+    let joiners = if options.faults.contains(&Fault::Join) {
+        (n / 10).max(1)
+    } else {
+        0
+    };
+    let leavers = if options.faults.contains(&Fault::Leave) {
+        (n / 20).max(1)
+    } else {
+        0
+    };
+    for &site in &order[..joiners] {
+        joins.insert(site, START_MS + rng.between(30_000, span - 30_000));
+    }
+    for &site in &order[joiners..joiners + leavers] {
+        leaves.insert(site, START_MS + rng.between(MINUTE_MS, span));
+    }
+    (joins, leaves)
+}
+
+/// Gateway outages (down at, up at, site), true ms: with `gateway`, about
+/// one per site per hour (at least one every 3 min) during the faulty
+/// phase, each 10 s to 2 min long.
+fn gateway_schedule(options: &Options, rng: &mut Rng) -> Vec<(i64, i64, SiteId)> {
+    let n = options.sites;
+    let span = (options.duration_ms - options.calm_ms).max(0);
+    let mut outages = Vec::new();
+    if !options.faults.contains(&Fault::Gateway) || n == 0 {
+        return outages;
+    }
+    let every_ms = (HOUR_MS / i64::try_from(n).unwrap_or(1)).min(3 * MINUTE_MS);
+    let mut at = START_MS;
+    loop {
+        at += rng.exponential_ms(every_ms);
+        if at >= START_MS + span {
+            return outages;
+        }
+        let site = rng.index(n);
+        let length = rng.between(10_000, 2 * MINUTE_MS);
+        outages.push((at, at + length, site));
+    }
 }
 
 fn faults_for(options: &Options) -> Faults {
