@@ -163,13 +163,14 @@ fn planted_bug_is_caught(
 
 #[test]
 fn a_planted_commit_without_hold_is_caught_by_the_sweep() {
-    // Long windows far ahead: the reservations pile up, as overbooking
-    // needs.
+    // Many requests for long windows far ahead: the reservations pile up,
+    // as overbooking needs.
     let mut options = sweep_options();
     options.window_start_min_ms = 2 * MINUTE_MS;
     options.window_start_max_ms = 60 * MINUTE_MS;
     options.window_length_min_ms = 10 * MINUTE_MS;
     options.window_length_max_ms = 120 * MINUTE_MS;
+    options.requests_per_site_hour = 120.0;
     planted_bug_is_caught(options, PlantedBug::CommitWithoutHold, "capacity", 0..8);
 }
 
