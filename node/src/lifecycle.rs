@@ -22,9 +22,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use vcfed_storage::{
-    ClusterRecord, ClusterRun, ClusterState, GatewayRef, Ledger, LedgerError, PartState, Window,
+    ClusterRecord, ClusterRun, ClusterState, GatewayRef, Ledger, LedgerError, NodeRecord,
+    PartState, Window,
 };
 
+use crate::cluster::ReportedNode;
 use crate::driver::{NodeState, NodeStatus};
 
 /// One node of a cluster at this site.
@@ -237,6 +239,53 @@ pub fn reconcile(
             }),
     );
     actions
+}
+
+/// The node states this site (`site`) stores for its nodes' `statuses`.
+pub fn node_records(site: &str, statuses: &[NodeStatus], now_ms: i64) -> Vec<NodeRecord> {
+    statuses
+        .iter()
+        .map(|status| NodeRecord {
+            site: site.to_owned(),
+            index: status.index,
+            frontend: status.frontend,
+            state: serde_json::to_value(&status.state).unwrap_or_default(),
+            updated_at_ms: now_ms,
+        })
+        .collect()
+}
+
+/// What a worker reports to the master for its nodes' `statuses`.
+pub fn reported_nodes(statuses: &[NodeStatus]) -> Vec<ReportedNode> {
+    statuses
+        .iter()
+        .filter_map(|status| {
+            Some(ReportedNode {
+                index: status.index,
+                frontend: status.frontend,
+                state_json: serde_json::to_string(&status.state).ok()?,
+            })
+        })
+        .collect()
+}
+
+/// Moves `cluster` forward in `ledger` ([`next_state`]: `starting`, then
+/// `running` once `up`) if it is not already further; returns the new
+/// state if it moved.
+pub fn advance_state(
+    ledger: &mut Ledger,
+    cluster: &str,
+    up: bool,
+    now_ms: i64,
+) -> Result<Option<ClusterState>, LedgerError> {
+    if let Some(record) = ledger.cluster(cluster)?
+        && let Some(next) = next_state(record.state, up)
+        && next != record.state
+    {
+        ledger.update_cluster(cluster, next, None, None, now_ms)?;
+        return Ok(Some(next));
+    }
+    Ok(None)
 }
 
 /// Whether every node of a run is up: the frontend serving, compute nodes

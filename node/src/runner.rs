@@ -34,9 +34,8 @@ use tokio::sync::watch;
 use vcfed_overlay::linux::{
     Carried, CarriedPeer, CarriedSegment, GatewayBase, GatewayReport, SiteLink as OverlayLink,
 };
-use vcfed_storage::{GatewayRef, Ledger, LedgerError, NodeRecord};
+use vcfed_storage::{GatewayRef, Ledger, LedgerError};
 
-use crate::cluster::ReportedNode;
 use crate::config::{Config, DriverKind, SiteLink, VlanRange};
 use crate::driver::{ComputeDriver, NodeSpec, NodeStatus, node_mac};
 use crate::federation::FederationHandle;
@@ -599,16 +598,7 @@ impl Runner {
                     tracing::info!(%cluster, node = status.index, state = ?status.state, "node");
                 }
             }
-            let records: Vec<NodeRecord> = statuses
-                .iter()
-                .map(|status| NodeRecord {
-                    site: self.site.clone(),
-                    index: status.index,
-                    frontend: status.frontend,
-                    state: serde_json::to_value(&status.state).unwrap_or_default(),
-                    updated_at_ms: now_ms,
-                })
-                .collect();
+            let records = lifecycle::node_records(&self.site, &statuses, now_ms);
             let site = self.site.clone();
             let stored = self
                 .ledger
@@ -772,27 +762,13 @@ fn report(federation: Option<&FederationHandle>, cluster: &str, statuses: &[Node
     let Some(federation) = federation else {
         return;
     };
-    let nodes = statuses
-        .iter()
-        .filter_map(|status| {
-            Some(ReportedNode {
-                index: status.index,
-                frontend: status.frontend,
-                state_json: serde_json::to_string(&status.state).ok()?,
-            })
-        })
-        .collect();
-    federation.report_nodes(cluster.to_owned(), nodes);
+    federation.report_nodes(cluster.to_owned(), lifecycle::reported_nodes(statuses));
 }
 
 /// Moves the cluster forward at this site (`starting`, then `running`
 /// once `up`), if it is not already further.
 fn set_state(ledger: &mut Ledger, cluster: &str, up: bool, now_ms: i64) -> Result<(), LedgerError> {
-    if let Some(record) = ledger.cluster(cluster)?
-        && let Some(next) = lifecycle::next_state(record.state, up)
-        && next != record.state
-    {
-        ledger.update_cluster(cluster, next, None, None, now_ms)?;
+    if let Some(next) = lifecycle::advance_state(ledger, cluster, up, now_ms)? {
         tracing::info!(%cluster, state = %next, "cluster state");
     }
     Ok(())

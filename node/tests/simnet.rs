@@ -19,22 +19,22 @@ use vcfed::simnet::{Fault, Options, PlantedBug, Report, run};
 
 const SWEEP_SEEDS: u64 = 100;
 const SWEEP_SITES: usize = 20;
-const SWEEP_MINUTES: i64 = 10;
+const SWEEP_MINUTES: i64 = 30;
 const MINUTE_MS: i64 = 60_000;
 
 fn sweep_options() -> Options {
     let mut options = Options::new(SWEEP_SITES);
     options.duration_ms = SWEEP_MINUTES * MINUTE_MS;
-    options.calm_ms = 5 * MINUTE_MS;
+    options.calm_ms = 10 * MINUTE_MS;
     options.settle_bound_ms = 5 * MINUTE_MS;
     options.faults = Fault::ALL.into_iter().collect();
-    options.requests_per_site_hour = 30.0;
+    options.requests_per_site_hour = 20.0;
     // Windows that start and end within the run, so that clusters start,
     // run and finish under faults and in the calm.
     options.window_start_min_ms = 20_000;
-    options.window_start_max_ms = 3 * MINUTE_MS;
+    options.window_start_max_ms = 10 * MINUTE_MS;
     options.window_length_min_ms = MINUTE_MS;
-    options.window_length_max_ms = 4 * MINUTE_MS;
+    options.window_length_max_ms = 8 * MINUTE_MS;
     options
 }
 

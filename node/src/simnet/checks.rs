@@ -200,7 +200,7 @@ impl LifecycleChecks {
         for site in 0..sim.sites().len() {
             if !alive(sim, site) {
                 self.stale_runs.retain(|(s, _), _| *s != site);
-            } else if self.rounds % 2 == 0 {
+            } else if self.rounds.is_multiple_of(2) {
                 self.check_site(sim, site, now, calm_at, found);
             }
         }
@@ -215,7 +215,7 @@ impl LifecycleChecks {
             // The stored nodes change only with reports; after the calm,
             // reports must also match what the workers run. Looked at every
             // third round (a report comes every round from every worker).
-            if self.rounds % 3 != 0 {
+            if !self.rounds.is_multiple_of(3) {
                 continue;
             }
             let reported = self.nodes_dirty.remove(&cluster);

@@ -30,11 +30,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use vcfed_simnet::SiteId;
-use vcfed_storage::{ClusterState, GatewayRef, Ledger, LedgerError, NodeRecord};
+use vcfed_storage::{ClusterState, GatewayRef, Ledger, LedgerError};
 
 use super::dataplane::{Carried, DataPlane, site_of_key};
 use super::site::PlantedBug;
-use crate::cluster::{ClusterCore, ReportedNode};
+use crate::cluster::ClusterCore;
 use crate::driver::sim::SimDriver;
 use crate::driver::{ComputeDriver, NodeSpec, NodeStatus, node_mac};
 use crate::lifecycle::{self, Action, RunPlan};
@@ -313,7 +313,7 @@ impl SimRunner {
             }
             Err(e) => return Err(e),
         };
-        if let Some(state) = set_state(env.ledger, &cluster, false, env.now_ms)? {
+        if let Some(state) = lifecycle::advance_state(env.ledger, &cluster, false, env.now_ms)? {
             report.states.push((cluster.clone(), state));
         }
         self.blocked.remove(&cluster);
@@ -403,30 +403,12 @@ impl SimRunner {
         statuses.sort_by_key(|s| s.index);
         let changed = statuses != active.statuses;
         if changed {
-            let records: Vec<NodeRecord> = statuses
-                .iter()
-                .map(|status| NodeRecord {
-                    site: self.site.clone(),
-                    index: status.index,
-                    frontend: status.frontend,
-                    state: serde_json::to_value(&status.state).unwrap_or_default(),
-                    updated_at_ms: now_ms,
-                })
-                .collect();
+            let records = lifecycle::node_records(&self.site, &statuses, now_ms);
             env.ledger.set_nodes(cluster, &self.site, &records)?;
             report.nodes_changed.insert(cluster.to_owned());
         }
         if lifecycle::report_due(&active.plan, changed, active.reported_at_ms, now_ms) {
-            let nodes = statuses
-                .iter()
-                .filter_map(|status| {
-                    Some(ReportedNode {
-                        index: status.index,
-                        frontend: status.frontend,
-                        state_json: serde_json::to_string(&status.state).ok()?,
-                    })
-                })
-                .collect();
+            let nodes = lifecycle::reported_nodes(&statuses);
             env.core.report_nodes(env.ledger, cluster, nodes)?;
             active.reported_at_ms = Some(now_ms);
         }
@@ -437,7 +419,7 @@ impl SimRunner {
         let (plan, statuses) = (&active.plan, &active.statuses);
         let ledger = &mut *env.ledger;
         let up = lifecycle::site_up(plan, statuses, || ledger.nodes(cluster))?;
-        if let Some(state) = set_state(ledger, cluster, up, now_ms)? {
+        if let Some(state) = lifecycle::advance_state(ledger, cluster, up, now_ms)? {
             report.states.push((cluster.to_owned(), state));
         }
         active.running = up;
@@ -465,22 +447,4 @@ impl SimRunner {
             self.carried = carried;
         }
     }
-}
-
-/// Moves the cluster forward at this site (`starting`, then `running` once
-/// `up`), if it is not already further; returns the new state if it moved.
-fn set_state(
-    ledger: &mut Ledger,
-    cluster: &str,
-    up: bool,
-    now_ms: i64,
-) -> Result<Option<ClusterState>, LedgerError> {
-    if let Some(record) = ledger.cluster(cluster)?
-        && let Some(next) = lifecycle::next_state(record.state, up)
-        && next != record.state
-    {
-        ledger.update_cluster(cluster, next, None, None, now_ms)?;
-        return Ok(Some(next));
-    }
-    Ok(None)
 }
