@@ -48,7 +48,9 @@ fn the_demo_installs_every_node_from_the_masters_frontend_and_leaves_nothing() {
     let report_path = dir.path().join("report.json");
     let started = Instant::now();
     let out = Command::new(common::vcfed_bin())
-        .args(["demo", "--dir"])
+        // Its own instance: a user's demo (instance 0) on this machine is
+        // left alone.
+        .args(["demo", "--instance", "7", "--dir"])
         .arg(dir.path().join("sites"))
         .arg("--report")
         .arg(&report_path)
@@ -105,7 +107,7 @@ fn the_demo_installs_every_node_from_the_masters_frontend_and_leaves_nothing() {
         vcfed::demo::federated::DEMO_CLUSTER_NODES as usize
     );
     assert!(report.left_behind.is_empty(), "{:?}", report.left_behind);
-    let left = federation::leftovers(&DemoSpec::default());
+    let left = federation::leftovers(&DemoSpec::instance(7));
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 

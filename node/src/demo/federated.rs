@@ -93,9 +93,12 @@ async fn tour(
     started: Instant,
     report: &mut DemoReport,
 ) -> anyhow::Result<()> {
-    let spec = DemoSpec::default();
+    let spec = DemoSpec::instance(args.instance);
 
-    step("build 3 sites, each a network namespace joined by a veth WAN (198.18.0.0/24)");
+    step(&format!(
+        "build 3 sites, each a network namespace joined by a veth WAN (198.18.{}.0/24)",
+        spec.wan_octet
+    ));
     let mut federation = DemoFederation::build(spec.clone(), dir)?;
     let mut rows = vec![
         ["SITE", "NAMESPACE", "WAN ADDRESS", "NODE SLOTS"]
@@ -213,7 +216,11 @@ async fn tour(
             federation.sites[0].config_path.display()
         );
         println!("  ip netns list        # the sites, the WAN and every node");
-        println!("press Ctrl-C here, or run `vcfed demo --down` elsewhere, to remove everything");
+        let down = match args.instance {
+            0 => "vcfed demo --down".to_owned(),
+            n => format!("vcfed demo --down --instance {n}"),
+        };
+        println!("press Ctrl-C here, or run `{down}` elsewhere, to remove everything");
         println!("(site files stay in {})", dir.display());
         crate::agent::termination_signal().await;
     } else {

@@ -65,6 +65,21 @@ impl Default for DemoSpec {
 }
 
 impl DemoSpec {
+    /// Demo federation number `n` (`vcfed demo --instance`): the default
+    /// for 0; otherwise its own namespaces, site names (node namespaces
+    /// are tagged by site) and WAN, 198.18.`n`.0/24.
+    pub fn instance(n: u8) -> DemoSpec {
+        if n == 0 {
+            return DemoSpec::default();
+        }
+        DemoSpec {
+            prefix: format!("vcfd{n}"),
+            site_prefix: format!("site{n}"),
+            wan_octet: n,
+            ..DemoSpec::default()
+        }
+    }
+
     fn letter(index: usize) -> char {
         char::from(b'a' + u8::try_from(index % 26).unwrap_or(0))
     }

@@ -43,12 +43,18 @@ pub struct DemoArgs {
     /// file, as JSON.
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// Which demo federation: 0 is `vcfd-*` namespaces with sites
+    /// `site-a`.. on 198.18.0.0/24; N is `vcfdN-*`, `siteN-a`.. on
+    /// 198.18.N.0/24, so that several can run side by side (give the same
+    /// number to `--down`).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=99))]
+    pub instance: u8,
 }
 
 /// Runs the demo.
 pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
     if args.down {
-        let spec = federation::DemoSpec::default();
+        let spec = federation::DemoSpec::instance(args.instance);
         let removed = federation::down(&spec);
         if removed.is_empty() {
             println!("no demo federation was running");
