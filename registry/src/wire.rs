@@ -125,6 +125,34 @@ pub fn decode(bytes: &[u8], max_len: usize) -> Result<Message, WireError> {
     Ok(message)
 }
 
+/// Postcard's tag of [`Message::Cluster`]: its index among the variants.
+const CLUSTER_TAG: u32 = 7;
+
+/// The payload of a [`Message::Cluster`]: `Some` exactly when [`decode`]
+/// gives one. A shell hands cluster messages to its cluster core and the
+/// rest to the registry, which decodes them itself; this reads only the
+/// envelope's head of anything but a cluster message, where [`decode`]
+/// would decode a registry message (a digest lists every site) once more.
+pub fn decode_cluster(bytes: &[u8], max_len: usize) -> Option<Vec<u8>> {
+    if bytes.len() > max_len {
+        return None;
+    }
+    // The envelope's version, then the message's tag, read as `decode`
+    // reads them.
+    let (version, rest): (u16, &[u8]) = postcard::take_from_bytes(bytes).ok()?;
+    if version != WIRE_VERSION {
+        return None;
+    }
+    let (tag, _): (u32, &[u8]) = postcard::take_from_bytes(rest).ok()?;
+    if tag != CLUSTER_TAG {
+        return None;
+    }
+    match decode(bytes, max_len) {
+        Ok(Message::Cluster(payload)) => Some(payload),
+        _ => None,
+    }
+}
+
 /// Longest encoding of a peer id: a multihash of at most 64 digest bytes
 /// behind a code (varint, at most 10 bytes) and a size (varint, 2 bytes).
 const PEER_BYTES_MAX: usize = 80;
@@ -165,6 +193,16 @@ fn serialize_peer<S: serde::Serializer>(peer: &PeerId, serializer: S) -> Result<
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn cluster_messages_carry_the_cluster_tag() {
+        let bytes = encode(&Message::Cluster(vec![1, 2, 3]));
+        assert_eq!(bytes[..2], [1, 7]);
+        assert_eq!(u32::from(bytes[1]), CLUSTER_TAG);
+        assert_eq!(decode_cluster(&bytes, 1024), Some(vec![1, 2, 3]));
+        assert_eq!(decode_cluster(&bytes, 4), None);
+        assert_eq!(decode_cluster(&encode(&Message::Ack), 1024), None);
+    }
 
     #[test]
     fn round_trips_and_refuses_other_versions() {
@@ -247,6 +285,45 @@ mod tests {
             if let Ok(message) = decode(&bytes, 1 << 20) {
                 prop_assert_eq!(decode(&encode(&message), 1 << 20), Ok(message));
             }
+        }
+
+        /// `decode_cluster` answers what `decode` does, for valid messages
+        /// of every kind, corrupted or not.
+        #[test]
+        fn decode_cluster_agrees_with_decode(
+            kind in 0usize..4,
+            payload in prop::collection::vec(any::<u8>(), 0..64),
+            flip in prop::option::of((0usize..96, any::<u8>())),
+        ) {
+            let peer = libp2p_identity::Keypair::generate_ed25519().public().to_peer_id();
+            let message = match kind {
+                0 => Message::Cluster(payload),
+                1 => Message::Pull(vec![peer]),
+                2 => Message::DigestHash { hash: 7, count: 7 },
+                _ => Message::Ack,
+            };
+            let mut bytes = encode(&message);
+            if let Some((index, byte)) = flip {
+                let index = index % bytes.len();
+                bytes[index] = byte;
+            }
+            let expected = match decode(&bytes, 1 << 20) {
+                Ok(Message::Cluster(payload)) => Some(payload),
+                _ => None,
+            };
+            prop_assert_eq!(decode_cluster(&bytes, 1 << 20), expected);
+        }
+
+        /// Arbitrary bytes: the same.
+        #[test]
+        fn decode_cluster_agrees_on_arbitrary_bytes(
+            bytes in prop::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let expected = match decode(&bytes, 1 << 20) {
+                Ok(Message::Cluster(payload)) => Some(payload),
+                _ => None,
+            };
+            prop_assert_eq!(decode_cluster(&bytes, 1 << 20), expected);
         }
 
         /// Valid messages with random corruption never panic either.

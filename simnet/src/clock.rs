@@ -33,18 +33,35 @@ impl SiteClock {
             "drift {} ppm out of bounds",
             self.drift_ppm
         );
-        let elapsed = i128::from(true_ms - self.epoch_ms);
-        let drift = elapsed * i128::from(self.drift_ppm) / 1_000_000;
-        let drift = i64::try_from(drift).expect("drift over an i64 span fits an i64");
+        let elapsed = true_ms - self.epoch_ms;
+        // The engine reads clocks at every event: i64 arithmetic whenever
+        // the product fits (spans below ~29,000 years), i128 beyond. Both
+        // truncate toward zero, so the reading is the same.
+        let drift = match elapsed.checked_mul(self.drift_ppm) {
+            Some(product) => product / 1_000_000,
+            None => {
+                let drift = i128::from(elapsed) * i128::from(self.drift_ppm) / 1_000_000;
+                i64::try_from(drift).expect("drift over an i64 span fits an i64")
+            }
+        };
         true_ms + self.offset_ms + drift
     }
 
     /// The earliest true time at which the site's clock reads `local_ms` or
     /// later: when a timer the site armed for `local_ms` fires.
     pub fn true_time_of(&self, local_ms: i64) -> i64 {
-        let target = i128::from(local_ms - self.offset_ms - self.epoch_ms);
-        let estimate = target * 1_000_000 / i128::from(1_000_000 + self.drift_ppm);
-        let estimate = i64::try_from(estimate).unwrap_or(i64::MAX / 2) + self.epoch_ms;
+        let target = local_ms - self.offset_ms - self.epoch_ms;
+        // As in `local`: i64 when the product fits (the quotient then fits
+        // too), i128 beyond, the same estimate either way.
+        let estimate = match target.checked_mul(1_000_000) {
+            Some(product) => product / (1_000_000 + self.drift_ppm),
+            None => {
+                let estimate =
+                    i128::from(target) * 1_000_000 / i128::from(1_000_000 + self.drift_ppm);
+                i64::try_from(estimate).unwrap_or(i64::MAX / 2)
+            }
+        };
+        let estimate = estimate + self.epoch_ms;
         // The estimate is within a few ms of the answer; walk to the first
         // instant that reads `local_ms`, from just before it.
         let mut at = estimate.saturating_sub(4);

@@ -145,6 +145,9 @@ struct SiteRuntime {
     /// The earliest pending timer, true time, and its generation.
     timer_at: Option<i64>,
     timer_generation: u64,
+    /// The last wake-up converted to true time, (local, true): sites ask
+    /// for the same instant call after call, and the clock never changes.
+    wake_converted: Option<(i64, i64)>,
     /// When the uplink is free again, true time in µs.
     uplink_free_us: i64,
     traffic: SiteTraffic,
@@ -272,6 +275,7 @@ impl<S: Site> Sim<S> {
                     clock,
                     timer_at: None,
                     timer_generation: 0,
+                    wake_converted: None,
                     uplink_free_us: 0,
                     traffic: SiteTraffic::default(),
                 }
@@ -700,7 +704,15 @@ impl<S: Site> Sim<S> {
             return;
         };
         let runtime = &mut self.runtime[site];
-        let at = runtime.clock.true_time_of(local_at).max(self.now_ms);
+        let true_at = match runtime.wake_converted {
+            Some((local, true_at)) if local == local_at => true_at,
+            _ => {
+                let true_at = runtime.clock.true_time_of(local_at);
+                runtime.wake_converted = Some((local_at, true_at));
+                true_at
+            }
+        };
+        let at = true_at.max(self.now_ms);
         // An earlier pending timer stays: the site is woken then, finds
         // nothing due, and re-arms. Only an earlier instant needs a new event.
         if runtime.timer_at.is_some_and(|pending| pending <= at) {

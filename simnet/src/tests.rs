@@ -379,6 +379,38 @@ fn clocks_invert_exactly() {
 }
 
 #[test]
+fn clocks_read_as_in_wide_arithmetic() {
+    // The reference: the reading computed in i128 throughout.
+    let reference = |clock: &SiteClock, true_ms: i64| {
+        let elapsed = i128::from(true_ms - clock.epoch_ms);
+        let drift = elapsed * i128::from(clock.drift_ppm) / 1_000_000;
+        true_ms + clock.offset_ms + i64::try_from(drift).unwrap()
+    };
+    let mut rng = Rng::new(5);
+    for _ in 0..2_000 {
+        let clock = SiteClock {
+            offset_ms: rng.between(-100_000, 100_000),
+            drift_ppm: rng.between(-DRIFT_PPM_MAX, DRIFT_PPM_MAX),
+            epoch_ms: T0,
+        };
+        // Around the epoch, and spans too long for the product to fit an
+        // i64 (the i128 path).
+        for true_ms in [
+            T0 + rng.between(-1_000_000, 100_000_000),
+            T0 - rng.between(0, 1_000),
+            T0 + rng.between(1 << 50, 1 << 61),
+            T0 - rng.between(1 << 50, 1 << 60),
+        ] {
+            assert_eq!(
+                clock.local(true_ms),
+                reference(&clock, true_ms),
+                "{clock:?}"
+            );
+        }
+    }
+}
+
+#[test]
 fn a_capped_uplink_queues_messages() {
     let mut config = SimConfig::new(1, 2, T0);
     config.net.jitter_ms = 0;

@@ -35,7 +35,9 @@ mod schema;
 
 use std::path::{Path, PathBuf};
 
-use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehavior, params};
+use rusqlite::{
+    Connection, OptionalExtension, Params, Row, Transaction, TransactionBehavior, params,
+};
 use serde::{Deserialize, Serialize};
 
 pub use calendar::{Step, Usage, Window, free_steps, min_free, peak_usage};
@@ -52,6 +54,9 @@ pub const INSTANT_MS_MAX: i64 = 253_402_300_799_999;
 pub const PEER_ADDRS_MAX: usize = 16;
 /// Events kept in the event log; older ones are pruned by the sweep.
 pub const EVENTS_MAX: i64 = 100_000;
+/// Compiled statements kept per connection: more than this module has, so
+/// none is ever evicted and recompiled.
+const STATEMENTS_CACHED_MAX: usize = 64;
 
 /// Errors of the ledger.
 #[derive(Debug, thiserror::Error)]
@@ -586,16 +591,24 @@ impl Ledger {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        tx.execute("DELETE FROM inventory", [])?;
+        execute_cached(&tx, "DELETE FROM inventory", [])?;
         for host in &inventory.hosts {
-            tx.execute(
+            execute_cached(
+                &tx,
                 "INSERT INTO inventory (name, cores, memory_mib, disk_gib, slots) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![host.name, host.cores, to_sql_u64(host.memory_mib)?, to_sql_u64(host.disk_gib)?, host.slots],
+                params![
+                    host.name,
+                    host.cores,
+                    to_sql_u64(host.memory_mib)?,
+                    to_sql_u64(host.disk_gib)?,
+                    host.slots
+                ],
             )?;
         }
         let shape = serde_json::to_string(&inventory.node)
             .map_err(|e| LedgerError::Invalid(e.to_string()))?;
-        tx.execute(
+        execute_cached(
+            &tx,
             "INSERT INTO settings (key, value) VALUES ('node_shape', ?1)
              ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             params![shape],
@@ -616,7 +629,7 @@ impl Ledger {
         let Some(node) = node_shape(&self.conn)? else {
             return Ok(None);
         };
-        let mut stmt = self.conn.prepare(
+        let mut stmt = self.conn.prepare_cached(
             "SELECT name, cores, memory_mib, disk_gib, slots FROM inventory ORDER BY name",
         )?;
         let hosts = stmt
@@ -640,14 +653,13 @@ impl Ledger {
 
     /// The highest capacity-advert version this site has used (0 if none).
     pub fn advert_version(&self) -> Result<u64, LedgerError> {
-        let value: Option<String> = self
-            .conn
-            .query_row(
-                "SELECT value FROM settings WHERE key = 'advert_version'",
-                [],
-                |row| row.get(0),
-            )
-            .optional()?;
+        let value: Option<String> = query_row_cached(
+            &self.conn,
+            "SELECT value FROM settings WHERE key = 'advert_version'",
+            [],
+            |row| row.get(0),
+        )
+        .optional()?;
         value
             .map(|text| {
                 text.parse().map_err(|_| LedgerError::Corrupt {
@@ -667,17 +679,18 @@ impl Ledger {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let current = {
-            let value: Option<String> = tx
-                .query_row(
-                    "SELECT value FROM settings WHERE key = 'advert_version'",
-                    [],
-                    |row| row.get(0),
-                )
-                .optional()?;
+            let value: Option<String> = query_row_cached(
+                &tx,
+                "SELECT value FROM settings WHERE key = 'advert_version'",
+                [],
+                |row| row.get(0),
+            )
+            .optional()?;
             value.and_then(|text| text.parse::<u64>().ok()).unwrap_or(0)
         };
         if version > current {
-            tx.execute(
+            execute_cached(
+                &tx,
                 "INSERT INTO settings (key, value) VALUES ('advert_version', ?1)
                  ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 params![version.to_string()],
@@ -738,7 +751,8 @@ impl Ledger {
         }
 
         let lease_expires_at_ms = now_ms.saturating_add(request.lease_ms);
-        tx.execute(
+        execute_cached(
+            &tx,
             "INSERT INTO reservations (idem_key, cluster_id, requester, start_ms, end_ms, nodes,
                  cores, memory_mib, disk_gib, state, lease_expires_at_ms, created_at_ms, updated_at_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'held', ?10, ?11, ?11)",
@@ -840,11 +854,18 @@ impl Ledger {
     /// Marks every hold whose lease ran out by `now_ms` as expired, prunes the
     /// event log to [`EVENTS_MAX`] entries, and returns the expired holds.
     pub fn sweep_expired(&mut self, now_ms: i64) -> Result<Vec<Reservation>, LedgerError> {
+        // Sweeps run every few seconds and almost always find nothing: one
+        // read says so, where the write transaction would cost several
+        // statements. The ledger has one writer (`&mut self`), so nothing
+        // comes due between the read and the write.
+        if !self.sweep_due(now_ms)? {
+            return Ok(Vec::new());
+        }
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let keys: Vec<String> = {
-            let mut stmt = tx.prepare(
+            let mut stmt = tx.prepare_cached(
                 "SELECT idem_key FROM reservations WHERE state = 'held' AND lease_expires_at_ms <= ?1 ORDER BY id",
             )?;
             stmt.query_map(params![now_ms], |row| row.get(0))?
@@ -854,7 +875,8 @@ impl Ledger {
         for key in &keys {
             expired.push(set_state(&tx, key, ReservationState::Expired, now_ms)?);
         }
-        tx.execute(
+        execute_cached(
+            &tx,
             "DELETE FROM events WHERE seq <= (SELECT MAX(seq) FROM events) - ?1",
             params![EVENTS_MAX],
         )?;
@@ -873,7 +895,7 @@ impl Ledger {
         filter: ReservationFilter,
         now_ms: i64,
     ) -> Result<Vec<Reservation>, LedgerError> {
-        let mut stmt = self.conn.prepare(&format!(
+        let mut stmt = self.conn.prepare_cached(&format!(
             "SELECT {RESERVATION_COLUMNS} FROM reservations ORDER BY id"
         ))?;
         let all = stmt
@@ -917,7 +939,8 @@ impl Ledger {
         }
         let request = serde_json::to_string(&cluster.request)
             .map_err(|e| LedgerError::Invalid(e.to_string()))?;
-        tx.execute(
+        execute_cached(
+            &tx,
             "INSERT INTO clusters (id, name, master_site, request_json, state, reason, created_at_ms, updated_at_ms, segment)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             params![
@@ -959,7 +982,8 @@ impl Ledger {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let changed = tx.execute(
+        let changed = execute_cached(
+            &tx,
             "UPDATE clusters SET state = ?2, reason = ?3, updated_at_ms = ?4 WHERE id = ?1",
             params![id, state.as_str(), reason, now_ms],
         )?;
@@ -967,7 +991,8 @@ impl Ledger {
             return Err(LedgerError::Invalid(format!("no cluster with id {id:?}")));
         }
         if let Some(parts) = parts {
-            tx.execute(
+            execute_cached(
+                &tx,
                 "DELETE FROM cluster_parts WHERE cluster_id = ?1",
                 params![id],
             )?;
@@ -1005,7 +1030,7 @@ impl Ledger {
     /// this crate, never user input), oldest first.
     fn clusters_where(&self, condition: &str) -> Result<Vec<ClusterRecord>, LedgerError> {
         let ids: Vec<String> = {
-            let mut stmt = self.conn.prepare(&format!(
+            let mut stmt = self.conn.prepare_cached(&format!(
                 "SELECT id FROM clusters WHERE {condition} ORDER BY created_at_ms, id"
             ))?;
             stmt.query_map([], |row| row.get(0))?
@@ -1040,14 +1065,15 @@ impl Ledger {
             return Ok(run);
         }
         let taken: std::collections::BTreeSet<u16> = {
-            let mut stmt = tx.prepare("SELECT vlan FROM cluster_runs")?;
+            let mut stmt = tx.prepare_cached("SELECT vlan FROM cluster_runs")?;
             stmt.query_map([], |row| row.get(0))?
                 .collect::<Result<_, _>>()?
         };
         let vlan = (first..=last)
             .find(|vlan| !taken.contains(vlan))
             .ok_or(LedgerError::VlansExhausted { first, last })?;
-        tx.execute(
+        execute_cached(
+            &tx,
             "INSERT INTO cluster_runs (cluster_id, vlan, started_at_ms) VALUES (?1, ?2, ?3)",
             params![cluster_id, vlan, now_ms],
         )?;
@@ -1072,11 +1098,13 @@ impl Ledger {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let ended = tx.execute(
+        let ended = execute_cached(
+            &tx,
             "DELETE FROM cluster_runs WHERE cluster_id = ?1",
             params![cluster_id],
         )? > 0;
-        tx.execute(
+        execute_cached(
+            &tx,
             "DELETE FROM cluster_nodes WHERE cluster_id = ?1",
             params![cluster_id],
         )?;
@@ -1095,7 +1123,7 @@ impl Ledger {
 
     /// The clusters running (or being torn down) at this site.
     pub fn runs(&self) -> Result<Vec<ClusterRun>, LedgerError> {
-        let mut stmt = self.conn.prepare(
+        let mut stmt = self.conn.prepare_cached(
             "SELECT cluster_id, vlan, started_at_ms FROM cluster_runs ORDER BY cluster_id",
         )?;
         let runs = stmt
@@ -1114,14 +1142,16 @@ impl Ledger {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        tx.execute(
+        execute_cached(
+            &tx,
             "DELETE FROM cluster_nodes WHERE cluster_id = ?1 AND site = ?2",
             params![cluster_id, site],
         )?;
         for node in nodes {
             let state = serde_json::to_string(&node.state)
                 .map_err(|e| LedgerError::Invalid(e.to_string()))?;
-            tx.execute(
+            execute_cached(
+                &tx,
                 "INSERT OR REPLACE INTO cluster_nodes (cluster_id, site, idx, frontend, state_json, updated_at_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 params![
@@ -1140,7 +1170,7 @@ impl Ledger {
 
     /// The nodes of `cluster_id` as last reported, by node number.
     pub fn nodes(&self, cluster_id: &str) -> Result<Vec<NodeRecord>, LedgerError> {
-        let mut stmt = self.conn.prepare(
+        let mut stmt = self.conn.prepare_cached(
             "SELECT site, idx, frontend, state_json, updated_at_ms FROM cluster_nodes
              WHERE cluster_id = ?1 ORDER BY idx, site",
         )?;
@@ -1198,7 +1228,8 @@ impl Ledger {
         }
         let addrs_json =
             serde_json::to_string(&merged).map_err(|e| LedgerError::Invalid(e.to_string()))?;
-        tx.execute(
+        execute_cached(
+            &tx,
             "INSERT INTO peers (peer_id, site_name, addrs_json, first_seen_ms, last_seen_ms)
              VALUES (?1, ?2, ?3, ?4, ?4)
              ON CONFLICT (peer_id) DO UPDATE SET
@@ -1214,15 +1245,16 @@ impl Ledger {
 
     /// Forgets a peer; returns whether it was known.
     pub fn remove_peer(&mut self, peer_id: &str) -> Result<bool, LedgerError> {
-        Ok(self
-            .conn
-            .execute("DELETE FROM peers WHERE peer_id = ?1", params![peer_id])?
-            > 0)
+        Ok(execute_cached(
+            &self.conn,
+            "DELETE FROM peers WHERE peer_id = ?1",
+            params![peer_id],
+        )? > 0)
     }
 
     /// All known peers, most recently seen first.
     pub fn peers(&self) -> Result<Vec<PeerRecord>, LedgerError> {
-        let mut stmt = self.conn.prepare(&format!(
+        let mut stmt = self.conn.prepare_cached(&format!(
             "SELECT {PEER_COLUMNS} FROM peers ORDER BY last_seen_ms DESC, peer_id"
         ))?;
         stmt.query_map([], peer_from_row)?
@@ -1244,7 +1276,7 @@ impl Ledger {
 
     /// Events after `after_seq`, oldest first, at most `limit`.
     pub fn events(&self, after_seq: i64, limit: u32) -> Result<Vec<Event>, LedgerError> {
-        let mut stmt = self.conn.prepare(
+        let mut stmt = self.conn.prepare_cached(
             "SELECT seq, at_ms, kind, subject, detail_json FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
         )?;
         let rows = stmt
@@ -1276,10 +1308,31 @@ impl Ledger {
             .collect()
     }
 
+    /// Whether [`Ledger::sweep_expired`] has anything to do at `now_ms`: a
+    /// hold whose lease ran out, or more than [`EVENTS_MAX`] events (the
+    /// conditions of its statements, so that skipping them changes
+    /// nothing).
+    fn sweep_due(&self, now_ms: i64) -> Result<bool, LedgerError> {
+        let (earliest_lease_ms, events_over): (Option<i64>, bool) = query_row_cached(
+            &self.conn,
+            // Separate MIN and MAX subqueries: each is one look at an end of
+            // an index or the rowid tree, where one query with both would
+            // scan the log.
+            "SELECT (SELECT MIN(lease_expires_at_ms) FROM reservations WHERE state = 'held'),
+                 COALESCE((SELECT MIN(seq) FROM events) <= (SELECT MAX(seq) FROM events) - ?1, 0)",
+            params![EVENTS_MAX],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )?;
+        Ok(events_over || earliest_lease_ms.is_some_and(|at| at <= now_ms))
+    }
+
     fn setup(mut conn: Connection, path: Option<PathBuf>) -> Result<Ledger, LedgerError> {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        // Room for every statement of this module, so the hot ones are
+        // compiled once per connection rather than once per call.
+        conn.set_prepared_statement_cache_capacity(STATEMENTS_CACHED_MAX);
         migrate(&mut conn)?;
         Ok(Ledger { conn, path })
     }
@@ -1303,6 +1356,24 @@ fn migrate(conn: &mut Connection) -> Result<(), LedgerError> {
         tx.commit()?;
         tracing::info!(version = found + 1, "migrated ledger schema");
     }
+}
+
+/// Runs one statement through the connection's statement cache. The ledger
+/// issues the same few dozen statements over and over (the simulator runs
+/// a thousand ledgers in one process), and compiling SQL text on each call
+/// cost more than running it.
+fn execute_cached(conn: &Connection, sql: &str, params: impl Params) -> rusqlite::Result<usize> {
+    conn.prepare_cached(sql)?.execute(params)
+}
+
+/// Reads one row through the statement cache (see [`execute_cached`]).
+fn query_row_cached<T>(
+    conn: &Connection,
+    sql: &str,
+    params: impl Params,
+    f: impl FnOnce(&Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    conn.prepare_cached(sql)?.query_row(params, f)
 }
 
 fn validate_hold(request: &HoldRequest) -> Result<(), LedgerError> {
@@ -1355,13 +1426,13 @@ fn get_u64(row: &Row<'_>, index: usize) -> rusqlite::Result<u64> {
 }
 
 fn node_shape(conn: &Connection) -> Result<Option<NodeShape>, LedgerError> {
-    let shape: Option<String> = conn
-        .query_row(
-            "SELECT value FROM settings WHERE key = 'node_shape'",
-            [],
-            |row| row.get(0),
-        )
-        .optional()?;
+    let shape: Option<String> = query_row_cached(
+        conn,
+        "SELECT value FROM settings WHERE key = 'node_shape'",
+        [],
+        |row| row.get(0),
+    )
+    .optional()?;
     shape
         .map(|text| {
             serde_json::from_str(&text).map_err(|e| LedgerError::Corrupt {
@@ -1374,10 +1445,12 @@ fn node_shape(conn: &Connection) -> Result<Option<NodeShape>, LedgerError> {
 }
 
 fn capacity(conn: &Connection) -> Result<u32, LedgerError> {
-    let slots: i64 =
-        conn.query_row("SELECT COALESCE(SUM(slots), 0) FROM inventory", [], |row| {
-            row.get(0)
-        })?;
+    let slots: i64 = query_row_cached(
+        conn,
+        "SELECT COALESCE(SUM(slots), 0) FROM inventory",
+        [],
+        |row| row.get(0),
+    )?;
     Ok(u32::try_from(slots).unwrap_or(u32::MAX))
 }
 
@@ -1402,21 +1475,26 @@ fn active_usages(
     let mut usages = Vec::new();
     for row in rows {
         let (start_ms, end_ms, nodes) = row?;
-        let window = Window::new(start_ms, end_ms).ok_or(LedgerError::Corrupt {
-            table: "reservations",
-            column: "end_ms",
-            detail: format!("window {start_ms}..{end_ms} is empty"),
-        })?;
-        usages.push(Usage { window, nodes });
+        usages.push(usage(start_ms, end_ms, nodes)?);
     }
     Ok(usages)
+}
+
+fn usage(start_ms: i64, end_ms: i64, nodes: u32) -> Result<Usage, LedgerError> {
+    let window = Window::new(start_ms, end_ms).ok_or(LedgerError::Corrupt {
+        table: "reservations",
+        column: "end_ms",
+        detail: format!("window {start_ms}..{end_ms} is empty"),
+    })?;
+    Ok(Usage { window, nodes })
 }
 
 const RESERVATION_COLUMNS: &str = "idem_key, cluster_id, requester, start_ms, end_ms, nodes, cores, memory_mib, \
      disk_gib, state, lease_expires_at_ms, created_at_ms, updated_at_ms";
 
 fn reservation_by_key(conn: &Connection, key: &str) -> Result<Option<Reservation>, LedgerError> {
-    conn.query_row(
+    query_row_cached(
+        conn,
         &format!("SELECT {RESERVATION_COLUMNS} FROM reservations WHERE idem_key = ?1"),
         params![key],
         reservation_from_row,
@@ -1495,7 +1573,8 @@ fn set_state(
 ) -> Result<Reservation, LedgerError> {
     // A committed reservation no longer has a lease; other states keep the
     // lease they had for the record.
-    let changed = tx.execute(
+    let changed = execute_cached(
+        tx,
         "UPDATE reservations
          SET state = ?2,
              lease_expires_at_ms = CASE WHEN ?2 = 'committed' THEN NULL ELSE lease_expires_at_ms END,
@@ -1533,7 +1612,8 @@ fn write_parts(
             .gateway
             .as_ref()
             .map(|gateway| serde_json::to_string(gateway).expect("a gateway serialises to JSON"));
-        tx.execute(
+        execute_cached(
+            tx,
             "INSERT INTO cluster_parts (cluster_id, site, peer_id, attempt, nodes, frontend, state, reservation_key, gateway_json)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             params![
@@ -1553,26 +1633,26 @@ fn write_parts(
 }
 
 fn cluster_by_id(conn: &Connection, id: &str) -> Result<Option<ClusterRecord>, LedgerError> {
-    let row = conn
-        .query_row(
-            "SELECT id, name, master_site, request_json, state, reason, created_at_ms, updated_at_ms, segment
+    let row = query_row_cached(
+        conn,
+        "SELECT id, name, master_site, request_json, state, reason, created_at_ms, updated_at_ms, segment
              FROM clusters WHERE id = ?1",
-            params![id],
-            |row| {
-                Ok((
-                    row.get::<_, String>(0)?,
-                    row.get::<_, String>(1)?,
-                    row.get::<_, String>(2)?,
-                    row.get::<_, String>(3)?,
-                    row.get::<_, String>(4)?,
-                    row.get::<_, Option<String>>(5)?,
-                    row.get::<_, i64>(6)?,
-                    row.get::<_, i64>(7)?,
-                    row.get::<_, Option<u32>>(8)?,
-                ))
-            },
-        )
-        .optional()?;
+        params![id],
+        |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, String>(1)?,
+                row.get::<_, String>(2)?,
+                row.get::<_, String>(3)?,
+                row.get::<_, String>(4)?,
+                row.get::<_, Option<String>>(5)?,
+                row.get::<_, i64>(6)?,
+                row.get::<_, i64>(7)?,
+                row.get::<_, Option<u32>>(8)?,
+            ))
+        },
+    )
+    .optional()?;
     let Some((
         id,
         name,
@@ -1654,13 +1734,13 @@ fn cluster_by_id(conn: &Connection, id: &str) -> Result<Option<ClusterRecord>, L
 const PEER_COLUMNS: &str = "peer_id, site_name, addrs_json, first_seen_ms, last_seen_ms";
 
 fn run_by_id(conn: &Connection, cluster_id: &str) -> Result<Option<ClusterRun>, LedgerError> {
-    Ok(conn
-        .query_row(
-            "SELECT cluster_id, vlan, started_at_ms FROM cluster_runs WHERE cluster_id = ?1",
-            params![cluster_id],
-            run_from_row,
-        )
-        .optional()?)
+    Ok(query_row_cached(
+        conn,
+        "SELECT cluster_id, vlan, started_at_ms FROM cluster_runs WHERE cluster_id = ?1",
+        params![cluster_id],
+        run_from_row,
+    )
+    .optional()?)
 }
 
 fn run_from_row(row: &Row<'_>) -> rusqlite::Result<ClusterRun> {
@@ -1672,7 +1752,8 @@ fn run_from_row(row: &Row<'_>) -> rusqlite::Result<ClusterRun> {
 }
 
 fn peer_by_id(conn: &Connection, peer_id: &str) -> Result<Option<PeerRecord>, LedgerError> {
-    conn.query_row(
+    query_row_cached(
+        conn,
         &format!("SELECT {PEER_COLUMNS} FROM peers WHERE peer_id = ?1"),
         params![peer_id],
         peer_from_row,
@@ -1709,7 +1790,8 @@ fn record_event(
     subject: &str,
     detail: serde_json::Value,
 ) -> Result<(), LedgerError> {
-    conn.execute(
+    execute_cached(
+        conn,
         "INSERT INTO events (at_ms, kind, subject, detail_json) VALUES (?1, ?2, ?3, ?4)",
         params![now_ms, kind, subject, detail.to_string()],
     )?;

@@ -732,3 +732,49 @@ fn node_states_are_replaced_per_site_and_forgotten_with_the_run() {
     ledger.end_run("c", 6).unwrap();
     assert!(ledger.nodes("c").unwrap().is_empty());
 }
+
+#[test]
+fn the_sweep_prunes_the_event_log_even_with_nothing_expired() {
+    let mut ledger = ledger(4);
+    let logged = ledger.events(0, u32::MAX).unwrap().len();
+    let extra = usize::try_from(EVENTS_MAX).unwrap() + 10 - logged;
+    for i in 0..extra {
+        ledger
+            .record_event(0, "test", &i.to_string(), serde_json::json!({}))
+            .unwrap();
+    }
+    assert!(ledger.sweep_expired(0).unwrap().is_empty());
+    let kept = ledger.events(0, u32::MAX).unwrap();
+    assert_eq!(kept.len(), usize::try_from(EVENTS_MAX).unwrap());
+    assert_eq!(kept.last().unwrap().subject, (extra - 1).to_string());
+    // At the bound, the next sweep has nothing to do.
+    assert!(ledger.sweep_expired(0).unwrap().is_empty());
+    assert_eq!(
+        ledger.events(0, u32::MAX).unwrap().len(),
+        usize::try_from(EVENTS_MAX).unwrap()
+    );
+}
+
+#[test]
+fn sweeps_see_every_change_between_them() {
+    // The sweep's first read decides whether it writes: every way of
+    // adding, committing or releasing a hold must show in it.
+    let mut ledger = ledger(4);
+    assert!(ledger.sweep_expired(0).unwrap().is_empty());
+    held(ledger.hold(&request("a", 0, 100, 1, 10), 0).unwrap());
+    held(ledger.hold(&request("b", 0, 100, 1, 20), 0).unwrap());
+    held(ledger.hold(&request("c", 0, 100, 1, 30), 0).unwrap());
+    assert!(ledger.sweep_expired(9).unwrap().is_empty());
+    let swept = ledger.sweep_expired(10).unwrap();
+    assert_eq!(swept.len(), 1);
+    assert_eq!(swept[0].key, "a");
+    ledger.commit("b", "site-a", 11).unwrap();
+    ledger.release("c", "site-a", 12).unwrap();
+    assert!(ledger.sweep_expired(40).unwrap().is_empty());
+    held(ledger.hold(&request("d", 0, 100, 1, 5), 40).unwrap());
+    assert!(ledger.sweep_expired(44).unwrap().is_empty());
+    let swept = ledger.sweep_expired(45).unwrap();
+    assert_eq!(swept.len(), 1);
+    assert_eq!(swept[0].key, "d");
+    assert!(ledger.sweep_expired(1_000).unwrap().is_empty());
+}

@@ -1,7 +1,15 @@
 //! One simulated site: the production registry and cluster cores with an
 //! in-memory ledger, wired the way the federation shell wires them.
+//!
+//! Most deliveries of a run are gossip duplicates that the seen cache drops
+//! (every site hears each message from several mesh peers), so the cache is
+//! a hash set keyed by the message id itself: ids are already well-mixed
+//! 64-bit hashes, and the set is only probed, never iterated, so its order
+//! cannot leak into the run.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::cell::Cell;
+use std::collections::{BTreeMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
 use libp2p_identity::{Keypair, PeerId};
@@ -300,8 +308,9 @@ pub struct Directory {
 struct Volatile {
     registry: Registry,
     cluster: ClusterCore,
-    /// Gossip message ids seen, with when (local ms), oldest first.
-    seen: BTreeSet<u64>,
+    /// Gossip message ids seen, and the same ids with when (local ms),
+    /// oldest first, for expiry and eviction.
+    seen: SeenIds,
     seen_order: VecDeque<(i64, u64)>,
     /// Requests awaiting an answer: id → sent at (local ms).
     pending: BTreeMap<u64, i64>,
@@ -348,6 +357,11 @@ pub struct FedSite {
     observations: Vec<Observation>,
     /// Gossip messages dropped as duplicates by the seen cache.
     pub gossip_duplicates: u64,
+    /// What `poll_timeout` last answered, and whether the call since was a
+    /// duplicate gossip message, which moves no timer: most deliveries of
+    /// a run are, and the engine asks after every call.
+    wake_memo: Cell<Option<i64>>,
+    wake_unchanged: Cell<bool>,
     /// Gossip messages the core rejected.
     pub gossip_rejected: u64,
 }
@@ -406,6 +420,8 @@ impl FedSite {
             stats_before: RegistryStats::default(),
             observations: Vec::new(),
             gossip_duplicates: 0,
+            wake_memo: Cell::new(None),
+            wake_unchanged: Cell::new(false),
             gossip_rejected: 0,
         })
     }
@@ -517,7 +533,7 @@ impl FedSite {
         let mut volatile = Volatile {
             registry,
             cluster,
-            seen: BTreeSet::new(),
+            seen: SeenIds::default(),
             seen_order: VecDeque::new(),
             pending: BTreeMap::new(),
             next_request: 0,
@@ -769,16 +785,20 @@ impl FedSite {
         msg: FedMsg,
     ) -> Result<(), LedgerError> {
         let now = ctx.now_ms();
-        let from_peer = self.directory.peers[from];
         let Some(volatile) = self.volatile.as_mut() else {
             return Ok(());
         };
+        if let FedMsg::Gossip { id, .. } = &msg
+            && volatile.seen.contains(id)
+        {
+            // Most deliveries of a run: nothing else of the site is touched.
+            self.gossip_duplicates += 1;
+            self.wake_unchanged.set(true);
+            return Ok(());
+        }
+        let from_peer = self.directory.peers[from];
         match msg {
             FedMsg::Gossip { id, hops, data } => {
-                if volatile.seen.contains(&id) {
-                    self.gossip_duplicates += 1;
-                    return Ok(());
-                }
                 remember(volatile, id, now);
                 let before = self.observations.len();
                 // The registry's timer can only move earlier by a new entry's
@@ -1122,18 +1142,56 @@ impl vcfed_simnet::Site for FedSite {
     }
 
     fn poll_timeout(&self) -> Option<i64> {
-        let volatile = self.volatile.as_ref()?;
-        [
-            volatile.registry_wake,
-            volatile.cluster.poll_timeout(),
-            volatile.advert_due,
-            Some(volatile.next_advert_recompute),
-            Some(volatile.next_sweep),
-            volatile.runner.poll_timeout(),
-        ]
-        .into_iter()
-        .flatten()
-        .min()
+        // The engine asked after the call before the duplicate too, so the
+        // memo is the answer for the state that still holds.
+        if self.wake_unchanged.replace(false) {
+            return self.wake_memo.get();
+        }
+        let wake = self.volatile.as_ref().and_then(|volatile| {
+            [
+                volatile.registry_wake,
+                volatile.cluster.poll_timeout(),
+                volatile.advert_due,
+                Some(volatile.next_advert_recompute),
+                Some(volatile.next_sweep),
+                volatile.runner.poll_timeout(),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+        });
+        self.wake_memo.set(wake);
+        wake
+    }
+}
+
+/// The seen cache's set: probed on every gossip delivery, where a tree
+/// would walk a chain of cache misses and a hash set costs one probe.
+// Only `contains`, `insert` and `remove` are used: no iteration order leaks.
+#[allow(clippy::disallowed_types)]
+type SeenIds = std::collections::HashSet<u64, BuildHasherDefault<IdHasher>>;
+
+/// Hashes a message id to itself: ids are [`content_id`]s, already mixed,
+/// so hashing them again would only cost time. It has no random seed,
+/// which also keeps the set deterministic.
+#[derive(Debug, Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u64` keys are hashed (see `write_u64`); other input is still
+        // folded in, mixed, so the hasher stays correct for any key.
+        for &byte in bytes {
+            self.0 = mix64(self.0 ^ u64::from(byte));
+        }
+    }
+
+    fn write_u64(&mut self, id: u64) {
+        self.0 = id;
     }
 }
 
@@ -1185,11 +1243,11 @@ fn round_up(value: i64, unit: i64) -> i64 {
     value.div_euclid(unit) * unit + if value.rem_euclid(unit) == 0 { 0 } else { unit }
 }
 
+/// The cluster message in `data`, as the federation shell finds it; any
+/// other message is left for the registry to decode.
 fn cluster_payload(data: &[u8]) -> Option<ClusterMsg> {
-    match wire::decode(data, crate::federation::MESSAGE_MAX_BYTES) {
-        Ok(Message::Cluster(inner)) => ClusterMsg::decode(&inner),
-        _ => None,
-    }
+    let inner = wire::decode_cluster(data, crate::federation::MESSAGE_MAX_BYTES)?;
+    ClusterMsg::decode(&inner)
 }
 
 fn create_error_kind(e: &crate::cluster::CreateError) -> &'static str {
