@@ -884,17 +884,15 @@ impl Shell {
 }
 
 /// The cluster message inside a federation message, if that is what it is.
-fn cluster_payload(data: &[u8]) -> Option<ClusterMsg> {
-    match wire::decode(data, MESSAGE_MAX_BYTES) {
-        Ok(Message::Cluster(inner)) => {
-            let msg = ClusterMsg::decode(&inner);
-            if msg.is_none() {
-                tracing::debug!("dropping an undecodable cluster message");
-            }
-            msg
-        }
-        _ => None,
+/// Anything else is left for the registry, which decodes it itself:
+/// [`wire::decode_cluster`] reads only its head.
+pub(crate) fn cluster_payload(data: &[u8]) -> Option<ClusterMsg> {
+    let inner = wire::decode_cluster(data, MESSAGE_MAX_BYTES)?;
+    let msg = ClusterMsg::decode(&inner);
+    if msg.is_none() {
+        tracing::debug!("dropping an undecodable cluster message");
     }
+    msg
 }
 
 fn millis(duration: Duration) -> i64 {

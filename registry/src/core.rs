@@ -370,10 +370,19 @@ impl DigestSummary {
     /// An entry added with [`DigestSummary::add`] leaves the view (the
     /// bounds stay bounds).
     fn remove(&mut self, expires_at_ms: i64, hash: u64) {
-        if expires_at_ms > self.at_ms {
-            assert!(self.count > 0, "only an added entry is removed");
-            self.hash = self.hash.wrapping_sub(hash);
-            self.count -= 1;
+        if expires_at_ms <= self.at_ms {
+            return;
+        }
+        debug_assert!(self.count > 0, "only an added entry is removed");
+        match self.count.checked_sub(1) {
+            Some(count) => {
+                self.hash = self.hash.wrapping_sub(hash);
+                self.count = count;
+            }
+            // Never (see above); should it happen, the sums no longer hold
+            // at any instant and are rebuilt from the view on next use,
+            // rather than a peer's message stopping the agent.
+            None => self.valid_until_ms = i64::MIN,
         }
     }
 }
@@ -415,8 +424,15 @@ impl DeadlineBound {
 
     /// An entry with this deadline left the view.
     fn removed(&mut self, deadline_ms: i64) {
-        assert!(deadline_ms >= self.at_ms, "the bound is a lower bound");
+        debug_assert!(deadline_ms >= self.at_ms, "the bound is a lower bound");
         if deadline_ms == self.at_ms {
+            // The bound may now be below every deadline: still a bound.
+            self.exact = false;
+        } else if deadline_ms < self.at_ms {
+            // Never (see above); should it happen, the lowest bound makes
+            // `settle_deadline` recompute it from the view, rather than a
+            // peer's message stopping the agent.
+            self.at_ms = i64::MIN;
             self.exact = false;
         }
     }

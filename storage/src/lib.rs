@@ -1315,9 +1315,10 @@ impl Ledger {
     fn sweep_due(&self, now_ms: i64) -> Result<bool, LedgerError> {
         let (earliest_lease_ms, events_over): (Option<i64>, bool) = query_row_cached(
             &self.conn,
-            // Separate MIN and MAX subqueries: each is one look at an end of
-            // an index or the rowid tree, where one query with both would
-            // scan the log.
+            // Separate subqueries: MIN and MAX of `seq` are each one look
+            // at an end of the rowid tree, where one query with both would
+            // scan the log; the earliest lease reads the held rows only
+            // (by the state index), a handful.
             "SELECT (SELECT MIN(lease_expires_at_ms) FROM reservations WHERE state = 'held'),
                  COALESCE((SELECT MIN(seq) FROM events) <= (SELECT MAX(seq) FROM events) - ?1, 0)",
             params![EVENTS_MAX],

@@ -683,6 +683,10 @@ impl FedSite {
         let Some(volatile) = self.volatile.as_mut() else {
             return;
         };
+        // After any registry input: an advert relayed near its expiry can
+        // make a site's liveness change sooner than the cached wake.
+        // `poll_timeout` costs no pass over the view.
+        volatile.registry_wake = volatile.registry.poll_timeout();
         let mut version_unsaved = false;
         let mut alive = Vec::new();
         while let Some(event) = volatile.registry.poll_event() {
@@ -801,9 +805,6 @@ impl FedSite {
             FedMsg::Gossip { id, hops, data } => {
                 remember(volatile, id, now);
                 let before = self.observations.len();
-                // The registry's timer can only move earlier by a new entry's
-                // freshness, at least a TTL away: the cached wake (never later
-                // than the next anti-entropy round) stands.
                 let verdict = volatile.registry.handle_gossip(now, &data);
                 self.drain(ctx);
                 for observation in &mut self.observations[before..] {
@@ -832,7 +833,7 @@ impl FedSite {
                 Ok(())
             }
             FedMsg::Request { id, data, .. } => {
-                let answer = match cluster_payload(&data) {
+                let answer = match crate::federation::cluster_payload(&data) {
                     Some(msg) => {
                         // Node reports change no capacity (the shell does
                         // not re-advertise for them either); a hold changes
@@ -898,7 +899,7 @@ impl FedSite {
                     // Timed out at the transport: libp2p drops it too.
                     return Ok(());
                 }
-                match cluster_payload(&data) {
+                match crate::federation::cluster_payload(&data) {
                     Some(msg) => {
                         let noted = matches!(msg, ClusterMsg::NodesNoted { .. });
                         let (cluster, registry) = (&mut volatile.cluster, &volatile.registry);
@@ -1241,13 +1242,6 @@ fn blake_ish_key(index: u32) -> Box<[u8; 32]> {
 
 fn round_up(value: i64, unit: i64) -> i64 {
     value.div_euclid(unit) * unit + if value.rem_euclid(unit) == 0 { 0 } else { unit }
-}
-
-/// The cluster message in `data`, as the federation shell finds it; any
-/// other message is left for the registry to decode.
-fn cluster_payload(data: &[u8]) -> Option<ClusterMsg> {
-    let inner = wire::decode_cluster(data, crate::federation::MESSAGE_MAX_BYTES)?;
-    ClusterMsg::decode(&inner)
 }
 
 fn create_error_kind(e: &crate::cluster::CreateError) -> &'static str {
