@@ -792,39 +792,16 @@ impl Shell {
     /// if it changed.
     fn refresh_local_advert(&mut self) {
         let now = now_ms();
-        let horizon_end_ms = round_up(now + HORIZON_MS, 3_600_000);
-        let window = Window::new(now, horizon_end_ms).expect("the horizon is in the future");
-        let read = self
+        let capacity = match self
             .ledger
-            .blocking(move |ledger| -> Result<_, vcfed_storage::LedgerError> {
-                Ok((ledger.inventory()?, ledger.free_steps(window, now)?))
-            });
-        let (inventory, steps) = match read {
-            Ok((Some(inventory), steps)) => (inventory, steps),
-            Ok((None, _)) => return,
+            .blocking(move |ledger| advert_capacity(ledger, now))
+        {
+            Ok(Some(capacity)) => capacity,
+            Ok(None) => return,
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "cannot read capacity for the advert");
                 return;
             }
-        };
-        // The first step holds from before now: anchoring it at 0 keeps the
-        // advert unchanged (and unsent) while nothing but the clock moves.
-        let mut steps: Vec<(i64, u32)> = steps
-            .into_iter()
-            .map(|step| (step.at_ms, step.free))
-            .collect();
-        if let Some(first) = steps.first_mut() {
-            first.0 = 0;
-        }
-        let capacity = CapacitySummary {
-            total_nodes: inventory.slots(),
-            node: NodeShape {
-                cores: inventory.node.cores,
-                memory_mib: inventory.node.memory_mib,
-                disk_gib: inventory.node.disk_gib,
-            },
-            steps,
-            horizon_end_ms,
         };
         // Loopback addresses only help on this host: advertise them only if
         // there is nothing else.
@@ -897,6 +874,40 @@ pub(crate) fn cluster_payload(data: &[u8]) -> Option<ClusterMsg> {
 
 fn millis(duration: Duration) -> i64 {
     i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// What a site advertises of its capacity at `now_ms`, from its ledger:
+/// free node slots over the next [`HORIZON_MS`] as steps (`None` before
+/// the site has an inventory).
+pub(crate) fn advert_capacity(
+    ledger: &vcfed_storage::Ledger,
+    now_ms: i64,
+) -> Result<Option<CapacitySummary>, vcfed_storage::LedgerError> {
+    let Some(inventory) = ledger.inventory()? else {
+        return Ok(None);
+    };
+    let horizon_end_ms = round_up(now_ms + HORIZON_MS, 3_600_000);
+    let window = Window::new(now_ms, horizon_end_ms).expect("the horizon is in the future");
+    // The first step holds from before now: anchoring it at 0 keeps the
+    // advert unchanged (and unsent) while nothing but the clock moves.
+    let mut steps: Vec<(i64, u32)> = ledger
+        .free_steps(window, now_ms)?
+        .into_iter()
+        .map(|step| (step.at_ms, step.free))
+        .collect();
+    if let Some(first) = steps.first_mut() {
+        first.0 = 0;
+    }
+    Ok(Some(CapacitySummary {
+        total_nodes: inventory.slots(),
+        node: NodeShape {
+            cores: inventory.node.cores,
+            memory_mib: inventory.node.memory_mib,
+            disk_gib: inventory.node.disk_gib,
+        },
+        steps,
+        horizon_end_ms,
+    }))
 }
 
 fn round_up(value: i64, unit: i64) -> i64 {

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use libp2p_identity::{Keypair, PeerId};
 use vcfed_registry::wire::{self, Message};
 use vcfed_registry::{
-    CapacitySummary, GatewayInfo, LocalAdvert, NodeShape as AdvertShape, Registry, RegistryConfig,
-    RegistryEvent, RegistryStats, Transmit, Verdict,
+    GatewayInfo, LocalAdvert, Registry, RegistryConfig, RegistryEvent, RegistryStats, Transmit,
+    Verdict,
 };
 use vcfed_simnet::{Ctx, Payload, SiteId, mix64};
 use vcfed_storage::{
@@ -27,8 +27,6 @@ use super::dataplane::{DataPlane, key_of_site};
 use super::runner::{RunnerEnv, SimRunner, TickReport};
 use crate::cluster::{ClusterConfig, ClusterCore, ClusterMsg, ClusterRequest};
 
-/// Horizon of the advertised capacity (as the federation shell).
-const HORIZON_MS: i64 = 7 * 24 * 3_600_000;
 /// Capacity changes closer together than this are advertised once (as the shell).
 const ADVERT_COALESCE_MS: i64 = 200;
 /// How long a request waits for its answer before the transport gives up
@@ -574,24 +572,8 @@ impl FedSite {
         let Some(volatile) = self.volatile.as_mut() else {
             return Ok(());
         };
-        let horizon_end_ms = round_up(now + HORIZON_MS, 3_600_000);
-        let window = Window::new(now, horizon_end_ms).expect("the horizon is in the future");
-        let steps = self.ledger.free_steps(window, now)?;
-        let mut steps: Vec<(i64, u32)> = steps.into_iter().map(|s| (s.at_ms, s.free)).collect();
-        if let Some(first) = steps.first_mut() {
-            first.0 = 0;
-        }
-        let node = slot();
-        let capacity = CapacitySummary {
-            total_nodes: self.capacity,
-            node: AdvertShape {
-                cores: node.cores,
-                memory_mib: node.memory_mib,
-                disk_gib: node.disk_gib,
-            },
-            steps,
-            horizon_end_ms,
-        };
+        let capacity = crate::federation::advert_capacity(&self.ledger, now)?
+            .expect("a simulated site has its inventory from the start");
         let index = u32::try_from(self.index).unwrap_or(u32::MAX);
         volatile.registry.set_local(
             now,
@@ -1238,10 +1220,6 @@ fn blake_ish_key(index: u32) -> Box<[u8; 32]> {
         chunk.copy_from_slice(&mix64(u64::from(index) << 8 | i as u64).to_le_bytes());
     }
     Box::new(key)
-}
-
-fn round_up(value: i64, unit: i64) -> i64 {
-    value.div_euclid(unit) * unit + if value.rem_euclid(unit) == 0 { 0 } else { unit }
 }
 
 fn create_error_kind(e: &crate::cluster::CreateError) -> &'static str {
