@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use vcfed::client::ApiClient;
@@ -183,24 +184,56 @@ pub fn signal(pid: u32, name: &str) {
     assert!(status.success(), "kill -{name} {pid} failed");
 }
 
-/// A loopback TCP port that was free a moment ago.
+/// A loopback port that is free for TCP and UDP, for an agent to bind soon.
+///
+/// Ports come from below the kernel's ephemeral range, so that no `bind` to
+/// port 0 and no outgoing connection (of this or a concurrent test) can take
+/// one between this check and the agent's own bind; a counter shared by the
+/// tests of one binary keeps them from handing out a port twice, and the
+/// process id spreads concurrent binaries apart.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind(("127.0.0.1", 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let (first, count) = (10_000, ephemeral_low.saturating_sub(10_000).min(20_000));
+    assert!(
+        count >= 1000,
+        "the ephemeral port range starts at {ephemeral_low}: no room below it for test ports"
+    );
+    let start = std::process::id().wrapping_mul(7919) % count;
+    for _ in 0..count {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = u16::try_from(first + (start + n) % count).unwrap();
+        let tcp = std::net::TcpListener::bind(("127.0.0.1", port));
+        let udp = std::net::UdpSocket::bind(("127.0.0.1", port));
+        if tcp.is_ok() && udp.is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {first}..{}", first + count);
 }
 
 /// Waits until the agent answers, at most 15 s.
 pub async fn wait_ready(client: &ApiClient) {
-    tokio::time::timeout(
+    if let Err(e) = try_wait_ready(client).await {
+        panic!("{e}");
+    }
+}
+
+/// Like [`wait_ready`], with the failure as a value.
+pub async fn try_wait_ready(client: &ApiClient) -> Result<(), String> {
+    match tokio::time::timeout(
         Duration::from_secs(15),
         vcfed::demo::local::wait_ready(client),
     )
     .await
-    .expect("the agent answers within 15 s")
-    .expect("the agent answers");
+    {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("the agent does not answer: {e:#}")),
+        Err(_) => Err("the agent does not answer within 15 s".to_owned()),
+    }
 }
 
 /// Text of a process's stderr.
@@ -222,9 +255,15 @@ pub struct Member {
 
 /// Starts the agent of `site` and waits until its API answers.
 pub async fn start(site: Site) -> Member {
-    let agent = site.spawn();
+    let mut agent = site.spawn();
     let client = site.client();
-    wait_ready(&client).await;
+    if let Err(e) = try_wait_ready(&client).await {
+        let exit = agent
+            .child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten());
+        panic!("{e} (exit: {exit:?}); its log:\n{}", agent.log());
+    }
     let info: vcfed::api::SiteInfo = client.get("/v1/site").await.unwrap();
     Member {
         site,
