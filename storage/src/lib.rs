@@ -35,6 +35,7 @@ mod schema;
 
 use std::path::{Path, PathBuf};
 
+use rusqlite::config::DbConfig;
 use rusqlite::{
     Connection, OptionalExtension, Params, Row, Transaction, TransactionBehavior, params,
 };
@@ -1334,6 +1335,13 @@ impl Ledger {
         // Room for every statement of this module, so the hot ones are
         // compiled once per connection rather than once per call.
         conn.set_prepared_statement_cache_capacity(STATEMENTS_CACHED_MAX);
+        // The query planner stability guarantee: a plan never depends on
+        // the values bound. Without it, the bundled SQLite (built with
+        // STAT4) marks statements such as those with an ORDER BY to be
+        // recompiled whenever their bindings change, and the statement cache
+        // clears the bindings of every statement it takes back: each cached
+        // statement was compiled anew on every use.
+        conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
         migrate(&mut conn)?;
         Ok(Ledger { conn, path })
     }
@@ -1633,6 +1641,11 @@ fn write_parts(
     Ok(())
 }
 
+/// The parts of one cluster, the frontend's first.
+const CLUSTER_PARTS_SQL: &str =
+    "SELECT site, peer_id, attempt, nodes, frontend, state, reservation_key, gateway_json
+     FROM cluster_parts WHERE cluster_id = ?1 ORDER BY frontend DESC, site, attempt";
+
 fn cluster_by_id(conn: &Connection, id: &str) -> Result<Option<ClusterRecord>, LedgerError> {
     let row = query_row_cached(
         conn,
@@ -1678,10 +1691,7 @@ fn cluster_by_id(conn: &Connection, id: &str) -> Result<Option<ClusterRecord>, L
         column: "state",
         detail: format!("unknown state {state:?}"),
     })?;
-    let mut stmt = conn.prepare_cached(
-        "SELECT site, peer_id, attempt, nodes, frontend, state, reservation_key, gateway_json FROM cluster_parts
-         WHERE cluster_id = ?1 ORDER BY frontend DESC, site, attempt",
-    )?;
+    let mut stmt = conn.prepare_cached(CLUSTER_PARTS_SQL)?;
     let rows = stmt
         .query_map(params![id], |row| {
             Ok((

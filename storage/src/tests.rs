@@ -778,3 +778,40 @@ fn sweeps_see_every_change_between_them() {
     assert_eq!(swept[0].key, "d");
     assert!(ledger.sweep_expired(1_000).unwrap().is_empty());
 }
+
+#[test]
+fn cached_statements_are_not_compiled_again_on_every_use() {
+    let mut ledger = ledger(4);
+    for i in 0..3 {
+        let record = ClusterRecord {
+            id: format!("c-{i}"),
+            name: "demo".into(),
+            master_site: "site-a".into(),
+            request: serde_json::json!({ "nodes": 4 }),
+            state: ClusterState::Requested,
+            reason: None,
+            parts: vec![part("site-a", 0, 4, true, PartState::Held)],
+            segment: None,
+            created_at_ms: 5,
+            updated_at_ms: 5,
+        };
+        ledger.insert_cluster(&record).unwrap();
+    }
+    for round in 0..4 {
+        for i in 0..3 {
+            assert!(
+                ledger.cluster(&format!("c-{i}")).unwrap().is_some(),
+                "{round}"
+            );
+        }
+    }
+    // The statement `cluster` ran, back from the cache: its binding changed
+    // a dozen times (and the cache cleared it as often), yet it was
+    // compiled once.
+    let stmt = ledger
+        .conn
+        .prepare_cached(super::CLUSTER_PARTS_SQL)
+        .unwrap();
+    assert!(stmt.get_status(rusqlite::StatementStatus::Run) >= 12);
+    assert_eq!(stmt.get_status(rusqlite::StatementStatus::RePrepare), 0);
+}
