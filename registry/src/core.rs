@@ -30,9 +30,10 @@
 //! Cost: the view keeps its anti-entropy digest hash and a bound on its next
 //! liveness deadline up to date as adverts arrive (O(1) each, beside finding
 //! the site), so an anti-entropy round, a timer and [`Registry::poll_timeout`]
-//! need no pass over the view. Passes remain where they are due: listing a
-//! digest that differs, and the rare moments an advert nears its expiry or
-//! a site's liveness changes.
+//! need no pass over the view. Passes remain where they are due: listing
+//! the buckets of a digest that differ (a digest is split by site into
+//! buckets, so a mismatch resends a few dozen entries, not the view), and
+//! the rare moments an advert nears its expiry or a site's liveness changes.
 
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -45,7 +46,7 @@ use crate::advert::{
     ADVERT_ADDRS_MAX, ADVERT_STEPS_MAX, Advert, AdvertError, AdvertVerifier, CapacitySummary,
     GatewayInfo, NodeShape, SignedAdvert, VerifiedAdvert, coarsen_steps,
 };
-use crate::wire::{self, DigestEntry, Message, PeerBytes, WireError};
+use crate::wire::{self, DIGEST_BUCKETS_MAX, DigestEntry, Message, PeerBytes, WireError};
 
 /// Settings of the registry core. Times in ms.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -309,17 +310,12 @@ impl SiteEntry {
     fn advert(&self) -> &Advert {
         &self.verified.advert
     }
-
-    /// This entry's share of the digest hash.
-    fn digest_hash(&self) -> u64 {
-        digest_entry_hash(self.site_hash, self.version)
-    }
 }
 
 /// The anti-entropy digest of the remote entries (what [`Registry::digest`]
 /// lists, but ours) at `at_ms`, kept up to date as the view changes: the
-/// sum of the [`digest_entry_hash`]es of the entries still valid then, and
-/// their number. Entries also expire as time passes; bounds on the expiries
+/// sum of the [`digest_entry_hash`]es of the entries still valid then, in
+/// all and per [`digest_bucket`], and their number. Entries also expire as time passes; bounds on the expiries
 /// say when that may have changed the sums, and only then are they
 /// recomputed from the view (rarely: adverts are refreshed long before they
 /// expire).
@@ -327,6 +323,8 @@ impl SiteEntry {
 struct DigestSummary {
     at_ms: i64,
     hash: u64,
+    /// The sums per bucket, finest split.
+    buckets: [u64; DIGEST_BUCKETS_MAX],
     count: usize,
     /// No entry valid at `at_ms` expires before this.
     valid_until_ms: i64,
@@ -340,12 +338,13 @@ impl DigestSummary {
         let mut summary = DigestSummary {
             at_ms: now_ms,
             hash: 0,
+            buckets: [0; DIGEST_BUCKETS_MAX],
             count: 0,
             valid_until_ms: i64::MAX,
             expired_since_ms: i64::MIN,
         };
         for entry in sites.values() {
-            summary.add(entry.expires_at_ms, entry.digest_hash());
+            summary.add(entry);
         }
         summary
     }
@@ -356,27 +355,33 @@ impl DigestSummary {
         self.expired_since_ms <= now_ms && now_ms < self.valid_until_ms
     }
 
-    /// An entry that expires at `expires_at_ms` joins the view.
-    fn add(&mut self, expires_at_ms: i64, hash: u64) {
-        if expires_at_ms > self.at_ms {
+    /// An entry joins the view.
+    fn add(&mut self, entry: &SiteEntry) {
+        if entry.expires_at_ms > self.at_ms {
+            let hash = digest_entry_hash(entry.site_hash, entry.version);
             self.hash = self.hash.wrapping_add(hash);
+            let bucket = &mut self.buckets[digest_bucket(entry.site_hash)];
+            *bucket = bucket.wrapping_add(hash);
             self.count += 1;
-            self.valid_until_ms = self.valid_until_ms.min(expires_at_ms);
+            self.valid_until_ms = self.valid_until_ms.min(entry.expires_at_ms);
         } else {
-            self.expired_since_ms = self.expired_since_ms.max(expires_at_ms);
+            self.expired_since_ms = self.expired_since_ms.max(entry.expires_at_ms);
         }
     }
 
     /// An entry added with [`DigestSummary::add`] leaves the view (the
     /// bounds stay bounds).
-    fn remove(&mut self, expires_at_ms: i64, hash: u64) {
-        if expires_at_ms <= self.at_ms {
+    fn remove(&mut self, entry: &SiteEntry) {
+        if entry.expires_at_ms <= self.at_ms {
             return;
         }
         debug_assert!(self.count > 0, "only an added entry is removed");
         match self.count.checked_sub(1) {
             Some(count) => {
+                let hash = digest_entry_hash(entry.site_hash, entry.version);
                 self.hash = self.hash.wrapping_sub(hash);
+                let bucket = &mut self.buckets[digest_bucket(entry.site_hash)];
+                *bucket = bucket.wrapping_sub(hash);
                 self.count = count;
             }
             // Never (see above); should it happen, the sums no longer hold
@@ -601,6 +606,30 @@ impl Registry {
                     Message::Digest(self.digest(now_ms))
                 }
             }
+            Message::DigestBuckets { count, hashes } => {
+                let Some(buckets) = Buckets::split(hashes.len()) else {
+                    tracing::debug!(peer = %from, buckets = hashes.len(), "a digest in a bad number of buckets");
+                    self.stats.dropped_undecodable += 1;
+                    return None;
+                };
+                let (mine, mine_count) = self.bucket_hashes(now_ms, buckets);
+                if mine_count == usize::try_from(count).unwrap_or(usize::MAX) && mine == hashes {
+                    Message::InSync
+                } else {
+                    let mut differing = buckets.differing(&mine, &hashes);
+                    if differing == 0 {
+                        // Only the counts differ (the hashes collided):
+                        // everything is in question.
+                        differing = buckets.all();
+                    }
+                    let entries = self.digest_in(now_ms, buckets, differing);
+                    Message::DigestPart {
+                        buckets: buckets.wire(),
+                        differing: buckets.indices(differing),
+                        entries,
+                    }
+                }
+            }
             Message::Pull(sites) => Message::Adverts(self.adverts_for(now_ms, &sites)),
             Message::Adverts(adverts) => {
                 for signed in adverts {
@@ -612,7 +641,11 @@ impl Registry {
                 self.apply(now_ms, signed);
                 Message::Ack
             }
-            Message::InSync | Message::Digest(_) | Message::Ack | Message::Cluster(_) => {
+            Message::InSync
+            | Message::Digest(_)
+            | Message::DigestPart { .. }
+            | Message::Ack
+            | Message::Cluster(_) => {
                 tracing::debug!(peer = %from, "unexpected message kind in a request");
                 self.stats.dropped_undecodable += 1;
                 return None;
@@ -625,7 +658,22 @@ impl Registry {
     /// The answer to one of our requests arrived from `from`.
     pub fn handle_response(&mut self, now_ms: i64, from: PeerId, data: &[u8]) {
         match self.decode(data) {
-            Some(Message::Digest(theirs)) => self.reconcile(now_ms, from, &theirs),
+            Some(Message::Digest(theirs)) => {
+                self.reconcile(now_ms, from, &theirs, Buckets::ONE, Buckets::ONE.all());
+            }
+            Some(Message::DigestPart {
+                buckets,
+                differing,
+                entries,
+            }) => match Buckets::of_part(buckets, &differing) {
+                Some((buckets, differing)) => {
+                    self.reconcile(now_ms, from, &entries, buckets, differing);
+                }
+                None => {
+                    tracing::debug!(peer = %from, buckets, "a digest part of bad buckets");
+                    self.stats.dropped_undecodable += 1;
+                }
+            },
             Some(Message::Adverts(adverts)) => {
                 for signed in adverts {
                     self.apply(now_ms, signed);
@@ -825,10 +873,11 @@ impl Registry {
         }
         let index = self.rng.below(connected.len() as u64);
         let to = connected[usize::try_from(index).expect("index is below a usize length")];
-        let (hash, count) = self.digest_summary(now_ms);
-        let data = self.encode_counted(&Message::DigestHash {
-            hash,
+        let (_, count) = self.digest_summary(now_ms);
+        let (hashes, count) = self.bucket_hashes(now_ms, Buckets::for_entries(count));
+        let data = self.encode_counted(&Message::DigestBuckets {
             count: u32::try_from(count).unwrap_or(u32::MAX),
+            hashes,
         });
         self.transmits.push_back(Transmit::Request { to, data });
     }
@@ -836,11 +885,7 @@ impl Registry {
     /// The [`digest_hash`] and length of [`Registry::digest`], from the
     /// summary kept up to date with the view.
     fn digest_summary(&mut self, now_ms: i64) -> (u64, usize) {
-        if self.digest.holds_at(now_ms) {
-            self.digest.at_ms = now_ms;
-        } else {
-            self.digest = DigestSummary::of(&self.sites, now_ms);
-        }
+        self.settle_digest(now_ms);
         let mut hash = self.digest.hash;
         let mut count = self.digest.count;
         if let Some((_, advert)) = &self.local_signed {
@@ -858,18 +903,64 @@ impl Registry {
         (hash, count)
     }
 
+    /// Brings the digest summary to `now_ms`.
+    fn settle_digest(&mut self, now_ms: i64) {
+        if self.digest.holds_at(now_ms) {
+            self.digest.at_ms = now_ms;
+        } else {
+            self.digest = DigestSummary::of(&self.sites, now_ms);
+        }
+    }
+
+    /// The hash of each of `buckets` of [`Registry::digest`], and its
+    /// length, from the summary kept up to date with the view.
+    fn bucket_hashes(&mut self, now_ms: i64, buckets: Buckets) -> (Vec<u64>, usize) {
+        self.settle_digest(now_ms);
+        let mut hashes: Vec<u64> = self
+            .digest
+            .buckets
+            .chunks(DIGEST_BUCKETS_MAX / buckets.count())
+            .map(|finer| finer.iter().fold(0u64, |sum, hash| sum.wrapping_add(*hash)))
+            .collect();
+        let mut count = self.digest.count;
+        if let Some((_, advert)) = &self.local_signed {
+            let hash = &mut hashes[buckets.of(self.local_hash)];
+            *hash = hash.wrapping_add(digest_entry_hash(self.local_hash, advert.version));
+            count += 1;
+        }
+        debug_assert_eq!(
+            (&hashes, count),
+            (
+                &bucket_hashes(&self.digest(now_ms), buckets),
+                self.digest(now_ms).len()
+            ),
+            "the bucket sums follow the view"
+        );
+        (hashes, count)
+    }
+
     /// The versions we hold of adverts that are still valid, ours included.
     fn digest(&self, now_ms: i64) -> Vec<DigestEntry> {
+        self.digest_in(now_ms, Buckets::ONE, Buckets::ONE.all())
+    }
+
+    /// [`Registry::digest`], of the sites in the `buckets` of the set
+    /// `differing` only.
+    fn digest_in(&self, now_ms: i64, buckets: Buckets, differing: u64) -> Vec<DigestEntry> {
         let mut entries: Vec<DigestEntry> = self
             .sites
             .iter()
-            .filter(|(_, entry)| entry.expires_at_ms > now_ms)
+            .filter(|(_, entry)| {
+                entry.expires_at_ms > now_ms && buckets.holds(differing, entry.site_hash)
+            })
             .map(|(site, entry)| DigestEntry {
                 site: *site,
                 version: entry.version,
             })
             .collect();
-        if let Some((_, advert)) = &self.local_signed {
+        if let Some((_, advert)) = &self.local_signed
+            && buckets.holds(differing, self.local_hash)
+        {
             entries.push(DigestEntry {
                 site: self.local_id,
                 version: advert.version,
@@ -878,10 +969,18 @@ impl Registry {
         entries
     }
 
-    /// After a peer's digest differed from ours: push what it lacks, pull
-    /// what we lack.
-    fn reconcile(&mut self, now_ms: i64, peer: PeerId, theirs: &[DigestEntry]) {
-        let (they_lack, we_lack) = self.lacking(now_ms, peer, theirs);
+    /// After a peer's digest differed from ours in the `buckets` of the set
+    /// `differing` (`theirs` lists its entries there): push what it lacks,
+    /// pull what we lack.
+    fn reconcile(
+        &mut self,
+        now_ms: i64,
+        peer: PeerId,
+        theirs: &[DigestEntry],
+        buckets: Buckets,
+        differing: u64,
+    ) {
+        let (they_lack, we_lack) = self.lacking(now_ms, peer, theirs, buckets, differing);
         let push = self.adverts_for(now_ms, &they_lack);
         if !push.is_empty() {
             let data = self.encode_counted(&Message::Adverts(push));
@@ -899,7 +998,9 @@ impl Registry {
     /// or holds older (in our digest's order, never its own), and those we
     /// lack or hold older (in its order, never ours). Where `theirs` lists
     /// a site more than once, its last version is the one it holds, while
-    /// each listing is weighed on its own for what we lack.
+    /// each listing is weighed on its own for what we lack. `theirs` covers
+    /// the `buckets` of the set `differing`: what it lacks is sought there
+    /// only (the other buckets are in sync).
     ///
     /// Both digests are walked in site order together (theirs sorted, which
     /// costs little as peers send it sorted but for their own entry).
@@ -908,6 +1009,8 @@ impl Registry {
         now_ms: i64,
         peer: PeerId,
         theirs: &[DigestEntry],
+        buckets: Buckets,
+        differing: u64,
     ) -> (Vec<PeerId>, Vec<PeerId>) {
         let mut order: Vec<usize> = (0..theirs.len()).collect();
         // Stable: listings of one site stay in their order, the last last.
@@ -935,6 +1038,7 @@ impl Registry {
             if let Some(version) = mine
                 && *site != peer
                 && theirs_version.is_none_or(|v| v < version)
+                && buckets.holds(differing, entry.site_hash)
             {
                 they_lack.push(*site);
             }
@@ -945,6 +1049,7 @@ impl Registry {
         if let Some((_, advert)) = &self.local_signed
             && self.local_id != peer
             && theirs_of_local.is_none_or(|v| v < advert.version)
+            && buckets.holds(differing, self.local_hash)
         {
             they_lack.push(self.local_id);
         }
@@ -1089,13 +1194,12 @@ impl Registry {
             state: SiteState::Alive,
         };
         let deadline_ms = config.liveness_deadline(entry.state, entry.fresh_until_ms);
-        self.digest.add(entry.expires_at_ms, entry.digest_hash());
+        self.digest.add(&entry);
         match previous {
             Some(previous) => {
                 self.deadline
                     .removed(config.liveness_deadline(previous.state, previous.fresh_until_ms));
-                self.digest
-                    .remove(previous.expires_at_ms, previous.digest_hash());
+                self.digest.remove(previous);
                 *previous = entry;
             }
             None => {
@@ -1157,7 +1261,7 @@ impl Registry {
                 .sites
                 .remove(&site)
                 .expect("forgotten sites are in the view");
-            self.digest.remove(entry.expires_at_ms, entry.digest_hash());
+            self.digest.remove(&entry);
         }
         self.deadline = DeadlineBound::of(&self.sites, &self.config);
     }
@@ -1220,6 +1324,113 @@ fn digest_hash(entries: &[DigestEntry]) -> u64 {
 /// One entry's share of [`digest_hash`]; `site_hash` is [`peer_hash`].
 fn digest_entry_hash(site_hash: u64, version: u64) -> u64 {
     SplitMix64(site_hash ^ version).next()
+}
+
+/// The bucket of a site (by its [`peer_hash`]) in the finest split of the
+/// digest, [`DIGEST_BUCKETS_MAX`] buckets: the top bits of the mixed hash,
+/// so that a coarser split joins neighbouring buckets.
+fn digest_bucket(site_hash: u64) -> usize {
+    let bits = DIGEST_BUCKETS_MAX.trailing_zeros();
+    usize::try_from(SplitMix64(site_hash).next() >> (64 - bits)).expect("below DIGEST_BUCKETS_MAX")
+}
+
+/// [`digest_hash`] of each bucket of `entries`.
+fn bucket_hashes(entries: &[DigestEntry], buckets: Buckets) -> Vec<u64> {
+    let mut hashes = vec![0u64; buckets.count()];
+    for entry in entries {
+        let site_hash = peer_hash(&entry.site);
+        let hash = &mut hashes[buckets.of(site_hash)];
+        *hash = hash.wrapping_add(digest_entry_hash(site_hash, entry.version));
+    }
+    hashes
+}
+
+/// How a digest is split into buckets: a power of two of them, at most
+/// [`DIGEST_BUCKETS_MAX`]. Sets of buckets are bit sets (`u64`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Buckets {
+    /// log2 of the number of buckets.
+    log2: u32,
+}
+
+/// Entries per bucket aimed at: a mismatch then resends a few dozen.
+const DIGEST_BUCKET_ENTRIES: usize = 16;
+
+const _: () = assert!(DIGEST_BUCKETS_MAX.is_power_of_two() && DIGEST_BUCKETS_MAX <= 64);
+
+impl Buckets {
+    /// One bucket: the whole digest.
+    const ONE: Buckets = Buckets { log2: 0 };
+
+    /// The split for a digest of `count` entries.
+    fn for_entries(count: usize) -> Buckets {
+        let count = (count / DIGEST_BUCKET_ENTRIES)
+            .next_power_of_two()
+            .min(DIGEST_BUCKETS_MAX);
+        Buckets {
+            log2: count.trailing_zeros(),
+        }
+    }
+
+    /// The split into `count` buckets, if that is one.
+    fn split(count: usize) -> Option<Buckets> {
+        (count.is_power_of_two() && count <= DIGEST_BUCKETS_MAX).then(|| Buckets {
+            log2: count.trailing_zeros(),
+        })
+    }
+
+    /// The split and the set of a [`Message::DigestPart`], if valid.
+    fn of_part(count: u16, differing: &[u16]) -> Option<(Buckets, u64)> {
+        let buckets = Buckets::split(usize::from(count))?;
+        let mut set = 0u64;
+        for &bucket in differing {
+            if usize::from(bucket) >= buckets.count() {
+                return None;
+            }
+            set |= 1 << bucket;
+        }
+        Some((buckets, set))
+    }
+
+    fn count(self) -> usize {
+        1 << self.log2
+    }
+
+    /// The count as sent.
+    fn wire(self) -> u16 {
+        u16::try_from(self.count()).expect("at most DIGEST_BUCKETS_MAX")
+    }
+
+    /// The bucket of a site, by its [`peer_hash`].
+    fn of(self, site_hash: u64) -> usize {
+        digest_bucket(site_hash) >> (DIGEST_BUCKETS_MAX.trailing_zeros() - self.log2)
+    }
+
+    /// Whether the set `set` holds the bucket of a site.
+    fn holds(self, set: u64, site_hash: u64) -> bool {
+        set >> self.of(site_hash) & 1 == 1
+    }
+
+    /// The set of every bucket.
+    fn all(self) -> u64 {
+        u64::MAX >> (64 - self.count())
+    }
+
+    /// The set of the buckets whose hashes differ.
+    fn differing(self, mine: &[u64], theirs: &[u64]) -> u64 {
+        mine.iter()
+            .zip(theirs)
+            .enumerate()
+            .filter(|(_, (a, b))| a != b)
+            .fold(0, |set, (bucket, _)| set | 1 << bucket)
+    }
+
+    /// The buckets of a set, ascending.
+    fn indices(self, set: u64) -> Vec<u16> {
+        (0..self.wire())
+            .filter(|&bucket| set >> bucket & 1 == 1)
+            .collect()
+    }
 }
 
 /// FNV-1a of a peer id's bytes.
@@ -1309,16 +1520,46 @@ mod tests {
         ))
     }
 
+    /// FNV-1a of a peer id's bytes.
+    fn reference_peer_hash(site: &PeerId) -> u64 {
+        let mut h: u64 = 0xCBF2_9CE4_8422_2325;
+        for byte in site.to_bytes() {
+            h = (h ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01B3);
+        }
+        h
+    }
+
     /// The digest hash by its definition: FNV-1a of each peer id's bytes,
     /// mixed with the version, summed.
     fn reference_digest_hash(entries: &[DigestEntry]) -> u64 {
         entries.iter().fold(0u64, |sum, entry| {
-            let mut h: u64 = 0xCBF2_9CE4_8422_2325;
-            for byte in entry.site.to_bytes() {
-                h = (h ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01B3);
-            }
+            let h = reference_peer_hash(&entry.site);
             sum.wrapping_add(SplitMix64(h ^ entry.version).next())
         })
+    }
+
+    /// The bucket of a site among `2^log2` by its definition: the top bits
+    /// of its mixed peer hash.
+    fn reference_bucket(site: &PeerId, log2: u32) -> usize {
+        if log2 == 0 {
+            return 0;
+        }
+        usize::try_from(SplitMix64(reference_peer_hash(site)).next() >> (64 - log2)).unwrap()
+    }
+
+    /// The hashes of `2^log2` buckets by their definition: the digest hash
+    /// of the entries in each.
+    fn reference_bucket_hashes(entries: &[DigestEntry], log2: u32) -> Vec<u64> {
+        (0..1usize << log2)
+            .map(|bucket| {
+                let inside: Vec<DigestEntry> = entries
+                    .iter()
+                    .filter(|entry| reference_bucket(&entry.site, log2) == bucket)
+                    .copied()
+                    .collect();
+                reference_digest_hash(&inside)
+            })
+            .collect()
     }
 
     /// `poll_timeout` as a pass over the view.
@@ -1374,12 +1615,14 @@ mod tests {
         }
     }
 
-    /// What a peer's digest lacks and what we lack, through maps.
+    /// What a peer's digest lacks (in the buckets of `set`, of `2^log2`)
+    /// and what we lack, through maps.
     fn reference_lacking(
         registry: &Registry,
         now_ms: i64,
         peer: PeerId,
         theirs: &[DigestEntry],
+        (log2, set): (u32, u64),
     ) -> (Vec<PeerId>, Vec<PeerId>) {
         let theirs_by_site: BTreeMap<PeerId, u64> =
             theirs.iter().map(|e| (e.site, e.version)).collect();
@@ -1389,6 +1632,7 @@ mod tests {
         let they_lack = mine
             .iter()
             .filter(|entry| entry.site != peer)
+            .filter(|entry| set >> reference_bucket(&entry.site, log2) & 1 == 1)
             .filter(|entry| {
                 theirs_by_site
                     .get(&entry.site)
@@ -1435,6 +1679,19 @@ mod tests {
             registry.digest_summary(now_ms),
             (reference_digest_hash(&entries), entries.len())
         );
+        for log2 in [0, 1, 3, 6] {
+            let buckets = Buckets { log2 };
+            assert_eq!(
+                registry.bucket_hashes(now_ms, buckets),
+                (reference_bucket_hashes(&entries, log2), entries.len())
+            );
+            // The entries of one bucket are those the bucket's hash covers.
+            let inside = registry.digest_in(now_ms, buckets, 1);
+            assert_eq!(
+                reference_digest_hash(&inside),
+                reference_bucket_hashes(&entries, log2)[0]
+            );
+        }
     }
 
     #[derive(Debug, Clone)]
@@ -1447,8 +1704,9 @@ mod tests {
         Timeout,
         /// This site changes its advert.
         Local(u32),
-        /// A peer's digest: (site, version) listings; site 6 is us, 7 the peer.
-        Digest(Vec<(u8, u64)>),
+        /// A peer's digest: (site, version) listings; site 6 is us, 7 the
+        /// peer; covering `2^log2` buckets of which those of a set differ.
+        Digest(Vec<(u8, u64)>, u32, u64),
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -1458,7 +1716,8 @@ mod tests {
             3 => (-8_000i64..25_000).prop_map(Op::Clock),
             3 => Just(Op::Timeout),
             1 => (0u32..4).prop_map(Op::Local),
-            2 => prop::collection::vec((0u8..8, 0u64..9), 0..12).prop_map(Op::Digest),
+            2 => (prop::collection::vec((0u8..8, 0u64..9), 0..12), 0u32..=6, any::<u64>())
+                .prop_map(|(listings, log2, set)| Op::Digest(listings, log2, set)),
         ]
     }
 
@@ -1504,7 +1763,7 @@ mod tests {
                             software: "test".into(),
                         },
                     ),
-                    Op::Digest(listings) => {
+                    Op::Digest(listings, log2, set) => {
                         let theirs: Vec<DigestEntry> = listings
                             .iter()
                             .map(|&(site, version)| DigestEntry {
@@ -1516,9 +1775,11 @@ mod tests {
                                 version,
                             })
                             .collect();
+                        let buckets = Buckets { log2 };
+                        let set = set & buckets.all();
                         prop_assert_eq!(
-                            registry.lacking(now, peer, &theirs),
-                            reference_lacking(&registry, now, peer, &theirs)
+                            registry.lacking(now, peer, &theirs, buckets, set),
+                            reference_lacking(&registry, now, peer, &theirs, (log2, set))
                         );
                         check_digest(&mut registry, now);
                     }

@@ -706,3 +706,163 @@ fn a_clock_stepped_back_does_not_silence_the_site() {
         "the advert is refreshed after the clock stepped back"
     );
 }
+
+/// An advert of `keypair`'s site with `free` nodes, signed and encoded as
+/// gossip.
+fn advert_gossip(keypair: &Keypair, version: u64, free: u32) -> Vec<u8> {
+    let advert = Advert {
+        site: keypair.public().to_peer_id(),
+        site_name: format!("site-{free}"),
+        version,
+        issued_at_ms: 0,
+        ttl_ms: 10_000,
+        capacity: CapacitySummary {
+            total_nodes: 8,
+            node: SHAPE,
+            steps: vec![(0, free)],
+            horizon_end_ms: i64::MAX,
+        },
+        gateway: None,
+        addrs: vec![],
+        software: "test".into(),
+    };
+    wire::encode(&Message::Advert(
+        SignedAdvert::sign(&advert, keypair).unwrap(),
+    ))
+}
+
+/// The one anti-entropy request `registry` sends at its next round.
+fn digest_request(registry: &mut Registry, now_ms: i64) -> Vec<u8> {
+    while registry.poll_transmit().is_some() {}
+    let at = registry.poll_timeout().unwrap().max(now_ms);
+    registry.handle_timeout(at);
+    let mut requests = Vec::new();
+    while let Some(transmit) = registry.poll_transmit() {
+        if let Transmit::Request { data, .. } = transmit {
+            requests.push(data);
+        }
+    }
+    assert_eq!(requests.len(), 1, "one digest per round");
+    requests.pop().unwrap()
+}
+
+#[test]
+fn a_large_view_resends_only_the_buckets_that_differ() {
+    let sites: Vec<Keypair> = (0..300).map(|_| Keypair::generate_ed25519()).collect();
+    let (a_key, b_key) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
+    let (a_id, b_id) = (a_key.public().to_peer_id(), b_key.public().to_peer_id());
+    let mut a = Registry::new(config(), a_key, 0, 1, 0);
+    let mut b = Registry::new(config(), b_key, 0, 2, 0);
+    a.peer_connected(b_id);
+    b.peer_connected(a_id);
+    for site in &sites {
+        let gossip = advert_gossip(site, 1, 4);
+        assert_eq!(a.handle_gossip(0, &gossip), Verdict::Accept);
+        assert_eq!(b.handle_gossip(0, &gossip), Verdict::Accept);
+    }
+    // In sync: the answer says so, whatever the split.
+    let request = digest_request(&mut a, 0);
+    let Ok(Message::DigestBuckets { count, hashes }) = wire::decode(&request, 1 << 20) else {
+        panic!("a bucketed digest");
+    };
+    assert_eq!((count, hashes.len()), (300, 32));
+    let answer = b.handle_request(10, a_id, &request).unwrap();
+    assert_eq!(wire::decode(&answer, 1 << 20), Ok(Message::InSync));
+
+    // B learns one change that A missed: B's answer lists one bucket.
+    let changed = &sites[123];
+    b.handle_gossip(20, &advert_gossip(changed, 2, 1));
+    let request = digest_request(&mut a, 20);
+    let answer = b.handle_request(30, a_id, &request).unwrap();
+    let Ok(Message::DigestPart {
+        buckets,
+        differing,
+        entries,
+    }) = wire::decode(&answer, 1 << 20)
+    else {
+        panic!("a digest part");
+    };
+    assert_eq!((buckets, differing.len()), (32, 1));
+    assert!(
+        entries.len() < 60
+            && entries
+                .iter()
+                .any(|e| e.site == changed.public().to_peer_id()),
+        "{} entries",
+        entries.len()
+    );
+    // A pulls the change (and pushes nothing: B lacks nothing there).
+    a.handle_response(40, b_id, &answer);
+    let mut pulls = Vec::new();
+    while let Some(transmit) = a.poll_transmit() {
+        if let Transmit::Request { data, .. } = transmit {
+            pulls.push(wire::decode(&data, 1 << 20).unwrap());
+        }
+    }
+    assert_eq!(pulls, [Message::Pull(vec![changed.public().to_peer_id()])]);
+    let adverts = b
+        .handle_request(50, a_id, &wire::encode(&pulls[0]))
+        .unwrap();
+    a.handle_response(60, b_id, &adverts);
+    let free = |registry: &Registry| {
+        registry
+            .sites(60)
+            .iter()
+            .find(|view| view.site == changed.public().to_peer_id())
+            .map(|view| view.free_now)
+    };
+    assert_eq!(free(&a), Some(1));
+    // And the digests agree again.
+    let request = digest_request(&mut a, 60);
+    let answer = b.handle_request(70, a_id, &request).unwrap();
+    assert_eq!(wire::decode(&answer, 1 << 20), Ok(Message::InSync));
+}
+
+#[test]
+fn digests_of_bad_buckets_are_dropped_and_counted() {
+    let peer = Keypair::generate_ed25519().public().to_peer_id();
+    let mut registry = Registry::new(config(), Keypair::generate_ed25519(), 0, 1, 0);
+    registry.peer_connected(peer);
+    for hashes in [vec![], vec![1, 2, 3], vec![0; 128]] {
+        let request = wire::encode(&Message::DigestBuckets { count: 3, hashes });
+        assert_eq!(registry.handle_request(0, peer, &request), None);
+    }
+    for (buckets, differing) in [(3, vec![0]), (4, vec![4]), (128, vec![0])] {
+        let answer = wire::encode(&Message::DigestPart {
+            buckets,
+            differing,
+            entries: vec![],
+        });
+        registry.handle_response(0, peer, &answer);
+    }
+    assert_eq!(registry.stats().dropped_undecodable, 6);
+    assert!(registry.poll_transmit().is_none());
+}
+
+#[test]
+fn the_first_builds_digest_exchange_is_still_answered() {
+    let site = Keypair::generate_ed25519();
+    let peer = Keypair::generate_ed25519().public().to_peer_id();
+    let mut registry = Registry::new(config(), Keypair::generate_ed25519(), 0, 1, 0);
+    registry.handle_gossip(0, &advert_gossip(&site, 1, 4));
+    let request = wire::encode(&Message::DigestHash { hash: 0, count: 0 });
+    let answer = registry.handle_request(0, peer, &request).unwrap();
+    let Ok(Message::Digest(entries)) = wire::decode(&answer, 1 << 20) else {
+        panic!("a full digest");
+    };
+    assert_eq!(entries.len(), 1);
+    // Its hash, as this build sends it (one bucket for a small view), is
+    // in sync.
+    registry.peer_connected(peer);
+    let data = digest_request(&mut registry, 0);
+    let Ok(Message::DigestBuckets { count, hashes }) = wire::decode(&data, 1 << 20) else {
+        panic!("a bucketed digest");
+    };
+    assert_eq!(hashes.len(), 1, "one bucket for a small view");
+    let request = wire::encode(&Message::DigestHash {
+        hash: hashes[0],
+        count,
+    });
+    let answer = registry.handle_request(0, peer, &request).unwrap();
+    assert_eq!(wire::decode(&answer, 1 << 20), Ok(Message::InSync));
+}

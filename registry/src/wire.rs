@@ -24,12 +24,18 @@ pub struct DigestEntry {
     pub version: u64,
 }
 
+/// Most buckets an anti-entropy digest is split into
+/// ([`Message::DigestBuckets`]).
+pub const DIGEST_BUCKETS_MAX: usize = 64;
+
 /// Everything the registry sends.
 ///
 /// Anti-entropy takes up to three exchanges, and one in the common case:
-/// `DigestHash` → `InSync`; on a mismatch → `Digest` (the answerer's
-/// versions), after which the asker sends what the answerer lacks
-/// (`Adverts` → `Ack`) and pulls what it lacks itself (`Pull` → `Adverts`).
+/// `DigestBuckets` → `InSync`; on a mismatch → `DigestPart` (the answerer's
+/// versions in the buckets that differ), after which the asker sends what
+/// the answerer lacks (`Adverts` → `Ack`) and pulls what it lacks itself
+/// (`Pull` → `Adverts`). `DigestHash` → `Digest` is the same exchange with
+/// one bucket, as the first builds sent it; it is still answered.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
     /// A pushed advert (the gossipsub payload).
@@ -55,6 +61,28 @@ pub enum Message {
     /// A message of the cluster reservation protocol (the agent's cluster
     /// core encodes it; the registry only carries it).
     Cluster(Vec<u8>),
+    /// Anti-entropy request: the sender's digest split into buckets by
+    /// site, the order-independent hash of each bucket (a power of two of
+    /// them, at most [`DIGEST_BUCKETS_MAX`]), and the number of entries.
+    /// A mismatch then costs the entries of the buckets that differ, not
+    /// the whole digest: a federation of a thousand sites lists ~16 sites
+    /// per bucket, where one changed advert would otherwise resend all.
+    DigestBuckets {
+        /// Number of entries.
+        count: u32,
+        /// Hash of each bucket's (site, version) entries.
+        hashes: Vec<u64>,
+    },
+    /// Answer to `DigestBuckets` when the views differ: the answerer's
+    /// versions in the buckets whose hashes differ.
+    DigestPart {
+        /// How many buckets the digest was split into (as asked).
+        buckets: u16,
+        /// The buckets that differ, ascending.
+        differing: Vec<u16>,
+        /// The answerer's entries in those buckets.
+        entries: Vec<DigestEntry>,
+    },
 }
 
 /// The versioned envelope around a message.
@@ -291,7 +319,7 @@ mod tests {
         /// of every kind, corrupted or not.
         #[test]
         fn decode_cluster_agrees_with_decode(
-            kind in 0usize..4,
+            kind in 0usize..6,
             payload in prop::collection::vec(any::<u8>(), 0..64),
             flip in prop::option::of((0usize..96, any::<u8>())),
         ) {
@@ -300,6 +328,12 @@ mod tests {
                 0 => Message::Cluster(payload),
                 1 => Message::Pull(vec![peer]),
                 2 => Message::DigestHash { hash: 7, count: 7 },
+                3 => Message::DigestBuckets { count: 9, hashes: vec![u64::MAX, 3] },
+                4 => Message::DigestPart {
+                    buckets: 2,
+                    differing: vec![1],
+                    entries: vec![DigestEntry { site: peer, version: 4 }],
+                },
                 _ => Message::Ack,
             };
             let mut bytes = encode(&message);
