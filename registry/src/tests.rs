@@ -866,3 +866,39 @@ fn the_first_builds_digest_exchange_is_still_answered() {
     let answer = registry.handle_request(0, peer, &request).unwrap();
     assert_eq!(wire::decode(&answer, 1 << 20), Ok(Message::InSync));
 }
+
+#[test]
+fn a_verified_advert_is_applied_as_its_bytes_are() {
+    let me = Keypair::generate_ed25519();
+    let site = Keypair::generate_ed25519();
+    let mut by_bytes = Registry::new(config(), me.clone(), 0, 1, 0);
+    let mut by_advert = Registry::new(config(), me.clone(), 0, 1, 0);
+    by_bytes.set_local(0, local("me", 1));
+    by_advert.set_local(0, local("me", 1));
+    // New, newer, the same again, older, and our own coming back.
+    let messages = [
+        advert_gossip(&site, 2, 4),
+        advert_gossip(&site, 3, 2),
+        advert_gossip(&site, 3, 2),
+        advert_gossip(&site, 1, 4),
+        advert_gossip(&me, 9, 4),
+    ];
+    for (at, data) in (0..).zip(&messages) {
+        let Ok(Message::Advert(signed)) = wire::decode(data, 1 << 20) else {
+            panic!("an advert");
+        };
+        let advert = signed.verify().unwrap();
+        let verified = std::sync::Arc::new(crate::advert::VerifiedAdvert { signed, advert });
+        assert_eq!(
+            by_bytes.handle_gossip(at, data),
+            by_advert.handle_verified_advert(at, verified),
+        );
+        let events = |registry: &mut Registry| {
+            std::iter::from_fn(|| registry.poll_event()).collect::<Vec<_>>()
+        };
+        assert_eq!(events(&mut by_bytes), events(&mut by_advert));
+        assert_eq!(by_bytes.sites(at), by_advert.sites(at));
+        assert_eq!(by_bytes.poll_timeout(), by_advert.poll_timeout());
+    }
+    assert_eq!(by_bytes.stats(), by_advert.stats());
+}
