@@ -35,6 +35,7 @@
 //! buckets, so a mismatch resends a few dozen entries, not the view), and
 //! the rare moments an advert nears its expiry or a site's liveness changes.
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
@@ -309,126 +310,6 @@ impl SiteEntry {
     fn advert(&self) -> &Advert {
         &self.verified.advert
     }
-
-    fn site(&self) -> &PeerId {
-        &self.verified.advert.site
-    }
-}
-
-/// The remote sites of the view: found by hash (every advert that arrives
-/// looks its site up, and a walk down an ordered tree of 80-byte peer ids
-/// was a chain of cache misses that dominated a 1000-site view), walked in
-/// site order (digests, liveness) through an ordered index beside.
-#[derive(Clone)]
-struct View {
-    /// The entries, in no order.
-    entries: Vec<SiteEntry>,
-    /// Site → position in `entries`.
-    by_site: ByPeer,
-    /// The same, in site order.
-    ordered: BTreeMap<PeerId, usize>,
-}
-
-// Only probed, never iterated: no iteration order leaks. The hasher is
-// seeded per registry (see `PeerIdHasher`).
-#[allow(clippy::disallowed_types)]
-type ByPeer = std::collections::HashMap<PeerId, usize, SeededHash>;
-
-impl View {
-    fn new(seed: u64) -> View {
-        View {
-            entries: Vec::new(),
-            by_site: ByPeer::with_hasher(SeededHash(seed)),
-            ordered: BTreeMap::new(),
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    fn get(&self, site: &PeerId) -> Option<&SiteEntry> {
-        self.by_site.get(site).map(|&at| &self.entries[at])
-    }
-
-    fn get_mut(&mut self, site: &PeerId) -> Option<&mut SiteEntry> {
-        self.by_site.get(site).map(|&at| &mut self.entries[at])
-    }
-
-    /// Adds a site not in the view.
-    fn insert(&mut self, entry: SiteEntry) {
-        let site = *entry.site();
-        let at = self.entries.len();
-        self.entries.push(entry);
-        let before = self.by_site.insert(site, at);
-        debug_assert!(before.is_none(), "only new sites are inserted");
-        self.ordered.insert(site, at);
-    }
-
-    fn remove(&mut self, site: &PeerId) -> Option<SiteEntry> {
-        let at = self.by_site.remove(site)?;
-        self.ordered.remove(site);
-        let entry = self.entries.swap_remove(at);
-        if let Some(moved) = self.entries.get(at) {
-            let moved = *moved.site();
-            self.by_site.insert(moved, at);
-            self.ordered.insert(moved, at);
-        }
-        Some(entry)
-    }
-
-    /// The entries in site order.
-    fn iter(&self) -> impl Iterator<Item = (&PeerId, &SiteEntry)> {
-        self.ordered
-            .iter()
-            .map(|(site, &at)| (site, &self.entries[at]))
-    }
-
-    /// Calls `f` on every entry, in site order.
-    fn for_each_mut(&mut self, mut f: impl FnMut(&PeerId, &mut SiteEntry)) {
-        for (site, &at) in &self.ordered {
-            f(site, &mut self.entries[at]);
-        }
-    }
-
-    /// The entries in no order, for passes whose result does not depend
-    /// on it (sums, minima).
-    fn values(&self) -> impl Iterator<Item = &SiteEntry> {
-        self.entries.iter()
-    }
-}
-
-/// Builds [`PeerIdHasher`]s with the registry's seed, so that peers cannot
-/// choose ids that collide in every view.
-#[derive(Clone)]
-struct SeededHash(u64);
-
-impl std::hash::BuildHasher for SeededHash {
-    type Hasher = PeerIdHasher;
-
-    fn build_hasher(&self) -> PeerIdHasher {
-        PeerIdHasher(self.0)
-    }
-}
-
-/// A fast hasher for the few dozen bytes of a peer id: eight bytes per
-/// multiply.
-struct PeerIdHasher(u64);
-
-impl std::hash::Hasher for PeerIdHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut word = [0u8; 8];
-            word[..chunk.len()].copy_from_slice(chunk);
-            self.0 = (self.0 ^ u64::from_le_bytes(word))
-                .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-                .rotate_left(29);
-        }
-    }
-
-    fn finish(&self) -> u64 {
-        SplitMix64(self.0).next()
-    }
 }
 
 /// The anti-entropy digest of the remote entries (what [`Registry::digest`]
@@ -453,7 +334,7 @@ struct DigestSummary {
 
 impl DigestSummary {
     /// The summary of `sites` at `now_ms`.
-    fn of(sites: &View, now_ms: i64) -> Self {
+    fn of(sites: &BTreeMap<PeerId, SiteEntry>, now_ms: i64) -> Self {
         let mut summary = DigestSummary {
             at_ms: now_ms,
             hash: 0,
@@ -526,7 +407,7 @@ struct DeadlineBound {
 
 impl DeadlineBound {
     /// The exact bound of `sites`.
-    fn of(sites: &View, config: &RegistryConfig) -> Self {
+    fn of(sites: &BTreeMap<PeerId, SiteEntry>, config: &RegistryConfig) -> Self {
         DeadlineBound {
             at_ms: sites
                 .values()
@@ -579,7 +460,7 @@ pub struct Registry {
     local: Option<LocalAdvert>,
     local_version: u64,
     local_signed: Option<(SignedAdvert, Advert)>,
-    sites: View,
+    sites: BTreeMap<PeerId, SiteEntry>,
     /// When the view next changes by itself (the first liveness deadline
     /// of its entries, [`RegistryConfig::liveness_deadline`]), as far as
     /// [`Registry::poll_timeout`] needs it; settled after every input.
@@ -626,9 +507,7 @@ impl Registry {
         // do not all talk at once.
         let jitter = rng.below(u64::try_from(config.anti_entropy_ms).unwrap_or(1).max(1));
         let next_anti_entropy_ms = now_ms + i64::try_from(jitter).expect("jitter is below an i64");
-        // Its own stream, so the partners chosen stay as they were.
-        let sites = View::new(SplitMix64(!seed).next());
-        let digest = DigestSummary::of(&sites, now_ms);
+        let digest = DigestSummary::of(&BTreeMap::new(), now_ms);
         Registry {
             config,
             keypair,
@@ -637,7 +516,7 @@ impl Registry {
             local: None,
             local_version: persisted_version,
             local_signed: None,
-            sites,
+            sites: BTreeMap::new(),
             deadline: DeadlineBound {
                 at_ms: i64::MAX,
                 exact: true,
@@ -1163,7 +1042,7 @@ impl Registry {
         // Per listing of theirs: whether we lack that version.
         let mut we_lack_listing = vec![false; theirs.len()];
         let mut they_lack = Vec::new();
-        for (site, entry) in self.sites.iter() {
+        for (site, entry) in &self.sites {
             while let Some(group) = groups.next_if(|group| theirs[group[0]].site < *site) {
                 weigh(theirs, group, None, &mut we_lack_listing);
             }
@@ -1278,20 +1157,21 @@ impl Registry {
         let fresh_until_ms = self.fresh_until(advert, now_ms);
         let site = advert.site;
         let full = self.sites.len() >= self.config.sites_max;
-        let previous = match self.sites.get_mut(&site) {
-            Some(entry) if entry.version == advert.version => {
+        let previous = match self.sites.entry(site) {
+            Entry::Occupied(entry) if entry.get().version == advert.version => {
                 self.stats.adverts_duplicate += 1;
                 return Verdict::Ignore;
             }
-            Some(entry) if entry.version > advert.version => {
+            Entry::Occupied(entry) if entry.get().version > advert.version => {
                 self.stats.dropped_stale += 1;
                 return Verdict::Ignore;
             }
-            None if full => {
+            Entry::Vacant(_) if full => {
                 self.stats.dropped_full += 1;
                 return Verdict::Ignore;
             }
-            previous => previous,
+            Entry::Occupied(entry) => Some(entry.into_mut()),
+            Entry::Vacant(_) => None,
         };
         self.stats.adverts_applied += 1;
         let config = &self.config;
@@ -1342,7 +1222,9 @@ impl Registry {
                 self.digest.remove(previous);
                 *previous = entry;
             }
-            None => self.sites.insert(entry),
+            None => {
+                self.sites.insert(site, entry);
+            }
         }
         self.deadline.added(deadline_ms);
         Verdict::Accept
@@ -1375,18 +1257,17 @@ impl Registry {
             return;
         }
         let config = &self.config;
-        let events = &mut self.events;
         let mut forget = Vec::new();
-        self.sites.for_each_mut(|site, entry| {
+        for (site, entry) in &mut self.sites {
             let state = config.liveness(entry.fresh_until_ms, now_ms);
             if state == SiteState::Gone && now_ms >= config.forget_at(entry.fresh_until_ms) {
                 forget.push(*site);
             }
             if state == entry.state {
-                return;
+                continue;
             }
             entry.state = state;
-            events.push_back(match state {
+            self.events.push_back(match state {
                 SiteState::Alive => RegistryEvent::SiteAlive {
                     site: *site,
                     name: entry.advert().site_name.clone(),
@@ -1394,7 +1275,7 @@ impl Registry {
                 SiteState::Suspect => RegistryEvent::SiteSuspect { site: *site },
                 SiteState::Gone => RegistryEvent::SiteGone { site: *site },
             });
-        });
+        }
         for site in forget {
             let entry = self
                 .sites
@@ -1725,8 +1606,7 @@ mod tests {
         let suspect_ms = registry.config.suspect_ms;
         let forget_ms = registry.config.forget_ms;
         let mut forget = Vec::new();
-        let events = &mut registry.events;
-        registry.sites.for_each_mut(|site, entry| {
+        for (site, entry) in &mut registry.sites {
             let state = if now_ms < entry.fresh_until_ms {
                 SiteState::Alive
             } else if now_ms < entry.fresh_until_ms + suspect_ms {
@@ -1738,10 +1618,10 @@ mod tests {
                 forget.push(*site);
             }
             if state == entry.state {
-                return;
+                continue;
             }
             entry.state = state;
-            events.push_back(match state {
+            registry.events.push_back(match state {
                 SiteState::Alive => RegistryEvent::SiteAlive {
                     site: *site,
                     name: entry.advert().site_name.clone(),
@@ -1749,7 +1629,7 @@ mod tests {
                 SiteState::Suspect => RegistryEvent::SiteSuspect { site: *site },
                 SiteState::Gone => RegistryEvent::SiteGone { site: *site },
             });
-        });
+        }
         for site in forget {
             registry.sites.remove(&site);
         }
@@ -1859,48 +1739,6 @@ mod tests {
             2 => (prop::collection::vec((0u8..8, 0u64..9), 0..12), 0u32..=6, any::<u64>())
                 .prop_map(|(listings, log2, set)| Op::Digest(listings, log2, set)),
         ]
-    }
-
-    proptest! {
-        /// The view's hash index, order index and entries agree after any
-        /// inserts and removals.
-        #[test]
-        fn the_view_finds_what_it_holds(ops in prop::collection::vec((0u8..12, any::<bool>()), 1..60)) {
-            let sites: Vec<Keypair> = (0..12).map(keypair).collect();
-            let mut view = View::new(3);
-            let mut reference: BTreeMap<PeerId, u64> = BTreeMap::new();
-            for (version, (site, insert)) in (1u64..).zip(ops) {
-                let id = sites[usize::from(site)].public().to_peer_id();
-                if insert && !reference.contains_key(&id) {
-                    let Ok(Message::Advert(signed)) =
-                        wire::decode(&advert(&sites[usize::from(site)], version, 0, 1_000), 1 << 20)
-                    else {
-                        panic!("an advert");
-                    };
-                    let advert = signed.verify().unwrap();
-                    view.insert(SiteEntry {
-                        verified: Arc::new(VerifiedAdvert { signed, advert }),
-                        fresh_until_ms: 0,
-                        state: SiteState::Alive,
-                        site_hash: peer_hash(&id),
-                        version,
-                        expires_at_ms: 0,
-                    });
-                    reference.insert(id, version);
-                } else if !insert {
-                    prop_assert_eq!(view.remove(&id).map(|e| e.version), reference.remove(&id));
-                }
-                let listed: Vec<(PeerId, u64)> = view.iter().map(|(id, e)| (*id, e.version)).collect();
-                let expected: Vec<(PeerId, u64)> = reference.iter().map(|(id, v)| (*id, *v)).collect();
-                prop_assert_eq!(listed, expected);
-                for keypair in &sites {
-                    let id = keypair.public().to_peer_id();
-                    prop_assert_eq!(view.get(&id).map(|e| e.version), reference.get(&id).copied());
-                    prop_assert!(view.get(&id).is_none_or(|e| *e.site() == id));
-                }
-                prop_assert_eq!(view.len(), reference.len());
-            }
-        }
     }
 
     proptest! {
