@@ -8,13 +8,14 @@
 //! full a message is dropped and counted, and anti-entropy repairs the loss.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use libp2p_identity::PeerId;
 use multiaddr::{Multiaddr, Protocol};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use vcfed_registry::p2p::{self, GossipId, InboundRequestId, P2pConfig, P2pEvent, P2pHandle};
 use vcfed_registry::wire::{self, Message};
 use vcfed_registry::{
@@ -38,6 +39,8 @@ pub const ADVERT_TOPIC: &str = "vcfed/adverts/1";
 pub const MESSAGE_MAX_BYTES: usize = 1 << 20;
 /// How far ahead a site advertises its free capacity.
 pub const HORIZON_MS: i64 = 7 * DAY_MS;
+/// The advertised horizon ends on a multiple of this.
+const HORIZON_ROUND_MS: i64 = 3_600_000;
 /// Queued outgoing messages before new ones are dropped.
 const OUTBOX_MAX: usize = 1024;
 /// Queued commands from the API.
@@ -48,6 +51,10 @@ const RECONNECT_TICK: Duration = Duration::from_secs(2);
 const WAKE_MAX: Duration = Duration::from_secs(1);
 /// Capacity changes closer together than this are advertised once.
 const ADVERT_COALESCE: Duration = Duration::from_millis(200);
+/// Longest the local advert goes without a recomputation, however long
+/// [`advert_capacity`] says it holds: a safety net for a ledger write that
+/// nobody reported and for steps of the wall clock.
+const ADVERT_RECOMPUTE_MAX_MS: i64 = 60_000;
 /// Peers whose last written addresses are remembered, to skip rewriting them.
 const REMEMBERED_MAX: usize = 4096;
 /// First and longest wait between redials of one peer.
@@ -100,6 +107,9 @@ pub struct SitesReport {
 #[derive(Clone, Debug)]
 pub struct FederationHandle {
     commands: mpsc::Sender<Command>,
+    /// Ledger changes, apart from the commands: a notification is never
+    /// lost (it waits as a permit) and a burst of them is one.
+    capacity: Arc<Notify>,
     peer_id: PeerId,
 }
 
@@ -108,7 +118,6 @@ enum Command {
     Sites {
         reply: oneshot::Sender<SitesReport>,
     },
-    CapacityChanged,
     Join {
         addr: Multiaddr,
         reply: oneshot::Sender<Result<(), String>>,
@@ -146,8 +155,10 @@ impl FederationHandle {
 
     /// The ledger changed: re-advertise if the free capacity did.
     pub fn capacity_changed(&self) {
-        // A full queue already holds a pending recomputation.
-        let _ = self.commands.try_send(Command::CapacityChanged);
+        // Not a command: with the command queue full it would be dropped,
+        // and the shell recomputes its advert only when told or when
+        // `advert_capacity` says it is due.
+        self.capacity.notify_one();
     }
 
     /// Asks for a new cluster, mastered by this site. Answers once the
@@ -286,6 +297,7 @@ pub async fn start(
     let (outbox_tx, outbox_rx) = mpsc::channel(OUTBOX_MAX);
     tokio::spawn(outbox_loop(handle.clone(), outbox_rx));
     let (commands_tx, commands_rx) = mpsc::channel(COMMANDS_MAX);
+    let capacity = Arc::new(Notify::new());
     let mut shell = Shell {
         registry,
         cluster,
@@ -303,6 +315,8 @@ pub async fn start(
         dial_targets: BTreeMap::new(),
         remembered: BTreeMap::new(),
         advert_due: None,
+        advert_valid_until_ms: i64::MIN,
+        capacity: capacity.clone(),
     };
     for addr in &config.federation.bootstrap {
         if let Some(Protocol::P2p(peer)) = addr.iter().last() {
@@ -333,6 +347,7 @@ pub async fn start(
     Ok((
         FederationHandle {
             commands: commands_tx,
+            capacity,
             peer_id: keys.peer_id(),
         },
         task,
@@ -423,6 +438,11 @@ struct Shell {
     remembered: BTreeMap<PeerId, (Option<String>, Vec<String>)>,
     /// When a pending capacity change is to be advertised.
     advert_due: Option<tokio::time::Instant>,
+    /// Until when (unix ms) the local advert holds without a ledger write:
+    /// it is recomputed then (see [`advert_capacity`]).
+    advert_valid_until_ms: i64,
+    /// Told of ledger changes by the handle.
+    capacity: Arc<Notify>,
 }
 
 impl Shell {
@@ -437,11 +457,16 @@ impl Shell {
         });
         let mut reconnect = tokio::time::interval(RECONNECT_TICK);
         reconnect.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let capacity = self.capacity.clone();
         loop {
-            let next = [self.registry.poll_timeout(), self.cluster.poll_timeout()]
-                .into_iter()
-                .flatten()
-                .min();
+            let next = [
+                self.registry.poll_timeout(),
+                self.cluster.poll_timeout(),
+                Some(self.advert_valid_until_ms),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             // Never sleep long: deadlines are on the wall clock, which may step.
             let mut wake = next.map_or(WAKE_MAX, |at| {
                 Duration::from_millis(u64::try_from(at - now_ms()).unwrap_or(0)).min(WAKE_MAX)
@@ -459,19 +484,28 @@ impl Shell {
                     }
                 },
                 Some(command) = commands.recv() => self.on_command(command).await,
+                () = capacity.notified() => self.capacity_changed(),
                 _ = tokio::time::sleep(wake) => {
                     // Time moves the advertised steps (a reservation starts or
-                    // ends), so the local advert is recomputed before the core
-                    // refreshes it.
-                    if self.advert_due.is_none_or(|due| due <= tokio::time::Instant::now()) {
+                    // ends, a hold's lease runs out), so the local advert is
+                    // recomputed when it stops holding, before the core
+                    // refreshes it; a recomputation includes a pending change.
+                    let change_due = self.advert_due.is_some_and(|due| due <= tokio::time::Instant::now());
+                    if change_due || now_ms() >= self.advert_valid_until_ms {
                         self.advert_due = None;
                         self.refresh_local_advert();
                     }
                     let now = now_ms();
                     self.registry.handle_timeout(now);
+                    // The cluster's timers commit and release this site's
+                    // own holds, when one is due.
+                    let cluster_due = self.cluster.poll_timeout().is_some_and(|at| at <= now);
                     let (cluster, registry) = (&mut self.cluster, &self.registry);
                     if let Err(e) = self.ledger.blocking(|ledger| cluster.handle_timeout(ledger, registry, now)) {
                         tracing::error!(error = %format!("{e:#}"), "cluster timers failed");
+                    }
+                    if cluster_due {
+                        self.capacity_changed();
                     }
                 }
                 _ = reconnect.tick() => self.redial(),
@@ -591,7 +625,6 @@ impl Shell {
             Command::Sites { reply } => {
                 let _ = reply.send(self.report());
             }
-            Command::CapacityChanged => self.capacity_changed(),
             Command::CreateCluster { id, request, reply } => {
                 let now = now_ms();
                 let (cluster, registry) = (&mut self.cluster, &self.registry);
@@ -792,17 +825,26 @@ impl Shell {
     /// if it changed.
     fn refresh_local_advert(&mut self) {
         let now = now_ms();
-        let capacity = match self
+        let advert = match self
             .ledger
             .blocking(move |ledger| advert_capacity(ledger, now))
         {
-            Ok(Some(capacity)) => capacity,
-            Ok(None) => return,
+            Ok(Some(advert)) => advert,
+            Ok(None) => {
+                self.advert_valid_until_ms = now.saturating_add(ADVERT_RECOMPUTE_MAX_MS);
+                return;
+            }
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "cannot read capacity for the advert");
+                // Not at once: a ledger that keeps failing would spin the shell.
+                self.advert_valid_until_ms = now.saturating_add(millis(WAKE_MAX));
                 return;
             }
         };
+        self.advert_valid_until_ms = advert
+            .valid_until_ms
+            .min(now.saturating_add(ADVERT_RECOMPUTE_MAX_MS));
+        let capacity = advert.capacity;
         // Loopback addresses only help on this host: advertise them only if
         // there is nothing else.
         let routable: Vec<&Multiaddr> = self
@@ -876,37 +918,66 @@ fn millis(duration: Duration) -> i64 {
     i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// What a site advertises of its capacity (see [`advert_capacity`]).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct AdvertCapacity {
+    /// Free node slots over the horizon, as advertised.
+    pub capacity: CapacitySummary,
+    /// Until when the answer holds: asked again at any instant from the
+    /// one asked until before this one, with no ledger write in between,
+    /// [`advert_capacity`] gives the same capacity.
+    pub valid_until_ms: i64,
+}
+
 /// What a site advertises of its capacity at `now_ms`, from its ledger:
-/// free node slots over the next [`HORIZON_MS`] as steps (`None` before
-/// the site has an inventory).
+/// free node slots over the next [`HORIZON_MS`] as steps, and until when
+/// that holds (`None` before the site has an inventory).
 pub(crate) fn advert_capacity(
     ledger: &vcfed_storage::Ledger,
     now_ms: i64,
-) -> Result<Option<CapacitySummary>, vcfed_storage::LedgerError> {
+) -> Result<Option<AdvertCapacity>, vcfed_storage::LedgerError> {
     let Some(inventory) = ledger.inventory()? else {
         return Ok(None);
     };
-    let horizon_end_ms = round_up(now_ms + HORIZON_MS, 3_600_000);
+    let horizon_end_ms = round_up(now_ms + HORIZON_MS, HORIZON_ROUND_MS);
     let window = Window::new(now_ms, horizon_end_ms).expect("the horizon is in the future");
+    let free = ledger.free_steps(window, now_ms)?;
+    // Without a write, only the clock changes the answer, and only when
+    // it reaches the second step (the first one then ends), moves the end
+    // of the horizon on (at `horizon_end_ms - HORIZON_MS + 1`) or reaches
+    // the end of a hold's lease (the hold then stops counting).
+    let mut valid_until_ms = horizon_end_ms - HORIZON_MS + 1;
+    if let Some(second) = free.get(1) {
+        valid_until_ms = valid_until_ms.min(second.at_ms);
+    }
+    if let Some(lease_expires_at_ms) = ledger.next_lease_expiry(now_ms)? {
+        valid_until_ms = valid_until_ms.min(lease_expires_at_ms);
+    }
+    debug_assert!(valid_until_ms > now_ms, "each bound is after now");
+    // Each bound is after now; should one not be, asking again at once
+    // would spin the shell.
+    let valid_until_ms = valid_until_ms.max(now_ms + 1);
     // The first step holds from before now: anchoring it at 0 keeps the
     // advert unchanged (and unsent) while nothing but the clock moves.
-    let mut steps: Vec<(i64, u32)> = ledger
-        .free_steps(window, now_ms)?
+    let mut steps: Vec<(i64, u32)> = free
         .into_iter()
         .map(|step| (step.at_ms, step.free))
         .collect();
     if let Some(first) = steps.first_mut() {
         first.0 = 0;
     }
-    Ok(Some(CapacitySummary {
-        total_nodes: inventory.slots(),
-        node: NodeShape {
-            cores: inventory.node.cores,
-            memory_mib: inventory.node.memory_mib,
-            disk_gib: inventory.node.disk_gib,
+    Ok(Some(AdvertCapacity {
+        capacity: CapacitySummary {
+            total_nodes: inventory.slots(),
+            node: NodeShape {
+                cores: inventory.node.cores,
+                memory_mib: inventory.node.memory_mib,
+                disk_gib: inventory.node.disk_gib,
+            },
+            steps,
+            horizon_end_ms,
         },
-        steps,
-        horizon_end_ms,
+        valid_until_ms,
     }))
 }
 
@@ -927,4 +998,137 @@ fn strip_p2p(addr: &Multiaddr) -> Multiaddr {
     addr.iter()
         .filter(|protocol| !matches!(protocol, Protocol::P2p(_)))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use vcfed_simnet::Rng;
+    use vcfed_storage::{HoldOutcome, HoldRequest, Inventory, InventoryHost, Ledger};
+
+    use super::*;
+
+    const MINUTE_MS: i64 = 60_000;
+    const SLOT: vcfed_storage::NodeShape = vcfed_storage::NodeShape {
+        cores: 2,
+        memory_mib: 4096,
+        disk_gib: 20,
+    };
+
+    fn inventory(slots: u32) -> Inventory {
+        Inventory {
+            node: SLOT,
+            hosts: vec![InventoryHost {
+                name: "nodes".into(),
+                cores: SLOT.cores * slots,
+                memory_mib: SLOT.memory_mib * u64::from(slots),
+                disk_gib: SLOT.disk_gib * u64::from(slots),
+                slots,
+            }],
+        }
+    }
+
+    /// A ledger written before `start_ms`: holds over windows near
+    /// `start_ms` (where the walk below meets their steps) and up to past
+    /// the horizon, with leases running out around `start_ms`; some
+    /// committed, some released, and sometimes an inventory shrunk below
+    /// what is booked (free slots then stay at 0 while usage changes).
+    fn random_ledger(rng: &mut Rng, start_ms: i64) -> Ledger {
+        let mut ledger = Ledger::open_in_memory().expect("an in-memory ledger opens");
+        let slots = u32::try_from(rng.between(1, 12)).expect("a small number");
+        ledger
+            .set_inventory(&inventory(slots), start_ms - 2 * HORIZON_ROUND_MS)
+            .expect("the inventory is written");
+        for i in 0..rng.between(0, 24) {
+            let written_ms = start_ms - rng.between(0, 10 * MINUTE_MS);
+            let window_start_ms = if rng.chance(0.6) {
+                start_ms + rng.between(-HORIZON_ROUND_MS, 3 * HORIZON_ROUND_MS)
+            } else {
+                start_ms + rng.between(0, HORIZON_MS + DAY_MS)
+            };
+            let request = HoldRequest {
+                key: format!("k{i}"),
+                cluster_id: format!("c{i}"),
+                requester: "site-a".into(),
+                window: Window::new(
+                    window_start_ms,
+                    window_start_ms + rng.between(MINUTE_MS, 2 * DAY_MS),
+                )
+                .expect("a window of at least a minute"),
+                nodes: u32::try_from(rng.between(1, 4)).expect("a small number"),
+                shape: SLOT,
+                lease_ms: rng.between(1_000, 30 * MINUTE_MS),
+            };
+            let outcome = ledger.hold(&request, written_ms).expect("a valid hold");
+            if matches!(outcome, HoldOutcome::Denied { .. }) {
+                continue;
+            }
+            match rng.below(3) {
+                0 => {
+                    ledger
+                        .commit(&request.key, &request.requester, written_ms)
+                        .expect("a live hold commits");
+                }
+                1 if rng.chance(0.3) => {
+                    ledger
+                        .release(&request.key, &request.requester, written_ms)
+                        .expect("a hold releases");
+                }
+                _ => {}
+            }
+        }
+        if rng.chance(0.2) {
+            let slots = u32::try_from(rng.between(1, 3)).expect("a small number");
+            ledger
+                .set_inventory(&inventory(slots), start_ms - MINUTE_MS)
+                .expect("the inventory is written");
+        }
+        ledger
+    }
+
+    #[test]
+    fn the_advert_stays_the_same_until_the_instant_it_names() {
+        // The shells recompute the advert only at that instant (or after a
+        // write): asked at any instant before it, `advert_capacity` must
+        // answer exactly what it answered, else a change goes unadvertised.
+        let mut changed_at_bound = 0;
+        for seed in 0..300 {
+            let mut rng = Rng::new(seed);
+            let start_ms = 1_750_000_000_000 + rng.between(0, DAY_MS);
+            let ledger = random_ledger(&mut rng, start_ms);
+            let mut now_ms = start_ms;
+            for _ in 0..12 {
+                let advert = advert_capacity(&ledger, now_ms)
+                    .expect("the ledger reads")
+                    .expect("the ledger has an inventory");
+                let valid_until_ms = advert.valid_until_ms;
+                assert!(valid_until_ms > now_ms, "seed {seed}: valid from {now_ms}");
+                let mut probes = vec![now_ms + 1, valid_until_ms - 1];
+                probes.extend((0..4).map(|_| rng.between(now_ms, valid_until_ms - 1)));
+                for probe_ms in probes.into_iter().filter(|&at| at < valid_until_ms) {
+                    let again = advert_capacity(&ledger, probe_ms)
+                        .expect("the ledger reads")
+                        .expect("the ledger has an inventory");
+                    assert_eq!(
+                        again, advert,
+                        "seed {seed}: asked at {now_ms}, then at {probe_ms}"
+                    );
+                }
+                let at_bound = advert_capacity(&ledger, valid_until_ms)
+                    .expect("the ledger reads")
+                    .expect("the ledger has an inventory");
+                if at_bound.capacity != advert.capacity {
+                    changed_at_bound += 1;
+                }
+                now_ms = valid_until_ms;
+                if rng.chance(0.5) {
+                    now_ms += rng.between(0, 5 * MINUTE_MS);
+                }
+            }
+        }
+        // The bounds are the instants of change, not needlessly early ones:
+        // nearly all are where the advert does change (the others are
+        // leases of holds outside the horizon, or steps hidden by an
+        // overbooked inventory).
+        assert!(changed_at_bound > 300 * 12 * 9 / 10, "{changed_at_bound}");
+    }
 }

@@ -780,6 +780,32 @@ fn sweeps_see_every_change_between_them() {
 }
 
 #[test]
+fn the_next_lease_expiry_is_the_earliest_held_lease_after_the_instant() {
+    // Callers wake at this instant (to sweep, or to re-advertise): every
+    // write that adds, commits, releases or expires a hold must show.
+    let mut ledger = ledger(4);
+    assert_eq!(ledger.next_lease_expiry(i64::MIN).unwrap(), None);
+    held(ledger.hold(&request("a", 0, 100, 1, 10), 0).unwrap());
+    held(ledger.hold(&request("b", 0, 100, 1, 20), 0).unwrap());
+    held(ledger.hold(&request("c", 0, 100, 1, 30), 0).unwrap());
+    assert_eq!(ledger.next_lease_expiry(i64::MIN).unwrap(), Some(10));
+    assert_eq!(ledger.next_lease_expiry(9).unwrap(), Some(10));
+    // A lease that runs out at the instant no longer counts then.
+    assert_eq!(ledger.next_lease_expiry(10).unwrap(), Some(20));
+    // An unswept hold whose lease ran out is still the earliest of all.
+    assert_eq!(ledger.next_lease_expiry(i64::MIN).unwrap(), Some(10));
+    ledger.commit("b", "site-a", 11).unwrap();
+    assert_eq!(ledger.next_lease_expiry(10).unwrap(), Some(30));
+    assert_eq!(ledger.sweep_expired(11).unwrap().len(), 1);
+    assert_eq!(ledger.next_lease_expiry(i64::MIN).unwrap(), Some(30));
+    ledger.release("c", "site-a", 12).unwrap();
+    assert_eq!(ledger.next_lease_expiry(i64::MIN).unwrap(), None);
+    held(ledger.hold(&request("d", 0, 100, 1, 5), 40).unwrap());
+    assert_eq!(ledger.next_lease_expiry(40).unwrap(), Some(45));
+    assert_eq!(ledger.next_lease_expiry(45).unwrap(), None);
+}
+
+#[test]
 fn cached_statements_are_not_compiled_again_on_every_use() {
     let mut ledger = ledger(4);
     for i in 0..3 {

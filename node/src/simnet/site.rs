@@ -268,11 +268,9 @@ pub struct SiteSettings {
     pub registry: RegistryConfig,
     /// Reservation protocol timing.
     pub cluster: ClusterConfig,
-    /// How often the ledger's expired holds are swept, ms.
+    /// Longest time between two sweeps of the ledger, ms: a sweep also
+    /// bounds the event log. Holds are swept when their lease runs out.
     pub sweep_ms: i64,
-    /// How often the local advert is recomputed from the ledger even
-    /// without a change, ms (time moves the advertised steps).
-    pub advert_recompute_ms: i64,
     /// A planted bug, for the test that shows it is caught.
     pub plant: Option<PlantedBug>,
     /// Advert verification shared by the sites (a cache; see `verify`).
@@ -317,8 +315,16 @@ struct Volatile {
     registry_wake: Option<i64>,
     /// When a coalesced capacity change is to be advertised.
     advert_due: Option<i64>,
-    next_advert_recompute: i64,
+    /// When the local advert stops holding without a ledger write (see
+    /// `advert_capacity`): it is recomputed then.
+    advert_valid_until: i64,
+    /// When the ledger is swept at the latest (for its event log).
     next_sweep: i64,
+    /// The earliest lease of a held reservation, run out or not: the
+    /// ledger is swept then. Read again after every write that can hold,
+    /// commit or release (where `capacity_changed` is called) and after
+    /// every sweep.
+    lease_expiry: Option<i64>,
     /// Holds the planted bug pretended to take: key → request.
     fake_holds: BTreeMap<String, HoldRequest>,
     /// The cluster runner (the `sim` driver's nodes die with it).
@@ -528,6 +534,7 @@ impl FedSite {
             self.settings.cluster.clone(),
         );
         cluster.resume(&mut self.ledger, now)?;
+        let lease_expiry = self.ledger.next_lease_expiry(i64::MIN)?;
         let mut volatile = Volatile {
             registry,
             cluster,
@@ -537,8 +544,10 @@ impl FedSite {
             next_request: 0,
             registry_wake: None,
             advert_due: None,
-            next_advert_recompute: now + self.settings.advert_recompute_ms,
+            // Set by the recomputation at the end of the boot.
+            advert_valid_until: now,
             next_sweep: now + self.settings.sweep_ms,
+            lease_expiry,
             fake_holds: BTreeMap::new(),
             runner: SimRunner::new(
                 self.index,
@@ -572,14 +581,15 @@ impl FedSite {
         let Some(volatile) = self.volatile.as_mut() else {
             return Ok(());
         };
-        let capacity = crate::federation::advert_capacity(&self.ledger, now)?
+        let advert = crate::federation::advert_capacity(&self.ledger, now)?
             .expect("a simulated site has its inventory from the start");
+        volatile.advert_valid_until = advert.valid_until_ms;
         let index = u32::try_from(self.index).unwrap_or(u32::MAX);
         volatile.registry.set_local(
             now,
             LocalAdvert {
                 site_name: self.name.clone(),
-                capacity,
+                capacity: advert.capacity,
                 gateway: Some(GatewayInfo {
                     endpoint: gateway_endpoint(self.index),
                     tunnel_public_key: *blake_ish_key(index),
@@ -600,13 +610,17 @@ impl FedSite {
         Ok(())
     }
 
-    fn capacity_changed(&mut self, now: i64) {
+    /// The ledger's reservations may have changed: re-advertise soon, and
+    /// sweep when the earliest lease runs out.
+    fn capacity_changed(&mut self, now: i64) -> Result<(), LedgerError> {
         self.observations.push(Observation::LedgerTouched);
-        if let Some(volatile) = self.volatile.as_mut()
-            && volatile.advert_due.is_none()
-        {
-            volatile.advert_due = Some(now + ADVERT_COALESCE_MS);
+        if let Some(volatile) = self.volatile.as_mut() {
+            if volatile.advert_due.is_none() {
+                volatile.advert_due = Some(now + ADVERT_COALESCE_MS);
+            }
+            volatile.lease_expiry = self.ledger.next_lease_expiry(i64::MIN)?;
         }
+        Ok(())
     }
 
     /// Cluster records (or the node states a master stores) may have
@@ -834,7 +848,7 @@ impl FedSite {
                         };
                         let answer = self.worker(now, from_peer, msg)?;
                         if moves_capacity {
-                            self.capacity_changed(now);
+                            self.capacity_changed(now)?;
                         }
                         if records {
                             self.records_changed(now);
@@ -887,7 +901,7 @@ impl FedSite {
                         let (cluster, registry) = (&mut volatile.cluster, &volatile.registry);
                         cluster.handle_reply(&mut self.ledger, registry, now, from_peer, msg)?;
                         if !noted {
-                            self.capacity_changed(now);
+                            self.capacity_changed(now)?;
                             self.records_changed(now);
                         }
                     }
@@ -969,10 +983,10 @@ impl FedSite {
         let Some(volatile) = self.volatile.as_mut() else {
             return Ok(());
         };
+        // A recomputation includes a pending change.
         let advert_due = volatile.advert_due.is_some_and(|at| at <= now);
-        if advert_due || volatile.next_advert_recompute <= now {
+        if advert_due || volatile.advert_valid_until <= now {
             volatile.advert_due = None;
-            volatile.next_advert_recompute = now + self.settings.advert_recompute_ms;
             self.refresh_local_advert(now)?;
         }
         let volatile = self.volatile.as_mut().expect("checked above");
@@ -983,14 +997,17 @@ impl FedSite {
         if volatile.cluster.poll_timeout().is_some_and(|at| at <= now) {
             let (cluster, registry) = (&mut volatile.cluster, &volatile.registry);
             cluster.handle_timeout(&mut self.ledger, registry, now)?;
-            self.capacity_changed(now);
+            self.capacity_changed(now)?;
             self.records_changed(now);
         }
         let volatile = self.volatile.as_mut().expect("checked above");
-        if volatile.next_sweep <= now {
+        if volatile.next_sweep <= now || volatile.lease_expiry.is_some_and(|at| at <= now) {
             volatile.next_sweep = now + self.settings.sweep_ms;
-            if !self.ledger.sweep_expired(now)?.is_empty() {
-                self.capacity_changed(now);
+            if self.ledger.sweep_expired(now)?.is_empty() {
+                let volatile = self.volatile.as_mut().expect("checked above");
+                volatile.lease_expiry = self.ledger.next_lease_expiry(i64::MIN)?;
+            } else {
+                self.capacity_changed(now)?;
             }
         }
         let volatile = self.volatile.as_mut().expect("checked above");
@@ -1079,7 +1096,7 @@ impl FedSite {
             }
             Input::Join { .. } | Input::Leave => unreachable!("handled above"),
         }
-        self.capacity_changed(now);
+        self.capacity_changed(now)?;
         self.records_changed(now);
         self.drain(ctx);
         Ok(())
@@ -1135,8 +1152,9 @@ impl vcfed_simnet::Site for FedSite {
                 volatile.registry_wake,
                 volatile.cluster.poll_timeout(),
                 volatile.advert_due,
-                Some(volatile.next_advert_recompute),
+                Some(volatile.advert_valid_until),
                 Some(volatile.next_sweep),
+                volatile.lease_expiry,
                 volatile.runner.poll_timeout(),
             ]
             .into_iter()

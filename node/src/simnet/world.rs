@@ -636,8 +636,9 @@ impl World {
                 ..RegistryConfig::default()
             },
             cluster: ClusterConfig::default(),
-            sweep_ms: 5_000,
-            advert_recompute_ms: options.advert_refresh_ms.min(10_000),
+            // Holds are swept as their leases run out; this bounds the
+            // event log, as the agent's sweep does every second.
+            sweep_ms: 60_000,
             plant: options.plant,
             verifier: Some(Arc::new(super::verify::CachingVerifier::default())),
             mesh_min: (options.mesh_degree / 2).max(1),
