@@ -912,18 +912,27 @@ impl Ledger {
         filter: ReservationFilter,
         now_ms: i64,
     ) -> Result<Vec<Reservation>, LedgerError> {
+        // Active: what `Reservation::counts_at` keeps, chosen by SQLite
+        // rather than decoded first (released and expired ones pile up).
+        let condition = match filter {
+            ReservationFilter::All => "?1 IS NOT NULL",
+            ReservationFilter::Active => {
+                "state = 'committed' OR (state = 'held' AND lease_expires_at_ms > ?1)"
+            }
+        };
         let mut stmt = self.conn.prepare_cached(&format!(
-            "SELECT {RESERVATION_COLUMNS} FROM reservations ORDER BY id"
+            "SELECT {RESERVATION_COLUMNS} FROM reservations WHERE {condition} ORDER BY id"
         ))?;
-        let all = stmt
-            .query_map([], reservation_from_row)?
+        let found = stmt
+            .query_map(params![now_ms], reservation_from_row)?
             .collect::<Result<Vec<_>, _>>()?
             .into_iter()
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(match filter {
-            ReservationFilter::All => all,
-            ReservationFilter::Active => all.into_iter().filter(|r| r.counts_at(now_ms)).collect(),
-        })
+        debug_assert!(
+            filter == ReservationFilter::All || found.iter().all(|r| r.counts_at(now_ms)),
+            "the SQL condition is counts_at"
+        );
+        Ok(found)
     }
 
     /// Free node slots over `window` as steps, as of `now_ms` (holds whose

@@ -589,6 +589,13 @@ proptest! {
             }
 
             let after = ledger.reservations(ReservationFilter::All, now_ms).unwrap();
+            // The active ones are those that count, at this instant and
+            // at the next lease's end.
+            for at in [now_ms, now_ms + 1_000] {
+                let counting: Vec<&Reservation> = after.iter().filter(|r| r.counts_at(at)).collect();
+                let active = ledger.reservations(ReservationFilter::Active, at).unwrap();
+                prop_assert_eq!(active.iter().collect::<Vec<_>>(), counting);
+            }
             // A repeated hold, commit or release changes nothing.
             if is_retry && !matches!(step, Op::Advance { .. } | Op::Sweep) {
                 prop_assert_eq!(&before, &after, "retry of {:?} changed the ledger", step);
