@@ -36,15 +36,20 @@ fn config() -> RegistryConfig {
     }
 }
 
+/// Eight node slots, `free` of them free from now on.
+fn capacity(free: u32) -> CapacitySummary {
+    CapacitySummary {
+        total_nodes: 8,
+        node: SHAPE,
+        steps: vec![(0, free)],
+        horizon_end_ms: i64::MAX,
+    }
+}
+
 fn local(name: &str, free: u32) -> LocalAdvert {
     LocalAdvert {
         site_name: name.to_owned(),
-        capacity: CapacitySummary {
-            total_nodes: 8,
-            node: SHAPE,
-            steps: vec![(0, free)],
-            horizon_end_ms: i64::MAX,
-        },
+        capacity: capacity(free),
         gateway: None,
         addrs: vec![format!("/ip4/127.0.0.1/tcp/{}", 7000 + free)],
         software: "test".to_owned(),
@@ -716,12 +721,7 @@ fn advert_gossip(keypair: &Keypair, version: u64, free: u32) -> Vec<u8> {
         version,
         issued_at_ms: 0,
         ttl_ms: 10_000,
-        capacity: CapacitySummary {
-            total_nodes: 8,
-            node: SHAPE,
-            steps: vec![(0, free)],
-            horizon_end_ms: i64::MAX,
-        },
+        capacity: capacity(free),
         gateway: None,
         addrs: vec![],
         software: "test".into(),
