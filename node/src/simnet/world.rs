@@ -25,6 +25,9 @@ use crate::cluster::{ClusterConfig, ClusterRequest};
 /// Unix ms at which every run starts (2023-11-14): a fixed instant keeps
 /// runs reproducible.
 pub const START_MS: i64 = 1_700_000_000_000;
+/// How long after its lease a hold may still be `held` at a site that is
+/// up (the hold-resolution invariant).
+const HOLD_RESOLUTION_SLACK_MS: i64 = 2_000;
 const MINUTE_MS: i64 = 60_000;
 const HOUR_MS: i64 = 3_600_000;
 /// Violations recorded per run; the first one matters most.
@@ -1254,7 +1257,10 @@ impl World {
 
     fn check_holds(&mut self, site: SiteId) {
         let now = self.sim.local_now_ms(site);
-        let bound = 5_000 + 2_000;
+        // A site sweeps a hold when its lease runs out (its own timer, on
+        // its own clock); what is left is slack for a site that was just
+        // restarted.
+        let bound = HOLD_RESOLUTION_SLACK_MS;
         // The earliest lease of a held reservation says whether one is late
         // (one indexed read); the list is read only to name it.
         match self.sim.sites()[site].ledger().next_lease_expiry(i64::MIN) {
