@@ -250,6 +250,20 @@ pub trait AdvertVerifier: Send + Sync + std::fmt::Debug {
     }
 }
 
+/// Verifies `signed` with `verifier`, or as [`SignedAdvert::verify`] does
+/// when there is none (production): what a registry keeps in its view.
+pub fn verify_with(
+    verifier: Option<&dyn AdvertVerifier>,
+    signed: SignedAdvert,
+) -> Result<Arc<VerifiedAdvert>, AdvertError> {
+    match verifier {
+        Some(verifier) => verifier.verify_shared(signed),
+        None => signed
+            .verify()
+            .map(|advert| Arc::new(VerifiedAdvert { signed, advert })),
+    }
+}
+
 /// A signed advert that verified, with the advert it carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifiedAdvert {

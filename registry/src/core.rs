@@ -322,8 +322,7 @@ impl SiteEntry {
 #[derive(Debug, Clone)]
 struct DigestSummary {
     at_ms: i64,
-    hash: u64,
-    /// The sums per bucket, finest split.
+    /// The sums per bucket, finest split (their sum is the digest hash).
     buckets: [u64; DIGEST_BUCKETS_MAX],
     count: usize,
     /// No entry valid at `at_ms` expires before this.
@@ -337,7 +336,6 @@ impl DigestSummary {
     fn of(sites: &BTreeMap<PeerId, SiteEntry>, now_ms: i64) -> Self {
         let mut summary = DigestSummary {
             at_ms: now_ms,
-            hash: 0,
             buckets: [0; DIGEST_BUCKETS_MAX],
             count: 0,
             valid_until_ms: i64::MAX,
@@ -359,7 +357,6 @@ impl DigestSummary {
     fn add(&mut self, entry: &SiteEntry) {
         if entry.expires_at_ms > self.at_ms {
             let hash = digest_entry_hash(entry.site_hash, entry.version);
-            self.hash = self.hash.wrapping_add(hash);
             let bucket = &mut self.buckets[digest_bucket(entry.site_hash)];
             *bucket = bucket.wrapping_add(hash);
             self.count += 1;
@@ -379,7 +376,6 @@ impl DigestSummary {
         match self.count.checked_sub(1) {
             Some(count) => {
                 let hash = digest_entry_hash(entry.site_hash, entry.version);
-                self.hash = self.hash.wrapping_sub(hash);
                 let bucket = &mut self.buckets[digest_bucket(entry.site_hash)];
                 *bucket = bucket.wrapping_sub(hash);
                 self.count = count;
@@ -888,7 +884,8 @@ impl Registry {
         }
         let index = self.rng.below(connected.len() as u64);
         let to = connected[usize::try_from(index).expect("index is below a usize length")];
-        let (_, count) = self.digest_summary(now_ms);
+        self.settle_digest(now_ms);
+        let count = self.digest.count + usize::from(self.local_signed.is_some());
         let (hashes, count) = self.bucket_hashes(now_ms, Buckets::for_entries(count));
         let data = self.encode_counted(&Message::DigestBuckets {
             count: u32::try_from(count).unwrap_or(u32::MAX),
@@ -897,25 +894,11 @@ impl Registry {
         self.transmits.push_back(Transmit::Request { to, data });
     }
 
-    /// The [`digest_hash`] and length of [`Registry::digest`], from the
+    /// The hash (one bucket) and length of [`Registry::digest`], from the
     /// summary kept up to date with the view.
     fn digest_summary(&mut self, now_ms: i64) -> (u64, usize) {
-        self.settle_digest(now_ms);
-        let mut hash = self.digest.hash;
-        let mut count = self.digest.count;
-        if let Some((_, advert)) = &self.local_signed {
-            hash = hash.wrapping_add(digest_entry_hash(self.local_hash, advert.version));
-            count += 1;
-        }
-        debug_assert_eq!(
-            (hash, count),
-            {
-                let entries = self.digest(now_ms);
-                (digest_hash(&entries), entries.len())
-            },
-            "the digest summary follows the view"
-        );
-        (hash, count)
+        let (hashes, count) = self.bucket_hashes(now_ms, Buckets::ONE);
+        (hashes[0], count)
     }
 
     /// Brings the digest summary to `now_ms`.
@@ -944,11 +927,11 @@ impl Registry {
             count += 1;
         }
         debug_assert_eq!(
-            (&hashes, count),
-            (
-                &bucket_hashes(&self.digest(now_ms), buckets),
-                self.digest(now_ms).len()
-            ),
+            (hashes.clone(), count),
+            {
+                let entries = self.digest(now_ms);
+                (bucket_hashes(&entries, buckets), entries.len())
+            },
             "the bucket sums follow the view"
         );
         (hashes, count)
@@ -1108,13 +1091,7 @@ impl Registry {
 
     /// Verifies and applies one advert.
     fn apply(&mut self, now_ms: i64, signed: SignedAdvert) -> Verdict {
-        let verified = match &self.verifier {
-            Some(verifier) => verifier.verify_shared(signed),
-            None => signed
-                .verify()
-                .map(|advert| Arc::new(VerifiedAdvert { signed, advert })),
-        };
-        let verified = match verified {
+        let verified = match crate::advert::verify_with(self.verifier.as_deref(), signed) {
             Ok(verified) => verified,
             Err(
                 AdvertError::BadKey | AdvertError::BadSignature | AdvertError::WrongSigner { .. },
@@ -1332,16 +1309,8 @@ fn weigh(theirs: &[DigestEntry], group: &[usize], mine: Option<u64>, lacking: &m
     theirs[*last].version
 }
 
-/// An order-independent hash of digest entries: equal sets hash equal
-/// whatever order they were collected in. The sum of each entry's
-/// [`digest_entry_hash`], so that it can be kept up to date entry by entry.
-fn digest_hash(entries: &[DigestEntry]) -> u64 {
-    entries.iter().fold(0u64, |sum, entry| {
-        sum.wrapping_add(digest_entry_hash(peer_hash(&entry.site), entry.version))
-    })
-}
-
-/// One entry's share of [`digest_hash`]; `site_hash` is [`peer_hash`].
+/// One entry's share of its bucket's hash ([`bucket_hashes`]); `site_hash`
+/// is [`peer_hash`].
 fn digest_entry_hash(site_hash: u64, version: u64) -> u64 {
     SplitMix64(site_hash ^ version).next()
 }
@@ -1354,7 +1323,10 @@ fn digest_bucket(site_hash: u64) -> usize {
     usize::try_from(SplitMix64(site_hash).next() >> (64 - bits)).expect("below DIGEST_BUCKETS_MAX")
 }
 
-/// [`digest_hash`] of each bucket of `entries`.
+/// An order-independent hash of each bucket of digest entries: equal sets
+/// hash equal whatever order they were collected in. The sum of each
+/// entry's [`digest_entry_hash`], so that it can be kept up to date entry
+/// by entry.
 fn bucket_hashes(entries: &[DigestEntry], buckets: Buckets) -> Vec<u64> {
     let mut hashes = vec![0u64; buckets.count()];
     for entry in entries {

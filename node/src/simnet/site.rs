@@ -112,13 +112,9 @@ pub struct Published {
 impl Published {
     fn new(bytes: Vec<u8>, settings: &SiteSettings) -> Published {
         let advert = match wire::decode(&bytes, settings.registry.message_max_bytes) {
-            Ok(Message::Advert(signed)) => match &settings.verifier {
-                Some(verifier) => verifier.verify_shared(signed).ok(),
-                None => signed
-                    .verify()
-                    .ok()
-                    .map(|advert| Arc::new(VerifiedAdvert { signed, advert })),
-            },
+            Ok(Message::Advert(signed)) => {
+                vcfed_registry::advert::verify_with(settings.verifier.as_deref(), signed).ok()
+            }
             _ => None,
         };
         Published { bytes, advert }
