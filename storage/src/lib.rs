@@ -33,8 +33,11 @@
 mod calendar;
 mod schema;
 
+use std::cell::Cell;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock, PoisonError};
 
+use rusqlite::backup::{Backup, StepResult};
 use rusqlite::config::DbConfig;
 use rusqlite::{
     Connection, OptionalExtension, Params, Row, Transaction, TransactionBehavior, params,
@@ -547,6 +550,20 @@ pub struct Event {
 pub struct Ledger {
     conn: Connection,
     path: Option<PathBuf>,
+    /// The last answer of [`Ledger::next_lease_expiry`], kept while nothing
+    /// was written since (see [`Ledger::changes_seen`]).
+    lease_expiry_memo: Cell<Option<LeaseExpiryMemo>>,
+}
+
+/// One answer of [`Ledger::next_lease_expiry`] and what it depended on.
+#[derive(Debug, Clone, Copy)]
+struct LeaseExpiryMemo {
+    /// [`Connection::total_changes`] when the answer was read.
+    changes: u64,
+    /// The argument asked with.
+    after_ms: i64,
+    /// The answer.
+    lease_expires_at_ms: Option<i64>,
 }
 
 impl Ledger {
@@ -564,9 +581,12 @@ impl Ledger {
     }
 
     /// An in-memory ledger (for tests and the simulator): same schema and
-    /// rules, no durability.
+    /// rules, no durability. It starts as a copy of one migrated once per
+    /// process.
     pub fn open_in_memory() -> Result<Ledger, LedgerError> {
-        Ledger::setup(Connection::open_in_memory()?, None)
+        let mut conn = Connection::open_in_memory()?;
+        copy_migrated_template(&mut conn)?;
+        Ledger::setup(conn, None)
     }
 
     /// The file behind the ledger, if any.
@@ -891,14 +911,33 @@ impl Ledger {
     /// [`Ledger::free_steps`]) stay the same; `i64::MIN` gives the earliest
     /// lease of all, run out or not: when [`Ledger::sweep_expired`] has work.
     pub fn next_lease_expiry(&self, after_ms: i64) -> Result<Option<i64>, LedgerError> {
-        Ok(query_row_cached(
+        // The simulator asks this of a thousand ledgers every few seconds,
+        // and most of them wrote nothing since they were last asked: the
+        // answer is remembered until the next write.
+        let changes = self.changes_seen();
+        if let Some(changes) = changes
+            && let Some(memo) = self.lease_expiry_memo.get()
+            && memo.changes == changes
+            && memo.after_ms == after_ms
+        {
+            return Ok(memo.lease_expires_at_ms);
+        }
+        let lease_expires_at_ms = query_row_cached(
             &self.conn,
             // Reads the held rows only (by the state index), a handful.
             "SELECT MIN(lease_expires_at_ms) FROM reservations
              WHERE state = 'held' AND lease_expires_at_ms > ?1",
             params![after_ms],
             |row| row.get(0),
-        )?)
+        )?;
+        if let Some(changes) = changes {
+            self.lease_expiry_memo.set(Some(LeaseExpiryMemo {
+                changes,
+                after_ms,
+                lease_expires_at_ms,
+            }));
+        }
+        Ok(lease_expires_at_ms)
     }
 
     /// The reservation with idempotency key `key`.
@@ -1357,6 +1396,31 @@ impl Ledger {
         Ok(events_over)
     }
 
+    /// A count that changes whenever the data this connection reads may
+    /// have changed, or `None` when there is no such count: what answers
+    /// read from the ledger are remembered by.
+    ///
+    /// SQLite's [`Connection::total_changes`] counts every row this
+    /// connection inserted, updated or deleted by an `INSERT`, `UPDATE` or
+    /// `DELETE`, triggers included. Every write of the ledger is such a
+    /// statement: the schema (DDL, which the count misses) is only written
+    /// before the [`Ledger`] exists, by [`migrate`] or by the copy of
+    /// [`MIGRATED_TEMPLATE`], and nothing here runs `VACUUM` or restores a
+    /// backup into an open ledger. The count misses two things, hence the
+    /// `None`s:
+    ///
+    /// - Writes by other connections. An in-memory database belongs to its
+    ///   one connection; a file may be written by another process (an
+    ///   operator's `sqlite3` shell, a second agent), so file ledgers
+    ///   remember nothing.
+    /// - A rollback, which undoes rows without uncounting them: an answer
+    ///   read inside a transaction could outlive the rows it saw. Outside
+    ///   one, every read sees committed data, which only a counted write
+    ///   changes (a transaction rolled back leaves it as it was).
+    fn changes_seen(&self) -> Option<u64> {
+        (self.path.is_none() && self.conn.is_autocommit()).then(|| self.conn.total_changes())
+    }
+
     fn setup(mut conn: Connection, path: Option<PathBuf>) -> Result<Ledger, LedgerError> {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
@@ -1372,8 +1436,58 @@ impl Ledger {
         // statement was compiled anew on every use.
         conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
         migrate(&mut conn)?;
-        Ok(Ledger { conn, path })
+        Ok(Ledger {
+            conn,
+            path,
+            lease_expiry_memo: Cell::new(None),
+        })
     }
+}
+
+/// An empty in-memory ledger migrated by [`Ledger::setup`], once per
+/// process, that [`Ledger::open_in_memory`] copies: migrating costs far more
+/// than copying (SQLite parses each migration's DDL, and re-reads the
+/// whole schema after each `ALTER TABLE`), and the simulator opens a
+/// thousand ledgers. `None` if it could not be built.
+static MIGRATED_TEMPLATE: OnceLock<Option<Mutex<Connection>>> = OnceLock::new();
+
+/// Fills the empty in-memory database of `conn` with the pages of
+/// [`MIGRATED_TEMPLATE`], so that [`Ledger::setup`] finds its schema
+/// current. The copy is of the database only: what `setup` sets on the
+/// connection (pragmas, database config, the statement cache) is set on
+/// `conn` as on any other. Without a template, `conn` is left empty and
+/// `setup` migrates it, saying what failed.
+fn copy_migrated_template(conn: &mut Connection) -> Result<(), LedgerError> {
+    let template = MIGRATED_TEMPLATE.get_or_init(|| {
+        match Connection::open_in_memory()
+            .map_err(LedgerError::from)
+            .and_then(|template| Ledger::setup(template, None))
+        {
+            Ok(ledger) => Some(Mutex::new(ledger.conn)),
+            Err(e) => {
+                tracing::warn!(
+                    error = %format!("{e:#}"),
+                    "cannot build the in-memory ledger template"
+                );
+                None
+            }
+        }
+    });
+    let Some(template) = template else {
+        return Ok(());
+    };
+    // The template is only ever read, so a panic while it was locked left
+    // it whole.
+    let template = template.lock().unwrap_or_else(PoisonError::into_inner);
+    let step = Backup::new(&template, conn)?.step(-1)?;
+    // Nothing else can lock either database: the template is behind the
+    // mutex, and `conn` is new and private to this thread.
+    assert_eq!(
+        step,
+        StepResult::Done,
+        "a private in-memory database is copied whole in one step"
+    );
+    Ok(())
 }
 
 /// Brings the schema to the newest version, one migration per transaction.

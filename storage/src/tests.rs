@@ -848,3 +848,159 @@ fn cached_statements_are_not_compiled_again_on_every_use() {
     assert!(stmt.get_status(rusqlite::StatementStatus::Run) >= 12);
     assert_eq!(stmt.get_status(rusqlite::StatementStatus::RePrepare), 0);
 }
+
+#[test]
+fn the_remembered_next_lease_expiry_follows_every_write() {
+    // The answer is remembered between writes: each way of changing the
+    // held leases, and a write undone by a rollback, must show in the next
+    // answer.
+    let mut ledger = ledger(4);
+    assert_eq!(ledger.next_lease_expiry(i64::MIN).unwrap(), None);
+    held(ledger.hold(&request("a", 0, 100, 1, 30), 0).unwrap());
+    assert_eq!(ledger.next_lease_expiry(i64::MIN).unwrap(), Some(30));
+    // Asked again with nothing written, and with another instant.
+    assert_eq!(ledger.next_lease_expiry(i64::MIN).unwrap(), Some(30));
+    assert_eq!(ledger.next_lease_expiry(30).unwrap(), None);
+    assert_eq!(ledger.next_lease_expiry(i64::MIN).unwrap(), Some(30));
+    // An earlier lease.
+    held(ledger.hold(&request("b", 0, 100, 1, 20), 0).unwrap());
+    assert_eq!(ledger.next_lease_expiry(i64::MIN).unwrap(), Some(20));
+    ledger.commit("b", "site-a", 1).unwrap();
+    assert_eq!(ledger.next_lease_expiry(i64::MIN).unwrap(), Some(30));
+    ledger.release("a", "site-a", 2).unwrap();
+    assert_eq!(ledger.next_lease_expiry(i64::MIN).unwrap(), None);
+    held(ledger.hold(&request("c", 0, 100, 1, 10), 5).unwrap());
+    assert_eq!(ledger.next_lease_expiry(i64::MIN).unwrap(), Some(15));
+    assert_eq!(ledger.sweep_expired(15).unwrap().len(), 1);
+    assert_eq!(ledger.next_lease_expiry(i64::MIN).unwrap(), None);
+
+    // A hold written and rolled back, asked about inside the transaction
+    // (which sees it) and after the rollback (which undoes it without
+    // counting a change).
+    ledger.conn.execute_batch("BEGIN").unwrap();
+    ledger
+        .conn
+        .execute(
+            "INSERT INTO reservations (idem_key, cluster_id, requester, start_ms, end_ms, nodes,
+                 cores, memory_mib, disk_gib, state, lease_expires_at_ms, created_at_ms, updated_at_ms)
+             VALUES ('d', 'cluster-d', 'site-a', 0, 100, 1, 2, 4096, 20, 'held', 50, 20, 20)",
+            [],
+        )
+        .unwrap();
+    assert_eq!(ledger.next_lease_expiry(i64::MIN).unwrap(), Some(50));
+    ledger.conn.execute_batch("ROLLBACK").unwrap();
+    assert_eq!(ledger.next_lease_expiry(i64::MIN).unwrap(), None);
+    // The same, remembered before the transaction.
+    held(ledger.hold(&request("e", 0, 100, 1, 40), 20).unwrap());
+    assert_eq!(ledger.next_lease_expiry(i64::MIN).unwrap(), Some(60));
+    ledger.conn.execute_batch("BEGIN").unwrap();
+    ledger
+        .conn
+        .execute(
+            "UPDATE reservations SET state = 'released' WHERE idem_key = 'e'",
+            [],
+        )
+        .unwrap();
+    ledger.conn.execute_batch("ROLLBACK").unwrap();
+    assert_eq!(ledger.next_lease_expiry(i64::MIN).unwrap(), Some(60));
+}
+
+#[test]
+fn a_file_ledger_sees_the_next_lease_expiry_another_connection_wrote() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    let mut ledger = Ledger::open(&path).unwrap();
+    ledger.set_inventory(&inventory(4), 0).unwrap();
+    held(ledger.hold(&request("a", 0, 100, 1, 30), 0).unwrap());
+    assert_eq!(ledger.next_lease_expiry(i64::MIN).unwrap(), Some(30));
+    let other = Connection::open(&path).unwrap();
+    other
+        .execute(
+            "UPDATE reservations SET state = 'released' WHERE idem_key = 'a'",
+            [],
+        )
+        .unwrap();
+    assert_eq!(ledger.next_lease_expiry(i64::MIN).unwrap(), None);
+}
+
+/// What a ledger's database and connection are like, beyond its rows.
+fn database_settings(conn: &Connection) -> (Vec<String>, Vec<String>) {
+    let schema = conn
+        .prepare("SELECT type || ' ' || name || ': ' || COALESCE(sql, '') FROM sqlite_schema ORDER BY name")
+        .unwrap()
+        .query_map([], |row| row.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let pragmas = [
+        "user_version",
+        "foreign_keys",
+        "synchronous",
+        "journal_mode",
+        "page_size",
+        "encoding",
+        "auto_vacuum",
+        "integrity_check",
+    ]
+    .iter()
+    .map(|pragma| {
+        let value: rusqlite::types::Value = conn
+            .query_row(&format!("PRAGMA {pragma}"), [], |row| row.get(0))
+            .unwrap();
+        format!("{pragma} = {value:?}")
+    })
+    .collect();
+    (schema, pragmas)
+}
+
+#[test]
+fn in_memory_ledgers_are_independent_copies_of_a_migrated_one() {
+    // In-memory ledgers start as copies of one migrated once per process:
+    // each is the same as a ledger migrated on its own connection, with
+    // the connection set up the same, and shares nothing with the others.
+    let mut first = ledger(4);
+    let second = Ledger::open_in_memory().unwrap();
+    let migrated = Ledger::setup(Connection::open_in_memory().unwrap(), None).unwrap();
+    assert_eq!(
+        database_settings(&second.conn),
+        database_settings(&migrated.conn)
+    );
+    assert!(
+        second
+            .conn
+            .db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG)
+            .unwrap()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = Ledger::open(&dir.path().join("ledger.db")).unwrap();
+    assert_eq!(
+        second.schema_version().unwrap(),
+        file.schema_version().unwrap()
+    );
+    assert_eq!(
+        database_settings(&second.conn).0,
+        database_settings(&file.conn).0
+    );
+
+    held(first.hold(&request("a", 0, 100, 1, 30), 0).unwrap());
+    assert_eq!(
+        first.reservations(ReservationFilter::All, 0).unwrap().len(),
+        1
+    );
+    assert!(
+        second
+            .reservations(ReservationFilter::All, 0)
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(second.inventory().unwrap(), None);
+    assert!(second.events(0, u32::MAX).unwrap().is_empty());
+    let third = Ledger::open_in_memory().unwrap();
+    assert!(
+        third
+            .reservations(ReservationFilter::All, 0)
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(third.capacity().unwrap(), 0);
+}
