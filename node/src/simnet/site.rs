@@ -2,14 +2,13 @@
 //! in-memory ledger, wired the way the federation shell wires them.
 //!
 //! Most deliveries of a run are gossip duplicates that the seen cache drops
-//! (every site hears each message from several mesh peers), so the cache is
-//! a hash set keyed by the message id itself: ids are already well-mixed
-//! 64-bit hashes, and the set is only probed, never iterated, so its order
-//! cannot leak into the run.
+//! (every site hears each message from several mesh peers), so the cache
+//! keeps its membership on the message, one bit per site (see
+//! [`SeenCache`]), and a duplicate touches one line of the site
+//! ([`DuplicatePath`]).
 
 use std::cell::Cell;
 use std::collections::{BTreeMap, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
 use libp2p_identity::{Keypair, PeerId};
@@ -107,18 +106,112 @@ pub struct Published {
     /// `None`: not a valid advert (receivers then decode the bytes
     /// themselves, and refuse them as the registry does).
     advert: Option<Arc<VerifiedAdvert>>,
+    /// One bit per site: whether the message is in that site's seen cache
+    /// (kept by [`SeenCache`], and only by it).
+    seen_by: Box<[Cell<u64>]>,
 }
 
 impl Published {
-    fn new(bytes: Vec<u8>, settings: &SiteSettings) -> Published {
+    fn new(bytes: Vec<u8>, settings: &SiteSettings, sites: usize) -> Published {
         let advert = match wire::decode(&bytes, settings.registry.message_max_bytes) {
             Ok(Message::Advert(signed)) => {
                 vcfed_registry::advert::verify_with(settings.verifier.as_deref(), signed).ok()
             }
             _ => None,
         };
-        Published { bytes, advert }
+        Published {
+            bytes,
+            advert,
+            seen_by: (0..sites.div_ceil(64)).map(|_| Cell::new(0)).collect(),
+        }
     }
+
+    /// Whether the message is in `site`'s seen cache.
+    fn seen_by(&self, site: SiteId) -> bool {
+        self.seen_by[site / 64].get() & (1 << (site % 64)) != 0
+    }
+
+    fn set_seen_by(&self, site: SiteId, seen: bool) {
+        let word = &self.seen_by[site / 64];
+        let bit = 1 << (site % 64);
+        word.set(if seen {
+            word.get() | bit
+        } else {
+            word.get() & !bit
+        });
+    }
+}
+
+/// A site's gossipsub seen cache: the messages it saw in the last
+/// [`SEEN_TTL_MS`] (at most [`SEEN_MAX`]), oldest first, with when (local
+/// ms).
+///
+/// Whether a message is in the cache is kept on the message itself
+/// ([`Published::seen_by`]): most deliveries of a run are duplicates, and
+/// the message being delivered is the one every site is handling right
+/// then, so its bits are in cache where a per-site set is not. A message is
+/// published once (its id is a hash of its bytes, and a site never signs
+/// the same version twice), so one message object stands for one id. The
+/// cache clears its bits when it is dropped (the site crashed or left).
+struct SeenCache {
+    site: SiteId,
+    order: VecDeque<(i64, Arc<Published>)>,
+}
+
+impl SeenCache {
+    fn new(site: SiteId) -> SeenCache {
+        SeenCache {
+            site,
+            order: VecDeque::new(),
+        }
+    }
+
+    /// Adds `message`, seen at `now`; a full cache forgets its oldest.
+    fn remember(&mut self, message: &Arc<Published>, now: i64) {
+        if self.order.len() >= SEEN_MAX
+            && let Some((_, oldest)) = self.order.pop_front()
+        {
+            oldest.set_seen_by(self.site, false);
+        }
+        if !message.seen_by(self.site) {
+            message.set_seen_by(self.site, true);
+            self.order.push_back((now, message.clone()));
+        }
+    }
+
+    /// Forgets what was seen [`SEEN_TTL_MS`] or longer before `now`.
+    fn expire(&mut self, now: i64) {
+        while let Some((at, _)) = self.order.front() {
+            if at + SEEN_TTL_MS > now {
+                break;
+            }
+            if let Some((_, message)) = self.order.pop_front() {
+                message.set_seen_by(self.site, false);
+            }
+        }
+    }
+}
+
+impl Drop for SeenCache {
+    fn drop(&mut self) {
+        for (_, message) in &self.order {
+            message.set_seen_by(self.site, false);
+        }
+    }
+}
+
+/// What a duplicate gossip delivery touches of its site, on one cache
+/// line: the count, and the memo of the wake-up the engine asks for after
+/// every call.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct DuplicatePath {
+    /// Gossip messages dropped as duplicates by the seen cache.
+    duplicates: u64,
+    /// What `poll_timeout` last answered, and whether the call since was a
+    /// duplicate gossip message, which moves no timer.
+    wake_memo: Cell<Option<i64>>,
+    wake_unchanged: Cell<bool>,
 }
 
 impl Payload for FedMsg {
@@ -332,10 +425,7 @@ pub struct Directory {
 struct Volatile {
     registry: Registry,
     cluster: ClusterCore,
-    /// Gossip message ids seen, and the same ids with when (local ms),
-    /// oldest first, for expiry and eviction.
-    seen: SeenIds,
-    seen_order: VecDeque<(i64, u64)>,
+    seen: SeenCache,
     /// Requests awaiting an answer: id → sent at (local ms).
     pending: BTreeMap<u64, i64>,
     next_request: u64,
@@ -387,13 +477,7 @@ pub struct FedSite {
     /// Registry counters of earlier incarnations.
     stats_before: RegistryStats,
     observations: Vec<Observation>,
-    /// Gossip messages dropped as duplicates by the seen cache.
-    pub gossip_duplicates: u64,
-    /// What `poll_timeout` last answered, and whether the call since was a
-    /// duplicate gossip message, which moves no timer: most deliveries of
-    /// a run are, and the engine asks after every call.
-    wake_memo: Cell<Option<i64>>,
-    wake_unchanged: Cell<bool>,
+    duplicate_path: DuplicatePath,
     /// Gossip messages the core rejected.
     pub gossip_rejected: u64,
 }
@@ -451,9 +535,7 @@ impl FedSite {
             volatile: None,
             stats_before: RegistryStats::default(),
             observations: Vec::new(),
-            gossip_duplicates: 0,
-            wake_memo: Cell::new(None),
-            wake_unchanged: Cell::new(false),
+            duplicate_path: DuplicatePath::default(),
             gossip_rejected: 0,
         })
     }
@@ -517,6 +599,11 @@ impl FedSite {
         self.volatile.as_ref().map_or(0, |v| v.cluster.in_flight())
     }
 
+    /// Gossip messages dropped as duplicates by the seen cache.
+    pub fn gossip_duplicates(&self) -> u64 {
+        self.duplicate_path.duplicates
+    }
+
     /// Takes what happened since the last call.
     pub fn take_observations(&mut self) -> Vec<Observation> {
         std::mem::take(&mut self.observations)
@@ -566,8 +653,7 @@ impl FedSite {
         let mut volatile = Volatile {
             registry,
             cluster,
-            seen: SeenIds::default(),
-            seen_order: VecDeque::new(),
+            seen: SeenCache::new(self.index),
             pending: BTreeMap::new(),
             next_request: 0,
             registry_wake: None,
@@ -768,8 +854,9 @@ impl FedSite {
                 Transmit::Publish { .. } if version_unsaved => {}
                 Transmit::Publish { data } => {
                     let id = content_id(&data);
-                    remember(volatile, id, now);
-                    let data = Arc::new(Published::new(data, &self.settings));
+                    let sites = self.directory.peers.len();
+                    let data = Arc::new(Published::new(data, &self.settings, sites));
+                    volatile.seen.remember(&data, now);
                     for &peer in &self.mesh {
                         ctx.send(
                             peer,
@@ -812,22 +899,23 @@ impl FedSite {
         from: SiteId,
         msg: FedMsg,
     ) -> Result<(), LedgerError> {
+        // Most deliveries of a run: nothing else of the site is touched. A
+        // message is only ever in the seen cache of a site that is up.
+        if let FedMsg::Gossip { data, .. } = &msg
+            && data.seen_by(ctx.site())
+        {
+            self.duplicate_path.duplicates += 1;
+            self.duplicate_path.wake_unchanged.set(true);
+            return Ok(());
+        }
         let now = ctx.now_ms();
         let Some(volatile) = self.volatile.as_mut() else {
             return Ok(());
         };
-        if let FedMsg::Gossip { id, .. } = &msg
-            && volatile.seen.contains(id)
-        {
-            // Most deliveries of a run: nothing else of the site is touched.
-            self.gossip_duplicates += 1;
-            self.wake_unchanged.set(true);
-            return Ok(());
-        }
         let from_peer = self.directory.peers[from];
         match msg {
             FedMsg::Gossip { id, hops, data } => {
-                remember(volatile, id, now);
+                volatile.seen.remember(&data, now);
                 let before = self.observations.len();
                 let verdict = match &data.advert {
                     Some(advert) => volatile
@@ -1051,13 +1139,7 @@ impl FedSite {
             }
             volatile.pending.remove(&id);
         }
-        while let Some(&(at, id)) = volatile.seen_order.front() {
-            if at + SEEN_TTL_MS > now {
-                break;
-            }
-            volatile.seen_order.pop_front();
-            volatile.seen.remove(&id);
-        }
+        volatile.seen.expire(now);
         self.run_lifecycle(now)?;
         self.drain(ctx);
         Ok(())
@@ -1177,8 +1259,8 @@ impl vcfed_simnet::Site for FedSite {
     fn poll_timeout(&self) -> Option<i64> {
         // The engine asked after the call before the duplicate too, so the
         // memo is the answer for the state that still holds.
-        if self.wake_unchanged.replace(false) {
-            return self.wake_memo.get();
+        if self.duplicate_path.wake_unchanged.replace(false) {
+            return self.duplicate_path.wake_memo.get();
         }
         let wake = self.volatile.as_ref().and_then(|volatile| {
             [
@@ -1194,55 +1276,14 @@ impl vcfed_simnet::Site for FedSite {
             .flatten()
             .min()
         });
-        self.wake_memo.set(wake);
+        self.duplicate_path.wake_memo.set(wake);
         wake
-    }
-}
-
-/// The seen cache's set: probed on every gossip delivery, where a tree
-/// would walk a chain of cache misses and a hash set costs one probe.
-// Only `contains`, `insert` and `remove` are used: no iteration order leaks.
-#[allow(clippy::disallowed_types)]
-type SeenIds = std::collections::HashSet<u64, BuildHasherDefault<IdHasher>>;
-
-/// Hashes a message id to itself: ids are [`content_id`]s, already mixed,
-/// so hashing them again would only cost time. It has no random seed,
-/// which also keeps the set deterministic.
-#[derive(Debug, Default)]
-struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        // Only `u64` keys are hashed (see `write_u64`); other input is still
-        // folded in, mixed, so the hasher stays correct for any key.
-        for &byte in bytes {
-            self.0 = mix64(self.0 ^ u64::from(byte));
-        }
-    }
-
-    fn write_u64(&mut self, id: u64) {
-        self.0 = id;
     }
 }
 
 fn insert_sorted(list: &mut Vec<SiteId>, site: SiteId) {
     if let Err(at) = list.binary_search(&site) {
         list.insert(at, site);
-    }
-}
-
-fn remember(volatile: &mut Volatile, id: u64, now: i64) {
-    if volatile.seen.len() >= SEEN_MAX
-        && let Some((_, oldest)) = volatile.seen_order.pop_front()
-    {
-        volatile.seen.remove(&oldest);
-    }
-    if volatile.seen.insert(id) {
-        volatile.seen_order.push_back((now, id));
     }
 }
 

@@ -1495,7 +1495,7 @@ impl World {
             sent_msgs += traffic.sent_msgs;
             sent_bytes += traffic.sent_bytes;
             max_bytes = max_bytes.max(traffic.sent_bytes);
-            duplicates += self.sim.sites()[site].gossip_duplicates;
+            duplicates += self.sim.sites()[site].gossip_duplicates();
         }
         let traffic = TrafficReport {
             msgs_per_site_s: per_site_s(sent_msgs),
