@@ -30,13 +30,14 @@
 //! Cost: the view keeps its anti-entropy digest hash and a bound on its next
 //! liveness deadline up to date as adverts arrive (O(1) each, beside finding
 //! the site), so an anti-entropy round, a timer and [`Registry::poll_timeout`]
-//! need no pass over the view. Passes remain where they are due: listing
-//! the buckets of a digest that differ (a digest is split by site into
-//! buckets, so a mismatch resends a few dozen entries, not the view), and
-//! the rare moments an advert nears its expiry or a site's liveness changes.
+//! need no pass over the view. A digest is split by site into buckets, and
+//! the view is ordered so that each bucket is one run of it: a mismatch
+//! lists and reconciles the few dozen entries of the buckets that differ,
+//! not the view. Passes remain only for the rare moments an advert nears
+//! its expiry or a site's liveness changes.
 
-use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::ops::Bound;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -292,6 +293,8 @@ pub struct Candidate {
 
 #[derive(Debug, Clone)]
 struct SiteEntry {
+    /// The site (the key only places it).
+    site: PeerId,
     /// The advert as received and as verified (possibly shared with the
     /// verifier's cache and other views).
     verified: Arc<VerifiedAdvert>,
@@ -309,6 +312,29 @@ struct SiteEntry {
 impl SiteEntry {
     fn advert(&self) -> &Advert {
         &self.verified.advert
+    }
+}
+
+/// The remote sites, in the order of their [`ViewKey`]s.
+type View = BTreeMap<ViewKey, SiteEntry>;
+
+/// Where a remote site sits in the view: by its digest order (the mixed
+/// [`peer_hash`], whose top bits are its [`digest_bucket`]), then by when it
+/// came among the sites of that order (only sites whose hashes collide
+/// share one). The sites of a digest bucket, in any split, are then one run
+/// of the view: an anti-entropy round visits the buckets that differ, not
+/// the whole view. The key is small (the site is in its entry), so that
+/// finding a site reads few cache lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct ViewKey {
+    order: u64,
+    nth: u32,
+}
+
+impl ViewKey {
+    /// The first key of an order.
+    fn first(order: u64) -> ViewKey {
+        ViewKey { order, nth: 0 }
     }
 }
 
@@ -333,7 +359,7 @@ struct DigestSummary {
 
 impl DigestSummary {
     /// The summary of `sites` at `now_ms`.
-    fn of(sites: &BTreeMap<PeerId, SiteEntry>, now_ms: i64) -> Self {
+    fn of(sites: &View, now_ms: i64) -> Self {
         let mut summary = DigestSummary {
             at_ms: now_ms,
             buckets: [0; DIGEST_BUCKETS_MAX],
@@ -403,7 +429,7 @@ struct DeadlineBound {
 
 impl DeadlineBound {
     /// The exact bound of `sites`.
-    fn of(sites: &BTreeMap<PeerId, SiteEntry>, config: &RegistryConfig) -> Self {
+    fn of(sites: &View, config: &RegistryConfig) -> Self {
         DeadlineBound {
             at_ms: sites
                 .values()
@@ -456,7 +482,7 @@ pub struct Registry {
     local: Option<LocalAdvert>,
     local_version: u64,
     local_signed: Option<(SignedAdvert, Advert)>,
-    sites: BTreeMap<PeerId, SiteEntry>,
+    sites: View,
     /// When the view next changes by itself (the first liveness deadline
     /// of its entries, [`RegistryConfig::liveness_deadline`]), as far as
     /// [`Registry::poll_timeout`] needs it; settled after every input.
@@ -764,14 +790,14 @@ impl Registry {
         }
         let mut others: Vec<SiteView> = self
             .sites
-            .iter()
-            .map(|(site, entry)| SiteView {
-                site: *site,
+            .values()
+            .map(|entry| SiteView {
+                site: entry.site,
                 local: false,
                 state: entry.state,
                 advert_age_ms: now_ms - entry.advert().issued_at_ms,
                 free_now: entry.advert().capacity.min_free(now_ms, now_ms + 1),
-                rtt: self.peers.get(site).and_then(|p| p.rtt),
+                rtt: self.peers.get(&entry.site).and_then(|p| p.rtt),
                 advert: entry.advert().clone(),
             })
             .collect();
@@ -785,9 +811,8 @@ impl Registry {
         if *site == self.local_id {
             return self.local.as_ref().map(|local| local.site_name.clone());
         }
-        self.sites
-            .get(site)
-            .map(|entry| entry.advert().site_name.clone())
+        self.find(site)
+            .map(|(_, entry)| entry.advert().site_name.clone())
     }
 
     /// Whether any alive remote site has node slots that fit `shape`.
@@ -799,7 +824,7 @@ impl Registry {
 
     /// The state of one remote site, if known.
     pub fn site_state(&self, site: &PeerId) -> Option<SiteState> {
-        self.sites.get(site).map(|entry| entry.state)
+        self.find(site).map(|(_, entry)| entry.state)
     }
 
     /// Alive remote sites that could hold nodes of `shape` over
@@ -809,14 +834,14 @@ impl Registry {
     pub fn candidates(&self, start_ms: i64, end_ms: i64, shape: &NodeShape) -> Vec<Candidate> {
         let mut candidates: Vec<Candidate> = self
             .sites
-            .iter()
-            .filter(|(_, entry)| entry.state == SiteState::Alive)
-            .filter(|(_, entry)| shape.fits_in(&entry.advert().capacity.node))
-            .map(|(site, entry)| Candidate {
-                site: *site,
+            .values()
+            .filter(|entry| entry.state == SiteState::Alive)
+            .filter(|entry| shape.fits_in(&entry.advert().capacity.node))
+            .map(|entry| Candidate {
+                site: entry.site,
                 name: entry.advert().site_name.clone(),
                 free: entry.advert().capacity.min_free(start_ms, end_ms),
-                rtt: self.peers.get(site).and_then(|p| p.rtt),
+                rtt: self.peers.get(&entry.site).and_then(|p| p.rtt),
             })
             .filter(|candidate| candidate.free > 0)
             .collect();
@@ -946,13 +971,10 @@ impl Registry {
     /// `differing` only.
     fn digest_in(&self, now_ms: i64, buckets: Buckets, differing: u64) -> Vec<DigestEntry> {
         let mut entries: Vec<DigestEntry> = self
-            .sites
-            .iter()
-            .filter(|(_, entry)| {
-                entry.expires_at_ms > now_ms && buckets.holds(differing, entry.site_hash)
-            })
-            .map(|(site, entry)| DigestEntry {
-                site: *site,
+            .runs(buckets, differing)
+            .filter(|(_, entry)| entry.expires_at_ms > now_ms)
+            .map(|(_, entry)| DigestEntry {
+                site: entry.site,
                 version: entry.version,
             })
             .collect();
@@ -965,6 +987,55 @@ impl Registry {
             });
         }
         entries
+    }
+
+    /// The key and entry of `site` in the view, if it is there.
+    fn find(&self, site: &PeerId) -> Option<(ViewKey, &SiteEntry)> {
+        self.locate(site, digest_order(peer_hash(site))).ok()
+    }
+
+    /// Where `site` (whose [`digest_order`] is `order`) is in the view: `Ok`
+    /// with its key and entry, or `Err` with the key it would take, after
+    /// the sites whose hashes collide with its own (`None` if none is left).
+    fn locate(&self, site: &PeerId, order: u64) -> Result<(ViewKey, &SiteEntry), Option<ViewKey>> {
+        // Nearly always the first of its order: one search of the tree.
+        let first = ViewKey::first(order);
+        if let Some(entry) = self.sites.get(&first)
+            && entry.site == *site
+        {
+            return Ok((first, entry));
+        }
+        let mut free = Some(first);
+        for (key, entry) in self.sites.range(
+            first..=ViewKey {
+                order,
+                nth: u32::MAX,
+            },
+        ) {
+            if entry.site == *site {
+                return Ok((*key, entry));
+            }
+            free = key.nth.checked_add(1).map(|nth| ViewKey { order, nth });
+        }
+        Err(free)
+    }
+
+    /// The entries of the view in the `buckets` of the set `differing`, in
+    /// view order: one run of the view per bucket.
+    fn runs(
+        &self,
+        buckets: Buckets,
+        differing: u64,
+    ) -> impl Iterator<Item = (&ViewKey, &SiteEntry)> {
+        (0..buckets.count())
+            .filter(move |bucket| differing >> bucket & 1 == 1)
+            .flat_map(move |bucket| {
+                let (start, end) = buckets.orders(bucket);
+                self.sites.range((
+                    Bound::Included(ViewKey::first(start)),
+                    end.map_or(Bound::Unbounded, |end| Bound::Excluded(ViewKey::first(end))),
+                ))
+            })
     }
 
     /// After a peer's digest differed from ours in the `buckets` of the set
@@ -1000,8 +1071,8 @@ impl Registry {
     /// the `buckets` of the set `differing`: what it lacks is sought there
     /// only (the other buckets are in sync).
     ///
-    /// Both digests are walked in site order together (theirs sorted, which
-    /// costs little as peers send it sorted but for their own entry).
+    /// Only the runs of our view in those buckets are walked; each site
+    /// `theirs` lists is looked up.
     fn lacking(
         &self,
         now_ms: i64,
@@ -1010,43 +1081,49 @@ impl Registry {
         buckets: Buckets,
         differing: u64,
     ) -> (Vec<PeerId>, Vec<PeerId>) {
+        let orders: Vec<u64> = theirs
+            .iter()
+            .map(|entry| digest_order(peer_hash(&entry.site)))
+            .collect();
+        let place = |i: usize| (orders[i], &theirs[i].site);
         let mut order: Vec<usize> = (0..theirs.len()).collect();
         // Stable: listings of one site stay in their order, the last last.
-        order.sort_by(|&a, &b| theirs[a].site.cmp(&theirs[b].site));
-        let after_local = order.partition_point(|&i| theirs[i].site <= self.local_id);
-        let theirs_of_local = after_local
-            .checked_sub(1)
-            .map(|last| &theirs[order[last]])
-            .filter(|entry| entry.site == self.local_id)
-            .map(|entry| entry.version);
-        let mut groups = order
-            .chunk_by(|&a, &b| theirs[a].site == theirs[b].site)
-            .peekable();
+        order.sort_by(|&a, &b| place(a).cmp(&place(b)));
         // Per listing of theirs: whether we lack that version.
         let mut we_lack_listing = vec![false; theirs.len()];
-        let mut they_lack = Vec::new();
-        for (site, entry) in &self.sites {
-            while let Some(group) = groups.next_if(|group| theirs[group[0]].site < *site) {
-                weigh(theirs, group, None, &mut we_lack_listing);
-            }
-            let mine = (entry.expires_at_ms > now_ms).then_some(entry.version);
-            let theirs_version = groups
-                .next_if(|group| theirs[group[0]].site == *site)
-                .map(|group| weigh(theirs, group, mine, &mut we_lack_listing));
-            if let Some(version) = mine
-                && *site != peer
-                && theirs_version.is_none_or(|v| v < version)
-                && buckets.holds(differing, entry.site_hash)
-            {
-                they_lack.push(*site);
-            }
+        // The version they hold of each site they list, in view order.
+        let mut held: Vec<((u64, &PeerId), u64)> = Vec::with_capacity(theirs.len());
+        for group in order.chunk_by(|&a, &b| theirs[a].site == theirs[b].site) {
+            let (order, site) = place(group[0]);
+            let mine = self
+                .locate(site, order)
+                .ok()
+                .map(|(_, entry)| entry)
+                .filter(|entry| entry.expires_at_ms > now_ms)
+                .map(|entry| entry.version);
+            held.push((
+                (order, site),
+                weigh(theirs, group, mine, &mut we_lack_listing),
+            ));
         }
-        for group in groups {
-            weigh(theirs, group, None, &mut we_lack_listing);
+        let held_of = |order: u64, site: &PeerId| {
+            held.binary_search_by(|(listed, _)| listed.cmp(&(order, site)))
+                .ok()
+                .map(|at| held[at].1)
+        };
+        let mut they_lack = Vec::new();
+        for (key, entry) in self.runs(buckets, differing) {
+            if entry.expires_at_ms > now_ms
+                && entry.site != peer
+                && held_of(key.order, &entry.site).is_none_or(|v| v < entry.version)
+            {
+                they_lack.push(entry.site);
+            }
         }
         if let Some((_, advert)) = &self.local_signed
             && self.local_id != peer
-            && theirs_of_local.is_none_or(|v| v < advert.version)
+            && held_of(digest_order(self.local_hash), &self.local_id)
+                .is_none_or(|v| v < advert.version)
             && buckets.holds(differing, self.local_hash)
         {
             they_lack.push(self.local_id);
@@ -1073,8 +1150,8 @@ impl Registry {
             let signed = if *site == self.local_id {
                 self.local_signed.as_ref().map(|(signed, _)| signed)
             } else {
-                self.sites
-                    .get(site)
+                self.find(site)
+                    .map(|(_, entry)| entry)
                     .filter(|e| e.expires_at_ms > now_ms)
                     .map(|e| &e.verified.signed)
             };
@@ -1133,22 +1210,26 @@ impl Registry {
         }
         let fresh_until_ms = self.fresh_until(advert, now_ms);
         let site = advert.site;
+        let site_hash = peer_hash(&site);
         let full = self.sites.len() >= self.config.sites_max;
-        let previous = match self.sites.entry(site) {
-            Entry::Occupied(entry) if entry.get().version == advert.version => {
-                self.stats.adverts_duplicate += 1;
-                return Verdict::Ignore;
+        let (previous, key) = match self.locate(&site, digest_order(site_hash)) {
+            Ok((key, _)) => {
+                let entry = self.sites.get_mut(&key).expect("just found");
+                if entry.version == advert.version {
+                    self.stats.adverts_duplicate += 1;
+                    return Verdict::Ignore;
+                }
+                if entry.version > advert.version {
+                    self.stats.dropped_stale += 1;
+                    return Verdict::Ignore;
+                }
+                (Some(entry), key)
             }
-            Entry::Occupied(entry) if entry.get().version > advert.version => {
-                self.stats.dropped_stale += 1;
-                return Verdict::Ignore;
-            }
-            Entry::Vacant(_) if full => {
+            Err(Some(key)) if !full => (None, key),
+            Err(_) => {
                 self.stats.dropped_full += 1;
                 return Verdict::Ignore;
             }
-            Entry::Occupied(entry) => Some(entry.into_mut()),
-            Entry::Vacant(_) => None,
         };
         self.stats.adverts_applied += 1;
         let config = &self.config;
@@ -1181,9 +1262,8 @@ impl Registry {
             }
         }
         let entry = SiteEntry {
-            site_hash: previous
-                .as_ref()
-                .map_or_else(|| peer_hash(&site), |previous| previous.site_hash),
+            site,
+            site_hash,
             version: advert.version,
             expires_at_ms: config.expires_at(advert),
             verified,
@@ -1200,7 +1280,7 @@ impl Registry {
                 *previous = entry;
             }
             None => {
-                self.sites.insert(site, entry);
+                self.sites.insert(key, entry);
             }
         }
         self.deadline.added(deadline_ms);
@@ -1223,7 +1303,7 @@ impl Registry {
         now_ms.saturating_add(ttl).min(by_issuer.max(now_ms))
     }
 
-    /// Brings every entry's liveness to `now_ms`, announcing changes in site
+    /// Brings every entry's liveness to `now_ms`, announcing changes in view
     /// order. While time runs forward, liveness only advances (alive,
     /// suspect, gone, forgotten), each entry at its deadline: the view is
     /// visited only when the first deadline is due, or the clock stepped back.
@@ -1235,10 +1315,11 @@ impl Registry {
         }
         let config = &self.config;
         let mut forget = Vec::new();
-        for (site, entry) in &mut self.sites {
+        for (key, entry) in &mut self.sites {
+            let site = &entry.site;
             let state = config.liveness(entry.fresh_until_ms, now_ms);
             if state == SiteState::Gone && now_ms >= config.forget_at(entry.fresh_until_ms) {
-                forget.push(*site);
+                forget.push(*key);
             }
             if state == entry.state {
                 continue;
@@ -1253,10 +1334,10 @@ impl Registry {
                 SiteState::Gone => RegistryEvent::SiteGone { site: *site },
             });
         }
-        for site in forget {
+        for key in forget {
             let entry = self
                 .sites
-                .remove(&site)
+                .remove(&key)
                 .expect("forgotten sites are in the view");
             self.digest.remove(&entry);
         }
@@ -1320,7 +1401,13 @@ fn digest_entry_hash(site_hash: u64, version: u64) -> u64 {
 /// so that a coarser split joins neighbouring buckets.
 fn digest_bucket(site_hash: u64) -> usize {
     let bits = DIGEST_BUCKETS_MAX.trailing_zeros();
-    usize::try_from(SplitMix64(site_hash).next() >> (64 - bits)).expect("below DIGEST_BUCKETS_MAX")
+    usize::try_from(digest_order(site_hash) >> (64 - bits)).expect("below DIGEST_BUCKETS_MAX")
+}
+
+/// A site's place in the digest's order (by its [`peer_hash`]): the sites
+/// of a bucket, in any split, are a range of it ([`Buckets::orders`]).
+fn digest_order(site_hash: u64) -> u64 {
+    SplitMix64(site_hash).next()
 }
 
 /// An order-independent hash of each bucket of digest entries: equal sets
@@ -1396,6 +1483,18 @@ impl Buckets {
     /// The bucket of a site, by its [`peer_hash`].
     fn of(self, site_hash: u64) -> usize {
         digest_bucket(site_hash) >> (DIGEST_BUCKETS_MAX.trailing_zeros() - self.log2)
+    }
+
+    /// The range of [`digest_order`]s of `bucket`: from, and up to (not
+    /// included) unless it is the last.
+    fn orders(self, bucket: usize) -> (u64, Option<u64>) {
+        if self.log2 == 0 {
+            return (0, None);
+        }
+        let shift = 64 - self.log2;
+        let start = (bucket as u64) << shift;
+        let end = (bucket + 1 < self.count()).then(|| ((bucket + 1) as u64) << shift);
+        (start, end)
     }
 
     /// Whether the set `set` holds the bucket of a site.
@@ -1578,7 +1677,8 @@ mod tests {
         let suspect_ms = registry.config.suspect_ms;
         let forget_ms = registry.config.forget_ms;
         let mut forget = Vec::new();
-        for (site, entry) in &mut registry.sites {
+        for (key, entry) in &mut registry.sites {
+            let site = &entry.site;
             let state = if now_ms < entry.fresh_until_ms {
                 SiteState::Alive
             } else if now_ms < entry.fresh_until_ms + suspect_ms {
@@ -1587,7 +1687,7 @@ mod tests {
                 SiteState::Gone
             };
             if state == SiteState::Gone && now_ms >= entry.fresh_until_ms + suspect_ms + forget_ms {
-                forget.push(*site);
+                forget.push(*key);
             }
             if state == entry.state {
                 continue;
@@ -1602,8 +1702,8 @@ mod tests {
                 SiteState::Gone => RegistryEvent::SiteGone { site: *site },
             });
         }
-        for site in forget {
-            registry.sites.remove(&site);
+        for key in forget {
+            registry.sites.remove(&key);
         }
     }
 
@@ -1649,8 +1749,8 @@ mod tests {
     fn states(registry: &Registry) -> Vec<(PeerId, SiteState, i64)> {
         registry
             .sites
-            .iter()
-            .map(|(site, entry)| (*site, entry.state, entry.fresh_until_ms))
+            .values()
+            .map(|entry| (entry.site, entry.state, entry.fresh_until_ms))
             .collect()
     }
 
@@ -1677,12 +1777,13 @@ mod tests {
                 registry.bucket_hashes(now_ms, buckets),
                 (reference_bucket_hashes(&entries, log2), entries.len())
             );
-            // The entries of one bucket are those the bucket's hash covers.
-            let inside = registry.digest_in(now_ms, buckets, 1);
-            assert_eq!(
-                reference_digest_hash(&inside),
-                reference_bucket_hashes(&entries, log2)[0]
-            );
+            // The entries of each bucket (one run of the view) are those
+            // the bucket's hash covers.
+            let reference = reference_bucket_hashes(&entries, log2);
+            for (bucket, hash) in reference.iter().enumerate() {
+                let inside = registry.digest_in(now_ms, buckets, 1 << bucket);
+                assert_eq!(reference_digest_hash(&inside), *hash, "bucket {bucket}");
+            }
         }
     }
 
@@ -1711,6 +1812,51 @@ mod tests {
             2 => (prop::collection::vec((0u8..8, 0u64..9), 0..12), 0u32..=6, any::<u64>())
                 .prop_map(|(listings, log2, set)| Op::Digest(listings, log2, set)),
         ]
+    }
+
+    /// Sites whose peer hashes collide share a digest order: each keeps
+    /// its own key, the later one after the earlier.
+    #[test]
+    fn sites_whose_hashes_collide_keep_their_own_places() {
+        let now = 1_000_000;
+        let (a, c) = (keypair(1), keypair(2));
+        let (a_id, c_id) = (a.public().to_peer_id(), c.public().to_peer_id());
+        let mut registry = Registry::new(config(), keypair(6), 0, 9, now);
+        // Site c, as if its hash were a's: at the first key of a's order.
+        registry.handle_gossip(now, &advert(&c, 1, now, 10_000));
+        let (c_key, c_entry) = registry.find(&c_id).expect("c is in the view");
+        let c_entry = c_entry.clone();
+        registry.sites.remove(&c_key);
+        let a_order = digest_order(peer_hash(&a_id));
+        registry.sites.insert(ViewKey::first(a_order), c_entry);
+
+        let applied = |registry: &mut Registry, version| {
+            registry.handle_gossip(now, &advert(&a, version, now, 10_000))
+        };
+        assert_eq!(applied(&mut registry, 1), Verdict::Accept);
+        let (key, entry) = registry.find(&a_id).expect("a is in the view");
+        assert_eq!(
+            key,
+            ViewKey {
+                order: a_order,
+                nth: 1
+            }
+        );
+        assert_eq!((entry.site, entry.version), (a_id, 1));
+        assert_eq!(applied(&mut registry, 1), Verdict::Ignore);
+        assert_eq!(registry.stats.adverts_duplicate, 1);
+        assert_eq!(applied(&mut registry, 2), Verdict::Accept);
+        let (key, entry) = registry.find(&a_id).expect("a is in the view");
+        assert_eq!((key.nth, entry.version), (1, 2));
+        // The earlier site is where it was, untouched.
+        let first = &registry.sites[&ViewKey::first(a_order)];
+        assert_eq!((first.site, first.version), (c_id, 1));
+        assert_eq!(registry.sites.len(), 2);
+        assert_eq!(
+            registry.site_state(&a_id),
+            Some(SiteState::Alive),
+            "found past the colliding site"
+        );
     }
 
     proptest! {
