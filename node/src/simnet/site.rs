@@ -9,6 +9,7 @@
 
 use std::cell::Cell;
 use std::collections::{BTreeMap, VecDeque};
+use std::rc::Rc;
 use std::sync::Arc;
 
 use libp2p_identity::{Keypair, PeerId};
@@ -60,7 +61,7 @@ pub enum FedMsg {
         /// Hops from the publisher.
         hops: u16,
         /// The message, shared by every copy.
-        data: Arc<Published>,
+        data: Rc<Published>,
     },
     /// A request-response request.
     Request {
@@ -155,7 +156,7 @@ impl Published {
 /// cache clears its bits when it is dropped (the site crashed or left).
 struct SeenCache {
     site: SiteId,
-    order: VecDeque<(i64, Arc<Published>)>,
+    order: VecDeque<(i64, Rc<Published>)>,
 }
 
 impl SeenCache {
@@ -167,7 +168,7 @@ impl SeenCache {
     }
 
     /// Adds `message`, seen at `now`; a full cache forgets its oldest.
-    fn remember(&mut self, message: &Arc<Published>, now: i64) {
+    fn remember(&mut self, message: &Rc<Published>, now: i64) {
         if self.order.len() >= SEEN_MAX
             && let Some((_, oldest)) = self.order.pop_front()
         {
@@ -855,7 +856,7 @@ impl FedSite {
                 Transmit::Publish { data } => {
                     let id = content_id(&data);
                     let sites = self.directory.peers.len();
-                    let data = Arc::new(Published::new(data, &self.settings, sites));
+                    let data = Rc::new(Published::new(data, &self.settings, sites));
                     volatile.seen.remember(&data, now);
                     for &peer in &self.mesh {
                         ctx.send(
