@@ -9,10 +9,22 @@
 //!
 //! simnet performs no I/O of its own and must not depend on tokio, libp2p,
 //! netlink or a wall clock; every source of randomness derives from the seed.
-//! This crate is the engine only and knows nothing of vcfed's protocols: a
-//! [`Site`] is anything that takes messages, timers and inputs with a clock
-//! reading and queues messages to send. The agent crate implements [`Site`]
-//! with its production cores (`vcfed::simnet`).
+//! It has two layers:
+//!
+//! - **the engine** (`engine`, `clock`, `config`, `rng`, `trace`) knows
+//!   nothing of vcfed's protocols: a [`Site`] is anything that takes
+//!   messages, timers and inputs with a clock reading and queues messages
+//!   to send;
+//! - **the world** drives the site core (`vcfed-node-core`) exactly as the
+//!   agent does: [`site`] is one site (the registry core, the cluster core,
+//!   the core's runner with the `sim` driver, an in-memory ledger) behind
+//!   [`Site`]; [`dataplane`] says which gateway tunnels are up; [`world`] is
+//!   the harness (workload, membership and gateway faults, invariants after
+//!   every step, convergence, the report); [`checks`] holds the lifecycle's
+//!   invariants; [`verify`] is the shared cache of verified adverts.
+//!
+//! `vcfed simnet` is the command that runs it; docs/SIMNET.md has the
+//! model, the faults, the invariants and how to replay a seed.
 //!
 //! # Model
 //!
@@ -41,6 +53,13 @@ mod engine;
 mod rng;
 mod trace;
 
+pub mod checks;
+pub mod dataplane;
+mod render;
+pub mod site;
+pub mod verify;
+pub mod world;
+
 #[cfg(test)]
 mod tests;
 
@@ -49,8 +68,11 @@ pub use config::{
     CrashFaults, Faults, NetConfig, PartitionFaults, PartitionKind, SimConfig, SkewFaults,
 };
 pub use engine::{Ctx, NetStats, Payload, QUEUE_MAX, Sim, Site, SiteTraffic, Stepped};
+pub use render::{minutes, render};
 pub use rng::{Rng, mix64};
+pub use site::PlantedBug;
 pub use trace::{Trace, TraceEvent, TraceKind};
+pub use world::{Fault, Options, Report, Violation, run};
 
 /// A site's index in the simulation, `0..sites`.
 pub type SiteId = usize;

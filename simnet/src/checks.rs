@@ -9,13 +9,13 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use std::sync::Arc;
 
+use crate::{Sim, SiteId};
 use libp2p_identity::PeerId;
-use vcfed_simnet::{Sim, SiteId};
 use vcfed_storage::{ClusterRecord, ClusterState, NodeRecord, PartState};
 
-use super::runner::TickReport;
-use super::site::{Directory, FedSite, Presence};
-use crate::driver::node_mac;
+use crate::site::{Directory, FedSite, Presence};
+use vcfed_node_core::driver::node_mac;
+use vcfed_node_core::runner::TickReport;
 
 /// A run must be gone this long after its cluster stopped being live at
 /// its site (the runner looks 250 ms after a ledger change, and at every
@@ -251,7 +251,7 @@ impl LifecycleChecks {
             };
             let overdue = records.iter().find(|r| {
                 !r.state.is_terminal()
-                    && crate::lifecycle::window_of(r)
+                    && vcfed_node_core::lifecycle::window_of(r)
                         .is_some_and(|w| w.end_ms + FINISH_BOUND_MS < now)
                     && !self.touches_non_member(sim, r)
             });
@@ -318,7 +318,7 @@ impl LifecycleChecks {
         }
         let up_since_local = clock.local(up_since);
         for record in &records {
-            let Some(window) = crate::lifecycle::window_of(record) else {
+            let Some(window) = vcfed_node_core::lifecycle::window_of(record) else {
                 continue;
             };
             if window.end_ms + FINISH_BOUND_MS < local && local - up_since_local > FINISH_BOUND_MS {
@@ -420,7 +420,10 @@ impl LifecycleChecks {
         let mut macs: BTreeMap<[u8; 6], u32> = BTreeMap::new();
         let mut problem = None;
         for site in (0..sim.sites().len()).filter(|&s| alive(sim, s)) {
-            let Some(started) = sim.sites()[site].runner().and_then(|r| r.started(cluster)) else {
+            let Some(started) = sim.sites()[site]
+                .runner()
+                .and_then(|r| r.driver()?.started(cluster))
+            else {
                 continue;
             };
             for (index, spec) in started {
@@ -517,8 +520,8 @@ impl LifecycleChecks {
         let master = &sim.sites()[info.master];
         let local = sim.local_now_ms(info.master);
         // Near the window's end the sites stop one by one (clocks differ).
-        let ends_soon =
-            crate::lifecycle::window_of(record).is_none_or(|w| w.end_ms - local < REPORT_BOUND_MS);
+        let ends_soon = vcfed_node_core::lifecycle::window_of(record)
+            .is_none_or(|w| w.end_ms - local < REPORT_BOUND_MS);
         if ends_soon || self.touches_non_member(sim, record) {
             self.mismatched.retain(|(c, _), _| c != cluster);
             self.incomplete.remove(cluster);
@@ -541,7 +544,7 @@ impl LifecycleChecks {
         booted.extend(
             master
                 .runner()
-                .and_then(|r| r.started(cluster))
+                .and_then(|r| r.driver()?.started(cluster))
                 .into_iter()
                 .flat_map(|nodes| nodes.keys().copied()),
         );
@@ -556,7 +559,8 @@ impl LifecycleChecks {
             };
             booted.extend(
                 runner
-                    .started(cluster)
+                    .driver()
+                    .and_then(|driver| driver.started(cluster))
                     .into_iter()
                     .flat_map(|nodes| nodes.keys().copied()),
             );
@@ -662,8 +666,8 @@ fn runs_here(record: &ClusterRecord, site: &FedSite, now: i64) -> bool {
         record.state,
         ClusterState::Reserved | ClusterState::Starting | ClusterState::Running
     );
-    let open =
-        crate::lifecycle::window_of(record).is_some_and(|w| w.start_ms <= now && now < w.end_ms);
+    let open = vcfed_node_core::lifecycle::window_of(record)
+        .is_some_and(|w| w.start_ms <= now && now < w.end_ms);
     let peer = site.peer().to_string();
     let holds = record.master_site == site.name()
         || record.parts.iter().any(|p| {

@@ -19,28 +19,25 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 use vcfed_registry::p2p::{self, GossipId, InboundRequestId, P2pConfig, P2pEvent, P2pHandle};
 use vcfed_registry::wire::{self, Message};
 use vcfed_registry::{
-    CapacitySummary, GatewayInfo, LocalAdvert, NodeShape, Registry, RegistryConfig, RegistryEvent,
-    RegistryStats, SiteState, Transmit, Verdict,
+    GatewayInfo, LocalAdvert, Registry, RegistryConfig, RegistryEvent, RegistryStats, SiteState,
+    Transmit, Verdict,
 };
-use vcfed_storage::{ClusterRecord, Window};
+use vcfed_storage::ClusterRecord;
 
-use crate::cluster::{
+use vcfed_node_core::cluster::{
     ClusterConfig, ClusterCore, ClusterMsg, ClusterRequest, CreateError, DeleteError, ReportedNode,
+};
+
+use vcfed_node_core::federation::{
+    ADVERT_COALESCE_MS, ADVERT_TOPIC, MESSAGE_MAX_BYTES, REQUEST_TIMEOUT_MS, advert_capacity,
+    cluster_payload, moves_capacity,
 };
 
 use crate::config::Config;
 use crate::identity::SiteKeys;
 use crate::ledger::SharedLedger;
-use crate::time::{DAY_MS, now_ms};
+use crate::time::now_ms;
 
-/// Gossipsub topic of capacity adverts.
-pub const ADVERT_TOPIC: &str = "vcfed/adverts/1";
-/// Largest federation message, bytes.
-pub const MESSAGE_MAX_BYTES: usize = 1 << 20;
-/// How far ahead a site advertises its free capacity.
-pub const HORIZON_MS: i64 = 7 * DAY_MS;
-/// The advertised horizon ends on a multiple of this.
-const HORIZON_ROUND_MS: i64 = 3_600_000;
 /// Queued outgoing messages before new ones are dropped.
 const OUTBOX_MAX: usize = 1024;
 /// Queued commands from the API.
@@ -50,7 +47,7 @@ const RECONNECT_TICK: Duration = Duration::from_secs(2);
 /// Longest the shell sleeps without looking at its timers.
 const WAKE_MAX: Duration = Duration::from_secs(1);
 /// Capacity changes closer together than this are advertised once.
-const ADVERT_COALESCE: Duration = Duration::from_millis(200);
+const ADVERT_COALESCE: Duration = Duration::from_millis(ADVERT_COALESCE_MS.unsigned_abs());
 /// Longest the local advert goes without a recomputation, however long
 /// [`advert_capacity`] says it holds: a safety net for a ledger write that
 /// nobody reported and for steps of the wall clock.
@@ -63,7 +60,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// Most peers this site dials on its own; beyond that gossip carries the view.
 const DIALED_PEERS_MAX: usize = 64;
 /// How long an RPC may take.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+const REQUEST_TIMEOUT: Duration = Duration::from_millis(REQUEST_TIMEOUT_MS.unsigned_abs());
 
 /// One site as `GET /v1/sites` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -570,7 +567,7 @@ impl Shell {
             }
             P2pEvent::Response { peer, data, .. } => match cluster_payload(&data) {
                 Some(msg) => {
-                    let moves_capacity = !matches!(msg, ClusterMsg::NodesNoted { .. });
+                    let moves_capacity = moves_capacity(&msg);
                     let (cluster, registry) = (&mut self.cluster, &self.registry);
                     let handled = self
                         .ledger
@@ -604,7 +601,7 @@ impl Shell {
     fn on_cluster_request(&mut self, now: i64, peer: PeerId, msg: ClusterMsg) -> Option<Vec<u8>> {
         let (cluster, registry) = (&mut self.cluster, &self.registry);
         // Node reports change no capacity: no re-advert for them.
-        let moves_capacity = !matches!(msg, ClusterMsg::Nodes { .. });
+        let moves_capacity = moves_capacity(&msg);
         let answer = self
             .ledger
             .blocking(|ledger| cluster.handle_request(ledger, registry, now, peer, msg));
@@ -902,87 +899,8 @@ impl Shell {
     }
 }
 
-/// The cluster message inside a federation message, if that is what it is.
-/// Anything else is left for the registry, which decodes it itself:
-/// [`wire::decode_cluster`] reads only its head.
-pub(crate) fn cluster_payload(data: &[u8]) -> Option<ClusterMsg> {
-    let inner = wire::decode_cluster(data, MESSAGE_MAX_BYTES)?;
-    let msg = ClusterMsg::decode(&inner);
-    if msg.is_none() {
-        tracing::debug!("dropping an undecodable cluster message");
-    }
-    msg
-}
-
 fn millis(duration: Duration) -> i64 {
     i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
-}
-
-/// What a site advertises of its capacity (see [`advert_capacity`]).
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct AdvertCapacity {
-    /// Free node slots over the horizon, as advertised.
-    pub capacity: CapacitySummary,
-    /// Until when the answer holds: asked again at any instant from the
-    /// one asked until before this one, with no ledger write in between,
-    /// [`advert_capacity`] gives the same capacity.
-    pub valid_until_ms: i64,
-}
-
-/// What a site advertises of its capacity at `now_ms`, from its ledger:
-/// free node slots over the next [`HORIZON_MS`] as steps, and until when
-/// that holds (`None` before the site has an inventory).
-pub(crate) fn advert_capacity(
-    ledger: &vcfed_storage::Ledger,
-    now_ms: i64,
-) -> Result<Option<AdvertCapacity>, vcfed_storage::LedgerError> {
-    let Some(inventory) = ledger.inventory()? else {
-        return Ok(None);
-    };
-    let horizon_end_ms = round_up(now_ms + HORIZON_MS, HORIZON_ROUND_MS);
-    let window = Window::new(now_ms, horizon_end_ms).expect("the horizon is in the future");
-    let free = ledger.free_steps(window, now_ms)?;
-    // Without a write, only the clock changes the answer, and only when
-    // it reaches the second step (the first one then ends), moves the end
-    // of the horizon on (at `horizon_end_ms - HORIZON_MS + 1`) or reaches
-    // the end of a hold's lease (the hold then stops counting).
-    let mut valid_until_ms = horizon_end_ms - HORIZON_MS + 1;
-    if let Some(second) = free.get(1) {
-        valid_until_ms = valid_until_ms.min(second.at_ms);
-    }
-    if let Some(lease_expires_at_ms) = ledger.next_lease_expiry(now_ms)? {
-        valid_until_ms = valid_until_ms.min(lease_expires_at_ms);
-    }
-    debug_assert!(valid_until_ms > now_ms, "each bound is after now");
-    // Each bound is after now; should one not be, asking again at once
-    // would spin the shell.
-    let valid_until_ms = valid_until_ms.max(now_ms + 1);
-    // The first step holds from before now: anchoring it at 0 keeps the
-    // advert unchanged (and unsent) while nothing but the clock moves.
-    let mut steps: Vec<(i64, u32)> = free
-        .into_iter()
-        .map(|step| (step.at_ms, step.free))
-        .collect();
-    if let Some(first) = steps.first_mut() {
-        first.0 = 0;
-    }
-    Ok(Some(AdvertCapacity {
-        capacity: CapacitySummary {
-            total_nodes: inventory.slots(),
-            node: NodeShape {
-                cores: inventory.node.cores,
-                memory_mib: inventory.node.memory_mib,
-                disk_gib: inventory.node.disk_gib,
-            },
-            steps,
-            horizon_end_ms,
-        },
-        valid_until_ms,
-    }))
-}
-
-fn round_up(value: i64, unit: i64) -> i64 {
-    value.div_euclid(unit) * unit + if value.rem_euclid(unit) == 0 { 0 } else { unit }
 }
 
 fn is_loopback(addr: &Multiaddr) -> bool {
@@ -998,137 +916,4 @@ fn strip_p2p(addr: &Multiaddr) -> Multiaddr {
     addr.iter()
         .filter(|protocol| !matches!(protocol, Protocol::P2p(_)))
         .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use vcfed_simnet::Rng;
-    use vcfed_storage::{HoldOutcome, HoldRequest, Inventory, InventoryHost, Ledger};
-
-    use super::*;
-
-    const MINUTE_MS: i64 = 60_000;
-    const SLOT: vcfed_storage::NodeShape = vcfed_storage::NodeShape {
-        cores: 2,
-        memory_mib: 4096,
-        disk_gib: 20,
-    };
-
-    fn inventory(slots: u32) -> Inventory {
-        Inventory {
-            node: SLOT,
-            hosts: vec![InventoryHost {
-                name: "nodes".into(),
-                cores: SLOT.cores * slots,
-                memory_mib: SLOT.memory_mib * u64::from(slots),
-                disk_gib: SLOT.disk_gib * u64::from(slots),
-                slots,
-            }],
-        }
-    }
-
-    /// A ledger written before `start_ms`: holds over windows near
-    /// `start_ms` (where the walk below meets their steps) and up to past
-    /// the horizon, with leases running out around `start_ms`; some
-    /// committed, some released, and sometimes an inventory shrunk below
-    /// what is booked (free slots then stay at 0 while usage changes).
-    fn random_ledger(rng: &mut Rng, start_ms: i64) -> Ledger {
-        let mut ledger = Ledger::open_in_memory().expect("an in-memory ledger opens");
-        let slots = u32::try_from(rng.between(1, 12)).expect("a small number");
-        ledger
-            .set_inventory(&inventory(slots), start_ms - 2 * HORIZON_ROUND_MS)
-            .expect("the inventory is written");
-        for i in 0..rng.between(0, 24) {
-            let written_ms = start_ms - rng.between(0, 10 * MINUTE_MS);
-            let window_start_ms = if rng.chance(0.6) {
-                start_ms + rng.between(-HORIZON_ROUND_MS, 3 * HORIZON_ROUND_MS)
-            } else {
-                start_ms + rng.between(0, HORIZON_MS + DAY_MS)
-            };
-            let request = HoldRequest {
-                key: format!("k{i}"),
-                cluster_id: format!("c{i}"),
-                requester: "site-a".into(),
-                window: Window::new(
-                    window_start_ms,
-                    window_start_ms + rng.between(MINUTE_MS, 2 * DAY_MS),
-                )
-                .expect("a window of at least a minute"),
-                nodes: u32::try_from(rng.between(1, 4)).expect("a small number"),
-                shape: SLOT,
-                lease_ms: rng.between(1_000, 30 * MINUTE_MS),
-            };
-            let outcome = ledger.hold(&request, written_ms).expect("a valid hold");
-            if matches!(outcome, HoldOutcome::Denied { .. }) {
-                continue;
-            }
-            match rng.below(3) {
-                0 => {
-                    ledger
-                        .commit(&request.key, &request.requester, written_ms)
-                        .expect("a live hold commits");
-                }
-                1 if rng.chance(0.3) => {
-                    ledger
-                        .release(&request.key, &request.requester, written_ms)
-                        .expect("a hold releases");
-                }
-                _ => {}
-            }
-        }
-        if rng.chance(0.2) {
-            let slots = u32::try_from(rng.between(1, 3)).expect("a small number");
-            ledger
-                .set_inventory(&inventory(slots), start_ms - MINUTE_MS)
-                .expect("the inventory is written");
-        }
-        ledger
-    }
-
-    #[test]
-    fn the_advert_stays_the_same_until_the_instant_it_names() {
-        // The shells recompute the advert only at that instant (or after a
-        // write): asked at any instant before it, `advert_capacity` must
-        // answer exactly what it answered, else a change goes unadvertised.
-        let mut changed_at_bound = 0;
-        for seed in 0..300 {
-            let mut rng = Rng::new(seed);
-            let start_ms = 1_750_000_000_000 + rng.between(0, DAY_MS);
-            let ledger = random_ledger(&mut rng, start_ms);
-            let mut now_ms = start_ms;
-            for _ in 0..12 {
-                let advert = advert_capacity(&ledger, now_ms)
-                    .expect("the ledger reads")
-                    .expect("the ledger has an inventory");
-                let valid_until_ms = advert.valid_until_ms;
-                assert!(valid_until_ms > now_ms, "seed {seed}: valid from {now_ms}");
-                let mut probes = vec![now_ms + 1, valid_until_ms - 1];
-                probes.extend((0..4).map(|_| rng.between(now_ms, valid_until_ms - 1)));
-                for probe_ms in probes.into_iter().filter(|&at| at < valid_until_ms) {
-                    let again = advert_capacity(&ledger, probe_ms)
-                        .expect("the ledger reads")
-                        .expect("the ledger has an inventory");
-                    assert_eq!(
-                        again, advert,
-                        "seed {seed}: asked at {now_ms}, then at {probe_ms}"
-                    );
-                }
-                let at_bound = advert_capacity(&ledger, valid_until_ms)
-                    .expect("the ledger reads")
-                    .expect("the ledger has an inventory");
-                if at_bound.capacity != advert.capacity {
-                    changed_at_bound += 1;
-                }
-                now_ms = valid_until_ms;
-                if rng.chance(0.5) {
-                    now_ms += rng.between(0, 5 * MINUTE_MS);
-                }
-            }
-        }
-        // The bounds are the instants of change, not needlessly early ones:
-        // nearly all are where the advert does change (the others are
-        // leases of holds outside the horizon, or steps hidden by an
-        // overbooked inventory).
-        assert!(changed_at_bound > 300 * 12 * 9 / 10, "{changed_at_bound}");
-    }
 }

@@ -10,6 +10,8 @@ use super::{ComputeDriver, DriverError, NodeSpec, NodeState, NodeStatus};
 #[derive(Debug, Default)]
 pub struct SimDriver {
     nodes: BTreeMap<String, BTreeMap<u32, NodeStatus>>,
+    /// Every node started and not stopped, as it was first started.
+    specs: BTreeMap<String, BTreeMap<u32, NodeSpec>>,
 }
 
 impl SimDriver {
@@ -17,10 +19,25 @@ impl SimDriver {
     pub fn new() -> SimDriver {
         SimDriver::default()
     }
+
+    /// The nodes started for `cluster`, by index, as first started.
+    pub fn started(&self, cluster: &str) -> Option<&BTreeMap<u32, NodeSpec>> {
+        self.specs.get(cluster)
+    }
+
+    /// Every cluster with nodes started.
+    pub fn started_clusters(&self) -> impl Iterator<Item = &String> {
+        self.specs.keys()
+    }
 }
 
 impl ComputeDriver for SimDriver {
     fn start_node(&mut self, spec: &NodeSpec) -> Result<(), DriverError> {
+        self.specs
+            .entry(spec.cluster.clone())
+            .or_default()
+            .entry(spec.index)
+            .or_insert_with(|| spec.clone());
         let [a, b, c, _] = spec.subnet.octets();
         let server = Ipv4Addr::new(a, b, c, 1);
         let state = if spec.frontend {
@@ -53,6 +70,7 @@ impl ComputeDriver for SimDriver {
 
     fn stop_cluster(&mut self, cluster: &str) -> Result<(), DriverError> {
         self.nodes.remove(cluster);
+        self.specs.remove(cluster);
         Ok(())
     }
 

@@ -21,9 +21,12 @@
 //! everything stays deterministic.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
-use vcfed_simnet::SiteId;
+use vcfed_node_core::runner::Segment;
+use vcfed_storage::GatewayRef;
+
+use crate::SiteId;
 
 /// Segments a site's gateway carries: segment id → peer sites.
 pub type Carried = BTreeMap<u32, BTreeSet<SiteId>>;
@@ -132,6 +135,65 @@ impl DataPlane {
             && names(peer, local)
     }
 }
+
+/// A site's gateway as the site core's runner sees it: the shared data
+/// plane, seen from `site`. What it carries is published to the data plane
+/// when it changes, as the agent's runner tells its gateway.
+#[derive(Debug)]
+pub struct SimPlane {
+    site: SiteId,
+    plane: Arc<DataPlane>,
+    carried: Carried,
+}
+
+impl SimPlane {
+    /// Site `site`'s view of `plane`, carrying nothing yet.
+    pub fn new(site: SiteId, plane: Arc<DataPlane>) -> SimPlane {
+        SimPlane {
+            site,
+            plane,
+            carried: Carried::new(),
+        }
+    }
+}
+
+impl vcfed_node_core::runner::DataPlane for SimPlane {
+    fn carry(&mut self, segments: &[Segment<'_>]) {
+        let carried: Carried = segments
+            .iter()
+            .map(|segment| {
+                let peers = segment
+                    .plan
+                    .peers
+                    .iter()
+                    .filter_map(|peer| site_of_key(&peer.gateway.as_ref()?.public_key))
+                    .collect();
+                (segment.plan.segment, peers)
+            })
+            .collect();
+        if carried != self.carried {
+            self.plane.set_carried(self.site, carried.clone());
+            self.carried = carried;
+        }
+    }
+
+    fn bridge(&self, _segment: u32) -> Option<Result<String, String>> {
+        Some(Ok(SIM_BRIDGE.to_owned()))
+    }
+
+    fn tunnel_up(&self, gateway: &GatewayRef) -> bool {
+        // A key that names no simulated site has no tunnel to wait for (as
+        // the agent treats a key that is not an X25519 key).
+        site_of_key(&gateway.public_key).is_none_or(|peer| self.plane.tunnel_up(self.site, peer))
+    }
+
+    fn refuses_another(&self, _running: usize) -> Option<String> {
+        None
+    }
+}
+
+/// The name of every simulated segment's bridge.
+const SIM_BRIDGE: &str = "sim";
 
 /// The site whose simulated gateway key is `public_key` (`simkey-<index>`).
 pub fn site_of_key(public_key: &str) -> Option<SiteId> {

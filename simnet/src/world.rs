@@ -6,21 +6,21 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Instant;
 
-use libp2p_identity::Keypair;
-use serde::Serialize;
-use vcfed_registry::RegistryConfig;
-use vcfed_simnet::{
+use crate::{
     CrashFaults, Faults, PartitionFaults, PartitionKind, Rng, Sim, SimConfig, SiteId, SkewFaults,
     TraceKind,
 };
+use libp2p_identity::Keypair;
+use serde::Serialize;
+use vcfed_registry::RegistryConfig;
 use vcfed_storage::{ClusterState, PartState, ReservationFilter, ReservationState, Usage};
 
-use super::checks::{self, Found, LifecycleChecks, LifecycleReport};
-use super::dataplane::DataPlane;
-use super::site::{
+use crate::checks::{self, Found, LifecycleChecks, LifecycleReport};
+use crate::dataplane::DataPlane;
+use crate::site::{
     CreateOutcome, Directory, FedSite, Input, Observation, PlantedBug, Presence, SiteSettings,
 };
-use crate::cluster::{ClusterConfig, ClusterRequest};
+use vcfed_node_core::cluster::{ClusterConfig, ClusterRequest};
 
 /// Unix ms at which every run starts (2023-11-14): a fixed instant keeps
 /// runs reproducible.
@@ -635,7 +635,7 @@ impl World {
                 anti_entropy_ms: options.anti_entropy_ms,
                 // As the federation shell: suspect for one refresh.
                 suspect_ms: options.advert_refresh_ms,
-                message_max_bytes: crate::federation::MESSAGE_MAX_BYTES,
+                message_max_bytes: vcfed_node_core::federation::MESSAGE_MAX_BYTES,
                 ..RegistryConfig::default()
             },
             cluster: ClusterConfig::default(),
@@ -1440,7 +1440,7 @@ impl World {
                 let master_now = self.sim.local_now_ms(tracked.master);
                 let counted = record.as_ref().is_some_and(|record| {
                     let over = record.state == ClusterState::Finished
-                        && crate::lifecycle::window_of(record)
+                        && vcfed_node_core::lifecycle::window_of(record)
                             .is_some_and(|w| w.end_ms <= master_now);
                     (!record.state.is_terminal() || over)
                         && record.parts.iter().any(|p| {

@@ -377,7 +377,7 @@ impl DemoFederation {
             .lines()
             .filter_map(|line| line.split(':').nth(1))
             .map(|name| name.trim().split('@').next().unwrap_or_default().to_owned())
-            .filter(|name| name.starts_with(crate::runner::LINK_PREFIX) || name.starts_with("vn"))
+            .filter(|name| name.starts_with(crate::links::LINK_PREFIX) || name.starts_with("vn"))
             .map(|name| format!("link {name} in {}", site.netns))
             .collect();
         let prefix = format!("{NETNS_PREFIX}{}-", short_tag(&site.name));

@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
 
+use crate::{Ctx, Payload, SiteId, mix64};
 use libp2p_identity::{Keypair, PeerId};
 use vcfed_registry::advert::VerifiedAdvert;
 use vcfed_registry::wire::{self, Message};
@@ -19,20 +20,22 @@ use vcfed_registry::{
     GatewayInfo, LocalAdvert, Registry, RegistryConfig, RegistryEvent, RegistryStats, Transmit,
     Verdict,
 };
-use vcfed_simnet::{Ctx, Payload, SiteId, mix64};
 use vcfed_storage::{
     GatewayRef, HoldRequest, Inventory, InventoryHost, Ledger, LedgerError, NodeShape, Window,
 };
 
-use super::dataplane::{DataPlane, key_of_site};
-use super::runner::{RunnerEnv, SimRunner, TickReport};
-use crate::cluster::{ClusterConfig, ClusterCore, ClusterMsg, ClusterRequest};
+use vcfed_node_core::cluster::{ClusterConfig, ClusterCore, ClusterMsg, ClusterRequest};
+use vcfed_node_core::driver::sim::SimDriver;
+use vcfed_node_core::federation::{
+    ADVERT_COALESCE_MS, REQUEST_TIMEOUT_MS, advert_capacity, cluster_payload, moves_capacity,
+};
+use vcfed_node_core::runner::{Runner, RunnerFault, TickReport};
 
-/// Capacity changes closer together than this are advertised once (as the shell).
-const ADVERT_COALESCE_MS: i64 = 200;
-/// How long a request waits for its answer before the transport gives up
-/// (the shell's libp2p request timeout).
-const REQUEST_TIMEOUT_MS: i64 = 10_000;
+use crate::dataplane::{DataPlane, SimPlane, key_of_site};
+
+/// A simulated site's cluster runner: the site core's, with the `sim`
+/// driver and the simulated data plane.
+pub type SimRunner = Runner<SimDriver, SimPlane>;
 /// Bytes on the wire of a connection being opened or closed (a libp2p
 /// handshake or close, roughly).
 const CONNECT_BYTES: usize = 64;
@@ -664,14 +667,20 @@ impl FedSite {
             next_sweep: now + self.settings.sweep_ms,
             lease_expiry,
             fake_holds: BTreeMap::new(),
-            runner: SimRunner::new(
-                self.index,
-                self.name.clone(),
-                self.peer.to_string(),
-                self.vlans,
-                self.settings.plant,
-                now,
-            ),
+            runner: {
+                let mut runner = SimRunner::new(
+                    self.name.clone(),
+                    self.peer.to_string(),
+                    self.vlans,
+                    Some(SimDriver::new()),
+                    SimPlane::new(self.index, self.dataplane.clone()),
+                    now,
+                );
+                if self.settings.plant == Some(PlantedBug::LeakVlan) {
+                    runner.plant(RunnerFault::LeakVlan);
+                }
+                runner
+            },
         };
         for &peer in &self.mesh {
             volatile.registry.peer_connected(self.directory.peers[peer]);
@@ -696,7 +705,7 @@ impl FedSite {
         let Some(volatile) = self.volatile.as_mut() else {
             return Ok(());
         };
-        let advert = crate::federation::advert_capacity(&self.ledger, now)?
+        let advert = advert_capacity(&self.ledger, now)?
             .expect("a simulated site has its inventory from the start");
         volatile.advert_valid_until = advert.valid_until_ms;
         let index = u32::try_from(self.index).unwrap_or(u32::MAX);
@@ -776,13 +785,16 @@ impl FedSite {
         if volatile.runner.poll_timeout().is_none_or(|at| at > now) {
             return Ok(());
         }
-        let mut env = RunnerEnv {
-            ledger: &mut self.ledger,
-            core: &mut volatile.cluster,
-            dataplane: &self.dataplane,
-            now_ms: now,
-        };
-        let report = volatile.runner.run_due(&mut env)?;
+        let report = volatile.runner.run_due(&mut &mut self.ledger, now);
+        while let Some((cluster, nodes)) = volatile.runner.poll_report() {
+            volatile
+                .cluster
+                .report_nodes(&self.ledger, &cluster, nodes)?;
+        }
+        for error in &report.errors {
+            self.observations
+                .push(Observation::CoreError(format!("runner: {error}")));
+        }
         if report != TickReport::default() {
             self.observations.push(Observation::Runner(report));
         }
@@ -951,13 +963,13 @@ impl FedSite {
                 Ok(())
             }
             FedMsg::Request { id, data, .. } => {
-                let answer = match crate::federation::cluster_payload(&data) {
+                let answer = match cluster_payload(&data) {
                     Some(msg) => {
                         // Node reports change no capacity (the shell does
                         // not re-advertise for them either); a hold changes
                         // no cluster record; node states matter to the
                         // runner until the cluster runs.
-                        let moves_capacity = !matches!(msg, ClusterMsg::Nodes { .. });
+                        let moves_capacity = moves_capacity(&msg);
                         let records = match &msg {
                             ClusterMsg::Reserve { .. } => false,
                             ClusterMsg::Nodes { cluster, .. } => {
@@ -1017,12 +1029,12 @@ impl FedSite {
                     // Timed out at the transport: libp2p drops it too.
                     return Ok(());
                 }
-                match crate::federation::cluster_payload(&data) {
+                match cluster_payload(&data) {
                     Some(msg) => {
-                        let noted = matches!(msg, ClusterMsg::NodesNoted { .. });
+                        let moves_capacity = moves_capacity(&msg);
                         let (cluster, registry) = (&mut volatile.cluster, &volatile.registry);
                         cluster.handle_reply(&mut self.ledger, registry, now, from_peer, msg)?;
-                        if !noted {
+                        if moves_capacity {
                             self.capacity_changed(now)?;
                             self.records_changed(now);
                         }
@@ -1166,7 +1178,7 @@ impl FedSite {
                     ctx.send(peer, FedMsg::Bye);
                 }
                 self.presence = Presence::Left;
-                vcfed_simnet::Site::crash(self);
+                crate::Site::crash(self);
                 self.observations.push(Observation::Left);
                 return Ok(());
             }
@@ -1226,7 +1238,7 @@ impl FedSite {
     }
 }
 
-impl vcfed_simnet::Site for FedSite {
+impl crate::Site for FedSite {
     type Msg = FedMsg;
     type Input = Input;
 
@@ -1315,8 +1327,8 @@ fn blake_ish_key(index: u32) -> Box<[u8; 32]> {
     Box::new(key)
 }
 
-fn create_error_kind(e: &crate::cluster::CreateError) -> &'static str {
-    use crate::cluster::CreateError;
+fn create_error_kind(e: &vcfed_node_core::cluster::CreateError) -> &'static str {
+    use vcfed_node_core::cluster::CreateError;
     match e {
         CreateError::Invalid(_) => "invalid",
         CreateError::UnknownShape(_) => "unknown shape",

@@ -1079,7 +1079,7 @@ impl RawGateway {
             (Some(bridge), None) => {
                 let at = bridge.span();
                 let name = source.ifname(bridge, "gateway.bridge")?;
-                let prefix = format!("{}b", crate::runner::LINK_PREFIX);
+                let prefix = format!("{}b", crate::links::LINK_PREFIX);
                 if name
                     .strip_prefix(&prefix)
                     .is_some_and(|digits| digits.bytes().all(|b| b.is_ascii_digit()))

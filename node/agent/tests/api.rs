@@ -309,8 +309,11 @@ async fn bad_requests_get_json_errors() {
 /// every route the agent serves is in the document.
 #[tokio::test]
 async fn openapi_document_matches_the_routes() {
-    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.yaml"))
-        .unwrap();
+    let doc = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../docs/openapi.yaml"
+    ))
+    .unwrap();
     let mut documented: Vec<(String, String)> = Vec::new();
     let mut path: Option<String> = None;
     for line in doc.lines() {

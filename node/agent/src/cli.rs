@@ -77,7 +77,7 @@ pub enum Command {
     Gateway(crate::gateway::GatewayArgs),
     /// Simulate a whole federation on a virtual clock under faults and check
     /// its invariants (deterministic: a seed replays a run).
-    Simnet(crate::simnet::SimnetArgs),
+    Simnet(crate::simnet_cli::SimnetArgs),
 }
 
 /// Where the site's config is.
@@ -334,7 +334,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
         Command::Psk(PskCommand::Generate { out, force }) => generate_psk(&out, force),
         Command::Demo(args) => crate::demo::run(&args).await,
         Command::Gateway(args) => crate::gateway::run(args).await,
-        Command::Simnet(args) => crate::simnet::command(&args),
+        Command::Simnet(args) => crate::simnet_cli::command(&args),
     }
 }
 

@@ -5,17 +5,17 @@
 //! Sizing: the sweep runs `SWEEP_SEEDS` seeds of `SWEEP_SITES` sites for
 //! `SWEEP_MINUTES` simulated minutes each (the 100 × 20 × 30 min),
 //! on as many threads as there are cores (CI has two). The cores it drives
-//! most (registry, storage, simnet) are built optimised in the test profile
+//! most (node core, registry, storage, simnet) are built optimised in the test profile
 //! (workspace `Cargo.toml`) so that this takes minutes, not a quarter of an
 //! hour. `VCFED_SIMNET_SEEDS=A..B` runs other seeds (e.g. a long sweep in
-//! release: `cargo test --release -p vcfed --test simnet`).
+//! release: `cargo test --release -p vcfed-simnet --test sweep`).
 
 #![allow(clippy::unwrap_used, clippy::print_stderr)] // test code
 
 use std::ops::Range;
 use std::sync::Mutex;
 
-use vcfed::simnet::{Fault, Options, PlantedBug, Report, run};
+use vcfed_simnet::{Fault, Options, PlantedBug, Report, run};
 
 const SWEEP_SEEDS: u64 = 100;
 const SWEEP_SITES: usize = 20;
@@ -77,7 +77,7 @@ fn a_sweep_of_seeds_under_every_fault_keeps_every_invariant() {
     let mut failures = String::new();
     for report in &reports {
         if !report.violations.is_empty() {
-            failures.push_str(&vcfed::simnet::render(report));
+            failures.push_str(&vcfed_simnet::render(report));
         }
     }
     let sum = |f: &dyn Fn(&Report) -> u64| reports.iter().map(f).sum::<u64>();
@@ -157,7 +157,7 @@ fn planted_bug_is_caught(
         "{} of {} seeds caught the planted bug; first:\n{}",
         caught.len(),
         reports.len(),
-        vcfed::simnet::render(caught[0])
+        vcfed_simnet::render(caught[0])
     );
 }
 

@@ -24,10 +24,10 @@ use vcfed_storage::{
     ReservationFilter, Window,
 };
 
-use crate::cluster::{ClusterRequest, CreateError, DeleteError};
 use crate::federation::{FederationHandle, SitesReport};
 use crate::ledger::SharedLedger;
 use crate::time::{DAY_MS, format_instant, now_ms, parse_instant};
+use vcfed_node_core::cluster::{ClusterRequest, CreateError, DeleteError};
 
 /// Largest request body accepted, bytes.
 pub const BODY_LEN_MAX: usize = 64 * 1024;

@@ -6,18 +6,20 @@
 //! frontend serves DHCP and TFTP; compute nodes network-boot from it across
 //! the overlay and report `installed` once they fetched their install file.
 //!
-//! - [`netns`]: a node is a network namespace with a veth on the cluster's
-//!   bridge; the frontend runs dnsmasq, compute nodes run busybox's udhcpc
-//!   and tftp. For demos and CI.
-//! - [`sim`]: no side effects; nodes install at once. For simnet.
+//! The trait lives in the site core so that the one runner step sequence
+//! ([`crate::runner`]) drives every driver; the implementations that do I/O
+//! live in the agent:
 //!
-//! Real VMs (QEMU) will be a third implementation of [`ComputeDriver`].
+//! - `netns` (agent): a node is a network namespace with a veth on the
+//!   cluster's bridge; the frontend runs dnsmasq, compute nodes run busybox's
+//!   udhcpc and tftp. For demos and CI.
+//! - [`sim`]: no side effects; nodes install at once. For simnet and for
+//!   trying the lifecycle without root.
 
 use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
-pub mod netns;
 pub mod sim;
 
 /// One node to boot.
@@ -129,6 +131,27 @@ pub trait ComputeDriver: Send {
         &mut self,
         keep: &std::collections::BTreeSet<String>,
     ) -> Result<(), DriverError>;
+}
+
+impl<T: ComputeDriver + ?Sized> ComputeDriver for Box<T> {
+    fn start_node(&mut self, spec: &NodeSpec) -> Result<(), DriverError> {
+        (**self).start_node(spec)
+    }
+
+    fn poll(&mut self, cluster: &str) -> Vec<NodeStatus> {
+        (**self).poll(cluster)
+    }
+
+    fn stop_cluster(&mut self, cluster: &str) -> Result<(), DriverError> {
+        (**self).stop_cluster(cluster)
+    }
+
+    fn cleanup_stale(
+        &mut self,
+        keep: &std::collections::BTreeSet<String>,
+    ) -> Result<(), DriverError> {
+        (**self).cleanup_stale(keep)
+    }
 }
 
 /// A stable, locally administered MAC address for node `index` of `cluster`.

@@ -1,0 +1,521 @@
+//! The agent's runner shell: drives the site core's cluster runner
+//! ([`vcfed_node_core::runner`], the one step sequence simnet drives too)
+//! with the wall clock, the configured compute driver and the agent's
+//! gateway as its data plane.
+//!
+//! Every [`TICK`] the shell runs a full round of the core on tokio's
+//! blocking pool (driver work spawns `ip` and dnsmasq), hands the workers'
+//! node reports to the federation task and updates what the API shows of
+//! the cluster networks. The gateway runs on a thread of its own and
+//! follows the segments the core asks it to carry through a watch channel.
+//! A restarted agent finds its runs in the ledger and starts them again:
+//! the driver replaces a crashed process's leftovers, and the gateway
+//! rebuilds the segments and tunnels, without any other site doing
+//! anything.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use vcfed_overlay::linux::{
+    Carried, CarriedPeer, CarriedSegment, GatewayBase, GatewayReport, SiteLink as OverlayLink,
+};
+use vcfed_storage::{Ledger, LedgerError};
+
+use vcfed_node_core::driver::ComputeDriver;
+use vcfed_node_core::lifecycle::{self, RunPlan};
+use vcfed_node_core::runner::{self as core, DataPlane, LedgerAccess, Segment};
+
+use crate::config::{Config, DriverKind, SiteLink};
+use crate::federation::FederationHandle;
+use crate::ledger::SharedLedger;
+use crate::links::{INNER_MTU, LINK_PREFIX};
+use crate::time::now_ms;
+
+/// How often the runner runs a full round of the core.
+pub const TICK: Duration = Duration::from_millis(core::TICK_MS.unsigned_abs());
+/// Name of the "bridge" of a cluster when there is no data plane (sim).
+const SIM_BRIDGE: &str = "sim";
+/// How often endpoints that did not resolve are tried again, ms.
+const RESOLVE_EVERY_MS: i64 = 30_000;
+
+/// The core's runner as the agent runs it.
+type Runner = core::Runner<Box<dyn ComputeDriver>, AgentPlane>;
+
+/// A cluster's network at this site, as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkView {
+    /// The cluster's local VLAN id at this site (`None`: it could not
+    /// start here; `error` says why).
+    pub vlan: Option<u16>,
+    /// The overlay segment id.
+    pub segment: u32,
+    /// The local bridge its nodes are on, once set up.
+    pub bridge: Option<String>,
+    /// Why the segment could not be set up, if it could not.
+    pub error: Option<String>,
+    /// The tunnels to the cluster's other sites.
+    pub tunnels: Vec<TunnelView>,
+}
+
+/// A tunnel to another site of a cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TunnelView {
+    /// The site.
+    pub site: String,
+    /// Its gateway's endpoint, if it has one.
+    pub endpoint: Option<String>,
+    /// Whether a WireGuard session with it is up.
+    pub up: bool,
+}
+
+/// The networks of the clusters running here, by cluster id, for the API.
+#[derive(Debug, Clone, Default)]
+pub struct NetworkBoard(Arc<Mutex<BTreeMap<String, NetworkView>>>);
+
+impl NetworkBoard {
+    /// The network of `cluster`, if it runs here.
+    pub fn get(&self, cluster: &str) -> Option<NetworkView> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(cluster)
+            .cloned()
+    }
+
+    fn set(&self, views: BTreeMap<String, NetworkView>) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = views;
+    }
+}
+
+/// A started runner (and gateway): wait for them at shutdown.
+pub struct RunningRunner {
+    /// The runner's task; ends after the stop signal, once the nodes are
+    /// stopped (the ledger keeps the runs, so a restart resumes them), or
+    /// early if the runner failed.
+    pub task: tokio::task::JoinHandle<()>,
+    /// The gateway's thread result, if there is a gateway: an error if it
+    /// failed (the agent then stops).
+    pub gateway: Option<tokio::sync::oneshot::Receiver<anyhow::Result<()>>>,
+    /// What the API shows of the cluster networks.
+    pub board: NetworkBoard,
+}
+
+/// Starts the runner (and, for the netns driver, the gateway) of the site
+/// configured by `config`; both run until `stop` turns true.
+pub async fn start(
+    config: &Config,
+    peer_id: String,
+    tunnel_key: [u8; 32],
+    ledger: SharedLedger,
+    federation: Option<FederationHandle>,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<RunningRunner> {
+    let driver: Option<Box<dyn ComputeDriver>> = match config.clusters.driver {
+        DriverKind::None => None,
+        DriverKind::Sim => Some(Box::new(crate::driver::sim::SimDriver::new())),
+        DriverKind::Netns => Some(Box::new(crate::driver::netns::NetnsDriver::new(
+            config.site.data_dir.join("nodes"),
+            &config.site.name,
+            None,
+        ))),
+    };
+    let site_link = config.gateway.site_link.clone();
+    let (site, peer) = (config.site.name.clone(), peer_id);
+    // What ran before a restart and still should: its segments are kept by
+    // the gateway's start-up cleanup, and its nodes by the driver's. This
+    // spawns commands and resolves names, so off the async threads.
+    let ledger_for_start = ledger.clone();
+    let (driver, site, peer, first) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let mut driver = driver;
+        let now = now_ms();
+        let (plans, runs) = ledger_for_start.blocking(|ledger| -> Result<_, LedgerError> {
+            Ok((lifecycle::plans(ledger, &site, &peer, now)?, ledger.runs()?))
+        })?;
+        let keep: BTreeSet<String> = plans.iter().map(|p| p.cluster.clone()).collect();
+        if let Some(driver) = &mut driver {
+            driver.cleanup_stale(&keep)?;
+        }
+        let vlans: BTreeMap<&str, u16> = runs
+            .iter()
+            .map(|run| (run.cluster_id.as_str(), run.vlan))
+            .collect();
+        let first = Carried {
+            segments: plans
+                .iter()
+                .filter_map(|plan| {
+                    let vlan = *vlans.get(plan.cluster.as_str())?;
+                    Some(carried_segment(plan, vlan, site_link.as_ref()))
+                })
+                .collect(),
+        };
+        Ok((driver, site, peer, first))
+    })
+    .await??;
+
+    let mut gateway = None;
+    let mut plane = AgentPlane::None;
+    if config.clusters.driver == DriverKind::Netns {
+        let (carried_tx, carried_rx) = watch::channel(first);
+        let (report_tx, report_rx) = watch::channel(GatewayReport::default());
+        let base = GatewayBase {
+            private_key: tunnel_key,
+            listen: config.gateway.listen,
+            inner_mtu: INNER_MTU,
+            link_prefix: LINK_PREFIX.to_owned(),
+        };
+        gateway = Some(start_gateway(base, carried_rx, report_tx, stop.clone())?);
+        plane = AgentPlane::Gateway(GatewayPlane {
+            carried: carried_tx,
+            report: report_rx,
+            site_link: config.gateway.site_link.clone(),
+            resolved: BTreeMap::new(),
+            now_ms: now_ms(),
+        });
+    }
+    let vlans = (config.clusters.vlans.first, config.clusters.vlans.last);
+    let runner = Runner::new(site, peer, vlans, driver, plane, now_ms());
+    let board = NetworkBoard::default();
+    let shell = Shell {
+        runner,
+        ledger,
+        federation,
+        board: board.clone(),
+    };
+    let task = tokio::spawn(run(shell, stop));
+    Ok(RunningRunner {
+        task,
+        gateway,
+        board,
+    })
+}
+
+/// Runs the gateway on a thread of its own with a single-threaded runtime
+/// (see `vcfed gateway`: this halves the per-packet cost).
+fn start_gateway(
+    base: GatewayBase,
+    carried: watch::Receiver<Carried>,
+    report: watch::Sender<GatewayReport>,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<tokio::sync::oneshot::Receiver<anyhow::Result<()>>> {
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("vcfed-gateway".to_owned())
+        .spawn(move || {
+            let ended = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|runtime| {
+                    let shutdown = async move {
+                        let _ = stop.wait_for(|stop| *stop).await;
+                    };
+                    let stats = runtime
+                        .block_on(vcfed_overlay::linux::run_dynamic(
+                            base, carried, report, shutdown,
+                        ))
+                        .map_err(|e| {
+                            let hint = if e.is_permission_denied() {
+                                "running the gateway (clusters.driver = \"netns\" needs root or CAP_NET_ADMIN)"
+                            } else {
+                                "running the gateway"
+                            };
+                            anyhow::Error::new(e).context(hint)
+                        })?;
+                    tracing::debug!(?stats, "gateway counters");
+                    Ok(())
+                });
+            let _ = done_tx.send(ended);
+        })?;
+    Ok(done_rx)
+}
+
+/// The runner and what the agent connects it to.
+struct Shell {
+    runner: Runner,
+    ledger: SharedLedger,
+    /// Where a worker's node states go to the master.
+    federation: Option<FederationHandle>,
+    board: NetworkBoard,
+}
+
+impl std::fmt::Debug for Shell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shell").finish_non_exhaustive()
+    }
+}
+
+/// The agent's ledger as the core's runner reaches it: locked for one
+/// operation at a time, never across driver work.
+struct Locked<'a>(&'a SharedLedger);
+
+impl LedgerAccess for Locked<'_> {
+    fn with<T>(&mut self, op: impl FnOnce(&mut Ledger) -> T) -> T {
+        self.0.blocking(op)
+    }
+}
+
+impl Shell {
+    /// One full round of the core, then what follows from it.
+    fn tick(&mut self, now_ms: i64) {
+        if let AgentPlane::Gateway(plane) = &mut self.runner_plane_mut() {
+            plane.now_ms = now_ms;
+        }
+        let _ = self.runner.tick(&mut Locked(&self.ledger), now_ms);
+        while let Some((cluster, nodes)) = self.runner.poll_report() {
+            if let Some(federation) = &self.federation {
+                federation.report_nodes(cluster, nodes);
+            }
+        }
+        self.publish_board();
+    }
+
+    fn runner_plane_mut(&mut self) -> &mut AgentPlane {
+        self.runner.dataplane_mut()
+    }
+
+    /// Updates what the API shows of the cluster networks.
+    fn publish_board(&self) {
+        let plane = self.runner.dataplane();
+        let report = match plane {
+            AgentPlane::Gateway(plane) => Some(plane.report.borrow().clone()),
+            AgentPlane::None => None,
+        };
+        let mut views: BTreeMap<String, NetworkView> = self
+            .runner
+            .active()
+            .map(|(cluster, plan, vlan)| {
+                let segment = report
+                    .as_ref()
+                    .and_then(|r| r.segments.get(&plan.segment).cloned());
+                let tunnels = plan
+                    .peers
+                    .iter()
+                    .map(|peer| TunnelView {
+                        site: peer.site.clone(),
+                        endpoint: peer.gateway.as_ref().map(|g| g.endpoint.clone()),
+                        up: match &report {
+                            Some(report) => peer
+                                .gateway
+                                .as_ref()
+                                .and_then(|g| decode_key(&g.public_key))
+                                .is_some_and(|key| report.sessions.contains(&key)),
+                            None => true,
+                        },
+                    })
+                    .collect();
+                let (bridge, error) = match segment {
+                    Some(Ok(bridge)) => (Some(bridge), None),
+                    Some(Err(e)) => (None, Some(e)),
+                    None if report.is_none() => (Some(SIM_BRIDGE.to_owned()), None),
+                    None => (None, None),
+                };
+                let view = NetworkView {
+                    vlan: Some(vlan),
+                    segment: plan.segment,
+                    bridge,
+                    error,
+                    tunnels,
+                };
+                (cluster.clone(), view)
+            })
+            .collect();
+        for (cluster, reason) in self.runner.blocked() {
+            views.entry(cluster.clone()).or_insert_with(|| NetworkView {
+                vlan: None,
+                segment: 0,
+                bridge: None,
+                error: Some(format!("cannot start here: {reason}")),
+                tunnels: Vec::new(),
+            });
+        }
+        self.board.set(views);
+    }
+}
+
+async fn run(shell: Shell, mut stop: watch::Receiver<bool>) {
+    let mut shell = Some(shell);
+    let mut ticker = tokio::time::interval(TICK);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.wait_for(|stop| *stop) => break,
+        }
+        let Some(mut current) = shell.take() else {
+            break;
+        };
+        let ticked = tokio::task::spawn_blocking(move || {
+            current.tick(now_ms());
+            current
+        })
+        .await;
+        match ticked {
+            Ok(current) => shell = Some(current),
+            Err(e) => {
+                // The agent sees the task end and stops: its clusters
+                // would otherwise be neither followed nor stopped.
+                tracing::error!(error = %e, "the cluster runner failed");
+                return;
+            }
+        }
+    }
+    // The nodes are children of this process: stop them now rather than
+    // leave them unsupervised. The ledger keeps the runs, so a restart
+    // brings them back.
+    if let Some(mut shell) = shell {
+        let _ = tokio::task::spawn_blocking(move || shell.runner.stop_all()).await;
+    }
+}
+
+/// The agent's data plane: its gateway, or none (the sim driver, whose
+/// segments are "up" at once).
+#[derive(Debug)]
+enum AgentPlane {
+    None,
+    Gateway(GatewayPlane),
+}
+
+/// The agent's gateway as the core's data plane.
+#[derive(Debug)]
+struct GatewayPlane {
+    carried: watch::Sender<Carried>,
+    report: watch::Receiver<GatewayReport>,
+    site_link: Option<SiteLink>,
+    /// Each carried segment as last built, with the plan and VLAN id it
+    /// was built from and when its peer endpoints were resolved.
+    resolved: BTreeMap<u32, (RunPlan, u16, i64, CarriedSegment)>,
+    /// The time of the current round (endpoints that did not resolve are
+    /// resolved again every [`RESOLVE_EVERY_MS`]).
+    now_ms: i64,
+}
+
+impl DataPlane for AgentPlane {
+    fn carry(&mut self, segments: &[Segment<'_>]) {
+        let AgentPlane::Gateway(plane) = self else {
+            return;
+        };
+        let now_ms = plane.now_ms;
+        let mut resolved = BTreeMap::new();
+        let mut order = Vec::with_capacity(segments.len());
+        for segment in segments {
+            let (plan, vlan) = (segment.plan, segment.vlan);
+            let reuse =
+                plane
+                    .resolved
+                    .remove(&plan.segment)
+                    .filter(|(was, was_vlan, at, carried)| {
+                        let unresolved = carried.peers.len()
+                            < plan.peers.iter().filter(|p| p.gateway.is_some()).count()
+                            || carried.peers.iter().any(|p| p.endpoint.is_none());
+                        let stale = unresolved && now_ms - at >= RESOLVE_EVERY_MS;
+                        was == plan && *was_vlan == vlan && !stale
+                    });
+            let entry = reuse.unwrap_or_else(|| {
+                let carried = carried_segment(plan, vlan, plane.site_link.as_ref());
+                (plan.clone(), vlan, now_ms, carried)
+            });
+            order.push(plan.segment);
+            resolved.insert(plan.segment, entry);
+        }
+        plane.resolved = resolved;
+        // In the order of the clusters, as the gateway was told before.
+        let segments: Vec<CarriedSegment> = order
+            .iter()
+            .filter_map(|id| plane.resolved.get(id))
+            .map(|(_, _, _, carried)| carried.clone())
+            .collect();
+        plane.carried.send_if_modified(|current| {
+            let changed = current.segments != segments;
+            current.segments = segments;
+            changed
+        });
+    }
+
+    fn bridge(&self, segment: u32) -> Option<Result<String, String>> {
+        match self {
+            AgentPlane::None => Some(Ok(SIM_BRIDGE.to_owned())),
+            AgentPlane::Gateway(plane) => plane.report.borrow().segments.get(&segment).cloned(),
+        }
+    }
+
+    fn tunnel_up(&self, gateway: &vcfed_storage::GatewayRef) -> bool {
+        match self {
+            AgentPlane::None => true,
+            // A key that is not an X25519 key has no tunnel to wait for.
+            AgentPlane::Gateway(plane) => decode_key(&gateway.public_key)
+                .is_none_or(|key| plane.report.borrow().sessions.contains(&key)),
+        }
+    }
+
+    fn refuses_another(&self, running: usize) -> Option<String> {
+        let AgentPlane::Gateway(plane) = self else {
+            return None;
+        };
+        if running >= vcfed_overlay::linux::SEGMENTS_MAX {
+            return Some(format!(
+                "the gateway carries at most {} clusters at once",
+                vcfed_overlay::linux::SEGMENTS_MAX
+            ));
+        }
+        if matches!(plane.site_link, Some(SiteLink::Bridge(_))) && running > 0 {
+            return Some(
+                "with gateway.bridge every cluster would share the site bridge: one cluster at a time"
+                    .to_owned(),
+            );
+        }
+        None
+    }
+}
+
+/// The segment the gateway carries for a running cluster.
+fn carried_segment(plan: &RunPlan, vlan: u16, site_link: Option<&SiteLink>) -> CarriedSegment {
+    let site_link = match site_link {
+        Some(SiteLink::Trunk(trunk)) => OverlayLink::Trunk {
+            trunk: trunk.clone(),
+            vlan,
+        },
+        Some(SiteLink::Bridge(bridge)) => OverlayLink::Bridge(bridge.clone()),
+        None => OverlayLink::SegmentBridge,
+    };
+    let peers = plan
+        .peers
+        .iter()
+        .filter_map(|peer| {
+            let gateway = peer.gateway.as_ref()?;
+            let Some(public_key) = decode_key(&gateway.public_key) else {
+                tracing::warn!(site = %peer.site, "the site's gateway key is not a base64 X25519 key; no tunnel to it");
+                return None;
+            };
+            Some(CarriedPeer {
+                public_key,
+                endpoint: resolve(&gateway.endpoint),
+            })
+        })
+        .collect();
+    CarriedSegment {
+        id: plan.segment,
+        site_link,
+        peers,
+    }
+}
+
+fn decode_key(text: &str) -> Option<[u8; 32]> {
+    STANDARD.decode(text).ok()?.try_into().ok()
+}
+
+/// The address of a gateway endpoint `host:port` (the first IPv4 one, if
+/// any). Unresolvable endpoints give `None`: that site can still reach us.
+fn resolve(endpoint: &str) -> Option<SocketAddr> {
+    let addrs: Vec<SocketAddr> = endpoint.to_socket_addrs().ok()?.collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+}

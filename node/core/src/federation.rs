@@ -1,0 +1,282 @@
+//! Federation glue: what a site's shell does between the registry's gossip
+//! core, the cluster core and the ledger, written once for the agent's
+//! libp2p shell and for simnet.
+//!
+//! - which capacity the site advertises, and until when that answer holds
+//!   ([`advert_capacity`]);
+//! - which messages are the cluster core's and which the registry's
+//!   ([`cluster_payload`]), and which cluster messages move capacity
+//!   ([`moves_capacity`]);
+//! - the timing both shells share: advert coalescing, request timeout.
+
+use vcfed_registry::wire;
+use vcfed_registry::{CapacitySummary, NodeShape};
+use vcfed_storage::{Ledger, LedgerError, Window};
+
+use crate::cluster::ClusterMsg;
+
+/// Gossipsub topic of capacity adverts.
+pub const ADVERT_TOPIC: &str = "vcfed/adverts/1";
+/// Largest federation message, bytes.
+pub const MESSAGE_MAX_BYTES: usize = 1 << 20;
+/// How far ahead a site advertises its free capacity.
+pub const HORIZON_MS: i64 = 7 * 24 * 60 * 60 * 1000;
+/// The advertised horizon ends on a multiple of this.
+const HORIZON_ROUND_MS: i64 = 3_600_000;
+/// Capacity changes closer together than this are advertised once.
+pub const ADVERT_COALESCE_MS: i64 = 200;
+/// How long a federation request may take before it is given up.
+pub const REQUEST_TIMEOUT_MS: i64 = 10_000;
+
+/// Whether handling `msg` may change this site's reservations, and so its
+/// advert: every cluster message but node reports, which only the master
+/// stores and which move no capacity.
+pub fn moves_capacity(msg: &ClusterMsg) -> bool {
+    !matches!(
+        msg,
+        ClusterMsg::Nodes { .. } | ClusterMsg::NodesNoted { .. }
+    )
+}
+
+/// The cluster message inside a federation message, if that is what it is.
+/// Anything else is left for the registry, which decodes it itself:
+/// [`wire::decode_cluster`] reads only its head.
+pub fn cluster_payload(data: &[u8]) -> Option<ClusterMsg> {
+    let inner = wire::decode_cluster(data, MESSAGE_MAX_BYTES)?;
+    let msg = ClusterMsg::decode(&inner);
+    if msg.is_none() {
+        tracing::debug!("dropping an undecodable cluster message");
+    }
+    msg
+}
+
+/// What a site advertises of its capacity (see [`advert_capacity`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdvertCapacity {
+    /// Free node slots over the horizon, as advertised.
+    pub capacity: CapacitySummary,
+    /// Until when the answer holds: asked again at any instant from the
+    /// one asked until before this one, with no ledger write in between,
+    /// [`advert_capacity`] gives the same capacity.
+    pub valid_until_ms: i64,
+}
+
+/// What a site advertises of its capacity at `now_ms`, from its ledger:
+/// free node slots over the next [`HORIZON_MS`] as steps, and until when
+/// that holds (`None` before the site has an inventory).
+pub fn advert_capacity(
+    ledger: &Ledger,
+    now_ms: i64,
+) -> Result<Option<AdvertCapacity>, LedgerError> {
+    let Some(inventory) = ledger.inventory()? else {
+        return Ok(None);
+    };
+    let horizon_end_ms = round_up(now_ms + HORIZON_MS, HORIZON_ROUND_MS);
+    let window = Window::new(now_ms, horizon_end_ms).expect("the horizon is in the future");
+    let free = ledger.free_steps(window, now_ms)?;
+    // Without a write, only the clock changes the answer, and only when
+    // it reaches the second step (the first one then ends), moves the end
+    // of the horizon on (at `horizon_end_ms - HORIZON_MS + 1`) or reaches
+    // the end of a hold's lease (the hold then stops counting).
+    let mut valid_until_ms = horizon_end_ms - HORIZON_MS + 1;
+    if let Some(second) = free.get(1) {
+        valid_until_ms = valid_until_ms.min(second.at_ms);
+    }
+    if let Some(lease_expires_at_ms) = ledger.next_lease_expiry(now_ms)? {
+        valid_until_ms = valid_until_ms.min(lease_expires_at_ms);
+    }
+    debug_assert!(valid_until_ms > now_ms, "each bound is after now");
+    // Each bound is after now; should one not be, asking again at once
+    // would spin the shell.
+    let valid_until_ms = valid_until_ms.max(now_ms + 1);
+    // The first step holds from before now: anchoring it at 0 keeps the
+    // advert unchanged (and unsent) while nothing but the clock moves.
+    let mut steps: Vec<(i64, u32)> = free
+        .into_iter()
+        .map(|step| (step.at_ms, step.free))
+        .collect();
+    if let Some(first) = steps.first_mut() {
+        first.0 = 0;
+    }
+    Ok(Some(AdvertCapacity {
+        capacity: CapacitySummary {
+            total_nodes: inventory.slots(),
+            node: NodeShape {
+                cores: inventory.node.cores,
+                memory_mib: inventory.node.memory_mib,
+                disk_gib: inventory.node.disk_gib,
+            },
+            steps,
+            horizon_end_ms,
+        },
+        valid_until_ms,
+    }))
+}
+
+fn round_up(value: i64, unit: i64) -> i64 {
+    value.div_euclid(unit) * unit + if value.rem_euclid(unit) == 0 { 0 } else { unit }
+}
+
+#[cfg(test)]
+mod tests {
+    use vcfed_storage::{HoldOutcome, HoldRequest, Inventory, InventoryHost, Ledger};
+
+    use super::*;
+
+    const MINUTE_MS: i64 = 60_000;
+    const DAY_MS: i64 = 24 * 60 * MINUTE_MS;
+
+    /// splitmix64: enough randomness for the seeded cases below.
+    struct Rng(u64);
+
+    impl Rng {
+        fn new(seed: u64) -> Rng {
+            Rng(seed)
+        }
+
+        fn next_u64(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+
+        fn below(&mut self, bound: u64) -> u64 {
+            self.next_u64() % bound
+        }
+
+        fn between(&mut self, lo: i64, hi: i64) -> i64 {
+            lo + i64::try_from(self.below(hi.abs_diff(lo) + 1)).expect("a small span")
+        }
+
+        fn chance(&mut self, p: f64) -> bool {
+            #[allow(clippy::cast_precision_loss)] // 53 random bits
+            let unit = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+            unit < p
+        }
+    }
+    const SLOT: vcfed_storage::NodeShape = vcfed_storage::NodeShape {
+        cores: 2,
+        memory_mib: 4096,
+        disk_gib: 20,
+    };
+
+    fn inventory(slots: u32) -> Inventory {
+        Inventory {
+            node: SLOT,
+            hosts: vec![InventoryHost {
+                name: "nodes".into(),
+                cores: SLOT.cores * slots,
+                memory_mib: SLOT.memory_mib * u64::from(slots),
+                disk_gib: SLOT.disk_gib * u64::from(slots),
+                slots,
+            }],
+        }
+    }
+
+    /// A ledger written before `start_ms`: holds over windows near
+    /// `start_ms` (where the walk below meets their steps) and up to past
+    /// the horizon, with leases running out around `start_ms`; some
+    /// committed, some released, and sometimes an inventory shrunk below
+    /// what is booked (free slots then stay at 0 while usage changes).
+    fn random_ledger(rng: &mut Rng, start_ms: i64) -> Ledger {
+        let mut ledger = Ledger::open_in_memory().expect("an in-memory ledger opens");
+        let slots = u32::try_from(rng.between(1, 12)).expect("a small number");
+        ledger
+            .set_inventory(&inventory(slots), start_ms - 2 * HORIZON_ROUND_MS)
+            .expect("the inventory is written");
+        for i in 0..rng.between(0, 24) {
+            let written_ms = start_ms - rng.between(0, 10 * MINUTE_MS);
+            let window_start_ms = if rng.chance(0.6) {
+                start_ms + rng.between(-HORIZON_ROUND_MS, 3 * HORIZON_ROUND_MS)
+            } else {
+                start_ms + rng.between(0, HORIZON_MS + DAY_MS)
+            };
+            let request = HoldRequest {
+                key: format!("k{i}"),
+                cluster_id: format!("c{i}"),
+                requester: "site-a".into(),
+                window: Window::new(
+                    window_start_ms,
+                    window_start_ms + rng.between(MINUTE_MS, 2 * DAY_MS),
+                )
+                .expect("a window of at least a minute"),
+                nodes: u32::try_from(rng.between(1, 4)).expect("a small number"),
+                shape: SLOT,
+                lease_ms: rng.between(1_000, 30 * MINUTE_MS),
+            };
+            let outcome = ledger.hold(&request, written_ms).expect("a valid hold");
+            if matches!(outcome, HoldOutcome::Denied { .. }) {
+                continue;
+            }
+            match rng.below(3) {
+                0 => {
+                    ledger
+                        .commit(&request.key, &request.requester, written_ms)
+                        .expect("a live hold commits");
+                }
+                1 if rng.chance(0.3) => {
+                    ledger
+                        .release(&request.key, &request.requester, written_ms)
+                        .expect("a hold releases");
+                }
+                _ => {}
+            }
+        }
+        if rng.chance(0.2) {
+            let slots = u32::try_from(rng.between(1, 3)).expect("a small number");
+            ledger
+                .set_inventory(&inventory(slots), start_ms - MINUTE_MS)
+                .expect("the inventory is written");
+        }
+        ledger
+    }
+
+    #[test]
+    fn the_advert_stays_the_same_until_the_instant_it_names() {
+        // The shells recompute the advert only at that instant (or after a
+        // write): asked at any instant before it, `advert_capacity` must
+        // answer exactly what it answered, else a change goes unadvertised.
+        let mut changed_at_bound = 0;
+        for seed in 0..300 {
+            let mut rng = Rng::new(seed);
+            let start_ms = 1_750_000_000_000 + rng.between(0, DAY_MS);
+            let ledger = random_ledger(&mut rng, start_ms);
+            let mut now_ms = start_ms;
+            for _ in 0..12 {
+                let advert = advert_capacity(&ledger, now_ms)
+                    .expect("the ledger reads")
+                    .expect("the ledger has an inventory");
+                let valid_until_ms = advert.valid_until_ms;
+                assert!(valid_until_ms > now_ms, "seed {seed}: valid from {now_ms}");
+                let mut probes = vec![now_ms + 1, valid_until_ms - 1];
+                probes.extend((0..4).map(|_| rng.between(now_ms, valid_until_ms - 1)));
+                for probe_ms in probes.into_iter().filter(|&at| at < valid_until_ms) {
+                    let again = advert_capacity(&ledger, probe_ms)
+                        .expect("the ledger reads")
+                        .expect("the ledger has an inventory");
+                    assert_eq!(
+                        again, advert,
+                        "seed {seed}: asked at {now_ms}, then at {probe_ms}"
+                    );
+                }
+                let at_bound = advert_capacity(&ledger, valid_until_ms)
+                    .expect("the ledger reads")
+                    .expect("the ledger has an inventory");
+                if at_bound.capacity != advert.capacity {
+                    changed_at_bound += 1;
+                }
+                now_ms = valid_until_ms;
+                if rng.chance(0.5) {
+                    now_ms += rng.between(0, 5 * MINUTE_MS);
+                }
+            }
+        }
+        // The bounds are the instants of change, not needlessly early ones:
+        // nearly all are where the advert does change (the others are
+        // leases of holds outside the horizon, or steps hidden by an
+        // overbooked inventory).
+        assert!(changed_at_bound > 300 * 12 * 9 / 10, "{changed_at_bound}");
+    }
+}
