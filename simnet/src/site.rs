@@ -27,7 +27,8 @@ use vcfed_storage::{
 use vcfed_node_core::cluster::{ClusterConfig, ClusterCore, ClusterMsg, ClusterRequest};
 use vcfed_node_core::driver::sim::SimDriver;
 use vcfed_node_core::federation::{
-    ADVERT_COALESCE_MS, REQUEST_TIMEOUT_MS, advert_capacity, cluster_payload, moves_capacity,
+    AdvertTimer, PublishGate, REQUEST_TIMEOUT_MS, advert_capacity, cluster_payload, moves_capacity,
+    software,
 };
 use vcfed_node_core::runner::{Runner, RunnerFault, TickReport};
 
@@ -435,11 +436,9 @@ struct Volatile {
     next_request: u64,
     /// When the registry next wants its timer (cached, see `poll_timeout`).
     registry_wake: Option<i64>,
-    /// When a coalesced capacity change is to be advertised.
-    advert_due: Option<i64>,
-    /// When the local advert stops holding without a ledger write (see
-    /// `advert_capacity`): it is recomputed then.
-    advert_valid_until: i64,
+    /// When the local advert is recomputed (after a ledger write, and when
+    /// it stops holding), as the federation shell does.
+    advert: AdvertTimer,
     /// When the ledger is swept at the latest (for its event log).
     next_sweep: i64,
     /// The earliest lease of a held reservation, run out or not: the
@@ -661,9 +660,8 @@ impl FedSite {
             pending: BTreeMap::new(),
             next_request: 0,
             registry_wake: None,
-            advert_due: None,
             // Set by the recomputation at the end of the boot.
-            advert_valid_until: now,
+            advert: AdvertTimer::new(now),
             next_sweep: now + self.settings.sweep_ms,
             lease_expiry,
             fake_holds: BTreeMap::new(),
@@ -707,7 +705,7 @@ impl FedSite {
         };
         let advert = advert_capacity(&self.ledger, now)?
             .expect("a simulated site has its inventory from the start");
-        volatile.advert_valid_until = advert.valid_until_ms;
+        volatile.advert.recomputed(advert.valid_until_ms);
         let index = u32::try_from(self.index).unwrap_or(u32::MAX);
         volatile.registry.set_local(
             now,
@@ -723,7 +721,7 @@ impl FedSite {
                     (index >> 8) & 0xFF,
                     index & 0xFF
                 )],
-                software: format!("vcfed/{}", env!("CARGO_PKG_VERSION")),
+                software: software(),
             },
         );
         // Publishing moves only the refresh deadline, later: a cached wake
@@ -739,9 +737,7 @@ impl FedSite {
     fn capacity_changed(&mut self, now: i64) -> Result<(), LedgerError> {
         self.observations.push(Observation::LedgerTouched);
         if let Some(volatile) = self.volatile.as_mut() {
-            if volatile.advert_due.is_none() {
-                volatile.advert_due = Some(now + ADVERT_COALESCE_MS);
-            }
+            volatile.advert.capacity_changed(now);
             volatile.lease_expiry = self.ledger.next_lease_expiry(i64::MIN)?;
         }
         Ok(())
@@ -810,15 +806,14 @@ impl FedSite {
         // make a site's liveness change sooner than the cached wake.
         // `poll_timeout` costs no pass over the view.
         volatile.registry_wake = volatile.registry.poll_timeout();
-        let mut version_unsaved = false;
+        let mut gate = PublishGate::default();
         let mut alive = Vec::new();
         while let Some(event) = volatile.registry.poll_event() {
             match event {
                 RegistryEvent::PersistVersion(version) => {
-                    match self.ledger.set_advert_version(version) {
+                    match gate.persisted(self.ledger.set_advert_version(version)) {
                         Ok(()) => self.observations.push(Observation::Published { version }),
                         Err(e) => {
-                            version_unsaved = true;
                             self.observations
                                 .push(Observation::CoreError(format!("persisting version: {e}")));
                         }
@@ -864,7 +859,7 @@ impl FedSite {
         }
         while let Some(transmit) = volatile.registry.poll_transmit() {
             match transmit {
-                Transmit::Publish { .. } if version_unsaved => {}
+                _ if !gate.allows(&transmit) => {}
                 Transmit::Publish { data } => {
                     let id = content_id(&data);
                     let sites = self.directory.peers.len();
@@ -1117,10 +1112,7 @@ impl FedSite {
         let Some(volatile) = self.volatile.as_mut() else {
             return Ok(());
         };
-        // A recomputation includes a pending change.
-        let advert_due = volatile.advert_due.is_some_and(|at| at <= now);
-        if advert_due || volatile.advert_valid_until <= now {
-            volatile.advert_due = None;
+        if volatile.advert.take_due(now) {
             self.refresh_local_advert(now)?;
         }
         let volatile = self.volatile.as_mut().expect("checked above");
@@ -1279,8 +1271,8 @@ impl crate::Site for FedSite {
             [
                 volatile.registry_wake,
                 volatile.cluster.poll_timeout(),
-                volatile.advert_due,
-                Some(volatile.advert_valid_until),
+                volatile.advert.change_due_ms(),
+                Some(volatile.advert.valid_until_ms()),
                 Some(volatile.next_sweep),
                 volatile.lease_expiry,
                 volatile.runner.poll_timeout(),

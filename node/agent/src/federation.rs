@@ -29,8 +29,8 @@ use vcfed_node_core::cluster::{
 };
 
 use vcfed_node_core::federation::{
-    ADVERT_COALESCE_MS, ADVERT_TOPIC, MESSAGE_MAX_BYTES, REQUEST_TIMEOUT_MS, advert_capacity,
-    cluster_payload, moves_capacity,
+    ADVERT_TOPIC, AdvertTimer, MESSAGE_MAX_BYTES, PublishGate, REQUEST_TIMEOUT_MS, advert_capacity,
+    cluster_payload, moves_capacity, software,
 };
 
 use crate::config::Config;
@@ -46,8 +46,6 @@ const COMMANDS_MAX: usize = 64;
 const RECONNECT_TICK: Duration = Duration::from_secs(2);
 /// Longest the shell sleeps without looking at its timers.
 const WAKE_MAX: Duration = Duration::from_secs(1);
-/// Capacity changes closer together than this are advertised once.
-const ADVERT_COALESCE: Duration = Duration::from_millis(ADVERT_COALESCE_MS.unsigned_abs());
 /// Longest the local advert goes without a recomputation, however long
 /// [`advert_capacity`] says it holds: a safety net for a ledger write that
 /// nobody reported and for steps of the wall clock.
@@ -311,8 +309,7 @@ pub async fn start(
         connected: BTreeSet::new(),
         dial_targets: BTreeMap::new(),
         remembered: BTreeMap::new(),
-        advert_due: None,
-        advert_valid_until_ms: i64::MIN,
+        advert: AdvertTimer::new(i64::MIN),
         capacity: capacity.clone(),
     };
     for addr in &config.federation.bootstrap {
@@ -433,11 +430,9 @@ struct Shell {
     connected: BTreeSet<PeerId>,
     dial_targets: BTreeMap<PeerId, DialTarget>,
     remembered: BTreeMap<PeerId, (Option<String>, Vec<String>)>,
-    /// When a pending capacity change is to be advertised.
-    advert_due: Option<tokio::time::Instant>,
-    /// Until when (unix ms) the local advert holds without a ledger write:
-    /// it is recomputed then (see [`advert_capacity`]).
-    advert_valid_until_ms: i64,
+    /// When the local advert is recomputed (after a ledger write, and when
+    /// it stops holding; see [`advert_capacity`]), on the wall clock.
+    advert: AdvertTimer,
     /// Told of ledger changes by the handle.
     capacity: Arc<Notify>,
 }
@@ -459,18 +454,16 @@ impl Shell {
             let next = [
                 self.registry.poll_timeout(),
                 self.cluster.poll_timeout(),
-                Some(self.advert_valid_until_ms),
+                Some(self.advert.valid_until_ms()),
+                self.advert.change_due_ms(),
             ]
             .into_iter()
             .flatten()
             .min();
             // Never sleep long: deadlines are on the wall clock, which may step.
-            let mut wake = next.map_or(WAKE_MAX, |at| {
+            let wake = next.map_or(WAKE_MAX, |at| {
                 Duration::from_millis(u64::try_from(at - now_ms()).unwrap_or(0)).min(WAKE_MAX)
             });
-            if let Some(due) = self.advert_due {
-                wake = wake.min(due.saturating_duration_since(tokio::time::Instant::now()));
-            }
             tokio::select! {
                 () = &mut stopped => break,
                 event = events.recv() => match event {
@@ -487,9 +480,7 @@ impl Shell {
                     // ends, a hold's lease runs out), so the local advert is
                     // recomputed when it stops holding, before the core
                     // refreshes it; a recomputation includes a pending change.
-                    let change_due = self.advert_due.is_some_and(|due| due <= tokio::time::Instant::now());
-                    if change_due || now_ms() >= self.advert_valid_until_ms {
-                        self.advert_due = None;
+                    if self.advert.take_due(now_ms()) {
                         self.refresh_local_advert();
                     }
                     let now = now_ms();
@@ -592,9 +583,7 @@ impl Shell {
 
     /// Schedules a re-advertisement soon; changes in a burst share one.
     fn capacity_changed(&mut self) {
-        if self.advert_due.is_none() {
-            self.advert_due = Some(tokio::time::Instant::now() + ADVERT_COALESCE);
-        }
+        self.advert.capacity_changed(now_ms());
     }
 
     /// A cluster request from another site: this site as a worker.
@@ -673,18 +662,15 @@ impl Shell {
 
     /// Carries out what the core asked, events first (see the core's contract).
     async fn drain(&mut self) {
-        // A version that is not on disk must not be sent: after a restart the
-        // site would reuse it and receivers would ignore it as a duplicate.
-        let mut version_unsaved = false;
+        let mut gate = PublishGate::default();
         while let Some(event) = self.registry.poll_event() {
             match event {
                 RegistryEvent::PersistVersion(version) => {
-                    if let Err(e) = self
+                    let written = self
                         .ledger
-                        .blocking(move |ledger| ledger.set_advert_version(version))
-                    {
+                        .blocking(move |ledger| ledger.set_advert_version(version));
+                    if let Err(e) = gate.persisted(written) {
                         tracing::error!(error = %format!("{e:#}"), version, "cannot persist the advert version; not publishing it");
-                        version_unsaved = true;
                     }
                 }
                 RegistryEvent::SiteAlive { site, name } => {
@@ -716,7 +702,7 @@ impl Shell {
         }
         while let Some(transmit) = self.registry.poll_transmit() {
             match transmit {
-                Transmit::Publish { .. } if version_unsaved => {}
+                _ if !gate.allows(&transmit) => {}
                 Transmit::Publish { data } => self.send(Outgoing::Publish(data)),
                 Transmit::Request { to, data } => self.send(Outgoing::Request { to, data }),
             }
@@ -828,19 +814,22 @@ impl Shell {
         {
             Ok(Some(advert)) => advert,
             Ok(None) => {
-                self.advert_valid_until_ms = now.saturating_add(ADVERT_RECOMPUTE_MAX_MS);
+                self.advert
+                    .recomputed(now.saturating_add(ADVERT_RECOMPUTE_MAX_MS));
                 return;
             }
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "cannot read capacity for the advert");
                 // Not at once: a ledger that keeps failing would spin the shell.
-                self.advert_valid_until_ms = now.saturating_add(millis(WAKE_MAX));
+                self.advert.recomputed(now.saturating_add(millis(WAKE_MAX)));
                 return;
             }
         };
-        self.advert_valid_until_ms = advert
-            .valid_until_ms
-            .min(now.saturating_add(ADVERT_RECOMPUTE_MAX_MS));
+        self.advert.recomputed(
+            advert
+                .valid_until_ms
+                .min(now.saturating_add(ADVERT_RECOMPUTE_MAX_MS)),
+        );
         let capacity = advert.capacity;
         // Loopback addresses only help on this host: advertise them only if
         // there is nothing else.
@@ -866,7 +855,7 @@ impl Shell {
                 capacity,
                 gateway: self.gateway.clone(),
                 addrs,
-                software: format!("vcfed/{}", env!("CARGO_PKG_VERSION")),
+                software: software(),
             },
         );
     }

@@ -7,10 +7,13 @@
 //! - which messages are the cluster core's and which the registry's
 //!   ([`cluster_payload`]), and which cluster messages move capacity
 //!   ([`moves_capacity`]);
+//! - when the local advert is recomputed ([`AdvertTimer`]: coalesced after a
+//!   ledger write, and when the last answer stops holding);
+//! - that a version not on disk is never published ([`PublishGate`]);
 //! - the timing both shells share: advert coalescing, request timeout.
 
 use vcfed_registry::wire;
-use vcfed_registry::{CapacitySummary, NodeShape};
+use vcfed_registry::{CapacitySummary, NodeShape, Transmit};
 use vcfed_storage::{Ledger, LedgerError, Window};
 
 use crate::cluster::ClusterMsg;
@@ -27,6 +30,95 @@ const HORIZON_ROUND_MS: i64 = 3_600_000;
 pub const ADVERT_COALESCE_MS: i64 = 200;
 /// How long a federation request may take before it is given up.
 pub const REQUEST_TIMEOUT_MS: i64 = 10_000;
+
+/// The software a site advertises.
+pub fn software() -> String {
+    format!("vcfed/{}", env!("CARGO_PKG_VERSION"))
+}
+
+/// When the local advert is to be recomputed from the ledger: soon after a
+/// write that may have changed the site's reservations (writes in a burst
+/// share one recomputation, [`ADVERT_COALESCE_MS`] after the first), and
+/// when the last answer of [`advert_capacity`] stops holding. Times are the
+/// shell's clock, ms.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdvertTimer {
+    /// When a coalesced change is to be advertised.
+    change_due_ms: Option<i64>,
+    /// When the last recomputation stops holding.
+    valid_until_ms: i64,
+}
+
+impl AdvertTimer {
+    /// A timer that wants a recomputation at `now_ms`.
+    pub fn new(now_ms: i64) -> AdvertTimer {
+        AdvertTimer {
+            change_due_ms: None,
+            valid_until_ms: now_ms,
+        }
+    }
+
+    /// The ledger changed in a way that may move capacity.
+    pub fn capacity_changed(&mut self, now_ms: i64) {
+        if self.change_due_ms.is_none() {
+            self.change_due_ms = Some(now_ms + ADVERT_COALESCE_MS);
+        }
+    }
+
+    /// Whether the advert is to be recomputed at `now_ms`. A `true` takes
+    /// the pending change with it: the recomputation includes it.
+    pub fn take_due(&mut self, now_ms: i64) -> bool {
+        let change_due = self.change_due_ms.is_some_and(|at| at <= now_ms);
+        if change_due || self.valid_until_ms <= now_ms {
+            self.change_due_ms = None;
+            return true;
+        }
+        false
+    }
+
+    /// The advert was recomputed; it holds until `valid_until_ms`.
+    pub fn recomputed(&mut self, valid_until_ms: i64) {
+        self.valid_until_ms = valid_until_ms;
+    }
+
+    /// When a coalesced change is due, if one is pending.
+    pub fn change_due_ms(&self) -> Option<i64> {
+        self.change_due_ms
+    }
+
+    /// When the last recomputation stops holding.
+    pub fn valid_until_ms(&self) -> i64 {
+        self.valid_until_ms
+    }
+}
+
+/// Keeps an advert version that is not on disk from being published: after
+/// a restart the site would reuse it, and receivers would ignore the new
+/// advert as a duplicate. The registry core emits
+/// `RegistryEvent::PersistVersion` before the publish it belongs to; a
+/// shell persists it through the gate while draining events, then asks the
+/// gate about each transmit. One gate per drain.
+#[derive(Debug, Default)]
+pub struct PublishGate {
+    unsaved: bool,
+}
+
+impl PublishGate {
+    /// Takes the outcome of writing a `PersistVersion` event's version to
+    /// the ledger ([`Ledger::set_advert_version`]); a failure closes the
+    /// gate for the publishes of this drain.
+    pub fn persisted<E>(&mut self, written: Result<(), E>) -> Result<(), E> {
+        if written.is_err() {
+            self.unsaved = true;
+        }
+        written
+    }
+
+    /// Whether `transmit` may go out.
+    pub fn allows(&self, transmit: &Transmit) -> bool {
+        !(self.unsaved && matches!(transmit, Transmit::Publish { .. }))
+    }
+}
 
 /// Whether handling `msg` may change this site's reservations, and so its
 /// advert: every cluster message but node reports, which only the master
@@ -119,6 +211,40 @@ fn round_up(value: i64, unit: i64) -> i64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn advert_changes_in_a_burst_share_one_recomputation() {
+        let mut timer = AdvertTimer::new(1_000);
+        assert!(timer.take_due(1_000), "a new timer wants the first advert");
+        timer.recomputed(60_000);
+        assert!(!timer.take_due(1_001));
+        timer.capacity_changed(2_000);
+        timer.capacity_changed(2_150);
+        assert_eq!(timer.change_due_ms(), Some(2_000 + ADVERT_COALESCE_MS));
+        assert!(!timer.take_due(2_199));
+        assert!(timer.take_due(2_200));
+        assert_eq!(timer.change_due_ms(), None, "the recomputation took it");
+        timer.recomputed(60_000);
+        assert!(!timer.take_due(59_999));
+        assert!(timer.take_due(60_000), "the answer stopped holding");
+    }
+
+    #[test]
+    fn a_version_not_on_disk_is_never_published() {
+        let publish = Transmit::Publish { data: vec![1] };
+        let request = Transmit::Request {
+            to: libp2p_identity::Keypair::generate_ed25519()
+                .public()
+                .to_peer_id(),
+            data: vec![2],
+        };
+        let mut gate = PublishGate::default();
+        gate.persisted::<()>(Ok(())).expect("written");
+        assert!(gate.allows(&publish));
+        assert!(gate.persisted(Err("disk full")).is_err());
+        assert!(!gate.allows(&publish), "the gate closes on a failed write");
+        assert!(gate.allows(&request), "requests carry no new version");
+    }
+
     use vcfed_storage::{HoldOutcome, HoldRequest, Inventory, InventoryHost, Ledger};
 
     use super::*;
