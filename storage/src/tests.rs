@@ -843,7 +843,7 @@ fn cached_statements_are_not_compiled_again_on_every_use() {
     // compiled once.
     let stmt = ledger
         .conn
-        .prepare_cached(super::CLUSTER_PARTS_SQL)
+        .prepare_cached(clusters::CLUSTER_PARTS_SQL)
         .unwrap();
     assert!(stmt.get_status(rusqlite::StatementStatus::Run) >= 12);
     assert_eq!(stmt.get_status(rusqlite::StatementStatus::RePrepare), 0);
