@@ -29,44 +29,21 @@ pub enum ClusterState {
     Failed,
 }
 
-impl ClusterState {
-    /// The name stored in the database and shown to users.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ClusterState::Requested => "requested",
-            ClusterState::Reserving => "reserving",
-            ClusterState::Reserved => "reserved",
-            ClusterState::Starting => "starting",
-            ClusterState::Running => "running",
-            ClusterState::Stopping => "stopping",
-            ClusterState::Finished => "finished",
-            ClusterState::Failed => "failed",
-        }
-    }
+crate::state_names!(ClusterState {
+    Requested => "requested",
+    Reserving => "reserving",
+    Reserved => "reserved",
+    Starting => "starting",
+    Running => "running",
+    Stopping => "stopping",
+    Finished => "finished",
+    Failed => "failed",
+});
 
+impl ClusterState {
     /// Whether the cluster's life is over.
     pub fn is_terminal(self) -> bool {
         matches!(self, ClusterState::Finished | ClusterState::Failed)
-    }
-
-    fn parse(text: &str) -> Option<ClusterState> {
-        Some(match text {
-            "requested" => ClusterState::Requested,
-            "reserving" => ClusterState::Reserving,
-            "reserved" => ClusterState::Reserved,
-            "starting" => ClusterState::Starting,
-            "running" => ClusterState::Running,
-            "stopping" => ClusterState::Stopping,
-            "finished" => ClusterState::Finished,
-            "failed" => ClusterState::Failed,
-            _ => return None,
-        })
-    }
-}
-
-impl std::fmt::Display for ClusterState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 
@@ -88,37 +65,14 @@ pub enum PartState {
     Released,
 }
 
-impl PartState {
-    /// The name stored in the database and shown to users.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PartState::Reserving => "reserving",
-            PartState::Held => "held",
-            PartState::Committing => "committing",
-            PartState::Committed => "committed",
-            PartState::Releasing => "releasing",
-            PartState::Released => "released",
-        }
-    }
-
-    fn parse(text: &str) -> Option<PartState> {
-        Some(match text {
-            "reserving" => PartState::Reserving,
-            "held" => PartState::Held,
-            "committing" => PartState::Committing,
-            "committed" => PartState::Committed,
-            "releasing" => PartState::Releasing,
-            "released" => PartState::Released,
-            _ => return None,
-        })
-    }
-}
-
-impl std::fmt::Display for PartState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+crate::state_names!(PartState {
+    Reserving => "reserving",
+    Held => "held",
+    Committing => "committing",
+    Committed => "committed",
+    Releasing => "releasing",
+    Released => "released",
+});
 
 /// The share of a cluster's nodes at one site (one reservation attempt).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -235,6 +235,42 @@ fn migrate(conn: &mut Connection) -> Result<(), LedgerError> {
     }
 }
 
+/// Gives a fieldless state enum the names it is stored under and shown as,
+/// from one list of `Variant => "name"` pairs: `as_str`, its inverse `parse`
+/// (`None` for a name not in the list) and `Display`. A variant missing from
+/// the list fails to compile (the match in `as_str` is not exhaustive).
+macro_rules! state_names {
+    ($state:ident { $($variant:ident => $name:literal),+ $(,)? }) => {
+        impl $state {
+            /// The name stored in the database and shown to users.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($state::$variant => $name,)+
+                }
+            }
+
+            /// The state stored as `text` (see [`Self::as_str`]).
+            pub(crate) fn parse(text: &str) -> Option<$state> {
+                match text {
+                    $($name => Some($state::$variant),)+
+                    _ => None,
+                }
+            }
+
+            /// Every state, in declaration order.
+            #[cfg(test)]
+            pub(crate) const ALL: &'static [$state] = &[$($state::$variant),+];
+        }
+
+        impl std::fmt::Display for $state {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+pub(crate) use state_names;
+
 /// Runs one statement through the connection's statement cache. The ledger
 /// issues the same few dozen statements over and over (the simulator runs
 /// a thousand ledgers in one process), and compiling SQL text on each call

@@ -27,33 +27,12 @@ pub enum ReservationState {
     Expired,
 }
 
-impl ReservationState {
-    /// The name stored in the database and shown to users.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ReservationState::Held => "held",
-            ReservationState::Committed => "committed",
-            ReservationState::Released => "released",
-            ReservationState::Expired => "expired",
-        }
-    }
-
-    fn parse(text: &str) -> Option<ReservationState> {
-        Some(match text {
-            "held" => ReservationState::Held,
-            "committed" => ReservationState::Committed,
-            "released" => ReservationState::Released,
-            "expired" => ReservationState::Expired,
-            _ => return None,
-        })
-    }
-}
-
-impl std::fmt::Display for ReservationState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+crate::state_names!(ReservationState {
+    Held => "held",
+    Committed => "committed",
+    Released => "released",
+    Expired => "expired",
+});
 
 /// What a requester asks to hold.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
