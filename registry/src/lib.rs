@@ -16,6 +16,9 @@
 //!
 //! `libp2p-identity` is allowed in the core: it is pure key and peer-id
 //! arithmetic (Ed25519 signatures, peer id derivation), with no I/O.
+//! `vcfed-storage` is a dependency for one plain type, [`NodeShape`], so
+//! that the shape a site advertises is the one its ledger stores; the core
+//! calls nothing of it that touches SQLite.
 
 pub mod advert;
 pub mod core;
