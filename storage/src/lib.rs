@@ -48,7 +48,7 @@ use rusqlite::backup::{Backup, StepResult};
 use rusqlite::config::DbConfig;
 use rusqlite::{Connection, Params, Row, TransactionBehavior};
 
-pub use calendar::{Step, Usage, Window, free_steps, min_free, peak_usage};
+pub use calendar::{Step, Usage, Window, min_free, peak_usage};
 pub use clusters::{ClusterPart, ClusterRecord, ClusterState, GatewayRef, PartState};
 pub use error::LedgerError;
 pub use events::Event;
@@ -60,11 +60,11 @@ pub use reservations::{
 pub use runs::{ClusterRun, NodeRecord};
 
 /// Longest accepted idempotency key, in bytes.
-pub const KEY_LEN_MAX: usize = 200;
+pub(crate) const KEY_LEN_MAX: usize = 200;
 /// Longest accepted cluster id or site name stored with a reservation, in bytes.
-pub const NAME_LEN_MAX: usize = 200;
+pub(crate) const NAME_LEN_MAX: usize = 200;
 /// Longest lease a hold may have, ms (a week).
-pub const LEASE_MS_MAX: i64 = 7 * 86_400_000;
+pub(crate) const LEASE_MS_MAX: i64 = 7 * 86_400_000;
 /// Latest instant the calendar accepts: the end of year 9999, unix ms.
 pub const INSTANT_MS_MAX: i64 = 253_402_300_799_999;
 /// Addresses remembered per peer; the oldest are forgotten first.

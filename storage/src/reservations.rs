@@ -4,11 +4,12 @@
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehavior, params};
 use serde::{Deserialize, Serialize};
 
+use crate::calendar::free_steps;
 use crate::events::record_event;
 use crate::inventory::{capacity, node_shape};
 use crate::{
     EVENTS_MAX, INSTANT_MS_MAX, KEY_LEN_MAX, LEASE_MS_MAX, Ledger, LedgerError, NAME_LEN_MAX,
-    NodeShape, Step, Usage, Window, execute_cached, free_steps, get_u64, min_free, peak_usage,
+    NodeShape, Step, Usage, Window, execute_cached, get_u64, min_free, peak_usage,
     query_row_cached, to_sql_u64,
 };
 
