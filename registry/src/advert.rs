@@ -12,6 +12,10 @@ use std::sync::Arc;
 use libp2p_identity::{Keypair, PeerId, PublicKey};
 use serde::{Deserialize, Serialize};
 
+/// The shape of one node slot of a site: the ledger's type, so that what a
+/// site stores and what it advertises cannot drift apart.
+pub use vcfed_storage::NodeShape;
+
 /// Prefix of every signed advert body, so a signature over an advert can
 /// never be replayed as a signature over anything else.
 const SIGNING_DOMAIN: &[u8] = b"vcfed/advert/1\0";
@@ -48,26 +52,6 @@ pub fn coarsen_steps(steps: &[(i64, u32)], max: usize) -> Vec<(i64, u32)> {
         .collect();
     merged.dedup_by(|later, earlier| later.1 == earlier.1);
     merged
-}
-
-/// The shape of one node slot of a site.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeShape {
-    /// CPU cores.
-    pub cores: u32,
-    /// Memory, MiB.
-    pub memory_mib: u64,
-    /// Disk, GiB.
-    pub disk_gib: u64,
-}
-
-impl NodeShape {
-    /// Whether a node of this shape fits into a slot of shape `slot`.
-    pub fn fits_in(&self, slot: &NodeShape) -> bool {
-        self.cores <= slot.cores
-            && self.memory_mib <= slot.memory_mib
-            && self.disk_gib <= slot.disk_gib
-    }
 }
 
 /// A site's free capacity over its advertised horizon.
@@ -437,5 +421,19 @@ mod tests {
             assert!(covering.1 <= free, "at {at}: {} > {free}", covering.1);
         }
         assert_eq!(coarsen_steps(&steps[..5], 10), steps[..5].to_vec());
+    }
+
+    #[test]
+    fn node_shape_encoding_is_pinned() {
+        // Adverts carry the shape postcard-encoded, field by field in
+        // declaration order; sites of different versions must agree on it.
+        let shape = NodeShape {
+            cores: 2,
+            memory_mib: 4096,
+            disk_gib: 20,
+        };
+        let bytes = postcard::to_allocvec(&shape).unwrap();
+        assert_eq!(bytes, [0x02, 0x80, 0x20, 0x14]);
+        assert_eq!(postcard::from_bytes::<NodeShape>(&bytes).unwrap(), shape);
     }
 }

@@ -12,13 +12,19 @@
 //! tokio, libp2p, rusqlite or netlink, nor read a clock or a random source it
 //! was not handed; that is what lets `vcfed-simnet` drive it on a virtual
 //! clock. The libp2p adapter (transport, pnet, gossipsub, request-response,
-//! identify, ping) is a thin shell around the core.
+//! identify, ping) is a thin shell around the core, behind the `p2p` cargo
+//! feature (on by default): with `default-features = false` the crate is
+//! the core alone and builds without tokio or libp2p.
 //!
 //! `libp2p-identity` is allowed in the core: it is pure key and peer-id
 //! arithmetic (Ed25519 signatures, peer id derivation), with no I/O.
+//! `vcfed-storage` is a dependency for one plain type, [`NodeShape`], so
+//! that the shape a site advertises is the one its ledger stores; the core
+//! calls nothing of it that touches SQLite.
 
 pub mod advert;
 pub mod core;
+#[cfg(feature = "p2p")]
 pub mod p2p;
 pub mod wire;
 

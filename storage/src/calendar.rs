@@ -23,7 +23,7 @@ impl Window {
     }
 
     /// Whether the two windows share at least one millisecond.
-    pub fn overlaps(&self, other: &Window) -> bool {
+    pub(crate) fn overlaps(&self, other: &Window) -> bool {
         self.start_ms < other.end_ms && other.start_ms < self.end_ms
     }
 
@@ -64,7 +64,7 @@ pub fn peak_usage(usages: &[Usage], window: Window) -> u64 {
 
 /// Free nodes over `window` as steps: the first step is at `window.start_ms`,
 /// consecutive steps always differ in `free`.
-pub fn free_steps(capacity: u32, usages: &[Usage], window: Window) -> Vec<Step> {
+pub(crate) fn free_steps(capacity: u32, usages: &[Usage], window: Window) -> Vec<Step> {
     let mut steps: Vec<Step> = Vec::new();
     for (at_ms, used) in usage_steps(usages, window) {
         let free = u64::from(capacity).saturating_sub(used);

@@ -843,7 +843,7 @@ fn cached_statements_are_not_compiled_again_on_every_use() {
     // compiled once.
     let stmt = ledger
         .conn
-        .prepare_cached(super::CLUSTER_PARTS_SQL)
+        .prepare_cached(clusters::CLUSTER_PARTS_SQL)
         .unwrap();
     assert!(stmt.get_status(rusqlite::StatementStatus::Run) >= 12);
     assert_eq!(stmt.get_status(rusqlite::StatementStatus::RePrepare), 0);
@@ -1003,4 +1003,32 @@ fn in_memory_ledgers_are_independent_copies_of_a_migrated_one() {
             .is_empty()
     );
     assert_eq!(third.capacity().unwrap(), 0);
+}
+
+#[test]
+fn state_names_round_trip_and_match_serde() {
+    // The name a state is stored under is also its JSON name (the API
+    // shows both), and reading it back gives the same state.
+    fn check<S>(all: &[S], as_str: fn(S) -> &'static str, parse: fn(&str) -> Option<S>)
+    where
+        S: Copy + std::fmt::Debug + std::fmt::Display + PartialEq + serde::Serialize,
+    {
+        for &state in all {
+            let name = as_str(state);
+            assert_eq!(parse(name), Some(state));
+            assert_eq!(state.to_string(), name);
+            assert_eq!(
+                serde_json::to_value(state).unwrap(),
+                serde_json::json!(name)
+            );
+        }
+        assert_eq!(parse("no-such-state"), None);
+    }
+    check(
+        ReservationState::ALL,
+        ReservationState::as_str,
+        ReservationState::parse,
+    );
+    check(ClusterState::ALL, ClusterState::as_str, ClusterState::parse);
+    check(PartState::ALL, PartState::as_str, PartState::parse);
 }
