@@ -45,7 +45,7 @@ pub const SEGMENTS_MAX: usize = 256;
 /// at `net.core.rmem_max` / `wmem_max`.
 pub const SOCKET_BUFFER_BYTES: usize = 4 << 20;
 /// How often the counters are logged at DEBUG, ms.
-pub const STATS_LOG_INTERVAL_MS: u64 = 10_000;
+pub(super) const STATS_LOG_INTERVAL_MS: u64 = 10_000;
 /// How long a dynamic gateway waits before it tries again to set up a
 /// segment that failed, ms.
 const SEGMENT_RETRY_MS: i64 = 2_000;

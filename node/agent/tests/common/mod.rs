@@ -12,12 +12,12 @@ use vcfed::client::ApiClient;
 use vcfed::config::Config;
 
 /// The `vcfed` binary under test.
-pub fn vcfed_bin() -> &'static str {
+pub(crate) fn vcfed_bin() -> &'static str {
     env!("CARGO_BIN_EXE_vcfed")
 }
 
 /// Runs `vcfed args...` to completion.
-pub fn vcfed(args: &[&str]) -> Output {
+pub(crate) fn vcfed(args: &[&str]) -> Output {
     Command::new(vcfed_bin())
         .args(args)
         .env_remove("VCFED_CONFIG")
@@ -27,7 +27,7 @@ pub fn vcfed(args: &[&str]) -> Output {
 }
 
 /// A site initialised in its own temporary directory.
-pub struct Site {
+pub(crate) struct Site {
     pub dir: tempfile::TempDir,
     pub config_path: PathBuf,
 }
@@ -35,12 +35,12 @@ pub struct Site {
 impl Site {
     /// `vcfed init` of a site with `nodes` node slots and its API on a free
     /// loopback port.
-    pub fn init(name: &str, nodes: u32) -> Site {
+    pub(crate) fn init(name: &str, nodes: u32) -> Site {
         Site::init_with(name, nodes, "/ip4/127.0.0.1/tcp/0", &[])
     }
 
     /// `vcfed init` with a federation listen address and more flags.
-    pub fn init_with(name: &str, nodes: u32, listen: &str, extra: &[&str]) -> Site {
+    pub(crate) fn init_with(name: &str, nodes: u32, listen: &str, extra: &[&str]) -> Site {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let data_dir = dir.path().join("data");
         let api = format!("127.0.0.1:{}", free_port());
@@ -72,33 +72,33 @@ impl Site {
     }
 
     /// Adds lines to the `[federation]` table of the site's config.
-    pub fn add_federation_settings(&self, lines: &str) {
+    pub(crate) fn add_federation_settings(&self, lines: &str) {
         let text = std::fs::read_to_string(&self.config_path).unwrap();
         let text = text.replacen("[federation]\n", &format!("[federation]\n{lines}\n"), 1);
         std::fs::write(&self.config_path, text).unwrap();
     }
 
     /// Adds lines to the `[clusters]` table of the site's config.
-    pub fn add_clusters_settings(&self, lines: &str) {
+    pub(crate) fn add_clusters_settings(&self, lines: &str) {
         let text = std::fs::read_to_string(&self.config_path).unwrap();
         let text = text.replacen("[clusters]\n", &format!("[clusters]\n{lines}\n"), 1);
         std::fs::write(&self.config_path, text).unwrap();
     }
 
-    pub fn data_dir(&self) -> PathBuf {
+    pub(crate) fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }
 
-    pub fn config(&self) -> Config {
+    pub(crate) fn config(&self) -> Config {
         Config::load(&self.config_path).expect("the site's config loads")
     }
 
-    pub fn config_arg(&self) -> &str {
+    pub(crate) fn config_arg(&self) -> &str {
         self.config_path.to_str().unwrap()
     }
 
     /// Starts `vcfed run` for this site; stderr goes to `agent.log`.
-    pub fn spawn(&self) -> Agent {
+    pub(crate) fn spawn(&self) -> Agent {
         let log_path = self.dir.path().join("agent.log");
         let log = std::fs::File::create(&log_path).expect("the log file opens");
         let child = Command::new(vcfed_bin())
@@ -114,37 +114,37 @@ impl Site {
         }
     }
 
-    pub fn client(&self) -> ApiClient {
+    pub(crate) fn client(&self) -> ApiClient {
         vcfed::cli::client_from_config(&self.config()).expect("a client for the site")
     }
 }
 
 /// An agent process, SIGKILLed on drop if still running.
-pub struct Agent {
+pub(crate) struct Agent {
     pub child: Option<Child>,
     pub log_path: PathBuf,
 }
 
 impl Agent {
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.as_ref().expect("the agent runs").id()
     }
 
     /// Sends SIGTERM and waits (bounded) for the exit.
-    pub fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
+    pub(crate) fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
         signal(self.pid(), "TERM");
         self.wait(within)
     }
 
     /// Sends SIGKILL and reaps the process.
-    pub fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         let mut child = self.child.take().expect("the agent runs");
         let _ = child.kill();
         let _ = child.wait();
     }
 
     /// Waits at most `within` for the process to exit.
-    pub fn wait(&mut self, within: Duration) -> std::process::ExitStatus {
+    pub(crate) fn wait(&mut self, within: Duration) -> std::process::ExitStatus {
         let deadline = Instant::now() + within;
         let child = self.child.as_mut().expect("the agent runs");
         loop {
@@ -161,7 +161,7 @@ impl Agent {
         }
     }
 
-    pub fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 }
@@ -176,7 +176,7 @@ impl Drop for Agent {
 }
 
 /// Sends a signal by name with kill(1).
-pub fn signal(pid: u32, name: &str) {
+pub(crate) fn signal(pid: u32, name: &str) {
     let status = Command::new("kill")
         .args([&format!("-{name}"), &pid.to_string()])
         .status()
@@ -191,7 +191,7 @@ pub fn signal(pid: u32, name: &str) {
 /// one between this check and the agent's own bind; a counter shared by the
 /// tests of one binary keeps them from handing out a port twice, and the
 /// process id spreads concurrent binaries apart.
-pub fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
@@ -216,14 +216,14 @@ pub fn free_port() -> u16 {
 }
 
 /// Waits until the agent answers, at most 15 s.
-pub async fn wait_ready(client: &ApiClient) {
+pub(crate) async fn wait_ready(client: &ApiClient) {
     if let Err(e) = try_wait_ready(client).await {
         panic!("{e}");
     }
 }
 
 /// Like [`wait_ready`], with the failure as a value.
-pub async fn try_wait_ready(client: &ApiClient) -> Result<(), String> {
+pub(crate) async fn try_wait_ready(client: &ApiClient) -> Result<(), String> {
     match tokio::time::timeout(
         Duration::from_secs(15),
         vcfed::demo::local::wait_ready(client),
@@ -237,16 +237,16 @@ pub async fn try_wait_ready(client: &ApiClient) -> Result<(), String> {
 }
 
 /// Text of a process's stderr.
-pub fn stderr(out: &Output) -> String {
+pub(crate) fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-pub fn exists(path: &Path) -> bool {
+pub(crate) fn exists(path: &Path) -> bool {
     path.exists()
 }
 
 /// A running agent with its site and API client.
-pub struct Member {
+pub(crate) struct Member {
     pub site: Site,
     pub agent: Option<Agent>,
     pub client: ApiClient,
@@ -254,7 +254,7 @@ pub struct Member {
 }
 
 /// Starts the agent of `site` and waits until its API answers.
-pub async fn start(site: Site) -> Member {
+pub(crate) async fn start(site: Site) -> Member {
     let mut agent = site.spawn();
     let client = site.client();
     if let Err(e) = try_wait_ready(&client).await {
@@ -274,13 +274,13 @@ pub async fn start(site: Site) -> Member {
 }
 
 /// The federation view of one agent.
-pub async fn view(client: &ApiClient) -> vcfed::federation::SitesReport {
+pub(crate) async fn view(client: &ApiClient) -> vcfed::federation::SitesReport {
     client.get("/v1/sites").await.unwrap()
 }
 
 /// Polls `check` every 100 ms until it holds or `within` passes; returns
 /// how long it took.
-pub async fn eventually<F, Fut>(what: &str, within: Duration, mut check: F) -> Duration
+pub(crate) async fn eventually<F, Fut>(what: &str, within: Duration, mut check: F) -> Duration
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -296,18 +296,18 @@ where
 }
 
 /// Gossip timing for test federations (short, so tests are quick).
-pub const FAST_GOSSIP: &str =
+pub(crate) const FAST_GOSSIP: &str =
     "advert_ttl = \"3s\"\nadvert_refresh = \"1s\"\nanti_entropy = \"500ms\"";
 
 /// Starts a federation of sites `(name, nodes)` on loopback, every site
 /// bootstrapped from the first, and waits until every agent sees all of
 /// them alive.
-pub async fn start_federation(specs: &[(&str, u32)]) -> Vec<Member> {
+pub(crate) async fn start_federation(specs: &[(&str, u32)]) -> Vec<Member> {
     start_federation_with(specs, "").await
 }
 
 /// [`start_federation`] with `clusters` added to every site's `[clusters]`.
-pub async fn start_federation_with(specs: &[(&str, u32)], clusters: &str) -> Vec<Member> {
+pub(crate) async fn start_federation_with(specs: &[(&str, u32)], clusters: &str) -> Vec<Member> {
     let port = free_port();
     let first = Site::init_with(
         specs[0].0,
