@@ -979,6 +979,11 @@ impl ClusterCore {
         if left > 0 {
             return false;
         }
+        assert_eq!(
+            assigned.iter().map(|(_, _, nodes)| nodes).sum::<u32>(),
+            missing,
+            "a plan places exactly the missing nodes"
+        );
         for (peer, site_name, nodes) in assigned {
             let attempt = master
                 .parts
@@ -1019,6 +1024,14 @@ impl ClusterCore {
         if master.state == ClusterState::Reserving {
             let nodes = master.request.nodes;
             let (covered, pending) = (master.covered(), master.pending());
+            // Paired with `plan`, which asks only for what is missing, and
+            // with late answers of given-up parts, which stay released: a
+            // master never takes more nodes than asked (simnet checks it
+            // from outside, at every step).
+            assert!(
+                covered + pending <= nodes,
+                "cluster {id}: {covered} nodes covered and {pending} pending of {nodes}"
+            );
             if covered + pending < nodes {
                 let planned = sites
                     .is_some_and(|sites| self.plan(&mut master, sites, nodes - covered - pending));
