@@ -10,13 +10,37 @@
 //! - when the local advert is recomputed ([`AdvertTimer`]: coalesced after a
 //!   ledger write, and when the last answer stops holding);
 //! - that a version not on disk is never published ([`PublishGate`]);
-//! - the timing both shells share: advert coalescing, request timeout.
+//! - the timing both shells share: advert coalescing, request timeout;
+//! - [`Federation`]: the site's federation state machine that puts these
+//!   together around the registry core and the cluster core, with one
+//!   `handle_*` / `poll_*` surface.
+//!
+//! # Contract of [`Federation`]
+//!
+//! Sans-IO like the cores it holds: every input takes `now_ms` from the
+//! shell's clock and, where the ledger is involved, a [`LedgerAccess`].
+//! After every input the shell calls [`Federation::drain`], then takes
+//! [`Federation::poll_event`] until `None` (events first: they may say that
+//! a version could not be persisted), then [`Federation::poll_transmit`]
+//! until `None`, and sleeps until [`Federation::poll_timeout`] at the
+//! latest. What the shell keeps is its own: transport (libp2p or the
+//! simulated network), peers, dialling, sweeps of the ledger.
 
-use vcfed_registry::wire;
-use vcfed_registry::{CapacitySummary, NodeShape, Transmit};
-use vcfed_storage::{Ledger, LedgerError, Window};
+use std::collections::VecDeque;
 
-use crate::cluster::ClusterMsg;
+use libp2p_identity::PeerId;
+use vcfed_registry::advert::VerifiedAdvert;
+use vcfed_registry::wire::{self, Message};
+use vcfed_registry::{
+    CapacitySummary, GatewayInfo, LocalAdvert, NodeShape, Registry, RegistryEvent, Transmit,
+    Verdict,
+};
+use vcfed_storage::{ClusterRecord, Ledger, LedgerError, Window};
+
+use crate::cluster::{
+    ClusterCore, ClusterMsg, ClusterRequest, CreateError, DeleteError, ReportedNode,
+};
+use crate::ledger::LedgerAccess;
 
 /// Gossipsub topic of capacity adverts.
 pub const ADVERT_TOPIC: &str = "vcfed/adverts/1";
@@ -141,6 +165,370 @@ pub fn cluster_payload(data: &[u8]) -> Option<ClusterMsg> {
     }
     msg
 }
+
+/// What the site advertises besides its capacity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalSite {
+    /// The site's name.
+    pub name: String,
+    /// Its gateway, if it has one.
+    pub gateway: Option<GatewayInfo>,
+    /// Addresses other sites may dial, best first.
+    pub addrs: Vec<String>,
+}
+
+/// What the federation asks its shell to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outgoing {
+    /// Publish to every member (gossip).
+    Publish(Vec<u8>),
+    /// A request to one site; its answer goes to
+    /// [`Federation::handle_response`].
+    Request {
+        /// The site.
+        to: PeerId,
+        /// The encoded federation message.
+        data: Vec<u8>,
+        /// Whose request it is: `"cluster"` or `"registry"` (for counters).
+        label: &'static str,
+    },
+}
+
+/// What happened, for the shell to act on or log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FederationEvent {
+    /// The registry core's event (never `PersistVersion`: the federation
+    /// persists versions itself).
+    Registry(RegistryEvent),
+    /// An advert version was persisted and may be published.
+    Published {
+        /// The version.
+        version: u64,
+    },
+    /// An advert version could not be persisted: this drain publishes
+    /// nothing, and the next change tries again.
+    PersistFailed {
+        /// The version.
+        version: u64,
+        /// Why.
+        error: String,
+    },
+}
+
+/// The site's federation state machine: the registry core and the cluster
+/// core with the glue between them and the ledger. See the module docs
+/// for the contract.
+#[derive(Debug)]
+pub struct Federation {
+    registry: Registry,
+    cluster: ClusterCore,
+    local: LocalSite,
+    advert: AdvertTimer,
+    /// Longest the advert goes without a recomputation, however long
+    /// [`advert_capacity`] says it holds (`None`: no bound).
+    recompute_max_ms: Option<i64>,
+    events: VecDeque<FederationEvent>,
+    transmits: VecDeque<Outgoing>,
+}
+
+impl Federation {
+    /// The federation of a site around its `registry` and `cluster` cores;
+    /// it computes its first advert at `now_ms`.
+    pub fn new(
+        registry: Registry,
+        cluster: ClusterCore,
+        local: LocalSite,
+        recompute_max_ms: Option<i64>,
+        now_ms: i64,
+    ) -> Federation {
+        Federation {
+            registry,
+            cluster,
+            local,
+            advert: AdvertTimer::new(now_ms),
+            recompute_max_ms,
+            events: VecDeque::new(),
+            transmits: VecDeque::new(),
+        }
+    }
+
+    /// The registry core (the view, peers, statistics).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The registry core, for transport events (peers connected, RTTs).
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
+    /// The cluster core.
+    pub fn cluster(&self) -> &ClusterCore {
+        &self.cluster
+    }
+
+    /// The addresses other sites may dial changed: advertised at the next
+    /// recomputation, which this asks for now.
+    pub fn set_addrs(&mut self, addrs: Vec<String>, ledger: &mut impl LedgerAccess, now_ms: i64) {
+        self.local.addrs = addrs;
+        self.refresh_advert(ledger, now_ms);
+    }
+
+    /// The ledger changed in a way that may move this site's capacity (a
+    /// write the federation did not make, or one it made): the advert is
+    /// recomputed soon, once for a burst.
+    pub fn capacity_changed(&mut self, now_ms: i64) {
+        self.advert.capacity_changed(now_ms);
+    }
+
+    /// A gossip message.
+    pub fn handle_gossip(&mut self, now_ms: i64, data: &[u8]) -> Verdict {
+        self.registry.handle_gossip(now_ms, data)
+    }
+
+    /// A gossip message whose advert a shell already verified (simnet's
+    /// shared cache).
+    pub fn handle_verified_advert(
+        &mut self,
+        now_ms: i64,
+        advert: std::sync::Arc<VerifiedAdvert>,
+    ) -> Verdict {
+        self.registry.handle_verified_advert(now_ms, advert)
+    }
+
+    /// A request from site `from`: the answer to send back, if any.
+    pub fn handle_request(
+        &mut self,
+        ledger: &mut impl LedgerAccess,
+        now_ms: i64,
+        from: PeerId,
+        data: &[u8],
+    ) -> Result<Option<Vec<u8>>, LedgerError> {
+        match cluster_payload(data) {
+            Some(msg) => Ok(self
+                .handle_cluster_request(ledger, now_ms, from, msg)?
+                .map(|answer| wire::encode(&Message::Cluster(answer.encode())))),
+            None => Ok(self.registry.handle_request(now_ms, from, data)),
+        }
+    }
+
+    /// A cluster request from site `from`, already decoded: this site as a
+    /// worker (or, for node reports, as a master).
+    pub fn handle_cluster_request(
+        &mut self,
+        ledger: &mut impl LedgerAccess,
+        now_ms: i64,
+        from: PeerId,
+        msg: ClusterMsg,
+    ) -> Result<Option<ClusterMsg>, LedgerError> {
+        let moves = moves_capacity(&msg);
+        let (cluster, registry) = (&mut self.cluster, &self.registry);
+        let answer =
+            ledger.with(|ledger| cluster.handle_request(ledger, registry, now_ms, from, msg));
+        if moves {
+            self.capacity_changed(now_ms);
+        }
+        answer
+    }
+
+    /// The answer of site `from` to one of this site's requests. Returns
+    /// whether it was a cluster answer that may have changed reservations
+    /// or cluster records.
+    pub fn handle_response(
+        &mut self,
+        ledger: &mut impl LedgerAccess,
+        now_ms: i64,
+        from: PeerId,
+        data: &[u8],
+    ) -> Result<bool, LedgerError> {
+        let Some(msg) = cluster_payload(data) else {
+            self.registry.handle_response(now_ms, from, data);
+            return Ok(false);
+        };
+        let moves = moves_capacity(&msg);
+        let (cluster, registry) = (&mut self.cluster, &self.registry);
+        let handled =
+            ledger.with(|ledger| cluster.handle_reply(ledger, registry, now_ms, from, msg));
+        if moves {
+            self.capacity_changed(now_ms);
+        }
+        handled.map(|()| moves)
+    }
+
+    /// Asks for a cluster at this site (it becomes the master if it cannot
+    /// hold it alone).
+    pub fn create(
+        &mut self,
+        ledger: &mut impl LedgerAccess,
+        now_ms: i64,
+        id: String,
+        request: ClusterRequest,
+    ) -> Result<ClusterRecord, CreateError> {
+        let (cluster, registry) = (&mut self.cluster, &self.registry);
+        let created = ledger.with(|ledger| cluster.create(ledger, registry, now_ms, id, request));
+        self.capacity_changed(now_ms);
+        created
+    }
+
+    /// Deletes a cluster this site masters.
+    pub fn delete(
+        &mut self,
+        ledger: &mut impl LedgerAccess,
+        now_ms: i64,
+        id: &str,
+    ) -> Result<ClusterRecord, DeleteError> {
+        let cluster = &mut self.cluster;
+        let deleted = ledger.with(|ledger| cluster.delete(ledger, now_ms, id));
+        self.capacity_changed(now_ms);
+        deleted
+    }
+
+    /// Sends a worker's node states of `cluster` to its master.
+    pub fn report_nodes(
+        &mut self,
+        ledger: &mut impl LedgerAccess,
+        cluster: &str,
+        nodes: Vec<ReportedNode>,
+    ) -> Result<bool, LedgerError> {
+        let core = &mut self.cluster;
+        ledger.with(|ledger| core.report_nodes(ledger, cluster, nodes))
+    }
+
+    /// Time passed: recomputes the advert if due, runs the registry's and
+    /// the cluster core's timers that are due. Returns whether the cluster
+    /// core's timers ran (they commit and release this site's own holds).
+    pub fn handle_timeout(
+        &mut self,
+        ledger: &mut impl LedgerAccess,
+        now_ms: i64,
+    ) -> Result<bool, LedgerError> {
+        if self.advert.take_due(now_ms) {
+            self.refresh_advert(ledger, now_ms);
+        }
+        if self.registry.poll_timeout().is_some_and(|at| at <= now_ms) {
+            self.registry.handle_timeout(now_ms);
+        }
+        if self.cluster.poll_timeout().is_none_or(|at| at > now_ms) {
+            return Ok(false);
+        }
+        let (cluster, registry) = (&mut self.cluster, &self.registry);
+        let ran = ledger.with(|ledger| cluster.handle_timeout(ledger, registry, now_ms));
+        self.capacity_changed(now_ms);
+        ran.map(|()| true)
+    }
+
+    /// The earliest instant at which [`Federation::handle_timeout`] has
+    /// work.
+    pub fn poll_timeout(&self) -> Option<i64> {
+        [
+            self.registry.poll_timeout(),
+            self.cluster.poll_timeout(),
+            self.advert.change_due_ms(),
+            Some(self.advert.valid_until_ms()),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// When the advert is to be recomputed next (a pending change, or the
+    /// last answer running out).
+    pub fn advert_due_ms(&self) -> i64 {
+        self.advert
+            .change_due_ms()
+            .map_or(self.advert.valid_until_ms(), |due| {
+                due.min(self.advert.valid_until_ms())
+            })
+    }
+
+    /// Moves what the cores asked for into events and transmits, persisting
+    /// advert versions before anything is published (see [`PublishGate`]).
+    pub fn drain(&mut self, ledger: &mut impl LedgerAccess) {
+        let mut gate = PublishGate::default();
+        while let Some(event) = self.registry.poll_event() {
+            let RegistryEvent::PersistVersion(version) = event else {
+                self.events.push_back(FederationEvent::Registry(event));
+                continue;
+            };
+            let written = ledger.with(|ledger| ledger.set_advert_version(version));
+            self.events.push_back(match gate.persisted(written) {
+                Ok(()) => FederationEvent::Published { version },
+                Err(e) => FederationEvent::PersistFailed {
+                    version,
+                    error: e.to_string(),
+                },
+            });
+        }
+        while let Some((to, msg)) = self.cluster.poll_transmit() {
+            let data = wire::encode(&Message::Cluster(msg.encode()));
+            self.transmits.push_back(Outgoing::Request {
+                to,
+                data,
+                label: "cluster",
+            });
+        }
+        while let Some(transmit) = self.registry.poll_transmit() {
+            if !gate.allows(&transmit) {
+                continue;
+            }
+            self.transmits.push_back(match transmit {
+                Transmit::Publish { data } => Outgoing::Publish(data),
+                Transmit::Request { to, data } => Outgoing::Request {
+                    to,
+                    data,
+                    label: "registry",
+                },
+            });
+        }
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<FederationEvent> {
+        self.events.pop_front()
+    }
+
+    /// The next message to send.
+    pub fn poll_transmit(&mut self) -> Option<Outgoing> {
+        self.transmits.pop_front()
+    }
+
+    /// Recomputes the local advert from the ledger; the registry publishes
+    /// it only if it changed. A ledger that cannot be read is asked again
+    /// after a second (at once would spin the shell).
+    fn refresh_advert(&mut self, ledger: &mut impl LedgerAccess, now_ms: i64) {
+        let cap = |until: i64| match self.recompute_max_ms {
+            Some(max) => until.min(now_ms.saturating_add(max)),
+            None => until,
+        };
+        let advert = match ledger.with(|ledger| advert_capacity(ledger, now_ms)) {
+            Ok(Some(advert)) => advert,
+            Ok(None) => {
+                self.advert.recomputed(cap(i64::MAX));
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read capacity for the advert");
+                self.advert
+                    .recomputed(now_ms.saturating_add(ADVERT_RETRY_MS));
+                return;
+            }
+        };
+        self.advert.recomputed(cap(advert.valid_until_ms));
+        self.registry.set_local(
+            now_ms,
+            LocalAdvert {
+                site_name: self.local.name.clone(),
+                capacity: advert.capacity,
+                gateway: self.local.gateway.clone(),
+                addrs: self.local.addrs.clone(),
+                software: software(),
+            },
+        );
+    }
+}
+
+/// How soon the advert is computed again after the ledger could not be read.
+const ADVERT_RETRY_MS: i64 = 1_000;
 
 /// What a site advertises of its capacity (see [`advert_capacity`]).
 #[derive(Debug, Clone, PartialEq)]

@@ -19,5 +19,6 @@
 pub mod cluster;
 pub mod driver;
 pub mod federation;
+pub mod ledger;
 pub mod lifecycle;
 pub mod runner;

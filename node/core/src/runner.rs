@@ -33,10 +33,11 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use vcfed_storage::{ClusterState, GatewayRef, Ledger, LedgerError};
+use vcfed_storage::{ClusterState, GatewayRef, LedgerError};
 
 use crate::cluster::ReportedNode;
 use crate::driver::{ComputeDriver, NodeSpec, NodeState, NodeStatus, node_mac};
+pub use crate::ledger::LedgerAccess;
 use crate::lifecycle::{self, Action, RunPlan};
 
 /// How often the agent runs a full round, ms.
@@ -77,20 +78,6 @@ pub struct Segment<'a> {
     pub vlan: u16,
 }
 
-/// How the runner reaches the ledger: one closure per ledger operation, so
-/// that a shell whose ledger is shared (the agent: behind a mutex, with
-/// the federation thread and the API) never holds it across driver work.
-pub trait LedgerAccess {
-    /// Runs `op` on the ledger.
-    fn with<T>(&mut self, op: impl FnOnce(&mut Ledger) -> T) -> T;
-}
-
-impl LedgerAccess for &mut Ledger {
-    fn with<T>(&mut self, op: impl FnOnce(&mut Ledger) -> T) -> T {
-        op(self)
-    }
-}
-
 /// What a round changed, for the caller (simnet's checks, logs).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct TickReport {
@@ -110,7 +97,7 @@ pub struct TickReport {
 /// forgets to give a stopped cluster's VLAN id back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RunnerFault {
-    /// Stops without [`Ledger::end_run`].
+    /// Stops without [`vcfed_storage::Ledger::end_run`].
     LeakVlan,
 }
 
