@@ -123,6 +123,9 @@ pub struct NetStats {
     pub duplicated: u64,
     /// Messages held back (reordered).
     pub reordered: u64,
+    /// Per message kind: the faults that struck it, so that a sweep can
+    /// show it exercised every fault on every kind of message.
+    pub faults_by_kind: BTreeMap<&'static str, KindFaults>,
     /// Messages dropped by a partition.
     pub partitioned: u64,
     /// Messages dropped because their destination was down or restarted.
@@ -133,6 +136,17 @@ pub struct NetStats {
     pub partitions: u64,
     /// Events processed.
     pub events: u64,
+}
+
+/// The message faults that struck one kind of message.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KindFaults {
+    /// Lost to random loss.
+    pub lost: u64,
+    /// Duplicated.
+    pub duplicated: u64,
+    /// Held back (reordered).
+    pub reordered: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -768,6 +782,7 @@ impl<S: Site> Sim<S> {
         }
         if self.net_rng.chance(loss) {
             self.stats.lost += 1;
+            self.stats.faults_by_kind.entry(label).or_default().lost += 1;
             let fp = msg.fingerprint();
             self.record(TraceKind::Lost, Some(to), Some(from), label, len, fp);
             return;
@@ -788,11 +803,21 @@ impl<S: Site> Sim<S> {
         let mut delay = base + self.net_rng.between(0, jitter);
         if self.net_rng.chance(reorder) {
             self.stats.reordered += 1;
+            self.stats
+                .faults_by_kind
+                .entry(label)
+                .or_default()
+                .reordered += 1;
             delay += self.net_rng.between(0, reorder_max.max(0));
         }
         let incarnation = self.runtime[to].incarnation;
         if self.net_rng.chance(duplicate) {
             self.stats.duplicated += 1;
+            self.stats
+                .faults_by_kind
+                .entry(label)
+                .or_default()
+                .duplicated += 1;
             let fp = msg.fingerprint();
             self.record(TraceKind::Duplicated, Some(to), Some(from), label, len, fp);
             let again = base + self.net_rng.between(0, jitter + reorder_max.max(0));

@@ -67,7 +67,7 @@ pub use clock::{DRIFT_PPM_MAX, SiteClock};
 pub use config::{
     CrashFaults, Faults, NetConfig, PartitionFaults, PartitionKind, SimConfig, SkewFaults,
 };
-pub use engine::{Ctx, NetStats, Payload, QUEUE_MAX, Sim, Site, SiteTraffic, Stepped};
+pub use engine::{Ctx, KindFaults, NetStats, Payload, QUEUE_MAX, Sim, Site, SiteTraffic, Stepped};
 pub use render::{minutes, render};
 pub use rng::{Rng, mix64};
 pub use site::PlantedBug;

@@ -40,6 +40,8 @@ pub type SimRunner = Runner<SimDriver, SimPlane>;
 /// Bytes on the wire of a connection being opened or closed (a libp2p
 /// handshake or close, roughly).
 const CONNECT_BYTES: usize = 64;
+/// The reserve deadline of the planted bug `NoReserveDeadline`, ms.
+const PLANTED_RESERVE_DEADLINE_MS: i64 = 24 * 3_600_000;
 /// Gossip message ids remembered per site (gossipsub's seen cache).
 const SEEN_MAX: usize = 65_536;
 /// How long a gossip message id is remembered, ms (gossipsub's default).
@@ -71,7 +73,7 @@ pub enum FedMsg {
     Request {
         /// Request id, unique per sender.
         id: u64,
-        /// `cluster` or `registry`.
+        /// `registry`, or the kind of cluster message ([`cluster_label`]).
         label: &'static str,
         /// Encoded federation message.
         data: Vec<u8>,
@@ -82,7 +84,7 @@ pub enum FedMsg {
     Response {
         /// Id of the request.
         id: u64,
-        /// `cluster` or `registry`.
+        /// `registry`, or the kind of cluster message ([`cluster_label`]).
         label: &'static str,
         /// Encoded federation message.
         data: Vec<u8>,
@@ -232,13 +234,12 @@ impl Payload for FedMsg {
         match self {
             FedMsg::Gossip { .. } => "gossip",
             FedMsg::Request {
-                label: "cluster", ..
-            } => "cluster-request",
+                label: "registry", ..
+            } => "anti-entropy-request",
             FedMsg::Response {
-                label: "cluster", ..
-            } => "cluster-response",
-            FedMsg::Request { .. } => "anti-entropy-request",
-            FedMsg::Response { .. } => "anti-entropy-response",
+                label: "registry", ..
+            } => "anti-entropy-response",
+            FedMsg::Request { label, .. } | FedMsg::Response { label, .. } => label,
             FedMsg::Hello => "connect",
             FedMsg::Bye => "disconnect",
         }
@@ -320,6 +321,10 @@ pub enum PlantedBug {
     /// The runner never frees a cluster's VLAN id when it stops the
     /// cluster (it skips `Ledger::end_run`).
     LeakVlan,
+    /// Masters ignore their reserve deadline (their core runs with a day
+    /// instead), and workers never answer a `Reserve`, so that masters try
+    /// one site after another for longer than the deadline.
+    NoReserveDeadline,
 }
 
 impl PlantedBug {
@@ -328,11 +333,16 @@ impl PlantedBug {
         match self {
             PlantedBug::CommitWithoutHold => "commit-without-hold",
             PlantedBug::LeakVlan => "leak-vlan",
+            PlantedBug::NoReserveDeadline => "no-reserve-deadline",
         }
     }
 
     /// Every planted bug.
-    pub const ALL: [PlantedBug; 2] = [PlantedBug::CommitWithoutHold, PlantedBug::LeakVlan];
+    pub const ALL: [PlantedBug; 3] = [
+        PlantedBug::CommitWithoutHold,
+        PlantedBug::LeakVlan,
+        PlantedBug::NoReserveDeadline,
+    ];
 }
 
 /// How a create ended at the site that received it.
@@ -645,11 +655,15 @@ impl FedSite {
         if let Some(verifier) = &self.settings.verifier {
             registry.set_verifier(verifier.clone());
         }
+        let mut config = self.settings.cluster.clone();
+        if self.settings.plant == Some(PlantedBug::NoReserveDeadline) {
+            config.reserve_deadline_ms = PLANTED_RESERVE_DEADLINE_MS;
+        }
         let mut cluster = ClusterCore::new(
             self.peer,
             self.name.clone(),
             Some(self.gateway_ref()),
-            self.settings.cluster.clone(),
+            config,
         );
         cluster.resume(&mut self.ledger, now)?;
         let lease_expiry = self.ledger.next_lease_expiry(i64::MIN)?;
@@ -838,10 +852,16 @@ impl FedSite {
             }
         }
         let now = ctx.now_ms();
-        while let Some((to, msg)) = volatile.cluster.poll_transmit() {
-            let Some(&to) = self.directory.index.get(&to) else {
+        while let Some((peer, msg)) = volatile.cluster.poll_transmit() {
+            // The core addresses only sites its directory named, never
+            // itself: anything else is a bug of the core.
+            let to = self.directory.index.get(&peer).copied();
+            let Some(to) = to.filter(|&to| to != self.index) else {
+                let detail = format!("the cluster core sends {msg:?} to {peer}, not another site");
+                self.observations.push(Observation::CoreError(detail));
                 continue;
             };
+            let label = cluster_label(&msg);
             let data = wire::encode(&Message::Cluster(msg.encode()));
             let id = volatile.next_request;
             volatile.next_request += 1;
@@ -851,7 +871,7 @@ impl FedSite {
                 to,
                 FedMsg::Request {
                     id,
-                    label: "cluster",
+                    label,
                     data,
                     fingerprint,
                 },
@@ -982,7 +1002,10 @@ impl FedSite {
                         if records {
                             self.records_changed(now);
                         }
-                        answer.map(|msg| (wire::encode(&Message::Cluster(msg.encode())), "cluster"))
+                        answer.map(|msg| {
+                            let label = cluster_label(&msg);
+                            (wire::encode(&Message::Cluster(msg.encode())), label)
+                        })
                     }
                     None => {
                         let volatile = self.volatile.as_mut().expect("checked above");
@@ -1052,6 +1075,11 @@ impl FedSite {
         msg: ClusterMsg,
     ) -> Result<Option<ClusterMsg>, LedgerError> {
         let volatile = self.volatile.as_mut().expect("only called while up");
+        if self.settings.plant == Some(PlantedBug::NoReserveDeadline)
+            && matches!(msg, ClusterMsg::Reserve { .. })
+        {
+            return Ok(None);
+        }
         if self.settings.plant == Some(PlantedBug::CommitWithoutHold) {
             match &msg {
                 ClusterMsg::Reserve {
@@ -1123,6 +1151,11 @@ impl FedSite {
         if volatile.cluster.poll_timeout().is_some_and(|at| at <= now) {
             let (cluster, registry) = (&mut volatile.cluster, &volatile.registry);
             cluster.handle_timeout(&mut self.ledger, registry, now)?;
+            // A timer still due would wake the site again at once, forever.
+            if let Some(at) = cluster.poll_timeout().filter(|&at| at < now) {
+                let detail = format!("the cluster core wants a timer at {at}, before now {now}");
+                self.observations.push(Observation::CoreError(detail));
+            }
             self.capacity_changed(now)?;
             self.records_changed(now);
         }
@@ -1283,6 +1316,23 @@ impl crate::Site for FedSite {
         });
         self.duplicate_path.wake_memo.set(wake);
         wake
+    }
+}
+
+/// The label of a cluster message on the simulated network: one per kind,
+/// so that traffic and faults are counted per kind of message.
+pub fn cluster_label(msg: &ClusterMsg) -> &'static str {
+    match msg {
+        ClusterMsg::Reserve { .. } => "cluster-reserve",
+        ClusterMsg::Commit { .. } => "cluster-commit",
+        ClusterMsg::Release { .. } => "cluster-release",
+        ClusterMsg::Held { .. } => "cluster-held",
+        ClusterMsg::Denied { .. } => "cluster-denied",
+        ClusterMsg::Committed { .. } => "cluster-committed",
+        ClusterMsg::Released { .. } => "cluster-released",
+        ClusterMsg::Refused { .. } => "cluster-refused",
+        ClusterMsg::Nodes { .. } => "cluster-nodes",
+        ClusterMsg::NodesNoted { .. } => "cluster-nodes-noted",
     }
 }
 

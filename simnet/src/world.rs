@@ -28,6 +28,10 @@ pub const START_MS: i64 = 1_700_000_000_000;
 /// How long after its lease a hold may still be `held` at a site that is
 /// up (the hold-resolution invariant).
 const HOLD_RESOLUTION_SLACK_MS: i64 = 2_000;
+/// How long after its reserve deadline a cluster may still be `reserving`
+/// at a master that is up (the reserve-deadline invariant): the master's
+/// timer fires at the deadline, by its own clock.
+const RESERVE_DEADLINE_SLACK_MS: i64 = 2_000;
 const MINUTE_MS: i64 = 60_000;
 const HOUR_MS: i64 = 3_600_000;
 /// Violations recorded per run; the first one matters most.
@@ -424,6 +428,8 @@ pub struct TrafficReport {
     pub cluster_bytes_per_site_s: f64,
     /// Per kind: messages and bytes.
     pub by_kind: BTreeMap<String, (u64, u64)>,
+    /// Per kind: messages lost, duplicated and reordered (held back).
+    pub faults_by_kind: BTreeMap<String, [u64; 3]>,
     /// Gossip copies dropped by the seen cache.
     pub gossip_duplicates: u64,
     /// Network faults: lost, duplicated, reordered, partitioned, to a down site.
@@ -519,6 +525,8 @@ struct Tracked {
     sent_at: i64,
     outcome: Option<CreateOutcome>,
     verified_reserved: bool,
+    /// Whether a violation of the reserve deadline was reported for it.
+    overdue_reported: bool,
 }
 
 /// One run in progress.
@@ -558,6 +566,8 @@ struct World {
     gateways_down: BTreeMap<SiteId, i64>,
     /// Bootstrap choices.
     membership_rng: Rng,
+    /// The cluster cores' reserve deadline, ms.
+    reserve_deadline_ms: i64,
     membership: MembershipReport,
 }
 
@@ -679,6 +689,7 @@ impl World {
         config.faults = faults_for(&options);
         let outages = gateway_schedule(&options, &mut Rng::derive(seed, 10));
         World {
+            reserve_deadline_ms: settings.cluster.reserve_deadline_ms,
             lifecycle: LifecycleChecks::new(directory.clone()),
             dataplane,
             joins,
@@ -760,6 +771,7 @@ impl World {
                     sent_at: at,
                     outcome: None,
                     verified_reserved: false,
+                    overdue_reported: false,
                 },
             );
             let create = Input::Create {
@@ -1136,6 +1148,11 @@ impl World {
                     tracked.verified_reserved = true;
                 }
             }
+            if record.state == ClusterState::Reserving
+                && let Some(detail) = taken_problem(&record)
+            {
+                self.violation("nodes taken", Some(site), detail);
+            }
             if record.state.is_terminal() || reached {
                 self.in_flight[site].remove(&id);
             }
@@ -1162,6 +1179,16 @@ impl World {
             return Some(format!(
                 "cluster {} reserved with {nodes} committed nodes, {} asked: {:?}",
                 record.id, request.nodes, record.parts
+            ));
+        }
+        if let Some(part) = record
+            .parts
+            .iter()
+            .find(|p| matches!(p.state, PartState::Held | PartState::Committing))
+        {
+            return Some(format!(
+                "cluster {} reserved with a part still {}: {part:?}",
+                record.id, part.state
             ));
         }
         let frontends: Vec<_> = record.parts.iter().filter(|p| p.frontend).collect();
@@ -1233,11 +1260,13 @@ impl World {
             self.changes.remove(&key);
             self.not_converged += 1;
         }
-        // Holds resolved within lease + bound (every 10 s).
+        // Holds resolved within lease + bound, reservations ended by their
+        // deadline (every 10 s).
         if (now - START_MS) % 10_000 == 0 {
             for site in 0..n {
                 if checks::alive(&self.sim, site) {
                     self.check_holds(site);
+                    self.check_reserve_deadlines(site);
                 }
             }
         }
@@ -1293,6 +1322,41 @@ impl World {
                 now - late.lease_expires_at_ms.unwrap_or(now)
             );
             self.violation("hold resolution", Some(site), detail);
+        }
+    }
+
+    /// No cluster stays `reserving` at its master longer than the reserve
+    /// deadline after it was created or the master last started (a
+    /// restarted master gives a decided commit a new deadline).
+    fn check_reserve_deadlines(&mut self, site: SiteId) {
+        let local = self.sim.local_now_ms(site);
+        let fed_site = &self.sim.sites()[site];
+        let up_since = fed_site.up_since_ms().unwrap_or_else(|| self.sim.now_ms());
+        let up_since_local = self.sim.clock(site).local(up_since);
+        let bound = self.reserve_deadline_ms + RESERVE_DEADLINE_SLACK_MS;
+        let mut overdue = Vec::new();
+        for id in &self.in_flight[site] {
+            if self.clusters.get(id).is_some_and(|t| t.overdue_reported) {
+                continue;
+            }
+            let Ok(Some(record)) = fed_site.ledger().cluster(id) else {
+                continue;
+            };
+            let since = record.created_at_ms.max(up_since_local);
+            if record.state == ClusterState::Reserving && local - since > bound {
+                overdue.push((id.clone(), local - since));
+            }
+        }
+        for (id, for_ms) in overdue {
+            let detail = format!(
+                "cluster {id} is still reserving at its master {} after {for_ms} ms (deadline {} ms)",
+                self.sim.sites()[site].name(),
+                bound - RESERVE_DEADLINE_SLACK_MS
+            );
+            self.violation("reserve deadline", Some(site), detail);
+            if let Some(tracked) = self.clusters.get_mut(&id) {
+                tracked.overdue_reported = true;
+            }
         }
     }
 
@@ -1506,12 +1570,22 @@ impl World {
                 kind_bytes("anti-entropy-request") + kind_bytes("anti-entropy-response"),
             ),
             cluster_bytes_per_site_s: per_site_s(
-                kind_bytes("cluster-request") + kind_bytes("cluster-response"),
+                stats
+                    .by_kind
+                    .iter()
+                    .filter(|(kind, _)| kind.starts_with("cluster-"))
+                    .map(|(_, (_, bytes))| bytes)
+                    .sum(),
             ),
             by_kind: stats
                 .by_kind
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), *v))
+                .collect(),
+            faults_by_kind: stats
+                .faults_by_kind
+                .iter()
+                .map(|(k, f)| ((*k).to_owned(), [f.lost, f.duplicated, f.reordered]))
                 .collect(),
             gossip_duplicates: duplicates,
             lost: stats.lost,
@@ -1646,6 +1720,29 @@ fn gateway_schedule(options: &Options, rng: &mut Rng) -> Vec<(i64, i64, SiteId)>
     }
 }
 
+/// A master that took more nodes than asked (held, committing or
+/// committed parts) while it reserves.
+fn taken_problem(record: &vcfed_storage::ClusterRecord) -> Option<String> {
+    let asked = record.request["nodes"].as_u64()?;
+    let taken: u64 = record
+        .parts
+        .iter()
+        .filter(|p| {
+            matches!(
+                p.state,
+                PartState::Held | PartState::Committing | PartState::Committed
+            )
+        })
+        .map(|p| u64::from(p.nodes))
+        .sum();
+    (taken > asked).then(|| {
+        format!(
+            "cluster {} is reserving with {taken} nodes taken, {asked} asked: {:?}",
+            record.id, record.parts
+        )
+    })
+}
+
 fn faults_for(options: &Options) -> Faults {
     let on = |fault| options.faults.contains(&fault);
     let n = options.sites;
@@ -1678,5 +1775,51 @@ fn faults_for(options: &Options) -> Faults {
         }),
         uplink_bytes_per_s: on(Fault::Bandwidth).then_some(1_000_000),
         stop_after_ms: Some(fault_span),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vcfed_storage::{ClusterPart, ClusterRecord};
+
+    fn part(site: &str, nodes: u32, state: PartState) -> ClusterPart {
+        ClusterPart {
+            site: site.to_owned(),
+            peer_id: None,
+            attempt: 0,
+            nodes,
+            frontend: site == "A",
+            state,
+            reservation_key: None,
+            gateway: None,
+        }
+    }
+
+    /// The nodes-taken check flags a master holding more than asked, and
+    /// only that: released parts and parts still being asked do not count.
+    #[test]
+    fn the_nodes_taken_check_catches_a_master_that_takes_too_much() {
+        let mut record = ClusterRecord {
+            id: "c".to_owned(),
+            name: "c".to_owned(),
+            master_site: "A".to_owned(),
+            request: serde_json::json!({ "nodes": 5 }),
+            state: ClusterState::Reserving,
+            reason: None,
+            parts: vec![
+                part("A", 2, PartState::Committed),
+                part("B", 3, PartState::Held),
+                part("C", 3, PartState::Released),
+                part("D", 3, PartState::Reserving),
+            ],
+            segment: None,
+            created_at_ms: START_MS,
+            updated_at_ms: START_MS,
+        };
+        assert_eq!(taken_problem(&record), None);
+        record.parts.push(part("E", 1, PartState::Committing));
+        let problem = taken_problem(&record).expect("6 nodes taken, 5 asked");
+        assert!(problem.contains("6 nodes taken, 5 asked"), "{problem}");
     }
 }

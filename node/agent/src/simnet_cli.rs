@@ -67,7 +67,7 @@ pub struct SimnetArgs {
     #[arg(long)]
     pub json: bool,
     /// Plant a bug to check that the invariants catch it.
-    #[arg(long, hide = true, value_parser = ["commit-without-hold", "leak-vlan"])]
+    #[arg(long, hide = true, value_parser = ["commit-without-hold", "leak-vlan", "no-reserve-deadline"])]
     pub plant_bug: Option<String>,
 }
 

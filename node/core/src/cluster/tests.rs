@@ -1,28 +1,21 @@
-//! Tests of the cluster core on a simulated federation.
+//! Targeted tests of the cluster core: a few sites exchange what their cores
+//! send, one step at a time, as each test scripts it.
 //!
-//! The simulator drives every site's [`ClusterCore`] and in-memory [`Ledger`]
-//! on a virtual clock: no sleeps, sockets or tokio. The network is a queue of
-//! envelopes ordered by delivery time; loss, duplication and latency (hence
-//! reordering) come from a seeded SplitMix64, so a failing seed replays
-//! exactly. The [`SiteDirectory`] each core sees is built from the other
-//! sites' ledgers (their "adverts"), refreshed before every call (perfect
-//! gossip) or only every so often (stale gossip).
+//! The harness relays the requests a core queues ([`ClusterCore::poll_transmit`])
+//! and their answers between in-memory sites, through one first-in first-out
+//! queue with no latency; time moves only when a test lets it, and then the
+//! cores' timers fire in order. Besides that it does only what a test asks:
+//! cut a site off, lose the messages a rule names, restart a site. There is
+//! no randomness and no fault model here: random faults (loss, duplication,
+//! reordering, partitions, crashes, skew) over many seeds are simnet's
+//! sweep (`simnet/tests/sweep.rs`), which drives this core as the agent does.
+//! The [`SiteDirectory`] each core sees is computed from the other sites'
+//! ledgers at every call (perfect gossip).
 //!
-//! After every event, the site it touched is checked: no instant of any
-//! window is overbooked (brute force over the window boundaries of the
+//! After every step, the site it touched is checked: no instant of any
+//! window is overbooked (brute force over the window starts of the
 //! reservations that count), and no cluster it masters has more nodes taken
 //! than asked, or is `reserved` without exactly the nodes asked committed.
-//! The sweeps check the end state of every cluster once the faults stopped.
-//!
-//! A failing simulation panics with `seed N:` and the last events; replay it
-//! with `VCFED_SIM_SEEDS=N cargo test -p vcfed --lib cluster`, or run a
-//! longer sweep with `VCFED_SIM_SEEDS=0..20000`.
-
-#![allow(
-    clippy::cast_possible_truncation,
-    clippy::cast_sign_loss,
-    clippy::cast_possible_wrap
-)]
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
@@ -39,23 +32,21 @@ use super::{
     SiteDirectory,
 };
 
-/// Virtual time at which every simulation starts, unix ms.
+/// Virtual time at which every test starts, unix ms.
 const T0_MS: i64 = 1_700_000_000_000;
 const SECOND_MS: i64 = 1_000;
 const HOUR_MS: i64 = 3_600_000;
-/// Events one simulation may process before it is declared stuck.
+/// Deliveries and timer rounds one test may take before it is declared
+/// stuck (two cores answering each other forever).
 const STEPS_MAX: u64 = 100_000;
-/// How often every site sweeps expired holds, ms.
-const SWEEP_PERIOD_MS: i64 = 5_000;
 /// Last lines of the event trace kept for a failure message.
 const TRACE_LINES_MAX: usize = 80;
-/// Seeds of the concurrent-masters sweep.
-const CONCURRENT_SEEDS: u64 = 100;
-/// Seeds of the message-fault sweep.
-const FAULT_SEEDS: u64 = 200;
+/// Site indices, for readability.
+const A: usize = 0;
+const B: usize = 1;
+const C: usize = 2;
 
-/// The node slot every simulated site offers.
-/// The gateway each simulated site tells the others about.
+/// The gateway each test site tells the others about.
 fn gateway_of(site: &str) -> vcfed_storage::GatewayRef {
     vcfed_storage::GatewayRef {
         endpoint: format!("{site}.gw:7782"),
@@ -63,6 +54,7 @@ fn gateway_of(site: &str) -> vcfed_storage::GatewayRef {
     }
 }
 
+/// The node slot every test site offers.
 fn slot() -> NodeShape {
     NodeShape {
         cores: 4,
@@ -90,7 +82,7 @@ fn window_after(now_ms: i64) -> Window {
 
 fn request(nodes: u32, window: Window) -> ClusterRequest {
     ClusterRequest {
-        name: "sim".to_owned(),
+        name: "test".to_owned(),
         nodes,
         shape: shape(),
         window,
@@ -98,52 +90,11 @@ fn request(nodes: u32, window: Window) -> ClusterRequest {
     }
 }
 
-/// A window between one and five hours after [`T0_MS`], from half an hour
-/// to two hours long, so that random windows overlap in part or not at all.
-fn random_window(rng: &mut SplitMix64) -> Window {
-    let start_ms = T0_MS + HOUR_MS + rng.between(0, 2 * HOUR_MS);
-    let end_ms = start_ms + rng.between(HOUR_MS / 2, 2 * HOUR_MS);
-    Window { start_ms, end_ms }
-}
-
-/// SplitMix64 (Steele, Lea, Flood 2014): tiny, seedable, good enough for
-/// choosing faults.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `lo..=hi`.
-    fn between(&mut self, lo: i64, hi: i64) -> i64 {
-        assert!(lo <= hi, "empty range {lo}..={hi}");
-        lo + (self.next_u64() % ((hi - lo) as u64 + 1)) as i64
-    }
-
-    fn chance_per_mille(&mut self, per_mille: u64) -> bool {
-        self.next_u64() % 1000 < per_mille
-    }
-}
-
-/// What one site publishes about itself: its free capacity over time.
-#[derive(Debug, Clone)]
-struct Advert {
-    peer: PeerId,
-    name: String,
-    node: NodeShape,
-    capacity: u32,
-    /// Reservations that counted when the advert was taken.
-    usages: Vec<Usage>,
-}
-
-/// The registry's view as one site sees it: the other sites' adverts.
+/// What a core sees of the other sites: their free capacity, read from
+/// their ledgers when it asks.
 struct Directory {
-    adverts: Vec<Advert>,
+    /// (peer, name, capacity, reservations that count).
+    sites: Vec<(PeerId, String, u32, Vec<Usage>)>,
 }
 
 impl SiteDirectory for Directory {
@@ -151,14 +102,16 @@ impl SiteDirectory for Directory {
         let Some(window) = Window::new(start_ms, end_ms) else {
             return Vec::new();
         };
+        if !shape.fits_in(&slot()) {
+            return Vec::new();
+        }
         let mut candidates: Vec<Candidate> = self
-            .adverts
+            .sites
             .iter()
-            .filter(|advert| shape.fits_in(&advert.node))
-            .map(|advert| Candidate {
-                site: advert.peer,
-                name: advert.name.clone(),
-                free: min_free(advert.capacity, &advert.usages, window),
+            .map(|(peer, name, capacity, usages)| Candidate {
+                site: *peer,
+                name: name.clone(),
+                free: min_free(*capacity, usages, window),
                 rtt: None,
             })
             .filter(|candidate| candidate.free > 0)
@@ -169,16 +122,12 @@ impl SiteDirectory for Directory {
     }
 
     fn site_name(&self, site: &PeerId) -> Option<String> {
-        self.adverts
-            .iter()
-            .find(|advert| advert.peer == *site)
-            .map(|advert| advert.name.clone())
+        let mut sites = self.sites.iter();
+        sites.find(|s| s.0 == *site).map(|s| s.1.clone())
     }
 
     fn offers_shape(&self, shape: &NodeShape) -> bool {
-        self.adverts
-            .iter()
-            .any(|advert| shape.fits_in(&advert.node))
+        !self.sites.is_empty() && shape.fits_in(&slot())
     }
 }
 
@@ -194,109 +143,6 @@ struct Envelope {
     to: usize,
     flow: Flow,
     msg: ClusterMsg,
-    /// Order of sending; both copies of a duplicate share it.
-    sent_seq: u64,
-}
-
-/// Network behaviour: faulty until `until_ms`, then calm (no loss, no
-/// duplicates, fixed latency).
-#[derive(Debug, Clone)]
-struct Faults {
-    loss_per_mille: u64,
-    dup_per_mille: u64,
-    latency_min_ms: i64,
-    latency_max_ms: i64,
-    until_ms: i64,
-    calm_latency_ms: i64,
-}
-
-impl Faults {
-    /// A perfect network with a fixed latency.
-    fn none(latency_ms: i64) -> Faults {
-        Faults {
-            loss_per_mille: 0,
-            dup_per_mille: 0,
-            latency_min_ms: latency_ms,
-            latency_max_ms: latency_ms,
-            until_ms: T0_MS,
-            calm_latency_ms: latency_ms,
-        }
-    }
-}
-
-struct Site {
-    name: String,
-    peer: PeerId,
-    capacity: u32,
-    ledger: Ledger,
-    core: ClusterCore,
-    /// False while the site is cut off: every message to or from it is lost.
-    reachable: bool,
-    advert: Advert,
-    published_at_ms: i64,
-}
-
-/// Per message kind: how often it was sent, lost, duplicated, reordered.
-#[derive(Debug, Default)]
-struct Stats {
-    sent: BTreeMap<&'static str, u64>,
-    lost: BTreeMap<&'static str, u64>,
-    duplicated: BTreeMap<&'static str, u64>,
-    reordered: BTreeMap<&'static str, u64>,
-    /// Clusters that ended reserved, failed, deleted, or refused at `create`.
-    reserved: u64,
-    deleted: u64,
-    failed: u64,
-    refused: u64,
-    /// Events processed.
-    steps: u64,
-}
-
-impl Stats {
-    fn add(&mut self, other: &Stats) {
-        for (mine, theirs) in [
-            (&mut self.sent, &other.sent),
-            (&mut self.lost, &other.lost),
-            (&mut self.duplicated, &other.duplicated),
-            (&mut self.reordered, &other.reordered),
-        ] {
-            for (kind, count) in theirs {
-                *mine.entry(kind).or_default() += count;
-            }
-        }
-        self.reserved += other.reserved;
-        self.deleted += other.deleted;
-        self.failed += other.failed;
-        self.refused += other.refused;
-        self.steps += other.steps;
-    }
-}
-
-type EnvelopeFilter = Box<dyn Fn(&Envelope) -> bool>;
-
-struct Sim {
-    seed: u64,
-    now_ms: i64,
-    config: ClusterConfig,
-    sites: Vec<Site>,
-    index: BTreeMap<PeerId, usize>,
-    /// Messages in flight by (delivery time, sequence).
-    queue: BTreeMap<(i64, u64), Envelope>,
-    seq: u64,
-    /// Highest `sent_seq` delivered per (from, to) link, to spot reordering.
-    last_delivered: BTreeMap<(usize, usize), u64>,
-    rng: SplitMix64,
-    faults: Faults,
-    /// 0: adverts are refreshed before every core call.
-    gossip_period_ms: i64,
-    next_sweep_ms: i64,
-    /// Messages matching this are lost on delivery.
-    drop_if: Option<EnvelopeFilter>,
-    /// Once a delivered message matches, the site is cut off.
-    cut_after: Option<(usize, EnvelopeFilter)>,
-    stats: Stats,
-    steps: u64,
-    trace: VecDeque<String>,
 }
 
 fn kind(msg: &ClusterMsg) -> &'static str {
@@ -314,19 +160,39 @@ fn kind(msg: &ClusterMsg) -> &'static str {
     }
 }
 
-const ALL_KINDS: [&str; 8] = [
-    "reserve",
-    "commit",
-    "release",
-    "held",
-    "denied",
-    "committed",
-    "released",
-    "refused",
-];
+struct Site {
+    name: String,
+    peer: PeerId,
+    capacity: u32,
+    ledger: Ledger,
+    core: ClusterCore,
+    /// False while the site is cut off: every message to or from it is lost.
+    reachable: bool,
+}
 
-impl Sim {
-    fn new(seed: u64, capacities: &[u32], config: ClusterConfig, faults: Faults) -> Sim {
+/// Which messages a test loses on purpose.
+type LossRule = Box<dyn Fn(&Envelope) -> bool>;
+
+/// Sites A, B, C, ... and the messages between them.
+struct Fed {
+    now_ms: i64,
+    config: ClusterConfig,
+    sites: Vec<Site>,
+    index: BTreeMap<PeerId, usize>,
+    /// Sent and not yet delivered, oldest first.
+    wire: VecDeque<Envelope>,
+    /// Messages this matches are lost when their turn comes.
+    lose: Option<LossRule>,
+    /// Messages sent (requests and answers), per kind.
+    sent: BTreeMap<&'static str, u64>,
+    steps: u64,
+    trace: VecDeque<String>,
+}
+
+impl Fed {
+    /// One site per capacity (node slots), named A, B, C, ...
+    fn new(capacities: &[u32]) -> Fed {
+        let config = ClusterConfig::default();
         let mut sites = Vec::new();
         let mut index = BTreeMap::new();
         for (i, &capacity) in capacities.iter().enumerate() {
@@ -347,54 +213,38 @@ impl Sim {
                 .expect("the inventory is valid");
             let peer = Keypair::generate_ed25519().public().to_peer_id();
             index.insert(peer, i);
-            let advert = Advert {
-                peer,
-                name: name.clone(),
-                node: slot(),
-                capacity,
-                usages: Vec::new(),
-            };
+            let core =
+                ClusterCore::new(peer, name.clone(), Some(gateway_of(&name)), config.clone());
             sites.push(Site {
-                core: ClusterCore::new(peer, name.clone(), Some(gateway_of(&name)), config.clone()),
                 name,
                 peer,
                 capacity,
                 ledger,
+                core,
                 reachable: true,
-                advert,
-                published_at_ms: T0_MS,
             });
         }
-        Sim {
-            seed,
+        Fed {
             now_ms: T0_MS,
             config,
             sites,
             index,
-            queue: BTreeMap::new(),
-            seq: 0,
-            last_delivered: BTreeMap::new(),
-            rng: SplitMix64(seed),
-            faults,
-            gossip_period_ms: 0,
-            next_sweep_ms: T0_MS + SWEEP_PERIOD_MS,
-            drop_if: None,
-            cut_after: None,
-            stats: Stats::default(),
+            wire: VecDeque::new(),
+            lose: None,
+            sent: BTreeMap::new(),
             steps: 0,
             trace: VecDeque::new(),
         }
     }
 
-    /// Panics with the seed and the end of the trace.
+    /// Panics with the end of the trace.
     fn fail(&self, what: &str) -> ! {
         let mut trace = String::new();
         for line in &self.trace {
             let _ = writeln!(trace, "  {line}");
         }
         panic!(
-            "seed {}: at t+{}ms: {what}\nlast events:\n{trace}",
-            self.seed,
+            "at t+{}ms: {what}\nlast events:\n{trace}",
             self.now_ms - T0_MS
         );
     }
@@ -418,14 +268,12 @@ impl Sim {
         id: &str,
         request: ClusterRequest,
     ) -> Result<ClusterRecord, CreateError> {
-        self.publish();
         let directory = self.directory(site);
-        let now_ms = self.now_ms;
         let entry = &mut self.sites[site];
         let created = entry.core.create(
             &mut entry.ledger,
             &directory,
-            now_ms,
+            self.now_ms,
             id.to_owned(),
             request,
         );
@@ -440,14 +288,10 @@ impl Sim {
     }
 
     fn delete(&mut self, site: usize, id: &str) -> Result<ClusterRecord, DeleteError> {
-        let now_ms = self.now_ms;
         let entry = &mut self.sites[site];
-        let deleted = entry.core.delete(&mut entry.ledger, now_ms, id);
-        self.log(format!(
-            "{} deletes {id}: {:?}",
-            self.sites[site].name,
-            deleted.as_ref().map(|r| r.state)
-        ));
+        let deleted = entry.core.delete(&mut entry.ledger, self.now_ms, id);
+        let state = deleted.as_ref().map(|r| r.state);
+        self.log(format!("{} deletes {id}: {state:?}", self.sites[site].name));
         self.check_site(site);
         self.flush();
         deleted
@@ -455,15 +299,10 @@ impl Sim {
 
     /// The site's process restarts: a fresh core over the same ledger.
     fn restart(&mut self, site: usize) {
-        let now_ms = self.now_ms;
         let entry = &mut self.sites[site];
-        entry.core = ClusterCore::new(
-            entry.peer,
-            entry.name.clone(),
-            Some(gateway_of(&entry.name)),
-            self.config.clone(),
-        );
-        if let Err(e) = entry.core.resume(&mut entry.ledger, now_ms) {
+        let gateway = Some(gateway_of(&entry.name));
+        entry.core = ClusterCore::new(entry.peer, entry.name.clone(), gateway, self.config.clone());
+        if let Err(e) = entry.core.resume(&mut entry.ledger, self.now_ms) {
             self.fail(&format!("resume failed: {e:#}"));
         }
         self.log(format!("{} restarted", self.sites[site].name));
@@ -471,54 +310,43 @@ impl Sim {
         self.flush();
     }
 
-    /// Refreshes the adverts that are due.
-    fn publish(&mut self) {
-        let now_ms = self.now_ms;
-        for site in &mut self.sites {
-            if self.gossip_period_ms > 0 && now_ms < site.published_at_ms + self.gossip_period_ms {
-                continue;
-            }
-            let active = site
-                .ledger
-                .reservations(ReservationFilter::Active, now_ms)
-                .expect("the ledger reads");
-            site.advert.usages = active
-                .iter()
-                .map(|r| Usage {
+    /// Cuts a site off (`false`) or reconnects it: messages to or from a
+    /// site that is cut off are lost when their turn comes.
+    fn reach(&mut self, site: usize, reachable: bool) {
+        self.log(format!("{} reachable: {reachable}", self.sites[site].name));
+        self.sites[site].reachable = reachable;
+    }
+
+    /// What `viewer` knows of the other sites: their ledgers, now.
+    fn directory(&self, viewer: usize) -> Directory {
+        let others = self.sites.iter().enumerate().filter(|(i, _)| *i != viewer);
+        let sites = others
+            .map(|(_, site)| {
+                let active = site
+                    .ledger
+                    .reservations(ReservationFilter::Active, self.now_ms)
+                    .expect("the ledger reads");
+                let usages = active.iter().map(|r| Usage {
                     window: r.window,
                     nodes: r.nodes,
-                })
-                .collect();
-            site.published_at_ms = now_ms;
-        }
-    }
-
-    fn directory(&self, viewer: usize) -> Directory {
-        let adverts = self
-            .sites
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| *i != viewer)
-            .map(|(_, site)| site.advert.clone())
+                });
+                let usages = usages.collect();
+                (site.peer, site.name.clone(), site.capacity, usages)
+            })
             .collect();
-        Directory { adverts }
+        Directory { sites }
     }
 
-    /// Drains every core's outputs into the network.
+    /// Puts what every core queued on the wire.
     fn flush(&mut self) {
         for from in 0..self.sites.len() {
             while let Some((peer, msg)) = self.sites[from].core.poll_transmit() {
+                let name = &self.sites[from].name;
                 let Some(&to) = self.index.get(&peer) else {
-                    self.fail(&format!(
-                        "{} sends to an unknown peer {peer}",
-                        self.sites[from].name
-                    ));
+                    self.fail(&format!("{name} sends to an unknown peer {peer}"));
                 };
                 if to == from {
-                    self.fail(&format!(
-                        "{} sends {msg:?} to itself",
-                        self.sites[from].name
-                    ));
+                    self.fail(&format!("{name} sends {msg:?} to itself"));
                 }
                 self.send(from, to, Flow::Request, msg);
             }
@@ -526,80 +354,101 @@ impl Sim {
     }
 
     fn send(&mut self, from: usize, to: usize, flow: Flow, msg: ClusterMsg) {
-        let kind = kind(&msg);
-        *self.stats.sent.entry(kind).or_default() += 1;
-        self.seq += 1;
-        let sent_seq = self.seq;
-        let faulty = self.now_ms < self.faults.until_ms;
-        if faulty && self.rng.chance_per_mille(self.faults.loss_per_mille) {
-            *self.stats.lost.entry(kind).or_default() += 1;
-            self.log(format!(
-                "{}->{} {msg:?} LOST",
-                self.sites[from].name, self.sites[to].name
-            ));
-            return;
+        *self.sent.entry(kind(&msg)).or_default() += 1;
+        self.wire.push_back(Envelope {
+            from,
+            to,
+            flow,
+            msg,
+        });
+    }
+
+    /// Delivers the oldest message on the wire (or loses it, if a site it
+    /// travels between is cut off or the loss rule names it); `None` when
+    /// nothing is on the wire.
+    fn deliver(&mut self) -> Option<(Envelope, bool)> {
+        self.flush();
+        let envelope = self.wire.pop_front()?;
+        self.step();
+        let (from, to) = (envelope.from, envelope.to);
+        let route = format!("{}->{}", self.sites[from].name, self.sites[to].name);
+        let cut = !self.sites[from].reachable || !self.sites[to].reachable;
+        if cut || self.lose.as_ref().is_some_and(|lose| lose(&envelope)) {
+            self.log(format!("{route} {:?} LOST", envelope.msg));
+            return Some((envelope, false));
         }
-        let copies = if faulty && self.rng.chance_per_mille(self.faults.dup_per_mille) {
-            *self.stats.duplicated.entry(kind).or_default() += 1;
-            2
-        } else {
-            1
-        };
-        for _ in 0..copies {
-            let latency_ms = if faulty {
-                self.rng
-                    .between(self.faults.latency_min_ms, self.faults.latency_max_ms)
-            } else {
-                self.faults.calm_latency_ms
-            };
-            self.seq += 1;
-            let envelope = Envelope {
-                from,
-                to,
-                flow,
-                msg: msg.clone(),
-                sent_seq,
-            };
-            self.queue
-                .insert((self.now_ms + latency_ms, self.seq), envelope);
+        self.log(format!("{route} {:?}", envelope.msg));
+        let directory = self.directory(to);
+        let from_peer = self.sites[from].peer;
+        let site = &mut self.sites[to];
+        let (ledger, msg) = (&mut site.ledger, envelope.msg.clone());
+        match envelope.flow {
+            Flow::Request => {
+                match site
+                    .core
+                    .handle_request(ledger, &directory, self.now_ms, from_peer, msg)
+                {
+                    Ok(Some(answer)) => self.send(to, from, Flow::Reply, answer),
+                    Ok(None) => self.fail(&format!("a request got no answer: {:?}", envelope.msg)),
+                    Err(e) => self.fail(&format!("handle_request failed: {e:#}")),
+                }
+            }
+            Flow::Reply => {
+                if let Err(e) =
+                    site.core
+                        .handle_reply(ledger, &directory, self.now_ms, from_peer, msg)
+                {
+                    self.fail(&format!("handle_reply failed: {e:#}"));
+                }
+            }
+        }
+        self.check_site(to);
+        self.flush();
+        Some((envelope, true))
+    }
+
+    /// Delivers until the wire is empty, without moving the clock.
+    fn deliver_all(&mut self) {
+        while self.deliver().is_some() {}
+    }
+
+    /// Delivers until a message that `matches` arrived (and was handled).
+    fn deliver_until(&mut self, matches: impl Fn(&Envelope) -> bool) {
+        loop {
+            match self.deliver() {
+                Some((envelope, true)) if matches(&envelope) => return,
+                Some(_) => {}
+                None => self.fail("the awaited message was never sent"),
+            }
         }
     }
 
-    /// Runs events until `until_ms` (or, if `stop_when_quiet`, until no
-    /// message is in flight and no core has a timer).
+    /// Lets time pass until `until_ms`: delivers everything on the wire,
+    /// then moves the clock to the next timer of any core and fires it.
+    /// With `stop_when_quiet`, stops as soon as nothing is on the wire and
+    /// no core has a timer, leaving the clock where the last event was.
     fn run(&mut self, until_ms: i64, stop_when_quiet: bool) {
         loop {
-            self.flush();
-            let next_msg = self.queue.keys().next().map(|(at, _)| *at);
+            self.deliver_all();
             let next_timer = self
                 .sites
                 .iter()
                 .filter_map(|s| s.core.poll_timeout())
                 .min();
-            if stop_when_quiet && next_msg.is_none() && next_timer.is_none() {
+            if stop_when_quiet && next_timer.is_none() {
                 return;
             }
-            let next = [next_msg, next_timer, Some(self.next_sweep_ms)]
-                .into_iter()
-                .flatten()
-                .min()
-                .expect("a sweep is always scheduled");
-            if next > until_ms {
-                self.now_ms = self.now_ms.max(until_ms);
-                return;
-            }
-            self.now_ms = self.now_ms.max(next);
-            self.steps += 1;
-            if self.steps > STEPS_MAX {
-                self.fail("the simulation does not settle (too many events)");
-            }
-            if next_msg.is_some_and(|at| at <= self.now_ms) {
-                self.deliver_next();
-            } else if next_timer.is_some_and(|at| at <= self.now_ms) {
-                self.fire_timers();
-            } else {
-                self.sweep();
-                self.next_sweep_ms += SWEEP_PERIOD_MS;
+            match next_timer {
+                Some(at) if at <= until_ms => {
+                    self.now_ms = self.now_ms.max(at);
+                    self.sweep();
+                    self.fire_timers();
+                }
+                _ => {
+                    self.now_ms = self.now_ms.max(until_ms);
+                    self.sweep();
+                    return;
+                }
             }
         }
     }
@@ -612,16 +461,25 @@ impl Sim {
         self.run(until_ms, true);
     }
 
+    fn step(&mut self) {
+        self.steps += 1;
+        if self.steps > STEPS_MAX {
+            self.fail("the exchange does not settle (too many steps)");
+        }
+    }
+
+    /// Every site marks the holds whose lease ran out (the agent does it
+    /// every second; leases stop counting at their expiry either way).
     fn sweep(&mut self) {
-        let now_ms = self.now_ms;
         for site in &mut self.sites {
             site.ledger
-                .sweep_expired(now_ms)
+                .sweep_expired(self.now_ms)
                 .expect("the sweep succeeds");
         }
     }
 
     fn fire_timers(&mut self) {
+        self.step();
         let now_ms = self.now_ms;
         for i in 0..self.sites.len() {
             if self.sites[i]
@@ -631,100 +489,32 @@ impl Sim {
             {
                 continue;
             }
-            self.publish();
             let directory = self.directory(i);
             let site = &mut self.sites[i];
             if let Err(e) = site
                 .core
                 .handle_timeout(&mut site.ledger, &directory, now_ms)
             {
-                self.fail(&format!(
-                    "handle_timeout at {} failed: {e:#}",
-                    self.sites[i].name
-                ));
+                self.fail(&format!("handle_timeout at {i} failed: {e:#}"));
             }
             if self.sites[i]
                 .core
                 .poll_timeout()
                 .is_some_and(|at| at < now_ms)
             {
+                let name = &self.sites[i].name;
                 self.fail(&format!(
-                    "{} has a timer in the past after handling timeouts",
-                    self.sites[i].name
+                    "{name} has a timer in the past after handling timeouts"
                 ));
             }
             self.check_site(i);
         }
+        self.flush();
     }
+}
 
-    fn deliver_next(&mut self) {
-        let Some((_, envelope)) = self.queue.pop_first() else {
-            return;
-        };
-        let (from, to) = (envelope.from, envelope.to);
-        let route = format!("{}->{}", self.sites[from].name, self.sites[to].name);
-        if !self.sites[from].reachable || !self.sites[to].reachable {
-            self.log(format!("{route} {:?} dropped (site cut off)", envelope.msg));
-            return;
-        }
-        if self
-            .drop_if
-            .as_ref()
-            .is_some_and(|drop_if| drop_if(&envelope))
-        {
-            self.log(format!("{route} {:?} dropped (filter)", envelope.msg));
-            return;
-        }
-        let last = self.last_delivered.entry((from, to)).or_default();
-        if envelope.sent_seq < *last {
-            *self.stats.reordered.entry(kind(&envelope.msg)).or_default() += 1;
-        } else {
-            *last = envelope.sent_seq;
-        }
-        self.log(format!("{route} {:?}", envelope.msg));
-        self.publish();
-        let directory = self.directory(to);
-        let now_ms = self.now_ms;
-        let from_peer = self.sites[from].peer;
-        let site = &mut self.sites[to];
-        match envelope.flow {
-            Flow::Request => {
-                match site.core.handle_request(
-                    &mut site.ledger,
-                    &directory,
-                    now_ms,
-                    from_peer,
-                    envelope.msg.clone(),
-                ) {
-                    Ok(Some(answer)) => self.send(to, from, Flow::Reply, answer),
-                    Ok(None) => self.fail(&format!("a request got no answer: {:?}", envelope.msg)),
-                    Err(e) => self.fail(&format!("handle_request failed: {e:#}")),
-                }
-            }
-            Flow::Reply => {
-                if let Err(e) = site.core.handle_reply(
-                    &mut site.ledger,
-                    &directory,
-                    now_ms,
-                    from_peer,
-                    envelope.msg.clone(),
-                ) {
-                    self.fail(&format!("handle_reply failed: {e:#}"));
-                }
-            }
-        }
-        self.check_site(to);
-        if self
-            .cut_after
-            .as_ref()
-            .is_some_and(|(_, matches)| matches(&envelope))
-        {
-            let (site, _) = self.cut_after.take().expect("checked above");
-            self.log(format!("{} is cut off", self.sites[site].name));
-            self.sites[site].reachable = false;
-        }
-    }
-
+/// Checks of what the sites hold and record.
+impl Fed {
     /// The invariants that hold after every event at `site`.
     fn check_site(&self, site: usize) {
         self.check_capacity(site);
@@ -995,18 +785,18 @@ fn committed_parts_at(record: &ClusterRecord, site: &str) -> u32 {
 
 #[test]
 fn happy_path_master_keeps_its_share_and_workers_commit_the_rest() {
-    let mut sim = Sim::new(1, &[4, 4, 4], ClusterConfig::default(), Faults::none(10));
-    let created = sim
+    let mut fed = Fed::new(&[4, 4, 4]);
+    let created = fed
         .create(0, "c1", 10)
         .expect("the federation has 11 free nodes");
     assert_eq!(created.state, ClusterState::Reserving);
-    sim.run_quiet(T0_MS + 60 * SECOND_MS);
-    assert!(
-        sim.now_ms < T0_MS + SECOND_MS,
-        "reserving on a perfect network takes a few round trips"
+    fed.run_quiet(T0_MS + 60 * SECOND_MS);
+    assert_eq!(
+        fed.now_ms, T0_MS,
+        "reserving on a perfect network takes a few round trips and no timer"
     );
 
-    let record = sim.record(0, "c1");
+    let record = fed.record(0, "c1");
     assert_eq!(record.state, ClusterState::Reserved);
     assert_eq!(record.master_site, "A");
     let frontend = record
@@ -1026,22 +816,22 @@ fn happy_path_master_keeps_its_share_and_workers_commit_the_rest() {
     assert!(committed_parts_at(&record, "B") > 0 && committed_parts_at(&record, "C") > 0);
 
     // The frontend's slot comes on top of the master's share.
-    let local = sim.sites[0]
+    let local = fed.sites[0]
         .ledger
         .reservation("c1/0")
         .unwrap()
         .expect("the master's reservation");
     assert_eq!((local.nodes, local.state), (4, ReservationState::Committed));
     assert_eq!(
-        sim.committed_nodes(1, "c1") + sim.committed_nodes(2, "c1"),
+        fed.committed_nodes(1, "c1") + fed.committed_nodes(2, "c1"),
         7
     );
     for (worker, name) in [(1, "B"), (2, "C")] {
         assert_eq!(
-            sim.committed_nodes(worker, "c1"),
+            fed.committed_nodes(worker, "c1"),
             committed_parts_at(&record, name)
         );
-        let own = sim.record(worker, "c1");
+        let own = fed.record(worker, "c1");
         assert_eq!(own.state, ClusterState::Reserved);
         assert_eq!(own.master_site, "A");
         assert_eq!(
@@ -1074,43 +864,37 @@ fn happy_path_master_keeps_its_share_and_workers_commit_the_rest() {
     {
         assert_eq!(part.gateway, Some(gateway_of(&part.site)));
     }
-    assert_eq!(sim.in_flight(), 0);
-    assert_eq!(sim.check_settled(0, "c1", 10), ClusterState::Reserved);
+    assert_eq!(fed.in_flight(), 0);
+    assert_eq!(fed.check_settled(0, "c1", 10), ClusterState::Reserved);
 }
 
 #[test]
 fn a_cluster_that_fits_at_the_master_stays_local() {
-    let mut sim = Sim::new(2, &[8, 4], ClusterConfig::default(), Faults::none(10));
-    let record = sim.create(0, "local", 5).expect("A has room");
+    let mut fed = Fed::new(&[8, 4]);
+    let record = fed.create(0, "local", 5).expect("A has room");
     assert_eq!(record.state, ClusterState::Reserved);
     assert_eq!(record.parts.len(), 1);
-    sim.run_quiet(T0_MS + 60 * SECOND_MS);
+    fed.run_quiet(T0_MS + 60 * SECOND_MS);
     assert_eq!(
-        sim.stats.sent.values().sum::<u64>(),
+        fed.sent.values().sum::<u64>(),
         0,
         "no message for a local cluster"
     );
-    assert_eq!(sim.check_settled(0, "local", 5), ClusterState::Reserved);
-}
-
-/// B answers `Held`, then dies before the commit reaches it.
-fn kill_b_after_its_held(sim: &mut Sim) {
-    let b = 1;
-    sim.cut_after = Some((
-        b,
-        Box::new(move |e: &Envelope| e.from == b && matches!(e.msg, ClusterMsg::Held { .. })),
-    ));
+    assert_eq!(fed.check_settled(0, "local", 5), ClusterState::Reserved);
 }
 
 #[test]
 fn worker_killed_after_held_the_master_replans_onto_another_site() {
     // B (listed first among equals) gets all 7 remote nodes; C could take them too.
-    let mut sim = Sim::new(3, &[4, 8, 8], ClusterConfig::default(), Faults::none(10));
-    kill_b_after_its_held(&mut sim);
-    sim.create(0, "c2", 10).expect("the federation has room");
-    sim.run_until(T0_MS + 30 * SECOND_MS);
+    let mut fed = Fed::new(&[4, 8, 8]);
+    fed.create(A, "c2", 10).expect("the federation has room");
+    // B answers `Held`, then dies before the commit reaches it.
+    fed.deliver_until(|e| e.from == B && matches!(e.msg, ClusterMsg::Held { .. }));
+    fed.reach(B, false);
+    // Well before B's lease (30 s from its Held, at T0) runs out.
+    fed.run_until(T0_MS + 20 * SECOND_MS);
 
-    let record = sim.record(0, "c2");
+    let record = fed.record(0, "c2");
     assert_eq!(
         record.state,
         ClusterState::Reserved,
@@ -1120,388 +904,76 @@ fn worker_killed_after_held_the_master_replans_onto_another_site() {
     assert_eq!(compute_nodes_committed(&record), 10);
     assert_eq!(committed_parts_at(&record, "B"), 0);
     assert_eq!(committed_parts_at(&record, "C"), 7);
-    assert_eq!(sim.committed_nodes(2, "c2"), 7);
-    assert!(!sim.sites[1].reachable);
-    assert_eq!(sim.counting(1, "c2").len(), 1, "B's hold lasts its lease");
+    assert_eq!(fed.committed_nodes(2, "c2"), 7);
+    assert!(!fed.sites[1].reachable);
+    assert_eq!(fed.counting(1, "c2").len(), 1, "B's hold lasts its lease");
 
     // B's hold runs out by itself.
-    let lease_end = T0_MS + sim.config.lease_ms + SECOND_MS;
-    sim.run_until(lease_end);
-    sim.sweep();
+    let lease_end = T0_MS + fed.config.lease_ms + SECOND_MS;
+    fed.run_until(lease_end);
+    fed.sweep();
     assert!(
-        sim.counting(1, "c2").is_empty(),
+        fed.counting(1, "c2").is_empty(),
         "B still holds {:#?}",
-        sim.counting(1, "c2")
+        fed.counting(1, "c2")
     );
 
     // The master keeps releasing at B; once B is back the cluster settles.
-    assert_eq!(sim.sites[0].core.in_flight(), 1);
-    sim.sites[1].reachable = true;
-    sim.run_quiet(sim.now_ms + 5 * 60 * SECOND_MS);
-    assert_eq!(sim.in_flight(), 0);
-    assert_eq!(sim.check_settled(0, "c2", 10), ClusterState::Reserved);
+    assert_eq!(fed.sites[0].core.in_flight(), 1);
+    fed.reach(B, true);
+    fed.run_quiet(fed.now_ms + 5 * 60 * SECOND_MS);
+    assert_eq!(fed.in_flight(), 0);
+    assert_eq!(fed.check_settled(0, "c2", 10), ClusterState::Reserved);
 }
 
 #[test]
 fn worker_killed_after_held_fails_cleanly_when_no_site_has_room() {
     // A keeps 3, B holds 4 and C 3: without B there is no room for the rest.
-    let mut sim = Sim::new(4, &[4, 4, 4], ClusterConfig::default(), Faults::none(10));
-    kill_b_after_its_held(&mut sim);
-    sim.create(0, "c3", 10).expect("the federation has room");
-    sim.run_until(T0_MS + 30 * SECOND_MS);
+    let mut fed = Fed::new(&[4, 4, 4]);
+    fed.create(A, "c3", 10).expect("the federation has room");
+    // B answers `Held`, then dies before the commit reaches it.
+    fed.deliver_until(|e| e.from == B && matches!(e.msg, ClusterMsg::Held { .. }));
+    fed.reach(B, false);
+    fed.run_until(T0_MS + 30 * SECOND_MS);
 
-    let record = sim.record(0, "c3");
+    let record = fed.record(0, "c3");
     assert_eq!(
         record.state,
         ClusterState::Failed,
         "parts: {:#?}",
         record.parts
     );
-    assert!(sim.counting(0, "c3").is_empty());
-    assert!(sim.counting(2, "c3").is_empty(), "C was told to release");
+    assert!(fed.counting(0, "c3").is_empty());
+    assert!(fed.counting(2, "c3").is_empty(), "C was told to release");
 
-    sim.run_until(T0_MS + sim.config.lease_ms + SECOND_MS);
-    sim.sweep();
-    sim.check_nothing_held("c3");
+    fed.run_until(T0_MS + fed.config.lease_ms + SECOND_MS);
+    fed.sweep();
+    fed.check_nothing_held("c3");
     assert!(
-        sim.sites[1]
+        fed.sites[1]
             .ledger
-            .reservations(ReservationFilter::All, sim.now_ms)
+            .reservations(ReservationFilter::All, fed.now_ms)
             .unwrap()
             .iter()
             .all(|r| r.state == ReservationState::Expired)
     );
 }
 
-/// Two masters (A and B) each need nodes at C at about the same time.
-fn concurrent_masters(seed: u64) -> (Stats, [ClusterState; 2]) {
-    let mut rng = SplitMix64(seed ^ 0x5EED_CAFE);
-    let capacities = [
-        rng.between(2, 6) as u32,
-        rng.between(2, 6) as u32,
-        rng.between(3, 10) as u32,
-    ];
-    let faults = Faults {
-        loss_per_mille: 0,
-        dup_per_mille: 0,
-        latency_min_ms: 1,
-        latency_max_ms: rng.between(1, 800),
-        until_ms: i64::MAX,
-        calm_latency_ms: 1,
-    };
-    let mut sim = Sim::new(seed, &capacities, ClusterConfig::default(), faults);
-    sim.gossip_period_ms = if rng.chance_per_mille(500) {
-        0
-    } else {
-        rng.between(100, 3_000)
-    };
-    let [a, b, c] = capacities;
-    // Each asks for more than its own share plus all of the other master, so
-    // both need C; together they may need more than C has.
-    let nodes_a = (a - 1) + b + rng.between(1, i64::from(c)) as u32;
-    let nodes_b = (b - 1) + a + rng.between(1, i64::from(c)) as u32;
-    // Windows that overlap in part, or not at all.
-    let (window_a, window_b) = (random_window(&mut rng), random_window(&mut rng));
-    let b_delay_ms = rng.between(0, 1_000);
-
-    let mut created = [false, false];
-    created[0] = sim
-        .create_request(0, "from-a", request(nodes_a, window_a))
-        .is_ok();
-    sim.run_until(T0_MS + b_delay_ms);
-    created[1] = sim
-        .create_request(1, "from-b", request(nodes_b, window_b))
-        .is_ok();
-
-    let config = sim.config.clone();
-    let settle_ms = config.reserve_deadline_ms
-        + config.release_backoff_max_ms
-        + config.lease_ms
-        + 10 * SECOND_MS;
-    sim.run_until(T0_MS + b_delay_ms + settle_ms);
-    sim.sweep();
-    if sim.in_flight() != 0 {
-        sim.fail("a cluster is still in flight on a lossless network");
-    }
-    let mut states = [ClusterState::Failed, ClusterState::Failed];
-    for (master, (id, nodes)) in [("from-a", nodes_a), ("from-b", nodes_b)]
-        .into_iter()
-        .enumerate()
-    {
-        if created[master] {
-            states[master] = sim.check_settled(master, id, nodes);
-        } else {
-            // Refused at create: nothing anywhere, not even a record.
-            sim.check_nothing_held(id);
-            if sim.sites[master].ledger.cluster(id).unwrap().is_some() {
-                sim.fail(&format!("{id} was refused but is stored"));
-            }
-        }
-    }
-    (sim.stats, states)
-}
-
-#[test]
-fn concurrent_masters_never_overbook_the_site_they_compete_for() {
-    let mut reserved = 0;
-    let mut failed = 0;
-    let sweep = seeds(CONCURRENT_SEEDS);
-    let full = sweep.end - sweep.start >= CONCURRENT_SEEDS;
-    let mut totals = Stats::default();
-    for seed in sweep {
-        let (stats, states) = concurrent_masters(seed);
-        totals.add(&stats);
-        for state in states {
-            match state {
-                ClusterState::Reserved => reserved += 1,
-                _ => failed += 1,
-            }
-        }
-    }
-    assert!(
-        !full || (reserved > 0 && failed > 0),
-        "the sweep should see both outcomes: {reserved} reserved, {failed} not"
-    );
-    // Stale views make masters ask for nodes another master took meanwhile:
-    // the worker's ledger must have denied some.
-    let denied = totals.sent.get("denied").copied().unwrap_or(0);
-    assert!(!full || denied > 0, "no reserve was denied: {totals:?}");
-    eprintln!("{reserved} reserved, {failed} failed or refused, {denied} reserves denied");
-}
-
-/// What happens to the federation at a given virtual time.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-enum Happening {
-    /// A cluster request arrives at a master.
-    Create {
-        master: usize,
-        id: String,
-        nodes: u32,
-    },
-    /// The requester deletes a cluster at its master.
-    Delete { master: usize, id: String },
-    /// A site's process restarts (its core is rebuilt from the ledger).
-    Restart(usize),
-    /// A site is cut off from the network.
-    Cut(usize),
-    /// A cut-off site is reachable again.
-    Heal(usize),
-}
-
-/// Several clusters at random masters over a network that loses, duplicates
-/// and reorders every kind of message until the faults stop; some seeds also
-/// cut sites off for a while or restart them mid-way.
-fn faulty_federation(seed: u64) -> Stats {
-    let mut rng = SplitMix64(seed);
-    let site_count = rng.between(3, 4) as usize;
-    let capacities: Vec<u32> = (0..site_count).map(|_| rng.between(2, 8) as u32).collect();
-    let total: u32 = capacities.iter().sum();
-    let config = ClusterConfig {
-        // Short leases make holds run out before their commit.
-        lease_ms: if rng.chance_per_mille(300) {
-            rng.between(2, 6) * SECOND_MS
-        } else {
-            30 * SECOND_MS
-        },
-        ..ClusterConfig::default()
-    };
-    let latency_max_ms = rng.between(50, 4_000);
-    let faults = Faults {
-        loss_per_mille: rng.between(0, 400) as u64,
-        dup_per_mille: rng.between(0, 300) as u64,
-        latency_min_ms: 1,
-        latency_max_ms,
-        until_ms: T0_MS + rng.between(5, 40) * SECOND_MS,
-        calm_latency_ms: 5,
-    };
-    let faults_until_ms = faults.until_ms;
-    let mut sim = Sim::new(seed, &capacities, config.clone(), faults);
-    sim.gossip_period_ms = if rng.chance_per_mille(300) {
-        0
-    } else {
-        rng.between(500, 10_000)
-    };
-
-    let mut schedule: Vec<(i64, Happening)> = Vec::new();
-    for k in 0..rng.between(2, 5) {
-        let at_ms = T0_MS + rng.between(0, 10_000);
-        let master = rng.between(0, site_count as i64 - 1) as usize;
-        let nodes = rng.between(1, i64::from(total / 2)) as u32;
-        let id = format!("c{k}");
-        if rng.chance_per_mille(250) {
-            let delete_at_ms = at_ms + rng.between(0, 40 * SECOND_MS);
-            schedule.push((
-                delete_at_ms,
-                Happening::Delete {
-                    master,
-                    id: id.clone(),
-                },
-            ));
-        }
-        schedule.push((at_ms, Happening::Create { master, id, nodes }));
-    }
-    if rng.chance_per_mille(300) {
-        // A cut ends before the faults do, so the bound after them holds.
-        let site = rng.between(0, site_count as i64 - 1) as usize;
-        let from_ms = rng.between(T0_MS, faults_until_ms);
-        schedule.push((from_ms, Happening::Cut(site)));
-        schedule.push((rng.between(from_ms, faults_until_ms), Happening::Heal(site)));
-    }
-    if rng.chance_per_mille(300) {
-        let site = rng.between(0, site_count as i64 - 1) as usize;
-        schedule.push((
-            rng.between(T0_MS, faults_until_ms),
-            Happening::Restart(site),
-        ));
-    }
-    schedule.sort();
-
-    let mut created = Vec::new();
-    let mut deleted = Vec::new();
-    let mut last_create_ms = T0_MS;
-    for (at_ms, happening) in schedule {
-        sim.run_until(at_ms);
-        match happening {
-            Happening::Create { master, id, nodes } => {
-                last_create_ms = at_ms;
-                if sim
-                    .create_request(master, &id, request(nodes, random_window(&mut rng)))
-                    .is_ok()
-                {
-                    created.push((master, id, nodes));
-                } else {
-                    sim.stats.refused += 1;
-                    sim.check_nothing_held(&id);
-                }
-            }
-            Happening::Delete { master, id } => {
-                // Deleting a cluster that was refused at create is "unknown".
-                let known = created.iter().any(|(_, created_id, _)| *created_id == id);
-                match sim.delete(master, &id) {
-                    Ok(_) if known => deleted.push(id),
-                    Err(DeleteError::Unknown(_)) if !known => {}
-                    answer => sim.fail(&format!("delete of {id}: {answer:?}")),
-                }
-            }
-            Happening::Restart(site) => sim.restart(site),
-            Happening::Cut(site) => sim.sites[site].reachable = false,
-            Happening::Heal(site) => sim.sites[site].reachable = true,
-        }
-    }
-    // Reservation ends by its deadline; after that and the faults, a release
-    // is retried within the longest backoff, and holds run out with their lease.
-    let settle_from_ms = (last_create_ms + config.reserve_deadline_ms).max(faults_until_ms);
-    // By its deadline, every reservation has ended one way or the other.
-    sim.run_until(settle_from_ms + 1);
-    for (master, id, _) in &created {
-        let state = sim.record(*master, id).state;
-        let ended = if deleted.contains(id) {
-            matches!(
-                state,
-                ClusterState::Stopping | ClusterState::Finished | ClusterState::Failed
-            )
-        } else {
-            matches!(state, ClusterState::Reserved | ClusterState::Failed)
-        };
-        if !ended {
-            sim.fail(&format!("{id} is still {state} after its reserve deadline"));
-        }
-    }
-    let end_ms = settle_from_ms
-        + config.release_backoff_max_ms
-        + config.lease_ms
-        + 2 * latency_max_ms
-        + 10 * SECOND_MS;
-    sim.run_until(end_ms);
-    sim.sweep();
-    if sim.in_flight() != 0 {
-        sim.fail(&format!(
-            "{} clusters still in flight long after the faults stopped",
-            sim.in_flight()
-        ));
-    }
-    for (master, id, nodes) in &created {
-        if deleted.contains(id) {
-            let state = sim.record(*master, id).state;
-            if !matches!(state, ClusterState::Finished | ClusterState::Failed) {
-                sim.fail(&format!("{id} was deleted but is {state}"));
-            }
-            sim.check_nothing_held(id);
-            sim.check_workers_finished(*master, id);
-            sim.stats.deleted += 1;
-            continue;
-        }
-        match sim.check_settled(*master, id, *nodes) {
-            ClusterState::Reserved => sim.stats.reserved += 1,
-            _ => sim.stats.failed += 1,
-        }
-    }
-    sim.stats.steps = sim.steps;
-    sim.stats
-}
-
-/// The seeds of a sweep: `0..default`, or what `VCFED_SIM_SEEDS` says
-/// (`N` for one seed, to replay a failure, or `A..B` for a longer sweep).
-fn seeds(default: u64) -> std::ops::Range<u64> {
-    let Ok(text) = std::env::var("VCFED_SIM_SEEDS") else {
-        return 0..default;
-    };
-    let parsed = match text.split_once("..") {
-        Some((from, to)) => from
-            .parse()
-            .ok()
-            .zip(to.parse().ok())
-            .map(|(from, to)| from..to),
-        None => text.parse().ok().map(|seed: u64| seed..seed + 1),
-    };
-    parsed.unwrap_or_else(|| panic!("VCFED_SIM_SEEDS={text:?}: expected N or A..B"))
-}
-
-#[test]
-fn message_faults_never_overbook_and_every_cluster_settles() {
-    let mut totals = Stats::default();
-    let sweep = seeds(FAULT_SEEDS);
-    let count = sweep.end - sweep.start;
-    for seed in sweep {
-        totals.add(&faulty_federation(seed));
-    }
-    eprintln!("{count} seeds: {totals:#?}");
-    if count < FAULT_SEEDS {
-        return;
-    }
-    assert!(totals.reserved > 0, "no cluster was reserved: {totals:?}");
-    assert!(totals.failed > 0, "no cluster failed: {totals:?}");
-    // The sweep must have exercised every fault on every kind of message.
-    for kind in ALL_KINDS {
-        for (fault, counts) in [
-            ("lost", &totals.lost),
-            ("duplicated", &totals.duplicated),
-            ("reordered", &totals.reordered),
-        ] {
-            let count = counts.get(kind).copied().unwrap_or(0);
-            assert!(
-                count > 0,
-                "no {kind} message was {fault} in {count} seeds: {totals:?}"
-            );
-        }
-    }
-}
-
 #[test]
 fn restart_before_the_commit_decision_fails_and_releases_everything() {
-    let mut sim = Sim::new(5, &[4, 4, 4], ClusterConfig::default(), Faults::none(10));
+    let mut fed = Fed::new(&[4, 4, 4]);
     // The workers hold, but A crashes before their answers arrive.
-    sim.drop_if = Some(Box::new(|e: &Envelope| e.to == 0 && e.flow == Flow::Reply));
-    sim.create(0, "c5", 10).expect("the federation has room");
-    sim.run_until(T0_MS + 500);
-    assert_eq!(sim.record(0, "c5").state, ClusterState::Reserving);
-    assert_eq!(sim.counting(1, "c5").len(), 1);
-    assert_eq!(sim.counting(2, "c5").len(), 1);
+    fed.lose = Some(Box::new(|e: &Envelope| e.to == A && e.flow == Flow::Reply));
+    fed.create(A, "c5", 10).expect("the federation has room");
+    fed.deliver_all();
+    assert_eq!(fed.record(0, "c5").state, ClusterState::Reserving);
+    assert_eq!(fed.counting(1, "c5").len(), 1);
+    assert_eq!(fed.counting(2, "c5").len(), 1);
 
-    sim.drop_if = None;
-    sim.restart(0);
-    sim.run_quiet(T0_MS + 10 * SECOND_MS);
-    let record = sim.record(0, "c5");
+    fed.lose = None;
+    fed.restart(A);
+    fed.run_quiet(T0_MS + 10 * SECOND_MS);
+    let record = fed.record(0, "c5");
     assert_eq!(record.state, ClusterState::Failed);
     assert!(
         record.parts.iter().all(|p| p.state == PartState::Released),
@@ -1509,12 +981,12 @@ fn restart_before_the_commit_decision_fails_and_releases_everything() {
         record.parts
     );
     // Released at once, without waiting for the leases.
-    assert!(sim.now_ms < T0_MS + sim.config.lease_ms);
-    sim.check_nothing_held("c5");
+    assert!(fed.now_ms < T0_MS + fed.config.lease_ms);
+    fed.check_nothing_held("c5");
     for site in 0..3 {
-        for reservation in sim.sites[site]
+        for reservation in fed.sites[site]
             .ledger
-            .reservations(ReservationFilter::All, sim.now_ms)
+            .reservations(ReservationFilter::All, fed.now_ms)
             .unwrap()
         {
             assert_eq!(
@@ -1524,19 +996,19 @@ fn restart_before_the_commit_decision_fails_and_releases_everything() {
             );
         }
     }
-    assert_eq!(sim.in_flight(), 0);
+    assert_eq!(fed.in_flight(), 0);
 }
 
 #[test]
 fn restart_after_the_commit_decision_resends_the_commits() {
-    let mut sim = Sim::new(6, &[4, 4, 4], ClusterConfig::default(), Faults::none(10));
+    let mut fed = Fed::new(&[4, 4, 4]);
     // A decides to commit, then crashes before any commit leaves.
-    sim.drop_if = Some(Box::new(|e: &Envelope| {
+    fed.lose = Some(Box::new(|e: &Envelope| {
         matches!(e.msg, ClusterMsg::Commit { .. })
     }));
-    sim.create(0, "c6", 10).expect("the federation has room");
-    sim.run_until(T0_MS + 500);
-    let record = sim.record(0, "c6");
+    fed.create(A, "c6", 10).expect("the federation has room");
+    fed.deliver_all();
+    let record = fed.record(0, "c6");
     assert_eq!(record.state, ClusterState::Reserving);
     assert!(
         record
@@ -1547,52 +1019,49 @@ fn restart_after_the_commit_decision_resends_the_commits() {
         "{record:#?}"
     );
 
-    sim.drop_if = None;
-    sim.restart(0);
-    sim.run_quiet(T0_MS + 10 * SECOND_MS);
-    assert_eq!(sim.in_flight(), 0);
-    assert_eq!(sim.check_settled(0, "c6", 10), ClusterState::Reserved);
+    fed.lose = None;
+    fed.restart(A);
+    fed.run_quiet(T0_MS + 10 * SECOND_MS);
+    assert_eq!(fed.in_flight(), 0);
+    assert_eq!(fed.check_settled(0, "c6", 10), ClusterState::Reserved);
 }
 
 #[test]
 fn restart_resumes_the_release_of_a_site_given_up_after_it_committed() {
     // B commits its 7 nodes, but its answers never come back: A gives B up,
     // reserves at C instead, and must still take B's nodes back.
-    let mut sim = Sim::new(7, &[4, 8, 8], ClusterConfig::default(), Faults::none(10));
-    let b = 1;
-    sim.cut_after = Some((
-        b,
-        Box::new(move |e: &Envelope| e.to == b && matches!(e.msg, ClusterMsg::Commit { .. })),
-    ));
-    sim.create(0, "c7", 10).expect("the federation has room");
-    sim.run_until(T0_MS + 30 * SECOND_MS);
-    let record = sim.record(0, "c7");
+    let mut fed = Fed::new(&[4, 8, 8]);
+    fed.create(A, "c7", 10).expect("the federation has room");
+    fed.deliver_until(|e| e.to == B && matches!(e.msg, ClusterMsg::Commit { .. }));
+    fed.reach(B, false);
+    fed.run_until(T0_MS + 30 * SECOND_MS);
+    let record = fed.record(0, "c7");
     assert_eq!(record.state, ClusterState::Reserved, "{:#?}", record.parts);
     assert_eq!(committed_parts_at(&record, "C"), 7);
     assert_eq!(
-        sim.committed_nodes(b, "c7"),
+        fed.committed_nodes(B, "c7"),
         7,
         "B committed before it was cut off"
     );
 
     // A restarts while B is still unreachable; then B comes back.
-    sim.restart(0);
-    sim.run_until(sim.now_ms + 10 * SECOND_MS);
-    sim.sites[b].reachable = true;
-    sim.run_quiet(sim.now_ms + 5 * 60 * SECOND_MS);
+    fed.restart(0);
+    fed.run_until(fed.now_ms + 10 * SECOND_MS);
+    fed.reach(B, true);
+    fed.run_quiet(fed.now_ms + 5 * 60 * SECOND_MS);
     assert_eq!(
-        sim.committed_nodes(b, "c7"),
+        fed.committed_nodes(B, "c7"),
         0,
         "B keeps nodes the cluster does not use"
     );
-    assert_eq!(sim.in_flight(), 0);
-    assert_eq!(sim.check_settled(0, "c7", 10), ClusterState::Reserved);
+    assert_eq!(fed.in_flight(), 0);
+    assert_eq!(fed.check_settled(0, "c7", 10), ClusterState::Reserved);
 }
 
 #[test]
 fn bad_requests_are_refused_and_hold_nothing() {
-    let mut sim = Sim::new(8, &[4, 4, 4], ClusterConfig::default(), Faults::none(10));
-    let now_ms = sim.now_ms;
+    let mut fed = Fed::new(&[4, 4, 4]);
+    let now_ms = fed.now_ms;
     let good = window_after(now_ms);
     let huge = NodeShape {
         cores: 1_000,
@@ -1641,7 +1110,7 @@ fn bad_requests_are_refused_and_hold_nothing() {
         ("too-many", request(12, good)),
     ];
     for (id, bad) in cases {
-        let refused = sim.create_request(0, id, bad);
+        let refused = fed.create_request(0, id, bad);
         match (id, &refused) {
             (
                 "zero-nodes" | "zero-duration" | "negative-duration" | "past-start",
@@ -1652,83 +1121,83 @@ fn bad_requests_are_refused_and_hold_nothing() {
             ("too-many", Err(CreateError::Insufficient { available: 11, .. })) => {}
             _ => panic!("{id}: unexpected answer {refused:?}"),
         }
-        sim.run_quiet(sim.now_ms + 10 * SECOND_MS);
+        fed.run_quiet(fed.now_ms + 10 * SECOND_MS);
         assert_eq!(
-            sim.stats.sent.values().sum::<u64>(),
+            fed.sent.values().sum::<u64>(),
             0,
             "{id}: a refused request sends nothing"
         );
         assert!(
-            sim.sites[0].ledger.cluster(id).unwrap().is_none(),
+            fed.sites[0].ledger.cluster(id).unwrap().is_none(),
             "{id} is stored"
         );
         for site in 0..3 {
-            let all = sim.sites[site]
+            let all = fed.sites[site]
                 .ledger
-                .reservations(ReservationFilter::All, sim.now_ms)
+                .reservations(ReservationFilter::All, fed.now_ms)
                 .unwrap();
             assert!(all.is_empty(), "{id}: site {site} holds {all:?}");
         }
     }
 
     // Exactly what the federation has is accepted.
-    sim.create(0, "all", 11).expect("11 nodes fit");
-    sim.run_quiet(sim.now_ms + 60 * SECOND_MS);
-    assert_eq!(sim.check_settled(0, "all", 11), ClusterState::Reserved);
+    fed.create(0, "all", 11).expect("11 nodes fit");
+    fed.run_quiet(fed.now_ms + 60 * SECOND_MS);
+    assert_eq!(fed.check_settled(0, "all", 11), ClusterState::Reserved);
     // The same id again, and a site with no room left for a frontend.
     assert!(matches!(
-        sim.create(0, "all", 1),
+        fed.create(0, "all", 1),
         Err(CreateError::Exists(_))
     ));
     assert!(matches!(
-        sim.create(1, "more", 1),
+        fed.create(1, "more", 1),
         Err(CreateError::Insufficient { available: 0, .. })
     ));
-    assert!(sim.sites[1].ledger.cluster("more").unwrap().is_none());
+    assert!(fed.sites[1].ledger.cluster("more").unwrap().is_none());
 }
 
 #[test]
 fn delete_releases_at_every_site() {
-    let mut sim = Sim::new(9, &[4, 4, 4], ClusterConfig::default(), Faults::none(10));
-    sim.create(0, "c9", 10).expect("the federation has room");
-    sim.run_quiet(T0_MS + 60 * SECOND_MS);
-    assert_eq!(sim.check_settled(0, "c9", 10), ClusterState::Reserved);
+    let mut fed = Fed::new(&[4, 4, 4]);
+    fed.create(0, "c9", 10).expect("the federation has room");
+    fed.run_quiet(T0_MS + 60 * SECOND_MS);
+    assert_eq!(fed.check_settled(0, "c9", 10), ClusterState::Reserved);
 
     assert!(matches!(
-        sim.delete(1, "c9"),
+        fed.delete(1, "c9"),
         Err(DeleteError::NotMaster(..))
     ));
     assert!(matches!(
-        sim.delete(0, "nope"),
+        fed.delete(0, "nope"),
         Err(DeleteError::Unknown(_))
     ));
-    let deleted = sim.delete(0, "c9").expect("A masters c9");
+    let deleted = fed.delete(0, "c9").expect("A masters c9");
     assert_eq!(deleted.state, ClusterState::Stopping);
-    sim.run_quiet(sim.now_ms + 60 * SECOND_MS);
-    assert_eq!(sim.record(0, "c9").state, ClusterState::Finished);
-    sim.check_nothing_held("c9");
+    fed.run_quiet(fed.now_ms + 60 * SECOND_MS);
+    assert_eq!(fed.record(0, "c9").state, ClusterState::Finished);
+    fed.check_nothing_held("c9");
     for worker in [1, 2] {
-        assert_eq!(sim.record(worker, "c9").state, ClusterState::Finished);
+        assert_eq!(fed.record(worker, "c9").state, ClusterState::Finished);
     }
-    assert_eq!(sim.in_flight(), 0);
+    assert_eq!(fed.in_flight(), 0);
     // The freed nodes can be reserved again.
-    sim.create(0, "again", 10)
+    fed.create(0, "again", 10)
         .expect("the nodes are free again");
-    sim.run_quiet(sim.now_ms + 60 * SECOND_MS);
-    assert_eq!(sim.check_settled(0, "again", 10), ClusterState::Reserved);
+    fed.run_quiet(fed.now_ms + 60 * SECOND_MS);
+    assert_eq!(fed.check_settled(0, "again", 10), ClusterState::Reserved);
 }
 
 #[test]
 fn delete_retries_an_unreachable_worker_until_it_comes_back() {
-    let mut sim = Sim::new(10, &[4, 4, 4], ClusterConfig::default(), Faults::none(10));
-    sim.create(0, "c10", 10).expect("the federation has room");
-    sim.run_quiet(T0_MS + 60 * SECOND_MS);
-    assert_eq!(sim.check_settled(0, "c10", 10), ClusterState::Reserved);
+    let mut fed = Fed::new(&[4, 4, 4]);
+    fed.create(0, "c10", 10).expect("the federation has room");
+    fed.run_quiet(T0_MS + 60 * SECOND_MS);
+    assert_eq!(fed.check_settled(0, "c10", 10), ClusterState::Reserved);
 
-    sim.sites[1].reachable = false;
-    sim.delete(0, "c10").expect("A masters c10");
-    sim.run_until(sim.now_ms + 5 * 60 * SECOND_MS);
-    let record = sim.record(0, "c10");
+    fed.reach(B, false);
+    fed.delete(0, "c10").expect("A masters c10");
+    fed.run_until(fed.now_ms + 5 * 60 * SECOND_MS);
+    let record = fed.record(0, "c10");
     assert_eq!(record.state, ClusterState::Stopping);
     let b_part = record
         .parts
@@ -1736,50 +1205,50 @@ fn delete_retries_an_unreachable_worker_until_it_comes_back() {
         .find(|p| p.site == "B")
         .expect("B has a part");
     assert_eq!(b_part.state, PartState::Releasing);
-    let releases = sim.stats.sent["release"];
+    let releases = fed.sent["release"];
     // One release to C, and to B the first try plus backed-off retries.
     assert!(
         (5..20).contains(&releases),
         "{releases} releases in 5 minutes"
     );
-    assert!(sim.counting(2, "c10").is_empty());
+    assert!(fed.counting(2, "c10").is_empty());
     assert_eq!(
-        sim.committed_nodes(1, "c10"),
+        fed.committed_nodes(1, "c10"),
         4,
         "B keeps its nodes while cut off"
     );
 
-    sim.sites[1].reachable = true;
-    sim.run_quiet(sim.now_ms + 2 * 60 * SECOND_MS);
-    assert_eq!(sim.record(0, "c10").state, ClusterState::Finished);
-    assert_eq!(sim.record(1, "c10").state, ClusterState::Finished);
-    sim.check_nothing_held("c10");
-    assert_eq!(sim.in_flight(), 0);
+    fed.reach(B, true);
+    fed.run_quiet(fed.now_ms + 2 * 60 * SECOND_MS);
+    assert_eq!(fed.record(0, "c10").state, ClusterState::Finished);
+    assert_eq!(fed.record(1, "c10").state, ClusterState::Finished);
+    fed.check_nothing_held("c10");
+    assert_eq!(fed.in_flight(), 0);
 }
 
 #[test]
 fn delete_gives_up_on_an_unreachable_worker_once_the_window_has_passed() {
-    let mut sim = Sim::new(11, &[4, 4, 4], ClusterConfig::default(), Faults::none(10));
+    let mut fed = Fed::new(&[4, 4, 4]);
     let window = Window {
         start_ms: T0_MS + 10 * SECOND_MS,
         end_ms: T0_MS + 5 * 60 * SECOND_MS,
     };
-    sim.create_request(0, "c11", request(10, window))
+    fed.create_request(0, "c11", request(10, window))
         .expect("the federation has room");
-    sim.run_quiet(T0_MS + 5 * SECOND_MS);
-    assert_eq!(sim.check_settled(0, "c11", 10), ClusterState::Reserved);
+    fed.run_quiet(T0_MS + 5 * SECOND_MS);
+    assert_eq!(fed.check_settled(0, "c11", 10), ClusterState::Reserved);
 
-    sim.sites[1].reachable = false;
-    sim.delete(0, "c11").expect("A masters c11");
-    sim.run_until(window.end_ms - SECOND_MS);
-    assert_eq!(sim.record(0, "c11").state, ClusterState::Stopping);
-    sim.run_quiet(window.end_ms + 2 * sim.config.release_backoff_max_ms);
-    assert_eq!(sim.record(0, "c11").state, ClusterState::Finished);
-    assert_eq!(sim.in_flight(), 0);
+    fed.reach(B, false);
+    fed.delete(0, "c11").expect("A masters c11");
+    fed.run_until(window.end_ms - SECOND_MS);
+    assert_eq!(fed.record(0, "c11").state, ClusterState::Stopping);
+    fed.run_quiet(window.end_ms + 2 * fed.config.release_backoff_max_ms);
+    assert_eq!(fed.record(0, "c11").state, ClusterState::Finished);
+    assert_eq!(fed.in_flight(), 0);
     // B never heard of the delete: its committed nodes lie in the past.
-    let at_b = sim.counting(1, "c11");
+    let at_b = fed.counting(1, "c11");
     assert!(
-        at_b.iter().all(|r| r.window.end_ms <= sim.now_ms),
+        at_b.iter().all(|r| r.window.end_ms <= fed.now_ms),
         "{at_b:?}"
     );
 }
@@ -1799,30 +1268,30 @@ fn reported(indices: &[u32], state: &str) -> Vec<ReportedNode> {
 
 #[test]
 fn workers_report_their_nodes_and_the_master_stores_them() {
-    let mut sim = Sim::new(1, &[4, 4, 4], ClusterConfig::default(), Faults::none(10));
-    let now = sim.now_ms;
+    let mut fed = Fed::new(&[4, 4, 4]);
+    let now = fed.now_ms;
     let window = Window::new(now, now + HOUR_MS).unwrap();
-    sim.create_request(0, "c1", request(10, window))
+    fed.create_request(0, "c1", request(10, window))
         .expect("room for 11 nodes");
-    sim.run_quiet(T0_MS + 60 * SECOND_MS);
-    assert_eq!(sim.record(0, "c1").state, ClusterState::Reserved);
-    let at_b = committed_parts_at(&sim.record(0, "c1"), "B");
+    fed.run_quiet(T0_MS + 60 * SECOND_MS);
+    assert_eq!(fed.record(0, "c1").state, ClusterState::Reserved);
+    let at_b = committed_parts_at(&fed.record(0, "c1"), "B");
 
     // B reports its nodes (the numbers it derives for them): they reach
     // the master, filed under B.
-    let b_peer = sim.sites[1].peer.to_string();
-    let plan = crate::lifecycle::plan(&sim.record(1, "c1"), "B", &b_peer, sim.now_ms).unwrap();
+    let b_peer = fed.sites[1].peer.to_string();
+    let plan = crate::lifecycle::plan(&fed.record(1, "c1"), "B", &b_peer, fed.now_ms).unwrap();
     let indices: Vec<u32> = plan.nodes.iter().map(|n| n.index).collect();
     assert_eq!(indices.len(), at_b as usize);
-    let site = &mut sim.sites[1];
+    let site = &mut fed.sites[1];
     let sent = site
         .core
         .report_nodes(&site.ledger, "c1", reported(&indices, "installed"))
         .unwrap();
     assert!(sent);
-    sim.flush();
-    sim.run_quiet(sim.now_ms + 10 * SECOND_MS);
-    let stored = sim.sites[0].ledger.nodes("c1").unwrap();
+    fed.flush();
+    fed.run_quiet(fed.now_ms + 10 * SECOND_MS);
+    let stored = fed.sites[0].ledger.nodes("c1").unwrap();
     assert_eq!(stored.len(), at_b as usize);
     assert!(
         stored
@@ -1830,7 +1299,7 @@ fn workers_report_their_nodes_and_the_master_stores_them() {
             .all(|n| n.site == "B" && n.state["state"] == "installed")
     );
     // The master reports to nobody.
-    let master = &mut sim.sites[0];
+    let master = &mut fed.sites[0];
     assert!(
         !master
             .core
@@ -1840,23 +1309,23 @@ fn workers_report_their_nodes_and_the_master_stores_them() {
 
     // Reports the master cannot trust are refused and change nothing.
     let stranger = Keypair::generate_ed25519().public().to_peer_id();
-    let directory = sim.directory(0);
-    let now = sim.now_ms;
-    let c_peer = sim.sites[2].peer.to_string();
-    let at_c = crate::lifecycle::plan(&sim.record(2, "c1"), "C", &c_peer, now).unwrap();
+    let directory = fed.directory(0);
+    let now = fed.now_ms;
+    let c_peer = fed.sites[2].peer.to_string();
+    let at_c = crate::lifecycle::plan(&fed.record(2, "c1"), "C", &c_peer, now).unwrap();
     let twice = [indices[0], indices[0]];
     let bad = [
         (stranger, reported(&indices, "installed")),
         // C's nodes, the frontend's number, one node twice, a bogus state.
         (
-            sim.sites[1].peer,
+            fed.sites[1].peer,
             reported(&[at_c.nodes[0].index], "installed"),
         ),
-        (sim.sites[1].peer, reported(&[0], "installed")),
-        (sim.sites[1].peer, reported(&twice, "installed")),
-        (sim.sites[1].peer, reported(&indices, "exploded")),
+        (fed.sites[1].peer, reported(&[0], "installed")),
+        (fed.sites[1].peer, reported(&twice, "installed")),
+        (fed.sites[1].peer, reported(&indices, "exploded")),
         (
-            sim.sites[1].peer,
+            fed.sites[1].peer,
             vec![ReportedNode {
                 index: 1,
                 frontend: false,
@@ -1864,7 +1333,7 @@ fn workers_report_their_nodes_and_the_master_stores_them() {
             }],
         ),
         (
-            sim.sites[1].peer,
+            fed.sites[1].peer,
             vec![ReportedNode {
                 index: 1,
                 frontend: false,
@@ -1873,7 +1342,7 @@ fn workers_report_their_nodes_and_the_master_stores_them() {
         ),
     ];
     for (from, nodes) in bad {
-        let master = &mut sim.sites[0];
+        let master = &mut fed.sites[0];
         let answer = master
             .core
             .handle_request(
@@ -1892,31 +1361,30 @@ fn workers_report_their_nodes_and_the_master_stores_them() {
             "{answer:?}"
         );
     }
-    assert_eq!(sim.sites[0].ledger.nodes("c1").unwrap(), stored);
+    assert_eq!(fed.sites[0].ledger.nodes("c1").unwrap(), stored);
 }
 
 #[test]
 fn a_site_replaced_after_the_commit_decision_updates_every_sites_parts() {
     // A holds only the frontend; B and C take the 4 nodes, D has room too.
-    let mut sim = Sim::new(5, &[1, 2, 2, 2], ClusterConfig::default(), Faults::none(10));
+    let mut fed = Fed::new(&[1, 2, 2, 2]);
     // Every Commit to C is lost until C's hold has expired: C then refuses
     // the commit, and the master replaces it with D, after B committed with
     // a list of parts that named C.
-    let c = 2;
-    sim.drop_if = Some(Box::new(move |e: &Envelope| {
-        e.to == c && matches!(e.msg, ClusterMsg::Commit { .. })
+    fed.lose = Some(Box::new(|e: &Envelope| {
+        e.to == C && matches!(e.msg, ClusterMsg::Commit { .. })
     }));
-    sim.create(0, "c9", 4).expect("the federation has room");
-    sim.run_until(T0_MS + 45 * SECOND_MS);
-    sim.drop_if = None;
-    sim.run_quiet(T0_MS + 120 * SECOND_MS);
+    fed.create(0, "c9", 4).expect("the federation has room");
+    fed.run_until(T0_MS + 45 * SECOND_MS);
+    fed.lose = None;
+    fed.run_quiet(T0_MS + 120 * SECOND_MS);
 
-    let record = sim.record(0, "c9");
+    let record = fed.record(0, "c9");
     assert_eq!(record.state, ClusterState::Reserved, "{:#?}", record.parts);
     assert_eq!(committed_parts_at(&record, "C"), 0);
     assert_eq!(committed_parts_at(&record, "B"), 2);
     assert_eq!(committed_parts_at(&record, "D"), 2);
     // check_settled compares every worker's committed parts with the
     // master's: B learnt that D replaced C.
-    assert_eq!(sim.check_settled(0, "c9", 4), ClusterState::Reserved);
+    assert_eq!(fed.check_settled(0, "c9", 4), ClusterState::Reserved);
 }
