@@ -17,8 +17,7 @@ use libp2p_identity::{Keypair, PeerId};
 use vcfed_registry::advert::VerifiedAdvert;
 use vcfed_registry::wire::{self, Message};
 use vcfed_registry::{
-    GatewayInfo, LocalAdvert, Registry, RegistryConfig, RegistryEvent, RegistryStats, Transmit,
-    Verdict,
+    GatewayInfo, Registry, RegistryConfig, RegistryEvent, RegistryStats, Verdict,
 };
 use vcfed_storage::{
     GatewayRef, HoldRequest, Inventory, InventoryHost, Ledger, LedgerError, NodeShape, Window,
@@ -27,8 +26,8 @@ use vcfed_storage::{
 use vcfed_node_core::cluster::{ClusterConfig, ClusterCore, ClusterMsg, ClusterRequest};
 use vcfed_node_core::driver::sim::SimDriver;
 use vcfed_node_core::federation::{
-    AdvertTimer, PublishGate, REQUEST_TIMEOUT_MS, advert_capacity, cluster_payload, moves_capacity,
-    software,
+    Federation, FederationEvent, LocalSite, Outgoing, REQUEST_TIMEOUT_MS, cluster_payload,
+    moves_capacity,
 };
 use vcfed_node_core::runner::{Runner, RunnerFault, TickReport};
 
@@ -73,7 +72,7 @@ pub enum FedMsg {
     Request {
         /// Request id, unique per sender.
         id: u64,
-        /// `registry`, or the kind of cluster message ([`cluster_label`]).
+        /// `registry`, or the kind of cluster message ([`ClusterMsg::label`]).
         label: &'static str,
         /// Encoded federation message.
         data: Vec<u8>,
@@ -84,7 +83,7 @@ pub enum FedMsg {
     Response {
         /// Id of the request.
         id: u64,
-        /// `registry`, or the kind of cluster message ([`cluster_label`]).
+        /// `registry`, or the kind of cluster message ([`ClusterMsg::label`]).
         label: &'static str,
         /// Encoded federation message.
         data: Vec<u8>,
@@ -438,17 +437,15 @@ pub struct Directory {
 
 /// What a site loses when it crashes.
 struct Volatile {
-    registry: Registry,
-    cluster: ClusterCore,
+    /// The site core's federation: registry core, cluster core, advert
+    /// timing, as the agent's federation shell holds it.
+    fed: Federation,
     seen: SeenCache,
     /// Requests awaiting an answer: id → sent at (local ms).
     pending: BTreeMap<u64, i64>,
     next_request: u64,
     /// When the registry next wants its timer (cached, see `poll_timeout`).
     registry_wake: Option<i64>,
-    /// When the local advert is recomputed (after a ledger write, and when
-    /// it stops holding), as the federation shell does.
-    advert: AdvertTimer,
     /// When the ledger is swept at the latest (for its event log).
     next_sweep: i64,
     /// The earliest lease of a held reservation, run out or not: the
@@ -602,14 +599,16 @@ impl FedSite {
     pub fn registry_stats(&self) -> RegistryStats {
         let mut total = self.stats_before;
         if let Some(volatile) = &self.volatile {
-            add_stats(&mut total, &volatile.registry.stats());
+            add_stats(&mut total, &volatile.fed.registry().stats());
         }
         total
     }
 
     /// Clusters this site masters that are still in flight in its core.
     pub fn in_flight(&self) -> usize {
-        self.volatile.as_ref().map_or(0, |v| v.cluster.in_flight())
+        self.volatile
+            .as_ref()
+            .map_or(0, |v| v.fed.cluster().in_flight())
     }
 
     /// Gossip messages dropped as duplicates by the seen cache.
@@ -667,15 +666,26 @@ impl FedSite {
         );
         cluster.resume(&mut self.ledger, now)?;
         let lease_expiry = self.ledger.next_lease_expiry(i64::MIN)?;
+        let index = u32::try_from(self.index).unwrap_or(u32::MAX);
+        let local = LocalSite {
+            name: self.name.clone(),
+            gateway: Some(GatewayInfo {
+                endpoint: gateway_endpoint(self.index),
+                tunnel_public_key: *blake_ish_key(index),
+            }),
+            addrs: vec![format!(
+                "/ip4/198.18.{}.{}/tcp/7781",
+                (index >> 8) & 0xFF,
+                index & 0xFF
+            )],
+        };
         let mut volatile = Volatile {
-            registry,
-            cluster,
+            // The advert is computed at the end of the boot.
+            fed: Federation::new(registry, cluster, local, None, now),
             seen: SeenCache::new(self.index),
             pending: BTreeMap::new(),
             next_request: 0,
             registry_wake: None,
-            // Set by the recomputation at the end of the boot.
-            advert: AdvertTimer::new(now),
             next_sweep: now + self.settings.sweep_ms,
             lease_expiry,
             fake_holds: BTreeMap::new(),
@@ -695,7 +705,10 @@ impl FedSite {
             },
         };
         for &peer in &self.mesh {
-            volatile.registry.peer_connected(self.directory.peers[peer]);
+            volatile
+                .fed
+                .registry_mut()
+                .peer_connected(self.directory.peers[peer]);
             // A site that joined redials its peers at every start; the
             // sites of the start form a static mesh.
             if self.joined_late {
@@ -706,44 +719,23 @@ impl FedSite {
         self.dataplane.set_alive(self.index, true);
         self.observations.push(Observation::LedgerTouched);
         self.observations.push(Observation::RecordsTouched);
-        self.refresh_local_advert(now)?;
+        self.refresh_local_advert(now);
         self.drain(ctx);
         Ok(())
     }
 
     /// Recomputes the local advert from the ledger, as the federation shell
     /// does; the core publishes only if it changed.
-    fn refresh_local_advert(&mut self, now: i64) -> Result<(), LedgerError> {
+    fn refresh_local_advert(&mut self, now: i64) {
         let Some(volatile) = self.volatile.as_mut() else {
-            return Ok(());
+            return;
         };
-        let advert = advert_capacity(&self.ledger, now)?
-            .expect("a simulated site has its inventory from the start");
-        volatile.advert.recomputed(advert.valid_until_ms);
-        let index = u32::try_from(self.index).unwrap_or(u32::MAX);
-        volatile.registry.set_local(
-            now,
-            LocalAdvert {
-                site_name: self.name.clone(),
-                capacity: advert.capacity,
-                gateway: Some(GatewayInfo {
-                    endpoint: gateway_endpoint(self.index),
-                    tunnel_public_key: *blake_ish_key(index),
-                }),
-                addrs: vec![format!(
-                    "/ip4/198.18.{}.{}/tcp/7781",
-                    (index >> 8) & 0xFF,
-                    index & 0xFF
-                )],
-                software: software(),
-            },
-        );
+        volatile.fed.refresh_advert(&mut &mut self.ledger, now);
         // Publishing moves only the refresh deadline, later: a cached wake
         // that is earlier just costs one early, harmless timer call.
         if volatile.registry_wake.is_none() {
-            volatile.registry_wake = volatile.registry.poll_timeout();
+            volatile.registry_wake = volatile.fed.registry().poll_timeout();
         }
-        Ok(())
     }
 
     /// The ledger's reservations may have changed: re-advertise soon, and
@@ -751,7 +743,7 @@ impl FedSite {
     fn capacity_changed(&mut self, now: i64) -> Result<(), LedgerError> {
         self.observations.push(Observation::LedgerTouched);
         if let Some(volatile) = self.volatile.as_mut() {
-            volatile.advert.capacity_changed(now);
+            volatile.fed.capacity_changed(now);
             volatile.lease_expiry = self.ledger.next_lease_expiry(i64::MIN)?;
         }
         Ok(())
@@ -783,7 +775,7 @@ impl FedSite {
             return;
         }
         insert_sorted(&mut self.mesh, other);
-        volatile.registry.peer_connected(*site);
+        volatile.fed.registry_mut().peer_connected(*site);
         ctx.send(other, FedMsg::Hello);
     }
 
@@ -798,8 +790,8 @@ impl FedSite {
         let report = volatile.runner.run_due(&mut &mut self.ledger, now);
         while let Some((cluster, nodes)) = volatile.runner.poll_report() {
             volatile
-                .cluster
-                .report_nodes(&self.ledger, &cluster, nodes)?;
+                .fed
+                .report_nodes(&mut &mut self.ledger, &cluster, nodes)?;
         }
         for error in &report.errors {
             self.observations
@@ -819,21 +811,20 @@ impl FedSite {
         // After any registry input: an advert relayed near its expiry can
         // make a site's liveness change sooner than the cached wake.
         // `poll_timeout` costs no pass over the view.
-        volatile.registry_wake = volatile.registry.poll_timeout();
-        let mut gate = PublishGate::default();
+        volatile.registry_wake = volatile.fed.registry().poll_timeout();
+        volatile.fed.drain(&mut &mut self.ledger);
         let mut alive = Vec::new();
-        while let Some(event) = volatile.registry.poll_event() {
+        while let Some(event) = volatile.fed.poll_event() {
             match event {
-                RegistryEvent::PersistVersion(version) => {
-                    match gate.persisted(self.ledger.set_advert_version(version)) {
-                        Ok(()) => self.observations.push(Observation::Published { version }),
-                        Err(e) => {
-                            self.observations
-                                .push(Observation::CoreError(format!("persisting version: {e}")));
-                        }
-                    }
+                FederationEvent::Published { version } => {
+                    self.observations.push(Observation::Published { version });
                 }
-                RegistryEvent::SiteUpdated { site, version } => {
+                FederationEvent::PersistFailed { error, .. } => {
+                    self.observations.push(Observation::CoreError(format!(
+                        "persisting version: {error}"
+                    )));
+                }
+                FederationEvent::Registry(RegistryEvent::SiteUpdated { site, version }) => {
                     if self.mesh.len() < self.settings.mesh_min {
                         alive.push(site);
                     }
@@ -845,42 +836,49 @@ impl FedSite {
                         });
                     }
                 }
-                RegistryEvent::SiteAlive { site, .. } => alive.push(site),
-                RegistryEvent::SiteSuspect { .. }
-                | RegistryEvent::SiteGone { .. }
-                | RegistryEvent::SiteAddrs { .. } => {}
+                FederationEvent::Registry(RegistryEvent::SiteAlive { site, .. }) => {
+                    alive.push(site);
+                }
+                FederationEvent::Registry(_) => {}
             }
         }
         let now = ctx.now_ms();
-        while let Some((peer, msg)) = volatile.cluster.poll_transmit() {
-            // The core addresses only sites its directory named, never
-            // itself: anything else is a bug of the core.
-            let to = self.directory.index.get(&peer).copied();
-            let Some(to) = to.filter(|&to| to != self.index) else {
-                let detail = format!("the cluster core sends {msg:?} to {peer}, not another site");
-                self.observations.push(Observation::CoreError(detail));
-                continue;
-            };
-            let label = cluster_label(&msg);
-            let data = wire::encode(&Message::Cluster(msg.encode()));
-            let id = volatile.next_request;
-            volatile.next_request += 1;
-            volatile.pending.insert(id, now);
-            let fingerprint = fingerprint(&data);
-            ctx.send(
-                to,
-                FedMsg::Request {
-                    id,
-                    label,
+        while let Some(outgoing) = volatile.fed.poll_transmit() {
+            match outgoing {
+                Outgoing::Request {
+                    to: peer,
                     data,
-                    fingerprint,
-                },
-            );
-        }
-        while let Some(transmit) = volatile.registry.poll_transmit() {
-            match transmit {
-                _ if !gate.allows(&transmit) => {}
-                Transmit::Publish { data } => {
+                    label,
+                } => {
+                    // The cores address only sites the directory names,
+                    // never this one: a cluster message to anything else
+                    // is a bug of the core (the registry may name a site
+                    // that is not simulated, which the transport drops).
+                    let to = self.directory.index.get(&peer).copied();
+                    let Some(to) = to.filter(|&to| to != self.index) else {
+                        if label != "registry" {
+                            let detail = format!(
+                                "the cluster core sends {label} to {peer}, not another site"
+                            );
+                            self.observations.push(Observation::CoreError(detail));
+                        }
+                        continue;
+                    };
+                    let id = volatile.next_request;
+                    volatile.next_request += 1;
+                    volatile.pending.insert(id, now);
+                    let fingerprint = fingerprint(&data);
+                    ctx.send(
+                        to,
+                        FedMsg::Request {
+                            id,
+                            label,
+                            data,
+                            fingerprint,
+                        },
+                    );
+                }
+                Outgoing::Publish(data) => {
                     let id = content_id(&data);
                     let sites = self.directory.peers.len();
                     let data = Rc::new(Published::new(data, &self.settings, sites));
@@ -895,24 +893,6 @@ impl FedSite {
                             },
                         );
                     }
-                }
-                Transmit::Request { to, data } => {
-                    let Some(&to) = self.directory.index.get(&to) else {
-                        continue;
-                    };
-                    let id = volatile.next_request;
-                    volatile.next_request += 1;
-                    volatile.pending.insert(id, now);
-                    let fingerprint = fingerprint(&data);
-                    ctx.send(
-                        to,
-                        FedMsg::Request {
-                            id,
-                            label: "registry",
-                            data,
-                            fingerprint,
-                        },
-                    );
                 }
             }
         }
@@ -946,10 +926,8 @@ impl FedSite {
                 volatile.seen.remember(&data, now);
                 let before = self.observations.len();
                 let verdict = match &data.advert {
-                    Some(advert) => volatile
-                        .registry
-                        .handle_verified_advert(now, advert.clone()),
-                    None => volatile.registry.handle_gossip(now, &data.bytes),
+                    Some(advert) => volatile.fed.handle_verified_advert(now, advert.clone()),
+                    None => volatile.fed.handle_gossip(now, &data.bytes),
                 };
                 self.drain(ctx);
                 for observation in &mut self.observations[before..] {
@@ -1003,7 +981,7 @@ impl FedSite {
                             self.records_changed(now);
                         }
                         answer.map(|msg| {
-                            let label = cluster_label(&msg);
+                            let label = msg.label();
                             (wire::encode(&Message::Cluster(msg.encode())), label)
                         })
                     }
@@ -1011,7 +989,10 @@ impl FedSite {
                         let volatile = self.volatile.as_mut().expect("checked above");
                         // As for gossip: applying adverts cannot make the
                         // registry's next deadline earlier than the cached one.
-                        let answer = volatile.registry.handle_request(now, from_peer, &data);
+                        let answer = volatile
+                            .fed
+                            .registry_mut()
+                            .handle_request(now, from_peer, &data);
                         answer.map(|data| (data, "registry"))
                     }
                 };
@@ -1033,13 +1014,13 @@ impl FedSite {
             FedMsg::Hello => {
                 if !self.mesh.contains(&from) {
                     insert_sorted(&mut self.mesh, from);
-                    volatile.registry.peer_connected(from_peer);
+                    volatile.fed.registry_mut().peer_connected(from_peer);
                 }
                 Ok(())
             }
             FedMsg::Bye => {
                 self.mesh.retain(|&peer| peer != from);
-                volatile.registry.peer_disconnected(from_peer);
+                volatile.fed.registry_mut().peer_disconnected(from_peer);
                 Ok(())
             }
             FedMsg::Response { id, data, .. } => {
@@ -1047,19 +1028,13 @@ impl FedSite {
                     // Timed out at the transport: libp2p drops it too.
                     return Ok(());
                 }
-                match cluster_payload(&data) {
-                    Some(msg) => {
-                        let moves_capacity = moves_capacity(&msg);
-                        let (cluster, registry) = (&mut volatile.cluster, &volatile.registry);
-                        cluster.handle_reply(&mut self.ledger, registry, now, from_peer, msg)?;
-                        if moves_capacity {
-                            self.capacity_changed(now)?;
-                            self.records_changed(now);
-                        }
-                    }
-                    None => {
-                        volatile.registry.handle_response(now, from_peer, &data);
-                    }
+                let moved =
+                    volatile
+                        .fed
+                        .handle_response(&mut &mut self.ledger, now, from_peer, &data)?;
+                if moved {
+                    self.capacity_changed(now)?;
+                    self.records_changed(now);
                 }
                 self.drain(ctx);
                 Ok(())
@@ -1131,8 +1106,9 @@ impl FedSite {
                 _ => {}
             }
         }
-        let (cluster, registry) = (&mut volatile.cluster, &volatile.registry);
-        cluster.handle_request(&mut self.ledger, registry, now, from, msg)
+        volatile
+            .fed
+            .handle_cluster_request(&mut &mut self.ledger, now, from, msg)
     }
 
     fn on_timeout(&mut self, ctx: &mut Ctx<'_, FedMsg>) -> Result<(), LedgerError> {
@@ -1140,19 +1116,10 @@ impl FedSite {
         let Some(volatile) = self.volatile.as_mut() else {
             return Ok(());
         };
-        if volatile.advert.take_due(now) {
-            self.refresh_local_advert(now)?;
-        }
-        let volatile = self.volatile.as_mut().expect("checked above");
-        if volatile.registry_wake.is_some_and(|at| at <= now) {
-            volatile.registry.handle_timeout(now);
-            volatile.registry_wake = volatile.registry.poll_timeout();
-        }
-        if volatile.cluster.poll_timeout().is_some_and(|at| at <= now) {
-            let (cluster, registry) = (&mut volatile.cluster, &volatile.registry);
-            cluster.handle_timeout(&mut self.ledger, registry, now)?;
+        let cluster_ran = volatile.fed.handle_timeout(&mut &mut self.ledger, now)?;
+        if cluster_ran {
             // A timer still due would wake the site again at once, forever.
-            if let Some(at) = cluster.poll_timeout().filter(|&at| at < now) {
+            if let Some(at) = volatile.fed.cluster().poll_timeout().filter(|&at| at < now) {
                 let detail = format!("the cluster core wants a timer at {at}, before now {now}");
                 self.observations.push(Observation::CoreError(detail));
             }
@@ -1234,9 +1201,11 @@ impl FedSite {
                     },
                     image: None,
                 };
-                let (cluster, registry) = (&mut volatile.cluster, &volatile.registry);
                 let outcome =
-                    match cluster.create(&mut self.ledger, registry, now, id.clone(), request) {
+                    match volatile
+                        .fed
+                        .create(&mut &mut self.ledger, now, id.clone(), request)
+                    {
                         Ok(_) => CreateOutcome::Accepted,
                         Err(e) => CreateOutcome::Rejected(create_error_kind(&e)),
                     };
@@ -1245,7 +1214,7 @@ impl FedSite {
             Input::Delete { id } => {
                 // Unknown ids (refused creates) are answered with an error,
                 // which the requester sees; nothing to record.
-                let _ = volatile.cluster.delete(&mut self.ledger, now, &id);
+                let _ = volatile.fed.delete(&mut &mut self.ledger, now, &id);
             }
             Input::Join { .. } | Input::Leave => unreachable!("handled above"),
         }
@@ -1289,7 +1258,7 @@ impl crate::Site for FedSite {
 
     fn crash(&mut self) {
         if let Some(volatile) = self.volatile.take() {
-            add_stats(&mut self.stats_before, &volatile.registry.stats());
+            add_stats(&mut self.stats_before, &volatile.fed.registry().stats());
         }
         self.dataplane.set_alive(self.index, false);
     }
@@ -1303,9 +1272,8 @@ impl crate::Site for FedSite {
         let wake = self.volatile.as_ref().and_then(|volatile| {
             [
                 volatile.registry_wake,
-                volatile.cluster.poll_timeout(),
-                volatile.advert.change_due_ms(),
-                Some(volatile.advert.valid_until_ms()),
+                volatile.fed.cluster().poll_timeout(),
+                Some(volatile.fed.advert_due_ms()),
                 Some(volatile.next_sweep),
                 volatile.lease_expiry,
                 volatile.runner.poll_timeout(),
@@ -1316,23 +1284,6 @@ impl crate::Site for FedSite {
         });
         self.duplicate_path.wake_memo.set(wake);
         wake
-    }
-}
-
-/// The label of a cluster message on the simulated network: one per kind,
-/// so that traffic and faults are counted per kind of message.
-pub fn cluster_label(msg: &ClusterMsg) -> &'static str {
-    match msg {
-        ClusterMsg::Reserve { .. } => "cluster-reserve",
-        ClusterMsg::Commit { .. } => "cluster-commit",
-        ClusterMsg::Release { .. } => "cluster-release",
-        ClusterMsg::Held { .. } => "cluster-held",
-        ClusterMsg::Denied { .. } => "cluster-denied",
-        ClusterMsg::Committed { .. } => "cluster-committed",
-        ClusterMsg::Released { .. } => "cluster-released",
-        ClusterMsg::Refused { .. } => "cluster-refused",
-        ClusterMsg::Nodes { .. } => "cluster-nodes",
-        ClusterMsg::NodesNoted { .. } => "cluster-nodes-noted",
     }
 }
 

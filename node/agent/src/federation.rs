@@ -17,20 +17,18 @@ use multiaddr::{Multiaddr, Protocol};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use vcfed_registry::p2p::{self, GossipId, InboundRequestId, P2pConfig, P2pEvent, P2pHandle};
-use vcfed_registry::wire::{self, Message};
 use vcfed_registry::{
-    GatewayInfo, LocalAdvert, Registry, RegistryConfig, RegistryEvent, RegistryStats, SiteState,
-    Transmit, Verdict,
+    GatewayInfo, Registry, RegistryConfig, RegistryEvent, RegistryStats, SiteState, Verdict,
 };
 use vcfed_storage::ClusterRecord;
 
 use vcfed_node_core::cluster::{
-    ClusterConfig, ClusterCore, ClusterMsg, ClusterRequest, CreateError, DeleteError, ReportedNode,
+    ClusterConfig, ClusterCore, ClusterRequest, CreateError, DeleteError, ReportedNode,
 };
 
 use vcfed_node_core::federation::{
-    ADVERT_TOPIC, AdvertTimer, MESSAGE_MAX_BYTES, PublishGate, REQUEST_TIMEOUT_MS, advert_capacity,
-    cluster_payload, moves_capacity, software,
+    ADVERT_TOPIC, Federation, FederationEvent, LocalSite, MESSAGE_MAX_BYTES,
+    Outgoing as CoreOutgoing, REQUEST_TIMEOUT_MS,
 };
 
 use crate::config::Config;
@@ -293,23 +291,31 @@ pub async fn start(
     tokio::spawn(outbox_loop(handle.clone(), outbox_rx));
     let (commands_tx, commands_rx) = mpsc::channel(COMMANDS_MAX);
     let capacity = Arc::new(Notify::new());
-    let mut shell = Shell {
-        registry,
-        cluster,
-        p2p: handle,
-        outbox: outbox_tx,
-        outbox_dropped: 0,
-        ledger,
-        site_name: config.site.name.clone(),
+    let local = LocalSite {
+        name: config.site.name.clone(),
         gateway: config.gateway.endpoint.clone().map(|endpoint| GatewayInfo {
             endpoint,
             tunnel_public_key: x25519_dalek::PublicKey::from(&keys.tunnel).to_bytes(),
         }),
+        addrs: Vec::new(),
+    };
+    let fed = Federation::new(
+        registry,
+        cluster,
+        local,
+        Some(ADVERT_RECOMPUTE_MAX_MS),
+        now_ms(),
+    );
+    let mut shell = Shell {
+        fed,
+        p2p: handle,
+        outbox: outbox_tx,
+        outbox_dropped: 0,
+        ledger,
         listen_addrs: Vec::new(),
         connected: BTreeSet::new(),
         dial_targets: BTreeMap::new(),
         remembered: BTreeMap::new(),
-        advert: AdvertTimer::new(i64::MIN),
         capacity: capacity.clone(),
     };
     for addr in &config.federation.bootstrap {
@@ -335,7 +341,7 @@ pub async fn start(
             }
         };
         shell.load_known_peers();
-        shell.refresh_local_advert();
+        shell.fed.refresh_advert(&mut shell.ledger, now_ms());
         runtime.block_on(shell.run(events, commands_rx, stop));
     });
     Ok((
@@ -418,21 +424,17 @@ impl DialTarget {
 }
 
 struct Shell {
-    registry: Registry,
-    cluster: ClusterCore,
+    /// The site core's federation: the registry core, the cluster core and
+    /// the glue between them (advert timing, publish gate, demux).
+    fed: Federation,
     p2p: P2pHandle,
     outbox: mpsc::Sender<Outgoing>,
     outbox_dropped: u64,
     ledger: SharedLedger,
-    site_name: String,
-    gateway: Option<GatewayInfo>,
     listen_addrs: Vec<Multiaddr>,
     connected: BTreeSet<PeerId>,
     dial_targets: BTreeMap<PeerId, DialTarget>,
     remembered: BTreeMap<PeerId, (Option<String>, Vec<String>)>,
-    /// When the local advert is recomputed (after a ledger write, and when
-    /// it stops holding; see [`advert_capacity`]), on the wall clock.
-    advert: AdvertTimer,
     /// Told of ledger changes by the handle.
     capacity: Arc<Notify>,
 }
@@ -451,15 +453,7 @@ impl Shell {
         reconnect.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let capacity = self.capacity.clone();
         loop {
-            let next = [
-                self.registry.poll_timeout(),
-                self.cluster.poll_timeout(),
-                Some(self.advert.valid_until_ms()),
-                self.advert.change_due_ms(),
-            ]
-            .into_iter()
-            .flatten()
-            .min();
+            let next = self.fed.poll_timeout();
             // Never sleep long: deadlines are on the wall clock, which may step.
             let wake = next.map_or(WAKE_MAX, |at| {
                 Duration::from_millis(u64::try_from(at - now_ms()).unwrap_or(0)).min(WAKE_MAX)
@@ -477,23 +471,11 @@ impl Shell {
                 () = capacity.notified() => self.capacity_changed(),
                 _ = tokio::time::sleep(wake) => {
                     // Time moves the advertised steps (a reservation starts or
-                    // ends, a hold's lease runs out), so the local advert is
-                    // recomputed when it stops holding, before the core
-                    // refreshes it; a recomputation includes a pending change.
-                    if self.advert.take_due(now_ms()) {
-                        self.refresh_local_advert();
-                    }
-                    let now = now_ms();
-                    self.registry.handle_timeout(now);
-                    // The cluster's timers commit and release this site's
-                    // own holds, when one is due.
-                    let cluster_due = self.cluster.poll_timeout().is_some_and(|at| at <= now);
-                    let (cluster, registry) = (&mut self.cluster, &self.registry);
-                    if let Err(e) = self.ledger.blocking(|ledger| cluster.handle_timeout(ledger, registry, now)) {
-                        tracing::error!(error = %format!("{e:#}"), "cluster timers failed");
-                    }
-                    if cluster_due {
-                        self.capacity_changed();
+                    // ends, a hold's lease runs out): the core recomputes the
+                    // advert when it stops holding, and runs the cluster's
+                    // timers, which commit and release this site's own holds.
+                    if let Err(e) = self.fed.handle_timeout(&mut self.ledger, now_ms()) {
+                        tracing::error!(error = %format!("{e:#}"), "federation timers failed");
                     }
                 }
                 _ = reconnect.tick() => self.redial(),
@@ -512,7 +494,8 @@ impl Shell {
                 if !self.listen_addrs.contains(&addr) {
                     self.listen_addrs.push(addr);
                 }
-                self.refresh_local_advert();
+                let addrs = self.advertised_addrs();
+                self.fed.set_addrs(addrs, &mut self.ledger, now);
             }
             P2pEvent::PeerConnected { peer, addr } => {
                 tracing::debug!(%peer, %addr, "peer connected");
@@ -520,20 +503,20 @@ impl Shell {
                 if let Some(target) = self.dial_targets.get_mut(&peer) {
                     target.backoff = BACKOFF_MIN;
                 }
-                self.registry.peer_connected(peer);
+                self.fed.registry_mut().peer_connected(peer);
             }
             P2pEvent::PeerDisconnected { peer } => {
                 tracing::debug!(%peer, "peer disconnected");
                 self.connected.remove(&peer);
-                self.registry.peer_disconnected(peer);
+                self.fed.registry_mut().peer_disconnected(peer);
             }
             P2pEvent::PeerAddresses { peer, addrs } => {
                 let addrs: Vec<String> = addrs.iter().map(|a| strip_p2p(a).to_string()).collect();
                 self.remember_peer(peer, None, addrs);
             }
-            P2pEvent::Rtt { peer, rtt } => self.registry.peer_rtt(peer, rtt),
+            P2pEvent::Rtt { peer, rtt } => self.fed.registry_mut().peer_rtt(peer, rtt),
             P2pEvent::Gossip { id, source, data } => {
-                let verdict = self.registry.handle_gossip(now, &data);
+                let verdict = self.fed.handle_gossip(now, &data);
                 self.send(Outgoing::Validate {
                     id,
                     source,
@@ -545,9 +528,12 @@ impl Shell {
                 request,
                 data,
             } => {
-                let answer = match cluster_payload(&data) {
-                    Some(msg) => self.on_cluster_request(now, peer, msg),
-                    None => self.registry.handle_request(now, peer, &data),
+                let answer = match self.fed.handle_request(&mut self.ledger, now, peer, &data) {
+                    Ok(answer) => answer,
+                    Err(e) => {
+                        tracing::error!(error = %format!("{e:#}"), %peer, "handling a cluster request failed");
+                        None
+                    }
                 };
                 if let Some(answer) = answer {
                     self.send(Outgoing::Respond {
@@ -556,22 +542,11 @@ impl Shell {
                     });
                 }
             }
-            P2pEvent::Response { peer, data, .. } => match cluster_payload(&data) {
-                Some(msg) => {
-                    let moves_capacity = moves_capacity(&msg);
-                    let (cluster, registry) = (&mut self.cluster, &self.registry);
-                    let handled = self
-                        .ledger
-                        .blocking(|ledger| cluster.handle_reply(ledger, registry, now, peer, msg));
-                    if let Err(e) = handled {
-                        tracing::error!(error = %format!("{e:#}"), %peer, "handling a cluster answer failed");
-                    }
-                    if moves_capacity {
-                        self.capacity_changed();
-                    }
+            P2pEvent::Response { peer, data, .. } => {
+                if let Err(e) = self.fed.handle_response(&mut self.ledger, now, peer, &data) {
+                    tracing::error!(error = %format!("{e:#}"), %peer, "handling a cluster answer failed");
                 }
-                None => self.registry.handle_response(now, peer, &data),
-            },
+            }
             P2pEvent::RequestFailed { peer, error, .. } => {
                 tracing::debug!(%peer, %error, "federation request failed");
             }
@@ -583,27 +558,7 @@ impl Shell {
 
     /// Schedules a re-advertisement soon; changes in a burst share one.
     fn capacity_changed(&mut self) {
-        self.advert.capacity_changed(now_ms());
-    }
-
-    /// A cluster request from another site: this site as a worker.
-    fn on_cluster_request(&mut self, now: i64, peer: PeerId, msg: ClusterMsg) -> Option<Vec<u8>> {
-        let (cluster, registry) = (&mut self.cluster, &self.registry);
-        // Node reports change no capacity: no re-advert for them.
-        let moves_capacity = moves_capacity(&msg);
-        let answer = self
-            .ledger
-            .blocking(|ledger| cluster.handle_request(ledger, registry, now, peer, msg));
-        if moves_capacity {
-            self.capacity_changed();
-        }
-        match answer {
-            Ok(answer) => answer.map(|msg| wire::encode(&Message::Cluster(msg.encode()))),
-            Err(e) => {
-                tracing::error!(error = %format!("{e:#}"), %peer, "handling a cluster request failed");
-                None
-            }
-        }
+        self.fed.capacity_changed(now_ms());
     }
 
     async fn on_command(&mut self, command: Command) {
@@ -612,29 +567,15 @@ impl Shell {
                 let _ = reply.send(self.report());
             }
             Command::CreateCluster { id, request, reply } => {
-                let now = now_ms();
-                let (cluster, registry) = (&mut self.cluster, &self.registry);
-                let created = self
-                    .ledger
-                    .blocking(|ledger| cluster.create(ledger, registry, now, id, request));
+                let created = self.fed.create(&mut self.ledger, now_ms(), id, request);
                 let _ = reply.send(created);
-                self.capacity_changed();
             }
             Command::DeleteCluster { id, reply } => {
-                let now = now_ms();
-                let cluster = &mut self.cluster;
-                let deleted = self
-                    .ledger
-                    .blocking(|ledger| cluster.delete(ledger, now, &id));
+                let deleted = self.fed.delete(&mut self.ledger, now_ms(), &id);
                 let _ = reply.send(deleted);
-                self.capacity_changed();
             }
             Command::ReportNodes { cluster, nodes } => {
-                let core = &mut self.cluster;
-                if let Err(e) = self
-                    .ledger
-                    .blocking(|ledger| core.report_nodes(ledger, &cluster, nodes))
-                {
+                if let Err(e) = self.fed.report_nodes(&mut self.ledger, &cluster, nodes) {
                     tracing::warn!(%cluster, error = %format!("{e:#}"), "reporting node states failed");
                 }
             }
@@ -643,7 +584,7 @@ impl Shell {
                     let _ = reply.send(Err(format!("{addr} does not end in /p2p/<peer id>")));
                     return;
                 };
-                if peer == self.registry.local_id() {
+                if peer == self.fed.registry().local_id() {
                     let _ = reply.send(Err("that is this site's own address".to_owned()));
                     return;
                 }
@@ -662,17 +603,22 @@ impl Shell {
 
     /// Carries out what the core asked, events first (see the core's contract).
     async fn drain(&mut self) {
-        let mut gate = PublishGate::default();
-        while let Some(event) = self.registry.poll_event() {
-            match event {
-                RegistryEvent::PersistVersion(version) => {
-                    let written = self
-                        .ledger
-                        .blocking(move |ledger| ledger.set_advert_version(version));
-                    if let Err(e) = gate.persisted(written) {
-                        tracing::error!(error = %format!("{e:#}"), version, "cannot persist the advert version; not publishing it");
-                    }
+        self.fed.drain(&mut self.ledger);
+        while let Some(event) = self.fed.poll_event() {
+            let event = match event {
+                FederationEvent::Published { version } => {
+                    tracing::debug!(version, "advert version persisted");
+                    continue;
                 }
+                FederationEvent::PersistFailed { version, error } => {
+                    tracing::error!(%error, version, "cannot persist the advert version; not publishing it");
+                    continue;
+                }
+                FederationEvent::Registry(event) => event,
+            };
+            match event {
+                // The federation persists versions itself.
+                RegistryEvent::PersistVersion(_) => {}
                 RegistryEvent::SiteAlive { site, name } => {
                     tracing::info!(site = %name, peer = %site, "site alive")
                 }
@@ -682,7 +628,7 @@ impl Shell {
                 RegistryEvent::SiteSuspect { site } => tracing::info!(peer = %site, "site suspect"),
                 RegistryEvent::SiteGone { site } => tracing::warn!(peer = %site, "site gone"),
                 RegistryEvent::SiteAddrs { site, addrs } => {
-                    let name = self.registry.site_name(&site);
+                    let name = self.fed.registry().site_name(&site);
                     let parsed: Vec<Multiaddr> =
                         addrs.iter().filter_map(|a| a.parse().ok()).collect();
                     if !parsed.is_empty() && self.make_room_for_target(&site) {
@@ -696,16 +642,11 @@ impl Shell {
                 }
             }
         }
-        while let Some((to, msg)) = self.cluster.poll_transmit() {
-            let data = wire::encode(&Message::Cluster(msg.encode()));
-            self.send(Outgoing::Request { to, data });
-        }
-        while let Some(transmit) = self.registry.poll_transmit() {
-            match transmit {
-                _ if !gate.allows(&transmit) => {}
-                Transmit::Publish { data } => self.send(Outgoing::Publish(data)),
-                Transmit::Request { to, data } => self.send(Outgoing::Request { to, data }),
-            }
+        while let Some(outgoing) = self.fed.poll_transmit() {
+            self.send(match outgoing {
+                CoreOutgoing::Publish(data) => Outgoing::Publish(data),
+                CoreOutgoing::Request { to, data, .. } => Outgoing::Request { to, data },
+            });
         }
     }
 
@@ -719,7 +660,7 @@ impl Shell {
             .dial_targets
             .keys()
             .find(|peer| {
-                self.registry.site_state(peer) == Some(SiteState::Gone)
+                self.fed.registry().site_state(peer) == Some(SiteState::Gone)
                     && !self.connected.contains(*peer)
             })
             .copied();
@@ -804,35 +745,9 @@ impl Shell {
         }
     }
 
-    /// Recomputes the local advert from the ledger; the core pushes it only
-    /// if it changed.
-    fn refresh_local_advert(&mut self) {
-        let now = now_ms();
-        let advert = match self
-            .ledger
-            .blocking(move |ledger| advert_capacity(ledger, now))
-        {
-            Ok(Some(advert)) => advert,
-            Ok(None) => {
-                self.advert
-                    .recomputed(now.saturating_add(ADVERT_RECOMPUTE_MAX_MS));
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "cannot read capacity for the advert");
-                // Not at once: a ledger that keeps failing would spin the shell.
-                self.advert.recomputed(now.saturating_add(millis(WAKE_MAX)));
-                return;
-            }
-        };
-        self.advert.recomputed(
-            advert
-                .valid_until_ms
-                .min(now.saturating_add(ADVERT_RECOMPUTE_MAX_MS)),
-        );
-        let capacity = advert.capacity;
-        // Loopback addresses only help on this host: advertise them only if
-        // there is nothing else.
+    /// The addresses this site advertises: loopback addresses only help on
+    /// this host, so they go out only if there is nothing else.
+    fn advertised_addrs(&self) -> Vec<String> {
         let routable: Vec<&Multiaddr> = self
             .listen_addrs
             .iter()
@@ -843,27 +758,18 @@ impl Shell {
         } else {
             routable
         };
-        let addrs = chosen
+        chosen
             .into_iter()
             .take(vcfed_registry::advert::ADVERT_ADDRS_MAX)
             .map(ToString::to_string)
-            .collect();
-        self.registry.set_local(
-            now,
-            LocalAdvert {
-                site_name: self.site_name.clone(),
-                capacity,
-                gateway: self.gateway.clone(),
-                addrs,
-                software: software(),
-            },
-        );
+            .collect()
     }
 
     fn report(&self) -> SitesReport {
         let now = now_ms();
         let sites = self
-            .registry
+            .fed
+            .registry()
             .sites(now)
             .into_iter()
             .map(|view| SiteSummary {
@@ -882,7 +788,7 @@ impl Shell {
         SitesReport {
             sites,
             connected_peers: self.connected.len(),
-            stats: self.registry.stats(),
+            stats: self.fed.registry().stats(),
             outbox_dropped: self.outbox_dropped,
         }
     }

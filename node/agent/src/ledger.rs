@@ -6,6 +6,7 @@
 
 use std::sync::{Arc, Mutex, PoisonError};
 
+use vcfed_node_core::ledger::LedgerAccess;
 use vcfed_storage::{Ledger, LedgerError};
 
 /// A handle to the site's ledger; cheap to clone.
@@ -51,5 +52,13 @@ impl SharedLedger {
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             Err(e) => panic!("a ledger task was cancelled, which the agent never does: {e}"),
         }
+    }
+}
+
+/// The site core reaches the shared ledger one operation at a time, from a
+/// thread that may block (the federation thread, the runner's round).
+impl LedgerAccess for SharedLedger {
+    fn with<T>(&mut self, op: impl FnOnce(&mut Ledger) -> T) -> T {
+        self.blocking(op)
     }
 }

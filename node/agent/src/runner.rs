@@ -25,11 +25,11 @@ use tokio::sync::watch;
 use vcfed_overlay::linux::{
     Carried, CarriedPeer, CarriedSegment, GatewayBase, GatewayReport, SiteLink as OverlayLink,
 };
-use vcfed_storage::{Ledger, LedgerError};
+use vcfed_storage::LedgerError;
 
 use vcfed_node_core::driver::ComputeDriver;
 use vcfed_node_core::lifecycle::{self, RunPlan};
-use vcfed_node_core::runner::{self as core, DataPlane, LedgerAccess, Segment};
+use vcfed_node_core::runner::{self as core, DataPlane, Segment};
 
 use crate::config::{Config, DriverKind, SiteLink};
 use crate::federation::FederationHandle;
@@ -250,23 +250,15 @@ impl std::fmt::Debug for Shell {
     }
 }
 
-/// The agent's ledger as the core's runner reaches it: locked for one
-/// operation at a time, never across driver work.
-struct Locked<'a>(&'a SharedLedger);
-
-impl LedgerAccess for Locked<'_> {
-    fn with<T>(&mut self, op: impl FnOnce(&mut Ledger) -> T) -> T {
-        self.0.blocking(op)
-    }
-}
-
 impl Shell {
     /// One full round of the core, then what follows from it.
     fn tick(&mut self, now_ms: i64) {
         if let AgentPlane::Gateway(plane) = &mut self.runner_plane_mut() {
             plane.now_ms = now_ms;
         }
-        let _ = self.runner.tick(&mut Locked(&self.ledger), now_ms);
+        // The ledger is locked for one operation at a time, never across
+        // driver work.
+        let _ = self.runner.tick(&mut self.ledger, now_ms);
         while let Some((cluster, nodes)) = self.runner.poll_report() {
             if let Some(federation) = &self.federation {
                 federation.report_nodes(cluster, nodes);

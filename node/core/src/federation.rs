@@ -189,7 +189,8 @@ pub enum Outgoing {
         to: PeerId,
         /// The encoded federation message.
         data: Vec<u8>,
-        /// Whose request it is: `"cluster"` or `"registry"` (for counters).
+        /// Whose request it is: `"registry"`, or the cluster message's
+        /// [`ClusterMsg::label`] (for counters).
         label: &'static str,
     },
 }
@@ -460,12 +461,10 @@ impl Federation {
             });
         }
         while let Some((to, msg)) = self.cluster.poll_transmit() {
+            let label = msg.label();
             let data = wire::encode(&Message::Cluster(msg.encode()));
-            self.transmits.push_back(Outgoing::Request {
-                to,
-                data,
-                label: "cluster",
-            });
+            self.transmits
+                .push_back(Outgoing::Request { to, data, label });
         }
         while let Some(transmit) = self.registry.poll_transmit() {
             if !gate.allows(&transmit) {
@@ -492,10 +491,11 @@ impl Federation {
         self.transmits.pop_front()
     }
 
-    /// Recomputes the local advert from the ledger; the registry publishes
+    /// Recomputes the local advert from the ledger now (at start, and when
+    /// [`Federation::handle_timeout`] finds it due); the registry publishes
     /// it only if it changed. A ledger that cannot be read is asked again
     /// after a second (at once would spin the shell).
-    fn refresh_advert(&mut self, ledger: &mut impl LedgerAccess, now_ms: i64) {
+    pub fn refresh_advert(&mut self, ledger: &mut impl LedgerAccess, now_ms: i64) {
         let cap = |until: i64| match self.recompute_max_ms {
             Some(max) => until.min(now_ms.saturating_add(max)),
             None => until,

@@ -222,6 +222,23 @@ impl ClusterMsg {
         postcard::from_bytes(bytes).ok()
     }
 
+    /// The message's kind, as a label for counters and logs:
+    /// `cluster-reserve`, `cluster-held`, ...
+    pub fn label(&self) -> &'static str {
+        match self {
+            ClusterMsg::Reserve { .. } => "cluster-reserve",
+            ClusterMsg::Commit { .. } => "cluster-commit",
+            ClusterMsg::Release { .. } => "cluster-release",
+            ClusterMsg::Held { .. } => "cluster-held",
+            ClusterMsg::Denied { .. } => "cluster-denied",
+            ClusterMsg::Committed { .. } => "cluster-committed",
+            ClusterMsg::Released { .. } => "cluster-released",
+            ClusterMsg::Refused { .. } => "cluster-refused",
+            ClusterMsg::Nodes { .. } => "cluster-nodes",
+            ClusterMsg::NodesNoted { .. } => "cluster-nodes-noted",
+        }
+    }
+
     fn ids(&self) -> (&str, u32) {
         match self {
             ClusterMsg::Reserve {
