@@ -84,8 +84,6 @@ pub enum InstantArg {
 }
 
 /// Body of `POST /v1/reservations`.
-///
-/// [`DEFAULT_LEASE_S`]: crate::api::DEFAULT_LEASE_S
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HoldBody {
@@ -105,7 +103,7 @@ pub struct HoldBody {
     /// Per-node shape; the site's node slot when absent.
     #[serde(default)]
     pub shape: Option<NodeShape>,
-    /// Lease, seconds; [`DEFAULT_LEASE_S`] when absent.
+    /// Lease, seconds; [`DEFAULT_LEASE_S`](crate::api::DEFAULT_LEASE_S) when absent.
     #[serde(default)]
     pub lease_s: Option<u64>,
 }
