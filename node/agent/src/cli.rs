@@ -15,12 +15,14 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use multiaddr::Multiaddr;
 use vcfed_storage::{NodeShape, Reservation};
 
-use crate::api::{CapacityReport, HoldBody, InstantArg, JoinBody, OwnerBody, SiteInfo};
+use crate::api_types::{CapacityReport, HoldBody, InstantArg, JoinBody, OwnerBody, SiteInfo};
 use crate::client::ApiClient;
 use crate::config::{self, Config, ConfigError, InitParams, VlanRange};
 use crate::federation::SitesReport;
 use crate::identity::{self, IdentityError};
 use crate::time::{format_instant, now_ms, parse_duration_ms, parse_instant};
+// Defined in a leaf module; `cli::UsageError` still names it.
+pub use crate::usage::UsageError;
 
 /// Federated virtual clusters: one agent per site, pooling sites' machines
 /// into virtual clusters.
@@ -261,11 +263,6 @@ pub struct ListArgs {
     #[arg(long)]
     json: bool,
 }
-
-/// Bad usage: reported with exit code 2.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct UsageError(pub String);
 
 /// Entry point of the binary: parses arguments, sets up logging and the
 /// runtime, runs the command and maps errors to exit codes.

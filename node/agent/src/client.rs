@@ -13,7 +13,7 @@ use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::api::ErrorBody;
+use crate::api_types::ErrorBody;
 
 /// How long one API call may take.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);

@@ -8,12 +8,13 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use vcfed_storage::{ClusterRecord, ClusterState};
 
-use crate::api::{ClusterDetail, CreateClusterBody, InstantArg};
 use clap::{Args, Subcommand};
 
-use crate::cli::{ConfigArg, UsageError, client_for, print_json, print_table};
+use crate::api_types::{ClusterDetail, CreateClusterBody, InstantArg};
+use crate::cli::{ConfigArg, client_for, print_json, print_table};
 use crate::client::ApiClient;
 use crate::time::{format_instant, now_ms, parse_instant};
+use crate::usage::UsageError;
 
 /// How long `--wait` waits.
 const WAIT_MAX: Duration = Duration::from_secs(300);

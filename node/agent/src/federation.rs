@@ -217,7 +217,7 @@ pub async fn start(
         Some(path) => {
             // A missing, unreadable, too open or malformed key file is a
             // configuration error: the site must not start without it.
-            let bad = |why: String| crate::cli::UsageError(format!("federation.psk_file: {why}"));
+            let bad = |why: String| crate::usage::UsageError(format!("federation.psk_file: {why}"));
             let bytes = crate::identity::read_secret(path).map_err(|e| bad(e.to_string()))?;
             let text = String::from_utf8(bytes)
                 .map_err(|_| bad(format!("{} is not text", path.display())))?;

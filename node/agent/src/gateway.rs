@@ -12,8 +12,8 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use clap::{Args, Subcommand};
 
-use crate::cli::UsageError;
 use crate::identity;
+use crate::usage::UsageError;
 
 /// Arguments of `vcfed gateway`.
 #[derive(Debug, Args)]

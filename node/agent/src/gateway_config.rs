@@ -24,7 +24,7 @@
 //! Errors are [`ConfigError`]s, like the site configuration's: file, line,
 //! column, the field as a dotted path (`segments[1].trunk`) and a hint.
 
-// `ConfigError` is large by design; see `config.rs`.
+// `ConfigError` is large by design; see `config/mod.rs`.
 #![allow(clippy::result_large_err)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -42,7 +42,7 @@ use vcfed_overlay::linux::{
     SegmentConfig, SiteLink, link_names, segment_bridge_name,
 };
 
-use crate::config::{ConfigError, Source};
+use crate::config::diagnostics::{ConfigError, Source};
 
 /// Longest `link_prefix`, bytes.
 pub const LINK_PREFIX_LEN_MAX: usize = 8;

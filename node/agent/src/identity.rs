@@ -148,9 +148,9 @@ pub fn random_bytes<const N: usize>() -> Result<[u8; N], IdentityError> {
 
 /// Refuses to replace `path` unless `force`: the usage error users get when
 /// a generated file already exists.
-pub fn refuse_overwrite(path: &Path, force: bool) -> Result<(), crate::cli::UsageError> {
+pub fn refuse_overwrite(path: &Path, force: bool) -> Result<(), crate::usage::UsageError> {
     if path.exists() && !force {
-        return Err(crate::cli::UsageError(format!(
+        return Err(crate::usage::UsageError(format!(
             "{} already exists; pass --force to replace it",
             path.display()
         )));

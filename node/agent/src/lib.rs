@@ -10,6 +10,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod api_types;
 pub mod cli;
 pub mod client;
 pub mod cluster_cli;
@@ -25,3 +26,4 @@ pub mod links;
 pub mod runner;
 pub mod simnet_cli;
 pub mod time;
+pub mod usage;

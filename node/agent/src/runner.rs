@@ -20,7 +20,6 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use vcfed_overlay::linux::{
     Carried, CarriedPeer, CarriedSegment, GatewayBase, GatewayReport, SiteLink as OverlayLink,
@@ -31,6 +30,7 @@ use vcfed_node_core::driver::ComputeDriver;
 use vcfed_node_core::lifecycle::{self, RunPlan};
 use vcfed_node_core::runner::{self as core, DataPlane, Segment};
 
+pub use crate::api_types::{NetworkView, TunnelView};
 use crate::config::{Config, DriverKind, SiteLink};
 use crate::federation::FederationHandle;
 use crate::ledger::SharedLedger;
@@ -46,33 +46,6 @@ const RESOLVE_EVERY_MS: i64 = 30_000;
 
 /// The core's runner as the agent runs it.
 type Runner = core::Runner<Box<dyn ComputeDriver>, AgentPlane>;
-
-/// A cluster's network at this site, as the API shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NetworkView {
-    /// The cluster's local VLAN id at this site (`None`: it could not
-    /// start here; `error` says why).
-    pub vlan: Option<u16>,
-    /// The overlay segment id.
-    pub segment: u32,
-    /// The local bridge its nodes are on, once set up.
-    pub bridge: Option<String>,
-    /// Why the segment could not be set up, if it could not.
-    pub error: Option<String>,
-    /// The tunnels to the cluster's other sites.
-    pub tunnels: Vec<TunnelView>,
-}
-
-/// A tunnel to another site of a cluster.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TunnelView {
-    /// The site.
-    pub site: String,
-    /// Its gateway's endpoint, if it has one.
-    pub endpoint: Option<String>,
-    /// Whether a WireGuard session with it is up.
-    pub up: bool,
-}
 
 /// The networks of the clusters running here, by cluster id, for the API.
 #[derive(Debug, Clone, Default)]

@@ -13,8 +13,8 @@ use clap::Args;
 
 use vcfed_simnet::{Fault, Options, PlantedBug, minutes, render, run, world};
 
-use crate::cli::UsageError;
 use crate::time::parse_duration_ms;
+use crate::usage::UsageError;
 
 /// Arguments of `vcfed simnet`.
 #[derive(Debug, Clone, Args)]

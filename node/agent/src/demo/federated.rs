@@ -12,7 +12,7 @@ use vcfed_storage::{ClusterState, PartState};
 
 use super::federation::{DemoFederation, DemoSpec};
 use super::{DemoArgs, step};
-use crate::api::ClusterDetail;
+use crate::api_types::ClusterDetail;
 use crate::cli::print_table;
 use crate::client::ApiClient;
 use crate::federation::SitesReport;

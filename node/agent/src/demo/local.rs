@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use vcfed_storage::{Reservation, ReservationState};
 
-use crate::api::{CapacityReport, HoldBody, InstantArg, OwnerBody, SiteInfo};
+use crate::api_types::{CapacityReport, HoldBody, InstantArg, OwnerBody, SiteInfo};
 use crate::cli::{InitArgs, client_from_config, print_reservations, print_table};
 use crate::client::{ApiClient, ClientError};
 use crate::config::{self, Config};

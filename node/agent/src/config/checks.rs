@@ -1,0 +1,638 @@
+//! The second pass of loading: the file as serde sees it (`Raw*` structs whose checked values
+//! keep their byte spans) and the rules serde cannot express, which build the types of
+//! [`super::types`].
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use libp2p_identity::PeerId;
+use multiaddr::{Multiaddr, Protocol};
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::diagnostics::{ConfigError, Source, example};
+use super::types::{VLAN_ID_MAX, VLAN_ID_MIN};
+use super::{
+    ApiConfig, ClustersConfig, Config, DEFAULT_API_LISTEN, DEFAULT_FEDERATION_LISTEN,
+    DEFAULT_GATEWAY_LISTEN, DriverKind, FederationConfig, GatewayConfig, GossipTiming, Host,
+    Inventory, InventorySource, NodeShape, SiteConfig, SiteLink, VlanRange,
+};
+
+/// Longest site name, in characters: a site name is a DNS label (RFC 1035).
+const SITE_NAME_CHARS_MAX: usize = 63;
+/// Longest DNS name accepted in `gateway.endpoint`, in bytes, without a trailing dot.
+const DNS_NAME_BYTES_MAX: usize = 253;
+/// Longest accepted advert TTL.
+const ADVERT_TTL_MAX: Duration = Duration::from_secs(3600);
+/// Shortest accepted gossip interval.
+const GOSSIP_INTERVAL_MIN: Duration = Duration::from_millis(100);
+
+// The file as serde sees it. Values that a check after deserialization looks at are wrapped in
+// `Spanned` so that the check can report their line; `Option` marks fields with a default.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConfig {
+    site: RawSite,
+    #[serde(default)]
+    federation: RawFederation,
+    #[serde(default)]
+    api: RawApi,
+    inventory: Spanned<RawInventory>,
+    clusters: RawClusters,
+    #[serde(default)]
+    gateway: RawGateway,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSite {
+    name: Spanned<String>,
+    data_dir: Spanned<PathBuf>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawFederation {
+    listen: Option<Spanned<Vec<Spanned<String>>>>,
+    bootstrap: Vec<Spanned<String>>,
+    psk_file: Option<Spanned<PathBuf>>,
+    allow_peers: Vec<Spanned<String>>,
+    advert_ttl: Option<Spanned<String>>,
+    advert_refresh: Option<Spanned<String>>,
+    anti_entropy: Option<Spanned<String>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawApi {
+    listen: Option<Spanned<String>>,
+    token_file: Option<Spanned<PathBuf>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInventory {
+    node: RawNodeShape,
+    nodes: Option<Spanned<u32>>,
+    hosts: Option<Spanned<Vec<RawHost>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNodeShape {
+    cores: Spanned<u32>,
+    memory_mib: Spanned<u64>,
+    disk_gib: Spanned<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHost {
+    name: Spanned<String>,
+    cores: u32,
+    memory_mib: u64,
+    disk_gib: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClusters {
+    vlans: Spanned<String>,
+    driver: Option<Spanned<String>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawGateway {
+    listen: Option<Spanned<String>>,
+    endpoint: Option<Spanned<String>>,
+    bridge: Option<Spanned<String>>,
+    trunk: Option<Spanned<String>>,
+}
+
+impl RawConfig {
+    /// Checks the rules serde does not know and builds the public config.
+    pub(super) fn check(self, source: &Source<'_>) -> Result<Config, ConfigError> {
+        let site = self.site.check(source)?;
+        let federation = self.federation.check(source)?;
+        let api = self.api.check(source, &site.data_dir)?;
+        let inventory = check_inventory(self.inventory, source)?;
+        let clusters = self.clusters.check(source)?;
+        let gateway = self.gateway.check(source)?;
+        Ok(Config {
+            path: source.path.to_path_buf(),
+            site,
+            federation,
+            api,
+            inventory,
+            clusters,
+            gateway,
+        })
+    }
+}
+
+impl RawSite {
+    fn check(self, source: &Source<'_>) -> Result<SiteConfig, ConfigError> {
+        if let Some(problem) = site_name_problem(self.name.get_ref()) {
+            return Err(source.invalid(
+                &self.name,
+                "site.name",
+                format!("invalid site name {:?}: {problem}", self.name.get_ref()),
+                Some(format!(
+                    "use 1 to {SITE_NAME_CHARS_MAX} lowercase letters, digits and '-', not \
+                     starting or ending with '-', e.g. \"site-a\""
+                )),
+            ));
+        }
+        Ok(SiteConfig {
+            name: self.name.into_inner(),
+            data_dir: source.path_value(self.data_dir, "site.data_dir")?,
+        })
+    }
+}
+
+impl RawFederation {
+    fn check(self, source: &Source<'_>) -> Result<FederationConfig, ConfigError> {
+        let listen = match self.listen {
+            None => vec![
+                DEFAULT_FEDERATION_LISTEN
+                    .parse()
+                    .expect("DEFAULT_FEDERATION_LISTEN is a valid multiaddr"),
+            ],
+            Some(listen) if listen.get_ref().is_empty() => {
+                return Err(source.invalid(
+                    &listen,
+                    "federation.listen",
+                    "no listen address: the federation needs at least one".to_owned(),
+                    Some(format!(
+                        "list at least one address, e.g. listen = [\"{DEFAULT_FEDERATION_LISTEN}\"]"
+                    )),
+                ));
+            }
+            Some(listen) => listen
+                .into_inner()
+                .iter()
+                .enumerate()
+                .map(|(i, addr)| source.multiaddr(addr, &format!("federation.listen[{i}]")))
+                .collect::<Result<_, _>>()?,
+        };
+
+        let mut bootstrap = Vec::with_capacity(self.bootstrap.len());
+        for (i, text) in self.bootstrap.iter().enumerate() {
+            let field = format!("federation.bootstrap[{i}]");
+            let addr = source.multiaddr(text, &field)?;
+            if !matches!(addr.iter().last(), Some(Protocol::P2p(_))) {
+                return Err(source.invalid(
+                    text,
+                    &field,
+                    format!("bootstrap address \"{addr}\" does not end in /p2p/<peer id>"),
+                    Some(format!(
+                        "append the remote agent's peer id, e.g. \"{addr}/p2p/12D3KooW...\", so \
+                         that the connection is checked against the site you meant"
+                    )),
+                ));
+            }
+            bootstrap.push(addr);
+        }
+
+        let psk_file = self
+            .psk_file
+            .map(|file| source.path_value(file, "federation.psk_file"))
+            .transpose()?;
+
+        let allow_peers = self
+            .allow_peers
+            .iter()
+            .enumerate()
+            .map(|(i, text)| {
+                text.get_ref().parse::<PeerId>().map_err(|e| {
+                    source.invalid(
+                        text,
+                        &format!("federation.allow_peers[{i}]"),
+                        format!("invalid peer id {:?}: {e}", text.get_ref()),
+                        Some("a peer id is a base58 string such as \"12D3KooW...\"".to_owned()),
+                    )
+                })
+            })
+            .collect::<Result<_, _>>()?;
+
+        let defaults = GossipTiming::default();
+        let duration = |value: &Option<Spanned<String>>, field: &str, default: Duration| {
+            let Some(value) = value else {
+                return Ok(default);
+            };
+            let parsed = humantime::parse_duration(value.get_ref()).map_err(|e| {
+                source.invalid(
+                    value,
+                    field,
+                    format!("invalid duration {:?}: {e}", value.get_ref()),
+                    Some("write a duration such as \"500ms\", \"10s\" or \"2m\"".to_owned()),
+                )
+            })?;
+            if !(GOSSIP_INTERVAL_MIN..=ADVERT_TTL_MAX).contains(&parsed) {
+                return Err(source.invalid(
+                    value,
+                    field,
+                    format!("{:?} is out of range", value.get_ref()),
+                    Some("use a duration between 100ms and 1h".to_owned()),
+                ));
+            }
+            Ok(parsed)
+        };
+        let gossip = GossipTiming {
+            advert_ttl: duration(
+                &self.advert_ttl,
+                "federation.advert_ttl",
+                defaults.advert_ttl,
+            )?,
+            advert_refresh: duration(
+                &self.advert_refresh,
+                "federation.advert_refresh",
+                defaults.advert_refresh,
+            )?,
+            anti_entropy: duration(
+                &self.anti_entropy,
+                "federation.anti_entropy",
+                defaults.anti_entropy,
+            )?,
+        };
+        if gossip.advert_ttl < gossip.advert_refresh * 2 {
+            let at = self.advert_ttl.as_ref().or(self.advert_refresh.as_ref());
+            let message = format!(
+                "advert_ttl ({:?}) must be at least twice advert_refresh ({:?}), or sites flap to suspect \
+                 whenever one refresh is late",
+                gossip.advert_ttl, gossip.advert_refresh
+            );
+            let hint = Some("raise advert_ttl or lower advert_refresh".to_owned());
+            return Err(match at {
+                Some(at) => source.invalid(at, "federation.advert_ttl", message, hint),
+                None => source.error(
+                    None,
+                    Some("federation.advert_ttl".to_owned()),
+                    message,
+                    hint,
+                ),
+            });
+        }
+
+        Ok(FederationConfig {
+            listen,
+            bootstrap,
+            psk_file,
+            allow_peers,
+            gossip,
+        })
+    }
+}
+
+impl RawApi {
+    fn check(self, source: &Source<'_>, data_dir: &Path) -> Result<ApiConfig, ConfigError> {
+        let listen = source.socket_addr(self.listen, "api.listen", DEFAULT_API_LISTEN)?;
+        let token_file = match self.token_file {
+            Some(file) => source.path_value(file, "api.token_file")?,
+            None => data_dir.join("api.token"),
+        };
+        Ok(ApiConfig { listen, token_file })
+    }
+}
+
+fn check_inventory(
+    raw: Spanned<RawInventory>,
+    source: &Source<'_>,
+) -> Result<Inventory, ConfigError> {
+    let inventory_span = raw.span();
+    let raw = raw.into_inner();
+    let node = NodeShape {
+        cores: source.at_least_one(&raw.node.cores, "inventory.node.cores")?,
+        memory_mib: source.at_least_one(&raw.node.memory_mib, "inventory.node.memory_mib")?,
+        disk_gib: source.at_least_one(&raw.node.disk_gib, "inventory.node.disk_gib")?,
+    };
+
+    let (source_kind, hosts_span) = match (raw.nodes, raw.hosts) {
+        (Some(nodes), Some(_)) => {
+            return Err(source.invalid(
+                &nodes,
+                "inventory",
+                "both `nodes` and `hosts` are set".to_owned(),
+                Some(
+                    "keep `nodes = N` for N slots of the `node` shape, or describe each machine \
+                     in an [[inventory.hosts]] table; not both"
+                        .to_owned(),
+                ),
+            ));
+        }
+        (None, None) => {
+            return Err(source.error(
+                Some(inventory_span),
+                Some("inventory".to_owned()),
+                "neither `nodes` nor `hosts` is set".to_owned(),
+                Some(
+                    "add `nodes = 4` for four slots of the `node` shape, or describe each \
+                     machine in an [[inventory.hosts]] table"
+                        .to_owned(),
+                ),
+            ));
+        }
+        (Some(nodes), None) => {
+            let count = source.at_least_one(&nodes, "inventory.nodes")?;
+            (InventorySource::Nodes(count), None)
+        }
+        (None, Some(hosts)) => {
+            let span = hosts.span();
+            let hosts = check_hosts(hosts.into_inner(), source)?;
+            (InventorySource::Hosts(hosts), Some(span))
+        }
+    };
+
+    let inventory = Inventory {
+        node,
+        source: source_kind,
+    };
+    // Only a hosts list can hold no slot or too many: `nodes` is a checked u32 of at least 1.
+    let slots = inventory.slots_wide();
+    if slots == 0 {
+        return Err(source.error(
+            hosts_span,
+            Some("inventory".to_owned()),
+            format!("no host has room for one node slot ({node})"),
+            Some("make `inventory.node` smaller, or list bigger hosts".to_owned()),
+        ));
+    }
+    if slots > u64::from(u32::MAX) {
+        return Err(source.error(
+            hosts_span,
+            Some("inventory".to_owned()),
+            format!(
+                "the hosts hold {slots} node slots, more than the {} a site can offer",
+                u32::MAX
+            ),
+            Some("make `inventory.node` bigger".to_owned()),
+        ));
+    }
+    Ok(inventory)
+}
+
+fn check_hosts(raw: Vec<RawHost>, source: &Source<'_>) -> Result<Vec<Host>, ConfigError> {
+    // Name -> index of the first host with that name, to say which one a duplicate repeats.
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    let mut hosts = Vec::with_capacity(raw.len());
+    for (i, host) in raw.into_iter().enumerate() {
+        let field = format!("inventory.hosts[{i}].name");
+        let name = host.name.get_ref();
+        if name.is_empty() {
+            return Err(source.invalid(
+                &host.name,
+                &field,
+                "host name is empty".to_owned(),
+                Some("give each host a unique name, e.g. name = \"h1\"".to_owned()),
+            ));
+        }
+        if let Some(first) = seen.get(name) {
+            return Err(source.invalid(
+                &host.name,
+                &field,
+                format!("duplicate host name {name:?}, already used by inventory.hosts[{first}]"),
+                Some("give each host a unique name".to_owned()),
+            ));
+        }
+        seen.insert(name.clone(), i);
+        hosts.push(Host {
+            name: host.name.into_inner(),
+            cores: host.cores,
+            memory_mib: host.memory_mib,
+            disk_gib: host.disk_gib,
+        });
+    }
+    Ok(hosts)
+}
+
+impl RawClusters {
+    fn check(self, source: &Source<'_>) -> Result<ClustersConfig, ConfigError> {
+        let vlans = self.vlans.get_ref().parse::<VlanRange>().map_err(|e| {
+            source.invalid(
+                &self.vlans,
+                "clusters.vlans",
+                format!("invalid VLAN range {:?}: {e}", self.vlans.get_ref()),
+                Some(format!(
+                    "write it as \"FIRST-LAST\" or a single \"ID\", with ids within \
+                     {VLAN_ID_MIN}-{VLAN_ID_MAX}, e.g. \"100-199\""
+                )),
+            )
+        })?;
+        let driver = match self.driver {
+            None => DriverKind::default(),
+            Some(driver) => match driver.get_ref().as_str() {
+                "none" => DriverKind::None,
+                "sim" => DriverKind::Sim,
+                "netns" => DriverKind::Netns,
+                other => {
+                    return Err(source.invalid(
+                        &driver,
+                        "clusters.driver",
+                        format!("unknown compute driver {other:?}"),
+                        Some("use \"none\", \"sim\" or \"netns\"".to_owned()),
+                    ));
+                }
+            },
+        };
+        Ok(ClustersConfig { vlans, driver })
+    }
+}
+
+impl RawGateway {
+    fn check(self, source: &Source<'_>) -> Result<GatewayConfig, ConfigError> {
+        let listen = source.socket_addr(self.listen, "gateway.listen", DEFAULT_GATEWAY_LISTEN)?;
+
+        let endpoint = match self.endpoint {
+            None => None,
+            Some(endpoint) => {
+                if let Some(problem) = endpoint_problem(endpoint.get_ref()) {
+                    return Err(source.invalid(
+                        &endpoint,
+                        "gateway.endpoint",
+                        format!("invalid endpoint {:?}: {problem}", endpoint.get_ref()),
+                        Some(
+                            "write it as host:port, where host is an IP address or a DNS name, \
+                             e.g. \"gw.example.org:7782\" or \"[2001:db8::1]:7782\""
+                                .to_owned(),
+                        ),
+                    ));
+                }
+                Some(endpoint.into_inner())
+            }
+        };
+
+        let site_link = match (self.bridge, self.trunk) {
+            (Some(_), Some(trunk)) => {
+                return Err(source.invalid(
+                    &trunk,
+                    "gateway",
+                    "both `bridge` and `trunk` are set".to_owned(),
+                    Some(
+                        "set `bridge` to attach clusters to an existing Linux bridge, or `trunk` \
+                         to carry them as 802.1Q VLANs on an interface; not both"
+                            .to_owned(),
+                    ),
+                ));
+            }
+            (Some(bridge), None) => {
+                let at = bridge.span();
+                let name = source.ifname(bridge, "gateway.bridge")?;
+                let prefix = format!("{}b", crate::links::LINK_PREFIX);
+                if name
+                    .strip_prefix(&prefix)
+                    .is_some_and(|digits| digits.bytes().all(|b| b.is_ascii_digit()))
+                {
+                    return Err(source.error(
+                        Some(at),
+                        Some("gateway.bridge".to_owned()),
+                        format!(
+                            "{name:?} is named like the gateway's own segment bridges, which it \
+                             deletes when a cluster stops"
+                        ),
+                        Some("rename the site bridge".to_owned()),
+                    ));
+                }
+                Some(SiteLink::Bridge(name))
+            }
+            (None, Some(trunk)) => {
+                let at = trunk.span();
+                let name = source.ifname(trunk, "gateway.trunk")?;
+                // The agent names a cluster's sub-interface <trunk>.<vlan id>.
+                let longest = name.len() + ".4094".len();
+                if longest > vcfed_overlay::linux::IFNAME_LEN_MAX {
+                    return Err(source.error(
+                        Some(at),
+                        Some("gateway.trunk".to_owned()),
+                        format!(
+                            "{name:?} is too long for its VLAN sub-interfaces: \
+                             \"{name}.4094\" has {longest} bytes, Linux allows {}",
+                            vcfed_overlay::linux::IFNAME_LEN_MAX
+                        ),
+                        Some("use an interface name of at most 10 bytes".to_owned()),
+                    ));
+                }
+                Some(SiteLink::Trunk(name))
+            }
+            (None, None) => None,
+        };
+
+        Ok(GatewayConfig {
+            listen,
+            endpoint,
+            site_link,
+        })
+    }
+}
+
+/// Checks that only the site configuration needs.
+impl Source<'_> {
+    fn multiaddr(&self, text: &Spanned<String>, field: &str) -> Result<Multiaddr, ConfigError> {
+        text.get_ref().parse::<Multiaddr>().map_err(|e| {
+            let message = match e {
+                // Its text, "invalid multiaddr", would only repeat the message.
+                multiaddr::Error::InvalidMultiaddr => {
+                    format!("invalid multiaddress {:?}", text.get_ref())
+                }
+                e => format!("invalid multiaddress {:?}: {e}", text.get_ref()),
+            };
+            self.invalid(
+                text,
+                field,
+                message,
+                Some(format!(
+                    "write it like \"{DEFAULT_FEDERATION_LISTEN}\" or \
+                     \"/dns4/host.example.org/tcp/7781\""
+                )),
+            )
+        })
+    }
+
+    fn at_least_one<T>(&self, value: &Spanned<T>, field: &str) -> Result<T, ConfigError>
+    where
+        T: Copy + Into<u64>,
+    {
+        let number = *value.get_ref();
+        if number.into() == 0 {
+            return Err(self.invalid(
+                value,
+                field,
+                "must be at least 1, not 0".to_owned(),
+                example(field).map(|example| format!("write it like `{example}`")),
+            ));
+        }
+        Ok(number)
+    }
+}
+
+/// What is wrong with `name` as a site name, if anything.
+fn site_name_problem(name: &str) -> Option<String> {
+    let chars = name.chars().count();
+    if chars == 0 {
+        return Some("it is empty".to_owned());
+    }
+    if chars > SITE_NAME_CHARS_MAX {
+        return Some(format!(
+            "it is {chars} characters long, more than {SITE_NAME_CHARS_MAX}"
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
+    {
+        return Some(format!("{c:?} is not a lowercase letter, digit or '-'"));
+    }
+    if name.starts_with('-') || name.ends_with('-') {
+        return Some("it starts or ends with '-'".to_owned());
+    }
+    None
+}
+
+/// What is wrong with `endpoint` as a public `host:port`, if anything.
+fn endpoint_problem(endpoint: &str) -> Option<String> {
+    let Some((host, port)) = endpoint.rsplit_once(':') else {
+        return Some("it has no port".to_owned());
+    };
+    if !matches!(port.parse::<u16>(), Ok(port) if port != 0) {
+        return Some(format!("port {port:?} is not a number from 1 to 65535"));
+    }
+    if let Some(address) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return address
+            .parse::<Ipv6Addr>()
+            .is_err()
+            .then(|| format!("{address:?} is not an IPv6 address"));
+    }
+    if host.contains(':') {
+        return Some("an IPv6 address must be written in brackets".to_owned());
+    }
+    if host.parse::<Ipv4Addr>().is_ok() || is_dns_name(host) {
+        return None;
+    }
+    Some(format!("{host:?} is neither an IP address nor a DNS name"))
+}
+
+/// Whether `host` is a DNS name: dot-separated labels of letters, digits and '-' (RFC 1123),
+/// with a last label that is not all digits so that a mistyped IPv4 address is not taken for
+/// a name (RFC 3696, section 2).
+fn is_dns_name(host: &str) -> bool {
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if host.is_empty() || host.len() > DNS_NAME_BYTES_MAX {
+        return false;
+    }
+    let label_ok = |label: &str| {
+        (1..=SITE_NAME_CHARS_MAX).contains(&label.len())
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+    };
+    let last_label_numeric = host
+        .rsplit('.')
+        .next()
+        .is_some_and(|label| label.bytes().all(|b| b.is_ascii_digit()));
+    host.split('.').all(label_ok) && !last_label_numeric
+}

@@ -1,0 +1,872 @@
+//! Tests of loading the site configuration: every rule, and where each error points.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use libp2p_identity::PeerId;
+use multiaddr::Multiaddr;
+
+use super::diagnostics::line_column;
+use super::*;
+
+const PATH: &str = "/etc/vcfed/vcfed.toml";
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(text, Path::new(PATH))
+}
+
+fn parse_err(text: &str) -> ConfigError {
+    match parse(text) {
+        Ok(config) => panic!("config was accepted: {config:?}\n---\n{text}"),
+        Err(e) => e,
+    }
+}
+
+/// Asserts where an error points and that its message and hint say what they should.
+#[track_caller]
+fn assert_error(e: &ConfigError, line: usize, field: &str, message: &str) {
+    assert_eq!(e.path, Path::new(PATH), "{e}");
+    assert_eq!(e.line, Some(line), "{e}");
+    assert!(e.column.is_some(), "{e}");
+    assert_eq!(e.field.as_deref(), Some(field), "{e}");
+    assert!(
+        e.message.contains(message),
+        "message {:?} lacks {message:?}",
+        e.message
+    );
+}
+
+/// A valid config with `[site]` on line 1 and every section on a known line, with `extra`
+/// appended; tests that break one section write their own text instead.
+fn minimal(extra: &str) -> String {
+    format!(
+        "[site]\n\
+         name = \"site-a\"\n\
+         data_dir = \"data\"\n\
+         \n\
+         [inventory]\n\
+         node = {{ cores = 2, memory_mib = 4096, disk_gib = 20 }}\n\
+         nodes = 4\n\
+         \n\
+         [clusters]\n\
+         vlans = \"100-199\"\n\
+         {extra}"
+    )
+}
+
+const PEER: &str = "12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA";
+
+#[test]
+fn template_round_trips_defaults() {
+    let params = InitParams::new("site-a".to_owned(), PathBuf::from("/var/lib/vcfed"));
+    let config = parse(&render_template(&params)).expect("template parses");
+
+    assert_eq!(config.site.name, "site-a");
+    assert_eq!(config.site.data_dir, Path::new("/var/lib/vcfed"));
+    assert_eq!(config.api.listen, params.api_listen);
+    assert_eq!(config.api.token_file, Path::new("/var/lib/vcfed/api.token"));
+    assert_eq!(config.federation.listen, params.federation_listen);
+    assert!(config.federation.bootstrap.is_empty());
+    assert_eq!(config.federation.psk_file, None);
+    assert!(config.federation.allow_peers.is_empty());
+    assert_eq!(config.inventory.node, params.node);
+    assert_eq!(config.inventory.source, InventorySource::Nodes(4));
+    assert_eq!(config.clusters.vlans, params.vlans);
+    assert_eq!(config.gateway.listen, params.gateway_listen);
+    assert_eq!(config.gateway.endpoint, None);
+    assert_eq!(config.gateway.site_link, None);
+}
+
+#[test]
+fn template_round_trips_unusual_values() {
+    let mut params = InitParams::new(
+        "x1-y".to_owned(),
+        PathBuf::from(r#"/srv/my "vcfed" data\dir/'it's'"#),
+    );
+    params.api_listen = "[::1]:9000".parse().expect("valid");
+    params.federation_listen = vec![
+        "/ip4/0.0.0.0/tcp/7781".parse().expect("valid"),
+        "/ip6/::/udp/7781/quic-v1".parse().expect("valid"),
+    ];
+    params.gateway_listen = "10.0.0.1:1".parse().expect("valid");
+    params.nodes = 1;
+    params.node = NodeShape {
+        cores: 64,
+        memory_mib: 1 << 40,
+        disk_gib: 1,
+    };
+    params.vlans = VlanRange {
+        first: 1,
+        last: 4094,
+    };
+    params.bootstrap = vec![
+        format!("/dns4/peer.example.org/tcp/7781/p2p/{PEER}")
+            .parse()
+            .expect("valid"),
+    ];
+
+    let text = render_template(&params);
+    let config = parse(&text).unwrap_or_else(|e| panic!("{e}\n---\n{text}"));
+
+    assert_eq!(config.site.name, params.site);
+    assert_eq!(config.site.data_dir, params.data_dir);
+    assert_eq!(config.api.listen, params.api_listen);
+    assert_eq!(config.api.token_file, params.data_dir.join("api.token"));
+    assert_eq!(config.federation.listen, params.federation_listen);
+    assert_eq!(config.federation.bootstrap, params.bootstrap);
+    assert_eq!(config.gateway.listen, params.gateway_listen);
+    assert_eq!(config.inventory.node, params.node);
+    assert_eq!(config.inventory.source, InventorySource::Nodes(1));
+    assert_eq!(config.clusters.vlans, params.vlans);
+}
+
+#[test]
+fn template_comments_every_field() {
+    let text = render_template(&InitParams::new("a".to_owned(), PathBuf::from("/d")));
+    for field in [
+        "name =",
+        "data_dir =",
+        "listen =",
+        "bootstrap =",
+        "# psk_file =",
+        "# allow_peers =",
+        "# token_file =",
+        "nodes =",
+        "cores =",
+        "memory_mib =",
+        "disk_gib =",
+        "# [[inventory.hosts]]",
+        "vlans =",
+        "# endpoint =",
+        "# bridge =",
+        "# trunk =",
+    ] {
+        let line = text
+            .lines()
+            .position(|line| line.starts_with(field))
+            .unwrap_or_else(|| panic!("template lacks {field:?}"));
+        let previous = text.lines().nth(line - 1).expect("a line before");
+        assert!(
+            previous.starts_with('#'),
+            "{field:?} has no comment above it"
+        );
+    }
+}
+
+#[test]
+fn minimal_config_gets_defaults() {
+    let config = parse(&minimal("")).expect("valid");
+
+    assert_eq!(config.path, Path::new(PATH));
+    assert_eq!(config.site.name, "site-a");
+    // Relative paths resolve against the config file's directory, not the working one.
+    assert_eq!(config.site.data_dir, Path::new("/etc/vcfed/data"));
+    assert_eq!(
+        config.federation.listen,
+        vec![
+            DEFAULT_FEDERATION_LISTEN
+                .parse::<Multiaddr>()
+                .expect("valid")
+        ]
+    );
+    assert!(config.federation.bootstrap.is_empty());
+    assert_eq!(config.federation.psk_file, None);
+    assert!(config.federation.allow_peers.is_empty());
+    assert_eq!(
+        config.api.listen,
+        DEFAULT_API_LISTEN.parse::<SocketAddr>().expect("valid")
+    );
+    assert_eq!(
+        config.api.token_file,
+        Path::new("/etc/vcfed/data/api.token")
+    );
+    assert_eq!(config.inventory.slots(), 4);
+    assert_eq!(
+        config.clusters.vlans,
+        VlanRange {
+            first: 100,
+            last: 199
+        }
+    );
+    assert_eq!(
+        config.gateway.listen,
+        DEFAULT_GATEWAY_LISTEN.parse::<SocketAddr>().expect("valid")
+    );
+    assert_eq!(config.gateway.site_link, None);
+    assert_eq!(
+        config.federation_key_path(),
+        Path::new("/etc/vcfed/data/federation.key")
+    );
+    assert_eq!(
+        config.tunnel_key_path(),
+        Path::new("/etc/vcfed/data/tunnel.key")
+    );
+    assert_eq!(config.ledger_path(), Path::new("/etc/vcfed/data/ledger.db"));
+}
+
+#[test]
+fn optional_fields_are_read_and_paths_resolved() {
+    let config = parse(&minimal(&format!(
+        "[federation]\n\
+         listen = [\"/ip4/0.0.0.0/tcp/1\", \"/ip6/::/tcp/1\"]\n\
+         bootstrap = [\"/ip4/192.0.2.1/tcp/7781/p2p/{PEER}\"]\n\
+         psk_file = \"keys/federation.psk\"\n\
+         allow_peers = [\"{PEER}\"]\n\
+         [api]\n\
+         listen = \"[::1]:8000\"\n\
+         token_file = \"/run/vcfed/api.token\"\n\
+         [gateway]\n\
+         listen = \"0.0.0.0:9000\"\n\
+         endpoint = \"gw.example.org:9000\"\n\
+         trunk = \"eth1.100\"\n"
+    )))
+    .expect("valid");
+
+    assert_eq!(config.federation.listen.len(), 2);
+    assert_eq!(config.federation.bootstrap.len(), 1);
+    assert_eq!(
+        config.federation.psk_file.as_deref(),
+        Some(Path::new("/etc/vcfed/keys/federation.psk"))
+    );
+    assert_eq!(
+        config.federation.allow_peers,
+        vec![PEER.parse::<PeerId>().expect("valid")]
+    );
+    assert_eq!(config.api.listen.port(), 8000);
+    assert_eq!(config.api.token_file, Path::new("/run/vcfed/api.token"));
+    assert_eq!(
+        config.gateway.endpoint.as_deref(),
+        Some("gw.example.org:9000")
+    );
+    assert_eq!(
+        config.gateway.site_link,
+        Some(SiteLink::Trunk("eth1.100".to_owned()))
+    );
+}
+
+#[test]
+fn relative_paths_of_a_bare_file_name_stay_relative() {
+    let config = Config::parse(&minimal(""), Path::new(CONFIG_FILE_NAME)).expect("valid");
+    assert_eq!(config.site.data_dir, Path::new("data"));
+}
+
+#[test]
+fn hosts_inventory_counts_slots_per_host() {
+    let config = parse(
+        "[site]\nname = \"s\"\ndata_dir = \"/d\"\n[clusters]\nvlans = \"7\"\n\
+         [inventory]\n\
+         node = { cores = 2, memory_mib = 4096, disk_gib = 20 }\n\
+         [[inventory.hosts]]\n\
+         name = \"cpu-bound\"\n\
+         cores = 7\n\
+         memory_mib = 1000000\n\
+         disk_gib = 1000\n\
+         [[inventory.hosts]]\n\
+         name = \"memory-bound\"\n\
+         cores = 64\n\
+         memory_mib = 10000\n\
+         disk_gib = 1000\n\
+         [[inventory.hosts]]\n\
+         name = \"too-small\"\n\
+         cores = 1\n\
+         memory_mib = 1000000\n\
+         disk_gib = 1000\n",
+    )
+    .expect("valid");
+
+    let InventorySource::Hosts(hosts) = &config.inventory.source else {
+        panic!("expected hosts, got {:?}", config.inventory.source);
+    };
+    let per_host: Vec<u32> = hosts
+        .iter()
+        .map(|host| host.slots(&config.inventory.node))
+        .collect();
+    // 7/2 cores = 3; 10000/4096 MiB = 2; 1/2 cores = 0.
+    assert_eq!(per_host, [3, 2, 0]);
+    assert_eq!(config.inventory.slots(), 5);
+    assert_eq!(config.clusters.vlans, VlanRange { first: 7, last: 7 });
+}
+
+#[test]
+fn hosts_without_room_for_a_slot_are_refused() {
+    let e = parse_err(
+        "[site]\nname = \"s\"\ndata_dir = \"/d\"\n[clusters]\nvlans = \"7\"\n\
+         [inventory]\n\
+         node = { cores = 8, memory_mib = 4096, disk_gib = 20 }\n\
+         [[inventory.hosts]]\n\
+         name = \"h1\"\n\
+         cores = 4\n\
+         memory_mib = 65536\n\
+         disk_gib = 100\n",
+    );
+    assert_error(&e, 8, "inventory", "no host has room for one node slot");
+    assert!(e.message.contains("8 cores"), "{e}");
+}
+
+#[test]
+fn too_many_slots_are_refused() {
+    let e = parse_err(
+        "[site]\nname = \"s\"\ndata_dir = \"/d\"\n[clusters]\nvlans = \"7\"\n\
+         [inventory]\n\
+         node = { cores = 1, memory_mib = 1, disk_gib = 1 }\n\
+         hosts = [\n\
+           { name = \"a\", cores = 4294967295, memory_mib = 4294967295, disk_gib = 4294967295 },\n\
+           { name = \"b\", cores = 1, memory_mib = 1, disk_gib = 1 },\n\
+         ]\n",
+    );
+    assert_error(&e, 8, "inventory", "more than the 4294967295");
+}
+
+#[test]
+fn missing_field_names_field_and_table_line() {
+    let e = parse_err(
+        "# site config\n\
+         [site]\n\
+         data_dir = \"/d\"\n\
+         [inventory]\n\
+         node = { cores = 2, memory_mib = 4096, disk_gib = 20 }\n\
+         nodes = 4\n\
+         [clusters]\n\
+         vlans = \"100-199\"\n",
+    );
+    assert_error(&e, 2, "site.name", "required field is missing");
+    assert_eq!(
+        e.hint.as_deref(),
+        Some("add `name = \"site-a\"` to the [site] table")
+    );
+}
+
+#[test]
+fn missing_table_is_named_without_a_line() {
+    let e = parse_err(
+        "[site]\nname = \"s\"\ndata_dir = \"/d\"\n\
+         [inventory]\nnode = { cores = 2, memory_mib = 4096, disk_gib = 20 }\nnodes = 4\n",
+    );
+    assert_eq!(e.line, None, "{e}");
+    assert_eq!(e.field.as_deref(), Some("clusters"));
+    assert!(e.message.contains("[clusters]"), "{e}");
+    assert!(
+        e.hint
+            .as_deref()
+            .is_some_and(|hint| hint.contains("vcfed init")),
+        "{e}"
+    );
+}
+
+#[test]
+fn missing_field_inside_host_entry_names_the_entry() {
+    let e = parse_err(
+        "[site]\nname = \"s\"\ndata_dir = \"/d\"\n[clusters]\nvlans = \"7\"\n\
+         [inventory]\n\
+         node = { cores = 1, memory_mib = 1, disk_gib = 1 }\n\
+         [[inventory.hosts]]\n\
+         name = \"h1\"\ncores = 1\nmemory_mib = 1\ndisk_gib = 1\n\
+         [[inventory.hosts]]\n\
+         name = \"h2\"\ncores = 1\nmemory_mib = 1\n",
+    );
+    assert_error(
+        &e,
+        13,
+        "inventory.hosts[1].disk_gib",
+        "required field is missing",
+    );
+    assert_eq!(
+        e.hint.as_deref(),
+        Some("add `disk_gib = 2000` to `inventory.hosts[1]`")
+    );
+}
+
+#[test]
+fn wrong_type_names_field_and_value_position() {
+    let e = parse_err(&minimal("").replace("nodes = 4", "nodes = \"four\""));
+    assert_error(&e, 7, "inventory.nodes", "invalid type: string \"four\"");
+    assert_eq!(e.column, Some(9));
+    assert_eq!(e.hint.as_deref(), Some("write it like `nodes = 4`"));
+
+    // serde's Rust type names are replaced by the TOML ones.
+    let e = parse_err(&minimal("").replace("node = {", "node = 5\nx = {"));
+    assert_error(
+        &e,
+        6,
+        "inventory.node",
+        "invalid type: integer `5`, expected a table",
+    );
+    let e = parse_err(&minimal("[federation]\nbootstrap = \"x\"\n"));
+    assert_error(&e, 12, "federation.bootstrap", "expected an array");
+}
+
+#[test]
+fn wrong_type_inside_host_entry() {
+    let e = parse_err(
+        "[site]\nname = \"s\"\ndata_dir = \"/d\"\n[clusters]\nvlans = \"7\"\n\
+         [inventory]\n\
+         node = { cores = 1, memory_mib = 1, disk_gib = 1 }\n\
+         [[inventory.hosts]]\n\
+         name = \"h1\"\ncores = 1\nmemory_mib = 1\ndisk_gib = 1\n\
+         [[inventory.hosts]]\n\
+         name = \"h2\"\ncores = -3\nmemory_mib = 1\ndisk_gib = 1\n",
+    );
+    assert_error(
+        &e,
+        15,
+        "inventory.hosts[1].cores",
+        "invalid value: integer `-3`, expected a non-negative integer",
+    );
+}
+
+#[test]
+fn bad_vlan_ranges_are_refused() {
+    for (vlans, message) in [
+        (
+            "0-10",
+            "invalid VLAN range \"0-10\": VLAN ids must be within 1-4094",
+        ),
+        ("100-4095", "VLAN ids must be within 1-4094"),
+        (
+            "5000",
+            "invalid VLAN range \"5000\": VLAN ids must be within 1-4094",
+        ),
+        ("70000", "VLAN ids must be within 1-4094"),
+        (
+            "200-100",
+            "the first id 200 is greater than the last id 100",
+        ),
+        ("abc", "invalid VLAN range \"abc\": expected \"FIRST-LAST\""),
+        ("", "expected \"FIRST-LAST\""),
+        ("1-2-3", "expected \"FIRST-LAST\""),
+        ("-5", "expected \"FIRST-LAST\""),
+        ("+5", "expected \"FIRST-LAST\""),
+    ] {
+        let e = parse_err(&minimal("").replace("\"100-199\"", &format!("{vlans:?}")));
+        assert_error(&e, 10, "clusters.vlans", message);
+        assert_eq!(e.column, Some(9), "{e}");
+        assert!(
+            e.hint
+                .as_deref()
+                .is_some_and(|h| h.contains("\"FIRST-LAST\""))
+        );
+    }
+}
+
+#[test]
+fn vlan_range_parses_and_displays() {
+    assert_eq!(
+        "100-199".parse(),
+        Ok(VlanRange {
+            first: 100,
+            last: 199
+        })
+    );
+    assert_eq!(
+        " 1 - 4094 ".parse(),
+        Ok(VlanRange {
+            first: 1,
+            last: 4094
+        })
+    );
+    assert_eq!(
+        "42".parse(),
+        Ok(VlanRange {
+            first: 42,
+            last: 42
+        })
+    );
+    assert_eq!(
+        "9-3".parse::<VlanRange>(),
+        Err(ParseVlanRangeError::Reversed { first: 9, last: 3 })
+    );
+
+    let range = VlanRange {
+        first: 100,
+        last: 199,
+    };
+    assert_eq!(range.to_string(), "100-199");
+    assert_eq!(range.len(), 100);
+    assert!(!range.is_empty());
+    assert_eq!(
+        VlanRange {
+            first: 1,
+            last: 4094
+        }
+        .len(),
+        4094
+    );
+    assert_eq!(VlanRange { first: 5, last: 4 }.len(), 0);
+}
+
+#[test]
+fn bad_socket_address_is_refused() {
+    let e = parse_err(&minimal("[api]\nlisten = \"localhost:99999\"\n"));
+    assert_error(
+        &e,
+        12,
+        "api.listen",
+        "invalid socket address \"localhost:99999\"",
+    );
+    assert!(
+        e.hint
+            .as_deref()
+            .is_some_and(|h| h.contains("127.0.0.1:7780"))
+    );
+
+    let e = parse_err(&minimal("[gateway]\nlisten = \"0.0.0.0\"\n"));
+    assert_error(
+        &e,
+        12,
+        "gateway.listen",
+        "invalid socket address \"0.0.0.0\"",
+    );
+}
+
+#[test]
+fn bad_multiaddr_is_refused() {
+    let e = parse_err(&minimal(
+        "[federation]\nlisten = [\"/ip4/0.0.0.0/tcp/1\", \"not-a-multiaddr\"]\n",
+    ));
+    assert_error(
+        &e,
+        12,
+        "federation.listen[1]",
+        "invalid multiaddress \"not-a-multiaddr\"",
+    );
+    assert_eq!(e.column, Some(33));
+}
+
+#[test]
+fn empty_listen_list_is_refused() {
+    let e = parse_err(&minimal("[federation]\nlisten = []\n"));
+    assert_error(&e, 12, "federation.listen", "at least one");
+}
+
+#[test]
+fn bootstrap_without_peer_id_is_refused() {
+    let e = parse_err(&minimal(
+        "[federation]\nbootstrap = [\n  \"/ip4/192.0.2.1/tcp/7781\",\n]\n",
+    ));
+    assert_error(
+        &e,
+        13,
+        "federation.bootstrap[0]",
+        "does not end in /p2p/<peer id>",
+    );
+    assert!(
+        e.hint
+            .as_deref()
+            .is_some_and(|h| h.contains("/ip4/192.0.2.1/tcp/7781/p2p/")),
+        "{e}"
+    );
+}
+
+#[test]
+fn bad_peer_id_is_refused() {
+    let e = parse_err(&minimal("[federation]\nallow_peers = [\"bob\"]\n"));
+    assert_error(
+        &e,
+        12,
+        "federation.allow_peers[0]",
+        "invalid peer id \"bob\"",
+    );
+}
+
+#[test]
+fn both_nodes_and_hosts_are_refused() {
+    let e = parse_err(&minimal(
+        "[[inventory.hosts]]\nname = \"h1\"\ncores = 1\nmemory_mib = 1\ndisk_gib = 1\n",
+    ));
+    assert_error(&e, 7, "inventory", "both `nodes` and `hosts` are set");
+    assert!(e.hint.is_some());
+}
+
+#[test]
+fn neither_nodes_nor_hosts_is_refused() {
+    let e = parse_err(&minimal("").replace("nodes = 4\n", ""));
+    assert_error(&e, 5, "inventory", "neither `nodes` nor `hosts` is set");
+    assert!(e.hint.as_deref().is_some_and(|h| h.contains("nodes = 4")));
+}
+
+#[test]
+fn unknown_field_is_refused_with_the_valid_ones() {
+    let e = parse_err(&minimal("").replace("vlans =", "vlan ="));
+    assert_error(&e, 10, "clusters.vlan", "unknown field `vlan`");
+    assert_eq!(
+        e.hint.as_deref(),
+        Some("did you mean `vlans`? the [clusters] table accepts `vlans`, `driver`")
+    );
+
+    let e = parse_err(&minimal("[gateway]\ncolour = \"blue\"\n"));
+    assert_error(&e, 12, "gateway.colour", "unknown field `colour`");
+    assert_eq!(
+        e.hint.as_deref(),
+        Some("the [gateway] table accepts `listen`, `endpoint`, `bridge`, `trunk`")
+    );
+
+    let e = parse_err(&minimal("[sites]\n"));
+    assert_error(&e, 11, "sites", "unknown field `sites`");
+    assert!(
+        e.hint
+            .as_deref()
+            .is_some_and(|h| h.starts_with("did you mean `site`? the top level accepts")),
+        "{e}"
+    );
+}
+
+#[test]
+fn bad_site_names_are_refused() {
+    for (name, message) in [
+        ("", "it is empty"),
+        ("Site-A", "'S' is not a lowercase letter"),
+        ("site_a", "'_' is not a lowercase letter"),
+        ("-site", "starts or ends with '-'"),
+        ("site-", "starts or ends with '-'"),
+        (&"a".repeat(64), "64 characters long"),
+    ] {
+        let e = parse_err(&minimal("").replace("\"site-a\"", &format!("{name:?}")));
+        assert_error(&e, 2, "site.name", message);
+        assert!(e.hint.as_deref().is_some_and(|h| h.contains("lowercase")));
+    }
+    parse(&minimal("").replace("\"site-a\"", &format!("{:?}", "a".repeat(63))))
+        .expect("63 characters are allowed");
+}
+
+#[test]
+fn bad_interface_names_are_refused() {
+    for (line, message) in [
+        ("bridge = \"\"", "it is empty"),
+        (
+            "bridge = \"a-very-long-name0\"",
+            "17 bytes long, more than 15",
+        ),
+        ("trunk = \"eth0:1\"", "it contains ':'"),
+        ("trunk = \"eth 0\"", "it contains ' '"),
+        ("bridge = \"a/b\"", "it contains '/'"),
+        ("bridge = \"..\"", "are not interface names"),
+    ] {
+        let e = parse_err(&minimal(&format!("[gateway]\n{line}\n")));
+        let field = line.split(' ').next().expect("a key");
+        assert_error(&e, 12, &format!("gateway.{field}"), message);
+    }
+    let config =
+        parse(&minimal("[gateway]\nbridge = \"br-site-fifteen\"\n")).expect("15 bytes fit");
+    assert_eq!(
+        config.gateway.site_link,
+        Some(SiteLink::Bridge("br-site-fifteen".to_owned()))
+    );
+}
+
+#[test]
+fn site_links_the_agent_cannot_use_are_refused() {
+    let e = parse_err(&minimal("[gateway]\nbridge = \"vcfb12\"\n"));
+    assert_error(&e, 12, "gateway.bridge", "named like the gateway's own");
+    parse(&minimal("[gateway]\ntrunk = \"enp0s31f6x\"\n")).expect("10 bytes fit");
+    let e = parse_err(&minimal("[gateway]\ntrunk = \"enp0s31f6xy\"\n"));
+    assert_error(
+        &e,
+        12,
+        "gateway.trunk",
+        "too long for its VLAN sub-interfaces",
+    );
+    let e = parse_err(&minimal("").replace("vlans =", "driver = \"qemu\"\nvlans ="));
+    assert_error(&e, 10, "clusters.driver", "unknown compute driver \"qemu\"");
+    let netns = minimal("").replace("vlans =", "driver = \"netns\"\nvlans =");
+    assert_eq!(parse(&netns).unwrap().clusters.driver, DriverKind::Netns);
+}
+
+#[test]
+fn both_bridge_and_trunk_are_refused() {
+    let e = parse_err(&minimal("[gateway]\nbridge = \"br0\"\ntrunk = \"eth1\"\n"));
+    assert_error(&e, 13, "gateway", "both `bridge` and `trunk` are set");
+}
+
+#[test]
+fn endpoints_are_checked() {
+    for good in [
+        "gw.example.org:7782",
+        "gw.example.org.:1",
+        "192.0.2.1:65535",
+        "[2001:db8::1]:7782",
+        "localhost:7782",
+    ] {
+        let config = parse(&minimal(&format!("[gateway]\nendpoint = {good:?}\n")))
+            .unwrap_or_else(|e| panic!("{good}: {e}"));
+        assert_eq!(config.gateway.endpoint.as_deref(), Some(good));
+    }
+    for (bad, message) in [
+        ("gw.example.org", "it has no port"),
+        ("gw.example.org:0", "not a number from 1 to 65535"),
+        ("gw.example.org:65536", "not a number from 1 to 65535"),
+        ("2001:db8::1:7782", "must be written in brackets"),
+        ("[2001:db8::zz]:7782", "is not an IPv6 address"),
+        ("192.0.2.300:7782", "neither an IP address nor a DNS name"),
+        (
+            "gw_1.example.org:7782",
+            "neither an IP address nor a DNS name",
+        ),
+        (":7782", "neither an IP address nor a DNS name"),
+    ] {
+        let e = parse_err(&minimal(&format!("[gateway]\nendpoint = {bad:?}\n")));
+        assert_error(&e, 12, "gateway.endpoint", message);
+    }
+}
+
+#[test]
+fn zero_sizes_are_refused() {
+    let e = parse_err(&minimal("").replace("cores = 2", "cores = 0"));
+    assert_error(&e, 6, "inventory.node.cores", "must be at least 1, not 0");
+    assert_eq!(e.column, Some(18));
+    assert_eq!(e.hint.as_deref(), Some("write it like `cores = 2`"));
+
+    let e = parse_err(&minimal("").replace("disk_gib = 20", "disk_gib = 0"));
+    assert_error(&e, 6, "inventory.node.disk_gib", "must be at least 1");
+
+    let e = parse_err(&minimal("").replace("nodes = 4", "nodes = 0"));
+    assert_error(&e, 7, "inventory.nodes", "must be at least 1");
+}
+
+#[test]
+fn duplicate_and_empty_host_names_are_refused() {
+    let hosts = |first: &str, second: &str| {
+        format!(
+            "[site]\nname = \"s\"\ndata_dir = \"/d\"\n[clusters]\nvlans = \"7\"\n\
+             [inventory]\n\
+             node = {{ cores = 1, memory_mib = 1, disk_gib = 1 }}\n\
+             hosts = [\n\
+               {{ name = {first:?}, cores = 1, memory_mib = 1, disk_gib = 1 }},\n\
+               {{ name = {second:?}, cores = 1, memory_mib = 1, disk_gib = 1 }},\n\
+             ]\n"
+        )
+    };
+    let e = parse_err(&hosts("h1", "h1"));
+    assert_error(
+        &e,
+        10,
+        "inventory.hosts[1].name",
+        "duplicate host name \"h1\"",
+    );
+    assert!(e.message.contains("inventory.hosts[0]"), "{e}");
+
+    let e = parse_err(&hosts("h1", ""));
+    assert_error(&e, 10, "inventory.hosts[1].name", "host name is empty");
+}
+
+#[test]
+fn empty_paths_are_refused() {
+    let e = parse_err(&minimal("").replace("data_dir = \"data\"", "data_dir = \"\""));
+    assert_error(&e, 3, "site.data_dir", "path is empty");
+}
+
+#[test]
+fn syntax_error_has_a_line_but_no_field() {
+    let e = parse_err(&minimal("[gateway]\nlisten = \"0.0.0.0:1\n"));
+    assert_eq!(e.line, Some(12), "{e}");
+    assert_eq!(e.field, None, "{e}");
+}
+
+#[test]
+fn columns_count_characters_not_bytes() {
+    let e = parse_err(&minimal("").replace("nodes = 4", "nodes = 4 # größe\nnodes2 = 1"));
+    assert_error(&e, 8, "inventory.nodes2", "unknown field");
+    assert_eq!(line_column("ä\näöü x", "ä\näöü ".len()), (2, 5));
+}
+
+#[test]
+fn unreadable_file_is_reported_without_a_line() {
+    let path = Path::new("/nonexistent/vcfed-config-test/vcfed.toml");
+    let e = Config::load(path).expect_err("the file does not exist");
+    assert_eq!(e.path, path);
+    assert_eq!(e.line, None);
+    assert_eq!(e.field, None);
+    assert!(e.message.contains("cannot read"), "{e}");
+    assert!(e.message.contains("os error 2"), "{e}");
+}
+
+#[test]
+fn error_display_is_one_paragraph_with_location_field_and_hint() {
+    let e = parse_err(&minimal("").replace("\"100-199\"", "\"0-10\""));
+    assert_eq!(
+        e.to_string(),
+        "/etc/vcfed/vcfed.toml:10:9: field `clusters.vlans`: invalid VLAN range \"0-10\": \
+         VLAN ids must be within 1-4094\n  hint: write it as \"FIRST-LAST\" or a single \
+         \"ID\", with ids within 1-4094, e.g. \"100-199\""
+    );
+
+    let e = ConfigError {
+        path: PathBuf::from("x.toml"),
+        line: None,
+        column: None,
+        field: None,
+        message: "cannot read".to_owned(),
+        hint: None,
+    };
+    assert_eq!(e.to_string(), "x.toml: cannot read");
+}
+
+#[test]
+fn node_shape_fits_in_each_dimension() {
+    let slot = NodeShape {
+        cores: 2,
+        memory_mib: 4096,
+        disk_gib: 20,
+    };
+    assert!(slot.fits_in(&slot));
+    assert!(NodeShape { cores: 1, ..slot }.fits_in(&slot));
+    for bigger in [
+        NodeShape { cores: 3, ..slot },
+        NodeShape {
+            memory_mib: 4097,
+            ..slot
+        },
+        NodeShape {
+            disk_gib: 21,
+            ..slot
+        },
+    ] {
+        assert!(!bigger.fits_in(&slot), "{bigger:?}");
+    }
+}
+
+#[test]
+fn init_defaults_match_the_documented_ones() {
+    let params = InitParams::new("a".to_owned(), PathBuf::from("/d"));
+    assert_eq!(params.api_listen.to_string(), DEFAULT_API_LISTEN);
+    assert_eq!(params.gateway_listen.to_string(), DEFAULT_GATEWAY_LISTEN);
+    assert_eq!(
+        params.federation_listen[0].to_string(),
+        DEFAULT_FEDERATION_LISTEN
+    );
+    assert_eq!(params.nodes, 4);
+    assert_eq!(params.vlans.to_string(), "100-199");
+    assert!(params.bootstrap.is_empty());
+}
+
+#[test]
+fn gossip_timing_is_read_and_checked() {
+    let config = parse(&minimal(
+        "[federation]\nadvert_ttl = \"3s\"\nadvert_refresh = \"1s\"\nanti_entropy = \"500ms\"\n",
+    ))
+    .unwrap();
+    assert_eq!(
+        config.federation.gossip,
+        GossipTiming {
+            advert_ttl: Duration::from_secs(3),
+            advert_refresh: Duration::from_secs(1),
+            anti_entropy: Duration::from_millis(500),
+        }
+    );
+    assert_eq!(
+        parse(&minimal("")).unwrap().federation.gossip,
+        GossipTiming::default()
+    );
+
+    let e = parse_err(&minimal("[federation]\nadvert_ttl = \"15s\"\n"));
+    assert_error(
+        &e,
+        12,
+        "federation.advert_ttl",
+        "at least twice advert_refresh",
+    );
+    let e = parse_err(&minimal("[federation]\nanti_entropy = \"soon\"\n"));
+    assert_error(&e, 12, "federation.anti_entropy", "invalid duration");
+    let e = parse_err(&minimal("[federation]\nanti_entropy = \"1ms\"\n"));
+    assert_error(&e, 12, "federation.anti_entropy", "out of range");
+}

@@ -1,0 +1,321 @@
+//! The checked configuration: what [`Config::load`] hands to the rest of the agent.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use libp2p_identity::PeerId;
+use multiaddr::Multiaddr;
+
+/// Lowest usable 802.1Q VLAN id; 0 means "priority tag only".
+pub(super) const VLAN_ID_MIN: u16 = 1;
+/// Highest usable 802.1Q VLAN id; 4095 is reserved.
+pub(super) const VLAN_ID_MAX: u16 = 4094;
+
+/// A loaded and checked site configuration.
+///
+/// Every value has passed the checks in [`Config::parse`], and every path is resolved, so the
+/// rest of the agent can use the fields as they are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// The file the configuration was read from, as given by the caller.
+    pub path: PathBuf,
+    /// `[site]`: who this site is and where it keeps its state.
+    pub site: SiteConfig,
+    /// `[federation]`: how this site's agent talks to other sites' agents.
+    pub federation: FederationConfig,
+    /// `[api]`: the local HTTP API.
+    pub api: ApiConfig,
+    /// `[inventory]`: the capacity this site offers, in node slots.
+    pub inventory: Inventory,
+    /// `[clusters]`: resources handed to the virtual clusters.
+    pub clusters: ClustersConfig,
+    /// `[gateway]`: the data plane that joins this site's cluster networks to other sites.
+    pub gateway: GatewayConfig,
+}
+
+/// The `[site]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SiteConfig {
+    /// Name of the site in the federation: a DNS label (1 to 63 characters of `[a-z0-9-]`, not
+    /// starting or ending with `-`), because it appears in host names and interface names.
+    pub name: String,
+    /// Directory for keys, the ledger and the API token, resolved against the config directory.
+    pub data_dir: PathBuf,
+}
+
+/// The `[federation]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FederationConfig {
+    /// Addresses the federation transport listens on; never empty.
+    pub listen: Vec<Multiaddr>,
+    /// Other sites' agents to dial at start-up; each ends in `/p2p/<peer id>` so that the
+    /// connection is authenticated against the expected peer.
+    pub bootstrap: Vec<Multiaddr>,
+    /// File with the federation's pre-shared key, resolved against the config directory.
+    /// Whether it exists is checked by whoever opens it, not here.
+    pub psk_file: Option<PathBuf>,
+    /// Peer ids listed in `allow_peers`, in file order.
+    pub allow_peers: Vec<PeerId>,
+    /// Timing of capacity gossip.
+    pub gossip: GossipTiming,
+}
+
+/// Timing of capacity gossip (`advert_ttl`, `advert_refresh`, `anti_entropy`
+/// in `[federation]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GossipTiming {
+    /// How long an advert stays valid; a site not heard of for this long is
+    /// suspect, and gone one refresh interval later.
+    pub advert_ttl: Duration,
+    /// How often a site re-signs and pushes its advert even if unchanged.
+    pub advert_refresh: Duration,
+    /// How often a site compares views with a random peer.
+    pub anti_entropy: Duration,
+}
+
+impl Default for GossipTiming {
+    fn default() -> Self {
+        GossipTiming {
+            advert_ttl: Duration::from_secs(30),
+            advert_refresh: Duration::from_secs(10),
+            anti_entropy: Duration::from_secs(2),
+        }
+    }
+}
+
+/// The `[api]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiConfig {
+    /// Address of the local HTTP API.
+    pub listen: SocketAddr,
+    /// File holding the API token; `<data_dir>/api.token` unless set.
+    pub token_file: PathBuf,
+}
+
+/// The resources of one node slot, the unit of capacity a site offers.
+pub use vcfed_storage::NodeShape;
+
+/// One machine of the site, listed under `[[inventory.hosts]]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Host {
+    /// Name of the host, unique within the site.
+    pub name: String,
+    /// CPU cores.
+    pub cores: u32,
+    /// Memory, in MiB.
+    pub memory_mib: u64,
+    /// Disk, in GiB.
+    pub disk_gib: u64,
+}
+
+/// How the inventory states its capacity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InventorySource {
+    /// `nodes = N`: N slots of the node shape, wherever they are.
+    Nodes(u32),
+    /// `[[inventory.hosts]]`: the machines, each holding as many slots as fit in it.
+    Hosts(Vec<Host>),
+}
+
+/// The `[inventory]` table: what this site offers to the federation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inventory {
+    /// The shape of one node slot; every dimension is at least 1 in a loaded config.
+    pub node: NodeShape,
+    /// Where the number of slots comes from.
+    pub source: InventorySource,
+}
+
+/// An inclusive range of 802.1Q VLAN ids, written `"FIRST-LAST"` (or `"ID"` for one id).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VlanRange {
+    /// First id of the range, within 1-4094.
+    pub first: u16,
+    /// Last id of the range, within `first`-4094.
+    pub last: u16,
+}
+
+/// Why a string is not a [`VlanRange`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseVlanRangeError {
+    /// The text is not `FIRST-LAST` or `ID` written with decimal digits.
+    #[error("expected \"FIRST-LAST\" or a single \"ID\" in decimal digits")]
+    Syntax,
+    /// An id is 0, 4095 or larger; 802.1Q reserves 0 and 4095.
+    #[error("VLAN ids must be within {VLAN_ID_MIN}-{VLAN_ID_MAX}")]
+    OutOfRange,
+    /// The first id is greater than the last.
+    #[error("the first id {first} is greater than the last id {last}")]
+    Reversed {
+        /// The first id as written.
+        first: u16,
+        /// The last id as written.
+        last: u16,
+    },
+}
+
+/// The `[clusters]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClustersConfig {
+    /// VLAN ids this site may give to cluster networks.
+    pub vlans: VlanRange,
+    /// How this site runs the nodes of its clusters.
+    pub driver: DriverKind,
+}
+
+/// `clusters.driver`: how a site runs the nodes of its clusters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DriverKind {
+    /// `"none"`: nodes are reserved but nothing is started; clusters stay
+    /// `reserved` through their window.
+    #[default]
+    None,
+    /// `"sim"`: nodes "install" at once, with no side effect and no data
+    /// plane (for simulations and trying the lifecycle out).
+    Sim,
+    /// `"netns"`: each node is a network namespace on the cluster's bridge,
+    /// booted over DHCP/TFTP from the frontend, and the agent runs the
+    /// gateway that links the cluster's sites (needs root).
+    Netns,
+}
+
+impl DriverKind {
+    /// The name used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DriverKind::None => "none",
+            DriverKind::Sim => "sim",
+            DriverKind::Netns => "netns",
+        }
+    }
+}
+
+/// How cluster traffic reaches this site's machines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SiteLink {
+    /// `bridge = "..."`: cluster ports attach to this existing Linux bridge.
+    Bridge(String),
+    /// `trunk = "..."`: cluster networks are 802.1Q VLANs on this interface.
+    Trunk(String),
+}
+
+/// The `[gateway]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayConfig {
+    /// UDP address of the data plane.
+    pub listen: SocketAddr,
+    /// Public `host:port` at which other sites reach this gateway, if set.
+    pub endpoint: Option<String>,
+    /// The site link; `None` means none is configured yet.
+    pub site_link: Option<SiteLink>,
+}
+
+impl Config {
+    /// The federation's identity key: `<data_dir>/federation.key`.
+    pub fn federation_key_path(&self) -> PathBuf {
+        self.site.data_dir.join("federation.key")
+    }
+
+    /// The gateway's tunnel key: `<data_dir>/tunnel.key`.
+    pub fn tunnel_key_path(&self) -> PathBuf {
+        self.site.data_dir.join("tunnel.key")
+    }
+
+    /// The site's ledger database: `<data_dir>/ledger.db`.
+    pub fn ledger_path(&self) -> PathBuf {
+        self.site.data_dir.join("ledger.db")
+    }
+}
+
+impl Inventory {
+    /// Number of node slots the site offers.
+    ///
+    /// A loaded config holds at least 1 and at most `u32::MAX` slots; for an inventory built
+    /// by hand the count saturates at `u32::MAX`.
+    pub fn slots(&self) -> u32 {
+        u32::try_from(self.slots_wide()).unwrap_or(u32::MAX)
+    }
+
+    /// The slot count without the `u32` limit, so that loading can refuse an overflow instead
+    /// of silently saturating.
+    pub(super) fn slots_wide(&self) -> u64 {
+        match &self.source {
+            InventorySource::Nodes(count) => u64::from(*count),
+            InventorySource::Hosts(hosts) => hosts
+                .iter()
+                .map(|host| u64::from(host.slots(&self.node)))
+                .fold(0, u64::saturating_add),
+        }
+    }
+}
+
+impl Host {
+    /// Number of slots of shape `node` that fit in this host: the smallest of the per-dimension
+    /// quotients, rounded down. A zero dimension of `node` does not limit the count.
+    pub fn slots(&self, node: &NodeShape) -> u32 {
+        let quotient = |have: u64, need: u64| have.checked_div(need).unwrap_or(u64::MAX);
+        let slots = quotient(u64::from(self.cores), u64::from(node.cores))
+            .min(quotient(self.memory_mib, node.memory_mib))
+            .min(quotient(self.disk_gib, node.disk_gib));
+        u32::try_from(slots).unwrap_or(u32::MAX)
+    }
+}
+
+impl VlanRange {
+    /// Number of VLAN ids in the range; 0 only for a hand-built range with `first > last`.
+    pub fn len(&self) -> u16 {
+        if self.is_empty() {
+            0
+        } else {
+            self.last - self.first + 1
+        }
+    }
+
+    /// Whether the range holds no id, which only a hand-built range with `first > last` does.
+    pub fn is_empty(&self) -> bool {
+        self.first > self.last
+    }
+}
+
+impl FromStr for VlanRange {
+    type Err = ParseVlanRangeError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (first, last) = match text.split_once('-') {
+            Some((first, last)) => (parse_vlan_id(first)?, parse_vlan_id(last)?),
+            None => {
+                let id = parse_vlan_id(text)?;
+                (id, id)
+            }
+        };
+        if first > last {
+            return Err(ParseVlanRangeError::Reversed { first, last });
+        }
+        Ok(VlanRange { first, last })
+    }
+}
+
+impl fmt::Display for VlanRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.first, self.last)
+    }
+}
+
+fn parse_vlan_id(text: &str) -> Result<u16, ParseVlanRangeError> {
+    let text = text.trim();
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ParseVlanRangeError::Syntax);
+    }
+    // Any digit string is a number, only perhaps too large for u16; that is a range problem,
+    // not a syntax one, so that "70000" gets the same message as "5000".
+    let id = text
+        .parse::<u16>()
+        .map_err(|_| ParseVlanRangeError::OutOfRange)?;
+    if !(VLAN_ID_MIN..=VLAN_ID_MAX).contains(&id) {
+        return Err(ParseVlanRangeError::OutOfRange);
+    }
+    Ok(id)
+}
