@@ -98,7 +98,7 @@ pub struct ClusterNameArgs {
 }
 
 /// Runs a `vcfed cluster` command.
-pub async fn run(command: ClusterCommand) -> anyhow::Result<()> {
+pub(crate) async fn run(command: ClusterCommand) -> anyhow::Result<()> {
     match command {
         ClusterCommand::Create(args) => {
             let client = client_for(&args.config)?;
@@ -232,7 +232,7 @@ async fn wait(
     }
 }
 
-pub fn progress_line(record: &ClusterRecord) -> String {
+pub(crate) fn progress_line(record: &ClusterRecord) -> String {
     let parts: Vec<String> = record
         .parts
         .iter()
@@ -261,7 +261,7 @@ fn window_of(record: &ClusterRecord) -> (String, String) {
 }
 
 /// Prints a cluster with its parts, its network at this site and its nodes.
-pub fn show_detail(detail: &ClusterDetail, json: bool) -> anyhow::Result<()> {
+pub(crate) fn show_detail(detail: &ClusterDetail, json: bool) -> anyhow::Result<()> {
     if json {
         return print_json(detail);
     }
@@ -321,7 +321,7 @@ pub fn show_detail(detail: &ClusterDetail, json: bool) -> anyhow::Result<()> {
 }
 
 /// Prints a cluster with its parts.
-pub fn show(record: &ClusterRecord, json: bool) -> anyhow::Result<()> {
+pub(crate) fn show(record: &ClusterRecord, json: bool) -> anyhow::Result<()> {
     if json {
         return print_json(record);
     }

@@ -51,7 +51,7 @@ pub enum GatewayCommand {
 }
 
 /// Runs `vcfed gateway`.
-pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
+pub(crate) async fn run(args: GatewayArgs) -> anyhow::Result<()> {
     match (args.command, args.config) {
         (Some(GatewayCommand::Genkey { out, force }), _) => genkey(&out, force),
         (Some(GatewayCommand::Pubkey { key }), _) => {
@@ -69,7 +69,7 @@ pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
 }
 
 /// The base64 public key of a private key.
-pub fn public_key_base64(private: [u8; 32]) -> String {
+pub(crate) fn public_key_base64(private: [u8; 32]) -> String {
     let public = x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from(private));
     STANDARD.encode(public.as_bytes())
 }

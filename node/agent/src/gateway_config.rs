@@ -45,20 +45,20 @@ use vcfed_overlay::linux::{
 use crate::config::diagnostics::{ConfigError, Source};
 
 /// Longest `link_prefix`, bytes.
-pub const LINK_PREFIX_LEN_MAX: usize = 8;
+pub(crate) const LINK_PREFIX_LEN_MAX: usize = 8;
 /// Highest peer index: WireGuard session indices keep 24 bits for it.
-pub const PEER_INDEX_MAX: u32 = 0x00ff_ffff;
+pub(crate) const PEER_INDEX_MAX: u32 = 0x00ff_ffff;
 
 /// Reads and checks the gateway configuration at `path`, including the
 /// private key file it names.
-pub fn load(path: &Path) -> Result<GatewayConfig, ConfigError> {
+pub(crate) fn load(path: &Path) -> Result<GatewayConfig, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError::unreadable(path, &e))?;
     parse(&text, path)
 }
 
 /// Parses and checks gateway configuration `text` read from `path`
 /// (relative paths are resolved against its directory).
-pub fn parse(text: &str, path: &Path) -> Result<GatewayConfig, ConfigError> {
+pub(crate) fn parse(text: &str, path: &Path) -> Result<GatewayConfig, ConfigError> {
     let source = Source { path, text };
     let deserializer = toml::Deserializer::parse(text)
         .map_err(|e| source.error(e.span(), None, e.message().to_owned(), None))?;
@@ -69,7 +69,7 @@ pub fn parse(text: &str, path: &Path) -> Result<GatewayConfig, ConfigError> {
 
 /// Reads a WireGuard private key file (base64, like `wg genkey` writes),
 /// refusing one that other users can read.
-pub fn read_private_key(path: &Path) -> Result<[u8; 32], String> {
+pub(crate) fn read_private_key(path: &Path) -> Result<[u8; 32], String> {
     let metadata = std::fs::metadata(path).map_err(|e| format!("cannot read it: {e}"))?;
     let mode = metadata.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
@@ -83,7 +83,7 @@ pub fn read_private_key(path: &Path) -> Result<[u8; 32], String> {
 }
 
 /// A WireGuard key from its base64 text.
-pub fn decode_key(text: &str) -> Option<[u8; 32]> {
+pub(crate) fn decode_key(text: &str) -> Option<[u8; 32]> {
     STANDARD
         .decode(text)
         .ok()

@@ -2,6 +2,6 @@
 //! that the config checks, the runner shell and the demo all read.
 
 /// Prefix of the links the agent's gateway creates.
-pub const LINK_PREFIX: &str = "vcf";
+pub(crate) const LINK_PREFIX: &str = "vcf";
 /// Inner MTU of the agent's gateway: a 1500-byte WAN path.
-pub const INNER_MTU: usize = 1440;
+pub(crate) const INNER_MTU: usize = 1440;

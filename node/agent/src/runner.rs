@@ -30,7 +30,7 @@ use vcfed_node_core::driver::ComputeDriver;
 use vcfed_node_core::lifecycle::{self, RunPlan};
 use vcfed_node_core::runner::{self as core, DataPlane, Segment};
 
-pub use crate::api_types::{NetworkView, TunnelView};
+pub(crate) use crate::api_types::{NetworkView, TunnelView};
 use crate::config::{Config, DriverKind, SiteLink};
 use crate::federation::FederationHandle;
 use crate::ledger::SharedLedger;
@@ -38,7 +38,7 @@ use crate::links::{INNER_MTU, LINK_PREFIX};
 use crate::time::now_ms;
 
 /// How often the runner runs a full round of the core.
-pub const TICK: Duration = Duration::from_millis(core::TICK_MS.unsigned_abs());
+pub(crate) const TICK: Duration = Duration::from_millis(core::TICK_MS.unsigned_abs());
 /// Name of the "bridge" of a cluster when there is no data plane (sim).
 const SIM_BRIDGE: &str = "sim";
 /// How often endpoints that did not resolve are tried again, ms.
@@ -67,7 +67,7 @@ impl NetworkBoard {
 }
 
 /// A started runner (and gateway): wait for them at shutdown.
-pub struct RunningRunner {
+pub(crate) struct RunningRunner {
     /// The runner's task; ends after the stop signal, once the nodes are
     /// stopped (the ledger keeps the runs, so a restart resumes them), or
     /// early if the runner failed.
@@ -81,7 +81,7 @@ pub struct RunningRunner {
 
 /// Starts the runner (and, for the netns driver, the gateway) of the site
 /// configured by `config`; both run until `stop` turns true.
-pub async fn start(
+pub(crate) async fn start(
     config: &Config,
     peer_id: String,
     tunnel_key: [u8; 32],

@@ -150,7 +150,7 @@ fn parse_seeds(text: &str) -> Option<Range<u64>> {
 
 /// `vcfed simnet`: runs the seeds, prints progress on stderr and the
 /// reports on stdout; fails if any run broke an invariant.
-pub fn command(args: &SimnetArgs) -> anyhow::Result<()> {
+pub(crate) fn command(args: &SimnetArgs) -> anyhow::Result<()> {
     // The cores log every give-up and re-plan at warn, which under injected
     // faults is thousands of lines; the report says what matters. RUST_LOG
     // brings them back.
