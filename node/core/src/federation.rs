@@ -32,8 +32,7 @@ use libp2p_identity::PeerId;
 use vcfed_registry::advert::VerifiedAdvert;
 use vcfed_registry::wire::{self, Message};
 use vcfed_registry::{
-    CapacitySummary, GatewayInfo, LocalAdvert, NodeShape, Registry, RegistryEvent, Transmit,
-    Verdict,
+    CapacitySummary, GatewayInfo, LocalAdvert, Registry, RegistryEvent, Transmit, Verdict,
 };
 use vcfed_storage::{ClusterRecord, Ledger, LedgerError, Window};
 
@@ -602,11 +601,7 @@ pub fn advert_capacity(
     Ok(Some(AdvertCapacity {
         capacity: CapacitySummary {
             total_nodes: inventory.slots(),
-            node: NodeShape {
-                cores: inventory.node.cores,
-                memory_mib: inventory.node.memory_mib,
-                disk_gib: inventory.node.disk_gib,
-            },
+            node: inventory.node,
             steps,
             horizon_end_ms,
         },

@@ -276,12 +276,7 @@ pub trait SiteDirectory {
 
 impl SiteDirectory for vcfed_registry::Registry {
     fn candidates(&self, start_ms: i64, end_ms: i64, shape: &NodeShape) -> Vec<Candidate> {
-        let shape = vcfed_registry::NodeShape {
-            cores: shape.cores,
-            memory_mib: shape.memory_mib,
-            disk_gib: shape.disk_gib,
-        };
-        vcfed_registry::Registry::candidates(self, start_ms, end_ms, &shape)
+        vcfed_registry::Registry::candidates(self, start_ms, end_ms, shape)
     }
 
     fn site_name(&self, site: &PeerId) -> Option<String> {
@@ -289,12 +284,7 @@ impl SiteDirectory for vcfed_registry::Registry {
     }
 
     fn offers_shape(&self, shape: &NodeShape) -> bool {
-        let shape = vcfed_registry::NodeShape {
-            cores: shape.cores,
-            memory_mib: shape.memory_mib,
-            disk_gib: shape.disk_gib,
-        };
-        vcfed_registry::Registry::offers_shape(self, &shape)
+        vcfed_registry::Registry::offers_shape(self, shape)
     }
 }
 
