@@ -1,0 +1,819 @@
+//! The master side of the cluster core: the clusters this site received,
+//! their reservation across sites, and their release.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use libp2p_identity::PeerId;
+use vcfed_storage::{
+    ClusterPart, ClusterRecord, ClusterState, GatewayRef, HoldOutcome, HoldRequest, Ledger,
+    LedgerError, PartState,
+};
+
+use super::{
+    ClusterConfig, ClusterCore, ClusterMsg, ClusterRequest, CreateError, DeleteError,
+    SiteDirectory, segment_for, stored_state, validate,
+};
+
+/// One part at a remote site, as the master tracks it.
+#[derive(Debug, Clone)]
+pub(super) struct RemotePart {
+    site_name: String,
+    peer: PeerId,
+    /// The site's gateway, from its `Held`.
+    gateway: Option<GatewayRef>,
+    attempt: u32,
+    nodes: u32,
+    state: PartState,
+    /// When to resend (or give up), for parts waiting for an answer.
+    pub(super) deadline_ms: Option<i64>,
+    tries: u32,
+    backoff_ms: i64,
+}
+
+/// A cluster this site masters and that is still in flight.
+#[derive(Debug, Clone)]
+pub(super) struct Master {
+    id: String,
+    segment: u32,
+    request: ClusterRequest,
+    pub(super) state: ClusterState,
+    reason: Option<String>,
+    local_nodes: u32,
+    local_state: PartState,
+    pub(super) parts: Vec<RemotePart>,
+    excluded: BTreeSet<PeerId>,
+    denied_free: BTreeMap<PeerId, u32>,
+    pub(super) reserve_deadline_ms: i64,
+}
+
+impl Master {
+    fn local_key(&self) -> String {
+        format!("{}/0", self.id)
+    }
+
+    /// Nodes held or committed (or being committed) so far.
+    fn covered(&self) -> u32 {
+        let remote: u32 = self
+            .parts
+            .iter()
+            .filter(|p| {
+                matches!(
+                    p.state,
+                    PartState::Held | PartState::Committing | PartState::Committed
+                )
+            })
+            .map(|p| p.nodes)
+            .sum();
+        self.local_nodes + remote
+    }
+
+    fn pending(&self) -> u32 {
+        self.parts
+            .iter()
+            .filter(|p| p.state == PartState::Reserving)
+            .map(|p| p.nodes)
+            .sum()
+    }
+
+    fn all_released(&self) -> bool {
+        self.local_state == PartState::Released
+            && self.parts.iter().all(|p| p.state == PartState::Released)
+    }
+}
+
+impl ClusterCore {
+    /// After a restart: picks up the clusters this site masters that were
+    /// in flight. Commits that were decided are sent again; reservations
+    /// that were not decided are released.
+    pub fn resume(&mut self, ledger: &mut Ledger, now_ms: i64) -> Result<(), LedgerError> {
+        for record in ledger.clusters()? {
+            if record.master_site != self.local_name || self.masters.contains_key(&record.id) {
+                continue;
+            }
+            let Some(mut master) = master_from_record(&record, now_ms, &self.config) else {
+                continue;
+            };
+            let decided = master.local_state == PartState::Committed
+                || master
+                    .parts
+                    .iter()
+                    .any(|p| matches!(p.state, PartState::Committing | PartState::Committed));
+            match master.state {
+                ClusterState::Reserving if decided => {
+                    tracing::info!(cluster = %master.id, "resuming the commit of a cluster");
+                    for part in &mut master.parts {
+                        match part.state {
+                            PartState::Held => part.state = PartState::Committing,
+                            PartState::Reserving => part.state = PartState::Releasing,
+                            _ => {}
+                        }
+                    }
+                }
+                ClusterState::Requested | ClusterState::Reserving => {
+                    tracing::info!(cluster = %master.id, "releasing a cluster whose reservation the restart interrupted");
+                    master.state = ClusterState::Failed;
+                    master.reason =
+                        Some("the master restarted before the reservation was complete".to_owned());
+                    release_everything(&mut master);
+                }
+                ClusterState::Stopping | ClusterState::Failed => {}
+                // A reserved (or started) cluster may still be taking nodes
+                // back from a site it gave up on, which may have committed
+                // them: keep releasing, or that site keeps them until the
+                // window ends.
+                ClusterState::Reserved | ClusterState::Starting | ClusterState::Running
+                    if master.parts.iter().any(|p| p.state == PartState::Releasing) => {}
+                _ => continue,
+            }
+            for part in &mut master.parts {
+                if matches!(
+                    part.state,
+                    PartState::Committing | PartState::Releasing | PartState::Reserving
+                ) {
+                    part.deadline_ms = Some(now_ms);
+                    part.tries = 0;
+                }
+            }
+            self.masters.insert(master.id.clone(), master);
+            let id = record.id.clone();
+            self.advance(ledger, None, &id, now_ms)?;
+        }
+        Ok(())
+    }
+
+    /// A new cluster request arriving at this site, which becomes its master.
+    /// Either the request is refused and nothing is held anywhere, or the
+    /// cluster is stored (`reserving`, or `reserved` if this site holds it
+    /// all) and the reservation proceeds through the outputs.
+    pub fn create(
+        &mut self,
+        ledger: &mut Ledger,
+        sites: &dyn SiteDirectory,
+        now_ms: i64,
+        id: String,
+        request: ClusterRequest,
+    ) -> Result<ClusterRecord, CreateError> {
+        validate(&id, &request, now_ms)?;
+        if ledger.cluster(&id)?.is_some() {
+            return Err(CreateError::Exists(id));
+        }
+        let window = request.window;
+        let local_slot = ledger.inventory()?.map(|inventory| inventory.node);
+        let fits_here = local_slot.is_some_and(|slot| request.shape.fits_in(&slot));
+        let candidates = sites.candidates(window.start_ms, window.end_ms, &request.shape);
+        let local_free = if fits_here {
+            ledger.available(window, now_ms)?
+        } else {
+            0
+        };
+        let federation_free: u64 = candidates.iter().map(|c| u64::from(c.free)).sum();
+        if !fits_here && !sites.offers_shape(&request.shape) {
+            return Err(CreateError::UnknownShape(request.shape));
+        }
+        if local_free == 0 {
+            let what = if fits_here {
+                "no free slot"
+            } else {
+                "no slot of that shape"
+            };
+            return Err(CreateError::Insufficient {
+                available: 0,
+                detail: format!(
+                    "this site has {what} for the cluster's frontend in the window; send the request to a site \
+                     with room (the site that receives a request hosts its frontend)"
+                ),
+            });
+        }
+        let local_nodes = request.nodes.min(local_free - 1);
+        let remaining = request.nodes - local_nodes;
+        let available = u64::from(local_nodes) + federation_free;
+        if u64::from(remaining) > federation_free {
+            return Err(CreateError::Insufficient {
+                available: u32::try_from(available).unwrap_or(u32::MAX),
+                detail: format!(
+                    "the federation has {available} nodes of {} free for the whole window ({local_nodes} here, \
+                     {federation_free} at {} other sites), {} asked",
+                    request.shape,
+                    candidates.len(),
+                    request.nodes
+                ),
+            });
+        }
+
+        let mut master = Master {
+            id: id.clone(),
+            segment: segment_for(&id),
+            request: request.clone(),
+            state: ClusterState::Reserving,
+            reason: None,
+            local_nodes,
+            local_state: PartState::Held,
+            parts: Vec::new(),
+            excluded: BTreeSet::new(),
+            denied_free: BTreeMap::new(),
+            reserve_deadline_ms: now_ms + self.config.reserve_deadline_ms,
+        };
+        let hold = HoldRequest {
+            key: master.local_key(),
+            cluster_id: id.clone(),
+            requester: self.local.to_string(),
+            window,
+            nodes: local_nodes + 1,
+            shape: request.shape,
+            // The master's own hold must outlive the whole reservation phase.
+            lease_ms: self.config.reserve_deadline_ms + self.config.lease_ms,
+        };
+        match ledger.hold(&hold, now_ms)? {
+            HoldOutcome::Held(_) => {}
+            HoldOutcome::Denied { available } => {
+                return Err(CreateError::Insufficient {
+                    available: available.saturating_sub(1),
+                    detail: "this site's free capacity changed while planning; try again"
+                        .to_owned(),
+                });
+            }
+        }
+        let record = ClusterRecord {
+            id: id.clone(),
+            name: request.name.clone(),
+            master_site: self.local_name.clone(),
+            request: serde_json::to_value(&request).expect("a request serialises to JSON"),
+            state: ClusterState::Reserving,
+            reason: None,
+            parts: record_parts(&master, &self.local_name, &self.local, &self.gateway),
+            segment: Some(master.segment),
+            created_at_ms: now_ms,
+            updated_at_ms: now_ms,
+        };
+        if let Err(e) = ledger.insert_cluster(&record) {
+            let _ = ledger.release(&master.local_key(), &self.local.to_string(), now_ms);
+            return Err(e.into());
+        }
+        tracing::info!(cluster = %id, nodes = request.nodes, local = local_nodes, "cluster accepted; this site is master");
+        if remaining > 0 && !self.plan(&mut master, sites, remaining) {
+            // Cannot happen: the candidates covered `remaining` above.
+            master.state = ClusterState::Failed;
+            master.reason = Some("no plan covers the request".to_owned());
+            release_everything(&mut master);
+        }
+        self.masters.insert(id.clone(), master);
+        self.advance(ledger, Some(sites), &id, now_ms)?;
+        Ok(ledger.cluster(&id)?.expect("the cluster was stored above"))
+    }
+
+    /// Deletes a cluster this site masters: releases every part. The cluster
+    /// is `stopping` until every site acknowledged (or its window passed),
+    /// then `finished`.
+    pub fn delete(
+        &mut self,
+        ledger: &mut Ledger,
+        now_ms: i64,
+        id: &str,
+    ) -> Result<ClusterRecord, DeleteError> {
+        let record = ledger
+            .cluster(id)?
+            .ok_or_else(|| DeleteError::Unknown(id.to_owned()))?;
+        if record.master_site != self.local_name {
+            return Err(DeleteError::NotMaster(id.to_owned(), record.master_site));
+        }
+        if record.state.is_terminal() && !self.masters.contains_key(id) {
+            return Ok(record);
+        }
+        if !self.masters.contains_key(id) {
+            let Some(master) = master_from_record(&record, now_ms, &self.config) else {
+                return Ok(record);
+            };
+            self.masters.insert(id.to_owned(), master);
+        }
+        let master = self.masters.get_mut(id).expect("inserted above");
+        if master.state != ClusterState::Failed {
+            master.state = ClusterState::Stopping;
+        }
+        release_everything(master);
+        tracing::info!(cluster = %id, "cluster deleted; releasing every part");
+        self.advance(ledger, None, id, now_ms)?;
+        Ok(ledger.cluster(id)?.expect("the cluster exists"))
+    }
+
+    /// An answer from a worker to one of this site's requests.
+    pub fn handle_reply(
+        &mut self,
+        ledger: &mut Ledger,
+        sites: &dyn SiteDirectory,
+        now_ms: i64,
+        from: PeerId,
+        msg: ClusterMsg,
+    ) -> Result<(), LedgerError> {
+        let (cluster, attempt) = msg.ids();
+        let cluster = cluster.to_owned();
+        let Some(master) = self.masters.get_mut(&cluster) else {
+            // A late answer for a cluster no longer in flight: if it holds
+            // something, give it back.
+            if matches!(msg, ClusterMsg::Held { .. })
+                && !self.is_committed_part(ledger, &cluster, &from, attempt)?
+            {
+                self.transmits
+                    .push_back((from, ClusterMsg::Release { cluster, attempt }));
+            }
+            return Ok(());
+        };
+        let in_reservation = master.state == ClusterState::Reserving;
+        let Some(part) = master
+            .parts
+            .iter_mut()
+            .find(|p| p.peer == from && p.attempt == attempt)
+        else {
+            return Ok(());
+        };
+        match (part.state, msg) {
+            (PartState::Reserving, ClusterMsg::Held { gateway, .. }) => {
+                if in_reservation {
+                    part.state = PartState::Held;
+                    part.deadline_ms = None;
+                    part.gateway = gateway;
+                } else {
+                    start_release(part, now_ms);
+                }
+            }
+            (PartState::Reserving, ClusterMsg::Denied { available, .. }) => {
+                tracing::info!(cluster = %cluster, site = %part.site_name, available, "hold denied");
+                part.state = PartState::Released;
+                part.deadline_ms = None;
+                master.denied_free.insert(from, available);
+            }
+            (PartState::Reserving, ClusterMsg::Refused { reason, .. }) => {
+                tracing::warn!(cluster = %cluster, site = %part.site_name, %reason, "reserve refused");
+                part.state = PartState::Released;
+                part.deadline_ms = None;
+                master.excluded.insert(from);
+            }
+            (PartState::Committing, ClusterMsg::Committed { .. }) => {
+                part.state = PartState::Committed;
+                part.deadline_ms = None;
+            }
+            (PartState::Committing, ClusterMsg::Refused { reason, .. }) => {
+                // The hold is gone (its lease ran out): re-plan its nodes.
+                tracing::warn!(cluster = %cluster, site = %part.site_name, %reason, "commit refused; re-planning");
+                part.state = PartState::Released;
+                part.deadline_ms = None;
+                master.excluded.insert(from);
+            }
+            (PartState::Releasing, ClusterMsg::Released { .. } | ClusterMsg::Refused { .. }) => {
+                part.state = PartState::Released;
+                part.deadline_ms = None;
+            }
+            (PartState::Releasing | PartState::Released, ClusterMsg::Held { .. }) => {
+                // A reordered hold after our release: release it again.
+                self.transmits.push_back((
+                    from,
+                    ClusterMsg::Release {
+                        cluster: cluster.clone(),
+                        attempt,
+                    },
+                ));
+            }
+            _ => {}
+        }
+        self.advance(ledger, Some(sites), &cluster, now_ms)
+    }
+
+    /// Timers: retries, give-ups, deadlines.
+    pub fn handle_timeout(
+        &mut self,
+        ledger: &mut Ledger,
+        sites: &dyn SiteDirectory,
+        now_ms: i64,
+    ) -> Result<(), LedgerError> {
+        let due: Vec<String> = self
+            .masters
+            .values()
+            .filter(|m| {
+                (m.state == ClusterState::Reserving && m.reserve_deadline_ms <= now_ms)
+                    || m.parts
+                        .iter()
+                        .any(|p| p.deadline_ms.is_some_and(|at| at <= now_ms))
+            })
+            .map(|m| m.id.clone())
+            .collect();
+        for id in due {
+            let config = self.config.clone();
+            let master = self.masters.get_mut(&id).expect("listed above");
+            if master.state == ClusterState::Reserving && master.reserve_deadline_ms <= now_ms {
+                fail(master, "timed out collecting holds");
+            }
+            let window_end = master.request.window.end_ms;
+            let shared = live_parts(record_parts(
+                master,
+                &self.local_name,
+                &self.local,
+                &self.gateway,
+            ));
+            let context = RequestContext {
+                segment: master.segment,
+                gateway: &self.gateway,
+                parts: &shared,
+            };
+            for part in &mut master.parts {
+                if part.deadline_ms.is_none_or(|at| at > now_ms) {
+                    continue;
+                }
+                part.tries += 1;
+                match part.state {
+                    PartState::Reserving | PartState::Committing
+                        if part.tries < config.tries_max =>
+                    {
+                        part.deadline_ms = Some(now_ms + config.request_timeout_ms);
+                    }
+                    PartState::Reserving | PartState::Committing => {
+                        tracing::warn!(cluster = %id, site = %part.site_name, state = %part.state, "no answer; giving the site up");
+                        master.excluded.insert(part.peer);
+                        start_release(part, now_ms);
+                    }
+                    PartState::Releasing if now_ms >= window_end => {
+                        // A worker keeps committed nodes until the window
+                        // ends; after that there is nothing left to release.
+                        part.state = PartState::Released;
+                        part.deadline_ms = None;
+                    }
+                    PartState::Releasing => {
+                        part.backoff_ms = (part.backoff_ms * 2)
+                            .clamp(config.request_timeout_ms, config.release_backoff_max_ms);
+                        part.deadline_ms = Some(now_ms + part.backoff_ms);
+                    }
+                    PartState::Held | PartState::Committed | PartState::Released => {
+                        part.deadline_ms = None
+                    }
+                }
+                if part.deadline_ms.is_some() {
+                    let msg = request_for(&id, &master.request, part, &config, &context);
+                    self.transmits.push_back((part.peer, msg));
+                }
+            }
+            self.advance(ledger, Some(sites), &id, now_ms)?;
+        }
+        Ok(())
+    }
+
+    /// Assigns `missing` nodes to candidates (fewest sites first) and sends
+    /// the reserves; false if the candidates cannot cover them.
+    fn plan(&mut self, master: &mut Master, sites: &dyn SiteDirectory, missing: u32) -> bool {
+        let window = master.request.window;
+        let mut assigned: Vec<(PeerId, String, u32)> = Vec::new();
+        let mut left = missing;
+        for candidate in sites.candidates(window.start_ms, window.end_ms, &master.request.shape) {
+            if left == 0 {
+                break;
+            }
+            if candidate.site == self.local || master.excluded.contains(&candidate.site) {
+                continue;
+            }
+            let attempts = master
+                .parts
+                .iter()
+                .filter(|p| p.peer == candidate.site)
+                .count();
+            if u32::try_from(attempts).unwrap_or(u32::MAX) >= self.config.attempts_per_site_max {
+                continue;
+            }
+            let in_use: u32 = master
+                .parts
+                .iter()
+                .filter(|p| p.peer == candidate.site && p.state != PartState::Released)
+                .map(|p| p.nodes)
+                .sum();
+            let mut free = candidate.free;
+            if let Some(denied) = master.denied_free.get(&candidate.site) {
+                free = free.min(*denied);
+            }
+            let take = free.saturating_sub(in_use).min(left);
+            if take > 0 {
+                assigned.push((candidate.site, candidate.name, take));
+                left -= take;
+            }
+        }
+        if left > 0 {
+            return false;
+        }
+        assert_eq!(
+            assigned.iter().map(|(_, _, nodes)| nodes).sum::<u32>(),
+            missing,
+            "a plan places exactly the missing nodes"
+        );
+        for (peer, site_name, nodes) in assigned {
+            let attempt = master
+                .parts
+                .iter()
+                .filter(|p| p.peer == peer)
+                .map(|p| p.attempt)
+                .max()
+                .unwrap_or(0)
+                + 1;
+            let part = RemotePart {
+                site_name,
+                peer,
+                gateway: None,
+                attempt,
+                nodes,
+                state: PartState::Reserving,
+                deadline_ms: None,
+                tries: 0,
+                backoff_ms: 0,
+            };
+            master.parts.push(part);
+        }
+        true
+    }
+
+    /// Moves a master forward after any change, persists it, and sends what
+    /// follows from the persisted state.
+    fn advance(
+        &mut self,
+        ledger: &mut Ledger,
+        sites: Option<&dyn SiteDirectory>,
+        id: &str,
+        now_ms: i64,
+    ) -> Result<(), LedgerError> {
+        let Some(mut master) = self.masters.remove(id) else {
+            return Ok(());
+        };
+        if master.state == ClusterState::Reserving {
+            let nodes = master.request.nodes;
+            let (covered, pending) = (master.covered(), master.pending());
+            // Paired with `plan`, which asks only for what is missing, and
+            // with late answers of given-up parts, which stay released: a
+            // master never takes more nodes than asked (simnet checks it
+            // from outside, at every step).
+            assert!(
+                covered + pending <= nodes,
+                "cluster {id}: {covered} nodes covered and {pending} pending of {nodes}"
+            );
+            if covered + pending < nodes {
+                let planned = sites
+                    .is_some_and(|sites| self.plan(&mut master, sites, nodes - covered - pending));
+                if !planned {
+                    fail(
+                        &mut master,
+                        "not enough free nodes left in the federation after denials and timeouts",
+                    );
+                }
+            } else if covered == nodes && pending == 0 {
+                // Decide the commit: every hold moves to committing together.
+                // Parts committed in an earlier round (before a site was
+                // given up and replaced) are committed again: the Commit
+                // carries the final list of parts, from which every site
+                // numbers the nodes and builds its tunnels.
+                let replanned = master.parts.iter().any(|p| p.state == PartState::Held)
+                    && master.parts.iter().any(|p| p.state == PartState::Committed);
+                for part in &mut master.parts {
+                    let recommit = replanned && part.state == PartState::Committed;
+                    if part.state == PartState::Held || recommit {
+                        part.state = PartState::Committing;
+                        part.deadline_ms = None;
+                    }
+                }
+                if master.local_state == PartState::Held {
+                    match ledger.commit(&master.local_key(), &self.local.to_string(), now_ms) {
+                        Ok(_) => master.local_state = PartState::Committed,
+                        Err(e) => {
+                            tracing::warn!(cluster = %id, error = %e, "the master's own hold could not be committed");
+                            master.local_state = PartState::Released;
+                            fail(
+                                &mut master,
+                                "the master's own hold expired before the commit",
+                            );
+                        }
+                    }
+                }
+                // Parts still being released (sites given up on) are not part
+                // of the cluster: their release is retried on its own and must
+                // not keep the cluster from being reserved (else the reserve
+                // deadline would fail a cluster whose nodes are all committed).
+                let all_committed = !master
+                    .parts
+                    .iter()
+                    .any(|p| p.state == PartState::Committing);
+                if master.state == ClusterState::Reserving && all_committed {
+                    master.state = ClusterState::Reserved;
+                    tracing::info!(cluster = %id, "cluster reserved");
+                }
+            }
+        }
+        if matches!(master.state, ClusterState::Failed | ClusterState::Stopping)
+            && master.local_state != PartState::Released
+        {
+            ledger.release(&master.local_key(), &self.local.to_string(), now_ms)?;
+            master.local_state = PartState::Released;
+        }
+        if master.state == ClusterState::Stopping && master.all_released() {
+            master.state = ClusterState::Finished;
+        }
+
+        // Persist before sending anything that follows from this state.
+        let parts = record_parts(&master, &self.local_name, &self.local, &self.gateway);
+        let state = stored_state(ledger, id, master.state)?;
+        ledger.update_cluster(id, state, master.reason.as_deref(), Some(&parts), now_ms)?;
+
+        let shared = live_parts(parts);
+        let context = RequestContext {
+            segment: master.segment,
+            gateway: &self.gateway,
+            parts: &shared,
+        };
+        for part in &mut master.parts {
+            let needs_send = matches!(
+                part.state,
+                PartState::Reserving | PartState::Committing | PartState::Releasing
+            ) && part.deadline_ms.is_none();
+            if needs_send {
+                part.deadline_ms = Some(now_ms + self.config.request_timeout_ms);
+                part.tries = 0;
+                self.transmits.push_back((
+                    part.peer,
+                    request_for(id, &master.request, part, &self.config, &context),
+                ));
+            }
+        }
+        let settled = match master.state {
+            ClusterState::Reserved | ClusterState::Starting | ClusterState::Running => master
+                .parts
+                .iter()
+                .all(|p| matches!(p.state, PartState::Committed | PartState::Released)),
+            ClusterState::Failed | ClusterState::Finished => master.all_released(),
+            _ => false,
+        };
+        if settled {
+            tracing::info!(cluster = %id, state = %master.state, "cluster settled");
+        } else {
+            self.masters.insert(id.to_owned(), master);
+        }
+        Ok(())
+    }
+
+    /// Whether this site committed the part (cluster, attempt) of `from` —
+    /// used for late answers to clusters no longer in flight.
+    fn is_committed_part(
+        &self,
+        ledger: &Ledger,
+        cluster: &str,
+        from: &PeerId,
+        attempt: u32,
+    ) -> Result<bool, LedgerError> {
+        let Some(record) = ledger.cluster(cluster)? else {
+            return Ok(false);
+        };
+        let from = from.to_string();
+        Ok(record.parts.iter().any(|p| {
+            p.peer_id.as_deref() == Some(from.as_str())
+                && p.attempt == attempt
+                && p.state == PartState::Committed
+        }))
+    }
+}
+
+fn fail(master: &mut Master, reason: &str) {
+    if master.state.is_terminal() || master.state == ClusterState::Stopping {
+        return;
+    }
+    tracing::warn!(cluster = %master.id, %reason, "cluster failed; releasing every part");
+    master.state = ClusterState::Failed;
+    master.reason = Some(reason.to_owned());
+    release_everything(master);
+}
+
+/// Moves every part that may hold something to `releasing`.
+fn release_everything(master: &mut Master) {
+    for part in &mut master.parts {
+        if part.state != PartState::Released && part.state != PartState::Releasing {
+            part.state = PartState::Releasing;
+            part.deadline_ms = None;
+            part.tries = 0;
+        }
+    }
+}
+
+fn start_release(part: &mut RemotePart, _now_ms: i64) {
+    part.state = PartState::Releasing;
+    part.deadline_ms = None;
+    part.tries = 0;
+    part.backoff_ms = 0;
+}
+
+/// What a request to a worker carries besides the part itself.
+struct RequestContext<'a> {
+    segment: u32,
+    gateway: &'a Option<GatewayRef>,
+    /// The cluster's parts that hold or will hold nodes (for `Commit`).
+    parts: &'a [ClusterPart],
+}
+
+/// The message a part in its current state is waiting on.
+fn request_for(
+    id: &str,
+    request: &ClusterRequest,
+    part: &RemotePart,
+    config: &ClusterConfig,
+    context: &RequestContext<'_>,
+) -> ClusterMsg {
+    match part.state {
+        PartState::Reserving => ClusterMsg::Reserve {
+            cluster: id.to_owned(),
+            name: request.name.clone(),
+            attempt: part.attempt,
+            nodes: part.nodes,
+            shape: request.shape,
+            window: request.window,
+            lease_ms: config.lease_ms,
+            segment: context.segment,
+            gateway: context.gateway.clone(),
+        },
+        PartState::Committing => ClusterMsg::Commit {
+            cluster: id.to_owned(),
+            name: request.name.clone(),
+            attempt: part.attempt,
+            segment: context.segment,
+            parts: context.parts.to_vec(),
+        },
+        _ => ClusterMsg::Release {
+            cluster: id.to_owned(),
+            attempt: part.attempt,
+        },
+    }
+}
+
+fn record_parts(
+    master: &Master,
+    local_name: &str,
+    local: &PeerId,
+    gateway: &Option<GatewayRef>,
+) -> Vec<ClusterPart> {
+    let mut parts = vec![ClusterPart {
+        site: local_name.to_owned(),
+        peer_id: Some(local.to_string()),
+        attempt: 0,
+        nodes: master.local_nodes,
+        frontend: true,
+        state: master.local_state,
+        reservation_key: Some(master.local_key()),
+        gateway: gateway.clone(),
+    }];
+    parts.extend(master.parts.iter().map(|p| ClusterPart {
+        site: p.site_name.clone(),
+        peer_id: Some(p.peer.to_string()),
+        attempt: p.attempt,
+        nodes: p.nodes,
+        frontend: false,
+        state: p.state,
+        reservation_key: Some(format!("{}/{}", master.id, p.attempt)),
+        gateway: p.gateway.clone(),
+    }));
+    parts
+}
+
+/// The parts that hold, or are about to hold, nodes.
+fn live_parts(parts: Vec<ClusterPart>) -> Vec<ClusterPart> {
+    parts
+        .into_iter()
+        .filter(|p| p.state != PartState::Released && p.state != PartState::Releasing)
+        .collect()
+}
+
+/// Rebuilds the in-memory state of a mastered cluster from its record.
+fn master_from_record(
+    record: &ClusterRecord,
+    now_ms: i64,
+    config: &ClusterConfig,
+) -> Option<Master> {
+    let request: ClusterRequest = serde_json::from_value(record.request.clone()).ok()?;
+    let local = record.parts.iter().find(|p| p.frontend && p.attempt == 0)?;
+    let parts = record
+        .parts
+        .iter()
+        .filter(|p| !(p.frontend && p.attempt == 0))
+        .filter_map(|p| {
+            Some(RemotePart {
+                site_name: p.site.clone(),
+                peer: p.peer_id.as_deref()?.parse().ok()?,
+                gateway: p.gateway.clone(),
+                attempt: p.attempt,
+                nodes: p.nodes,
+                state: p.state,
+                deadline_ms: None,
+                tries: 0,
+                backoff_ms: 0,
+            })
+        })
+        .collect();
+    Some(Master {
+        id: record.id.clone(),
+        segment: record.segment.unwrap_or_else(|| segment_for(&record.id)),
+        request,
+        state: record.state,
+        reason: record.reason.clone(),
+        local_nodes: local.nodes,
+        local_state: local.state,
+        parts,
+        excluded: BTreeSet::new(),
+        denied_free: BTreeMap::new(),
+        reserve_deadline_ms: now_ms + config.reserve_deadline_ms,
+    })
+}
