@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Site, stderr, vcfed};
+use common::{Site, free_port, stderr, vcfed};
 
 #[test]
 fn init_run_status_capacity_and_sigterm() {
@@ -101,6 +101,37 @@ fn init_run_status_capacity_and_sigterm() {
         "{}",
         stderr(&out)
     );
+}
+
+#[test]
+fn a_taken_federation_port_is_a_start_up_error() {
+    let listen = format!("/ip4/127.0.0.1/tcp/{}", free_port());
+    let first = Site::init_with("site-a", 2, &listen, &[]);
+    let mut agent = first.spawn();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(common::wait_ready(&first.client()));
+
+    // Another site (own data dir, own API port) told to listen on the same
+    // federation address.
+    let second = Site::init_with("site-b", 2, &listen, &[]);
+    let mut other = second.spawn();
+    let status = other.wait(Duration::from_secs(15));
+    let log = other.log();
+    assert_eq!(status.code(), Some(1), "{log}");
+    let expected = format!(
+        "binding the federation listener to {listen} (federation.listen in {}): Address already in use",
+        second.config_path.display()
+    );
+    assert!(log.contains(&expected), "{log}");
+    assert!(
+        std::net::TcpStream::connect(second.config().api.listen).is_err(),
+        "site-b's API must not listen"
+    );
+
+    let out = vcfed(&["status", "--config", first.config_arg()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let status = agent.terminate(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}; log:\n{}", agent.log());
 }
 
 #[test]
