@@ -104,6 +104,53 @@ fn init_run_status_capacity_and_sigterm() {
 }
 
 #[test]
+fn one_agent_per_data_dir_and_a_killed_agent_holds_no_lock() {
+    let site = Site::init("site-a", 2);
+    let mut agent = site.spawn();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(common::wait_ready(&site.client()));
+    let lock_path = site.data_dir().join("agent.lock");
+    let holder = std::fs::read_to_string(&lock_path).unwrap();
+    assert_eq!(holder.trim(), agent.pid().to_string());
+
+    // An impostor: site-a's config with another API port (its federation
+    // port is 0, so only the data dir is shared).
+    let config = site.config();
+    let impostor_api = format!("127.0.0.1:{}", free_port());
+    let text = std::fs::read_to_string(&site.config_path).unwrap();
+    let impostor_text = text.replace(&config.api.listen.to_string(), &impostor_api);
+    assert_ne!(impostor_text, text, "the config names its API address");
+    let impostor_path = site.dir.path().join("impostor.toml");
+    std::fs::write(&impostor_path, impostor_text).unwrap();
+    let mut impostor = common::spawn_agent(&impostor_path, site.dir.path().join("impostor.log"));
+    let status = impostor.wait(Duration::from_secs(15));
+    let log = impostor.log();
+    assert_eq!(status.code(), Some(2), "{log}");
+    let expected = format!(
+        "error: the data dir {} is in use by another vcfed agent (pid {}); one agent per site",
+        config.site.data_dir.display(),
+        agent.pid()
+    );
+    assert!(log.contains(&expected), "{log}");
+    assert!(
+        std::net::TcpStream::connect(&impostor_api).is_err(),
+        "the impostor's API must not listen"
+    );
+    let out = vcfed(&["status", "--config", site.config_arg()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // SIGKILL leaves the lock file with a dead pid in it; that is no lock.
+    common::signal(agent.pid(), "KILL");
+    agent.wait(Duration::from_secs(10));
+    let mut agent = site.spawn();
+    runtime.block_on(common::wait_ready(&site.client()));
+    let holder = std::fs::read_to_string(&lock_path).unwrap();
+    assert_eq!(holder.trim(), agent.pid().to_string());
+    let status = agent.terminate(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}; log:\n{}", agent.log());
+}
+
+#[test]
 fn a_taken_federation_port_is_a_start_up_error() {
     let listen = format!("/ip4/127.0.0.1/tcp/{}", free_port());
     let first = Site::init_with("site-a", 2, &listen, &[]);

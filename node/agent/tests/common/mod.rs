@@ -99,23 +99,30 @@ impl Site {
 
     /// Starts `vcfed run` for this site; stderr goes to `agent.log`.
     pub(crate) fn spawn(&self) -> Agent {
-        let log_path = self.dir.path().join("agent.log");
-        let log = std::fs::File::create(&log_path).expect("the log file opens");
-        let child = Command::new(vcfed_bin())
-            .args(["run", "--config", self.config_arg()])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("vcfed run starts");
-        Agent {
-            child: Some(child),
-            log_path,
-        }
+        spawn_agent(&self.config_path, self.dir.path().join("agent.log"))
     }
 
     pub(crate) fn client(&self) -> ApiClient {
         vcfed::cli::client_from_config(&self.config()).expect("a client for the site")
+    }
+}
+
+/// Starts `vcfed run --config config`; stderr goes to `log_path`.
+pub(crate) fn spawn_agent(config: &Path, log_path: PathBuf) -> Agent {
+    let log = std::fs::File::create(&log_path).expect("the log file opens");
+    let child = Command::new(vcfed_bin())
+        .arg("run")
+        .arg("--config")
+        .arg(config)
+        .env_remove("VCFED_CONFIG")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("vcfed run starts");
+    Agent {
+        child: Some(child),
+        log_path,
     }
 }
 
@@ -164,6 +171,7 @@ impl Agent {
     pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
+
 }
 
 impl Drop for Agent {
