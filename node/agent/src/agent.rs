@@ -308,6 +308,47 @@ async fn sweep_loop(
     }
 }
 
+/// Installs the SIGHUP handler of `vcfed run` and returns the loop that
+/// serves it: on every SIGHUP the config file is read again and compared with
+/// the `running` one.
+///
+/// Nothing in the file can be applied to a running agent (the log level comes
+/// from `RUST_LOG`, not the file), so a reload says which fields changed and
+/// need a restart, or that nothing did; a file that no longer loads is
+/// reported with its error. The agent keeps running on `running` in every
+/// case: an operator's `kill -HUP` (or a closed terminal) must never stop a
+/// site. Like [`termination_signal`], the handler is installed at once, so
+/// call it inside a tokio runtime and before the agent starts.
+pub fn reload_on_hangup(
+    running: Config,
+) -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangups = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    Ok(async move {
+        while hangups.recv().await.is_some() {
+            let file = running.path.display();
+            tracing::info!(signal = "SIGHUP", %file, "signal received; reloading the configuration");
+            match Config::load(&running.path) {
+                Err(e) => tracing::error!(
+                    error = %format!("{e:#}"),
+                    "the configuration does not load; the agent keeps running with the one it started with"
+                ),
+                Ok(reloaded) => {
+                    let changed = running.changed_fields(&reloaded);
+                    if changed.is_empty() {
+                        tracing::info!("configuration unchanged");
+                    } else {
+                        tracing::warn!(
+                            fields = %changed.join(", "),
+                            "config changed: these fields need a restart to take effect"
+                        );
+                    }
+                }
+            }
+        }
+    })
+}
+
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).
 ///
 /// The handlers are installed when this is called, not when the future is

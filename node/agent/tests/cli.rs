@@ -1,5 +1,5 @@
-//! The `vcfed` binary as a user drives it: init, run, status, SIGTERM, and
-//! the refusals that must leave everything untouched.
+//! The `vcfed` binary as a user drives it: init, run, status, SIGTERM,
+//! SIGHUP, and the refusals that must leave everything untouched.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
@@ -179,6 +179,57 @@ fn a_taken_federation_port_is_a_start_up_error() {
     assert!(out.status.success(), "{}", stderr(&out));
     let status = agent.terminate(Duration::from_secs(10));
     assert!(status.success(), "{status:?}; log:\n{}", agent.log());
+}
+
+#[test]
+fn sighup_rereads_the_config_and_never_stops_the_agent() {
+    let site = Site::init("site-a", 2);
+    let mut agent = site.spawn();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(common::wait_ready(&site.client()));
+    let within = Duration::from_secs(10);
+    let reloading = "reloading the configuration";
+    let text = std::fs::read_to_string(&site.config_path).unwrap();
+
+    common::signal(agent.pid(), "HUP");
+    agent.wait_for_log("configuration unchanged", 1, within);
+    agent.wait_for_log(reloading, 1, within);
+
+    let edited = text.replace("vlans = \"100-199\"", "vlans = \"200-299\"");
+    assert_ne!(edited, text, "the template has a vlans line");
+    std::fs::write(&site.config_path, &edited).unwrap();
+    common::signal(agent.pid(), "HUP");
+    agent.wait_for_log(reloading, 2, within);
+    agent.wait_for_log("need a restart", 1, within);
+    let log = agent.log();
+    let line = log.lines().find(|l| l.contains("need a restart")).unwrap();
+    assert!(
+        line.contains("WARN") && line.contains("clusters.vlans"),
+        "{line}"
+    );
+
+    std::fs::write(&site.config_path, text.replace("100-199", "300-200")).unwrap();
+    common::signal(agent.pid(), "HUP");
+    agent.wait_for_log(reloading, 3, within);
+    agent.wait_for_log("does not load", 1, within);
+    let log = agent.log();
+    let line = log.lines().find(|l| l.contains("does not load")).unwrap();
+    assert!(
+        line.contains("ERROR") && line.contains("clusters.vlans"),
+        "{line}"
+    );
+
+    // Still the site it started as, on the configuration it started with.
+    std::fs::write(&site.config_path, &edited).unwrap();
+    let out = vcfed(&["status", "--json", "--config", site.config_arg()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["name"], "site-a");
+    assert_eq!(status["vlans"], "100-199");
+
+    let status = agent.terminate(within);
+    assert_eq!(status.code(), Some(0), "log:\n{}", agent.log());
+    assert!(agent.log().contains("agent stopped"));
 }
 
 #[test]

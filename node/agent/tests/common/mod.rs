@@ -172,6 +172,29 @@ impl Agent {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// Waits at most `within` until the log holds `needle` `count` times;
+    /// fails at once if the agent exits meanwhile.
+    pub(crate) fn wait_for_log(&mut self, needle: &str, count: usize, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            if self.log().matches(needle).count() >= count {
+                return;
+            }
+            let child = self.child.as_mut().expect("the agent runs");
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                panic!(
+                    "agent exited ({status}) before logging {needle:?}; log:\n{}",
+                    self.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} in the log within {within:?}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 impl Drop for Agent {
