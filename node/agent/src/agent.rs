@@ -3,9 +3,19 @@
 //! Start-up order matters: everything that can be wrong with the site's
 //! config, keys or ledger is found before the API listens, so a broken site
 //! fails at once with a clear message instead of half-starting.
+//!
+//! The data dir is locked before the ledger is opened: one site is one agent,
+//! and a second agent on the same data dir (a copied config with other ports)
+//! would share the ledger and tell the federation another address for the
+//! same site. The lock is an advisory `flock` on [`LOCK_FILE_NAME`], held
+//! until the agent's task ends; the kernel drops it when its holder dies, so
+//! a restart after a crash or SIGKILL needs no clean-up.
 
+use std::fs::File;
 use std::future::Future;
+use std::io::{Read, Seek, Write};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +28,9 @@ use crate::config::{Config, InventorySource};
 use crate::identity::{self, KeyPaths};
 use crate::ledger::SharedLedger;
 use crate::time::now_ms;
+
+/// The lock file in the data dir; it holds the pid of the agent that has it.
+pub const LOCK_FILE_NAME: &str = "agent.lock";
 
 /// How often expired holds are swept.
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
@@ -38,6 +51,7 @@ pub async fn start(
 ) -> anyhow::Result<RunningAgent> {
     let keys = identity::load(&key_paths(&config))
         .context("loading the site's keys (did you run `vcfed init`?)")?;
+    let data_dir_lock = lock_data_dir(&config.site.data_dir)?;
     let inventory = ledger_inventory(&config);
     let ledger_path = config.ledger_path();
     let mut ledger = Ledger::open(&ledger_path)
@@ -103,6 +117,8 @@ pub async fn start(
     let sweeper = tokio::spawn(sweep_loop(ledger.clone(), federation, stop_rx.clone()));
     let mut api_stop = stop_rx;
     let task = tokio::spawn(async move {
+        // Held until the agent has stopped, the ledger included.
+        let _data_dir_lock = data_dir_lock;
         tracing::info!(
             site = %site.name,
             peer_id = %site.peer_id,
@@ -178,6 +194,53 @@ pub async fn start(
     Ok(RunningAgent { api_addr, task })
 }
 
+/// Takes the exclusive lock on `data_dir` and writes our pid into the lock
+/// file; the lock lasts as long as the returned file is open.
+///
+/// Another live agent holding it is a usage error (exit code 2): nothing has
+/// been started, and the fix is to stop that agent or give this one its own
+/// site.
+pub fn lock_data_dir(data_dir: &Path) -> anyhow::Result<File> {
+    let path = data_dir.join(LOCK_FILE_NAME);
+    // Not truncated on open: until we hold the lock, the pid in it is the
+    // holder's, which the refusal names.
+    let mut file = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("opening the lock file {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut text = String::new();
+            // The holder may not have written its pid yet; then none is named.
+            let _ = file.read_to_string(&mut text);
+            let holder = match text.trim().parse::<u32>() {
+                Ok(pid) => format!(" (pid {pid})"),
+                Err(_) => String::new(),
+            };
+            return Err(crate::usage::UsageError(format!(
+                "the data dir {} is in use by another vcfed agent{holder}; one agent per site",
+                data_dir.display()
+            ))
+            .into());
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("locking {}", path.display()));
+        }
+    }
+    let write_pid = |file: &mut File| -> std::io::Result<()> {
+        file.set_len(0)?;
+        file.rewind()?;
+        writeln!(file, "{}", std::process::id())?;
+        file.sync_data()
+    };
+    write_pid(&mut file).with_context(|| format!("writing our pid to {}", path.display()))?;
+    Ok(file)
+}
+
 /// The key files of a configured site.
 pub fn key_paths(config: &Config) -> KeyPaths {
     KeyPaths::new(&config.site.data_dir, &config.api.token_file)
@@ -243,6 +306,47 @@ async fn sweep_loop(
             Err(e) => tracing::warn!(error = %format!("{e:#}"), "sweeping expired holds failed"),
         }
     }
+}
+
+/// Installs the SIGHUP handler of `vcfed run` and returns the loop that
+/// serves it: on every SIGHUP the config file is read again and compared with
+/// the `running` one.
+///
+/// Nothing in the file can be applied to a running agent (the log level comes
+/// from `RUST_LOG`, not the file), so a reload says which fields changed and
+/// need a restart, or that nothing did; a file that no longer loads is
+/// reported with its error. The agent keeps running on `running` in every
+/// case: an operator's `kill -HUP` (or a closed terminal) must never stop a
+/// site. Like [`termination_signal`], the handler is installed at once, so
+/// call it inside a tokio runtime and before the agent starts.
+pub fn reload_on_hangup(
+    running: Config,
+) -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangups = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    Ok(async move {
+        while hangups.recv().await.is_some() {
+            let file = running.path.display();
+            tracing::info!(signal = "SIGHUP", %file, "signal received; reloading the configuration");
+            match Config::load(&running.path) {
+                Err(e) => tracing::error!(
+                    error = %format!("{e:#}"),
+                    "the configuration does not load; the agent keeps running with the one it started with"
+                ),
+                Ok(reloaded) => {
+                    let changed = running.changed_fields(&reloaded);
+                    if changed.is_empty() {
+                        tracing::info!("configuration unchanged");
+                    } else {
+                        tracing::warn!(
+                            fields = %changed.join(", "),
+                            "config changed: these fields need a restart to take effect"
+                        );
+                    }
+                }
+            }
+        }
+    })
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).

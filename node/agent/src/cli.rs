@@ -304,8 +304,11 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
         Command::Init(args) => init(&args).map(|_| ()),
         Command::Run(args) => {
             let config = load_config(&args)?;
+            let reloader = tokio::spawn(crate::agent::reload_on_hangup(config.clone())?);
             let agent = crate::agent::start(config, crate::agent::termination_signal()).await?;
-            agent.task.await.context("agent task")?
+            let ended = agent.task.await;
+            reloader.abort();
+            ended.context("agent task")?
         }
         Command::Status(args) => status(&args).await,
         Command::Capacity(args) => capacity(&args).await,

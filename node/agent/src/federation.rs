@@ -243,7 +243,14 @@ pub async fn start(
         idle_connection_timeout: Duration::from_secs(3600),
     })
     .await
-    .context("starting the federation transport")?;
+    .map_err(|e| match e {
+        // Worded like the API's bind failure: which address, which setting.
+        p2p::P2pError::Listen { addr, source } => anyhow::Error::new(source).context(format!(
+            "binding the federation listener to {addr} (federation.listen in {})",
+            config.path.display()
+        )),
+        e => anyhow::Error::new(e).context("starting the federation transport"),
+    })?;
 
     let gossip = config.federation.gossip;
     let registry_config = RegistryConfig {

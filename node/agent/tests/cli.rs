@@ -1,5 +1,5 @@
-//! The `vcfed` binary as a user drives it: init, run, status, SIGTERM, and
-//! the refusals that must leave everything untouched.
+//! The `vcfed` binary as a user drives it: init, run, status, SIGTERM,
+//! SIGHUP, and the refusals that must leave everything untouched.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Site, stderr, vcfed};
+use common::{Site, free_port, stderr, vcfed};
 
 #[test]
 fn init_run_status_capacity_and_sigterm() {
@@ -101,6 +101,135 @@ fn init_run_status_capacity_and_sigterm() {
         "{}",
         stderr(&out)
     );
+}
+
+#[test]
+fn one_agent_per_data_dir_and_a_killed_agent_holds_no_lock() {
+    let site = Site::init("site-a", 2);
+    let mut agent = site.spawn();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(common::wait_ready(&site.client()));
+    let lock_path = site.data_dir().join("agent.lock");
+    let holder = std::fs::read_to_string(&lock_path).unwrap();
+    assert_eq!(holder.trim(), agent.pid().to_string());
+
+    // An impostor: site-a's config with another API port (its federation
+    // port is 0, so only the data dir is shared).
+    let config = site.config();
+    let impostor_api = format!("127.0.0.1:{}", free_port());
+    let text = std::fs::read_to_string(&site.config_path).unwrap();
+    let impostor_text = text.replace(&config.api.listen.to_string(), &impostor_api);
+    assert_ne!(impostor_text, text, "the config names its API address");
+    let impostor_path = site.dir.path().join("impostor.toml");
+    std::fs::write(&impostor_path, impostor_text).unwrap();
+    let mut impostor = common::spawn_agent(&impostor_path, site.dir.path().join("impostor.log"));
+    let status = impostor.wait(Duration::from_secs(15));
+    let log = impostor.log();
+    assert_eq!(status.code(), Some(2), "{log}");
+    let expected = format!(
+        "error: the data dir {} is in use by another vcfed agent (pid {}); one agent per site",
+        config.site.data_dir.display(),
+        agent.pid()
+    );
+    assert!(log.contains(&expected), "{log}");
+    assert!(
+        std::net::TcpStream::connect(&impostor_api).is_err(),
+        "the impostor's API must not listen"
+    );
+    let out = vcfed(&["status", "--config", site.config_arg()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // SIGKILL leaves the lock file with a dead pid in it; that is no lock.
+    common::signal(agent.pid(), "KILL");
+    agent.wait(Duration::from_secs(10));
+    let mut agent = site.spawn();
+    runtime.block_on(common::wait_ready(&site.client()));
+    let holder = std::fs::read_to_string(&lock_path).unwrap();
+    assert_eq!(holder.trim(), agent.pid().to_string());
+    let status = agent.terminate(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}; log:\n{}", agent.log());
+}
+
+#[test]
+fn a_taken_federation_port_is_a_start_up_error() {
+    let listen = format!("/ip4/127.0.0.1/tcp/{}", free_port());
+    let first = Site::init_with("site-a", 2, &listen, &[]);
+    let mut agent = first.spawn();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(common::wait_ready(&first.client()));
+
+    // Another site (own data dir, own API port) told to listen on the same
+    // federation address.
+    let second = Site::init_with("site-b", 2, &listen, &[]);
+    let mut other = second.spawn();
+    let status = other.wait(Duration::from_secs(15));
+    let log = other.log();
+    assert_eq!(status.code(), Some(1), "{log}");
+    let expected = format!(
+        "binding the federation listener to {listen} (federation.listen in {}): Address already in use",
+        second.config_path.display()
+    );
+    assert!(log.contains(&expected), "{log}");
+    assert!(
+        std::net::TcpStream::connect(second.config().api.listen).is_err(),
+        "site-b's API must not listen"
+    );
+
+    let out = vcfed(&["status", "--config", first.config_arg()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let status = agent.terminate(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}; log:\n{}", agent.log());
+}
+
+#[test]
+fn sighup_rereads_the_config_and_never_stops_the_agent() {
+    let site = Site::init("site-a", 2);
+    let mut agent = site.spawn();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(common::wait_ready(&site.client()));
+    let within = Duration::from_secs(10);
+    let reloading = "reloading the configuration";
+    let text = std::fs::read_to_string(&site.config_path).unwrap();
+
+    common::signal(agent.pid(), "HUP");
+    agent.wait_for_log("configuration unchanged", 1, within);
+    agent.wait_for_log(reloading, 1, within);
+
+    let edited = text.replace("vlans = \"100-199\"", "vlans = \"200-299\"");
+    assert_ne!(edited, text, "the template has a vlans line");
+    std::fs::write(&site.config_path, &edited).unwrap();
+    common::signal(agent.pid(), "HUP");
+    agent.wait_for_log(reloading, 2, within);
+    agent.wait_for_log("need a restart", 1, within);
+    let log = agent.log();
+    let line = log.lines().find(|l| l.contains("need a restart")).unwrap();
+    assert!(
+        line.contains("WARN") && line.contains("clusters.vlans"),
+        "{line}"
+    );
+
+    std::fs::write(&site.config_path, text.replace("100-199", "300-200")).unwrap();
+    common::signal(agent.pid(), "HUP");
+    agent.wait_for_log(reloading, 3, within);
+    agent.wait_for_log("does not load", 1, within);
+    let log = agent.log();
+    let line = log.lines().find(|l| l.contains("does not load")).unwrap();
+    assert!(
+        line.contains("ERROR") && line.contains("clusters.vlans"),
+        "{line}"
+    );
+
+    // Still the site it started as, on the configuration it started with.
+    std::fs::write(&site.config_path, &edited).unwrap();
+    let out = vcfed(&["status", "--json", "--config", site.config_arg()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["name"], "site-a");
+    assert_eq!(status["vlans"], "100-199");
+
+    let status = agent.terminate(within);
+    assert_eq!(status.code(), Some(0), "log:\n{}", agent.log());
+    assert!(agent.log().contains("agent stopped"));
 }
 
 #[test]

@@ -158,6 +158,7 @@ pub(super) async fn start(
 
     let mut listeners = Vec::with_capacity(config.listen.len());
     for addr in &config.listen {
+        check_port_free(addr)?;
         match swarm.listen_on(addr.clone()) {
             Ok(id) => listeners.push((id, addr.clone())),
             Err(TransportError::MultiaddrNotSupported(addr)) => {
@@ -203,6 +204,53 @@ pub(super) async fn start(
     // The swarm is large; boxing keeps the spawned future small.
     tokio::spawn(Box::pin(task.run()).instrument(span));
     Ok(())
+}
+
+/// Fails with [`P2pError::Listen`] if the fixed TCP port of `addr` is taken.
+///
+/// libp2p-tcp binds every listener with `SO_REUSEPORT` (so that dials can
+/// leave from the listening port), and Linux lets a second such socket of
+/// the same user bind the same address: two agents would then share one
+/// federation port, each getting some of the connections. A bind without
+/// `SO_REUSEPORT` is refused while any listener holds the address, so one is
+/// tried (never listening, so it takes no connection) and closed before
+/// libp2p binds. This refuses an agent started while another runs; two
+/// agents started in the same instant could both pass, a race this check
+/// does not close. Addresses with port 0, or not IP + TCP, are left to
+/// libp2p.
+fn check_port_free(addr: &Multiaddr) -> Result<(), P2pError> {
+    let mut parts = addr.iter();
+    let ip: std::net::IpAddr = match parts.next() {
+        Some(Protocol::Ip4(ip)) => ip.into(),
+        Some(Protocol::Ip6(ip)) => ip.into(),
+        _ => return Ok(()),
+    };
+    let Some(Protocol::Tcp(port)) = parts.next() else {
+        return Ok(());
+    };
+    if port == 0 {
+        return Ok(());
+    }
+    let socket_addr = std::net::SocketAddr::new(ip, port);
+    let probe = || -> io::Result<()> {
+        use socket2::{Domain, Socket, Type};
+        let socket = Socket::new(
+            Domain::for_address(socket_addr),
+            Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        // As libp2p-tcp sets them, so that only a real conflict fails: an
+        // IPv6 listener is IPv6 only, and a port in TIME_WAIT is free.
+        if socket_addr.is_ipv6() {
+            socket.set_only_v6(true)?;
+        }
+        socket.set_reuse_address(true)?;
+        socket.bind(&socket_addr.into())
+    };
+    probe().map_err(|source| P2pError::Listen {
+        addr: addr.clone(),
+        source,
+    })
 }
 
 /// TCP, then pnet if there is a key, then noise and yamux.

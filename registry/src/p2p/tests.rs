@@ -539,3 +539,32 @@ async fn invalid_config_is_refused() {
         "{shown}"
     );
 }
+
+/// libp2p-tcp listens with `SO_REUSEPORT`, which would let a second swarm of
+/// this user bind the same address; the shell refuses it instead.
+#[tokio::test]
+async fn a_taken_listen_address_is_refused() {
+    let first = start(Keypair::generate_ed25519(), Options::default()).await;
+    let bound: Multiaddr = first
+        .addr
+        .iter()
+        .take_while(|p| !matches!(p, Protocol::P2p(_)))
+        .collect();
+    let mut second = config(Keypair::generate_ed25519(), Options::default());
+    second.listen = vec![bound.clone()];
+    match spawn(second).await {
+        Err(P2pError::Listen { addr, source }) => {
+            assert_eq!(addr, bound);
+            assert_eq!(source.kind(), std::io::ErrorKind::AddrInUse, "{source}");
+        }
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("a second swarm listens on {bound}"),
+    }
+
+    // Once the first has shut down the address is free again.
+    first.handle.shutdown().await;
+    let mut third = config(Keypair::generate_ed25519(), Options::default());
+    third.listen = vec![bound];
+    let (handle, _events) = spawn(third).await.unwrap();
+    handle.shutdown().await;
+}

@@ -870,3 +870,19 @@ fn gossip_timing_is_read_and_checked() {
     let e = parse_err(&minimal("[federation]\nanti_entropy = \"1ms\"\n"));
     assert_error(&e, 12, "federation.anti_entropy", "out of range");
 }
+
+#[test]
+fn changed_fields_names_what_differs_in_file_order() {
+    let running = parse(&minimal("")).unwrap();
+    assert!(running.changed_fields(&running.clone()).is_empty());
+
+    let text = minimal("[api]\nlisten = \"127.0.0.1:9999\"\n").replace("100-199", "200-299");
+    let edited = parse(&text).unwrap();
+    assert_eq!(
+        running.changed_fields(&edited),
+        ["api.listen", "clusters.vlans"]
+    );
+
+    let edited = parse(&minimal("").replace("nodes = 4", "nodes = 5")).unwrap();
+    assert_eq!(running.changed_fields(&edited), ["inventory"]);
+}

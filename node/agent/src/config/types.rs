@@ -228,6 +228,76 @@ impl Config {
     pub fn ledger_path(&self) -> PathBuf {
         self.site.data_dir.join("ledger.db")
     }
+
+    /// The fields that differ between `self` and `other`, as dotted paths in the file's
+    /// order (`clusters.vlans`); `inventory` stands for the whole table. Empty when the two
+    /// mean the same site. The file's path itself is not compared.
+    ///
+    /// The structs are destructured in full so that a new field cannot be left out here
+    /// without the compiler saying so.
+    pub fn changed_fields(&self, other: &Config) -> Vec<&'static str> {
+        let Config {
+            path: _,
+            site: SiteConfig { name, data_dir },
+            federation:
+                FederationConfig {
+                    listen,
+                    bootstrap,
+                    psk_file,
+                    allow_peers,
+                    gossip:
+                        GossipTiming {
+                            advert_ttl,
+                            advert_refresh,
+                            anti_entropy,
+                        },
+                },
+            api:
+                ApiConfig {
+                    listen: api_listen,
+                    token_file,
+                },
+            inventory,
+            clusters: ClustersConfig { vlans, driver },
+            gateway:
+                GatewayConfig {
+                    listen: gateway_listen,
+                    endpoint,
+                    site_link,
+                },
+        } = self;
+        let (f, g) = (&other.federation, &other.federation.gossip);
+        let fields = [
+            ("site.name", *name == other.site.name),
+            ("site.data_dir", *data_dir == other.site.data_dir),
+            ("federation.listen", *listen == f.listen),
+            ("federation.bootstrap", *bootstrap == f.bootstrap),
+            ("federation.psk_file", *psk_file == f.psk_file),
+            ("federation.allow_peers", *allow_peers == f.allow_peers),
+            ("federation.advert_ttl", *advert_ttl == g.advert_ttl),
+            (
+                "federation.advert_refresh",
+                *advert_refresh == g.advert_refresh,
+            ),
+            ("federation.anti_entropy", *anti_entropy == g.anti_entropy),
+            ("api.listen", *api_listen == other.api.listen),
+            ("api.token_file", *token_file == other.api.token_file),
+            ("inventory", *inventory == other.inventory),
+            ("clusters.vlans", *vlans == other.clusters.vlans),
+            ("clusters.driver", *driver == other.clusters.driver),
+            ("gateway.listen", *gateway_listen == other.gateway.listen),
+            ("gateway.endpoint", *endpoint == other.gateway.endpoint),
+            (
+                "gateway.bridge/trunk",
+                *site_link == other.gateway.site_link,
+            ),
+        ];
+        fields
+            .into_iter()
+            .filter(|(_, same)| !same)
+            .map(|(name, _)| name)
+            .collect()
+    }
 }
 
 impl Inventory {

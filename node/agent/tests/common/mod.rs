@@ -99,23 +99,30 @@ impl Site {
 
     /// Starts `vcfed run` for this site; stderr goes to `agent.log`.
     pub(crate) fn spawn(&self) -> Agent {
-        let log_path = self.dir.path().join("agent.log");
-        let log = std::fs::File::create(&log_path).expect("the log file opens");
-        let child = Command::new(vcfed_bin())
-            .args(["run", "--config", self.config_arg()])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("vcfed run starts");
-        Agent {
-            child: Some(child),
-            log_path,
-        }
+        spawn_agent(&self.config_path, self.dir.path().join("agent.log"))
     }
 
     pub(crate) fn client(&self) -> ApiClient {
         vcfed::cli::client_from_config(&self.config()).expect("a client for the site")
+    }
+}
+
+/// Starts `vcfed run --config config`; stderr goes to `log_path`.
+pub(crate) fn spawn_agent(config: &Path, log_path: PathBuf) -> Agent {
+    let log = std::fs::File::create(&log_path).expect("the log file opens");
+    let child = Command::new(vcfed_bin())
+        .arg("run")
+        .arg("--config")
+        .arg(config)
+        .env_remove("VCFED_CONFIG")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("vcfed run starts");
+    Agent {
+        child: Some(child),
+        log_path,
     }
 }
 
@@ -163,6 +170,30 @@ impl Agent {
 
     pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Waits at most `within` until the log holds `needle` `count` times;
+    /// fails at once if the agent exits meanwhile.
+    pub(crate) fn wait_for_log(&mut self, needle: &str, count: usize, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            if self.log().matches(needle).count() >= count {
+                return;
+            }
+            let child = self.child.as_mut().expect("the agent runs");
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                panic!(
+                    "agent exited ({status}) before logging {needle:?}; log:\n{}",
+                    self.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} in the log within {within:?}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
