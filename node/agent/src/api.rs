@@ -585,6 +585,11 @@ async fn create_cluster(
             "conflict",
             e.to_string(),
         )),
+        Err(e @ CreateError::NameTaken { .. }) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "name_taken",
+            e.to_string(),
+        )),
         Err(CreateError::Ledger(e)) => Err(e.into()),
     }
 }
