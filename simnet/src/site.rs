@@ -1328,6 +1328,7 @@ fn create_error_kind(e: &vcfed_node_core::cluster::CreateError) -> &'static str 
         CreateError::Insufficient { available: 0, .. } => "no room here for the frontend",
         CreateError::Insufficient { .. } => "federation has too few free nodes",
         CreateError::Exists(_) => "exists",
+        CreateError::NameTaken { .. } => "name taken",
         CreateError::Ledger(_) => "ledger error",
     }
 }

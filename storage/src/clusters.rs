@@ -229,6 +229,29 @@ impl Ledger {
         self.clusters_where("state IN ('reserved', 'starting', 'running')")
     }
 
+    /// The newest cluster mastered by `master_site` and named `name` that
+    /// is not `finished` or `failed`: a name is unique among the live
+    /// clusters of one master.
+    pub fn live_cluster_named(
+        &self,
+        master_site: &str,
+        name: &str,
+    ) -> Result<Option<ClusterRecord>, LedgerError> {
+        let id: Option<String> = query_row_cached(
+            &self.conn,
+            "SELECT id FROM clusters
+             WHERE master_site = ?1 AND name = ?2 AND state NOT IN ('finished', 'failed')
+             ORDER BY created_at_ms DESC, id DESC LIMIT 1",
+            params![master_site, name],
+            |row| row.get(0),
+        )
+        .optional()?;
+        match id {
+            Some(id) => cluster_by_id(&self.conn, &id),
+            None => Ok(None),
+        }
+    }
+
     /// All clusters, oldest first.
     pub fn clusters(&self) -> Result<Vec<ClusterRecord>, LedgerError> {
         self.clusters_where("1")

@@ -387,6 +387,53 @@ fn clusters_round_trip_with_parts() {
 }
 
 #[test]
+fn a_live_cluster_is_found_by_name_at_its_master() {
+    let mut ledger = ledger(4);
+    let cluster = |id: &str, master: &str, at: i64| ClusterRecord {
+        id: id.into(),
+        name: "dup".into(),
+        master_site: master.into(),
+        request: serde_json::json!({ "nodes": 1 }),
+        state: ClusterState::Reserving,
+        reason: None,
+        parts: Vec::new(),
+        segment: None,
+        created_at_ms: at,
+        updated_at_ms: at,
+    };
+    ledger
+        .insert_cluster(&cluster("c-old", "site-a", 1))
+        .unwrap();
+    ledger
+        .insert_cluster(&cluster("c-elsewhere", "site-b", 2))
+        .unwrap();
+    let found = |ledger: &Ledger| {
+        ledger
+            .live_cluster_named("site-a", "dup")
+            .unwrap()
+            .map(|c| c.id)
+    };
+    assert_eq!(found(&ledger).as_deref(), Some("c-old"));
+    assert_eq!(ledger.live_cluster_named("site-a", "other").unwrap(), None);
+    // Stopping is still live: its nodes are not all back yet.
+    ledger
+        .update_cluster("c-old", ClusterState::Stopping, None, None, 3)
+        .unwrap();
+    assert_eq!(found(&ledger).as_deref(), Some("c-old"));
+    ledger
+        .update_cluster("c-old", ClusterState::Finished, None, None, 4)
+        .unwrap();
+    assert_eq!(found(&ledger), None, "a finished cluster frees its name");
+    ledger
+        .insert_cluster(&cluster("c-new", "site-a", 5))
+        .unwrap();
+    ledger
+        .update_cluster("c-new", ClusterState::Failed, Some("no room"), None, 6)
+        .unwrap();
+    assert_eq!(found(&ledger), None, "a failed cluster frees its name");
+}
+
+#[test]
 fn peers_merge_addresses() {
     let mut ledger = ledger(1);
     ledger.upsert_peer("p1", None, &["/a".into()], 1).unwrap();

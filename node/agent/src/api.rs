@@ -45,6 +45,9 @@ pub const LEASE_S_MAX: u64 = 24 * 60 * 60;
 pub const DEFAULT_CAPACITY_SPAN_MS: i64 = 7 * DAY_MS;
 /// Longest window a capacity query or reservation may span, ms.
 pub const WINDOW_MS_MAX: i64 = 366 * DAY_MS;
+/// How long before now a hold may start, ms: slack for clocks and for a
+/// "now" that the client computed before sending.
+pub const PAST_START_SLACK_MS: i64 = 60_000;
 /// Most events one call returns.
 pub const EVENTS_LIMIT_MAX: u32 = 1000;
 
@@ -343,6 +346,17 @@ async fn hold(
         }
     };
     let window = checked_window(instant(&body.start, "start")?, instant(&body.end, "end")?)?;
+    // Only holds made through the API are checked so: a master's hold for a
+    // cluster that already started reaches the ledger directly.
+    if window.end_ms <= now || window.start_ms < now - PAST_START_SLACK_MS {
+        return Err(ApiError::bad_request(format!(
+            "the window starts in the past ({} .. {}; now is {}): a hold starts at most {}s before now",
+            format_instant(window.start_ms),
+            format_instant(window.end_ms),
+            format_instant(now),
+            PAST_START_SLACK_MS / 1000
+        )));
+    }
     let lease_s = body.lease_s.unwrap_or(DEFAULT_LEASE_S);
     if !(1..=LEASE_S_MAX).contains(&lease_s) {
         return Err(ApiError::bad_request(format!(
@@ -583,6 +597,11 @@ async fn create_cluster(
         Err(e @ CreateError::Exists(_)) => Err(ApiError::new(
             StatusCode::CONFLICT,
             "conflict",
+            e.to_string(),
+        )),
+        Err(e @ CreateError::NameTaken { .. }) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "name_taken",
             e.to_string(),
         )),
         Err(CreateError::Ledger(e)) => Err(e.into()),

@@ -3,8 +3,9 @@
 //! Exit codes: 0 on success, 1 when an operation fails, 2 for bad usage or a
 //! bad config (nothing was written or started then).
 
-// The CLI's job is to print for the user.
-#![allow(clippy::print_stdout, clippy::print_stderr)]
+// Errors go to stderr for the user; output goes through `outln!`, which
+// survives a closed stdout.
+#![allow(clippy::print_stderr)]
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -16,10 +17,11 @@ use multiaddr::Multiaddr;
 use vcfed_storage::{NodeShape, Reservation};
 
 use crate::api_types::{CapacityReport, HoldBody, InstantArg, JoinBody, OwnerBody, SiteInfo};
-use crate::client::ApiClient;
+use crate::client::{ApiClient, segment};
 use crate::config::{self, Config, ConfigError, InitParams, VlanRange};
 use crate::federation::SitesReport;
 use crate::identity::{self, IdentityError};
+use crate::out::StdoutFailed;
 use crate::time::{format_instant, now_ms, parse_duration_ms, parse_instant};
 // Defined in a leaf module; `cli::UsageError` still names it.
 pub use crate::usage::UsageError;
@@ -289,12 +291,28 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.command)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        runtime.block_on(run(cli.command))
+    }));
+    match outcome {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
             eprintln!("error: {e:#}");
             exit_code(&e)
         }
+        Err(payload) => match payload.downcast::<StdoutFailed>() {
+            // The reader of our output went away (`vcfed sites | head -1`):
+            // it has what it wanted, so the command succeeded. Exit 0, as
+            // tools that treat EPIPE as the end do, and not the 141 of a
+            // death by SIGPIPE, which `set -o pipefail` would count as a
+            // failure of the pipeline.
+            Ok(failed) if failed.is_closed() => ExitCode::SUCCESS,
+            Ok(failed) => {
+                eprintln!("error: writing to stdout: {}", failed.0);
+                ExitCode::FAILURE
+            }
+            Err(payload) => std::panic::resume_unwind(payload),
+        },
     }
 }
 
@@ -325,7 +343,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
                     },
                 )
                 .await?;
-            println!(
+            outln!(
                 "dialing {}; `vcfed sites` shows the federation as it is learnt",
                 args.addr
             );
@@ -417,18 +435,18 @@ pub struct InitOutcome {
 pub fn init(args: &InitArgs) -> anyhow::Result<InitOutcome> {
     let outcome = write_site(args)?;
     let config = Config::load(&outcome.config_path)?;
-    println!("initialised site {}", config.site.name);
-    println!("  config            {}", outcome.config_path.display());
-    println!("  data dir          {}", config.site.data_dir.display());
-    println!("  peer id           {}", outcome.peer_id);
-    println!("  tunnel public key {}", outcome.tunnel_public_key);
-    println!(
+    outln!("initialised site {}", config.site.name);
+    outln!("  config            {}", outcome.config_path.display());
+    outln!("  data dir          {}", config.site.data_dir.display());
+    outln!("  peer id           {}", outcome.peer_id);
+    outln!("  tunnel public key {}", outcome.tunnel_public_key);
+    outln!(
         "  API               http://{} (token in {})",
         config.api.listen,
         config.api.token_file.display()
     );
-    println!();
-    println!(
+    outln!();
+    outln!(
         "start it with: vcfed run --config {}",
         outcome.config_path.display()
     );
@@ -506,15 +524,17 @@ async fn status(args: &StatusArgs) -> anyhow::Result<()> {
     if args.json {
         return print_json(&site);
     }
-    println!("site        {}", site.name);
-    println!("peer id     {}", site.peer_id);
-    println!("version     {}", site.version);
-    println!("tunnel key  {}", site.tunnel_public_key);
-    println!(
+    outln!("site        {}", site.name);
+    outln!("peer id     {}", site.peer_id);
+    outln!("version     {}", site.version);
+    outln!("tunnel key  {}", site.tunnel_public_key);
+    outln!(
         "node slot   {} cores, {} MiB memory, {} GiB disk",
-        site.node.cores, site.node.memory_mib, site.node.disk_gib
+        site.node.cores,
+        site.node.memory_mib,
+        site.node.disk_gib
     );
-    println!(
+    outln!(
         "capacity    {} nodes on {} hosts ({} cores, {} MiB, {} GiB)",
         site.capacity.nodes,
         site.capacity.hosts,
@@ -522,12 +542,12 @@ async fn status(args: &StatusArgs) -> anyhow::Result<()> {
         site.capacity.memory_mib,
         site.capacity.disk_gib
     );
-    println!("free now    {} nodes", site.free_now);
-    println!("vlans       {}", site.vlans);
+    outln!("free now    {} nodes", site.free_now);
+    outln!("vlans       {}", site.vlans);
     let report: SitesReport = client.get("/v1/sites").await?;
     if let Some(local) = report.sites.iter().find(|s| s.local) {
         for addr in &local.addrs {
-            println!("join at     {addr}/p2p/{}", site.peer_id);
+            outln!("join at     {addr}/p2p/{}", site.peer_id);
         }
     }
     let alive = report
@@ -535,7 +555,7 @@ async fn status(args: &StatusArgs) -> anyhow::Result<()> {
         .iter()
         .filter(|s| !s.local && s.state == vcfed_registry::SiteState::Alive)
         .count();
-    println!(
+    outln!(
         "federation  {alive} other sites alive, {} peers connected",
         report.connected_peers
     );
@@ -592,7 +612,7 @@ fn generate_psk(out: &Path, force: bool) -> anyhow::Result<()> {
     identity::refuse_overwrite(out, force)?;
     let key = identity::random_bytes::<32>()?;
     identity::write_file(out, vcfed_registry::p2p::format_psk(&key).as_bytes(), 0o600)?;
-    println!(
+    outln!(
         "wrote a new federation key to {}; set federation.psk_file to it at every site",
         out.display()
     );
@@ -613,7 +633,7 @@ async fn capacity(args: &CapacityArgs) -> anyhow::Result<()> {
     if args.json {
         return print_json(&report);
     }
-    println!(
+    outln!(
         "{} nodes in all; at least {} free from {} to {}",
         report.total_nodes,
         report.min_free,
@@ -663,7 +683,7 @@ async fn reservation(command: ReservationCommand) -> anyhow::Result<()> {
             if args.commit {
                 reservation = client
                     .post(
-                        &format!("/v1/reservations/{key}/commit"),
+                        &format!("/v1/reservations/{}/commit", segment(&key)),
                         &OwnerBody::default(),
                     )
                     .await?;
@@ -684,14 +704,24 @@ async fn reservation(command: ReservationCommand) -> anyhow::Result<()> {
 }
 
 async fn key_action(args: &KeyArgs, action: &str) -> anyhow::Result<()> {
+    let key = non_empty(&args.key, "the reservation key")?;
     let client = client_for(&args.config)?;
     let reservation: Reservation = client
         .post(
-            &format!("/v1/reservations/{}/{action}", args.key),
+            &format!("/v1/reservations/{}/{action}", segment(key)),
             &OwnerBody::default(),
         )
         .await?;
     print_reservations(&[reservation], args.json)
+}
+
+/// `text`, or a usage error if it is empty: an empty key or name would be
+/// an empty URL segment, which names no resource.
+pub(crate) fn non_empty<'a>(text: &'a str, what: &str) -> Result<&'a str, UsageError> {
+    if text.is_empty() {
+        return Err(UsageError(format!("{what} must not be empty")));
+    }
+    Ok(text)
 }
 
 /// Prints reservations as a table, or as JSON.
@@ -735,7 +765,7 @@ pub fn print_reservations(reservations: &[Reservation], json: bool) -> anyhow::R
 
 /// Prints `value` as pretty JSON on stdout.
 pub fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+    outln!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
 
@@ -757,6 +787,6 @@ pub fn print_table(rows: &[Vec<String>]) {
             .enumerate()
             .map(|(c, cell)| format!("{cell:<width$}", width = widths[c]))
             .collect();
-        println!("{}", line.join("  ").trim_end());
+        outln!("{}", line.join("  ").trim_end());
     }
 }

@@ -10,6 +10,7 @@ use hyper::{Method, Request, StatusCode, header};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -19,6 +20,21 @@ use crate::api_types::ErrorBody;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest response body read, bytes.
 const RESPONSE_LEN_MAX: usize = 16 * 1024 * 1024;
+
+/// What [`segment`] escapes: everything but RFC 3986's unreserved characters.
+const SEGMENT_ESCAPED: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// `text` as one path segment of an API URL, percent-encoded: a reservation
+/// key such as `c-1f/1` stays one segment, and the server's `Path` extractor
+/// decodes it back. Callers refuse empty names first: an empty segment
+/// names no resource.
+pub fn segment(text: &str) -> String {
+    utf8_percent_encode(text, SEGMENT_ESCAPED).to_string()
+}
 
 /// Errors of API calls.
 #[derive(Debug, thiserror::Error)]

@@ -1,7 +1,7 @@
 //! `vcfed cluster ...`: the cluster commands of the CLI.
 
-// The CLI's job is to print for the user.
-#![allow(clippy::print_stdout)]
+// Output goes through `outln!`, which survives a closed stdout; the lint
+// `print_stdout` stays on to catch a stray `println!`.
 
 use std::time::{Duration, Instant};
 
@@ -11,8 +11,8 @@ use vcfed_storage::{ClusterRecord, ClusterState};
 use clap::{Args, Subcommand};
 
 use crate::api_types::{ClusterDetail, CreateClusterBody, InstantArg};
-use crate::cli::{ConfigArg, client_for, print_json, print_table};
-use crate::client::ApiClient;
+use crate::cli::{ConfigArg, client_for, non_empty, print_json, print_table};
+use crate::client::{ApiClient, segment};
 use crate::time::{format_instant, now_ms, parse_instant};
 use crate::usage::UsageError;
 
@@ -174,16 +174,20 @@ pub(crate) async fn run(command: ClusterCommand) -> anyhow::Result<()> {
             Ok(())
         }
         ClusterCommand::Show(args) => {
+            let name = non_empty(&args.name, "the cluster name or id")?;
             let client = client_for(&args.config)?;
-            let detail: ClusterDetail = client.get(&format!("/v1/clusters/{}", args.name)).await?;
+            let detail: ClusterDetail = client
+                .get(&format!("/v1/clusters/{}", segment(name)))
+                .await?;
             show_detail(&detail, args.json)
         }
         ClusterCommand::Delete(args) => {
+            let name = non_empty(&args.name, "the cluster name or id")?;
             let client = client_for(&args.config)?;
             let record: ClusterRecord = client
                 .call(
                     hyper::Method::DELETE,
-                    &format!("/v1/clusters/{}", args.name),
+                    &format!("/v1/clusters/{}", segment(name)),
                     None::<&()>,
                 )
                 .await?;
@@ -206,12 +210,12 @@ async fn wait(
     let started = Instant::now();
     let mut last: Option<ClusterRecord> = None;
     loop {
-        let record: ClusterRecord = client.get(&format!("/v1/clusters/{id}")).await?;
+        let record: ClusterRecord = client.get(&format!("/v1/clusters/{}", segment(id))).await?;
         let changed = last
             .as_ref()
             .is_none_or(|l| l.state != record.state || l.parts != record.parts);
         if changed && !quiet {
-            println!(
+            outln!(
                 "[{:>5.1}s] {}",
                 started.elapsed().as_secs_f64(),
                 progress_line(&record)
@@ -267,21 +271,21 @@ pub(crate) fn show_detail(detail: &ClusterDetail, json: bool) -> anyhow::Result<
     }
     show(&detail.record, false)?;
     if let Some(network) = &detail.network {
-        println!();
+        outln!();
         let bridge = match (&network.bridge, &network.error) {
             (Some(bridge), _) => bridge.clone(),
             (None, Some(error)) => format!("not set up: {error}"),
             (None, None) => "being set up".to_owned(),
         };
         match network.vlan {
-            Some(vlan) => println!(
+            Some(vlan) => outln!(
                 "network  VLAN {vlan} here, segment {:#010x}, bridge {bridge}",
                 network.segment
             ),
-            None => println!("network  {bridge}"),
+            None => outln!("network  {bridge}"),
         }
         for tunnel in &network.tunnels {
-            println!(
+            outln!(
                 "tunnel   {} ({}) {}",
                 tunnel.site,
                 tunnel.endpoint.as_deref().unwrap_or("no gateway endpoint"),
@@ -290,7 +294,7 @@ pub(crate) fn show_detail(detail: &ClusterDetail, json: bool) -> anyhow::Result<
         }
     }
     if !detail.nodes.is_empty() {
-        println!();
+        outln!();
         let mut rows = vec![
             ["NODE", "SITE", "ROLE", "STATE", "ADDRESS", "SERVER"]
                 .map(str::to_owned)
@@ -327,14 +331,14 @@ pub(crate) fn show(record: &ClusterRecord, json: bool) -> anyhow::Result<()> {
     }
     let (start, end) = window_of(record);
     let nodes = record.request["nodes"].as_u64().unwrap_or(0);
-    println!("cluster  {} ({})", record.name, record.id);
+    outln!("cluster  {} ({})", record.name, record.id);
     match &record.reason {
-        Some(reason) => println!("state    {} — {reason}", record.state),
-        None => println!("state    {}", record.state),
+        Some(reason) => outln!("state    {} — {reason}", record.state),
+        None => outln!("state    {}", record.state),
     }
-    println!("master   {} (hosts the frontend)", record.master_site);
-    println!("window   {start} .. {end}");
-    println!("nodes    {nodes}");
+    outln!("master   {} (hosts the frontend)", record.master_site);
+    outln!("window   {start} .. {end}");
+    outln!("nodes    {nodes}");
     let mut rows = vec![
         ["SITE", "NODES", "FRONTEND", "ATTEMPT", "STATE"]
             .map(str::to_owned)

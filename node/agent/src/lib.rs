@@ -8,6 +8,18 @@
 //!
 //! The binary `vcfed` is a thin `main` over [`cli`].
 
+/// `println!` for the CLI's output: a closed stdout ends the command
+/// quietly instead of panicking (see [`out`]).
+#[macro_export]
+macro_rules! outln {
+    () => {
+        $crate::out::line(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::out::line(format_args!($($arg)*))
+    };
+}
+
 pub mod agent;
 pub mod api;
 pub mod api_types;
@@ -23,6 +35,7 @@ mod gateway_config;
 pub mod identity;
 mod ledger;
 mod links;
+pub mod out;
 mod runner;
 mod simnet_cli;
 pub mod time;

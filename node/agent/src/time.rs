@@ -9,6 +9,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// Milliseconds in a day.
 pub const DAY_MS: i64 = 24 * 60 * 60 * 1000;
 
+/// Plain numbers refused as unix ms because they read as a year: no one
+/// means an instant in the first ten seconds of 1970.
+const YEARS_REFUSED_AS_MS: std::ops::RangeInclusive<i64> = 1970..=9999;
+
 /// The wall clock, unix ms.
 pub fn now_ms() -> i64 {
     let since_epoch = SystemTime::now()
@@ -19,7 +23,8 @@ pub fn now_ms() -> i64 {
 
 /// Parses an instant as users write it, relative to `now_ms`:
 /// `now`, `now+2h` or `+2h` (a humantime duration after now), an RFC 3339
-/// timestamp (`2026-11-24T10:00:00Z`), or unix milliseconds.
+/// timestamp (`2026-11-24T10:00:00Z`), or unix milliseconds (but not a
+/// number from 1970 to 9999, which is refused as a year written alone).
 pub fn parse_instant(text: &str, now_ms: i64) -> Result<i64, String> {
     let text = text.trim();
     if text == "now" {
@@ -35,6 +40,12 @@ pub fn parse_instant(text: &str, now_ms: i64) -> Result<i64, String> {
             .ok_or_else(|| format!("{text:?} is too far away"));
     }
     if let Ok(ms) = text.parse::<i64>() {
+        // A year read as unix ms would be an instant in January 1970.
+        if YEARS_REFUSED_AS_MS.contains(&ms) {
+            return Err(format!(
+                "{text:?} looks like a year; write a date like {text}-11-24T10:00:00Z, or +2h"
+            ));
+        }
         return Ok(ms);
     }
     let at = humantime::parse_rfc3339_weak(text).map_err(|_| {
@@ -83,5 +94,23 @@ mod tests {
         assert_eq!(format_instant(now), "2023-11-14T22:13:20Z");
         assert_eq!(parse_duration_ms("2h"), Ok(7_200_000));
         assert!(parse_duration_ms("two hours").is_err());
+    }
+
+    #[test]
+    fn a_year_alone_is_refused_with_a_hint() {
+        let now = 1_700_000_000_000;
+        for year in ["1970", "2026", " 2026 ", "9999"] {
+            let err = parse_instant(year, now).unwrap_err();
+            assert!(err.contains("looks like a year"), "{year}: {err}");
+            assert!(err.contains("-11-24T10:00:00Z, or +2h"), "{year}: {err}");
+        }
+        assert_eq!(
+            parse_instant("2026", now).unwrap_err(),
+            "\"2026\" looks like a year; write a date like 2026-11-24T10:00:00Z, or +2h"
+        );
+        // Numbers outside the years stay unix ms.
+        assert_eq!(parse_instant("1969", now), Ok(1969));
+        assert_eq!(parse_instant("10000", now), Ok(10_000));
+        assert_eq!(parse_instant("1700000000000", now), Ok(now));
     }
 }

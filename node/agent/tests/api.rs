@@ -106,8 +106,9 @@ async fn requests_need_the_bearer_token() {
 #[tokio::test]
 async fn holds_commits_and_capacity_steps() {
     let running = Running::start(4).await;
-    let hold = json!({"key": "k1", "cluster_id": "c1", "start": 1_000_000, "end": 2_000_000, "nodes": 3, "lease_s": 60});
-    // A window in the past is allowed for the local API; the calendar is what matters here.
+    // Windows a day ahead, on a round number so that the steps read well.
+    let t = (vcfed::time::now_ms() / 1_000_000 + 100) * 1_000_000;
+    let hold = json!({"key": "k1", "cluster_id": "c1", "start": t + 1_000_000, "end": t + 2_000_000, "nodes": 3, "lease_s": 60});
     let (status, held) = running
         .raw(Method::POST, "/v1/reservations", Some(hold.clone()))
         .await;
@@ -119,8 +120,7 @@ async fn holds_commits_and_capacity_steps() {
     assert_eq!(status, StatusCode::CREATED);
     assert_eq!(again, held, "a retried hold returns the same reservation");
 
-    let other =
-        json!({"key": "k2", "cluster_id": "c2", "start": 1_500_000, "end": 2_500_000, "nodes": 2});
+    let other = json!({"key": "k2", "cluster_id": "c2", "start": t + 1_500_000, "end": t + 2_500_000, "nodes": 2});
     let (status, body) = running
         .raw(Method::POST, "/v1/reservations", Some(other))
         .await;
@@ -128,8 +128,7 @@ async fn holds_commits_and_capacity_steps() {
     assert_eq!(code(&body), "insufficient_capacity");
     assert_eq!(body["error"]["available"], 1);
 
-    let conflicting =
-        json!({"key": "k1", "cluster_id": "c1", "start": 1_000_000, "end": 2_000_000, "nodes": 1});
+    let conflicting = json!({"key": "k1", "cluster_id": "c1", "start": t + 1_000_000, "end": t + 2_000_000, "nodes": 1});
     let (status, body) = running
         .raw(Method::POST, "/v1/reservations", Some(conflicting))
         .await;
@@ -150,7 +149,11 @@ async fn holds_commits_and_capacity_steps() {
     assert_eq!(committed["state"], "committed");
 
     let (status, report) = running
-        .raw(Method::GET, "/v1/capacity?from=0&to=3000000", None)
+        .raw(
+            Method::GET,
+            &format!("/v1/capacity?from={t}&to={}", t + 3_000_000),
+            None,
+        )
         .await;
     assert_eq!(status, StatusCode::OK);
     let steps: Vec<(i64, u64)> = report["steps"]
@@ -159,7 +162,7 @@ async fn holds_commits_and_capacity_steps() {
         .iter()
         .map(|s| (s["at_ms"].as_i64().unwrap(), s["free"].as_u64().unwrap()))
         .collect();
-    assert_eq!(steps, [(0, 4), (1_000_000, 1), (2_000_000, 4)]);
+    assert_eq!(steps, [(t, 4), (t + 1_000_000, 1), (t + 2_000_000, 4)]);
 
     let (status, list) = running
         .raw(Method::GET, "/v1/reservations?state=all", None)
@@ -192,8 +195,77 @@ async fn holds_commits_and_capacity_steps() {
 }
 
 #[tokio::test]
+async fn a_hold_in_the_past_is_refused_with_a_minute_of_slack() {
+    let running = Running::start(4).await;
+    let now = vcfed::time::now_ms();
+    let hour = 3_600_000;
+    let hold = |key: &str, start: i64, end: i64| json!({"key": key, "cluster_id": "c", "start": start, "end": end, "nodes": 1});
+    for (key, start, end) in [
+        // `--start 2026` read as unix ms: January 1970.
+        ("ms", 2026, 2026 + 2 * hour),
+        ("started", now - 10 * 60_000, now + hour),
+        ("ended", now - 2 * hour, now - hour),
+    ] {
+        let (status, body) = running
+            .raw(
+                Method::POST,
+                "/v1/reservations",
+                Some(hold(key, start, end)),
+            )
+            .await;
+        assert_eq!(
+            (status, code(&body)),
+            (StatusCode::BAD_REQUEST, "bad_request"),
+            "{key}"
+        );
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("the window starts in the past"),
+            "{key}: {message}"
+        );
+    }
+    let (status, body) = running
+        .raw(
+            Method::POST,
+            "/v1/reservations",
+            Some(json!({"key": "text", "cluster_id": "c", "start": "2026", "end": "+1h", "nodes": 1})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("looks like a year"),
+        "{body}"
+    );
+    // A "now" computed by a client a few seconds ago is still fine.
+    let (status, body) = running
+        .raw(
+            Method::POST,
+            "/v1/reservations",
+            Some(hold("recent", now - 30_000, now + hour)),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (_, list) = running
+        .raw(Method::GET, "/v1/reservations?state=all", None)
+        .await;
+    let keys: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys, ["recent"]);
+    running.stop().await;
+}
+
+#[tokio::test]
 async fn bad_requests_get_json_errors() {
     let running = Running::start(2).await;
+    // A window that is fine, so that each case fails for its own reason.
+    let (start, end) = ("+1h", "+2h");
     let cases: Vec<(Method, &str, Option<Value>, StatusCode, &str)> = vec![
         (
             Method::GET,
@@ -218,7 +290,7 @@ async fn bad_requests_get_json_errors() {
         ),
         (
             Method::GET,
-            "/v1/capacity?from=2000&to=1000",
+            "/v1/capacity?from=20000&to=10000",
             None,
             StatusCode::BAD_REQUEST,
             "bad_request",
@@ -261,7 +333,7 @@ async fn bad_requests_get_json_errors() {
         (
             Method::POST,
             "/v1/reservations",
-            Some(json!({"key": "k", "cluster_id": "c", "start": 0, "end": 10, "nodes": 0})),
+            Some(json!({"key": "k", "cluster_id": "c", "start": start, "end": end, "nodes": 0})),
             StatusCode::BAD_REQUEST,
             "bad_request",
         ),
@@ -269,7 +341,7 @@ async fn bad_requests_get_json_errors() {
             Method::POST,
             "/v1/reservations",
             Some(
-                json!({"key": "k", "cluster_id": "c", "start": 0, "end": 10, "nodes": 1, "lease_s": 0}),
+                json!({"key": "k", "cluster_id": "c", "start": start, "end": end, "nodes": 1, "lease_s": 0}),
             ),
             StatusCode::BAD_REQUEST,
             "bad_request",
@@ -278,7 +350,7 @@ async fn bad_requests_get_json_errors() {
             Method::POST,
             "/v1/reservations",
             Some(
-                json!({"key": "k", "cluster_id": "c", "start": 0, "end": 10, "nodes": 1,
+                json!({"key": "k", "cluster_id": "c", "start": start, "end": end, "nodes": 1,
                         "shape": {"cores": 64, "memory_mib": 1, "disk_gib": 1}}),
             ),
             StatusCode::BAD_REQUEST,

@@ -339,6 +339,181 @@ fn usage_errors_exit_2() {
     );
 }
 
+/// Runs `vcfed args...` with its stdout on a pipe whose reader is gone, as
+/// after `vcfed ... | head -1`: every write to stdout fails with EPIPE.
+fn vcfed_into_closed_pipe(args: &[&str]) -> std::process::Output {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    std::process::Command::new(common::vcfed_bin())
+        .args(args)
+        .env_remove("VCFED_CONFIG")
+        .env_remove("RUST_LOG")
+        .stdout(writer)
+        .output()
+        .expect("the vcfed binary runs")
+}
+
+#[test]
+fn a_closed_stdout_ends_the_command_quietly() {
+    let site = Site::init("site-a", 4);
+    let _agent = site.spawn();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(common::wait_ready(&site.client()));
+    let out = vcfed(&[
+        "cluster",
+        "create",
+        "--config",
+        site.config_arg(),
+        "--name",
+        "c1",
+        "--nodes",
+        "1",
+        "--duration",
+        "1h",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let config = site.config_arg();
+    let commands: [&[&str]; 7] = [
+        &["sites", "--config", config],
+        &["sites", "--json", "--config", config],
+        &["status", "--config", config],
+        &["cluster", "list", "--config", config],
+        &["cluster", "list", "--json", "--config", config],
+        &["reservation", "list", "--all", "--config", config],
+        &["simnet", "--sites", "3", "--seed", "1", "--duration", "1m"],
+    ];
+    for args in commands {
+        let out = vcfed_into_closed_pipe(args);
+        let err = stderr(&out);
+        // Exit 0: the reader had what it wanted (see `cli::main`).
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert!(!err.contains("Broken pipe"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn keys_and_names_with_a_slash_reach_the_agent_and_empty_ones_are_refused() {
+    let site = Site::init("site-a", 4);
+    let _agent = site.spawn();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(common::wait_ready(&site.client()));
+    // The shape of a worker-side key, and one that needs more escaping.
+    for key in ["c-00ff/1", "a b%2F?#"] {
+        let out = vcfed(&[
+            "reservation",
+            "hold",
+            "--config",
+            site.config_arg(),
+            "--nodes",
+            "1",
+            "--start",
+            "+1h",
+            "--duration",
+            "1h",
+            "--key",
+            key,
+            "--commit",
+            "--json",
+        ]);
+        assert!(out.status.success(), "{key}: {}", stderr(&out));
+        let held: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            (held[0]["key"].as_str(), held[0]["state"].as_str()),
+            (Some(key), Some("committed"))
+        );
+        let out = vcfed(&[
+            "reservation",
+            "release",
+            key,
+            "--json",
+            "--config",
+            site.config_arg(),
+        ]);
+        assert!(out.status.success(), "{key}: {}", stderr(&out));
+        let released: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(released[0]["state"], "released", "{key}");
+    }
+    // A name with a slash reaches the agent's cluster lookup.
+    let out = vcfed(&["cluster", "show", "a/b", "--config", site.config_arg()]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(r#"no cluster with id or name "a/b""#),
+        "{}",
+        stderr(&out)
+    );
+
+    for args in [
+        &["cluster", "show", ""][..],
+        &["cluster", "delete", ""],
+        &["reservation", "release", ""],
+        &["reservation", "commit", ""],
+    ] {
+        let mut args = args.to_vec();
+        args.extend(["--config", site.config_arg()]);
+        let out = vcfed(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("must not be empty"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+}
+
+#[test]
+fn a_hold_in_the_past_is_refused() {
+    let site = Site::init("site-a", 4);
+    let _agent = site.spawn();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(common::wait_ready(&site.client()));
+    let hold = |start: &str| {
+        vcfed(&[
+            "reservation",
+            "hold",
+            "--config",
+            site.config_arg(),
+            "--nodes",
+            "1",
+            "--start",
+            start,
+            "--duration",
+            "2h",
+        ])
+    };
+    // A year alone is a usage error, with the hint.
+    let out = hold("2026");
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(
+            r#""2026" looks like a year; write a date like 2026-11-24T10:00:00Z, or +2h"#
+        ),
+        "{}",
+        stderr(&out)
+    );
+    // Unix ms of 1970 reach the agent, which refuses a window in the past.
+    for start in ["100000", "2020-01-01T00:00:00Z"] {
+        let out = hold(start);
+        assert_eq!(out.status.code(), Some(1), "{start}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("the window starts in the past"),
+            "{start}: {}",
+            stderr(&out)
+        );
+    }
+    let out = vcfed(&[
+        "reservation",
+        "list",
+        "--all",
+        "--json",
+        "--config",
+        site.config_arg(),
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[]");
+    assert!(hold("now").status.success());
+}
+
 #[test]
 fn the_single_site_demo_runs_and_cleans_up() {
     // The federated demo (root) is tests/demo.rs.

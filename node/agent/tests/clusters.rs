@@ -311,3 +311,61 @@ async fn competing_masters_never_overbook_a_worker() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_is_taken_while_its_cluster_is_live() {
+    let members = start_federation(&[("site-a", 4)]).await;
+    let config = members[0].site.config_arg();
+    let create_dup = || {
+        vcfed(&[
+            "cluster",
+            "create",
+            "--config",
+            config,
+            "--name",
+            "dup",
+            "--nodes",
+            "1",
+            "--duration",
+            "1h",
+            "--json",
+        ])
+    };
+    let out = create_dup();
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let first: ClusterRecord = serde_json::from_slice(&out.stdout).unwrap();
+
+    let out = create_dup();
+    assert_eq!(out.status.code(), Some(1), "{}", common::stderr(&out));
+    let expected = format!(r#"a live cluster named "dup" exists: {}"#, first.id);
+    assert!(
+        common::stderr(&out).contains(&expected),
+        "{}",
+        common::stderr(&out)
+    );
+    let (status, body) = create(
+        &members[0],
+        json!({"name": "dup", "nodes": 1, "duration": "1h"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["error"]["code"], "name_taken");
+    // The name still names one cluster.
+    let out = vcfed(&["cluster", "show", "dup", "--json", "--config", config]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+
+    let out = vcfed(&["cluster", "delete", "dup", "--wait", "--config", config]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    assert_eq!(
+        cluster(&members[0], &first.id).await.state,
+        ClusterState::Finished
+    );
+    let out = create_dup();
+    assert!(
+        out.status.success(),
+        "a finished cluster frees its name: {}",
+        common::stderr(&out)
+    );
+    let second: ClusterRecord = serde_json::from_slice(&out.stdout).unwrap();
+    assert_ne!(second.id, first.id);
+}

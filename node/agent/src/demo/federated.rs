@@ -78,7 +78,7 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(&dir);
     }
     result?;
-    println!("\ndemo finished in {:.1}s", started.elapsed().as_secs_f64());
+    outln!("\ndemo finished in {:.1}s", started.elapsed().as_secs_f64());
     Ok(())
 }
 
@@ -126,7 +126,7 @@ async fn tour(
             .with_context(|| format!("see {}", federation.sites[index].log_path.display()))?;
         clients.push(client);
     }
-    println!("{} 3 agents up", at(started));
+    outln!("{} 3 agents up", at(started));
 
     step("gossip: every site learns every site's free capacity");
     let count = federation.sites.len();
@@ -156,7 +156,7 @@ async fn tour(
         .iter()
         .map(|s| format!("{} ({} free)", s.name, s.free_now))
         .collect();
-    println!(
+    outln!(
         "{} gossip view complete at every site: {}",
         at(started),
         seen.join(", ")
@@ -180,7 +180,7 @@ async fn tour(
         .await?;
     let id = created.record.id.clone();
     report.cluster = id.clone();
-    println!(
+    outln!(
         "{} {master} is the master of {id}: it keeps the frontend and what fits, and asks the others",
         at(started)
     );
@@ -206,22 +206,22 @@ async fn tour(
     if args.keep {
         step("the federation keeps running; try (as root):");
         for site in &federation.sites {
-            println!(
+            outln!(
                 "  vcfed cluster show demo --config {}",
                 site.config_path.display()
             );
         }
-        println!(
+        outln!(
             "  vcfed sites --config {}",
             federation.sites[0].config_path.display()
         );
-        println!("  ip netns list        # the sites, the WAN and every node");
+        outln!("  ip netns list        # the sites, the WAN and every node");
         let down = match args.instance {
             0 => "vcfed demo --down".to_owned(),
             n => format!("vcfed demo --down --instance {n}"),
         };
-        println!("press Ctrl-C here, or run `{down}` elsewhere, to remove everything");
-        println!("(site files stay in {})", dir.display());
+        outln!("press Ctrl-C here, or run `{down}` elsewhere, to remove everything");
+        outln!("(site files stay in {})", dir.display());
         crate::agent::termination_signal().await;
     } else {
         step("delete the cluster: every site stops its nodes and frees its VLAN id");
@@ -229,14 +229,16 @@ async fn tour(
         let _: serde_json::Value = clients[0]
             .call(
                 hyper::Method::DELETE,
-                &format!("/v1/clusters/{id}"),
+                &format!("/v1/clusters/{}", crate::client::segment(&id)),
                 None::<&()>,
             )
             .await?;
         let deadline = Instant::now() + STEP_TIMEOUT;
         'wait: loop {
             for client in &clients {
-                let detail: ClusterDetail = client.get(&format!("/v1/clusters/{id}")).await?;
+                let detail: ClusterDetail = client
+                    .get(&format!("/v1/clusters/{}", crate::client::segment(&id)))
+                    .await?;
                 if !detail.record.state.is_terminal() || detail.network.is_some() {
                     if Instant::now() > deadline {
                         bail!("the cluster is not torn down everywhere within {STEP_TIMEOUT:?}");
@@ -247,7 +249,7 @@ async fn tour(
             }
             break;
         }
-        println!(
+        outln!(
             "{} finished at every site in {:.1}s",
             at(started),
             deleted_at.elapsed().as_secs_f64()
@@ -266,7 +268,7 @@ async fn tour(
             }
             tokio::time::sleep(POLL).await;
         }
-        println!(
+        outln!(
             "{} no node, segment bridge or TAP left at any site; VLAN ids back in the pools",
             at(started)
         );
@@ -278,7 +280,7 @@ async fn tour(
     if !left.is_empty() {
         bail!("left behind: {}", left.join(", "));
     }
-    println!("{} nothing left behind", at(started));
+    outln!("{} nothing left behind", at(started));
     Ok(())
 }
 
@@ -299,7 +301,9 @@ async fn follow(
     let mut nodes: BTreeMap<u32, ReportNode> = BTreeMap::new();
     loop {
         // The master shows every node: the workers report theirs to it.
-        let at_master: ClusterDetail = clients[0].get(&format!("/v1/clusters/{id}")).await?;
+        let at_master: ClusterDetail = clients[0]
+            .get(&format!("/v1/clusters/{}", crate::client::segment(id)))
+            .await?;
         let record = &at_master.record;
         if record.state == ClusterState::Failed {
             bail!(
@@ -309,7 +313,7 @@ async fn follow(
         }
         let parts = crate::cluster_cli::progress_line(record);
         if parts != last_parts {
-            println!("{} {parts}", at(started));
+            outln!("{} {parts}", at(started));
             last_parts = parts;
         }
         let committed = !record.parts.is_empty()
@@ -325,7 +329,7 @@ async fn follow(
                 .filter(|p| p.state == PartState::Committed)
                 .map(|p| format!("{} {}", p.site, p.nodes))
                 .collect();
-            println!(
+            outln!(
                 "{} committed everywhere: {} (+ the frontend at the master)",
                 at(started),
                 holders.join(", ")
@@ -339,7 +343,7 @@ async fn follow(
         {
             tunnels_up = true;
             let peers: Vec<&str> = network.tunnels.iter().map(|t| t.site.as_str()).collect();
-            println!(
+            outln!(
                 "{} tunnels up: {} ⇄ {} (WireGuard, segment {:#010x}, VLAN {} at {})",
                 at(started),
                 federation.sites[0].name,
@@ -429,7 +433,7 @@ fn announce(node: &ReportNode, started: Instant) {
         (_, other) => other.to_owned(),
     };
     let role = if node.frontend { "frontend" } else { "node" };
-    println!(
+    outln!(
         "{} {role} {} at {}: {what}",
         at(started),
         node.index,
@@ -455,7 +459,7 @@ fn print_summary(report: &DemoReport, total: f64) {
         ]);
     }
     print_table(&rows);
-    println!();
+    outln!();
     let mut previous = 0.0;
     let mut rows = vec![["PHASE", "TOOK", "AT"].map(str::to_owned).to_vec()];
     for (name, at) in &report.phases {
@@ -467,5 +471,5 @@ fn print_summary(report: &DemoReport, total: f64) {
         previous = *at;
     }
     print_table(&rows);
-    println!("from the command to every node installed: {total:.1}s");
+    outln!("from the command to every node installed: {total:.1}s");
 }

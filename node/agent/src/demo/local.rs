@@ -35,7 +35,7 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(&dir);
     }
     result?;
-    println!("\ndemo finished in {:.1}s", started.elapsed().as_secs_f64());
+    outln!("\ndemo finished in {:.1}s", started.elapsed().as_secs_f64());
     Ok(())
 }
 
@@ -71,7 +71,7 @@ async fn tour(args: &DemoArgs, dir: &std::path::Path) -> anyhow::Result<()> {
     let client = client_from_config(&config)?;
     wait_ready(&client).await?;
     let site: SiteInfo = client.get("/v1/site").await?;
-    println!(
+    outln!(
         "agent of {} up at http://{} with {} free nodes",
         site.name,
         client.addr(),
@@ -92,7 +92,7 @@ async fn tour(args: &DemoArgs, dir: &std::path::Path) -> anyhow::Result<()> {
     match hold(&client, "demo-2", "other", start, end, 2, 30).await {
         Err(e) => match e.downcast_ref::<ClientError>() {
             Some(ClientError::Api { code, message, .. }) if code == "insufficient_capacity" => {
-                println!("refused: {message}");
+                outln!("refused: {message}");
             }
             _ => return Err(e),
         },
@@ -153,10 +153,10 @@ async fn tour(args: &DemoArgs, dir: &std::path::Path) -> anyhow::Result<()> {
     if args.keep {
         step("the site keeps running; try:");
         let config_arg = config.path.display();
-        println!("  vcfed status --config {config_arg}");
-        println!("  vcfed capacity --config {config_arg}");
-        println!("  vcfed reservation list --all --config {config_arg}");
-        println!("press Ctrl-C to stop it (files stay in {})", dir.display());
+        outln!("  vcfed status --config {config_arg}");
+        outln!("  vcfed capacity --config {config_arg}");
+        outln!("  vcfed reservation list --all --config {config_arg}");
+        outln!("press Ctrl-C to stop it (files stay in {})", dir.display());
         crate::agent::termination_signal().await;
     }
     let _ = stop.send(());

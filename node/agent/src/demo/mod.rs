@@ -10,8 +10,8 @@
 //! Without root (or without iproute2, dnsmasq or busybox), it says so,
 //! points to `vcfed simnet`, and tours one site instead ([`local`]).
 
-// The demo's job is to print for the user.
-#![allow(clippy::print_stdout)]
+// Output goes through `outln!`, which survives a closed stdout; the lint
+// `print_stdout` stays on to catch a stray `println!`.
 
 use std::path::PathBuf;
 
@@ -57,9 +57,9 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
         let spec = federation::DemoSpec::instance(args.instance);
         let removed = federation::down(&spec);
         if removed.is_empty() {
-            println!("no demo federation was running");
+            outln!("no demo federation was running");
         } else {
-            println!("removed: {}", removed.join(", "));
+            outln!("removed: {}", removed.join(", "));
         }
         let left = federation::leftovers(&spec);
         if !left.is_empty() {
@@ -71,14 +71,14 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
         match federation::check_environment() {
             Ok(()) => return federated::run(args).await,
             Err(why) => {
-                println!(
+                outln!(
                     "The federated demo (3 sites in network namespaces) cannot run here: {why}."
                 );
-                println!(
+                outln!(
                     "Run it as root with iproute2, dnsmasq and busybox installed, or try \
                      `vcfed simnet`, which simulates a whole federation without root."
                 );
-                println!("Touring a single site instead.");
+                outln!("Touring a single site instead.");
             }
         }
     }
@@ -98,5 +98,5 @@ fn demo_dir(args: &DemoArgs) -> (PathBuf, bool) {
 }
 
 fn step(title: &str) {
-    println!("\n==> {title}");
+    outln!("\n==> {title}");
 }

@@ -157,6 +157,12 @@ impl ClusterCore {
         if ledger.cluster(&id)?.is_some() {
             return Err(CreateError::Exists(id));
         }
+        if let Some(live) = ledger.live_cluster_named(&self.local_name, &request.name)? {
+            return Err(CreateError::NameTaken {
+                name: request.name,
+                id: live.id,
+            });
+        }
         let window = request.window;
         let local_slot = ledger.inventory()?.map(|inventory| inventory.node);
         let fits_here = local_slot.is_some_and(|slot| request.shape.fits_in(&slot));

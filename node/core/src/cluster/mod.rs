@@ -154,6 +154,16 @@ pub enum CreateError {
     /// A cluster with this id exists already.
     #[error("cluster {0} exists already")]
     Exists(String),
+    /// A live cluster of this master has the name already: names are
+    /// unique among the clusters a site masters that are not `finished` or
+    /// `failed`, so that a name always names one cluster.
+    #[error("a live cluster named {name:?} exists: {id}")]
+    NameTaken {
+        /// The name asked for.
+        name: String,
+        /// The live cluster that has it.
+        id: String,
+    },
     /// The ledger failed.
     #[error(transparent)]
     Ledger(#[from] LedgerError),

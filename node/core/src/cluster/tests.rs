@@ -259,7 +259,12 @@ impl Fed {
 
     fn create(&mut self, site: usize, id: &str, nodes: u32) -> Result<ClusterRecord, CreateError> {
         let window = window_after(self.now_ms);
-        self.create_request(site, id, request(nodes, window))
+        // Named after its id: a master refuses a second live cluster of a name.
+        let request = ClusterRequest {
+            name: id.to_owned(),
+            ..request(nodes, window)
+        };
+        self.create_request(site, id, request)
     }
 
     fn create_request(
@@ -1185,6 +1190,45 @@ fn delete_releases_at_every_site() {
         .expect("the nodes are free again");
     fed.run_quiet(fed.now_ms + 60 * SECOND_MS);
     assert_eq!(fed.check_settled(0, "again", 10), ClusterState::Reserved);
+}
+
+#[test]
+fn a_name_is_unique_among_the_live_clusters_of_a_master() {
+    let mut fed = Fed::new(&[4, 4, 4]);
+    let named = |fed: &Fed, name: &str, nodes: u32| ClusterRequest {
+        name: name.to_owned(),
+        ..request(nodes, window_after(fed.now_ms))
+    };
+    fed.create_request(0, "c1", named(&fed, "dup", 5))
+        .expect("the federation has room");
+    fed.run_quiet(fed.now_ms + 60 * SECOND_MS);
+    let assert_taken = |refused: Result<ClusterRecord, CreateError>| match refused {
+        Err(CreateError::NameTaken { name, id }) => {
+            assert_eq!((name.as_str(), id.as_str()), ("dup", "c1"));
+        }
+        other => panic!("expected the name to be taken, got {other:?}"),
+    };
+    assert_taken(fed.create_request(0, "c2", named(&fed, "dup", 2)));
+    assert!(fed.sites[0].ledger.cluster("c2").unwrap().is_none());
+    // Names are per master: B may have its own "dup".
+    fed.create_request(1, "c3", named(&fed, "dup", 2))
+        .expect("another master's name does not count");
+    fed.run_quiet(fed.now_ms + 60 * SECOND_MS);
+
+    // A stopping cluster still has its name: its nodes are not all back.
+    let deleted = fed.delete(0, "c1").expect("A masters c1");
+    assert_eq!(
+        deleted.state,
+        ClusterState::Stopping,
+        "c1 has nodes at B or C"
+    );
+    assert_taken(fed.create_request(0, "c4", named(&fed, "dup", 2)));
+    fed.run_quiet(fed.now_ms + 60 * SECOND_MS);
+    assert_eq!(fed.record(0, "c1").state, ClusterState::Finished);
+    fed.create_request(0, "c4", named(&fed, "dup", 2))
+        .expect("a finished cluster frees its name");
+    fed.run_quiet(fed.now_ms + 60 * SECOND_MS);
+    assert_eq!(fed.check_settled(0, "c4", 2), ClusterState::Reserved);
 }
 
 #[test]
