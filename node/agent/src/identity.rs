@@ -30,12 +30,19 @@ pub const TUNNEL_PUB_FILE: &str = "tunnel.pub";
 pub const API_TOKEN_FILE: &str = "api.token";
 /// Random bytes in an API token.
 const TOKEN_BYTES: usize = 32;
+/// Permission bits refused on a private key: any for the group or others.
+const KEY_MODE_REFUSED: u32 = 0o077;
+/// Permission bits refused on the API token: it may be shared read-only
+/// with an operators' group (0640, 0440), never written or run by the group
+/// and never reached by other users.
+const TOKEN_MODE_REFUSED: u32 = 0o037;
 
 /// Errors reading or writing the site's secrets.
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
-    /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    /// A file could not be read or written. The OS error is the source, not
+    /// part of the message: `{e:#}` prints the chain, and would print it twice.
+    #[error("{}", path.display())]
     Io {
         /// The file.
         path: PathBuf,
@@ -48,13 +55,17 @@ pub enum IdentityError {
         /// The file.
         path: PathBuf,
     },
-    /// A secret is readable by other users.
-    #[error("{path} is readable by other users (mode {mode:o}); run `chmod 600 {path}`")]
+    /// A secret is open to more users than its kind allows.
+    #[error("{path} has mode {mode:03o}, which opens it to {who}; {fix}")]
     TooOpen {
         /// The file.
         path: PathBuf,
         /// Its permission bits.
         mode: u32,
+        /// Who may reach it that should not: "other users" or "its group".
+        who: &'static str,
+        /// The chmod that makes it acceptable.
+        fix: String,
     },
     /// A secret does not decode.
     #[error("{path} is not a valid {what}: {detail}")]
@@ -225,7 +236,7 @@ pub fn load(paths: &KeyPaths) -> Result<SiteKeys, IdentityError> {
 
 /// Loads the API token alone (what the CLI needs to talk to the agent).
 pub fn load_token(path: &Path) -> Result<String, IdentityError> {
-    let token = String::from_utf8(read_secret(path)?).unwrap_or_default();
+    let token = String::from_utf8(read_checked(path, TOKEN_MODE_REFUSED)?).unwrap_or_default();
     let token = token.trim();
     if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(IdentityError::Malformed {
@@ -239,15 +250,34 @@ pub fn load_token(path: &Path) -> Result<String, IdentityError> {
 
 /// Reads a secret file after checking that no other user can read it.
 pub fn read_secret(path: &Path) -> Result<Vec<u8>, IdentityError> {
+    read_checked(path, KEY_MODE_REFUSED)
+}
+
+/// Reads `path` after checking that none of the permission bits `refused`
+/// is set.
+fn read_checked(path: &Path, refused: u32) -> Result<Vec<u8>, IdentityError> {
     let io = |source| IdentityError::Io {
         path: path.to_owned(),
         source,
     };
     let mode = fs::metadata(path).map_err(io)?.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
+    if mode & refused != 0 {
+        let who = if mode & refused & 0o007 != 0 {
+            "other users"
+        } else {
+            "its group"
+        };
+        let shown = path.display();
+        let fix = if refused == TOKEN_MODE_REFUSED {
+            format!("run `chmod 640 {shown}` to share it with its group, or `chmod 600 {shown}`")
+        } else {
+            format!("run `chmod 600 {shown}`")
+        };
         return Err(IdentityError::TooOpen {
             path: path.to_owned(),
             mode,
+            who,
+            fix,
         });
     }
     fs::read(path).map_err(io)
@@ -336,6 +366,50 @@ mod tests {
         fs::set_permissions(&paths.tunnel, fs::Permissions::from_mode(0o644)).unwrap();
         let err = load(&paths).unwrap_err();
         assert!(err.to_string().contains("chmod 600"), "{err}");
+    }
+
+    #[test]
+    fn the_token_may_be_shared_with_a_group_but_not_with_everyone() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = paths(dir.path());
+        let made = generate(&paths, false).unwrap();
+        for mode in [0o600, 0o400, 0o640, 0o440] {
+            fs::set_permissions(&paths.api_token, fs::Permissions::from_mode(mode)).unwrap();
+            assert_eq!(
+                load_token(&paths.api_token).unwrap(),
+                made.api_token,
+                "{mode:o}"
+            );
+        }
+        for (mode, who) in [
+            (0o644, "other users"),
+            (0o604, "other users"),
+            (0o602, "other users"),
+            (0o660, "its group"),
+            (0o650, "its group"),
+        ] {
+            fs::set_permissions(&paths.api_token, fs::Permissions::from_mode(mode)).unwrap();
+            let err = load_token(&paths.api_token).unwrap_err().to_string();
+            assert!(err.contains(who), "{mode:o}: {err}");
+            assert!(err.contains("chmod 640"), "{mode:o}: {err}");
+        }
+        // The keys stay private to their owner.
+        fs::set_permissions(&paths.federation, fs::Permissions::from_mode(0o640)).unwrap();
+        let err = read_secret(&paths.federation).unwrap_err().to_string();
+        assert!(err.contains("chmod 600"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_file_names_the_os_error_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = anyhow::Error::from(load_token(&dir.path().join("api.token")).unwrap_err());
+        let text = format!("{err:#}");
+        assert_eq!(
+            text.matches("No such file or directory").count(),
+            1,
+            "{text}"
+        );
+        assert!(text.contains("api.token"), "{text}");
     }
 
     #[test]
