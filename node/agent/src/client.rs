@@ -36,11 +36,31 @@ pub fn segment(text: &str) -> String {
     utf8_percent_encode(text, SEGMENT_ESCAPED).to_string()
 }
 
+/// Why a request found no agent, in the OS's words ("connection refused"):
+/// the io::Error deepest in the chain, without the client library's layers
+/// ("client error (Connect)", "tcp connect error") around it.
+fn unreachable_reason(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = Some(error);
+    let mut io = None;
+    while let Some(e) = cause {
+        if let Some(e) = e.downcast_ref::<std::io::Error>() {
+            io = Some(e);
+        }
+        cause = e.source();
+    }
+    match io {
+        Some(io) => io.kind().to_string(),
+        None => error.to_string(),
+    }
+}
+
 /// Errors of API calls.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The agent could not be reached.
-    #[error("cannot reach the vcfed agent at {addr} (is `vcfed run` running?): {detail}")]
+    #[error(
+        "cannot reach the vcfed agent at {addr}: {detail} (is it running? `vcfed run --config FILE` starts it)"
+    )]
     Unreachable {
         /// API address.
         addr: SocketAddr,
@@ -180,7 +200,7 @@ impl ApiClient {
                     .await
                     .map_err(|e| ClientError::Unreachable {
                         addr: self.addr,
-                        detail: format!("{e:#}"),
+                        detail: unreachable_reason(&e),
                     })?;
             let status = response.status();
             let body = http_body_util::Limited::new(response.into_body(), RESPONSE_LEN_MAX)
@@ -196,5 +216,33 @@ impl ApiClient {
         tokio::time::timeout(REQUEST_TIMEOUT, exchange)
             .await
             .map_err(|_| ClientError::Timeout { addr: self.addr })?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_agent_that_is_not_running_is_named_once_in_plain_words() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let client = ApiClient::new(addr, "token".to_owned());
+        let err = runtime
+            .block_on(client.get::<serde_json::Value>("/v1/site"))
+            .unwrap_err();
+        let text = format!("{:#}", anyhow::Error::from(err));
+        assert_eq!(
+            text,
+            format!(
+                "cannot reach the vcfed agent at {addr}: connection refused (is it running? \
+                 `vcfed run --config FILE` starts it)"
+            )
+        );
     }
 }
