@@ -49,6 +49,7 @@ pub async fn start(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<RunningAgent> {
+    check_data_dir(&config.site.data_dir)?;
     let keys = identity::load(&key_paths(&config))
         .context("loading the site's keys (did you run `vcfed init`?)")?;
     let data_dir_lock = lock_data_dir(&config.site.data_dir)?;
@@ -192,6 +193,30 @@ pub async fn start(
         Ok(())
     });
     Ok(RunningAgent { api_addr, task })
+}
+
+/// Fails unless this user can list `data_dir`: every later step (keys,
+/// lock, ledger) would fail on it with a message about one file.
+fn check_data_dir(data_dir: &Path) -> anyhow::Result<()> {
+    match std::fs::read_dir(data_dir) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(anyhow::anyhow!(data_dir_problem(data_dir, &e))),
+    }
+}
+
+/// What an I/O error `error` on the data dir means for the user.
+fn data_dir_problem(data_dir: &Path, error: &std::io::Error) -> String {
+    let dir = data_dir.display();
+    match error.kind() {
+        std::io::ErrorKind::PermissionDenied => format!(
+            "cannot read the data dir {dir}: permission denied; run the agent as the user \
+             that owns it (`vcfed init` made it mode 0700 for its user)"
+        ),
+        std::io::ErrorKind::NotFound => format!(
+            "the data dir {dir} does not exist; `vcfed init --data-dir {dir}` creates a site there"
+        ),
+        _ => format!("cannot read the data dir {dir}: {error}"),
+    }
 }
 
 /// Takes the exclusive lock on `data_dir` and writes our pid into the lock
@@ -370,5 +395,25 @@ pub fn termination_signal() -> impl Future<Output = ()> + Send + 'static {
             _ = term.recv() => tracing::info!(signal = "SIGTERM", "signal received"),
             _ = int.recv() => tracing::info!(signal = "SIGINT", "signal received"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Root reads any directory, so a test run as root cannot make one
+    // unreadable: the message is checked from the error itself.
+    #[test]
+    fn an_unreadable_data_dir_says_permission_denied() {
+        let error = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        let message = data_dir_problem(Path::new("/var/lib/vcfed"), &error);
+        assert!(
+            message.starts_with("cannot read the data dir /var/lib/vcfed: permission denied"),
+            "{message}"
+        );
+        let error = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let message = data_dir_problem(Path::new("/var/lib/vcfed"), &error);
+        assert!(message.contains("does not exist"), "{message}");
     }
 }
