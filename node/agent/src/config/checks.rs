@@ -24,6 +24,9 @@ use super::{
 const SITE_NAME_CHARS_MAX: usize = 63;
 /// Longest DNS name accepted in `gateway.endpoint`, in bytes, without a trailing dot.
 const DNS_NAME_BYTES_MAX: usize = 253;
+/// Largest size (MiB, GiB) the ledger stores: SQLite's integers are signed
+/// 64 bits.
+const STORED_INTEGER_MAX: u64 = i64::MAX.unsigned_abs();
 /// Longest accepted advert TTL.
 const ADVERT_TTL_MAX: Duration = Duration::from_secs(3600);
 /// Shortest accepted gossip interval.
@@ -93,8 +96,8 @@ struct RawNodeShape {
 struct RawHost {
     name: Spanned<String>,
     cores: u32,
-    memory_mib: u64,
-    disk_gib: u64,
+    memory_mib: Spanned<u64>,
+    disk_gib: Spanned<u64>,
 }
 
 #[derive(Deserialize)]
@@ -260,16 +263,33 @@ impl RawFederation {
             )?,
         };
         if gossip.advert_ttl < gossip.advert_refresh * 2 {
-            let at = self.advert_ttl.as_ref().or(self.advert_refresh.as_ref());
+            let shown = |value: Duration, set: bool| {
+                let text = humantime::format_duration(value).to_string();
+                if set {
+                    text
+                } else {
+                    format!("{text}, the default")
+                }
+            };
             let message = format!(
-                "advert_ttl ({:?}) must be at least twice advert_refresh ({:?}), or sites flap to suspect \
-                 whenever one refresh is late",
-                gossip.advert_ttl, gossip.advert_refresh
+                "advert_ttl ({}) must be at least twice advert_refresh ({}), or sites flap to \
+                 suspect whenever one refresh is late",
+                shown(gossip.advert_ttl, self.advert_ttl.is_some()),
+                shown(gossip.advert_refresh, self.advert_refresh.is_some()),
             );
-            let hint = Some("raise advert_ttl or lower advert_refresh".to_owned());
-            return Err(match at {
-                Some(at) => source.invalid(at, "federation.advert_ttl", message, hint),
-                None => source.error(
+            let hint = Some(format!(
+                "lower advert_refresh to at most {}, or raise advert_ttl to at least {}",
+                humantime::format_duration(gossip.advert_ttl / 2),
+                humantime::format_duration(gossip.advert_refresh * 2),
+            ));
+            // Blame the field that was set; when both were, the refresh,
+            // since the message names both and the rule between them.
+            return Err(match (&self.advert_refresh, &self.advert_ttl) {
+                (Some(refresh), _) => {
+                    source.invalid(refresh, "federation.advert_refresh", message, hint)
+                }
+                (None, Some(ttl)) => source.invalid(ttl, "federation.advert_ttl", message, hint),
+                (None, None) => source.error(
                     None,
                     Some("federation.advert_ttl".to_owned()),
                     message,
@@ -307,8 +327,16 @@ fn check_inventory(
     let raw = raw.into_inner();
     let node = NodeShape {
         cores: source.at_least_one(&raw.node.cores, "inventory.node.cores")?,
-        memory_mib: source.at_least_one(&raw.node.memory_mib, "inventory.node.memory_mib")?,
-        disk_gib: source.at_least_one(&raw.node.disk_gib, "inventory.node.disk_gib")?,
+        memory_mib: source.storable(
+            source.at_least_one(&raw.node.memory_mib, "inventory.node.memory_mib")?,
+            &raw.node.memory_mib,
+            "inventory.node.memory_mib",
+        )?,
+        disk_gib: source.storable(
+            source.at_least_one(&raw.node.disk_gib, "inventory.node.disk_gib")?,
+            &raw.node.disk_gib,
+            "inventory.node.disk_gib",
+        )?,
     };
 
     let (source_kind, hosts_span) = match (raw.nodes, raw.hosts) {
@@ -399,11 +427,21 @@ fn check_hosts(raw: Vec<RawHost>, source: &Source<'_>) -> Result<Vec<Host>, Conf
             ));
         }
         seen.insert(name.clone(), i);
+        let memory_mib = source.storable(
+            *host.memory_mib.get_ref(),
+            &host.memory_mib,
+            &format!("inventory.hosts[{i}].memory_mib"),
+        )?;
+        let disk_gib = source.storable(
+            *host.disk_gib.get_ref(),
+            &host.disk_gib,
+            &format!("inventory.hosts[{i}].disk_gib"),
+        )?;
         hosts.push(Host {
             name: host.name.into_inner(),
             cores: host.cores,
-            memory_mib: host.memory_mib,
-            disk_gib: host.disk_gib,
+            memory_mib,
+            disk_gib,
         });
     }
     Ok(hosts)
@@ -549,6 +587,21 @@ impl Source<'_> {
                 )),
             )
         })
+    }
+
+    /// `number`, the value of `value`, if the ledger can store it: SQLite
+    /// integers are signed 64 bits, and a larger size would be refused only
+    /// when the agent starts, without a place in the file.
+    fn storable(&self, number: u64, value: &Spanned<u64>, field: &str) -> Result<u64, ConfigError> {
+        if number > STORED_INTEGER_MAX {
+            return Err(self.invalid(
+                value,
+                field,
+                format!("{number} is too large: at most {STORED_INTEGER_MAX}"),
+                example(field).map(|example| format!("write it like `{example}`")),
+            ));
+        }
+        Ok(number)
     }
 
     fn at_least_one<T>(&self, value: &Spanned<T>, field: &str) -> Result<T, ConfigError>

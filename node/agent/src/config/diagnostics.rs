@@ -298,6 +298,18 @@ fn in_toml_terms(message: &str) -> String {
     let Some((found, expected)) = message.rsplit_once(", expected ") else {
         return message.to_owned();
     };
+    // A number past the type's range: "integer `99999999999`, expected u32".
+    let max = match expected {
+        "u32" => Some(u64::from(u32::MAX)),
+        "u64" => Some(u64::MAX),
+        _ => None,
+    };
+    if let Some(max) = max
+        && let Some(number) = quoted_after(found, "invalid value: integer `")
+        && !number.starts_with('-')
+    {
+        return format!("{number} is too large: at most {max}");
+    }
     let expected = match expected {
         "u32" | "u64" => "a non-negative integer",
         "a sequence" => "an array",

@@ -886,3 +886,65 @@ fn changed_fields_names_what_differs_in_file_order() {
     let edited = parse(&minimal("").replace("nodes = 4", "nodes = 5")).unwrap();
     assert_eq!(running.changed_fields(&edited), ["inventory"]);
 }
+
+#[test]
+fn a_refresh_too_slow_for_the_ttl_is_blamed_on_the_refresh() {
+    let e = parse_err(&minimal("[federation]\nadvert_refresh = \"1h\"\n"));
+    assert_error(
+        &e,
+        12,
+        "federation.advert_refresh",
+        "advert_ttl (30s, the default) must be at least twice advert_refresh (1h)",
+    );
+    let hint = e.hint.unwrap_or_default();
+    assert!(
+        hint.contains("lower advert_refresh to at most 15s"),
+        "{hint}"
+    );
+    assert!(hint.contains("raise advert_ttl to at least 2h"), "{hint}");
+
+    // Both set: the refresh line, and a message naming both values.
+    let e = parse_err(&minimal(
+        "[federation]\nadvert_ttl = \"10s\"\nadvert_refresh = \"6s\"\n",
+    ));
+    assert_error(
+        &e,
+        13,
+        "federation.advert_refresh",
+        "advert_ttl (10s) must be at least twice advert_refresh (6s)",
+    );
+}
+
+#[test]
+fn numbers_past_their_range_say_too_large_with_the_maximum() {
+    let e = parse_err(&minimal("").replace("nodes = 4", "nodes = 99999999999"));
+    assert_error(
+        &e,
+        7,
+        "inventory.nodes",
+        "99999999999 is too large: at most 4294967295",
+    );
+}
+
+#[test]
+fn sizes_the_ledger_cannot_store_are_config_errors() {
+    let e =
+        parse_err(&minimal("").replace("memory_mib = 4096", "memory_mib = 18446744073709551615"));
+    assert_error(
+        &e,
+        6,
+        "inventory.node.memory_mib",
+        "18446744073709551615 is too large: at most 9223372036854775807",
+    );
+    let text = minimal("").replace(
+        "nodes = 4",
+        "hosts = [{ name = \"h1\", cores = 4, memory_mib = 8192, disk_gib = 9223372036854775808 }]",
+    );
+    let e = parse_err(&text);
+    assert_error(
+        &e,
+        7,
+        "inventory.hosts[0].disk_gib",
+        "is too large: at most 9223372036854775807",
+    );
+}
