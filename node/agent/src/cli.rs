@@ -14,6 +14,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use multiaddr::Multiaddr;
+use vcfed_node_core::words::count;
 use vcfed_storage::{NodeShape, Reservation};
 
 use crate::api_types::{CapacityReport, HoldBody, InstantArg, JoinBody, OwnerBody, SiteInfo};
@@ -74,7 +75,9 @@ pub enum Command {
     /// Federation pre-shared keys (private federations).
     #[command(subcommand)]
     Psk(PskCommand),
-    /// Run a self-contained demo of one site on this machine.
+    /// Run a demo on this machine: as root, a federation of three sites in
+    /// network namespaces builds one cluster from all their nodes; without
+    /// root (or with --local), a tour of one site.
     Demo(crate::demo::DemoArgs),
     /// Run the overlay data plane alone (`--config FILE`), for debugging and
     /// benchmarks; `genkey` and `pubkey` make its WireGuard keys.
@@ -477,7 +480,7 @@ pub fn write_site(args: &InitArgs) -> anyhow::Result<InitOutcome> {
     let text = config::render_template(&params);
     // The template goes through the same checks as any config, so a bad
     // flag is reported exactly as a bad config line would be.
-    let config = Config::parse(&text, &config_path)?;
+    let config = Config::parse(&text, &config_path).map_err(|e| flag_error(&e))?;
     if config_path.exists() && !args.force {
         return Err(UsageError(format!(
             "{} already exists; pass --force to replace it (the site gets a new identity)",
@@ -505,6 +508,33 @@ pub fn write_site(args: &InitArgs) -> anyhow::Result<InitOutcome> {
     })
 }
 
+/// A refusal of the config that `vcfed init` would write, told in terms of
+/// the flag that set the field: the file it names is not written yet.
+fn flag_error(e: &ConfigError) -> UsageError {
+    let flag = match e.field.as_deref() {
+        Some("site.name") => "--site",
+        Some("site.data_dir") => "--data-dir",
+        Some("api.listen") => "--api-listen",
+        Some("gateway.listen") => "--gateway-listen",
+        Some("inventory.nodes") => "--nodes",
+        Some("inventory.node.cores") => "--node-cores",
+        Some("inventory.node.memory_mib") => "--node-memory-mib",
+        Some("inventory.node.disk_gib") => "--node-disk-gib",
+        Some("clusters.vlans") => "--vlans",
+        Some(field) if field.starts_with("federation.listen") => "--listen",
+        Some(field) if field.starts_with("federation.bootstrap") => "--bootstrap",
+        _ => "the flags",
+    };
+    // A hint that shows a config line would not help someone writing flags.
+    let hint = e
+        .hint
+        .as_deref()
+        .filter(|hint| !hint.starts_with("write it like `"))
+        .map(|hint| format!("\n  hint: {hint}"))
+        .unwrap_or_default();
+    UsageError(format!("{flag}: {}{hint}", e.message))
+}
+
 fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
     std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))
 }
@@ -529,20 +559,20 @@ async fn status(args: &StatusArgs) -> anyhow::Result<()> {
     outln!("version     {}", site.version);
     outln!("tunnel key  {}", site.tunnel_public_key);
     outln!(
-        "node slot   {} cores, {} MiB memory, {} GiB disk",
-        site.node.cores,
+        "node slot   {}, {} MiB memory, {} GiB disk",
+        count(site.node.cores, "core"),
         site.node.memory_mib,
         site.node.disk_gib
     );
     outln!(
-        "capacity    {} nodes on {} hosts ({} cores, {} MiB, {} GiB)",
-        site.capacity.nodes,
-        site.capacity.hosts,
-        site.capacity.cores,
+        "capacity    {} on {} ({}, {} MiB, {} GiB)",
+        count(site.capacity.nodes, "node"),
+        count(site.capacity.hosts, "host"),
+        count(site.capacity.cores, "core"),
         site.capacity.memory_mib,
         site.capacity.disk_gib
     );
-    outln!("free now    {} nodes", site.free_now);
+    outln!("free now    {}", count(site.free_now, "node"));
     outln!("vlans       {}", site.vlans);
     let report: SitesReport = client.get("/v1/sites").await?;
     if let Some(local) = report.sites.iter().find(|s| s.local) {
@@ -556,8 +586,12 @@ async fn status(args: &StatusArgs) -> anyhow::Result<()> {
         .filter(|s| !s.local && s.state == vcfed_registry::SiteState::Alive)
         .count();
     outln!(
-        "federation  {alive} other sites alive, {} peers connected",
-        report.connected_peers
+        "federation  {} alive, {} connected",
+        count(u64::try_from(alive).unwrap_or(u64::MAX), "other site"),
+        count(
+            u64::try_from(report.connected_peers).unwrap_or(u64::MAX),
+            "peer"
+        )
     );
     Ok(())
 }
@@ -634,8 +668,8 @@ async fn capacity(args: &CapacityArgs) -> anyhow::Result<()> {
         return print_json(&report);
     }
     outln!(
-        "{} nodes in all; at least {} free from {} to {}",
-        report.total_nodes,
+        "{} in all; at least {} free from {} to {}",
+        count(report.total_nodes, "node"),
         report.min_free,
         format_instant(report.from_ms),
         format_instant(report.to_ms)
@@ -660,11 +694,7 @@ async fn reservation(command: ReservationCommand) -> anyhow::Result<()> {
                 parse_instant(&args.start, now).map_err(|e| UsageError(format!("--start: {e}")))?;
             let duration = parse_duration_ms(&args.duration)
                 .map_err(|e| UsageError(format!("--duration: {e}")))?;
-            let lease_ms =
-                parse_duration_ms(&args.lease).map_err(|e| UsageError(format!("--lease: {e}")))?;
-            let lease_s = u64::try_from(lease_ms)
-                .map_err(|_| UsageError("--lease must be positive".into()))?
-                .div_ceil(1000);
+            let lease_s = lease_seconds(&args.lease)?;
             let key = args
                 .key
                 .clone()
@@ -713,6 +743,22 @@ async fn key_action(args: &KeyArgs, action: &str) -> anyhow::Result<()> {
         )
         .await?;
     print_reservations(&[reservation], args.json)
+}
+
+/// The `--lease` of a hold in whole seconds, within what the API accepts:
+/// checked here so that the refusal names the flag, not the API's field.
+fn lease_seconds(text: &str) -> Result<u64, UsageError> {
+    let lease_ms = parse_duration_ms(text).map_err(|e| UsageError(format!("--lease: {e}")))?;
+    let lease_s = u64::try_from(lease_ms).unwrap_or(0).div_ceil(1000);
+    if !(1..=crate::api::LEASE_S_MAX).contains(&lease_s) {
+        let max =
+            humantime::format_duration(std::time::Duration::from_secs(crate::api::LEASE_S_MAX));
+        return Err(UsageError(format!(
+            "--lease {text}: a hold's lease must be from 1s to {max}; commit the hold \
+             (`vcfed reservation commit KEY`) to keep the nodes longer"
+        )));
+    }
+    Ok(lease_s)
 }
 
 /// `text`, or a usage error if it is empty: an empty key or name would be

@@ -280,7 +280,7 @@ fn init_with_bad_flags_writes_nothing() {
         data_dir.to_str().unwrap(),
     ]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    assert!(stderr(&out).contains("site.name"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--site:"), "{}", stderr(&out));
     assert!(!data_dir.exists(), "nothing may be written");
 
     let out = vcfed(&[
@@ -538,4 +538,81 @@ fn the_single_site_demo_runs_and_cleans_up() {
         0,
         "the demo removes its directory"
     );
+}
+
+#[test]
+fn a_lease_out_of_range_names_the_flag() {
+    let site = Site::init("site-a", 2);
+    let out = vcfed(&[
+        "reservation",
+        "hold",
+        "--config",
+        site.config_arg(),
+        "--nodes",
+        "1",
+        "--duration",
+        "2h",
+        "--lease",
+        "2days",
+    ]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--lease 2days: a hold's lease must be from 1s to 1day"),
+        "{err}"
+    );
+    assert!(!err.contains("lease_s"), "{err}");
+}
+
+#[test]
+fn a_bad_site_name_says_what_names_are_allowed_and_names_no_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let out = vcfed(&[
+        "init",
+        "--site",
+        "Site_C",
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+    ]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(r#"--site: invalid site name "Site_C": 'S' is not a lowercase letter"#),
+        "{err}"
+    );
+    assert!(err.contains("lowercase letters, digits and '-'"), "{err}");
+    assert!(
+        !err.contains("vcfed.toml"),
+        "the file is not written: {err}"
+    );
+    assert!(!data_dir.exists(), "nothing may be written");
+}
+
+#[test]
+fn an_agent_that_is_not_running_is_reported_in_plain_words() {
+    let site = Site::init("site-a", 2);
+    let out = vcfed(&["status", "--config", site.config_arg()]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(": connection refused (is it running?"),
+        "{err}"
+    );
+    assert!(!err.contains("client error"), "{err}");
+    assert_eq!(err.matches("connection refused").count(), 1, "{err}");
+
+    std::fs::remove_file(site.data_dir().join("api.token")).unwrap();
+    let out = vcfed(&["status", "--config", site.config_arg()]);
+    let err = stderr(&out);
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+}
+
+#[test]
+fn the_demo_help_says_what_the_demo_does() {
+    let out = vcfed(&["demo", "--help"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(text.contains("three sites"), "{text}");
+    assert!(!text.contains("demo of one site"), "{text}");
 }

@@ -22,3 +22,4 @@ pub mod federation;
 pub mod ledger;
 pub mod lifecycle;
 pub mod runner;
+pub mod words;

@@ -197,10 +197,14 @@ impl ClusterCore {
             return Err(CreateError::Insufficient {
                 available: u32::try_from(available).unwrap_or(u32::MAX),
                 detail: format!(
-                    "the federation has {available} nodes of {} free for the whole window ({local_nodes} here, \
-                     {federation_free} at {} other sites), {} asked",
+                    "the federation has {} of {} free for the whole window ({local_nodes} here, \
+                     {federation_free} at {}), {} asked",
+                    crate::words::count(available, "node"),
                     request.shape,
-                    candidates.len(),
+                    crate::words::count(
+                        u64::try_from(candidates.len()).unwrap_or(u64::MAX),
+                        "other site"
+                    ),
                     request.nodes
                 ),
             });
