@@ -1,7 +1,9 @@
 //! `vcfed cluster ...`: the cluster commands of the CLI.
 
 // Output goes through `outln!`, which survives a closed stdout; the lint
-// `print_stdout` stays on to catch a stray `println!`.
+// `print_stdout` stays on to catch a stray `println!`. Progress and notes go
+// to stderr, so that `--json` output stays one document.
+#![allow(clippy::print_stderr)]
 
 use std::time::{Duration, Instant};
 
@@ -15,6 +17,7 @@ use crate::cli::{ConfigArg, client_for, non_empty, print_json, print_table};
 use crate::client::{ApiClient, segment};
 use crate::time::{format_instant, now_ms, parse_instant};
 use crate::usage::UsageError;
+use vcfed_node_core::words::count;
 
 /// How long `--wait` waits.
 const WAIT_MAX: Duration = Duration::from_secs(300);
@@ -77,6 +80,14 @@ pub struct ClusterCreateArgs {
 pub struct ListClustersArgs {
     #[command(flatten)]
     config: ConfigArg,
+    /// Also list finished and failed clusters.
+    #[arg(long)]
+    all: bool,
+    /// List only clusters in these states (repeatable, or a comma list):
+    /// requested, reserving, reserved, starting, running, stopping,
+    /// finished, failed.
+    #[arg(long = "state", value_name = "STATE", value_delimiter = ',', value_parser = parse_state)]
+    states: Vec<ClusterState>,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
@@ -89,9 +100,13 @@ pub struct ClusterNameArgs {
     config: ConfigArg,
     /// Cluster name or id.
     name: String,
-    /// For delete: wait until every site released its nodes.
+    /// For delete: wait until every site released its nodes, naming the
+    /// sites still waited for.
     #[arg(long)]
     wait: bool,
+    /// For delete --wait: how long to wait, e.g. 90s or 10m.
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = humantime::parse_duration)]
+    timeout: Duration,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
@@ -139,9 +154,21 @@ pub(crate) async fn run(command: ClusterCommand) -> anyhow::Result<()> {
         }
         ClusterCommand::List(args) => {
             let client = client_for(&args.config)?;
-            let clusters: Vec<ClusterRecord> = client.get("/v1/clusters").await?;
+            let all: Vec<ClusterRecord> = client.get("/v1/clusters").await?;
+            let total = all.len();
+            let clusters: Vec<ClusterRecord> = all
+                .into_iter()
+                .filter(|c| listed(c.state, args.all, &args.states))
+                .collect();
             if args.json {
                 return print_json(&clusters);
+            }
+            let hidden = total - clusters.len();
+            if hidden > 0 && args.states.is_empty() {
+                eprintln!(
+                    "({} finished or failed not shown; --all lists them)",
+                    count(u64::try_from(hidden).unwrap_or(u64::MAX), "cluster")
+                );
             }
             let mut rows = vec![
                 [
@@ -194,7 +221,7 @@ pub(crate) async fn run(command: ClusterCommand) -> anyhow::Result<()> {
             if !args.wait || record.state.is_terminal() {
                 return show(&record, args.json);
             }
-            let record = wait(&client, &record.id, args.json, ClusterState::is_terminal).await?;
+            let record = wait_released(&client, &record.id, args.timeout).await?;
             show(&record, args.json)
         }
     }
@@ -234,6 +261,96 @@ async fn wait(
         last = Some(record);
         tokio::time::sleep(POLL_INTERVAL).await;
     }
+}
+
+/// Polls a deleted cluster until it is over, naming on stderr the sites
+/// that still hold parts of it each time that set changes; after `timeout`,
+/// fails naming them.
+async fn wait_released(
+    client: &ApiClient,
+    id: &str,
+    timeout: Duration,
+) -> anyhow::Result<ClusterRecord> {
+    let started = Instant::now();
+    let mut last_holding: Option<Vec<String>> = None;
+    loop {
+        let record: ClusterRecord = client.get(&format!("/v1/clusters/{}", segment(id))).await?;
+        if record.state.is_terminal() {
+            return Ok(record);
+        }
+        let holding = sites_holding(&record);
+        if last_holding.as_ref() != Some(&holding) {
+            eprintln!(
+                "[{:>5.1}s] {} is {}; waiting for {} to release: {}",
+                started.elapsed().as_secs_f64(),
+                record.name,
+                record.state,
+                count(u64::try_from(holding.len()).unwrap_or(u64::MAX), "site"),
+                holding.join(", ")
+            );
+            last_holding = Some(holding.clone());
+        }
+        if started.elapsed() >= timeout {
+            bail!(
+                "cluster {} is still {} after {}: {} still {} parts of it ({}); \
+                 `vcfed cluster show {id}` follows it",
+                record.name,
+                record.state,
+                humantime::format_duration(timeout),
+                count(u64::try_from(holding.len()).unwrap_or(u64::MAX), "site"),
+                if holding.len() == 1 { "holds" } else { "hold" },
+                holding.join(", ")
+            );
+        }
+        tokio::time::sleep(POLL_INTERVAL.min(timeout.saturating_sub(started.elapsed()))).await;
+    }
+}
+
+/// The sites that still hold a part of `record`, sorted, each once.
+fn sites_holding(record: &ClusterRecord) -> Vec<String> {
+    let sites: std::collections::BTreeSet<&str> = record
+        .parts
+        .iter()
+        .filter(|p| p.state != vcfed_storage::PartState::Released)
+        .map(|p| p.site.as_str())
+        .collect();
+    sites.into_iter().map(str::to_owned).collect()
+}
+
+/// Every cluster state, for `--state` and its error.
+const CLUSTER_STATES: [ClusterState; 8] = [
+    ClusterState::Requested,
+    ClusterState::Reserving,
+    ClusterState::Reserved,
+    ClusterState::Starting,
+    ClusterState::Running,
+    ClusterState::Stopping,
+    ClusterState::Finished,
+    ClusterState::Failed,
+];
+
+/// A `--state` value; clap turns the error into a usage error (exit 2).
+fn parse_state(text: &str) -> Result<ClusterState, String> {
+    CLUSTER_STATES
+        .into_iter()
+        .find(|state| state.as_str() == text.trim())
+        .ok_or_else(|| {
+            let valid: Vec<&str> = CLUSTER_STATES.iter().map(|s| s.as_str()).collect();
+            format!(
+                "unknown state {text:?}; the states are {}",
+                valid.join(", ")
+            )
+        })
+}
+
+/// Whether `cluster list` shows a cluster in `state`: the states asked for,
+/// or without any, the clusters that are not over (all of them with
+/// `--all`).
+fn listed(state: ClusterState, all: bool, states: &[ClusterState]) -> bool {
+    if !states.is_empty() {
+        return states.contains(&state);
+    }
+    all || !state.is_terminal()
 }
 
 pub(crate) fn progress_line(record: &ClusterRecord) -> String {
@@ -359,4 +476,28 @@ pub(crate) fn show(record: &ClusterRecord, json: bool) -> anyhow::Result<()> {
     }
     print_table(&rows);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_list_hides_clusters_that_are_over_unless_asked() {
+        for state in CLUSTER_STATES {
+            assert_eq!(listed(state, false, &[]), !state.is_terminal(), "{state}");
+            assert!(listed(state, true, &[]), "{state}");
+        }
+        let asked = [ClusterState::Failed, ClusterState::Running];
+        assert!(listed(ClusterState::Failed, false, &asked));
+        assert!(!listed(ClusterState::Finished, true, &asked));
+    }
+
+    #[test]
+    fn an_unknown_state_lists_the_valid_ones() {
+        assert_eq!(parse_state("failed"), Ok(ClusterState::Failed));
+        let err = parse_state("done").unwrap_err();
+        assert!(err.contains("unknown state \"done\""), "{err}");
+        assert!(err.contains("requested, reserving, reserved"), "{err}");
+    }
 }

@@ -369,3 +369,130 @@ async fn a_name_is_taken_while_its_cluster_is_live() {
     let second: ClusterRecord = serde_json::from_slice(&out.stdout).unwrap();
     assert_ne!(second.id, first.id);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_list_hides_clusters_that_are_over_and_filters_by_state() {
+    let members = start_federation(&[("site-a", 4)]).await;
+    let config = members[0].site.config_arg();
+    let create_named = |name: &str| {
+        let out = vcfed(&[
+            "cluster",
+            "create",
+            "--config",
+            config,
+            "--name",
+            name,
+            "--nodes",
+            "1",
+            "--duration",
+            "1h",
+            "--wait",
+            "--json",
+        ]);
+        assert!(out.status.success(), "{}", common::stderr(&out));
+    };
+    create_named("gone");
+    create_named("live");
+    let out = vcfed(&["cluster", "delete", "gone", "--wait", "--config", config]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+
+    let names = |extra: &[&str]| -> Vec<String> {
+        let out = vcfed(&[&["cluster", "list", "--json", "--config", config], extra].concat());
+        assert!(out.status.success(), "{extra:?}: {}", common::stderr(&out));
+        let list: Vec<ClusterRecord> = serde_json::from_slice(&out.stdout).unwrap();
+        let mut names: Vec<String> = list.into_iter().map(|c| c.name).collect();
+        names.sort();
+        names
+    };
+    assert_eq!(names(&[]), ["live"]);
+    assert_eq!(names(&["--all"]), ["gone", "live"]);
+    assert_eq!(names(&["--state", "finished"]), ["gone"]);
+    assert_eq!(names(&["--state", "finished,reserved"]), ["gone", "live"]);
+    assert_eq!(
+        names(&["--state", "failed", "--state", "reserved"]),
+        ["live"]
+    );
+
+    let out = vcfed(&["cluster", "list", "--config", config]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("gone"), "{text}");
+    assert!(
+        common::stderr(&out).contains("1 cluster finished or failed not shown; --all lists them"),
+        "{}",
+        common::stderr(&out)
+    );
+
+    let out = vcfed(&["cluster", "list", "--state", "done", "--config", config]);
+    assert_eq!(out.status.code(), Some(2), "{}", common::stderr(&out));
+    assert!(
+        common::stderr(&out).contains("requested, reserving, reserved, starting"),
+        "{}",
+        common::stderr(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_wait_names_the_sites_it_waits_for_and_times_out() {
+    let mut members = start_federation(&[("site-a", 2), ("site-b", 4)]).await;
+    let config = members[0].site.config_arg().to_owned();
+    // Two nodes at A hold the frontend and one node; the others are B's.
+    let out = vcfed(&[
+        "cluster",
+        "create",
+        "--config",
+        &config,
+        "--name",
+        "wide",
+        "--nodes",
+        "3",
+        "--duration",
+        "1h",
+        "--wait",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let record: ClusterRecord = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        record.parts.iter().any(|p| p.site == "site-b"),
+        "{record:?}"
+    );
+
+    // B is gone: its part cannot be released.
+    drop(members[1].agent.take());
+    let started = Instant::now();
+    let out = vcfed(&[
+        "cluster",
+        "delete",
+        "wide",
+        "--wait",
+        "--timeout",
+        "2s",
+        "--config",
+        &config,
+    ]);
+    let err = common::stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(20), "{err}");
+    assert!(
+        err.contains("waiting for "),
+        "progress names the sites: {err}"
+    );
+    assert!(err.contains("site-b"), "{err}");
+    assert!(err.contains("after 2s"), "{err}");
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("error:") && l.contains("site-b") && l.contains("parts")),
+        "{err}"
+    );
+
+    let out = vcfed(&[
+        "cluster",
+        "delete",
+        "wide",
+        "--timeout",
+        "soon",
+        "--config",
+        &config,
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", common::stderr(&out));
+}
