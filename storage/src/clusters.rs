@@ -252,6 +252,20 @@ impl Ledger {
         }
     }
 
+    /// How many clusters are in each state, every state listed (in
+    /// declaration order) even when none is in it.
+    pub fn cluster_counts(&self) -> Result<Vec<(ClusterState, u64)>, LedgerError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT state, COUNT(*) FROM clusters GROUP BY state")?;
+        let rows = stmt
+            .query_map([], |row| {
+                Ok((row.get::<_, String>(0)?, crate::get_u64(row, 1)?))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        crate::reservations::count_states("clusters", ClusterState::ALL, ClusterState::parse, rows)
+    }
+
     /// All clusters, oldest first.
     pub fn clusters(&self) -> Result<Vec<ClusterRecord>, LedgerError> {
         self.clusters_where("1")

@@ -258,8 +258,7 @@ macro_rules! state_names {
             }
 
             /// Every state, in declaration order.
-            #[cfg(test)]
-            pub(crate) const ALL: &'static [$state] = &[$($state::$variant),+];
+            pub const ALL: &'static [$state] = &[$($state::$variant),+];
         }
 
         impl std::fmt::Display for $state {

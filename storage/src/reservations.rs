@@ -379,6 +379,32 @@ impl Ledger {
         Ok(found)
     }
 
+    /// How many reservations are in each state as of `now_ms`, every
+    /// state listed (in declaration order) even when none is in it. A hold
+    /// whose lease ran out counts as expired, as [`Reservation::counts_at`]
+    /// sees it, whether or not a sweep has rewritten it yet.
+    pub fn reservation_counts(
+        &self,
+        now_ms: i64,
+    ) -> Result<Vec<(ReservationState, u64)>, LedgerError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT CASE WHEN state = 'held' AND lease_expires_at_ms <= ?1 THEN 'expired'
+                    ELSE state END AS shown, COUNT(*)
+             FROM reservations GROUP BY shown",
+        )?;
+        let rows = stmt
+            .query_map(params![now_ms], |row| {
+                Ok((row.get::<_, String>(0)?, crate::get_u64(row, 1)?))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        count_states(
+            "reservations",
+            ReservationState::ALL,
+            ReservationState::parse,
+            rows,
+        )
+    }
+
     /// Free node slots over `window` as steps, as of `now_ms` (holds whose
     /// lease has run out by then are free).
     pub fn free_steps(&self, window: Window, now_ms: i64) -> Result<Vec<Step>, LedgerError> {
@@ -595,4 +621,31 @@ fn set_state(
         serde_json::json!({}),
     )?;
     Ok(reservation_by_key(tx, key)?.expect("the row was updated in this transaction"))
+}
+
+/// Spreads `(stored name, count)` rows over `all` states, zero where no row
+/// names one. A name outside `all` means the table holds what this build
+/// never writes.
+pub(crate) fn count_states<S: Copy + PartialEq>(
+    table: &'static str,
+    all: &[S],
+    parse: fn(&str) -> Option<S>,
+    rows: Vec<(String, u64)>,
+) -> Result<Vec<(S, u64)>, LedgerError> {
+    let mut counts: Vec<(S, u64)> = all.iter().map(|state| (*state, 0)).collect();
+    for (name, count) in rows {
+        let Some(state) = parse(&name) else {
+            return Err(LedgerError::Corrupt {
+                table,
+                column: "state",
+                detail: format!("unknown state {name:?}"),
+            });
+        };
+        let slot = counts
+            .iter_mut()
+            .find(|(s, _)| *s == state)
+            .expect("`all` lists every state `parse` returns");
+        slot.1 += count;
+    }
+    Ok(counts)
 }

@@ -1079,3 +1079,44 @@ fn state_names_round_trip_and_match_serde() {
     check(ClusterState::ALL, ClusterState::as_str, ClusterState::parse);
     check(PartState::ALL, PartState::as_str, PartState::parse);
 }
+
+#[test]
+fn counts_by_state_list_every_state_and_see_lapsed_holds_as_expired() {
+    use ReservationState::{Committed, Expired, Held, Released};
+    let mut ledger = ledger(8);
+    assert_eq!(
+        ledger.reservation_counts(0).unwrap(),
+        [(Held, 0), (Committed, 0), (Released, 0), (Expired, 0)]
+    );
+    held(ledger.hold(&request("a", 0, 100, 1, 10), 0).unwrap());
+    held(ledger.hold(&request("b", 0, 100, 1, 50), 0).unwrap());
+    held(ledger.hold(&request("c", 0, 100, 1, 50), 0).unwrap());
+    held(ledger.hold(&request("d", 0, 100, 1, 50), 0).unwrap());
+    ledger.commit("c", "site-a", 1).unwrap();
+    ledger.release("d", "site-a", 1).unwrap();
+    // "a" lapsed at 10 but no sweep has rewritten it.
+    assert_eq!(
+        ledger.reservation_counts(20).unwrap(),
+        [(Held, 1), (Committed, 1), (Released, 1), (Expired, 1)]
+    );
+
+    let counts = ledger.cluster_counts().unwrap();
+    assert_eq!(counts.len(), ClusterState::ALL.len());
+    assert!(counts.iter().all(|(_, n)| *n == 0));
+    let record = ClusterRecord {
+        id: "c-1".into(),
+        name: "demo".into(),
+        master_site: "site-a".into(),
+        request: serde_json::json!({ "nodes": 1 }),
+        state: ClusterState::Requested,
+        reason: None,
+        parts: Vec::new(),
+        segment: None,
+        created_at_ms: 5,
+        updated_at_ms: 5,
+    };
+    ledger.insert_cluster(&record).unwrap();
+    let counts = ledger.cluster_counts().unwrap();
+    assert!(counts.contains(&(ClusterState::Requested, 1)));
+    assert_eq!(counts.iter().map(|(_, n)| n).sum::<u64>(), 1);
+}

@@ -113,7 +113,9 @@ pub async fn start(
         &keys.api_token,
         federation.clone(),
     );
-    state = state.with_network(runner.board.clone());
+    state = state
+        .with_network(runner.board.clone())
+        .with_runner(runner.counters.clone());
     let state = Arc::new(state);
     let sweeper = tokio::spawn(sweep_loop(ledger.clone(), federation, stop_rx.clone()));
     let mut api_stop = stop_rx;

@@ -1,7 +1,9 @@
 //! The agent's local HTTP API (axum), described in `docs/openapi.yaml`.
 //!
-//! Every request needs `Authorization: Bearer <token>` (the site's
-//! `api.token`); errors are JSON `{"error": {"code": ..., "message": ...}}`
+//! Every request but `GET /healthz` needs `Authorization: Bearer <token>`
+//! (the site's `api.token`), `GET /metrics` included: a scrape config can
+//! send the token (`authorization` in Prometheus), and the metrics tell
+//! an outsider how busy the site is. Errors are JSON `{"error": {"code": ..., "message": ...}}`
 //! with a stable `code`. Ledger calls run on the blocking pool, one at a time
 //! behind a mutex: SQLite serialises writers anyway, and every write is
 //! durable before its response is sent.
@@ -58,6 +60,7 @@ pub struct ApiState {
     token_digest: ring::digest::Digest,
     federation: FederationHandle,
     network: crate::runner::NetworkBoard,
+    runner: Option<crate::runner::RunnerCounters>,
 }
 
 impl ApiState {
@@ -74,7 +77,14 @@ impl ApiState {
             token_digest: digest(&SHA256, token.as_bytes()),
             federation,
             network: crate::runner::NetworkBoard::default(),
+            runner: None,
         }
+    }
+
+    /// Shows the counters of this site's runner in `GET /metrics`.
+    pub fn with_runner(mut self, counters: crate::runner::RunnerCounters) -> ApiState {
+        self.runner = Some(counters);
+        self
     }
 
     /// Shows the cluster networks of this site's runner.
@@ -84,9 +94,11 @@ impl ApiState {
     }
 }
 
-/// The API's routes, behind the token check.
+/// The API's routes: `/healthz` open to all, the others behind the token
+/// check.
 pub fn router(state: Arc<ApiState>) -> Router {
-    Router::new()
+    let protected = Router::new()
+        .route("/metrics", get(metrics))
         .route("/v1/site", get(site))
         .route("/v1/capacity", get(capacity))
         .route("/v1/reservations", get(list_reservations).post(hold))
@@ -103,7 +115,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/peers", post(join))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .merge(protected)
         .layer(DefaultBodyLimit::max(BODY_LEN_MAX))
         .with_state(state)
 }
@@ -222,6 +237,48 @@ where
     F: FnOnce(&mut Ledger) -> Result<T, LedgerError> + Send + 'static,
 {
     state.ledger.run(operation).await.map_err(ApiError::from)
+}
+
+/// 200 `ok` while the agent serves and its ledger answers, 503 otherwise:
+/// what a load balancer or a liveness probe needs, without the token.
+async fn healthz(State(state): State<Arc<ApiState>>) -> Response {
+    let text_plain = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
+    match state.ledger.run(|ledger| ledger.schema_version()).await {
+        Ok(_) => (StatusCode::OK, text_plain, "ok\n").into_response(),
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "health check: the ledger does not answer");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                text_plain,
+                "ledger unavailable\n",
+            )
+                .into_response()
+        }
+    }
+}
+
+/// The agent's numbers for Prometheus (see `crate::metrics`), gathered at
+/// scrape time: the federation's from its task, the counts from the ledger.
+async fn metrics(State(state): State<Arc<ApiState>>) -> Result<Response, ApiError> {
+    let federation = state.federation.sites().await.map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!("{e:#}"),
+        )
+    })?;
+    let now = now_ms();
+    let (reservations, clusters) = with_ledger(&state, move |ledger| {
+        Ok((ledger.reservation_counts(now)?, ledger.cluster_counts()?))
+    })
+    .await?;
+    let text = crate::metrics::encode(&crate::metrics::Snapshot {
+        federation,
+        reservations,
+        clusters,
+        runner: state.runner.clone(),
+    });
+    Ok(([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
 }
 
 async fn site(State(state): State<Arc<ApiState>>) -> Result<Json<SiteInfo>, ApiError> {

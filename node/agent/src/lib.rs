@@ -35,6 +35,7 @@ mod gateway_config;
 pub mod identity;
 mod ledger;
 mod links;
+pub mod metrics;
 pub mod out;
 mod runner;
 mod simnet_cli;

@@ -15,6 +15,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -66,6 +67,28 @@ impl NetworkBoard {
     }
 }
 
+/// What the runner counts, for `GET /metrics`.
+#[derive(Debug, Clone, Default)]
+pub struct RunnerCounters(Arc<RunnerCountersInner>);
+
+#[derive(Debug, Default)]
+struct RunnerCountersInner {
+    node_retries: AtomicU64,
+    clusters_blocked: AtomicU64,
+}
+
+impl RunnerCounters {
+    /// Nodes started again after they failed, since the agent started.
+    pub fn node_retries(&self) -> u64 {
+        self.0.node_retries.load(Ordering::Relaxed)
+    }
+
+    /// Clusters that cannot start here right now (no VLAN id, no bridge, ...).
+    pub fn clusters_blocked(&self) -> u64 {
+        self.0.clusters_blocked.load(Ordering::Relaxed)
+    }
+}
+
 /// A started runner (and gateway): wait for them at shutdown.
 pub(crate) struct RunningRunner {
     /// The runner's task; ends after the stop signal, once the nodes are
@@ -77,6 +100,8 @@ pub(crate) struct RunningRunner {
     pub gateway: Option<tokio::sync::oneshot::Receiver<anyhow::Result<()>>>,
     /// What the API shows of the cluster networks.
     pub board: NetworkBoard,
+    /// What `GET /metrics` shows of the runner.
+    pub counters: RunnerCounters,
 }
 
 /// Starts the runner (and, for the netns driver, the gateway) of the site
@@ -154,17 +179,20 @@ pub(crate) async fn start(
     let vlans = (config.clusters.vlans.first, config.clusters.vlans.last);
     let runner = Runner::new(site, peer, vlans, driver, plane, now_ms());
     let board = NetworkBoard::default();
+    let counters = RunnerCounters::default();
     let shell = Shell {
         runner,
         ledger,
         federation,
         board: board.clone(),
+        counters: counters.clone(),
     };
     let task = tokio::spawn(run(shell, stop));
     Ok(RunningRunner {
         task,
         gateway,
         board,
+        counters,
     })
 }
 
@@ -215,6 +243,7 @@ struct Shell {
     /// Where a worker's node states go to the master.
     federation: Option<FederationHandle>,
     board: NetworkBoard,
+    counters: RunnerCounters,
 }
 
 impl std::fmt::Debug for Shell {
@@ -231,7 +260,15 @@ impl Shell {
         }
         // The ledger is locked for one operation at a time, never across
         // driver work.
-        let _ = self.runner.tick(&mut self.ledger, now_ms);
+        let report = self.runner.tick(&mut self.ledger, now_ms);
+        let counters = &self.counters.0;
+        counters
+            .node_retries
+            .fetch_add(u64::from(report.node_retries), Ordering::Relaxed);
+        counters.clusters_blocked.store(
+            u64::try_from(self.runner.blocked().len()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
         while let Some((cluster, nodes)) = self.runner.poll_report() {
             if let Some(federation) = &self.federation {
                 federation.report_nodes(cluster, nodes);

@@ -458,3 +458,142 @@ async fn openapi_document_matches_the_routes() {
         );
     }
 }
+
+/// `GET path` without a token, over a raw connection: the status and the body.
+async fn get_without_token(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: vcfed\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {response:?}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The samples of an OpenMetrics text exposition, by `name{labels}`, after
+/// checking every line: `# HELP`, `# TYPE` and `# UNIT` lines of the family
+/// named, samples of a family whose type was declared, and `# EOF` last.
+fn parse_exposition(text: &str) -> std::collections::BTreeMap<String, f64> {
+    let mut families = std::collections::BTreeMap::<String, String>::new();
+    let mut helped = std::collections::BTreeSet::<String>::new();
+    let mut samples = std::collections::BTreeMap::new();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.last(), Some(&"# EOF"), "the exposition ends in # EOF");
+    let is_name = |name: &str| {
+        !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+            && !name.starts_with(|c: char| c.is_ascii_digit())
+    };
+    for line in &lines[..lines.len() - 1] {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').unwrap();
+            assert!(is_name(name) && !help.is_empty(), "{line}");
+            helped.insert(name.to_owned());
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            assert!(is_name(name), "{line}");
+            assert!(["counter", "gauge"].contains(&kind), "{line}");
+            assert!(helped.contains(name), "TYPE before HELP: {line}");
+            families.insert(name.to_owned(), kind.to_owned());
+        } else if let Some(rest) = line.strip_prefix("# UNIT ") {
+            let (name, unit) = rest.split_once(' ').unwrap();
+            assert!(name.ends_with(&format!("_{unit}")), "{line}");
+        } else {
+            assert!(!line.starts_with('#'), "unexpected comment: {line}");
+            let (series, value) = line.rsplit_once(' ').unwrap();
+            let value: f64 = value
+                .parse()
+                .unwrap_or_else(|_| panic!("bad value: {line}"));
+            let name = series.split('{').next().unwrap();
+            assert!(is_name(name), "{line}");
+            if let Some(labels) = series.strip_prefix(name).filter(|l| !l.is_empty()) {
+                let labels = labels.strip_prefix('{').unwrap().strip_suffix('}').unwrap();
+                for label in labels.split(',') {
+                    let (key, quoted) = label.split_once('=').unwrap();
+                    assert!(is_name(key), "{line}");
+                    assert!(quoted.starts_with('"') && quoted.ends_with('"'), "{line}");
+                }
+            }
+            let family = match families.get(name) {
+                Some(_) => name,
+                None => name.strip_suffix("_total").unwrap_or(name),
+            };
+            let kind = families
+                .get(family)
+                .unwrap_or_else(|| panic!("no # TYPE for {line}"));
+            if kind == "counter" {
+                assert!(
+                    name.ends_with("_total"),
+                    "a counter's sample ends in _total: {line}"
+                );
+                assert!(value >= 0.0, "{line}");
+            }
+            assert!(name.starts_with("vcfed_"), "{line}");
+            assert!(
+                samples.insert(series.to_owned(), value).is_none(),
+                "a repeated series: {line}"
+            );
+        }
+    }
+    samples
+}
+
+#[tokio::test]
+async fn health_is_open_and_metrics_show_what_the_ledger_holds() {
+    let running = Running::start(4).await;
+    let addr = running.client.addr();
+
+    assert_eq!(
+        get_without_token(addr, "/healthz").await,
+        (200, "ok\n".to_owned())
+    );
+    let (status, _) = get_without_token(addr, "/metrics").await;
+    assert_eq!(status, 401, "metrics need the token");
+
+    let t = vcfed::time::now_ms();
+    let hold = json!({"key": "k1", "cluster_id": "c1", "start": t + 1_000_000, "end": t + 2_000_000, "nodes": 3});
+    let (status, held) = running
+        .raw(Method::POST, "/v1/reservations", Some(hold))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{held}");
+
+    let (status, bytes) = running
+        .client
+        .raw(Method::GET, "/metrics", None::<&Value>)
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let text = String::from_utf8(bytes.to_vec()).unwrap();
+    let samples = parse_exposition(&text);
+    let value = |series: &str| {
+        *samples
+            .get(series)
+            .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+    };
+    assert_eq!(value(r#"vcfed_reservations{state="held"}"#), 1.0);
+    assert_eq!(value(r#"vcfed_reservations{state="committed"}"#), 0.0);
+    assert_eq!(value(r#"vcfed_reservations{state="expired"}"#), 0.0);
+    assert_eq!(value(r#"vcfed_clusters{state="running"}"#), 0.0);
+    // A lone site sees itself, alive, and no peer.
+    assert_eq!(value(r#"vcfed_federation_sites{state="alive"}"#), 1.0);
+    assert_eq!(value(r#"vcfed_federation_sites{state="gone"}"#), 0.0);
+    assert_eq!(value("vcfed_federation_connected_peers"), 0.0);
+    assert_eq!(value("vcfed_federation_outbox_dropped_total"), 0.0);
+    assert_eq!(value(r#"vcfed_gossip_dropped_total{reason="forged"}"#), 0.0);
+    assert!(value("vcfed_gossip_sent_bytes_total") >= 0.0);
+    assert!(value("vcfed_gossip_adverts_applied_total") >= 0.0);
+    assert_eq!(value("vcfed_runner_clusters_blocked"), 0.0);
+    assert_eq!(value("vcfed_runner_node_retries_total"), 0.0);
+
+    running.stop().await;
+}

@@ -91,6 +91,8 @@ pub struct TickReport {
     pub stopped: Vec<String>,
     /// Ledger operations that failed (each retried at a later round).
     pub errors: Vec<String>,
+    /// Nodes started again after they failed.
+    pub node_retries: u32,
 }
 
 /// A planted fault, for simnet's check of its own checks: the runner
@@ -564,7 +566,7 @@ impl<D: ComputeDriver, P: DataPlane> Runner<D, P> {
             }
             active.booted = true;
         } else if let Some(bridge) = bridge {
-            retry_failed(driver, cluster, active, &bridge, now_ms);
+            report.node_retries += retry_failed(driver, cluster, active, &bridge, now_ms);
         }
         let mut statuses = driver.poll(cluster);
         for (index, error) in &active.start_errors {
@@ -641,14 +643,15 @@ fn node_spec(cluster: &str, plan: &RunPlan, index: u32, frontend: bool, bridge: 
 }
 
 /// Starts again, with a growing backoff and a bounded number of times, the
-/// nodes that failed (to start, or to boot).
+/// nodes that failed (to start, or to boot). Returns how many it started.
 fn retry_failed(
     driver: &mut impl ComputeDriver,
     cluster: &str,
     active: &mut Active,
     bridge: &str,
     now_ms: i64,
-) {
+) -> u32 {
+    let mut retried = 0;
     let failed: Vec<(u32, bool)> = active
         .plan
         .nodes
@@ -672,6 +675,7 @@ fn retry_failed(
             .min(NODE_RETRY_MAX_MS);
         active.retries.insert(index, (tries + 1, now_ms + backoff));
         tracing::info!(%cluster, node = index, attempt = tries + 1, "retrying a failed node");
+        retried += 1;
         let spec = node_spec(cluster, &active.plan, index, frontend, bridge);
         match driver.start_node(&spec) {
             Ok(()) => {
@@ -682,6 +686,7 @@ fn retry_failed(
             }
         }
     }
+    retried
 }
 
 /// Logs a failed ledger operation and records it in the round's report.

@@ -1,0 +1,179 @@
+//! What `GET /metrics` shows, in the OpenMetrics text format that
+//! Prometheus scrapes (the `prometheus-client` crate's encoder).
+//!
+//! Nothing here keeps state: every scrape gathers a [`Snapshot`] (the
+//! federation task's report, two ledger counts and the runner's counters)
+//! and encodes it into a fresh registry, so the numbers are exactly what
+//! the agent holds at that instant and no second copy of them can drift.
+
+use prometheus_client::encoding::text;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::{Registry, Unit};
+use vcfed_registry::SiteState;
+use vcfed_storage::{ClusterState, ReservationState};
+
+use crate::federation::SitesReport;
+use crate::runner::RunnerCounters;
+
+/// `Content-Type` of a scrape's answer.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Prefix of every metric name.
+const PREFIX: &str = "vcfed";
+
+/// A label set of one label.
+type Label = [(&'static str, &'static str); 1];
+
+/// Everything one scrape shows.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// The federation task's view and gossip counters.
+    pub federation: SitesReport,
+    /// Reservations per state, every state listed.
+    pub reservations: Vec<(ReservationState, u64)>,
+    /// Clusters per state, every state listed.
+    pub clusters: Vec<(ClusterState, u64)>,
+    /// The runner's counters, if this agent runs clusters.
+    pub runner: Option<RunnerCounters>,
+}
+
+/// The snapshot in the OpenMetrics text format, ending in `# EOF`.
+pub fn encode(snapshot: &Snapshot) -> String {
+    let mut registry = Registry::with_prefix(PREFIX);
+    register_gossip(&mut registry, &snapshot.federation);
+    register_federation(&mut registry, &snapshot.federation);
+
+    let reservations = Family::<Label, Gauge>::default();
+    for (state, count) in &snapshot.reservations {
+        reservations
+            .get_or_create(&[("state", state.as_str())])
+            .set(gauge(*count));
+    }
+    registry.register(
+        "reservations",
+        "Reservations of this site's nodes by state; a hold whose lease ran out counts as expired",
+        reservations,
+    );
+    let clusters = Family::<Label, Gauge>::default();
+    for (state, count) in &snapshot.clusters {
+        clusters
+            .get_or_create(&[("state", state.as_str())])
+            .set(gauge(*count));
+    }
+    registry.register(
+        "clusters",
+        "Clusters in this site's ledger (mastered or served here) by state",
+        clusters,
+    );
+
+    if let Some(runner) = &snapshot.runner {
+        registry.register(
+            "runner_node_retries",
+            "Nodes the runner started again after they failed to start or to boot",
+            counter(runner.node_retries()),
+        );
+        registry.register(
+            "runner_clusters_blocked",
+            "Clusters due to run here that cannot start (no free VLAN id, no bridge, ...)",
+            gauge_of(runner.clusters_blocked()),
+        );
+    }
+
+    let mut out = String::new();
+    // Writing into a String cannot fail; the encoder's only errors are the
+    // writer's.
+    text::encode(&mut out, &registry).expect("writing to a String never fails");
+    out
+}
+
+/// The registry core's counters, as they accumulate since the agent started.
+fn register_gossip(registry: &mut Registry, report: &SitesReport) {
+    let stats = &report.stats;
+    registry.register(
+        "gossip_adverts_applied",
+        "Site adverts received and applied (new versions)",
+        counter(stats.adverts_applied),
+    );
+    registry.register(
+        "gossip_adverts_duplicate",
+        "Site adverts received that repeated a version already held",
+        counter(stats.adverts_duplicate),
+    );
+    let dropped = Family::<Label, Counter>::default();
+    for (reason, count) in [
+        ("stale", stats.dropped_stale),
+        ("expired", stats.dropped_expired),
+        ("forged", stats.dropped_forged),
+        ("undecodable", stats.dropped_undecodable),
+        ("oversized", stats.dropped_oversized),
+        ("view_full", stats.dropped_full),
+        ("not_allowed", stats.dropped_not_allowed),
+    ] {
+        dropped.get_or_create(&[("reason", reason)]).inc_by(count);
+    }
+    registry.register(
+        "gossip_dropped",
+        "Gossip messages or adverts dropped, by reason",
+        dropped,
+    );
+    registry.register(
+        "gossip_messages_sent",
+        "Gossip and anti-entropy messages sent",
+        counter(stats.messages_sent),
+    );
+    registry.register_with_unit(
+        "gossip_sent",
+        "Bytes of gossip and anti-entropy messages sent",
+        Unit::Bytes,
+        counter(stats.bytes_sent),
+    );
+}
+
+/// The federation view and the shell's transport numbers.
+fn register_federation(registry: &mut Registry, report: &SitesReport) {
+    let sites = Family::<Label, Gauge>::default();
+    for (state, name) in [
+        (SiteState::Alive, "alive"),
+        (SiteState::Suspect, "suspect"),
+        (SiteState::Gone, "gone"),
+    ] {
+        let count = report.sites.iter().filter(|s| s.state == state).count();
+        sites
+            .get_or_create(&[("state", name)])
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+    registry.register(
+        "federation_sites",
+        "Sites in this agent's federation view (itself included) by liveness",
+        sites,
+    );
+    registry.register(
+        "federation_connected_peers",
+        "Federation peers connected right now",
+        gauge_of(u64::try_from(report.connected_peers).unwrap_or(u64::MAX)),
+    );
+    registry.register(
+        "federation_outbox_dropped",
+        "Outgoing federation messages dropped because the outbox was full",
+        counter(report.outbox_dropped),
+    );
+}
+
+fn counter(value: u64) -> Counter {
+    let counter = Counter::default();
+    counter.inc_by(value);
+    counter
+}
+
+fn gauge_of(value: u64) -> Gauge {
+    let gauge_metric = Gauge::default();
+    gauge_metric.set(gauge(value));
+    gauge_metric
+}
+
+/// A count as a gauge's value; no count here comes near `i64::MAX`.
+fn gauge(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
