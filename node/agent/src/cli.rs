@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use multiaddr::Multiaddr;
 use vcfed_node_core::words::count;
 use vcfed_storage::{NodeShape, Reservation};
@@ -85,6 +85,14 @@ pub enum Command {
     /// Simulate a whole federation on a virtual clock under faults and check
     /// its invariants (deterministic: a seed replays a run).
     Simnet(crate::simnet_cli::SimnetArgs),
+    /// Print a shell completion script: `vcfed completions bash >
+    /// /etc/bash_completion.d/vcfed` (or zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff): `vcfed man > /usr/share/man/man1/vcfed.1`.
+    Man,
 }
 
 /// Where the site's config is.
@@ -356,6 +364,18 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
         Command::Demo(args) => crate::demo::run(&args).await,
         Command::Gateway(args) => crate::gateway::run(args).await,
         Command::Simnet(args) => crate::simnet_cli::command(&args),
+        Command::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "vcfed", &mut script);
+            crate::outln!("{}", String::from_utf8_lossy(&script).trim_end());
+            Ok(())
+        }
+        Command::Man => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(Cli::command()).render(&mut page)?;
+            crate::outln!("{}", String::from_utf8_lossy(&page).trim_end());
+            Ok(())
+        }
     }
 }
 

@@ -616,3 +616,45 @@ fn the_demo_help_says_what_the_demo_does() {
     assert!(text.contains("three sites"), "{text}");
     assert!(!text.contains("demo of one site"), "{text}");
 }
+
+#[test]
+fn completions_and_the_man_page_cover_every_command() {
+    let bash = vcfed(&["completions", "bash"]);
+    let script = String::from_utf8_lossy(&bash.stdout);
+    assert!(
+        bash.status.success(),
+        "{}",
+        String::from_utf8_lossy(&bash.stderr)
+    );
+    assert!(script.contains("_vcfed()"), "{script}");
+    assert!(script.contains("complete -F _vcfed"), "{script}");
+    let zsh = vcfed(&["completions", "zsh"]);
+    assert!(String::from_utf8_lossy(&zsh.stdout).starts_with("#compdef vcfed"));
+    let unknown = vcfed(&["completions", "cmd.exe"]);
+    assert_eq!(
+        unknown.status.code(),
+        Some(2),
+        "an unknown shell is bad usage"
+    );
+
+    let man = vcfed(&["man"]);
+    let page = String::from_utf8_lossy(&man.stdout);
+    assert!(
+        man.status.success(),
+        "{}",
+        String::from_utf8_lossy(&man.stderr)
+    );
+    assert!(page.contains(".TH vcfed 1"), "{page}");
+    for command in [
+        "init",
+        "run",
+        "status",
+        "cluster",
+        "reservation",
+        "sites",
+        "simnet",
+    ] {
+        assert!(script.contains(command), "completions lack {command}");
+        assert!(page.contains(command), "the man page lacks {command}");
+    }
+}
