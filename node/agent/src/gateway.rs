@@ -77,10 +77,35 @@ pub(crate) fn public_key_base64(private: [u8; 32]) -> String {
 async fn run_gateway(path: &Path) -> anyhow::Result<()> {
     let config = crate::gateway_config::load(path)?;
     let path = path.to_owned();
-    // On a thread of its own with a single-threaded runtime: the loop runs
-    // where the I/O driver wakes up, so no readiness event is handed between
-    // threads (with `block_on` on the CLI's multi-threaded runtime that
-    // hand-off, two context switches per packet, was most of the CPU time).
+    let done = spawn_gateway("it needs root or CAP_NET_ADMIN", move || async move {
+        let (updates, watched) = tokio::sync::watch::channel(config);
+        let stop = crate::agent::termination_signal();
+        // Installed now: SIGHUP's default action would end the process.
+        let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+        tokio::spawn(reload_on_sighup(path, updates, hangups));
+        vcfed_overlay::linux::run_reloadable(watched, stop).await
+    })?;
+    done.await
+        .context("the gateway thread ended without an answer")?
+}
+
+/// Runs a gateway loop (`run`, built inside the runtime: signal handlers
+/// need its reactor) on a thread of its own with a single-threaded runtime,
+/// for `vcfed gateway` and the agent alike. The loop runs where the I/O
+/// driver wakes up, so no readiness event is handed between threads (with
+/// `block_on` on the CLI's multi-threaded runtime that hand-off, two
+/// context switches per packet, was most of the CPU time). The receiver
+/// gets the loop's end; a permission error says what the gateway `needs`.
+pub(crate) fn spawn_gateway<F, Fut>(
+    needs: &'static str,
+    run: F,
+) -> anyhow::Result<tokio::sync::oneshot::Receiver<anyhow::Result<()>>>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<
+            Output = Result<vcfed_overlay::linux::ShellStats, vcfed_overlay::linux::ShellError>,
+        >,
+{
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("vcfed-gateway".to_owned())
@@ -88,35 +113,23 @@ async fn run_gateway(path: &Path) -> anyhow::Result<()> {
             let ended = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
-                .map(|runtime| {
-                    // Inside the runtime: the signal handlers need its reactor.
-                    runtime.block_on(async {
-                        let (updates, watched) = tokio::sync::watch::channel(config);
-                        let stop = crate::agent::termination_signal();
-                        // Installed now: SIGHUP's default action would end the process.
-                        let hangups =
-                            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
-                        tokio::spawn(reload_on_sighup(path, updates, hangups));
-                        vcfed_overlay::linux::run_reloadable(watched, stop).await
-                    })
+                .context("starting the gateway's runtime")
+                .and_then(|runtime| {
+                    let stats = runtime.block_on(run()).map_err(|e| {
+                        let what = if e.is_permission_denied() {
+                            format!("running the gateway ({needs})")
+                        } else {
+                            "running the gateway".to_owned()
+                        };
+                        anyhow::Error::new(e).context(what)
+                    })?;
+                    tracing::debug!(?stats, "gateway counters");
+                    Ok(())
                 });
             let _ = done_tx.send(ended);
         })
         .context("starting the gateway thread")?;
-    let stats = done_rx
-        .await
-        .context("the gateway thread ended without an answer")?
-        .context("starting the gateway's runtime")?
-        .map_err(|e| {
-            let hint = if e.is_permission_denied() {
-                "running the gateway (it needs root or CAP_NET_ADMIN)"
-            } else {
-                "running the gateway"
-            };
-            anyhow::Error::new(e).context(hint)
-        })?;
-    tracing::debug!(?stats, "gateway counters");
-    Ok(())
+    Ok(done_rx)
 }
 
 /// Reads the config file again on every SIGHUP and hands it to the running

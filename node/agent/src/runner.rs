@@ -196,44 +196,23 @@ pub(crate) async fn start(
     })
 }
 
-/// Runs the gateway on a thread of its own with a single-threaded runtime
-/// (see `vcfed gateway`: this halves the per-packet cost).
+/// Runs the agent's gateway until `stop` turns true (see
+/// [`crate::gateway::spawn_gateway`]).
 fn start_gateway(
     base: GatewayBase,
     carried: watch::Receiver<Carried>,
     report: watch::Sender<GatewayReport>,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<tokio::sync::oneshot::Receiver<anyhow::Result<()>>> {
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("vcfed-gateway".to_owned())
-        .spawn(move || {
-            let ended = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(anyhow::Error::from)
-                .and_then(|runtime| {
-                    let shutdown = async move {
-                        let _ = stop.wait_for(|stop| *stop).await;
-                    };
-                    let stats = runtime
-                        .block_on(vcfed_overlay::linux::run_dynamic(
-                            base, carried, report, shutdown,
-                        ))
-                        .map_err(|e| {
-                            let hint = if e.is_permission_denied() {
-                                "running the gateway (clusters.driver = \"netns\" needs root or CAP_NET_ADMIN)"
-                            } else {
-                                "running the gateway"
-                            };
-                            anyhow::Error::new(e).context(hint)
-                        })?;
-                    tracing::debug!(?stats, "gateway counters");
-                    Ok(())
-                });
-            let _ = done_tx.send(ended);
-        })?;
-    Ok(done_rx)
+    crate::gateway::spawn_gateway(
+        "clusters.driver = \"netns\" needs root or CAP_NET_ADMIN",
+        move || async move {
+            let shutdown = async move {
+                let _ = stop.wait_for(|stop| *stop).await;
+            };
+            vcfed_overlay::linux::run_dynamic(base, carried, report, shutdown).await
+        },
+    )
 }
 
 /// The runner and what the agent connects it to.
