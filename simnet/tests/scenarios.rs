@@ -9,20 +9,12 @@
 
 #![allow(clippy::unwrap_used, clippy::print_stderr)] // test code
 
+use vcfed_node_core::cluster::ClusterMsg;
 use vcfed_simnet::{Fault, Options, Report, run};
 
 const MINUTE_MS: i64 = 60_000;
 /// The messages of the reservation protocol, as simnet labels them.
-const RESERVATION_KINDS: [&str; 8] = [
-    "cluster-reserve",
-    "cluster-commit",
-    "cluster-release",
-    "cluster-held",
-    "cluster-denied",
-    "cluster-committed",
-    "cluster-released",
-    "cluster-refused",
-];
+const RESERVATION_KINDS: [&str; 8] = ClusterMsg::RESERVATION_LABELS;
 /// The message faults, in the order of `TrafficReport::faults_by_kind`.
 const MESSAGE_FAULTS: [&str; 3] = ["lost", "duplicated", "reordered"];
 const CONTENTION_SEEDS: u64 = 50;

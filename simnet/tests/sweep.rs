@@ -15,24 +15,15 @@
 use std::ops::Range;
 use std::sync::Mutex;
 
+use vcfed_node_core::cluster::ClusterMsg;
 use vcfed_simnet::{Fault, Options, PlantedBug, Report, run};
 
 const SWEEP_SEEDS: u64 = 100;
 const SWEEP_SITES: usize = 20;
 const SWEEP_MINUTES: i64 = 30;
 const MINUTE_MS: i64 = 60_000;
-/// The messages of the reservation protocol, as simnet labels them: the
-/// sweep must strike each with every message fault.
-const RESERVATION_KINDS: [&str; 8] = [
-    "cluster-reserve",
-    "cluster-commit",
-    "cluster-release",
-    "cluster-held",
-    "cluster-denied",
-    "cluster-committed",
-    "cluster-released",
-    "cluster-refused",
-];
+/// The messages of the reservation protocol, as simnet labels them.
+const RESERVATION_KINDS: [&str; 8] = ClusterMsg::RESERVATION_LABELS;
 /// The message faults, in the order of `TrafficReport::faults_by_kind`.
 const MESSAGE_FAULTS: [&str; 3] = ["lost", "duplicated", "reordered"];
 

@@ -132,6 +132,19 @@ impl ClusterMsg {
         postcard::from_bytes(bytes).ok()
     }
 
+    /// The labels of the reservation protocol's messages (every kind but
+    /// the node reports), for checks that each was exercised.
+    pub const RESERVATION_LABELS: [&'static str; 8] = [
+        "cluster-reserve",
+        "cluster-commit",
+        "cluster-release",
+        "cluster-held",
+        "cluster-denied",
+        "cluster-committed",
+        "cluster-released",
+        "cluster-refused",
+    ];
+
     /// The message's kind, as a label for counters and logs:
     /// `cluster-reserve`, `cluster-held`, ...
     pub fn label(&self) -> &'static str {
