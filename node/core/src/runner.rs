@@ -544,7 +544,11 @@ impl<D: ComputeDriver, P: DataPlane> Runner<D, P> {
         let Some(active) = self.active.get(cluster) else {
             return;
         };
-        let bridge = self.boot_bridge(&active.plan);
+        // Only a boot or a retry needs the bridge (and the tunnel state):
+        // most rounds of a running cluster only poll its nodes.
+        let bridge = (!active.booted || has_failed(active))
+            .then(|| self.boot_bridge(&active.plan))
+            .flatten();
         let Some(driver) = &mut self.driver else {
             return;
         };
@@ -640,6 +644,15 @@ fn node_spec(cluster: &str, plan: &RunPlan, index: u32, frontend: bool, bridge: 
         subnet: plan.subnet,
         mac: node_mac(cluster, index),
     }
+}
+
+/// Whether a node of `active` failed (to start, or to boot).
+fn has_failed(active: &Active) -> bool {
+    !active.start_errors.is_empty()
+        || active
+            .statuses
+            .iter()
+            .any(|s| matches!(s.state, NodeState::Failed { .. }))
 }
 
 /// Starts again, with a growing backoff and a bounded number of times, the
