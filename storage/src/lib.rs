@@ -2,9 +2,9 @@
 //!
 //! The ledger owns what a site must not forget across a crash: its inventory,
 //! the reservation calendar (holds and commitments of node slots over time
-//! windows), the clusters it masters or serves, the federation peers it knows
-//! and an event log. Everything goes through the typed [`Ledger`] API; no SQL
-//! lives outside this crate.
+//! windows), the clusters it masters or serves, the federation peers it knows,
+//! the disk volumes its compute driver made and an event log. Everything goes
+//! through the typed [`Ledger`] API; no SQL lives outside this crate.
 //!
 //! # Guarantees
 //!
@@ -39,6 +39,7 @@ mod peers;
 mod reservations;
 mod runs;
 mod schema;
+mod volumes;
 
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
@@ -58,11 +59,15 @@ pub use reservations::{
     HoldOutcome, HoldRequest, Reservation, ReservationFilter, ReservationState,
 };
 pub use runs::{ClusterRun, NodeRecord};
+pub use volumes::VolumeRecord;
 
 /// Longest accepted idempotency key, in bytes.
 pub(crate) const KEY_LEN_MAX: usize = 200;
 /// Longest accepted cluster id or site name stored with a reservation, in bytes.
 pub(crate) const NAME_LEN_MAX: usize = 200;
+/// Longest accepted host URI, pool name or volume name of a volume, in bytes:
+/// a libvirt URI may carry a user, port and query parameters.
+pub(crate) const VOLUME_TEXT_LEN_MAX: usize = 1024;
 /// Longest lease a hold may have, ms (a week).
 pub(crate) const LEASE_MS_MAX: i64 = 7 * 86_400_000;
 /// Latest instant the calendar accepts: the end of year 9999, unix ms.

@@ -6,7 +6,13 @@
 
 /// All migrations, in order. `MIGRATIONS.len()` is the schema version this
 /// build writes.
-pub(crate) const MIGRATIONS: &[&str] = &[MIGRATION_1, MIGRATION_2, MIGRATION_3, MIGRATION_4];
+pub(crate) const MIGRATIONS: &[&str] = &[
+    MIGRATION_1,
+    MIGRATION_2,
+    MIGRATION_3,
+    MIGRATION_4,
+    MIGRATION_5,
+];
 
 /// The first schema: inventory, reservations calendar, clusters, peers, events.
 const MIGRATION_1: &str = r#"
@@ -138,4 +144,22 @@ CREATE TABLE cluster_nodes (
     updated_at_ms INTEGER NOT NULL,          -- when it was reported, unix ms
     PRIMARY KEY (cluster_id, site, idx)
 ) STRICT;
+"#;
+
+/// The disk volumes a compute driver made for the nodes of clusters running
+/// here, one row per volume from its creation until it is deleted, so that an
+/// agent restarted after a crash finds (and can delete) the volumes it had
+/// made, including those of nodes that never booted.
+const MIGRATION_5: &str = r#"
+CREATE TABLE volumes (
+    host          TEXT NOT NULL,             -- libvirt URI of the hypervisor host the volume is on
+    pool          TEXT NOT NULL,             -- storage pool name on that host
+    name          TEXT NOT NULL,             -- volume name in the pool
+    cluster_id    TEXT NOT NULL,             -- the cluster whose node it is the disk of
+    node          INTEGER NOT NULL,          -- node number within the cluster (0: the frontend)
+    size_bytes    INTEGER NOT NULL CHECK (size_bytes > 0), -- capacity of the volume, bytes
+    created_at_ms INTEGER NOT NULL,          -- when the driver made it, unix ms
+    PRIMARY KEY (host, pool, name)
+) STRICT;
+CREATE INDEX volumes_by_cluster ON volumes (cluster_id);
 "#;

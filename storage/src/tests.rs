@@ -705,6 +705,45 @@ fn migration_2_keeps_cluster_parts_of_a_version_1_ledger() {
 }
 
 #[test]
+fn migration_5_keeps_the_rows_of_a_version_4_ledger() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    {
+        let mut conn = Connection::open(&path).unwrap();
+        let tx = conn.transaction().unwrap();
+        for migration in &schema::MIGRATIONS[..4] {
+            tx.execute_batch(migration).unwrap();
+        }
+        tx.pragma_update(None, "user_version", 4).unwrap();
+        tx.execute_batch(
+            "INSERT INTO clusters VALUES ('c', 'n', 'site-a', '{}', 'running', NULL, 1, 1, 7);
+             INSERT INTO cluster_parts VALUES ('c', 'site-a', NULL, 0, 2, 1, 'committed', 'c/0', NULL);
+             INSERT INTO cluster_runs VALUES ('c', 100, 2);
+             INSERT INTO cluster_nodes VALUES ('c', 'site-a', 0, 1, '{\"state\":\"serving\"}', 3);",
+        )
+        .unwrap();
+        tx.commit().unwrap();
+    }
+    let mut ledger = Ledger::open(&path).unwrap();
+    assert_eq!(
+        ledger.schema_version().unwrap() as usize,
+        schema::MIGRATIONS.len()
+    );
+    let cluster = ledger.cluster("c").unwrap().unwrap();
+    assert_eq!(cluster.segment, Some(7));
+    assert_eq!(cluster.parts.len(), 1);
+    assert_eq!(cluster.parts[0].state, PartState::Committed);
+    assert_eq!(ledger.runs().unwrap()[0].vlan, 100);
+    assert_eq!(
+        ledger.nodes("c").unwrap()[0].state,
+        serde_json::json!({ "state": "serving" })
+    );
+    assert!(ledger.volumes().unwrap().is_empty());
+    ledger.record_volume(&volume("c", 0, "c-0.qcow2")).unwrap();
+    assert_eq!(ledger.volumes().unwrap(), [volume("c", 0, "c-0.qcow2")]);
+}
+
+#[test]
 fn runs_take_the_lowest_free_vlan_and_give_it_back() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ledger.db");
@@ -1119,4 +1158,149 @@ fn counts_by_state_list_every_state_and_see_lapsed_holds_as_expired() {
     let counts = ledger.cluster_counts().unwrap();
     assert!(counts.contains(&(ClusterState::Requested, 1)));
     assert_eq!(counts.iter().map(|(_, n)| n).sum::<u64>(), 1);
+}
+
+fn volume(cluster_id: &str, node: u32, name: &str) -> VolumeRecord {
+    VolumeRecord {
+        host: "qemu+ssh://root@hv1/system".into(),
+        pool: "default".into(),
+        name: name.into(),
+        cluster_id: cluster_id.into(),
+        node,
+        size_bytes: 20 << 30,
+        created_at_ms: 5,
+    }
+}
+
+#[test]
+fn volumes_are_listed_in_order_and_survive_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    let other_host = VolumeRecord {
+        host: "qemu:///system".into(),
+        ..volume("b", 1, "b-1.qcow2")
+    };
+    let recorded = [
+        volume("b", 1, "b-1.qcow2"),
+        volume("a", 2, "a-2.qcow2"),
+        other_host.clone(),
+        volume("a", 0, "a-0.qcow2"),
+        VolumeRecord {
+            size_bytes: i64::MAX as u64,
+            ..volume("b", 0, "b-0.qcow2")
+        },
+    ];
+    {
+        let mut ledger = Ledger::open(&path).unwrap();
+        for volume in &recorded {
+            ledger.record_volume(volume).unwrap();
+        }
+    }
+    // A restarted agent finds every volume its driver had made.
+    let ledger = Ledger::open(&path).unwrap();
+    assert_eq!(
+        ledger.volumes().unwrap(),
+        [
+            recorded[3].clone(),
+            recorded[1].clone(),
+            recorded[4].clone(),
+            recorded[0].clone(),
+            other_host,
+        ]
+    );
+    assert_eq!(
+        ledger.cluster_volumes("a").unwrap(),
+        [recorded[3].clone(), recorded[1].clone()]
+    );
+    assert!(ledger.cluster_volumes("z").unwrap().is_empty());
+}
+
+#[test]
+fn recording_a_volume_again_is_idempotent_and_other_fields_replace_it() {
+    let mut ledger = ledger(4);
+    let first = volume("a", 1, "disk.qcow2");
+    ledger.record_volume(&first).unwrap();
+    ledger.record_volume(&first).unwrap();
+    assert_eq!(ledger.volumes().unwrap(), std::slice::from_ref(&first));
+    // The same place, made anew for another node after a crash.
+    let remade = VolumeRecord {
+        cluster_id: "b".into(),
+        node: 3,
+        size_bytes: 40 << 30,
+        created_at_ms: 9,
+        ..first.clone()
+    };
+    ledger.record_volume(&remade).unwrap();
+    assert_eq!(ledger.volumes().unwrap(), std::slice::from_ref(&remade));
+    assert!(ledger.cluster_volumes("a").unwrap().is_empty());
+    // Another pool is another volume.
+    let elsewhere = VolumeRecord {
+        pool: "fast".into(),
+        ..first
+    };
+    ledger.record_volume(&elsewhere).unwrap();
+    assert_eq!(ledger.volumes().unwrap(), [elsewhere, remade]);
+}
+
+#[test]
+fn forgetting_a_volume_says_whether_it_was_recorded() {
+    let mut ledger = ledger(4);
+    let kept = volume("a", 0, "a-0.qcow2");
+    let gone = volume("a", 1, "a-1.qcow2");
+    ledger.record_volume(&kept).unwrap();
+    ledger.record_volume(&gone).unwrap();
+    assert!(
+        ledger
+            .forget_volume(&gone.host, &gone.pool, &gone.name)
+            .unwrap()
+    );
+    assert!(
+        !ledger
+            .forget_volume(&gone.host, &gone.pool, &gone.name)
+            .unwrap()
+    );
+    assert!(
+        !ledger
+            .forget_volume("qemu:///system", &kept.pool, &kept.name)
+            .unwrap()
+    );
+    assert_eq!(ledger.volumes().unwrap(), [kept]);
+}
+
+#[test]
+fn invalid_volumes_write_nothing() {
+    let mut ledger = ledger(4);
+    let bad = [
+        VolumeRecord {
+            size_bytes: i64::MAX as u64 + 1,
+            ..volume("a", 0, "huge")
+        },
+        VolumeRecord {
+            size_bytes: u64::MAX,
+            ..volume("a", 0, "huge")
+        },
+        VolumeRecord {
+            size_bytes: 0,
+            ..volume("a", 0, "empty")
+        },
+        VolumeRecord {
+            host: String::new(),
+            ..volume("a", 0, "no-host")
+        },
+        VolumeRecord {
+            pool: String::new(),
+            ..volume("a", 0, "no-pool")
+        },
+        volume("a", 0, ""),
+        volume("", 0, "no-cluster"),
+        volume("a", 0, &"n".repeat(VOLUME_TEXT_LEN_MAX + 1)),
+        volume(&"c".repeat(NAME_LEN_MAX + 1), 0, "long-cluster"),
+    ];
+    for volume in &bad {
+        let err = ledger.record_volume(volume).unwrap_err();
+        assert!(matches!(err, LedgerError::Invalid(_)), "{volume:?}: {err}");
+    }
+    let err = ledger.record_volume(&bad[1]).unwrap_err().to_string();
+    assert!(err.contains("18446744073709551615 bytes"), "{err}");
+    assert!(ledger.volumes().unwrap().is_empty());
 }
