@@ -122,6 +122,7 @@ pub(crate) async fn start(
             &config.site.name,
             None,
         ))),
+        DriverKind::Libvirt => anyhow::bail!("the libvirt driver is not built yet"),
     };
     let site_link = config.gateway.site_link.clone();
     let (site, peer) = (config.site.name.clone(), peer_id);

@@ -12,12 +12,16 @@ use multiaddr::{Multiaddr, Protocol};
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::diagnostics::{ConfigError, Source, example};
-use super::types::{VLAN_ID_MAX, VLAN_ID_MIN};
+use super::diagnostics::{ConfigError, Source, example, ifname_problem};
+use super::types::{
+    NODE_MEMORY_MIB_MAX, NODE_MEMORY_MIB_MIN, POOL_NAME_CHARS_MAX, SHUTDOWN_TIMEOUT_S_MAX,
+    SHUTDOWN_TIMEOUT_S_MIN, VLAN_ID_MAX, VLAN_ID_MIN, VLAN_PLACEHOLDER,
+};
 use super::{
-    ApiConfig, ClustersConfig, Config, DEFAULT_API_LISTEN, DEFAULT_FEDERATION_LISTEN,
-    DEFAULT_GATEWAY_LISTEN, DriverKind, FederationConfig, GatewayConfig, GossipTiming, Host,
-    Inventory, InventorySource, NodeShape, SiteConfig, SiteLink, VlanRange,
+    Accel, ApiConfig, ClustersConfig, Config, DEFAULT_API_LISTEN, DEFAULT_FEDERATION_LISTEN,
+    DEFAULT_GATEWAY_LISTEN, DEFAULT_LIBVIRT_HOST, DriverKind, FederationConfig, GatewayConfig,
+    GossipTiming, Host, Inventory, InventorySource, LibvirtConfig, NodeShape, SiteConfig, SiteLink,
+    VlanRange,
 };
 
 /// Longest site name, in characters: a site name is a DNS label (RFC 1035).
@@ -31,6 +35,15 @@ const STORED_INTEGER_MAX: u64 = i64::MAX.unsigned_abs();
 const ADVERT_TTL_MAX: Duration = Duration::from_secs(3600);
 /// Shortest accepted gossip interval.
 const GOSSIP_INTERVAL_MIN: Duration = Duration::from_millis(100);
+/// The hypervisor drivers a `libvirt.hosts` URI may name: QEMU/KVM, and libvirt's built-in
+/// fake hypervisor for tests.
+const LIBVIRT_DRIVERS: [&str; 2] = ["qemu", "test"];
+/// The transports libvirt's remote driver knows (`DRIVER+TRANSPORT://`).
+const LIBVIRT_TRANSPORTS: [&str; 7] = ["tls", "tcp", "unix", "ssh", "libssh", "libssh2", "ext"];
+/// How a `libvirt.hosts` entry is written, for hints.
+const LIBVIRT_URI_HINT: &str = "write a libvirt URI, DRIVER[+TRANSPORT]://[[USER@]HOST[:PORT]]/PATH \
+                                with DRIVER \"qemu\" or \"test\", e.g. \"qemu:///system\" or \
+                                \"qemu+ssh://root@hv2/system\"";
 
 // The file as serde sees it. Values that a check after deserialization looks at are wrapped in
 // `Spanned` so that the check can report their line; `Option` marks fields with a default.
@@ -47,6 +60,8 @@ pub(super) struct RawConfig {
     clusters: RawClusters,
     #[serde(default)]
     gateway: RawGateway,
+    #[serde(default)]
+    libvirt: RawLibvirt,
 }
 
 #[derive(Deserialize)]
@@ -116,6 +131,20 @@ struct RawGateway {
     trunk: Option<Spanned<String>>,
 }
 
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLibvirt {
+    hosts: Option<Spanned<Vec<Spanned<String>>>>,
+    pool: Option<Spanned<String>>,
+    base_image: Option<Spanned<PathBuf>>,
+    console_dir: Option<Spanned<PathBuf>>,
+    keep_volumes: Option<bool>,
+    accel: Option<Spanned<String>>,
+    shutdown_timeout_s: Option<Spanned<u64>>,
+    memory_mib: Option<Spanned<u64>>,
+    remote_bridge: Option<Spanned<String>>,
+}
+
 impl RawConfig {
     /// Checks the rules serde does not know and builds the public config.
     pub(super) fn check(self, source: &Source<'_>) -> Result<Config, ConfigError> {
@@ -125,6 +154,7 @@ impl RawConfig {
         let inventory = check_inventory(self.inventory, source)?;
         let clusters = self.clusters.check(source)?;
         let gateway = self.gateway.check(source)?;
+        let libvirt = self.libvirt.check(source, &site.data_dir)?;
         Ok(Config {
             path: source.path.to_path_buf(),
             site,
@@ -133,6 +163,7 @@ impl RawConfig {
             inventory,
             clusters,
             gateway,
+            libvirt,
         })
     }
 }
@@ -466,12 +497,13 @@ impl RawClusters {
                 "none" => DriverKind::None,
                 "sim" => DriverKind::Sim,
                 "netns" => DriverKind::Netns,
+                "libvirt" => DriverKind::Libvirt,
                 other => {
                     return Err(source.invalid(
                         &driver,
                         "clusters.driver",
                         format!("unknown compute driver {other:?}"),
-                        Some("use \"none\", \"sim\" or \"netns\"".to_owned()),
+                        Some("use \"none\", \"sim\", \"netns\" or \"libvirt\"".to_owned()),
                     ));
                 }
             },
@@ -566,6 +598,187 @@ impl RawGateway {
     }
 }
 
+impl RawLibvirt {
+    fn check(self, source: &Source<'_>, data_dir: &Path) -> Result<LibvirtConfig, ConfigError> {
+        let defaults = LibvirtConfig::new(data_dir);
+
+        let hosts = match self.hosts {
+            None => defaults.hosts,
+            Some(hosts) if hosts.get_ref().is_empty() => {
+                return Err(source.invalid(
+                    &hosts,
+                    "libvirt.hosts",
+                    "no host: the libvirt driver needs at least one".to_owned(),
+                    Some(format!(
+                        "list at least one libvirt URI, e.g. hosts = [\"{DEFAULT_LIBVIRT_HOST}\"]"
+                    )),
+                ));
+            }
+            Some(hosts) => check_libvirt_hosts(hosts.into_inner(), source)?,
+        };
+
+        let pool = match self.pool {
+            None => None,
+            Some(pool) => {
+                if let Some(problem) = pool_name_problem(pool.get_ref()) {
+                    return Err(source.invalid(
+                        &pool,
+                        "libvirt.pool",
+                        format!("invalid pool name {:?}: {problem}", pool.get_ref()),
+                        Some(format!(
+                            "name an existing libvirt storage pool (`virsh pool-list --all`): \
+                             1 to {POOL_NAME_CHARS_MAX} letters, digits, '_', '.' and '-', \
+                             e.g. \"default\""
+                        )),
+                    ));
+                }
+                Some(pool.into_inner())
+            }
+        };
+
+        let base_image = self
+            .base_image
+            .map(|path| source.absolute_path(path, "libvirt.base_image"))
+            .transpose()?;
+        let console_dir = match self.console_dir {
+            None => defaults.console_dir,
+            Some(path) => source.absolute_path(path, "libvirt.console_dir")?,
+        };
+
+        let accel = match self.accel {
+            None => defaults.accel,
+            Some(accel) => match accel.get_ref().as_str() {
+                "auto" => Accel::Auto,
+                "kvm" => Accel::Kvm,
+                "tcg" => Accel::Tcg,
+                other => {
+                    return Err(source.invalid(
+                        &accel,
+                        "libvirt.accel",
+                        format!("unknown accelerator {other:?}"),
+                        Some(
+                            "use \"auto\" (KVM if /dev/kvm works, else TCG), \"kvm\" or \"tcg\" \
+                             (software emulation)"
+                                .to_owned(),
+                        ),
+                    ));
+                }
+            },
+        };
+
+        let shutdown_timeout_s = match self.shutdown_timeout_s {
+            None => defaults.shutdown_timeout_s,
+            Some(value) => source.within(
+                &value,
+                "libvirt.shutdown_timeout_s",
+                SHUTDOWN_TIMEOUT_S_MIN..=SHUTDOWN_TIMEOUT_S_MAX,
+            )?,
+        };
+        let memory_mib = self
+            .memory_mib
+            .map(|value| {
+                source.within(
+                    &value,
+                    "libvirt.memory_mib",
+                    NODE_MEMORY_MIB_MIN..=NODE_MEMORY_MIB_MAX,
+                )
+            })
+            .transpose()?;
+
+        let remote_bridge = match self.remote_bridge {
+            None => defaults.remote_bridge,
+            Some(bridge) => check_remote_bridge(bridge, source)?,
+        };
+
+        Ok(LibvirtConfig {
+            hosts,
+            pool,
+            base_image,
+            console_dir,
+            keep_volumes: self.keep_volumes.unwrap_or(defaults.keep_volumes),
+            accel,
+            shutdown_timeout_s,
+            memory_mib,
+            remote_bridge,
+        })
+    }
+}
+
+fn check_libvirt_hosts(
+    raw: Vec<Spanned<String>>,
+    source: &Source<'_>,
+) -> Result<Vec<String>, ConfigError> {
+    // URI -> index of the first entry with it, to say which one a duplicate repeats.
+    let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+    for (i, uri) in raw.iter().enumerate() {
+        let field = format!("libvirt.hosts[{i}]");
+        if let Some(problem) = libvirt_uri_problem(uri.get_ref()) {
+            return Err(source.invalid(
+                uri,
+                &field,
+                format!("invalid libvirt URI {:?}: {problem}", uri.get_ref()),
+                Some(LIBVIRT_URI_HINT.to_owned()),
+            ));
+        }
+        if let Some(first) = seen.get(uri.get_ref().as_str()) {
+            return Err(source.invalid(
+                uri,
+                &field,
+                format!(
+                    "duplicate host {:?}, already listed as libvirt.hosts[{first}]",
+                    uri.get_ref()
+                ),
+                Some("list each host once".to_owned()),
+            ));
+        }
+        seen.insert(uri.get_ref(), i);
+    }
+    Ok(raw.into_iter().map(Spanned::into_inner).collect())
+}
+
+fn check_remote_bridge(
+    bridge: Spanned<String>,
+    source: &Source<'_>,
+) -> Result<String, ConfigError> {
+    let field = "libvirt.remote_bridge";
+    let name = bridge.get_ref();
+    let placeholders = name.matches(VLAN_PLACEHOLDER).count();
+    if placeholders != 1 {
+        let message = if placeholders == 0 {
+            format!("{name:?} has no {VLAN_PLACEHOLDER} placeholder for the cluster's VLAN id")
+        } else {
+            format!("{name:?} has {placeholders} {VLAN_PLACEHOLDER} placeholders, not one")
+        };
+        return Err(source.invalid(
+            &bridge,
+            field,
+            message,
+            Some(format!(
+                "write {VLAN_PLACEHOLDER} once where the VLAN id goes, e.g. \"br{VLAN_PLACEHOLDER}\""
+            )),
+        ));
+    }
+    // The longest name is the one for the highest VLAN id.
+    let longest = name.replacen(VLAN_PLACEHOLDER, &VLAN_ID_MAX.to_string(), 1);
+    if let Some(problem) = ifname_problem(&longest) {
+        return Err(source.invalid(
+            &bridge,
+            field,
+            format!(
+                "{name:?} gives {longest:?} for VLAN {VLAN_ID_MAX}, not a valid interface name: \
+                 {problem}"
+            ),
+            Some(format!(
+                "a Linux interface name is at most {} bytes without '/', ':' or whitespace, \
+                 {VLAN_PLACEHOLDER} included as 4 digits, e.g. \"br{VLAN_PLACEHOLDER}\" or \
+                 \"vlan{VLAN_PLACEHOLDER}\"",
+                vcfed_overlay::linux::IFNAME_LEN_MAX
+            )),
+        ));
+    }
+    Ok(bridge.into_inner())
+}
+
 /// Checks that only the site configuration needs.
 impl Source<'_> {
     fn multiaddr(&self, text: &Spanned<String>, field: &str) -> Result<Multiaddr, ConfigError> {
@@ -602,6 +815,58 @@ impl Source<'_> {
             ));
         }
         Ok(number)
+    }
+
+    /// `value` if it lies within `bounds`; the error names both ends.
+    fn within(
+        &self,
+        value: &Spanned<u64>,
+        field: &str,
+        bounds: std::ops::RangeInclusive<u64>,
+    ) -> Result<u64, ConfigError> {
+        let number = *value.get_ref();
+        if !bounds.contains(&number) {
+            return Err(self.invalid(
+                value,
+                field,
+                format!(
+                    "{number} is out of range: use {} to {}",
+                    bounds.start(),
+                    bounds.end()
+                ),
+                example(field).map(|example| format!("write it like `{example}`")),
+            ));
+        }
+        Ok(number)
+    }
+
+    /// A path that must be absolute: libvirt may use it on another host, where the directory
+    /// of this file means nothing.
+    fn absolute_path(&self, value: Spanned<PathBuf>, field: &str) -> Result<PathBuf, ConfigError> {
+        let path = value.get_ref();
+        if path.as_os_str().is_empty() {
+            return Err(self.invalid(
+                &value,
+                field,
+                "path is empty".to_owned(),
+                example(field).map(|example| format!("write it like `{example}`")),
+            ));
+        }
+        if !path.is_absolute() {
+            return Err(self.invalid(
+                &value,
+                field,
+                format!("{:?} is a relative path", path.display().to_string()),
+                Some(format!(
+                    "paths in [libvirt] are not resolved against this file's directory, since \
+                     libvirt may use them on another host: write an absolute path{}",
+                    example(field)
+                        .map(|example| format!(", like `{example}`"))
+                        .unwrap_or_default()
+                )),
+            ));
+        }
+        Ok(value.into_inner())
     }
 
     fn at_least_one<T>(&self, value: &Spanned<T>, field: &str) -> Result<T, ConfigError>
@@ -642,6 +907,88 @@ fn site_name_problem(name: &str) -> Option<String> {
         return Some("it starts or ends with '-'".to_owned());
     }
     None
+}
+
+/// What is wrong with `name` as a libvirt storage pool name, if anything.
+fn pool_name_problem(name: &str) -> Option<String> {
+    let chars = name.chars().count();
+    if chars == 0 {
+        return Some("it is empty".to_owned());
+    }
+    if chars > POOL_NAME_CHARS_MAX {
+        return Some(format!(
+            "it is {chars} characters long, more than {POOL_NAME_CHARS_MAX}"
+        ));
+    }
+    name.chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
+        .map(|c| format!("{c:?} is not a letter, digit, '_', '.' or '-'"))
+}
+
+/// What is wrong with `uri` as a libvirt connection URI of a hypervisor host, if anything:
+/// `DRIVER[+TRANSPORT]://[[USER@]HOST[:PORT]]/PATH[?PARAMS]`, with a driver of
+/// [`LIBVIRT_DRIVERS`] and a transport of [`LIBVIRT_TRANSPORTS`].
+fn libvirt_uri_problem(uri: &str) -> Option<String> {
+    if let Some(c) = uri.chars().find(|c| c.is_whitespace()) {
+        return Some(format!("it contains {c:?}"));
+    }
+    let Some((scheme, rest)) = uri.split_once("://") else {
+        return Some("it has no \"://\" after the driver".to_owned());
+    };
+    let (driver, transport) = match scheme.split_once('+') {
+        Some((driver, transport)) => (driver, Some(transport)),
+        None => (scheme, None),
+    };
+    if !LIBVIRT_DRIVERS.contains(&driver) {
+        return Some(format!("driver {driver:?} is not \"qemu\" or \"test\""));
+    }
+    if let Some(transport) = transport
+        && !LIBVIRT_TRANSPORTS.contains(&transport)
+    {
+        return Some(format!(
+            "transport {transport:?} is not one of {}",
+            LIBVIRT_TRANSPORTS.join(", ")
+        ));
+    }
+    let rest = rest
+        .split_once('?')
+        .map_or(rest, |(before, _params)| before);
+    let Some((authority, path)) = rest.split_once('/') else {
+        return Some("it has no path, such as \"/system\"".to_owned());
+    };
+    if path.is_empty() {
+        return Some("its path is empty; write e.g. \"/system\"".to_owned());
+    }
+    if authority.is_empty() {
+        return None;
+    }
+    let host_port = match authority.rsplit_once('@') {
+        Some(("", _)) => return Some("the user name before '@' is empty".to_owned()),
+        Some((_, host_port)) => host_port,
+        None => authority,
+    };
+    let host = match host_port.rsplit_once(':') {
+        // A colon inside brackets belongs to an IPv6 address, not to a port.
+        Some((host, port)) if !port.contains(']') => {
+            if !matches!(port.parse::<u16>(), Ok(port) if port != 0) {
+                return Some(format!("port {port:?} is not a number from 1 to 65535"));
+            }
+            host
+        }
+        _ => host_port,
+    };
+    if let Some(address) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return address
+            .parse::<Ipv6Addr>()
+            .is_err()
+            .then(|| format!("{address:?} is not an IPv6 address"));
+    }
+    if host.parse::<Ipv4Addr>().is_ok() || is_dns_name(host) {
+        return None;
+    }
+    Some(format!(
+        "host {host:?} is neither an IP address nor a DNS name"
+    ))
 }
 
 /// What is wrong with `endpoint` as a public `host:port`, if anything.

@@ -413,6 +413,15 @@ pub(super) fn example(field: &str) -> Option<&'static str> {
         "gateway.endpoint" => r#"endpoint = "gw.example.org:7782""#,
         "gateway.bridge" => r#"bridge = "br-site""#,
         "gateway.trunk" => r#"trunk = "eth1""#,
+        "libvirt.hosts" => r#"hosts = ["qemu:///system", "qemu+ssh://root@hv2/system"]"#,
+        "libvirt.pool" => r#"pool = "default""#,
+        "libvirt.base_image" => r#"base_image = "/var/lib/libvirt/images/node-base.qcow2""#,
+        "libvirt.console_dir" => r#"console_dir = "/var/lib/vcfed/consoles""#,
+        "libvirt.keep_volumes" => "keep_volumes = false",
+        "libvirt.accel" => r#"accel = "auto""#,
+        "libvirt.shutdown_timeout_s" => "shutdown_timeout_s = 10",
+        "libvirt.memory_mib" => "memory_mib = 2048",
+        "libvirt.remote_bridge" => r#"remote_bridge = "br{vlan}""#,
         // The file of `vcfed gateway --config` (see `gateway_config`).
         "private_key_file" => r#"private_key_file = "tunnel.key""#,
         "listen" => r#"listen = "0.0.0.0:7782""#,
@@ -434,7 +443,7 @@ pub(super) fn example(field: &str) -> Option<&'static str> {
 
 /// What is wrong with `name` as a Linux interface name, if anything; the kernel's rules
 /// (`dev_valid_name`).
-fn ifname_problem(name: &str) -> Option<String> {
+pub(super) fn ifname_problem(name: &str) -> Option<String> {
     if name.is_empty() {
         return Some("it is empty".to_owned());
     }

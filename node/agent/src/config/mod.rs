@@ -12,7 +12,9 @@
 //! the spans is what lets every error, including the semantic ones, name a line.
 //!
 //! Relative paths in the file are resolved against the directory that holds the file, so a
-//! configuration means the same thing whatever the working directory of `vcfed` is.
+//! configuration means the same thing whatever the working directory of `vcfed` is. The paths
+//! of `[libvirt]` are the exception: they must be absolute, because libvirt may use them on
+//! another host, where this file's directory means nothing.
 //!
 //! The submodules follow the two passes: `checks` holds the `Raw*` structs and the rules of
 //! the second pass, `types` the checked types it builds, `diagnostics` the machinery that turns
@@ -37,9 +39,9 @@ mod tests;
 pub use diagnostics::ConfigError;
 pub use template::{InitParams, render_template};
 pub use types::{
-    ApiConfig, ClustersConfig, Config, DriverKind, FederationConfig, GatewayConfig, GossipTiming,
-    Host, Inventory, InventorySource, NodeShape, ParseVlanRangeError, SiteConfig, SiteLink,
-    VlanRange,
+    Accel, ApiConfig, ClustersConfig, Config, DriverKind, FederationConfig, GatewayConfig,
+    GossipTiming, Host, Inventory, InventorySource, LibvirtConfig, NodeShape, ParseVlanRangeError,
+    SiteConfig, SiteLink, VlanRange,
 };
 
 use checks::RawConfig;
@@ -51,6 +53,13 @@ pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:7780";
 pub const DEFAULT_FEDERATION_LISTEN: &str = "/ip4/0.0.0.0/tcp/7781";
 /// Default UDP address of the data-plane gateway.
 pub const DEFAULT_GATEWAY_LISTEN: &str = "0.0.0.0:7782";
+/// libvirt connection URI of the one hypervisor host used when `libvirt.hosts` is not set:
+/// the local system libvirtd.
+pub const DEFAULT_LIBVIRT_HOST: &str = "qemu:///system";
+/// `libvirt.remote_bridge` when not set.
+pub const DEFAULT_LIBVIRT_REMOTE_BRIDGE: &str = "br{vlan}";
+/// `libvirt.shutdown_timeout_s` when not set, in seconds.
+pub const DEFAULT_LIBVIRT_SHUTDOWN_TIMEOUT_S: u64 = 10;
 /// Conventional file name of the site configuration.
 pub const CONFIG_FILE_NAME: &str = "vcfed.toml";
 

@@ -5,8 +5,13 @@ use std::path::PathBuf;
 
 use multiaddr::Multiaddr;
 
+use super::types::{
+    NODE_MEMORY_MIB_MAX, NODE_MEMORY_MIB_MIN, POOL_NAME_CHARS_MAX, SHUTDOWN_TIMEOUT_S_MAX,
+    SHUTDOWN_TIMEOUT_S_MIN,
+};
 use super::{
-    DEFAULT_API_LISTEN, DEFAULT_FEDERATION_LISTEN, DEFAULT_GATEWAY_LISTEN, NodeShape, VlanRange,
+    DEFAULT_API_LISTEN, DEFAULT_FEDERATION_LISTEN, DEFAULT_GATEWAY_LISTEN, DEFAULT_LIBVIRT_HOST,
+    DEFAULT_LIBVIRT_REMOTE_BRIDGE, DEFAULT_LIBVIRT_SHUTDOWN_TIMEOUT_S, NodeShape, VlanRange,
 };
 
 /// What `vcfed init` puts in a new config.
@@ -77,6 +82,7 @@ impl InitParams {
 pub fn render_template(p: &InitParams) -> String {
     let data_dir = p.data_dir.to_string_lossy();
     let token_file = p.data_dir.join("api.token");
+    let console_dir = p.data_dir.join("consoles");
     let node = &p.node;
     format!(
         r#"# vcfed site configuration.
@@ -148,9 +154,11 @@ disk_gib = {disk_gib}
 # or "ID" for a single id, within 1-4094 (802.1Q reserves 0 and 4095).
 vlans = {vlans}
 # How this site runs cluster nodes: "none" (reserve only, start nothing),
-# "sim" (no side effects) or "netns" (each node a network namespace booted
-# over DHCP/TFTP from the cluster's frontend; runs the gateway; needs root).
-# Default: "none".
+# "sim" (no side effects), "netns" (each node a network namespace booted
+# over DHCP/TFTP from the cluster's frontend; runs the gateway; needs root)
+# or "libvirt" (each compute node a QEMU virtual machine that PXE-boots from
+# the cluster's frontend, set up in [libvirt] below; runs the gateway; needs
+# root and a running libvirtd). Default: "none".
 # driver = "netns"
 
 [gateway]
@@ -165,6 +173,40 @@ listen = {gateway_listen}
 # Default: neither (no site link configured yet).
 # bridge = "br-site"
 # trunk = "eth1"
+
+# Where driver = "libvirt" runs node VMs. The table and every field in it
+# are optional; the table is checked whatever the driver.
+# [libvirt]
+# libvirt connection URIs of this site's hypervisor hosts, written
+# DRIVER[+TRANSPORT]://[[USER@]HOST[:PORT]]/PATH[?PARAMS] with DRIVER "qemu"
+# (or "test", libvirt's fake host), e.g. "qemu+ssh://root@hv2/system"; at
+# least one, each once. Default: ["{DEFAULT_LIBVIRT_HOST}"].
+# hosts = ["{DEFAULT_LIBVIRT_HOST}"]
+# An existing libvirt storage pool for the nodes' disks: 1 to
+# {POOL_NAME_CHARS_MAX} letters, digits, '_', '.' and '-'. Default: unset (the agent
+# defines its own "dir" pool in "<data_dir>/pool").
+# pool = "default"
+# Disk image that every node volume is a copy-on-write overlay of; an
+# absolute path. Default: unset (no backing image).
+# base_image = "/var/lib/libvirt/images/node-base.qcow2"
+# Directory for the nodes' serial console logs; an absolute path.
+# Default: "<data_dir>/consoles".
+# console_dir = {console_dir}
+# Keep the node volumes after their cluster ends. Default: false.
+# keep_volumes = false
+# What runs the VMs' CPUs: "auto" (KVM if /dev/kvm works, else TCG), "kvm"
+# or "tcg" (software emulation). Default: "auto".
+# accel = "auto"
+# Seconds an ACPI shutdown may take before the VM is destroyed; within
+# {SHUTDOWN_TIMEOUT_S_MIN}-{SHUTDOWN_TIMEOUT_S_MAX}. Default: {DEFAULT_LIBVIRT_SHUTDOWN_TIMEOUT_S}.
+# shutdown_timeout_s = {DEFAULT_LIBVIRT_SHUTDOWN_TIMEOUT_S}
+# Cap on a node VM's memory, in MiB, within {NODE_MEMORY_MIB_MIN}-{NODE_MEMORY_MIB_MAX}.
+# Default: unset (the memory the cluster's request asks for per node).
+# memory_mib = 2048
+# On every host but the first: the Linux bridge that carries a cluster's
+# VLAN from the site trunk, with {{vlan}} (exactly once) for the VLAN id; at
+# most 15 bytes with {{vlan}} as 4 digits. Default: "{DEFAULT_LIBVIRT_REMOTE_BRIDGE}".
+# remote_bridge = "{DEFAULT_LIBVIRT_REMOTE_BRIDGE}"
 "#,
         site = toml_string(&p.site),
         data_dir = toml_string(&data_dir),
@@ -178,6 +220,7 @@ listen = {gateway_listen}
         disk_gib = node.disk_gib,
         vlans = toml_string(&p.vlans.to_string()),
         gateway_listen = toml_string(&p.gateway_listen.to_string()),
+        console_dir = toml_string(&console_dir.to_string_lossy()),
     )
 }
 

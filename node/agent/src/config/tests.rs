@@ -948,3 +948,416 @@ fn sizes_the_ledger_cannot_store_are_config_errors() {
         "is too large: at most 9223372036854775807",
     );
 }
+
+/// `minimal` with a `[libvirt]` table holding `lines`, which start on line 12.
+fn with_libvirt(lines: &str) -> String {
+    minimal(&format!("[libvirt]\n{lines}\n"))
+}
+
+#[test]
+fn libvirt_table_absent_gets_defaults() {
+    let config = parse(&minimal("")).expect("valid");
+    let libvirt = &config.libvirt;
+
+    assert_eq!(libvirt.hosts, ["qemu:///system"]);
+    assert_eq!(libvirt.pool, None);
+    assert_eq!(libvirt.base_image, None);
+    // Like the API token, the default resolves against the data dir at load.
+    assert_eq!(libvirt.console_dir, Path::new("/etc/vcfed/data/consoles"));
+    assert!(!libvirt.keep_volumes);
+    assert_eq!(libvirt.accel, Accel::Auto);
+    assert_eq!(libvirt.shutdown_timeout_s, 10);
+    assert_eq!(libvirt.shutdown_timeout(), Duration::from_secs(10));
+    assert_eq!(libvirt.memory_mib, None);
+    assert_eq!(libvirt.remote_bridge, "br{vlan}");
+    assert_eq!(libvirt.remote_bridge_for(100), "br100");
+    assert_eq!(*libvirt, LibvirtConfig::new(&config.site.data_dir));
+
+    // An empty table means the same as none.
+    assert_eq!(parse(&with_libvirt("")).expect("valid").libvirt, *libvirt);
+}
+
+#[test]
+fn libvirt_keys_are_read() {
+    let text = with_libvirt(
+        "hosts = [\"qemu:///system\", \"qemu+ssh://root@hv2/system\", \"test:///default\"]\n\
+         pool = \"vcfed_nodes-1.0\"\n\
+         base_image = \"/srv/images/node.qcow2\"\n\
+         console_dir = \"/var/log/vcfed/consoles\"\n\
+         keep_volumes = true\n\
+         accel = \"tcg\"\n\
+         shutdown_timeout_s = 30\n\
+         memory_mib = 2048\n\
+         remote_bridge = \"vlan{vlan}br\"",
+    )
+    .replace("vlans =", "driver = \"libvirt\"\nvlans =");
+    let config = parse(&text).unwrap_or_else(|e| panic!("{e}\n---\n{text}"));
+
+    assert_eq!(config.clusters.driver, DriverKind::Libvirt);
+    assert_eq!(config.clusters.driver.as_str(), "libvirt");
+    assert_eq!(
+        config.libvirt,
+        LibvirtConfig {
+            hosts: vec![
+                "qemu:///system".to_owned(),
+                "qemu+ssh://root@hv2/system".to_owned(),
+                "test:///default".to_owned(),
+            ],
+            pool: Some("vcfed_nodes-1.0".to_owned()),
+            base_image: Some(PathBuf::from("/srv/images/node.qcow2")),
+            console_dir: PathBuf::from("/var/log/vcfed/consoles"),
+            keep_volumes: true,
+            accel: Accel::Tcg,
+            shutdown_timeout_s: 30,
+            memory_mib: Some(2048),
+            remote_bridge: "vlan{vlan}br".to_owned(),
+        }
+    );
+    assert_eq!(config.libvirt.remote_bridge_for(7), "vlan7br");
+    assert_eq!(config.libvirt.remote_bridge_for(4094), "vlan4094br");
+    assert_eq!(config.libvirt.shutdown_timeout(), Duration::from_secs(30));
+
+    for (accel, expected) in [
+        ("auto", Accel::Auto),
+        ("kvm", Accel::Kvm),
+        ("tcg", Accel::Tcg),
+    ] {
+        let config = parse(&with_libvirt(&format!("accel = {accel:?}"))).expect("valid");
+        assert_eq!(config.libvirt.accel, expected);
+        assert_eq!(expected.as_str(), accel);
+    }
+}
+
+#[test]
+fn template_documents_libvirt_and_its_example_parses() {
+    let params = InitParams::new("site-a".to_owned(), PathBuf::from("/var/lib/vcfed"));
+    let text = render_template(&params);
+    // The section is commented out; uncomment its header and `key = value` lines.
+    let start = text
+        .lines()
+        .position(|line| line == "# [libvirt]")
+        .expect("the template has a [libvirt] section");
+    let mut keys = Vec::new();
+    let lines: Vec<String> = text
+        .lines()
+        .enumerate()
+        .map(|(i, line)| {
+            let uncommented = line.strip_prefix("# ").unwrap_or(line);
+            let is_key = uncommented
+                .split_once(" = ")
+                .is_some_and(|(key, _)| key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'));
+            if i == start || (i > start && is_key) {
+                if is_key {
+                    let key = uncommented.split(' ').next().expect("a key");
+                    keys.push(key.to_owned());
+                    let comment = text.lines().nth(i - 1).expect("a line before");
+                    assert!(comment.starts_with("# "), "{key} has no comment above it");
+                }
+                uncommented.to_owned()
+            } else {
+                line.to_owned()
+            }
+        })
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "hosts",
+            "pool",
+            "base_image",
+            "console_dir",
+            "keep_volumes",
+            "accel",
+            "shutdown_timeout_s",
+            "memory_mib",
+            "remote_bridge",
+        ],
+        "every key of [libvirt] is documented, in the struct's order"
+    );
+
+    let text = lines.join("\n");
+    let config = parse(&text).unwrap_or_else(|e| panic!("{e}\n---\n{text}"));
+    // The keys with a default show it; the others show an example.
+    let defaults = LibvirtConfig::new(&params.data_dir);
+    assert_eq!(
+        config.libvirt,
+        LibvirtConfig {
+            pool: Some("default".to_owned()),
+            base_image: Some(PathBuf::from("/var/lib/libvirt/images/node-base.qcow2")),
+            memory_mib: Some(2048),
+            ..defaults
+        }
+    );
+    // Left commented out, it changes nothing.
+    assert_eq!(
+        parse(&render_template(&params)).expect("valid").libvirt,
+        LibvirtConfig::new(&params.data_dir)
+    );
+}
+
+#[test]
+fn libvirt_host_uris_are_checked() {
+    for good in [
+        "qemu:///system",
+        "qemu:///session",
+        "test:///default",
+        "qemu+ssh://root@hv2/system",
+        "qemu+ssh://root@hv2.example.org:2222/system?keyfile=/root/.ssh/id_ed25519",
+        "qemu+tls://192.0.2.5/system",
+        "qemu+libssh2://[2001:db8::1]:22/system",
+        "qemu+unix:///system?socket=/run/libvirt/libvirt-sock",
+        "qemu://hv3/system",
+    ] {
+        let config = parse(&with_libvirt(&format!("hosts = [{good:?}]")))
+            .unwrap_or_else(|e| panic!("{good}: {e}"));
+        assert_eq!(config.libvirt.hosts, [good]);
+    }
+    for (bad, message) in [
+        (
+            "xen:///system",
+            "driver \"xen\" is not \"qemu\" or \"test\"",
+        ),
+        ("qemu+shh://hv2/system", "transport \"shh\" is not one of"),
+        ("hv2", "no \"://\""),
+        ("qemu://hv2", "no path"),
+        ("qemu:///", "path is empty"),
+        ("qemu:// /system", "contains ' '"),
+        ("qemu+ssh://root@hv2:0/system", "port \"0\" is not a number"),
+        ("qemu+ssh://@hv2/system", "user name before '@' is empty"),
+        ("qemu+ssh://root@/system", "host \"\" is neither"),
+        ("qemu+ssh://hv_2/system", "host \"hv_2\" is neither"),
+        ("qemu+tcp://[2001:db8::zz]/system", "is not an IPv6 address"),
+    ] {
+        let e = parse_err(&with_libvirt(&format!(
+            "hosts = [\"qemu:///system\", {bad:?}]"
+        )));
+        assert_error(&e, 12, "libvirt.hosts[1]", message);
+        assert!(
+            e.message.contains(&format!("invalid libvirt URI {bad:?}")),
+            "{e}"
+        );
+        assert_eq!(e.column, Some(28), "{e}");
+        assert!(
+            e.hint
+                .as_deref()
+                .is_some_and(|h| h.contains("\"qemu+ssh://root@hv2/system\"")),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn duplicate_and_missing_libvirt_hosts_are_refused() {
+    let e = parse_err(&with_libvirt(
+        "hosts = [\n  \"qemu:///system\",\n  \"qemu+ssh://hv2/system\",\n  \"qemu:///system\",\n]",
+    ));
+    assert_error(
+        &e,
+        15,
+        "libvirt.hosts[2]",
+        "duplicate host \"qemu:///system\", already listed as libvirt.hosts[0]",
+    );
+
+    let e = parse_err(&with_libvirt("hosts = []"));
+    assert_error(&e, 12, "libvirt.hosts", "needs at least one");
+    assert!(
+        e.hint
+            .as_deref()
+            .is_some_and(|h| h.contains("hosts = [\"qemu:///system\"]")),
+        "{e}"
+    );
+}
+
+#[test]
+fn libvirt_paths_must_be_absolute() {
+    for key in ["base_image", "console_dir"] {
+        let e = parse_err(&with_libvirt(&format!("{key} = \"images/node.qcow2\"")));
+        assert_error(
+            &e,
+            12,
+            &format!("libvirt.{key}"),
+            "\"images/node.qcow2\" is a relative path",
+        );
+        assert!(
+            e.hint
+                .as_deref()
+                .is_some_and(|h| h.contains("write an absolute path")),
+            "{e}"
+        );
+        let e = parse_err(&with_libvirt(&format!("{key} = \"\"")));
+        assert_error(&e, 12, &format!("libvirt.{key}"), "path is empty");
+    }
+    // Existence is the driver's business: a missing image is a failed node, not a bad file.
+    let config = parse(&with_libvirt(
+        "base_image = \"/nonexistent/vcfed/node.qcow2\"",
+    ))
+    .expect("not checked for existence");
+    assert_eq!(
+        config.libvirt.base_image.as_deref(),
+        Some(Path::new("/nonexistent/vcfed/node.qcow2"))
+    );
+}
+
+#[test]
+fn libvirt_pool_names_are_checked() {
+    for (pool, message) in [
+        ("", "it is empty"),
+        ("my pool", "' ' is not a letter, digit, '_', '.' or '-'"),
+        ("pools/a", "'/' is not a letter"),
+        (&"p".repeat(65), "65 characters long, more than 64"),
+    ] {
+        let e = parse_err(&with_libvirt(&format!("pool = {pool:?}")));
+        assert_error(&e, 12, "libvirt.pool", message);
+        assert!(
+            e.hint
+                .as_deref()
+                .is_some_and(|h| h.contains("virsh pool-list"))
+        );
+    }
+    let long = "p".repeat(64);
+    let config = parse(&with_libvirt(&format!("pool = {long:?}"))).expect("64 characters fit");
+    assert_eq!(config.libvirt.pool, Some(long));
+}
+
+#[test]
+fn libvirt_remote_bridge_is_checked() {
+    for (bridge, message) in [
+        ("br-cluster", "has no {vlan} placeholder"),
+        ("br{vlan}-{vlan}", "has 2 {vlan} placeholders, not one"),
+        (
+            "bridge-clust{vlan}",
+            "gives \"bridge-clust4094\" for VLAN 4094, not a valid interface name: it is 16 \
+             bytes long, more than 15",
+        ),
+        ("br:{vlan}", "it contains ':'"),
+        ("br/{vlan}", "it contains '/'"),
+        ("br {vlan}", "it contains ' '"),
+    ] {
+        let e = parse_err(&with_libvirt(&format!("remote_bridge = {bridge:?}")));
+        assert_error(&e, 12, "libvirt.remote_bridge", message);
+        assert!(
+            e.hint.as_deref().is_some_and(|h| h.contains("br{vlan}")),
+            "{e}"
+        );
+    }
+    // 15 bytes for VLAN 4094 is the longest Linux allows.
+    let config =
+        parse(&with_libvirt("remote_bridge = \"bridge-clus{vlan}\"")).expect("15 bytes fit");
+    assert_eq!(config.libvirt.remote_bridge_for(4094), "bridge-clus4094");
+    assert_eq!(config.libvirt.remote_bridge_for(1), "bridge-clus1");
+}
+
+#[test]
+fn libvirt_numbers_are_bounded() {
+    for (line, field, message) in [
+        (
+            "shutdown_timeout_s = 0",
+            "shutdown_timeout_s",
+            "0 is out of range: use 1 to 600",
+        ),
+        (
+            "shutdown_timeout_s = 601",
+            "shutdown_timeout_s",
+            "601 is out of range: use 1 to 600",
+        ),
+        (
+            "memory_mib = 63",
+            "memory_mib",
+            "63 is out of range: use 64 to 1048576",
+        ),
+        (
+            "memory_mib = 1048577",
+            "memory_mib",
+            "1048577 is out of range: use 64 to 1048576",
+        ),
+        (
+            "shutdown_timeout_s = -1",
+            "shutdown_timeout_s",
+            "expected a non-negative integer",
+        ),
+    ] {
+        let e = parse_err(&with_libvirt(line));
+        assert_error(&e, 12, &format!("libvirt.{field}"), message);
+        assert!(
+            e.hint
+                .as_deref()
+                .is_some_and(|h| h.starts_with("write it like")),
+            "{e}"
+        );
+    }
+    for (line, timeout_s, memory_mib) in [
+        ("shutdown_timeout_s = 1\nmemory_mib = 64", 1, 64),
+        (
+            "shutdown_timeout_s = 600\nmemory_mib = 1048576",
+            600,
+            1_048_576,
+        ),
+    ] {
+        let config = parse(&with_libvirt(line)).expect("the bounds are allowed");
+        assert_eq!(config.libvirt.shutdown_timeout_s, timeout_s);
+        assert_eq!(config.libvirt.memory_mib, Some(memory_mib));
+    }
+}
+
+#[test]
+fn libvirt_unknown_values_and_keys_are_refused() {
+    let e = parse_err(&with_libvirt("accel = \"fast\""));
+    assert_error(&e, 12, "libvirt.accel", "unknown accelerator \"fast\"");
+    let hint = e.hint.unwrap_or_default();
+    for allowed in ["\"auto\"", "\"kvm\"", "\"tcg\""] {
+        assert!(hint.contains(allowed), "{hint}");
+    }
+
+    let e = parse_err(&with_libvirt("keep_volumes = \"yes\""));
+    assert_error(&e, 12, "libvirt.keep_volumes", "expected a boolean");
+    assert_eq!(
+        e.hint.as_deref(),
+        Some("write it like `keep_volumes = false`")
+    );
+
+    let e = parse_err(&with_libvirt("host = [\"qemu:///system\"]"));
+    assert_error(&e, 12, "libvirt.host", "unknown field `host`");
+    assert_eq!(
+        e.hint.as_deref(),
+        Some(
+            "did you mean `hosts`? the [libvirt] table accepts `hosts`, `pool`, `base_image`, \
+             `console_dir`, `keep_volumes`, `accel`, `shutdown_timeout_s`, `memory_mib`, \
+             `remote_bridge`"
+        )
+    );
+
+    let e = parse_err(&minimal("").replace("vlans =", "driver = \"qemu\"\nvlans ="));
+    assert!(
+        e.hint.as_deref().is_some_and(|h| h.contains("\"libvirt\"")),
+        "{e}"
+    );
+}
+
+#[test]
+fn changed_libvirt_fields_need_a_restart() {
+    let running = parse(&minimal("")).unwrap();
+    let edited = parse(&with_libvirt(
+        "hosts = [\"qemu+ssh://hv2/system\"]\naccel = \"kvm\"\nremote_bridge = \"vl{vlan}\"",
+    ))
+    .unwrap();
+    assert_eq!(
+        running.changed_fields(&edited),
+        ["libvirt.hosts", "libvirt.accel", "libvirt.remote_bridge"]
+    );
+    let edited = parse(&with_libvirt(
+        "pool = \"p\"\nbase_image = \"/i\"\nconsole_dir = \"/c\"\nkeep_volumes = true\n\
+         shutdown_timeout_s = 5\nmemory_mib = 512",
+    ))
+    .unwrap();
+    assert_eq!(
+        running.changed_fields(&edited),
+        [
+            "libvirt.pool",
+            "libvirt.base_image",
+            "libvirt.console_dir",
+            "libvirt.keep_volumes",
+            "libvirt.shutdown_timeout_s",
+            "libvirt.memory_mib",
+        ]
+    );
+}

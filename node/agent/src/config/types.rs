@@ -2,17 +2,36 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
 use libp2p_identity::PeerId;
 use multiaddr::Multiaddr;
 
+use super::{
+    DEFAULT_LIBVIRT_HOST, DEFAULT_LIBVIRT_REMOTE_BRIDGE, DEFAULT_LIBVIRT_SHUTDOWN_TIMEOUT_S,
+};
+
 /// Lowest usable 802.1Q VLAN id; 0 means "priority tag only".
 pub(super) const VLAN_ID_MIN: u16 = 1;
 /// Highest usable 802.1Q VLAN id; 4095 is reserved.
 pub(super) const VLAN_ID_MAX: u16 = 4094;
+
+/// Longest libvirt storage pool name accepted in `libvirt.pool`, in characters.
+pub(super) const POOL_NAME_CHARS_MAX: usize = 64;
+/// Shortest accepted `libvirt.shutdown_timeout_s`: a guest gets at least a second to power off.
+pub(super) const SHUTDOWN_TIMEOUT_S_MIN: u64 = 1;
+/// Longest accepted `libvirt.shutdown_timeout_s`: a stuck guest must not hold a cluster's
+/// stop for more than ten minutes.
+pub(super) const SHUTDOWN_TIMEOUT_S_MAX: u64 = 600;
+/// Smallest accepted `libvirt.memory_mib`: a VM with less cannot boot a PXE firmware and a
+/// kernel.
+pub(super) const NODE_MEMORY_MIB_MIN: u64 = 64;
+/// Largest accepted `libvirt.memory_mib` (1 TiB), to catch a value written in KiB or bytes.
+pub(super) const NODE_MEMORY_MIB_MAX: u64 = 1 << 20;
+/// The placeholder in `libvirt.remote_bridge` that stands for a cluster's VLAN id.
+pub(super) const VLAN_PLACEHOLDER: &str = "{vlan}";
 
 /// A loaded and checked site configuration.
 ///
@@ -34,6 +53,9 @@ pub struct Config {
     pub clusters: ClustersConfig,
     /// `[gateway]`: the data plane that joins this site's cluster networks to other sites.
     pub gateway: GatewayConfig,
+    /// `[libvirt]`: where the `libvirt` driver runs node VMs; the defaults when the table is
+    /// absent, and checked whatever the driver.
+    pub libvirt: LibvirtConfig,
 }
 
 /// The `[site]` table.
@@ -180,6 +202,12 @@ pub enum DriverKind {
     /// booted over DHCP/TFTP from the frontend, and the agent runs the
     /// gateway that links the cluster's sites (needs root).
     Netns,
+    /// `"libvirt"`: each compute node is a libvirt virtual machine (QEMU)
+    /// that PXE-boots from the cluster's frontend; the frontend stays the
+    /// built-in dnsmasq service, and the agent runs the gateway as with
+    /// `netns` (needs root and a running libvirtd). Configured by
+    /// [`LibvirtConfig`].
+    Libvirt,
 }
 
 impl DriverKind {
@@ -189,6 +217,7 @@ impl DriverKind {
             DriverKind::None => "none",
             DriverKind::Sim => "sim",
             DriverKind::Netns => "netns",
+            DriverKind::Libvirt => "libvirt",
         }
     }
 }
@@ -211,6 +240,91 @@ pub struct GatewayConfig {
     pub endpoint: Option<String>,
     /// The site link; `None` means none is configured yet.
     pub site_link: Option<SiteLink>,
+}
+
+/// The `[libvirt]` table: the hypervisor hosts and the disks, consoles and limits of the
+/// node VMs that the `libvirt` driver runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LibvirtConfig {
+    /// libvirt connection URIs of the site's hypervisor hosts, in file order: never empty, no
+    /// two equal, each `DRIVER[+TRANSPORT]://[[USER@]HOST[:PORT]]/PATH[?PARAMS]` with DRIVER
+    /// `qemu` or `test` (`test:///default` is libvirt's built-in fake host).
+    pub hosts: Vec<String>,
+    /// Name of an existing libvirt storage pool for the nodes' disks; `None` means the agent
+    /// defines its own `dir` pool under `<data_dir>/pool`.
+    pub pool: Option<String>,
+    /// Absolute path of a disk image that every node volume is a copy-on-write overlay of.
+    /// Whether it exists is checked by the driver, per node, not here.
+    pub base_image: Option<PathBuf>,
+    /// Directory for the nodes' serial console logs; `<data_dir>/consoles` unless set, and
+    /// absolute when set.
+    pub console_dir: PathBuf,
+    /// Whether node volumes are kept after their cluster ends.
+    pub keep_volumes: bool,
+    /// Which accelerator the node VMs run on.
+    pub accel: Accel,
+    /// Seconds an ACPI shutdown may take before the VM is destroyed; within 1-600.
+    pub shutdown_timeout_s: u64,
+    /// Cap on a node VM's memory, in MiB, within 64-1048576; `None` gives a node the memory
+    /// its cluster's request asks for.
+    pub memory_mib: Option<u64>,
+    /// Name of the Linux bridge that carries a cluster's VLAN from the site trunk, on every
+    /// host but the first, with `{vlan}` (present exactly once) standing for the VLAN id; see
+    /// [`LibvirtConfig::remote_bridge_for`].
+    pub remote_bridge: String,
+}
+
+/// `libvirt.accel`: what runs the node VMs' CPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Accel {
+    /// `"auto"`: KVM if `/dev/kvm` works on the host, else TCG.
+    #[default]
+    Auto,
+    /// `"kvm"`: hardware virtualization through `/dev/kvm`, which every host must offer.
+    Kvm,
+    /// `"tcg"`: QEMU's software emulation, slow but available everywhere.
+    Tcg,
+}
+
+impl Accel {
+    /// The name used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accel::Auto => "auto",
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
+impl LibvirtConfig {
+    /// What an absent `[libvirt]` table means for a site whose data dir is `data_dir`.
+    pub fn new(data_dir: &Path) -> Self {
+        LibvirtConfig {
+            hosts: vec![DEFAULT_LIBVIRT_HOST.to_owned()],
+            pool: None,
+            base_image: None,
+            console_dir: data_dir.join("consoles"),
+            keep_volumes: false,
+            accel: Accel::default(),
+            shutdown_timeout_s: DEFAULT_LIBVIRT_SHUTDOWN_TIMEOUT_S,
+            memory_mib: None,
+            remote_bridge: DEFAULT_LIBVIRT_REMOTE_BRIDGE.to_owned(),
+        }
+    }
+
+    /// The bridge that carries VLAN `vlan` on a host other than the first: `remote_bridge`
+    /// with `{vlan}` replaced by the id in decimal. A loaded config guarantees a valid
+    /// interface name for every id within 1-4094.
+    pub fn remote_bridge_for(&self, vlan: u16) -> String {
+        self.remote_bridge
+            .replacen(VLAN_PLACEHOLDER, &vlan.to_string(), 1)
+    }
+
+    /// `shutdown_timeout_s` as a [`Duration`].
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_secs(self.shutdown_timeout_s)
+    }
 }
 
 impl Config {
@@ -265,8 +379,20 @@ impl Config {
                     endpoint,
                     site_link,
                 },
+            libvirt:
+                LibvirtConfig {
+                    hosts,
+                    pool,
+                    base_image,
+                    console_dir,
+                    keep_volumes,
+                    accel,
+                    shutdown_timeout_s,
+                    memory_mib,
+                    remote_bridge,
+                },
         } = self;
-        let (f, g) = (&other.federation, &other.federation.gossip);
+        let (f, g, l) = (&other.federation, &other.federation.gossip, &other.libvirt);
         let fields = [
             ("site.name", *name == other.site.name),
             ("site.data_dir", *data_dir == other.site.data_dir),
@@ -291,6 +417,18 @@ impl Config {
                 "gateway.bridge/trunk",
                 *site_link == other.gateway.site_link,
             ),
+            ("libvirt.hosts", *hosts == l.hosts),
+            ("libvirt.pool", *pool == l.pool),
+            ("libvirt.base_image", *base_image == l.base_image),
+            ("libvirt.console_dir", *console_dir == l.console_dir),
+            ("libvirt.keep_volumes", *keep_volumes == l.keep_volumes),
+            ("libvirt.accel", *accel == l.accel),
+            (
+                "libvirt.shutdown_timeout_s",
+                *shutdown_timeout_s == l.shutdown_timeout_s,
+            ),
+            ("libvirt.memory_mib", *memory_mib == l.memory_mib),
+            ("libvirt.remote_bridge", *remote_bridge == l.remote_bridge),
         ];
         fields
             .into_iter()
