@@ -33,6 +33,8 @@ use vcfed_node_core::runner::{self as core, DataPlane, Segment};
 
 pub(crate) use crate::api_types::{NetworkView, TunnelView};
 use crate::config::{Config, DriverKind, SiteLink};
+use crate::driver::libvirt::{Accel, LibvirtDriver, LibvirtSettings};
+use crate::driver::netns::NetnsDriver;
 use crate::federation::FederationHandle;
 use crate::ledger::SharedLedger;
 use crate::links::{INNER_MTU, LINK_PREFIX};
@@ -114,24 +116,17 @@ pub(crate) async fn start(
     federation: Option<FederationHandle>,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<RunningRunner> {
-    let driver: Option<Box<dyn ComputeDriver>> = match config.clusters.driver {
-        DriverKind::None => None,
-        DriverKind::Sim => Some(Box::new(crate::driver::sim::SimDriver::new())),
-        DriverKind::Netns => Some(Box::new(crate::driver::netns::NetnsDriver::new(
-            config.site.data_dir.join("nodes"),
-            &config.site.name,
-            None,
-        ))),
-        DriverKind::Libvirt => anyhow::bail!("the libvirt driver is not built yet"),
-    };
+    let driver_config = DriverChoice::from_config(config);
     let site_link = config.gateway.site_link.clone();
     let (site, peer) = (config.site.name.clone(), peer_id);
     // What ran before a restart and still should: its segments are kept by
     // the gateway's start-up cleanup, and its nodes by the driver's. This
     // spawns commands and resolves names, so off the async threads.
     let ledger_for_start = ledger.clone();
+    let ledger_for_driver = ledger.clone();
     let (driver, site, peer, first) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let mut driver = driver;
+        // The libvirt driver talks to libvirtd before it is ready.
+        let mut driver = driver_config.build(ledger_for_driver)?;
         let now = now_ms();
         let (plans, runs) = ledger_for_start.blocking(|ledger| -> Result<_, LedgerError> {
             Ok((lifecycle::plans(ledger, &site, &peer, now)?, ledger.runs()?))
@@ -159,7 +154,10 @@ pub(crate) async fn start(
 
     let mut gateway = None;
     let mut plane = AgentPlane::None;
-    if config.clusters.driver == DriverKind::Netns {
+    if matches!(
+        config.clusters.driver,
+        DriverKind::Netns | DriverKind::Libvirt
+    ) {
         let (carried_tx, carried_rx) = watch::channel(first);
         let (report_tx, report_rx) = watch::channel(GatewayReport::default());
         let base = GatewayBase {
@@ -195,6 +193,60 @@ pub(crate) async fn start(
         board,
         counters,
     })
+}
+
+/// The compute driver the config asks for, before it is built.
+enum DriverChoice {
+    None,
+    Sim,
+    Netns(NetnsDriver),
+    Libvirt(Box<LibvirtSettings>, NetnsDriver),
+}
+
+impl DriverChoice {
+    fn from_config(config: &Config) -> DriverChoice {
+        let netns =
+            || NetnsDriver::new(config.site.data_dir.join("nodes"), &config.site.name, None);
+        match config.clusters.driver {
+            DriverKind::None => DriverChoice::None,
+            DriverKind::Sim => DriverChoice::Sim,
+            DriverKind::Netns => DriverChoice::Netns(netns()),
+            DriverKind::Libvirt => {
+                let libvirt = &config.libvirt;
+                let settings = LibvirtSettings {
+                    site: config.site.name.clone(),
+                    data_dir: config.site.data_dir.clone(),
+                    hosts: libvirt.hosts.clone(),
+                    pool: libvirt.pool.clone(),
+                    base_image: libvirt.base_image.clone(),
+                    console_dir: libvirt.console_dir.clone(),
+                    keep_volumes: libvirt.keep_volumes,
+                    accel: match libvirt.accel {
+                        crate::config::Accel::Auto => Accel::Auto,
+                        crate::config::Accel::Kvm => Accel::Kvm,
+                        crate::config::Accel::Tcg => Accel::Tcg,
+                    },
+                    shutdown_timeout: libvirt.shutdown_timeout(),
+                    memory_mib: libvirt.memory_mib,
+                    remote_bridge: libvirt.remote_bridge.clone(),
+                };
+                DriverChoice::Libvirt(Box::new(settings), netns())
+            }
+        }
+    }
+
+    /// The driver; the libvirt one connects to every host first.
+    fn build(self, ledger: SharedLedger) -> anyhow::Result<Option<Box<dyn ComputeDriver>>> {
+        Ok(match self {
+            DriverChoice::None => None,
+            DriverChoice::Sim => Some(Box::new(crate::driver::sim::SimDriver::new())),
+            DriverChoice::Netns(netns) => Some(Box::new(netns)),
+            DriverChoice::Libvirt(settings, frontend) => Some(Box::new(
+                LibvirtDriver::new(*settings, ledger, frontend)
+                    .map_err(|e| anyhow::anyhow!("the libvirt driver cannot start: {e}"))?,
+            )),
+        })
+    }
 }
 
 /// Runs the agent's gateway until `stop` turns true (see

@@ -26,7 +26,7 @@ use vcfed_storage::ClusterState;
 
 /// Whether the environment can run these tests; in CI it must.
 fn environment_ready() -> bool {
-    match federation::check_environment() {
+    match federation::check_environment(federation::DemoDriver::Netns) {
         Ok(()) => true,
         Err(why) => {
             assert!(
@@ -149,6 +149,7 @@ async fn a_restarted_worker_brings_its_segment_and_tunnels_back() {
         site_prefix: "rst".to_owned(),
         wan_octet: 9,
         nodes: vec![1, 2, 2],
+        driver: federation::DemoDriver::Netns,
     };
     let mut federation = DemoFederation::build(spec.clone(), dir.path()).unwrap();
     federation.agent_exe = common::vcfed_bin().into();

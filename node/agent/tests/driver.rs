@@ -71,6 +71,8 @@ fn nodes_lease_from_the_frontend_and_install_over_tftp() {
         bridge: "br0".to_owned(),
         subnet: Ipv4Addr::new(198, 19, 42, 0),
         mac: node_mac(&cluster, index),
+        vlan: 100,
+        shape: None,
     };
     for index in 0..3 {
         driver.start_node(&spec(index)).unwrap();

@@ -23,7 +23,7 @@ use std::net::Ipv4Addr;
 
 use vcfed_storage::{
     ClusterRecord, ClusterRun, ClusterState, GatewayRef, Ledger, LedgerError, NodeRecord,
-    PartState, Window,
+    NodeShape, PartState, Window,
 };
 
 use crate::cluster::ReportedNode;
@@ -70,6 +70,8 @@ pub struct RunPlan {
     pub total_nodes: u32,
     /// The cluster's other sites.
     pub peers: Vec<PlannedPeer>,
+    /// The per-node shape of the request (`None`: a record without one).
+    pub shape: Option<NodeShape>,
 }
 
 /// What the runner must do.
@@ -182,6 +184,10 @@ pub fn plan(
                 gateway,
             })
             .collect(),
+        shape: record
+            .request
+            .get("shape")
+            .and_then(|shape| serde_json::from_value(shape.clone()).ok()),
     })
 }
 

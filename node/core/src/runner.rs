@@ -314,15 +314,16 @@ impl<D: ComputeDriver, P: DataPlane> Runner<D, P> {
         report
     }
 
-    /// Stops the nodes of every cluster this runner started (the agent's
-    /// shutdown: the nodes are its children). The ledger keeps the runs,
-    /// so the next runner brings them back.
+    /// Suspends the nodes of every cluster this runner started (the
+    /// agent's shutdown): the driver stops what are this process's
+    /// children and leaves what outlives it (VMs) to be adopted. The
+    /// ledger keeps the runs, so the next runner brings them back.
     pub fn stop_all(&mut self) {
         let Some(driver) = &mut self.driver else {
             return;
         };
         for cluster in self.active.keys() {
-            if let Err(e) = driver.stop_cluster(cluster) {
+            if let Err(e) = driver.suspend_cluster(cluster) {
                 tracing::warn!(%cluster, error = %e, "stopping the nodes failed");
             }
         }
@@ -562,7 +563,14 @@ impl<D: ComputeDriver, P: DataPlane> Runner<D, P> {
             };
             // The frontend first: the master's plan lists it first.
             for node in &active.plan.nodes {
-                let spec = node_spec(cluster, &active.plan, node.index, node.frontend, &bridge);
+                let spec = node_spec(
+                    cluster,
+                    &active.plan,
+                    active.vlan,
+                    node.index,
+                    node.frontend,
+                    &bridge,
+                );
                 if let Err(e) = driver.start_node(&spec) {
                     tracing::warn!(%cluster, node = node.index, error = %e, "node did not start; retrying");
                     active.start_errors.insert(node.index, e.to_string());
@@ -635,8 +643,17 @@ impl<D: ComputeDriver, P: DataPlane> Runner<D, P> {
 }
 
 /// The spec of node `index` of `cluster` on `bridge`.
-fn node_spec(cluster: &str, plan: &RunPlan, index: u32, frontend: bool, bridge: &str) -> NodeSpec {
+fn node_spec(
+    cluster: &str,
+    plan: &RunPlan,
+    vlan: u16,
+    index: u32,
+    frontend: bool,
+    bridge: &str,
+) -> NodeSpec {
     NodeSpec {
+        vlan,
+        shape: plan.shape,
         cluster: cluster.to_owned(),
         index,
         frontend,
@@ -689,7 +706,7 @@ fn retry_failed(
         active.retries.insert(index, (tries + 1, now_ms + backoff));
         tracing::info!(%cluster, node = index, attempt = tries + 1, "retrying a failed node");
         retried += 1;
-        let spec = node_spec(cluster, &active.plan, index, frontend, bridge);
+        let spec = node_spec(cluster, &active.plan, active.vlan, index, frontend, bridge);
         match driver.start_node(&spec) {
             Ok(()) => {
                 active.start_errors.remove(&index);

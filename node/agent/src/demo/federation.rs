@@ -28,6 +28,7 @@ use anyhow::{Context, bail};
 use crate::cli::InitArgs;
 use crate::client::ApiClient;
 use crate::config::Config;
+use crate::driver::libvirt::DOMAIN_PREFIX;
 use crate::driver::netns::NETNS_PREFIX;
 use crate::driver::short_tag;
 
@@ -51,7 +52,25 @@ pub struct DemoSpec {
     pub wan_octet: u8,
     /// Node slots of each site, in order.
     pub nodes: Vec<u32>,
+    /// What the compute nodes are.
+    pub driver: DemoDriver,
 }
+
+/// What the demo's compute nodes are (`vcfed demo --driver`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum DemoDriver {
+    /// Network namespaces that boot with busybox (fast, needs no libvirt).
+    #[default]
+    Netns,
+    /// libvirt virtual machines (QEMU, software emulation) that
+    /// network-boot with iPXE; needs a running libvirtd.
+    Libvirt,
+}
+
+/// The `[libvirt]` table of a demo site: software emulation (KVM is not
+/// reliable in nested sandboxes), small VMs, and a short ACPI grace: the
+/// VMs run no OS that would shut down cleanly.
+const DEMO_LIBVIRT: &str = "[libvirt]\naccel = \"tcg\"\nmemory_mib = 128\nshutdown_timeout_s = 2\n";
 
 impl Default for DemoSpec {
     fn default() -> Self {
@@ -60,6 +79,7 @@ impl Default for DemoSpec {
             site_prefix: "site".to_owned(),
             wan_octet: 0,
             nodes: vec![2, 3, 3],
+            driver: DemoDriver::Netns,
         }
     }
 }
@@ -164,7 +184,7 @@ pub struct DemoFederation {
 }
 
 /// Why the federated demo cannot run here, if it cannot.
-pub fn check_environment() -> Result<(), String> {
+pub fn check_environment(driver: DemoDriver) -> Result<(), String> {
     let root = Command::new("id")
         .arg("-u")
         .output()
@@ -188,7 +208,109 @@ pub fn check_environment() -> Result<(), String> {
             missing.join(", ")
         ));
     }
+    if driver == DemoDriver::Libvirt {
+        let answer = Command::new("virsh")
+            .args(["-c", LIBVIRT_URI, "version"])
+            .stdin(Stdio::null())
+            .output();
+        match answer {
+            Err(_) => {
+                return Err(
+                    "virsh not found (Debian: apt-get install libvirt-daemon-system qemu-system-x86)"
+                        .to_owned(),
+                );
+            }
+            Ok(out) if !out.status.success() => {
+                return Err(format!(
+                    "libvirt at {LIBVIRT_URI} does not answer ({}); start it: `virtlogd -d && libvirtd -d` (or `systemctl start libvirtd`)",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+            Ok(_) => {}
+        }
+    }
     Ok(())
+}
+
+/// The hypervisor of the demo's libvirt sites.
+const LIBVIRT_URI: &str = "qemu:///system";
+
+/// The libvirt domains and storage pools of the demo's sites (all of them
+/// on this machine's libvirtd, whatever the spec's driver: a demo of
+/// either kind may have left them): (domains, pools). Nothing without a
+/// libvirtd.
+fn libvirt_objects(spec: &DemoSpec) -> (Vec<String>, Vec<String>) {
+    let names = |args: &[&str]| -> Vec<String> {
+        Command::new("virsh")
+            .args(["-q", "-c", LIBVIRT_URI])
+            .args(args)
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .filter_map(|l| l.split_whitespace().next())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let tags: Vec<String> = (0..spec.nodes.len())
+        .map(|index| short_tag(&spec.site_name(index)))
+        .collect();
+    let domains = names(&["list", "--all", "--name"])
+        .into_iter()
+        .filter(|d| {
+            tags.iter()
+                .any(|t| d.starts_with(&format!("{DOMAIN_PREFIX}{t}-")))
+        })
+        .collect();
+    let pools = names(&["pool-list", "--all", "--name"])
+        .into_iter()
+        .filter(|p| tags.iter().any(|t| *p == format!("vcfed-{t}")))
+        .collect();
+    (domains, pools)
+}
+
+/// Removes the demo sites' VMs (with their volumes) and storage pools.
+fn remove_libvirt_objects(spec: &DemoSpec) -> Vec<String> {
+    let virsh = |args: &[&str]| {
+        Command::new("virsh")
+            .args(["-q", "-c", LIBVIRT_URI])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let (domains, pools) = libvirt_objects(spec);
+    let mut removed = Vec::new();
+    for domain in domains {
+        virsh(&["destroy", &domain]);
+        if virsh(&["undefine", &domain]) {
+            removed.push(format!("VM {domain}"));
+        }
+    }
+    for pool in pools {
+        // Its volumes are files in the site's directory.
+        for volume in Command::new("virsh")
+            .args(["-q", "-c", LIBVIRT_URI, "vol-list", &pool])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+        {
+            virsh(&["vol-delete", volume, "--pool", &pool]);
+        }
+        virsh(&["pool-destroy", &pool]);
+        if virsh(&["pool-undefine", &pool]) {
+            removed.push(format!("storage pool {pool}"));
+        }
+    }
+    removed
 }
 
 impl DemoFederation {
@@ -210,6 +332,14 @@ impl DemoFederation {
         for index in 0..federation.spec.nodes.len() {
             let site = federation.init_site(index, dir)?;
             federation.sites.push(site);
+        }
+        if federation.spec.driver == DemoDriver::Libvirt {
+            // QEMU runs as its own user: it must reach the sites' pools
+            // (search only: nothing in the directory is listable).
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir)?.permissions().mode();
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o001))
+                .with_context(|| format!("letting QEMU reach {}", dir.display()))?;
         }
         Ok(federation)
     }
@@ -304,12 +434,26 @@ impl DemoFederation {
                 "[federation]\nadvert_ttl = \"3s\"\nadvert_refresh = \"1s\"\nanti_entropy = \"500ms\"\n",
                 1,
             )
-            .replacen("[clusters]\n", "[clusters]\ndriver = \"netns\"\n", 1)
+            .replacen(
+                "[clusters]\n",
+                &format!(
+                    "[clusters]\ndriver = \"{}\"\n",
+                    match spec.driver {
+                        DemoDriver::Netns => "netns",
+                        DemoDriver::Libvirt => "libvirt",
+                    }
+                ),
+                1,
+            )
             .replacen(
                 "[gateway]\n",
                 &format!("[gateway]\nendpoint = \"{ip}:{GATEWAY_PORT}\"\n"),
                 1,
             );
+        let text = match spec.driver {
+            DemoDriver::Netns => text,
+            DemoDriver::Libvirt => format!("{text}\n{DEMO_LIBVIRT}"),
+        };
         std::fs::write(&config_path, text)
             .with_context(|| format!("writing {}", config_path.display()))?;
         Config::load(&config_path)?;
@@ -386,6 +530,14 @@ impl DemoFederation {
                 .into_iter()
                 .filter(|n| n.starts_with(&prefix))
                 .map(|n| format!("namespace {n}")),
+        );
+        let domain = format!("{DOMAIN_PREFIX}{}-", short_tag(&site.name));
+        left.extend(
+            libvirt_objects(&self.spec)
+                .0
+                .into_iter()
+                .filter(|d| d.starts_with(&domain))
+                .map(|d| format!("VM {d}")),
         );
         left
     }
@@ -471,6 +623,8 @@ pub fn down(spec: &DemoSpec) -> Vec<String> {
     while Instant::now() < deadline && sites.iter().any(|s| !netns_pids(s).is_empty()) {
         std::thread::sleep(Duration::from_millis(50));
     }
+    // VMs outlive their agents (a restart adopts them): remove them here.
+    removed.extend(remove_libvirt_objects(spec));
     let node_prefixes = node_netns_prefixes(spec);
     let nodes = netns
         .iter()
@@ -506,6 +660,9 @@ pub fn leftovers(spec: &DemoSpec) -> Vec<String> {
         })
         .map(|n| format!("namespace {n}"))
         .collect();
+    let (domains, pools) = libvirt_objects(spec);
+    left.extend(domains.into_iter().map(|d| format!("VM {d}")));
+    left.extend(pools.into_iter().map(|p| format!("storage pool {p}")));
     if Command::new("ip")
         .args(["link", "show", &spec.host_link()])
         .stdout(Stdio::null())

@@ -49,6 +49,10 @@ pub struct DemoArgs {
     /// number to `--down`).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=99))]
     pub instance: u8,
+    /// What the compute nodes are: network namespaces, or libvirt virtual
+    /// machines that network-boot with iPXE (needs a running libvirtd).
+    #[arg(long, value_enum, default_value_t = federation::DemoDriver::Netns)]
+    pub driver: federation::DemoDriver,
 }
 
 /// Runs the demo.
@@ -68,7 +72,7 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     if !args.local {
-        match federation::check_environment() {
+        match federation::check_environment(args.driver) {
             Ok(()) => return federated::run(args).await,
             Err(why) => {
                 outln!(

@@ -1,6 +1,7 @@
 //! The network-namespace driver: each node is a namespace with a veth on
 //! the cluster's bridge. The frontend runs dnsmasq (DHCP and a TFTP root
-//! with the install file); a compute node runs busybox `udhcpc` to get its
+//! with the install file, and an iPXE script for VMs, see [`super::pxe`]);
+//! a compute node runs busybox `udhcpc` to get its
 //! address from the frontend and busybox `tftp` to fetch the install file,
 //! then reports `installed`.
 //!
@@ -17,7 +18,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use super::{ComputeDriver, DriverError, NodeSpec, NodeState, NodeStatus, short_tag};
+use super::{ComputeDriver, DriverError, NodeSpec, NodeState, NodeStatus, pxe, short_tag};
 
 /// Prefix of the driver's namespaces.
 pub const NETNS_PREFIX: &str = "vcfn-";
@@ -124,7 +125,11 @@ fn spawn(node: &RunningNode) -> Result<Child, DriverError> {
         ));
         command.arg("--enable-tftp");
         command.arg(format!("--tftp-root={}", node.dir.join("tftp").display()));
-        command.arg(format!("--dhcp-boot={INSTALL_FILE}"));
+        // iPXE (a VM's boot ROM) gets the boot script, which fetches the
+        // install file; everyone else gets the install file itself.
+        command.arg(format!("--dhcp-match=set:ipxe,{}", pxe::IPXE_OPTION));
+        command.arg(format!("--dhcp-boot=tag:ipxe,{}", pxe::BOOT_SCRIPT));
+        command.arg(format!("--dhcp-boot=tag:!ipxe,{INSTALL_FILE}"));
         command.arg(format!(
             "--dhcp-leasefile={}",
             node.dir.join("leases").display()
@@ -217,6 +222,10 @@ impl ComputeDriver for NetnsDriver {
                 std::fs::create_dir_all(&tftp).map_err(|e| io(&tftp, e))?;
                 let install = format!("# vcfed install file\ncluster = {}\n", spec.cluster);
                 write(&tftp.join(INSTALL_FILE), &install)?;
+                write(
+                    &tftp.join(pxe::BOOT_SCRIPT),
+                    &pxe::boot_script(INSTALL_FILE),
+                )?;
             } else {
                 write_node_scripts(&dir)?;
             }

@@ -37,6 +37,12 @@ pub struct NodeSpec {
     pub subnet: Ipv4Addr,
     /// MAC address of the node's interface (stable, so leases are too).
     pub mac: [u8; 6],
+    /// The cluster's VLAN id at this site (a multi-host site carries the
+    /// cluster network to its other hosts on this VLAN).
+    pub vlan: u16,
+    /// The per-node shape the cluster asked for (`None`: unknown; a
+    /// driver then uses its own default size).
+    pub shape: Option<vcfed_storage::NodeShape>,
 }
 
 /// Where a node stands.
@@ -131,6 +137,13 @@ pub trait ComputeDriver: Send {
         &mut self,
         keep: &std::collections::BTreeSet<String>,
     ) -> Result<(), DriverError>;
+    /// The agent stops while `cluster` still runs; the next process
+    /// resumes it (`start_node` again). Stops what cannot outlive this
+    /// process and leaves the rest for the next one to adopt. By default
+    /// everything is stopped.
+    fn suspend_cluster(&mut self, cluster: &str) -> Result<(), DriverError> {
+        self.stop_cluster(cluster)
+    }
 }
 
 impl<T: ComputeDriver + ?Sized> ComputeDriver for Box<T> {
@@ -151,6 +164,10 @@ impl<T: ComputeDriver + ?Sized> ComputeDriver for Box<T> {
         keep: &std::collections::BTreeSet<String>,
     ) -> Result<(), DriverError> {
         (**self).cleanup_stale(keep)
+    }
+
+    fn suspend_cluster(&mut self, cluster: &str) -> Result<(), DriverError> {
+        (**self).suspend_cluster(cluster)
     }
 }
 

@@ -99,6 +99,8 @@ mod tests {
                 bridge: "br".into(),
                 subnet: Ipv4Addr::new(198, 19, 7, 0),
                 mac: node_mac("c", index),
+                vlan: 100,
+                shape: None,
             };
             driver.start_node(&spec).unwrap();
             driver.start_node(&spec).unwrap();

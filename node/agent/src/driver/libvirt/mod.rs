@@ -1,0 +1,951 @@
+//! The libvirt driver: each compute node is a virtual machine on one of the
+//! site's hypervisor hosts, supervised by libvirtd; the frontend stays the
+//! built-in service (dnsmasq in a namespace on the cluster bridge, the
+//! [`netns`](super::netns) driver's).
+//!
+//! A node's VM network-boots with QEMU's iPXE ROM: it gets its lease from
+//! the frontend (across the tunnels at a worker site), fetches the
+//! frontend's boot script and runs it (see [`super::pxe`]); its serial
+//! console, the firmware's screen included, is logged to a file the driver
+//! reads for the node's state. Its disk is a volume in a storage pool (a
+//! thin qcow2 in a `dir` pool; raw in `logical`, `iscsi` and other pools),
+//! sized from the request, optionally a copy-on-write overlay of a base
+//! image.
+//!
+//! Names carry the site's tag (`vcf-<site tag>-<cluster tag>-<node>`), so
+//! sites that share a host never touch each other's VMs; every volume is in
+//! the ledger before it is made, so an agent that crashed finds what it
+//! made: at start it adopts the VMs of clusters that still run and removes
+//! the rest.
+//!
+//! A host whose URI names no machine (`qemu:///system`) is this machine:
+//! a VM's NIC is a tap that libvirt makes and the driver puts on the
+//! cluster bridge, moving it into the agent's network namespace first if
+//! libvirtd runs in another one (the demo's sites are namespaces). A host
+//! on another machine takes the VM on its bridge for the cluster's VLAN
+//! (`remote_bridge`), which the site's VLAN trunk carries from the
+//! gateway.
+
+mod domain;
+mod virsh;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use domain::{DomainSpec, HostLoad, Nic, Virt};
+use vcfed_storage::VolumeRecord;
+use virsh::{NodeInfo, Virsh};
+
+use super::netns::NetnsDriver;
+use super::{ComputeDriver, DriverError, NodeSpec, NodeState, NodeStatus, pxe, short_tag};
+use crate::ledger::SharedLedger;
+
+/// Prefix of the driver's domains and volumes.
+pub const DOMAIN_PREFIX: &str = "vcf-";
+/// A VM that shows no lease from the frontend within this long failed.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+/// Disk of a node whose request gave no shape, GiB.
+const DEFAULT_DISK_GIB: u64 = 1;
+/// Memory of a node whose request gave no shape, MiB.
+const DEFAULT_MEMORY_MIB: u64 = 512;
+/// Domain states are read at most this often per host.
+const STATE_EVERY: Duration = Duration::from_millis(500);
+/// How much of a console's end is read for its state.
+const CONSOLE_TAIL_BYTES: u64 = 64 * 1024;
+
+/// CPU virtualization, as configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// KVM if `/dev/kvm` opens; TCG from the first VM KVM fails to run.
+    Auto,
+    /// Always KVM.
+    Kvm,
+    /// Always TCG (software emulation).
+    Tcg,
+}
+
+/// What the driver is told by the site config.
+#[derive(Debug, Clone)]
+pub struct LibvirtSettings {
+    /// The site's name.
+    pub site: String,
+    /// The agent's data dir (the default pool lives under it).
+    pub data_dir: PathBuf,
+    /// libvirt URIs of the site's hypervisor hosts.
+    pub hosts: Vec<String>,
+    /// Storage pool (`None`: the driver's own `dir` pool).
+    pub pool: Option<String>,
+    /// Image every node volume is an overlay of.
+    pub base_image: Option<PathBuf>,
+    /// Where the serial consoles are logged.
+    pub console_dir: PathBuf,
+    /// Keep volumes after a cluster ends.
+    pub keep_volumes: bool,
+    /// CPU virtualization.
+    pub accel: Accel,
+    /// How long an ACPI shutdown may take before the VM is destroyed.
+    pub shutdown_timeout: Duration,
+    /// Cap on a VM's memory, MiB.
+    pub memory_mib: Option<u64>,
+    /// The bridge carrying VLAN `{vlan}` on a host on another machine.
+    pub remote_bridge: String,
+}
+
+/// One of the site's hypervisor hosts.
+#[derive(Debug)]
+struct Host {
+    virsh: Virsh,
+    info: NodeInfo,
+    /// Format of volumes in the pool there (`qcow2` in a `dir` pool).
+    volume_format: &'static str,
+    /// The domain states last read, and when.
+    states: Option<(Instant, BTreeMap<String, String>)>,
+}
+
+/// A node's VM.
+#[derive(Debug)]
+struct Vm {
+    spec: NodeSpec,
+    host: usize,
+    domain: String,
+    volume: String,
+    console: PathBuf,
+    vcpus: u32,
+    memory_mib: u64,
+    started: Instant,
+    virt: Virt,
+    /// Set once the node failed; cleared when it is started again.
+    failed: Option<String>,
+}
+
+/// The libvirt driver of one site.
+pub struct LibvirtDriver {
+    settings: LibvirtSettings,
+    site_tag: String,
+    pool: String,
+    hosts: Vec<Host>,
+    virt: Virt,
+    ledger: SharedLedger,
+    frontend: NetnsDriver,
+    nodes: BTreeMap<String, BTreeMap<u32, Vm>>,
+    /// Domains an earlier process left for clusters that still run, by
+    /// name: the host they are on. `start_node` takes them over.
+    adoptable: BTreeMap<String, usize>,
+}
+
+impl std::fmt::Debug for LibvirtDriver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LibvirtDriver")
+            .field("hosts", &self.settings.hosts)
+            .field("pool", &self.pool)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LibvirtDriver {
+    /// Connects to every host, makes sure the pool is there and running
+    /// (defining the driver's own `dir` pool if none is configured), and
+    /// reads what each host has. Fails with the fix when a host does not
+    /// answer.
+    pub fn new(
+        settings: LibvirtSettings,
+        ledger: SharedLedger,
+        frontend: NetnsDriver,
+    ) -> Result<LibvirtDriver, DriverError> {
+        let site_tag = short_tag(&settings.site);
+        let pool = settings
+            .pool
+            .clone()
+            .unwrap_or_else(|| format!("vcfed-{site_tag}"));
+        let mut hosts = Vec::new();
+        for uri in &settings.hosts {
+            let virsh = Virsh { uri: uri.clone() };
+            let info = virsh
+                .run(&["nodeinfo"])
+                .map_err(|e| unreachable_host(uri, e))?;
+            let info = virsh::parse_nodeinfo(&info).ok_or_else(|| DriverError::Command {
+                command: format!("virsh -c {uri} nodeinfo"),
+                detail: "no CPU count or memory size in its answer".to_owned(),
+            })?;
+            let volume_format = ensure_pool(&virsh, &pool, &settings)?;
+            hosts.push(Host {
+                virsh,
+                info,
+                volume_format,
+                states: None,
+            });
+        }
+        if let Some(image) = &settings.base_image
+            && hosts.iter().any(|h| h.volume_format != "qcow2")
+        {
+            return Err(DriverError::Command {
+                command: format!("base_image {}", image.display()),
+                detail: format!(
+                    "pool {pool} is not a dir pool: copy-on-write overlays of a base image need qcow2 volumes"
+                ),
+            });
+        }
+        std::fs::create_dir_all(&settings.console_dir)
+            .map_err(|e| io_error(&settings.console_dir, e))?;
+        let virt = match settings.accel {
+            Accel::Tcg => Virt::Tcg,
+            Accel::Kvm => Virt::Kvm,
+            Accel::Auto if kvm_opens() => Virt::Kvm,
+            Accel::Auto => Virt::Tcg,
+        };
+        tracing::info!(hosts = ?settings.hosts, %pool, virt = virt.domain_type(), "libvirt driver ready");
+        Ok(LibvirtDriver {
+            site_tag,
+            pool,
+            hosts,
+            virt,
+            ledger,
+            frontend,
+            nodes: BTreeMap::new(),
+            adoptable: BTreeMap::new(),
+            settings,
+        })
+    }
+
+    /// The domain name of node `index` of `cluster`.
+    pub fn domain_name(&self, cluster: &str, index: u32) -> String {
+        format!(
+            "{DOMAIN_PREFIX}{}-{}-{index}",
+            self.site_tag,
+            short_tag(cluster)
+        )
+    }
+
+    /// The tap of node `index` of `cluster` (at most 15 bytes).
+    fn tap_name(&self, cluster: &str, index: u32) -> String {
+        format!(
+            "vt{}{index:x}",
+            short_tag(&format!("{}/{cluster}", self.settings.site))
+        )
+    }
+
+    fn volume_name(&self, domain: &str, host: usize) -> String {
+        match self.hosts[host].volume_format {
+            "qcow2" => format!("{domain}.qcow2"),
+            _ => domain.to_owned(),
+        }
+    }
+
+    /// What each host has and what this driver placed on it.
+    fn loads(&self) -> Vec<HostLoad> {
+        let mut loads: Vec<HostLoad> = self
+            .hosts
+            .iter()
+            .map(|h| HostLoad {
+                cpus: h.info.cpus,
+                memory_mib: h.info.memory_mib,
+                ..HostLoad::default()
+            })
+            .collect();
+        for vm in self.nodes.values().flat_map(|nodes| nodes.values()) {
+            let load = &mut loads[vm.host];
+            load.placed_vcpus = load.placed_vcpus.saturating_add(vm.vcpus);
+            load.placed_mib = load.placed_mib.saturating_add(vm.memory_mib);
+        }
+        loads
+    }
+
+    /// Makes, defines and starts the VM of `spec`; on any failure removes
+    /// what it made of it.
+    fn create_vm(&mut self, spec: &NodeSpec) -> Result<Vm, DriverError> {
+        let domain = self.domain_name(&spec.cluster, spec.index);
+        let shape = spec.shape;
+        let vcpus = shape.map_or(1, |s| s.cores.max(1));
+        let memory_mib = shape
+            .map_or(DEFAULT_MEMORY_MIB, |s| s.memory_mib)
+            .min(self.settings.memory_mib.unwrap_or(u64::MAX))
+            .max(64);
+        let disk_gib = shape.map_or(DEFAULT_DISK_GIB, |s| s.disk_gib).max(1);
+        let host = domain::place(&self.loads(), vcpus, memory_mib).ok_or_else(|| {
+            DriverError::Command {
+                command: format!("placing {domain}"),
+                detail: format!(
+                    "no host has {memory_mib} MiB free for it (hosts: {})",
+                    self.settings.hosts.join(", ")
+                ),
+            }
+        })?;
+        let volume = self.volume_name(&domain, host);
+        let console = self.settings.console_dir.join(format!("{domain}.log"));
+        let vm = Vm {
+            spec: spec.clone(),
+            host,
+            domain,
+            volume,
+            console,
+            vcpus,
+            memory_mib,
+            started: Instant::now(),
+            virt: self.virt,
+            failed: None,
+        };
+        // Nothing of an earlier boot may be read as this one's progress.
+        let _ = std::fs::remove_file(&vm.console);
+        let made = self.make_vm(&vm, disk_gib.saturating_mul(1 << 30));
+        if let Err(e) = made {
+            self.remove_vm(&vm, false);
+            return Err(e);
+        }
+        tracing::info!(cluster = %spec.cluster, node = spec.index, domain = %vm.domain, host = %self.hosts[host].virsh.uri, memory_mib, vcpus, "VM started");
+        Ok(vm)
+    }
+
+    fn make_vm(&self, vm: &Vm, size_bytes: u64) -> Result<(), DriverError> {
+        let host = &self.hosts[vm.host];
+        // In the ledger before it exists, so a crash never leaves a volume
+        // nobody knows of.
+        let record = VolumeRecord {
+            host: host.virsh.uri.clone(),
+            pool: self.pool.clone(),
+            name: vm.volume.clone(),
+            cluster_id: vm.spec.cluster.clone(),
+            node: vm.spec.index,
+            size_bytes,
+            created_at_ms: crate::time::now_ms(),
+        };
+        self.ledger
+            .blocking(|ledger| ledger.record_volume(&record))
+            .map_err(|e| DriverError::Command {
+                command: format!("recording volume {}", vm.volume),
+                detail: e.to_string(),
+            })?;
+        let size = size_bytes.to_string();
+        let mut args = vec!["vol-create-as", &self.pool, &vm.volume, &size];
+        let backing;
+        let backing_format;
+        if host.volume_format == "qcow2" {
+            args.extend(["--format", "qcow2"]);
+        }
+        if let Some(image) = &self.settings.base_image {
+            backing_format = image_format(image)?;
+            backing = image.display().to_string();
+            args.extend([
+                "--backing-vol",
+                &backing,
+                "--backing-vol-format",
+                backing_format,
+            ]);
+        }
+        host.virsh.run(&args)?;
+        let nic = if host.virsh.is_remote() {
+            Nic::Bridge(
+                self.settings
+                    .remote_bridge
+                    .replace("{vlan}", &vm.spec.vlan.to_string()),
+            )
+        } else {
+            Nic::Tap(self.tap_name(&vm.spec.cluster, vm.spec.index))
+        };
+        let xml = domain::domain_xml(&DomainSpec {
+            name: &vm.domain,
+            site: &self.settings.site,
+            cluster: &vm.spec.cluster,
+            index: vm.spec.index,
+            virt: vm.virt,
+            memory_mib: vm.memory_mib,
+            vcpus: vm.vcpus,
+            pool: &self.pool,
+            volume: &vm.volume,
+            volume_format: host.volume_format,
+            nic: nic.clone(),
+            mac: vm.spec.mac,
+            console: &vm.console,
+        });
+        let file = self.settings.console_dir.join(format!("{}.xml", vm.domain));
+        std::fs::write(&file, xml).map_err(|e| io_error(&file, e))?;
+        let defined = host.virsh.run(&["define", &file.display().to_string()]);
+        let _ = std::fs::remove_file(&file);
+        defined?;
+        // Paused until its NIC is on the cluster bridge: the boot ROM asks
+        // for a lease at once.
+        host.virsh.run(&["start", &vm.domain, "--paused"])?;
+        if let Nic::Tap(tap) = &nic
+            && !host.virsh.is_fake()
+        {
+            attach_tap(tap, &vm.domain, &vm.spec.bridge)?;
+        }
+        host.virsh.run(&["resume", &vm.domain])?;
+        Ok(())
+    }
+
+    /// Stops and removes a VM, and its volume unless `keep_volume`.
+    /// Best effort: what cannot be removed is logged, and the volume's
+    /// ledger row stays so a later start tries again.
+    fn remove_vm(&self, vm: &Vm, keep_volume: bool) {
+        let virsh = &self.hosts[vm.host].virsh;
+        let _ = virsh.run(&["destroy", &vm.domain]);
+        let _ = virsh.run(&["undefine", &vm.domain]);
+        self.remove_volume(vm.host, &vm.volume, keep_volume);
+    }
+
+    fn remove_volume(&self, host: usize, volume: &str, keep: bool) {
+        let virsh = &self.hosts[host].virsh;
+        if !keep {
+            let gone = match virsh.run(&["vol-delete", volume, "--pool", &self.pool]) {
+                Ok(_) => true,
+                // Already gone (or never made).
+                Err(_) => virsh
+                    .run(&["vol-info", volume, "--pool", &self.pool])
+                    .is_err(),
+            };
+            if !gone {
+                tracing::warn!(volume, host = %virsh.uri, "volume not deleted; retried at the next start");
+                return;
+            }
+        } else {
+            tracing::info!(volume, pool = %self.pool, host = %virsh.uri, "volume kept (keep_volumes)");
+        }
+        let (uri, pool) = (virsh.uri.clone(), self.pool.clone());
+        if let Err(e) = self
+            .ledger
+            .blocking(|ledger| ledger.forget_volume(&uri, &pool, volume))
+        {
+            tracing::warn!(volume, error = %e, "volume row not removed");
+        }
+    }
+
+    /// The libvirt state of every domain on host `index`, read at most
+    /// every [`STATE_EVERY`].
+    fn domain_states(&mut self, index: usize) -> BTreeMap<String, String> {
+        let host = &mut self.hosts[index];
+        if let Some((at, states)) = &host.states
+            && at.elapsed() < STATE_EVERY
+        {
+            return states.clone();
+        }
+        let states: BTreeMap<String, String> = match host.virsh.run(&["list", "--all"]) {
+            Ok(text) => virsh::parse_list(&text).into_iter().collect(),
+            Err(e) => {
+                tracing::warn!(host = %host.virsh.uri, error = %e, "cannot list domains");
+                // Unknown: keep the last answer rather than fail every node.
+                return host
+                    .states
+                    .as_ref()
+                    .map(|(_, s)| s.clone())
+                    .unwrap_or_default();
+            }
+        };
+        host.states = Some((Instant::now(), states.clone()));
+        states
+    }
+
+    /// Adopts a VM an earlier process left running, or removes it.
+    fn adopt(&mut self, spec: &NodeSpec, host: usize) -> Option<Vm> {
+        let domain = self.domain_name(&spec.cluster, spec.index);
+        let virsh = &self.hosts[host].virsh;
+        let state = virsh
+            .run(&["domstate", &domain, "--reason"])
+            .map(|text| virsh::parse_domstate(&text))
+            .ok()?;
+        let shape = spec.shape;
+        let vm = Vm {
+            spec: spec.clone(),
+            host,
+            volume: self.volume_name(&domain, host),
+            console: self.settings.console_dir.join(format!("{domain}.log")),
+            domain,
+            vcpus: shape.map_or(1, |s| s.cores.max(1)),
+            memory_mib: shape
+                .map_or(DEFAULT_MEMORY_MIB, |s| s.memory_mib)
+                .min(self.settings.memory_mib.unwrap_or(u64::MAX)),
+            started: Instant::now(),
+            virt: self.virt,
+            failed: None,
+        };
+        if !state.is_running() {
+            tracing::info!(domain = %vm.domain, state = %state.state, "a VM left by an earlier process is not running; making it again");
+            self.remove_vm(&vm, false);
+            return None;
+        }
+        if !virsh.is_remote() && !virsh.is_fake() {
+            let tap = self.tap_name(&spec.cluster, spec.index);
+            if let Err(e) = attach_tap(&tap, &vm.domain, &spec.bridge) {
+                tracing::warn!(domain = %vm.domain, error = %e, "cannot put an adopted VM back on its bridge; making it again");
+                self.remove_vm(&vm, false);
+                return None;
+            }
+        }
+        tracing::info!(cluster = %spec.cluster, node = spec.index, domain = %vm.domain, "adopted a running VM of an earlier process");
+        Some(vm)
+    }
+
+    /// The state of one VM, from libvirt and its console.
+    fn vm_state(vm: &mut Vm, libvirt_state: Option<&str>, kvm_failed: &mut bool) -> NodeState {
+        if let Some(reason) = &vm.failed {
+            return NodeState::Failed {
+                reason: reason.clone(),
+            };
+        }
+        let console = read_tail(&vm.console);
+        let from_console = pxe::console_state(&console);
+        let failed = match (libvirt_state, &from_console) {
+            (_, Some(NodeState::Failed { reason })) => Some(reason.clone()),
+            (None, _) => Some("the VM is gone: undefined outside vcfed".to_owned()),
+            (Some("running"), Some(_)) => None,
+            (Some("running"), None) if vm.started.elapsed() > BOOT_TIMEOUT => Some(format!(
+                "no lease from the frontend within {} s; console: {}",
+                BOOT_TIMEOUT.as_secs(),
+                pxe::last_console_line(&console)
+            )),
+            (Some("running"), None) => None,
+            (Some(state), _) => {
+                if vm.virt == Virt::Kvm && (state == "paused" || state == "crashed") {
+                    *kvm_failed = true;
+                }
+                Some(format!(
+                    "the VM is {state}; console: {}",
+                    pxe::last_console_line(&console)
+                ))
+            }
+        };
+        if let Some(reason) = failed {
+            tracing::warn!(domain = %vm.domain, %reason, "node failed");
+            vm.failed = Some(reason.clone());
+            return NodeState::Failed { reason };
+        }
+        from_console.unwrap_or(NodeState::Booting)
+    }
+}
+
+impl ComputeDriver for LibvirtDriver {
+    fn start_node(&mut self, spec: &NodeSpec) -> Result<(), DriverError> {
+        if spec.frontend {
+            return self.frontend.start_node(spec);
+        }
+        if let Some(vm) = self
+            .nodes
+            .get_mut(&spec.cluster)
+            .and_then(|nodes| nodes.remove(&spec.index))
+        {
+            if vm.failed.is_none() {
+                self.nodes
+                    .entry(spec.cluster.clone())
+                    .or_default()
+                    .insert(spec.index, vm);
+                return Ok(());
+            }
+            tracing::info!(cluster = %spec.cluster, node = spec.index, "making a failed node's VM again");
+            self.remove_vm(&vm, false);
+        }
+        let domain = self.domain_name(&spec.cluster, spec.index);
+        let vm = match self.adoptable.remove(&domain) {
+            Some(host) => match self.adopt(spec, host) {
+                Some(vm) => vm,
+                None => self.create_vm(spec)?,
+            },
+            None => self.create_vm(spec)?,
+        };
+        self.nodes
+            .entry(spec.cluster.clone())
+            .or_default()
+            .insert(spec.index, vm);
+        Ok(())
+    }
+
+    fn poll(&mut self, cluster: &str) -> Vec<NodeStatus> {
+        let mut statuses = self.frontend.poll(cluster);
+        let hosts: BTreeSet<usize> = self
+            .nodes
+            .get(cluster)
+            .map(|nodes| nodes.values().map(|vm| vm.host).collect())
+            .unwrap_or_default();
+        let states: BTreeMap<usize, BTreeMap<String, String>> = hosts
+            .into_iter()
+            .map(|host| (host, self.domain_states(host)))
+            .collect();
+        let mut kvm_failed = false;
+        if let Some(nodes) = self.nodes.get_mut(cluster) {
+            for (index, vm) in nodes.iter_mut() {
+                let libvirt_state = states
+                    .get(&vm.host)
+                    .and_then(|s| s.get(&vm.domain))
+                    .map(String::as_str);
+                let state = LibvirtDriver::vm_state(vm, libvirt_state, &mut kvm_failed);
+                statuses.push(NodeStatus {
+                    index: *index,
+                    frontend: false,
+                    state,
+                });
+            }
+        }
+        if kvm_failed && self.settings.accel == Accel::Auto && self.virt == Virt::Kvm {
+            tracing::warn!(
+                "a VM stopped under KVM: this site's VMs run under TCG (software emulation) from now on"
+            );
+            self.virt = Virt::Tcg;
+        }
+        statuses.sort_by_key(|s| s.index);
+        statuses
+    }
+
+    fn stop_cluster(&mut self, cluster: &str) -> Result<(), DriverError> {
+        let frontend = self.frontend.stop_cluster(cluster);
+        let mut vms: Vec<Vm> = self
+            .nodes
+            .remove(cluster)
+            .map(|nodes| nodes.into_values().collect())
+            .unwrap_or_default();
+        // What an earlier process left of it and nobody took over.
+        let tag = format!("{DOMAIN_PREFIX}{}-{}-", self.site_tag, short_tag(cluster));
+        let leftovers: Vec<(String, usize)> = self
+            .adoptable
+            .iter()
+            .filter(|(name, _)| name.starts_with(&tag))
+            .map(|(name, host)| (name.clone(), *host))
+            .collect();
+        for (name, host) in leftovers {
+            self.adoptable.remove(&name);
+            let index = name
+                .rsplit('-')
+                .next()
+                .and_then(|i| i.parse().ok())
+                .unwrap_or(0);
+            vms.push(Vm {
+                spec: NodeSpec {
+                    cluster: cluster.to_owned(),
+                    index,
+                    frontend: false,
+                    bridge: String::new(),
+                    subnet: std::net::Ipv4Addr::UNSPECIFIED,
+                    mac: [0; 6],
+                    vlan: 0,
+                    shape: None,
+                },
+                host,
+                volume: self.volume_name(&name, host),
+                console: self.settings.console_dir.join(format!("{name}.log")),
+                domain: name,
+                vcpus: 0,
+                memory_mib: 0,
+                started: Instant::now(),
+                virt: self.virt,
+                failed: None,
+            });
+        }
+        let started = Instant::now();
+        // An ACPI shutdown to all, then wait for them together.
+        for vm in &vms {
+            let _ = self.hosts[vm.host].virsh.run(&["shutdown", &vm.domain]);
+        }
+        let deadline = started + self.settings.shutdown_timeout;
+        let mut running: Vec<&Vm> = vms.iter().collect();
+        while !running.is_empty() && Instant::now() < deadline {
+            running.retain(|vm| {
+                self.hosts[vm.host]
+                    .virsh
+                    .run(&["domstate", &vm.domain])
+                    .is_ok_and(|s| virsh::parse_domstate(&s).is_running())
+            });
+            if !running.is_empty() {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+        if !running.is_empty() {
+            tracing::info!(
+                cluster,
+                vms = running.len(),
+                timeout_s = self.settings.shutdown_timeout.as_secs(),
+                "VMs did not shut down in time; destroying them"
+            );
+        }
+        for vm in &vms {
+            self.remove_vm(vm, self.settings.keep_volumes);
+        }
+        // Volumes of the cluster the ledger knows and no VM named (a crash
+        // between making the volume and defining the VM).
+        self.remove_ledger_volumes(|v| v.cluster_id == cluster);
+        for host in &mut self.hosts {
+            host.states = None;
+        }
+        tracing::info!(
+            cluster,
+            vms = vms.len(),
+            secs = started.elapsed().as_secs_f64(),
+            "VMs stopped"
+        );
+        frontend
+    }
+
+    fn cleanup_stale(&mut self, keep: &BTreeSet<String>) -> Result<(), DriverError> {
+        self.frontend.cleanup_stale(keep)?;
+        let keep_tags: BTreeSet<String> = keep.iter().map(|c| short_tag(c)).collect();
+        let own = format!("{DOMAIN_PREFIX}{}-", self.site_tag);
+        for index in 0..self.hosts.len() {
+            let names =
+                virsh::parse_names(&self.hosts[index].virsh.run(&["list", "--all", "--name"])?);
+            for name in names.into_iter().filter(|n| n.starts_with(&own)) {
+                let tag = name[own.len()..].split('-').next().unwrap_or_default();
+                if keep_tags.contains(tag) {
+                    self.adoptable.insert(name, index);
+                    continue;
+                }
+                tracing::info!(domain = %name, host = %self.hosts[index].virsh.uri, "removing a VM left by an earlier process");
+                let virsh = &self.hosts[index].virsh;
+                let _ = virsh.run(&["destroy", &name]);
+                virsh.run(&["undefine", &name])?;
+            }
+            // Volumes made by an earlier process that the ledger lost
+            // track of cannot happen (rows go first); volumes in the pool
+            // with our prefix and no row are removed all the same.
+            let virsh = &self.hosts[index].virsh;
+            let known: BTreeSet<String> = self
+                .ledger
+                .blocking(|ledger| ledger.volumes())
+                .map_err(ledger_error)?
+                .into_iter()
+                .filter(|v| v.host == virsh.uri)
+                .map(|v| v.name)
+                .collect();
+            let volumes = virsh::parse_names(&virsh.run(&["vol-list", &self.pool])?);
+            for volume in volumes.into_iter().filter(|v| v.starts_with(&own)) {
+                let tag = volume[own.len()..].split('-').next().unwrap_or_default();
+                if !keep_tags.contains(tag) && !known.contains(&volume) {
+                    tracing::info!(%volume, "removing a volume left by an earlier process");
+                    let _ = virsh.run(&["vol-delete", &volume, "--pool", &self.pool]);
+                }
+            }
+        }
+        self.remove_ledger_volumes(|v| !keep.contains(&v.cluster_id));
+        Ok(())
+    }
+
+    fn suspend_cluster(&mut self, cluster: &str) -> Result<(), DriverError> {
+        // The VMs run on under libvirtd; the next agent adopts them. The
+        // frontend's dnsmasq is a child of this process.
+        if let Some(nodes) = self.nodes.remove(cluster) {
+            tracing::info!(
+                cluster,
+                vms = nodes.len(),
+                "leaving the VMs running for the next agent"
+            );
+        }
+        self.frontend.stop_cluster(cluster)
+    }
+}
+
+impl LibvirtDriver {
+    /// Deletes the volumes the ledger lists that `select` picks, on hosts
+    /// this site still has, and forgets them.
+    fn remove_ledger_volumes(&self, select: impl Fn(&VolumeRecord) -> bool) {
+        let volumes = match self.ledger.blocking(|ledger| ledger.volumes()) {
+            Ok(volumes) => volumes,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the volumes of the ledger");
+                return;
+            }
+        };
+        for volume in volumes.iter().filter(|v| select(v)) {
+            match self.hosts.iter().position(|h| h.virsh.uri == volume.host) {
+                Some(host) if volume.pool == self.pool => {
+                    self.remove_volume(host, &volume.name, self.settings.keep_volumes)
+                }
+                _ => {
+                    tracing::warn!(volume = %volume.name, host = %volume.host, pool = %volume.pool, "a volume on a host or pool this site no longer uses is left; remove it by hand")
+                }
+            }
+        }
+    }
+}
+
+/// An unreachable host: the error, with the fix.
+fn unreachable_host(uri: &str, error: DriverError) -> DriverError {
+    let detail = match error {
+        DriverError::Command { detail, .. } => detail,
+        other => other.to_string(),
+    };
+    DriverError::Command {
+        command: format!("connecting to libvirt at {uri}"),
+        detail: format!(
+            "{detail}\n  hint: start libvirtd there (`systemctl start libvirtd`, or `virtlogd -d && libvirtd -d` without systemd), or fix [libvirt] hosts in the site config"
+        ),
+    }
+}
+
+/// Makes sure `pool` exists and runs on `virsh`'s host; defines the
+/// driver's own `dir` pool when none is configured. Returns the format of
+/// its volumes.
+fn ensure_pool(
+    virsh: &Virsh,
+    pool: &str,
+    settings: &LibvirtSettings,
+) -> Result<&'static str, DriverError> {
+    let xml = match virsh.run(&["pool-dumpxml", pool]) {
+        Ok(xml) => xml,
+        Err(e) if settings.pool.is_some() => {
+            return Err(DriverError::Command {
+                command: format!("storage pool {pool} at {}", virsh.uri),
+                detail: format!(
+                    "{e}\n  hint: define it (`virsh pool-define-as`), or leave [libvirt] pool unset for a dir pool under the data dir"
+                ),
+            });
+        }
+        Err(_) => {
+            let path = settings.data_dir.join("pool");
+            std::fs::create_dir_all(&path).map_err(|e| io_error(&path, e))?;
+            // QEMU runs as its own user: it must be able to reach the
+            // volumes (search permission only, nothing listable).
+            for dir in [&settings.data_dir, &path] {
+                allow_search(dir)?;
+            }
+            if !virsh.is_remote() {
+                check_searchable(&settings.data_dir)?;
+            }
+            let file = settings.data_dir.join("pool.xml");
+            std::fs::write(&file, domain::dir_pool_xml(pool, &path))
+                .map_err(|e| io_error(&file, e))?;
+            let defined = virsh.run(&["pool-define", &file.display().to_string()]);
+            let _ = std::fs::remove_file(&file);
+            defined?;
+            let _ = virsh.run(&["pool-build", pool]);
+            virsh.run(&["pool-autostart", pool])?;
+            tracing::info!(%pool, path = %path.display(), host = %virsh.uri, "defined a dir storage pool");
+            virsh.run(&["pool-dumpxml", pool])?
+        }
+    };
+    let info = virsh.run(&["pool-info", pool])?;
+    if !info
+        .lines()
+        .any(|l| l.starts_with("State:") && l.contains("running"))
+    {
+        virsh.run(&["pool-start", pool])?;
+    }
+    Ok(match virsh::root_type(&xml) {
+        Some("dir") | Some("fs") | Some("netfs") => "qcow2",
+        _ => "raw",
+    })
+}
+
+/// Adds search permission for others to `dir` (nothing else).
+fn allow_search(dir: &Path) -> Result<(), DriverError> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(dir).map_err(|e| io_error(dir, e))?;
+    let mode = meta.permissions().mode();
+    if mode & 0o001 == 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o001))
+            .map_err(|e| io_error(dir, e))?;
+    }
+    Ok(())
+}
+
+/// Fails, naming the directory and the fix, unless every directory above
+/// `dir` lets others search it: QEMU runs as its own user, not root.
+fn check_searchable(dir: &Path) -> Result<(), DriverError> {
+    use std::os::unix::fs::PermissionsExt;
+    for ancestor in dir.ancestors().skip(1) {
+        let Ok(meta) = std::fs::metadata(ancestor) else {
+            continue;
+        };
+        if meta.permissions().mode() & 0o001 == 0 {
+            return Err(DriverError::Command {
+                command: format!("the storage pool under {}", dir.display()),
+                detail: format!(
+                    "QEMU runs as its own user and cannot reach it: {} is not searchable by others\n  hint: `chmod o+x {}`, or set [libvirt] pool to a pool elsewhere",
+                    ancestor.display(),
+                    ancestor.display()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The format of a disk image, from its first bytes.
+fn image_format(path: &Path) -> Result<&'static str, DriverError> {
+    let mut magic = [0u8; 4];
+    let mut file = std::fs::File::open(path).map_err(|e| DriverError::Io {
+        path: format!("base_image {}", path.display()),
+        source: e,
+    })?;
+    Ok(match file.read_exact(&mut magic) {
+        Ok(()) if &magic == b"QFI\xfb" => "qcow2",
+        _ => "raw",
+    })
+}
+
+/// Whether `/dev/kvm` opens for reading and writing.
+fn kvm_opens() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}
+
+/// Puts a VM's tap on `bridge`, moving it first into this process's
+/// network namespace if libvirtd made it in another one.
+fn attach_tap(tap: &str, domain: &str, bridge: &str) -> Result<(), DriverError> {
+    // Asked over netlink: /sys shows the namespace it was mounted in.
+    if run("ip", &["link", "show", "dev", tap]).is_err() {
+        let pid_file = PathBuf::from("/run/libvirt/qemu").join(format!("{domain}.pid"));
+        let pid = std::fs::read_to_string(&pid_file).map_err(|e| io_error(&pid_file, e))?;
+        let pid = pid.trim();
+        run(
+            "nsenter",
+            &[
+                &format!("--net=/proc/{pid}/ns/net"),
+                "ip",
+                "link",
+                "set",
+                tap,
+                "netns",
+                &std::process::id().to_string(),
+            ],
+        )?;
+    }
+    run("ip", &["link", "set", tap, "master", bridge, "up"])?;
+    Ok(())
+}
+
+/// Runs a command, returning its stdout, or an error with its stderr.
+fn run(program: &str, args: &[&str]) -> Result<String, DriverError> {
+    let output = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| DriverError::Command {
+            command: format!("{program} {}", args.join(" ")),
+            detail: e.to_string(),
+        })?;
+    if !output.status.success() {
+        return Err(DriverError::Command {
+            command: format!("{program} {}", args.join(" ")),
+            detail: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// The end of a console log.
+fn read_tail(path: &Path) -> String {
+    use std::io::{Seek, SeekFrom};
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = file.seek(SeekFrom::Start(len.saturating_sub(CONSOLE_TAIL_BYTES)));
+    let mut bytes = Vec::new();
+    let _ = file.take(CONSOLE_TAIL_BYTES).read_to_end(&mut bytes);
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+fn io_error(path: &Path, source: std::io::Error) -> DriverError {
+    DriverError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+fn ledger_error(e: vcfed_storage::LedgerError) -> DriverError {
+    DriverError::Command {
+        command: "ledger".to_owned(),
+        detail: e.to_string(),
+    }
+}

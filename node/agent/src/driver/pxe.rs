@@ -1,0 +1,152 @@
+//! What a cluster's frontend serves to machines that network-boot with
+//! iPXE (the boot ROM of QEMU's NICs), and what they print on their serial
+//! console while they run it: the frontend writes [`BOOT_SCRIPT`], the
+//! libvirt driver reads the console with [`console_state`]. Both sides of
+//! that contract are here, so they cannot drift apart.
+//!
+//! The script fetches the install file the netns nodes fetch (over TFTP,
+//! from the server DHCP named) and says so in lines that start with
+//! [`MARKER`]; then it idles until the node is stopped.
+
+use std::net::Ipv4Addr;
+
+use crate::driver::NodeState;
+
+/// File name of the iPXE script in the frontend's TFTP root.
+pub const BOOT_SCRIPT: &str = "boot.ipxe";
+/// DHCP option 175 is sent by iPXE only: the frontend gives the script to
+/// those clients and the plain install file to everyone else.
+pub const IPXE_OPTION: u8 = 175;
+/// Start of every line the script prints for the driver.
+pub const MARKER: &str = "VCFED-NODE";
+
+/// The iPXE script that fetches `install_file`.
+pub fn boot_script(install_file: &str) -> String {
+    format!(
+        "#!ipxe\n\
+         echo {MARKER} leased ${{net0/ip}} ${{next-server}} ${{net0/mac}}\n\
+         imgfetch tftp://${{next-server}}/{install_file} || goto failed\n\
+         imgstat\n\
+         echo {MARKER} installed ${{net0/ip}} ${{next-server}}\n\
+         :idle\n\
+         sleep 3600\n\
+         goto idle\n\
+         :failed\n\
+         echo {MARKER} failed fetching {install_file} from ${{next-server}}\n\
+         goto idle\n"
+    )
+}
+
+/// A node's state from its serial console so far (`None`: nothing the
+/// script prints yet, the VM is still in its firmware or asking for a
+/// lease).
+pub fn console_state(console: &str) -> Option<NodeState> {
+    let mut state = None;
+    for line in console.lines() {
+        let Some(rest) = line.trim().strip_prefix(MARKER) else {
+            continue;
+        };
+        let mut words = rest.split_whitespace();
+        let ip = |w: Option<&str>| w.and_then(|w| w.parse::<Ipv4Addr>().ok());
+        state = match words.next() {
+            Some("leased") => match (ip(words.next()), ip(words.next())) {
+                (Some(ip), Some(server)) => Some(NodeState::Leased { ip, server }),
+                _ => state,
+            },
+            Some("installed") => match (ip(words.next()), ip(words.next())) {
+                (Some(ip), Some(server)) => Some(NodeState::Installed { ip, server }),
+                _ => state,
+            },
+            Some("failed") => Some(NodeState::Failed {
+                reason: words.collect::<Vec<_>>().join(" "),
+            }),
+            _ => state,
+        };
+    }
+    state
+}
+
+/// The last non-empty line of a console, without escape sequences and
+/// control characters, for a failure's reason.
+pub fn last_console_line(console: &str) -> String {
+    console
+        .lines()
+        .map(strip_escapes)
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+/// `text` without ANSI escape sequences and control characters.
+fn strip_escapes(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                // Parameters, then one final byte in @..~.
+                for c in chars.by_ref() {
+                    if ('@'..='~').contains(&c) {
+                        break;
+                    }
+                }
+            }
+        } else if !c.is_control() {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_script_and_the_parser_agree() {
+        let script = boot_script("install.cfg");
+        assert!(script.starts_with("#!ipxe\n"));
+        // What iPXE prints when it runs the script, variables expanded.
+        let console = "iPXE initialising devices...ok\r\n\
+            tftp://198.18.7.1/boot.ipxe... ok\r\n\
+            VCFED-NODE leased 198.18.7.84 198.18.7.1 02:11:22:33:44:55\r\n";
+        assert_eq!(
+            console_state(console),
+            Some(NodeState::Leased {
+                ip: "198.18.7.84".parse().unwrap(),
+                server: "198.18.7.1".parse().unwrap()
+            })
+        );
+        let installed = format!(
+            "{console}install.cfg : 33 bytes\r\nVCFED-NODE installed 198.18.7.84 198.18.7.1\r\n"
+        );
+        assert!(matches!(
+            console_state(&installed),
+            Some(NodeState::Installed { .. })
+        ));
+        assert_eq!(console_state("Booting from ROM...\n"), None);
+        // A marker line cut short (the console is read while written).
+        assert_eq!(console_state("VCFED-NODE leased 198.18"), None);
+        assert_eq!(
+            console_state("VCFED-NODE failed fetching install.cfg from 198.18.7.1\n"),
+            Some(NodeState::Failed {
+                reason: "fetching install.cfg from 198.18.7.1".into()
+            })
+        );
+        for marker in ["leased", "installed", "failed"] {
+            assert!(script.contains(&format!("{MARKER} {marker} ")), "{marker}");
+        }
+    }
+
+    #[test]
+    fn last_lines_lose_escapes() {
+        assert_eq!(
+            last_console_line("a\n\u{1b}[0;1miPXE 1.0\u{1b}[0m -- Open\r\n\n"),
+            "iPXE 1.0 -- Open"
+        );
+        assert_eq!(last_console_line(""), "");
+    }
+}

@@ -1,0 +1,235 @@
+//! The libvirt driver on a real libvirtd (QEMU under software emulation):
+//! a federation of two sites in network namespaces whose compute nodes are
+//! virtual machines. Needs root, libvirtd and QEMU besides what the demo
+//! needs; with CI=true their absence is a failure.
+//!
+//! One test walks a cluster's life, because VMs are slow to boot under TCG:
+//! - two VMs at the worker site network-boot across the tunnel from the
+//!   master's frontend: their serial consoles show the lease and the install
+//!   file from it, and the frontend's log the DHCP acks and TFTP transfers;
+//! - the worker's agent is killed with SIGKILL while they run: the VMs run
+//!   on, and the restarted agent adopts them (same QEMU processes) instead
+//!   of making them again;
+//! - a delete leaves no VM, no volume and no volume row in the ledger, and
+//!   the teardown no storage pool.
+
+#![allow(clippy::unwrap_used, clippy::print_stderr)] // test code: a failed unwrap is a failed test
+
+mod common;
+
+use common::eventually;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use vcfed::api::ClusterDetail;
+use vcfed::client::ApiClient;
+use vcfed::demo::federation::{self, DemoDriver, DemoFederation, DemoSpec};
+use vcfed_storage::{ClusterState, Ledger};
+
+/// Whether the environment can run these tests; in CI it must.
+fn environment_ready() -> bool {
+    match federation::check_environment(DemoDriver::Libvirt) {
+        Ok(()) => true,
+        Err(why) => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "the libvirt tests cannot run in CI: {why}"
+            );
+            eprintln!("skipping a libvirt test: {why}");
+            false
+        }
+    }
+}
+
+fn virsh(args: &[&str]) -> String {
+    let out = Command::new("virsh")
+        .args(["-q", "-c", "qemu:///system"])
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The VMs of `site` (by the driver's names) and their libvirt ids.
+fn domains(site: &str) -> BTreeMap<String, String> {
+    let prefix = format!("vcf-{}-", vcfed::driver::short_tag(site));
+    virsh(&["list", "--all", "--name"])
+        .lines()
+        .map(str::trim)
+        .filter(|name| name.starts_with(&prefix))
+        .map(|name| (name.to_owned(), virsh(&["domid", name]).trim().to_owned()))
+        .collect()
+}
+
+async fn detail(client: &ApiClient, id: &str) -> Option<ClusterDetail> {
+    client.get(&format!("/v1/clusters/{id}")).await.ok()
+}
+
+/// Node number → (state, ip, server) of the nodes at `site`, as the master
+/// shows them.
+async fn nodes(client: &ApiClient, id: &str, site: &str) -> BTreeMap<u32, [String; 3]> {
+    detail(client, id)
+        .await
+        .map(|d| {
+            d.nodes
+                .iter()
+                .filter(|n| n.site == site)
+                .map(|n| {
+                    let field = |k: &str| n.state[k].as_str().unwrap_or_default().to_owned();
+                    (n.index, [field("state"), field("ip"), field("server")])
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vms_boot_across_the_tunnel_survive_an_agent_crash_and_leave_nothing() {
+    if !environment_ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // The master has 1 slot (the frontend): both nodes are at the worker.
+    let spec = DemoSpec {
+        prefix: "vcfl".to_owned(),
+        site_prefix: "lvt".to_owned(),
+        wan_octet: 11,
+        nodes: vec![1, 2],
+        driver: DemoDriver::Libvirt,
+    };
+    let mut federation = DemoFederation::build(spec.clone(), dir.path()).unwrap();
+    federation.agent_exe = common::vcfed_bin().into();
+    let mut clients = Vec::new();
+    for index in 0..2 {
+        federation.start_agent(index).unwrap();
+        let client = federation.sites[index].client().unwrap();
+        vcfed::demo::local::wait_ready(&client).await.unwrap();
+        clients.push(client);
+    }
+    let (a, b) = (&clients[0], &clients[1]);
+    eventually(
+        "the sites see each other",
+        Duration::from_secs(20),
+        || async {
+            let view: vcfed::federation::SitesReport = a.get("/v1/sites").await.unwrap();
+            view.sites
+                .iter()
+                .filter(|s| s.state == vcfed_registry::SiteState::Alive)
+                .count()
+                == 2
+        },
+    )
+    .await;
+
+    let created: ClusterDetail = a
+        .post(
+            "/v1/clusters",
+            &serde_json::json!({ "name": "vms", "nodes": 2, "duration": "1h" }),
+        )
+        .await
+        .unwrap();
+    let id = created.record.id;
+    let started = Instant::now();
+    eventually("both VMs installed", Duration::from_secs(300), || async {
+        let at_master = nodes(a, &id, "lvt-b").await;
+        at_master.len() == 2 && at_master.values().all(|n| n[0] == "installed")
+    })
+    .await;
+    eprintln!(
+        "both VMs installed {:.1}s after the request",
+        started.elapsed().as_secs_f64()
+    );
+    let frontend = nodes(a, &id, "lvt-a").await;
+    let frontend_ip = frontend.get(&0).map(|n| n[1].clone()).unwrap();
+    let booted = nodes(a, &id, "lvt-b").await;
+    let site_b = dir.path().join("lvt-b");
+    let frontend_log = read(&dir.path().join("lvt-a/nodes").join(&id).join("0/log"));
+    let vms = domains("lvt-b");
+    assert_eq!(vms.len(), 2, "{vms:?}");
+    for (domain, [_, ip, server]) in vms.keys().zip(booted.values()) {
+        assert_eq!(server, &frontend_ip, "booted from the master's frontend");
+        // What the VM printed: its lease and the install file, from the
+        // master's frontend.
+        let console = read(&site_b.join("consoles").join(format!("{domain}.log")));
+        assert!(console.contains("iPXE"), "{domain}: {console}");
+        assert!(
+            console.contains(&format!("VCFED-NODE installed {ip} {server}")),
+            "{domain}: {console}"
+        );
+        // What the frontend saw: a DHCP ack and the boot script and the
+        // install file sent to it.
+        assert!(
+            frontend_log.contains(&format!("DHCPACK(eth0) {ip} ")),
+            "{ip}: {frontend_log}"
+        );
+        for file in ["boot.ipxe", "install.cfg"] {
+            assert!(
+                frontend_log.contains(&format!("/{file} to {ip}")),
+                "{file} to {ip}: {frontend_log}"
+            );
+        }
+    }
+
+    // The worker's agent crashes: its VMs run on, under libvirtd.
+    federation.kill_agent(1);
+    let running = domains("lvt-b");
+    assert_eq!(running, vms, "the VMs outlive their agent");
+    assert!(running.values().all(|id| id != "-"), "{running:?}");
+    federation.start_agent(1).unwrap();
+    vcfed::demo::local::wait_ready(b).await.unwrap();
+    eventually(
+        "the restarted worker reports its VMs again",
+        Duration::from_secs(60),
+        || async {
+            let at_b = nodes(b, &id, "lvt-b").await;
+            at_b.len() == 2 && at_b.values().all(|n| n[0] == "installed")
+        },
+    )
+    .await;
+    // Adopted, not made again: the same QEMU processes.
+    assert_eq!(domains("lvt-b"), vms, "the VMs were made again");
+    let at_b = detail(b, &id).await.unwrap();
+    assert_eq!(at_b.record.state, ClusterState::Running);
+
+    // Delete: every VM, volume and volume row goes.
+    let _: serde_json::Value = a
+        .call(
+            hyper::Method::DELETE,
+            &format!("/v1/clusters/{id}"),
+            None::<&()>,
+        )
+        .await
+        .unwrap();
+    eventually(
+        "the cluster finished at both sites",
+        Duration::from_secs(60),
+        || async {
+            for client in [a, b] {
+                match detail(client, &id).await {
+                    Some(d) if d.record.state.is_terminal() => {}
+                    _ => return false,
+                }
+            }
+            true
+        },
+    )
+    .await;
+    assert!(domains("lvt-b").is_empty(), "{:?}", domains("lvt-b"));
+    let pool = format!("vcfed-{}", vcfed::driver::short_tag("lvt-b"));
+    let volumes = virsh(&["vol-list", &pool]);
+    assert!(volumes.trim().is_empty(), "volumes left: {volumes}");
+
+    let left = federation.teardown();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    assert!(federation::leftovers(&spec).is_empty());
+    let config = vcfed::config::Config::load(&federation.sites[1].config_path).unwrap();
+    let ledger = Ledger::open(&config.ledger_path()).unwrap();
+    assert_eq!(ledger.volumes().unwrap(), Vec::new());
+}
