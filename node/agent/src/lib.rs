@@ -33,7 +33,7 @@ pub mod federation;
 mod gateway;
 mod gateway_config;
 pub mod identity;
-mod ledger;
+pub mod ledger;
 mod links;
 pub mod metrics;
 pub mod out;

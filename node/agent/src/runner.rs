@@ -229,6 +229,7 @@ impl DriverChoice {
                     shutdown_timeout: libvirt.shutdown_timeout(),
                     memory_mib: libvirt.memory_mib,
                     remote_bridge: libvirt.remote_bridge.clone(),
+                    boot_timeout: crate::driver::libvirt::BOOT_TIMEOUT,
                 };
                 DriverChoice::Libvirt(Box::new(settings), netns())
             }

@@ -12,6 +12,9 @@
 //!   of making them again;
 //! - a delete leaves no VM, no volume and no volume row in the ledger, and
 //!   the teardown no storage pool.
+//!
+//! Another drives the driver alone through its failures: an unreachable
+//! libvirtd, a missing base image, a VM that never gets a lease.
 
 #![allow(clippy::unwrap_used, clippy::print_stderr)] // test code: a failed unwrap is a failed test
 
@@ -20,6 +23,7 @@ mod common;
 use common::eventually;
 
 use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -27,6 +31,10 @@ use std::time::{Duration, Instant};
 use vcfed::api::ClusterDetail;
 use vcfed::client::ApiClient;
 use vcfed::demo::federation::{self, DemoDriver, DemoFederation, DemoSpec};
+use vcfed::driver::libvirt::{Accel, LibvirtDriver, LibvirtSettings};
+use vcfed::driver::netns::NetnsDriver;
+use vcfed::driver::{ComputeDriver, NodeSpec, NodeState, node_mac};
+use vcfed::ledger::SharedLedger;
 use vcfed_storage::{ClusterState, Ledger};
 
 /// Whether the environment can run these tests; in CI it must.
@@ -221,7 +229,12 @@ async fn vms_boot_across_the_tunnel_survive_an_agent_crash_and_leave_nothing() {
         },
     )
     .await;
-    assert!(domains("lvt-b").is_empty(), "{:?}", domains("lvt-b"));
+    // The runner stops the VMs just after the state changes (an ACPI
+    // shutdown, then destroy after the demo's 2 s).
+    eventually("no VM left", Duration::from_secs(30), || async {
+        domains("lvt-b").is_empty()
+    })
+    .await;
     let pool = format!("vcfed-{}", vcfed::driver::short_tag("lvt-b"));
     let volumes = virsh(&["vol-list", &pool]);
     assert!(volumes.trim().is_empty(), "volumes left: {volumes}");
@@ -232,4 +245,126 @@ async fn vms_boot_across_the_tunnel_survive_an_agent_crash_and_leave_nothing() {
     let config = vcfed::config::Config::load(&federation.sites[1].config_path).unwrap();
     let ledger = Ledger::open(&config.ledger_path()).unwrap();
     assert_eq!(ledger.volumes().unwrap(), Vec::new());
+}
+
+/// A bridge of the test's own in this namespace, removed even on panic.
+struct TestBridge(String);
+
+impl Drop for TestBridge {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.0]).status();
+    }
+}
+
+fn settings(data_dir: &Path) -> LibvirtSettings {
+    LibvirtSettings {
+        site: format!("lvd-{}", std::process::id()),
+        data_dir: data_dir.to_owned(),
+        hosts: vec!["qemu:///system".to_owned()],
+        pool: None,
+        base_image: None,
+        console_dir: data_dir.join("consoles"),
+        keep_volumes: false,
+        accel: Accel::Tcg,
+        shutdown_timeout: Duration::from_secs(1),
+        memory_mib: Some(64),
+        remote_bridge: "br{vlan}".to_owned(),
+        boot_timeout: Duration::from_secs(4),
+    }
+}
+
+/// What of `site`'s VMs and volumes exists in libvirt and in the ledger.
+fn made(site: &str, ledger: &SharedLedger) -> (BTreeMap<String, String>, String, usize) {
+    let pool = format!("vcfed-{}", vcfed::driver::short_tag(site));
+    (
+        domains(site),
+        virsh(&["vol-list", &pool]).trim().to_owned(),
+        ledger.blocking(|l| l.volumes().unwrap().len()),
+    )
+}
+
+#[test]
+fn failures_leave_nothing_half_made_and_an_unreachable_libvirtd_says_how_to_fix_it() {
+    if !environment_ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // QEMU runs as its own user: let it reach the pool under the temp dir.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let data_dir = dir.path().join("data");
+    std::fs::create_dir_all(&data_dir).unwrap();
+    let ledger = SharedLedger::new(Ledger::open(&data_dir.join("ledger.db")).unwrap());
+    let frontend = || NetnsDriver::new(data_dir.join("nodes"), "lvd", None);
+
+    // libvirtd unreachable: the error says so, and how to fix it.
+    let mut unreachable = settings(&data_dir);
+    unreachable.hosts = vec!["qemu+unix:///system?socket=/nonexistent/libvirt-sock".to_owned()];
+    let error = LibvirtDriver::new(unreachable, ledger.clone(), frontend())
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("start libvirtd"), "{error}");
+
+    let bridge = TestBridge(format!("vlb{}", std::process::id() % 100_000));
+    Command::new("ip")
+        .args(["link", "add", &bridge.0, "type", "bridge"])
+        .status()
+        .unwrap();
+    Command::new("ip")
+        .args(["link", "set", &bridge.0, "up"])
+        .status()
+        .unwrap();
+    let good = settings(&data_dir);
+    let site = good.site.clone();
+    let cluster = format!("c-fail-{}", std::process::id());
+    let spec = NodeSpec {
+        cluster: cluster.clone(),
+        index: 1,
+        frontend: false,
+        bridge: bridge.0.clone(),
+        subnet: Ipv4Addr::new(198, 19, 250, 0),
+        mac: node_mac(&cluster, 1),
+        vlan: 100,
+        shape: None,
+    };
+
+    // A base image that is not there: the node does not start, and no
+    // VM, volume or ledger row is left of it.
+    let mut missing = settings(&data_dir);
+    missing.base_image = Some(dir.path().join("no-such-image.qcow2"));
+    let mut driver = LibvirtDriver::new(missing, ledger.clone(), frontend()).unwrap();
+    let error = driver.start_node(&spec).unwrap_err().to_string();
+    assert!(error.contains("no-such-image.qcow2"), "{error}");
+    assert_eq!(made(&site, &ledger), (BTreeMap::new(), String::new(), 0));
+    drop(driver);
+
+    // A VM on a network with no frontend: it runs, gets no lease, and is
+    // failed with the console's last line once the boot timeout passes.
+    let mut driver = LibvirtDriver::new(good, ledger.clone(), frontend()).unwrap();
+    driver.start_node(&spec).unwrap();
+    let (vms, volumes, rows) = made(&site, &ledger);
+    assert_eq!((vms.len(), rows), (1, 1), "{vms:?} {volumes}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let reason = loop {
+        let states = driver.poll(&cluster);
+        assert_eq!(states.len(), 1);
+        if let NodeState::Failed { reason } = &states[0].state {
+            break reason.clone();
+        }
+        assert!(Instant::now() < deadline, "not failed: {states:?}");
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert!(reason.contains("no lease from the frontend"), "{reason}");
+    // The runner's retry makes it again: the failed VM is replaced, not
+    // doubled.
+    driver.start_node(&spec).unwrap();
+    let (again, _, rows) = made(&site, &ledger);
+    assert_eq!((again.len(), rows), (1, 1), "{again:?}");
+    assert_ne!(again, vms, "a new VM (a new libvirt id)");
+    driver.stop_cluster(&cluster).unwrap();
+    assert_eq!(made(&site, &ledger), (BTreeMap::new(), String::new(), 0));
+    // The site's own pool goes with the test.
+    let pool = format!("vcfed-{}", vcfed::driver::short_tag(&site));
+    virsh(&["pool-destroy", &pool]);
+    virsh(&["pool-undefine", &pool]);
 }

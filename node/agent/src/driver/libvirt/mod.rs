@@ -45,8 +45,9 @@ use crate::ledger::SharedLedger;
 
 /// Prefix of the driver's domains and volumes.
 pub const DOMAIN_PREFIX: &str = "vcf-";
-/// A VM that shows no lease from the frontend within this long failed.
-const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+/// A VM that shows no lease from the frontend within this long failed
+/// (software emulation on a busy host is slow to get there).
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 /// Disk of a node whose request gave no shape, GiB.
 const DEFAULT_DISK_GIB: u64 = 1;
 /// Memory of a node whose request gave no shape, MiB.
@@ -92,6 +93,9 @@ pub struct LibvirtSettings {
     pub memory_mib: Option<u64>,
     /// The bridge carrying VLAN `{vlan}` on a host on another machine.
     pub remote_bridge: String,
+    /// A VM with no lease from the frontend after this long failed
+    /// ([`BOOT_TIMEOUT`] in the agent).
+    pub boot_timeout: Duration,
 }
 
 /// One of the site's hypervisor hosts.
@@ -478,7 +482,12 @@ impl LibvirtDriver {
     }
 
     /// The state of one VM, from libvirt and its console.
-    fn vm_state(vm: &mut Vm, libvirt_state: Option<&str>, kvm_failed: &mut bool) -> NodeState {
+    fn vm_state(
+        vm: &mut Vm,
+        libvirt_state: Option<&str>,
+        boot_timeout: Duration,
+        kvm_failed: &mut bool,
+    ) -> NodeState {
         if let Some(reason) = &vm.failed {
             return NodeState::Failed {
                 reason: reason.clone(),
@@ -490,9 +499,9 @@ impl LibvirtDriver {
             (_, Some(NodeState::Failed { reason })) => Some(reason.clone()),
             (None, _) => Some("the VM is gone: undefined outside vcfed".to_owned()),
             (Some("running"), Some(_)) => None,
-            (Some("running"), None) if vm.started.elapsed() > BOOT_TIMEOUT => Some(format!(
+            (Some("running"), None) if vm.started.elapsed() > boot_timeout => Some(format!(
                 "no lease from the frontend within {} s; console: {}",
-                BOOT_TIMEOUT.as_secs(),
+                boot_timeout.as_secs(),
                 pxe::last_console_line(&console)
             )),
             (Some("running"), None) => None,
@@ -562,13 +571,15 @@ impl ComputeDriver for LibvirtDriver {
             .map(|host| (host, self.domain_states(host)))
             .collect();
         let mut kvm_failed = false;
+        let boot_timeout = self.settings.boot_timeout;
         if let Some(nodes) = self.nodes.get_mut(cluster) {
             for (index, vm) in nodes.iter_mut() {
                 let libvirt_state = states
                     .get(&vm.host)
                     .and_then(|s| s.get(&vm.domain))
                     .map(String::as_str);
-                let state = LibvirtDriver::vm_state(vm, libvirt_state, &mut kvm_failed);
+                let state =
+                    LibvirtDriver::vm_state(vm, libvirt_state, boot_timeout, &mut kvm_failed);
                 statuses.push(NodeStatus {
                     index: *index,
                     frontend: false,
