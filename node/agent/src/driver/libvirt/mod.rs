@@ -295,9 +295,13 @@ impl LibvirtDriver {
         let _ = std::fs::remove_file(&vm.console);
         let made = self.make_vm(&vm, disk_gib.saturating_mul(1 << 30));
         if let Err(e) = made {
-            self.remove_vm(&vm, false);
+            if let Err(left) = self.remove_vm(&vm, false) {
+                tracing::warn!(domain = %vm.domain, error = %left, "a VM that failed to start could not be removed");
+            }
             return Err(e);
         }
+        // A list read before it existed must not say it is gone.
+        self.hosts[host].states = None;
         tracing::info!(cluster = %spec.cluster, node = spec.index, domain = %vm.domain, host = %self.hosts[host].virsh.uri, memory_mib, vcpus, "VM started");
         Ok(vm)
     }
@@ -383,11 +387,18 @@ impl LibvirtDriver {
     /// Stops and removes a VM, and its volume unless `keep_volume`.
     /// Best effort: what cannot be removed is logged, and the volume's
     /// ledger row stays so a later start tries again.
-    fn remove_vm(&self, vm: &Vm, keep_volume: bool) {
+    fn remove_vm(&self, vm: &Vm, keep_volume: bool) -> Result<(), DriverError> {
         let virsh = &self.hosts[vm.host].virsh;
         let _ = virsh.run(&["destroy", &vm.domain]);
-        let _ = virsh.run(&["undefine", &vm.domain]);
+        if let Err(e) = virsh.run(&["undefine", &vm.domain])
+            && virsh.run(&["domstate", &vm.domain]).is_ok()
+        {
+            // Still there: its volume stays too, and the caller keeps the
+            // cluster's network until a later try removes it.
+            return Err(e);
+        }
         self.remove_volume(vm.host, &vm.volume, keep_volume);
+        Ok(())
     }
 
     fn remove_volume(&self, host: usize, volume: &str, keep: bool) {
@@ -396,9 +407,10 @@ impl LibvirtDriver {
             let gone = match virsh.run(&["vol-delete", volume, "--pool", &self.pool]) {
                 Ok(_) => true,
                 // Already gone (or never made).
-                Err(_) => virsh
-                    .run(&["vol-info", volume, "--pool", &self.pool])
-                    .is_err(),
+                Err(_) => matches!(
+                    virsh.run(&["vol-info", volume, "--pool", &self.pool]),
+                    Err(DriverError::Command { ref detail, .. }) if detail.contains("not found")
+                ),
             };
             if !gone {
                 tracing::warn!(volume, host = %virsh.uri, "volume not deleted; retried at the next start");
@@ -418,37 +430,41 @@ impl LibvirtDriver {
 
     /// The libvirt state of every domain on host `index`, read at most
     /// every [`STATE_EVERY`].
-    fn domain_states(&mut self, index: usize) -> BTreeMap<String, String> {
+    fn domain_states(&mut self, index: usize) -> Option<BTreeMap<String, String>> {
         let host = &mut self.hosts[index];
         if let Some((at, states)) = &host.states
             && at.elapsed() < STATE_EVERY
         {
-            return states.clone();
+            return Some(states.clone());
         }
-        let states: BTreeMap<String, String> = match host.virsh.run(&["list", "--all"]) {
-            Ok(text) => virsh::parse_list(&text).into_iter().collect(),
-            Err(e) => {
-                tracing::warn!(host = %host.virsh.uri, error = %e, "cannot list domains");
-                // Unknown: keep the last answer rather than fail every node.
-                return host
-                    .states
-                    .as_ref()
-                    .map(|(_, s)| s.clone())
-                    .unwrap_or_default();
+        match host.virsh.run(&["list", "--all"]) {
+            Ok(text) => {
+                let states: BTreeMap<String, String> =
+                    virsh::parse_list(&text).into_iter().collect();
+                host.states = Some((Instant::now(), states.clone()));
+                Some(states)
             }
-        };
-        host.states = Some((Instant::now(), states.clone()));
-        states
+            Err(e) => {
+                // Unknown is not gone: the VMs keep their last state.
+                tracing::warn!(host = %host.virsh.uri, error = %e, "cannot list domains; node states unchanged");
+                None
+            }
+        }
     }
 
     /// Adopts a VM an earlier process left running, or removes it.
-    fn adopt(&mut self, spec: &NodeSpec, host: usize) -> Option<Vm> {
+    fn adopt(&mut self, spec: &NodeSpec, host: usize) -> Result<Option<Vm>, DriverError> {
         let domain = self.domain_name(&spec.cluster, spec.index);
         let virsh = &self.hosts[host].virsh;
-        let state = virsh
-            .run(&["domstate", &domain, "--reason"])
-            .map(|text| virsh::parse_domstate(&text))
-            .ok()?;
+        let state = match virsh.run(&["domstate", &domain, "--reason"]) {
+            Ok(text) => virsh::parse_domstate(&text),
+            Err(e) => {
+                // Not knowing is not "gone": try again at the next start.
+                tracing::warn!(%domain, error = %e, "cannot read a VM left by an earlier process");
+                self.adoptable.insert(domain, host);
+                return Err(e);
+            }
+        };
         let shape = spec.shape;
         let vm = Vm {
             spec: spec.clone(),
@@ -466,19 +482,20 @@ impl LibvirtDriver {
         };
         if !state.is_running() {
             tracing::info!(domain = %vm.domain, state = %state.state, "a VM left by an earlier process is not running; making it again");
-            self.remove_vm(&vm, false);
-            return None;
+            self.remove_vm(&vm, false)?;
+            return Ok(None);
         }
         if !virsh.is_remote() && !virsh.is_fake() {
             let tap = self.tap_name(&spec.cluster, spec.index);
             if let Err(e) = attach_tap(&tap, &vm.domain, &spec.bridge) {
                 tracing::warn!(domain = %vm.domain, error = %e, "cannot put an adopted VM back on its bridge; making it again");
-                self.remove_vm(&vm, false);
-                return None;
+                self.remove_vm(&vm, false)?;
+                return Ok(None);
             }
         }
+        self.hosts[host].states = None;
         tracing::info!(cluster = %spec.cluster, node = spec.index, domain = %vm.domain, "adopted a running VM of an earlier process");
-        Some(vm)
+        Ok(Some(vm))
     }
 
     /// The state of one VM, from libvirt and its console.
@@ -542,11 +559,18 @@ impl ComputeDriver for LibvirtDriver {
                 return Ok(());
             }
             tracing::info!(cluster = %spec.cluster, node = spec.index, "making a failed node's VM again");
-            self.remove_vm(&vm, false);
+            if let Err(e) = self.remove_vm(&vm, false) {
+                // Keep following it; the next retry tries again.
+                self.nodes
+                    .entry(spec.cluster.clone())
+                    .or_default()
+                    .insert(spec.index, vm);
+                return Err(e);
+            }
         }
         let domain = self.domain_name(&spec.cluster, spec.index);
         let vm = match self.adoptable.remove(&domain) {
-            Some(host) => match self.adopt(spec, host) {
+            Some(host) => match self.adopt(spec, host)? {
                 Some(vm) => vm,
                 None => self.create_vm(spec)?,
             },
@@ -566,7 +590,7 @@ impl ComputeDriver for LibvirtDriver {
             .get(cluster)
             .map(|nodes| nodes.values().map(|vm| vm.host).collect())
             .unwrap_or_default();
-        let states: BTreeMap<usize, BTreeMap<String, String>> = hosts
+        let states: BTreeMap<usize, Option<BTreeMap<String, String>>> = hosts
             .into_iter()
             .map(|host| (host, self.domain_states(host)))
             .collect();
@@ -574,12 +598,22 @@ impl ComputeDriver for LibvirtDriver {
         let boot_timeout = self.settings.boot_timeout;
         if let Some(nodes) = self.nodes.get_mut(cluster) {
             for (index, vm) in nodes.iter_mut() {
-                let libvirt_state = states
-                    .get(&vm.host)
-                    .and_then(|s| s.get(&vm.domain))
-                    .map(String::as_str);
-                let state =
-                    LibvirtDriver::vm_state(vm, libvirt_state, boot_timeout, &mut kvm_failed);
+                let state = match states.get(&vm.host) {
+                    Some(Some(known)) => LibvirtDriver::vm_state(
+                        vm,
+                        known.get(&vm.domain).map(String::as_str),
+                        boot_timeout,
+                        &mut kvm_failed,
+                    ),
+                    // libvirt did not answer: what the console says.
+                    _ => vm.failed.clone().map_or_else(
+                        || {
+                            pxe::console_state(&read_tail(&vm.console))
+                                .unwrap_or(NodeState::Booting)
+                        },
+                        |reason| NodeState::Failed { reason },
+                    ),
+                };
                 statuses.push(NodeStatus {
                     index: *index,
                     frontend: false,
@@ -667,8 +701,23 @@ impl ComputeDriver for LibvirtDriver {
                 "VMs did not shut down in time; destroying them"
             );
         }
+        let mut failed = None;
         for vm in &vms {
-            self.remove_vm(vm, self.settings.keep_volumes);
+            if let Err(e) = self.remove_vm(vm, self.settings.keep_volumes) {
+                tracing::warn!(domain = %vm.domain, error = %e, "VM not removed");
+                failed = Some(e);
+            }
+        }
+        if let Some(e) = failed {
+            // The run stays (its VLAN id is not given back while a VM may
+            // still sit on its network); the next stop tries again.
+            for vm in vms.into_iter().filter(|vm| vm.vcpus > 0) {
+                self.nodes
+                    .entry(cluster.to_owned())
+                    .or_default()
+                    .insert(vm.spec.index, vm);
+            }
+            return Err(e);
         }
         // Volumes of the cluster the ledger knows and no VM named (a crash
         // between making the volume and defining the VM).
@@ -701,7 +750,9 @@ impl ComputeDriver for LibvirtDriver {
                 tracing::info!(domain = %name, host = %self.hosts[index].virsh.uri, "removing a VM left by an earlier process");
                 let virsh = &self.hosts[index].virsh;
                 let _ = virsh.run(&["destroy", &name]);
-                virsh.run(&["undefine", &name])?;
+                if let Err(e) = virsh.run(&["undefine", &name]) {
+                    tracing::warn!(domain = %name, error = %e, "cannot remove a VM left by an earlier process; remove it by hand");
+                }
             }
             // Volumes made by an earlier process that the ledger lost
             // track of cannot happen (rows go first); volumes in the pool
@@ -718,7 +769,12 @@ impl ComputeDriver for LibvirtDriver {
             let volumes = virsh::parse_names(&virsh.run(&["vol-list", &self.pool])?);
             for volume in volumes.into_iter().filter(|v| v.starts_with(&own)) {
                 let tag = volume[own.len()..].split('-').next().unwrap_or_default();
-                if !keep_tags.contains(tag) && !known.contains(&volume) {
+                // With keep_volumes, volumes of ended clusters are the
+                // operator's: never removed here.
+                if !self.settings.keep_volumes
+                    && !keep_tags.contains(tag)
+                    && !known.contains(&volume)
+                {
                     tracing::info!(%volume, "removing a volume left by an earlier process");
                     let _ = virsh.run(&["vol-delete", &volume, "--pool", &self.pool]);
                 }

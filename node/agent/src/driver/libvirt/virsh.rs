@@ -27,6 +27,8 @@ impl Virsh {
         let mut child = Command::new("virsh")
             .arg("-q")
             .args(["-c", &self.uri])
+            // Its answers are parsed: untranslated.
+            .env("LC_ALL", "C")
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
