@@ -14,7 +14,8 @@
 //!   the teardown no storage pool.
 //!
 //! Another drives the driver alone through its failures: an unreachable
-//! libvirtd, a missing base image, a VM that never gets a lease.
+//! libvirtd, a missing base image, a VM that never gets a lease; and a
+//! base image outside any pool, which node volumes overlay.
 
 #![allow(clippy::unwrap_used, clippy::print_stderr)] // test code: a failed unwrap is a failed test
 
@@ -363,8 +364,33 @@ fn failures_leave_nothing_half_made_and_an_unreachable_libvirtd_says_how_to_fix_
     assert_ne!(again, vms, "a new VM (a new libvirt id)");
     driver.stop_cluster(&cluster).unwrap();
     assert_eq!(made(&site, &ledger), (BTreeMap::new(), String::new(), 0));
-    // The site's own pool goes with the test.
+    drop(driver);
+
+    // A base image anywhere (not a volume of a pool): node volumes are
+    // copy-on-write overlays of it.
+    let image = dir.path().join("base.qcow2");
+    let made_image = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&image)
+        .arg("64M")
+        .status()
+        .unwrap();
+    assert!(made_image.success());
+    let mut based = settings(&data_dir);
+    based.base_image = Some(image.clone());
+    let mut driver = LibvirtDriver::new(based, ledger.clone(), frontend()).unwrap();
+    driver.start_node(&spec).unwrap();
     let pool = format!("vcfed-{}", vcfed::driver::short_tag(&site));
+    let volume = virsh(&["vol-list", &pool]);
+    let volume = volume.split_whitespace().next().unwrap();
+    let xml = virsh(&["vol-dumpxml", volume, "--pool", &pool]);
+    assert!(
+        xml.contains(&format!("<path>{}</path>", image.display())),
+        "{xml}"
+    );
+    driver.stop_cluster(&cluster).unwrap();
+    assert_eq!(made(&site, &ledger), (BTreeMap::new(), String::new(), 0));
+    // The site's own pool goes with the test.
     virsh(&["pool-destroy", &pool]);
     virsh(&["pool-undefine", &pool]);
 }

@@ -148,6 +148,28 @@ pub(super) fn dir_pool_xml(name: &str, path: &Path) -> String {
     )
 }
 
+/// The XML of a volume of `size_bytes`: in `format` (`qcow2` or `raw`),
+/// over a backing file (path, format) if given.
+pub(super) fn volume_xml(
+    name: &str,
+    size_bytes: u64,
+    format: &str,
+    backing: Option<(&Path, &str)>,
+) -> String {
+    let backing = backing.map_or_else(String::new, |(path, format)| {
+        format!(
+            "  <backingStore>\n    <path>{}</path>\n    <format type='{}'/>\n  </backingStore>\n",
+            escape(&path.display().to_string()),
+            escape(format)
+        )
+    });
+    format!(
+        "<volume>\n  <name>{}</name>\n  <capacity unit='bytes'>{size_bytes}</capacity>\n  <target>\n    <format type='{}'/>\n  </target>\n{backing}</volume>\n",
+        escape(name),
+        escape(format)
+    )
+}
+
 /// `aa:bb:..` of a MAC address.
 pub(super) fn mac_text(mac: &[u8; 6]) -> String {
     mac.iter()
@@ -259,6 +281,17 @@ mod tests {
         assert!(remote.starts_with("<domain type='kvm'"));
         assert!(remote.contains("<interface type='bridge'>\n      <source bridge='br100'/>"));
         assert!(dir_pool_xml("p", Path::new("/d/pool")).contains("<path>/d/pool</path>"));
+        let volume = volume_xml(
+            "v.qcow2",
+            1 << 30,
+            "qcow2",
+            Some((Path::new("/i/b.img"), "raw")),
+        );
+        assert!(volume.contains("<capacity unit='bytes'>1073741824</capacity>"));
+        assert!(
+            volume.contains("<backingStore>\n    <path>/i/b.img</path>\n    <format type='raw'/>")
+        );
+        assert!(!volume_xml("v", 1, "raw", None).contains("backingStore"));
     }
 
     #[test]

@@ -325,24 +325,23 @@ impl LibvirtDriver {
                 command: format!("recording volume {}", vm.volume),
                 detail: e.to_string(),
             })?;
-        let size = size_bytes.to_string();
-        let mut args = vec!["vol-create-as", &self.pool, &vm.volume, &size];
-        let backing;
-        let backing_format;
-        if host.volume_format == "qcow2" {
-            args.extend(["--format", "qcow2"]);
-        }
-        if let Some(image) = &self.settings.base_image {
-            backing_format = image_format(image)?;
-            backing = image.display().to_string();
-            args.extend([
-                "--backing-vol",
-                &backing,
-                "--backing-vol-format",
-                backing_format,
-            ]);
-        }
-        host.virsh.run(&args)?;
+        // The volume's XML, not `vol-create-as`: its --backing-vol takes only
+        // volumes of a pool, and a base image may be any file.
+        let backing = match &self.settings.base_image {
+            Some(image) => Some((image.as_path(), image_format(image)?)),
+            None => None,
+        };
+        let xml = domain::volume_xml(&vm.volume, size_bytes, host.volume_format, backing);
+        let file = self
+            .settings
+            .console_dir
+            .join(format!("{}.volume.xml", vm.domain));
+        std::fs::write(&file, xml).map_err(|e| io_error(&file, e))?;
+        let created = host
+            .virsh
+            .run(&["vol-create", &self.pool, &file.display().to_string()]);
+        let _ = std::fs::remove_file(&file);
+        created?;
         let nic = if host.virsh.is_remote() {
             Nic::Bridge(
                 self.settings
