@@ -454,7 +454,7 @@ fn kill_netns_processes(netns: &str) {
 }
 
 /// Runs a command, returning its stdout, or an error with its stderr.
-fn run(program: &str, args: &[&str]) -> Result<String, DriverError> {
+pub(crate) fn run(program: &str, args: &[&str]) -> Result<String, DriverError> {
     let output = Command::new(program)
         .args(args)
         .stdin(Stdio::null())

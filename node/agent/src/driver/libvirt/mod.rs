@@ -32,14 +32,13 @@ mod virsh;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use domain::{DomainSpec, HostLoad, Nic, Virt};
 use vcfed_storage::VolumeRecord;
 use virsh::{NodeInfo, Virsh};
 
-use super::netns::NetnsDriver;
+use super::netns::{NetnsDriver, run};
 use super::{ComputeDriver, DriverError, NodeSpec, NodeState, NodeStatus, pxe, short_tag};
 use crate::ledger::SharedLedger;
 
@@ -968,25 +967,6 @@ fn attach_tap(tap: &str, domain: &str, bridge: &str) -> Result<(), DriverError> 
     }
     run("ip", &["link", "set", tap, "master", bridge, "up"])?;
     Ok(())
-}
-
-/// Runs a command, returning its stdout, or an error with its stderr.
-fn run(program: &str, args: &[&str]) -> Result<String, DriverError> {
-    let output = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| DriverError::Command {
-            command: format!("{program} {}", args.join(" ")),
-            detail: e.to_string(),
-        })?;
-    if !output.status.success() {
-        return Err(DriverError::Command {
-            command: format!("{program} {}", args.join(" ")),
-            detail: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 /// The end of a console log.
