@@ -394,3 +394,97 @@ fn failures_leave_nothing_half_made_and_an_unreachable_libvirtd_says_how_to_fix_
     virsh(&["pool-destroy", &pool]);
     virsh(&["pool-undefine", &pool]);
 }
+
+/// A site of two hypervisor hosts, both libvirt's built-in fake one (no
+/// daemon, nothing runs): `test:///default` (16 CPUs, 3 GiB) and one of
+/// the test's own (8 CPUs, 48 GiB). Nodes go to the host with the most free
+/// memory among those with a free CPU, then to any with memory; each
+/// node's host is in the ledger, and a stop clears both hosts.
+#[test]
+fn a_site_of_two_hosts_places_nodes_by_memory_and_cpus_and_keeps_track_of_them() {
+    if Command::new("virsh").arg("--version").output().is_err() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "virsh is missing in CI"
+        );
+        eprintln!("skipping: no virsh");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big-host.xml");
+    std::fs::write(
+        &big,
+        "<node>\n  <cpu><mhz>2000</mhz><model>x86_64</model><active>8</active><max>8</max>\
+         <sockets>1</sockets><cores>8</cores><threads>1</threads><nodes>1</nodes></cpu>\n  \
+         <memory>50331648</memory>\n</node>\n",
+    )
+    .unwrap();
+    let hosts = [
+        "test:///default".to_owned(),
+        format!("test://{}", big.display()),
+    ];
+    let data_dir = dir.path().join("data");
+    std::fs::create_dir_all(&data_dir).unwrap();
+    let ledger = SharedLedger::new(Ledger::open(&data_dir.join("ledger.db")).unwrap());
+    let mut two = settings(&data_dir);
+    two.hosts = hosts.to_vec();
+    two.memory_mib = None;
+    let mut driver = LibvirtDriver::new(
+        two,
+        ledger.clone(),
+        NetnsDriver::new(data_dir.join("nodes"), "lvh", None),
+    )
+    .unwrap();
+    let cluster = "c-hosts";
+    let spec = |index: u32| NodeSpec {
+        cluster: cluster.to_owned(),
+        index,
+        frontend: false,
+        bridge: "unused".to_owned(),
+        subnet: Ipv4Addr::new(198, 19, 251, 0),
+        mac: node_mac(cluster, index),
+        vlan: 101,
+        shape: Some(vcfed_storage::NodeShape {
+            cores: 1,
+            memory_mib: 2048,
+            disk_gib: 1,
+        }),
+    };
+    for index in 1..=10 {
+        driver.start_node(&spec(index)).unwrap();
+    }
+    // 8 on the big host while it has free CPUs, then the small one while it
+    // has memory (3 GiB: one), then the big one again (CPUs are shared,
+    // memory never is).
+    let rows = ledger.blocking(|l| l.cluster_volumes(cluster).unwrap());
+    let placed: Vec<&str> = rows.iter().map(|r| r.host.as_str()).collect();
+    let mut expected = vec![hosts[1].as_str(); 8];
+    expected.extend([hosts[0].as_str(), hosts[1].as_str()]);
+    assert_eq!(placed, expected, "{rows:?}");
+    let domains = driver.own_domains().unwrap();
+    assert_eq!(domains.len(), 10, "{domains:?}");
+    for row in &rows {
+        let domain = row.name.trim_end_matches(".qcow2");
+        assert_eq!(domains.get(domain), Some(&row.host), "{domain}");
+    }
+    // Every VM runs where it was put: none is reported gone.
+    let states = driver.poll(cluster);
+    assert_eq!(states.len(), 10);
+    assert!(
+        states.iter().all(|n| n.state == NodeState::Booting),
+        "{states:?}"
+    );
+    // A node that fits no host is refused, and nothing is made of it.
+    let mut huge = spec(11);
+    huge.shape = Some(vcfed_storage::NodeShape {
+        cores: 1,
+        memory_mib: 65_536,
+        disk_gib: 1,
+    });
+    let error = driver.start_node(&huge).unwrap_err().to_string();
+    assert!(error.contains("no host has 65536 MiB free"), "{error}");
+    assert_eq!(driver.own_domains().unwrap().len(), 10);
+    driver.stop_cluster(cluster).unwrap();
+    assert!(driver.own_domains().unwrap().is_empty());
+    assert_eq!(ledger.blocking(|l| l.volumes().unwrap().len()), 0);
+}

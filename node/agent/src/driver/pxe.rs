@@ -66,6 +66,14 @@ pub fn console_state(console: &str) -> Option<NodeState> {
     state
 }
 
+/// Whether the VM is still in its boot firmware (the BIOS, or iPXE
+/// running the boot script, which idles): nothing on it could answer an
+/// ACPI shutdown. An OS that booted prints on after the script's lines.
+pub fn in_firmware(console: &str) -> bool {
+    let last = last_console_line(console);
+    last.is_empty() || last.starts_with(MARKER) || last.contains("iPXE")
+}
+
 /// The last non-empty line of a console, without escape sequences and
 /// control characters, for a failure's reason.
 pub fn last_console_line(console: &str) -> String {
@@ -148,5 +156,19 @@ mod tests {
             "iPXE 1.0 -- Open"
         );
         assert_eq!(last_console_line(""), "");
+    }
+
+    #[test]
+    fn firmware_is_told_from_an_os() {
+        assert!(in_firmware(""));
+        assert!(in_firmware(
+            "Booting from ROM...\niPXE initialising devices...ok\n"
+        ));
+        assert!(in_firmware(
+            "VCFED-NODE leased 198.18.7.84 198.18.7.1 m\nVCFED-NODE installed 198.18.7.84 198.18.7.1\n"
+        ));
+        assert!(!in_firmware(
+            "VCFED-NODE installed 198.18.7.84 198.18.7.1\n[    0.000000] Linux version 6.1.0\nlogin:\n"
+        ));
     }
 }

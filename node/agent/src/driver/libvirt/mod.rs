@@ -122,6 +122,11 @@ struct Vm {
     virt: Virt,
     /// Set once the node failed; cleared when it is started again.
     failed: Option<String>,
+    /// Whether its console file is on this machine (a host on another
+    /// machine writes it there).
+    console_readable: bool,
+    /// The console's length when last read, and what it said.
+    console_seen: Option<(u64, Option<NodeState>, String)>,
 }
 
 /// The libvirt driver of one site.
@@ -165,7 +170,7 @@ impl LibvirtDriver {
             .unwrap_or_else(|| format!("vcfed-{site_tag}"));
         let mut hosts = Vec::new();
         for uri in &settings.hosts {
-            let virsh = Virsh { uri: uri.clone() };
+            let virsh = Virsh::new(uri);
             let info = virsh
                 .run(&["nodeinfo"])
                 .map_err(|e| unreachable_host(uri, e))?;
@@ -220,6 +225,19 @@ impl LibvirtDriver {
             self.site_tag,
             short_tag(cluster)
         )
+    }
+
+    /// This site's VMs on every host, by domain name: the host's URI.
+    pub fn own_domains(&self) -> Result<BTreeMap<String, String>, DriverError> {
+        let own = format!("{DOMAIN_PREFIX}{}-", self.site_tag);
+        let mut domains = BTreeMap::new();
+        for host in &self.hosts {
+            let names = virsh::parse_names(&host.virsh.run(&["list", "--all", "--name"])?);
+            for name in names.into_iter().filter(|n| n.starts_with(&own)) {
+                domains.insert(name, host.virsh.uri.clone());
+            }
+        }
+        Ok(domains)
     }
 
     /// The tap of node `index` of `cluster` (at most 15 bytes).
@@ -289,10 +307,24 @@ impl LibvirtDriver {
             started: Instant::now(),
             virt: self.virt,
             failed: None,
+            console_readable: !self.hosts[host].virsh.is_remote(),
+            console_seen: None,
         };
         // Nothing of an earlier boot may be read as this one's progress.
         let _ = std::fs::remove_file(&vm.console);
-        let made = self.make_vm(&vm, disk_gib.saturating_mul(1 << 30));
+        let size_bytes = disk_gib.saturating_mul(1 << 30);
+        let mut vm = vm;
+        let mut made = self.make_vm(&vm, size_bytes);
+        if made.is_err() && vm.virt == Virt::Kvm && self.settings.accel == Accel::Auto {
+            // KVM that opens but does not run VMs (nested sandboxes): the
+            // site goes on under TCG.
+            tracing::warn!(domain = %vm.domain, error = %made.as_ref().err().map(ToString::to_string).unwrap_or_default(), "a VM did not start under KVM: this site's VMs run under TCG (software emulation) from now on");
+            if self.remove_vm(&vm, false).is_ok() {
+                self.virt = Virt::Tcg;
+                vm.virt = Virt::Tcg;
+                made = self.make_vm(&vm, size_bytes);
+            }
+        }
         if let Err(e) = made {
             if let Err(left) = self.remove_vm(&vm, false) {
                 tracing::warn!(domain = %vm.domain, error = %left, "a VM that failed to start could not be removed");
@@ -370,15 +402,19 @@ impl LibvirtDriver {
         let defined = host.virsh.run(&["define", &file.display().to_string()]);
         let _ = std::fs::remove_file(&file);
         defined?;
-        // Paused until its NIC is on the cluster bridge: the boot ROM asks
-        // for a lease at once.
-        host.virsh.run(&["start", &vm.domain, "--paused"])?;
-        if let Nic::Tap(tap) = &nic
-            && !host.virsh.is_fake()
-        {
-            attach_tap(tap, &vm.domain, &vm.spec.bridge)?;
+        match &nic {
+            // Paused until its NIC is on the cluster bridge: the boot ROM
+            // asks for a lease at once.
+            Nic::Tap(tap) if !host.virsh.is_fake() => {
+                host.virsh.run(&["start", &vm.domain, "--paused"])?;
+                attach_tap(tap, &vm.domain, &vm.spec.bridge)?;
+                host.virsh.run(&["resume", &vm.domain])?;
+            }
+            // On its host's bridge from the start (or a fake host).
+            _ => {
+                host.virsh.run(&["start", &vm.domain])?;
+            }
         }
-        host.virsh.run(&["resume", &vm.domain])?;
         Ok(())
     }
 
@@ -477,6 +513,8 @@ impl LibvirtDriver {
             started: Instant::now(),
             virt: self.virt,
             failed: None,
+            console_readable: !self.hosts[host].virsh.is_remote(),
+            console_seen: None,
         };
         if !state.is_running() {
             tracing::info!(domain = %vm.domain, state = %state.state, "a VM left by an earlier process is not running; making it again");
@@ -508,26 +546,25 @@ impl LibvirtDriver {
                 reason: reason.clone(),
             };
         }
-        let console = read_tail(&vm.console);
-        let from_console = pxe::console_state(&console);
+        let (from_console, last_line) = read_console(vm);
         let failed = match (libvirt_state, &from_console) {
             (_, Some(NodeState::Failed { reason })) => Some(reason.clone()),
             (None, _) => Some("the VM is gone: undefined outside vcfed".to_owned()),
             (Some("running"), Some(_)) => None,
-            (Some("running"), None) if vm.started.elapsed() > boot_timeout => Some(format!(
-                "no lease from the frontend within {} s; console: {}",
-                boot_timeout.as_secs(),
-                pxe::last_console_line(&console)
-            )),
+            (Some("running"), None)
+                if vm.console_readable && vm.started.elapsed() > boot_timeout =>
+            {
+                Some(format!(
+                    "no lease from the frontend within {} s; console: {last_line}",
+                    boot_timeout.as_secs(),
+                ))
+            }
             (Some("running"), None) => None,
             (Some(state), _) => {
                 if vm.virt == Virt::Kvm && (state == "paused" || state == "crashed") {
                     *kvm_failed = true;
                 }
-                Some(format!(
-                    "the VM is {state}; console: {}",
-                    pxe::last_console_line(&console)
-                ))
+                Some(format!("the VM is {state}; console: {last_line}"))
             }
         };
         if let Some(reason) = failed {
@@ -604,13 +641,10 @@ impl ComputeDriver for LibvirtDriver {
                         &mut kvm_failed,
                     ),
                     // libvirt did not answer: what the console says.
-                    _ => vm.failed.clone().map_or_else(
-                        || {
-                            pxe::console_state(&read_tail(&vm.console))
-                                .unwrap_or(NodeState::Booting)
-                        },
-                        |reason| NodeState::Failed { reason },
-                    ),
+                    _ => match vm.failed.clone() {
+                        Some(reason) => NodeState::Failed { reason },
+                        None => read_console(vm).0.unwrap_or(NodeState::Booting),
+                    },
                 };
                 statuses.push(NodeStatus {
                     index: *index,
@@ -671,15 +705,23 @@ impl ComputeDriver for LibvirtDriver {
                 started: Instant::now(),
                 virt: self.virt,
                 failed: None,
+                console_readable: !self.hosts[host].virsh.is_remote(),
+                console_seen: None,
             });
         }
         let started = Instant::now();
-        // An ACPI shutdown to all, then wait for them together.
+        // An ACPI shutdown to all, then wait for them together. A VM still in
+        // its boot firmware (iPXE runs the frontend's script) has nothing
+        // that could shut down: it is destroyed at once.
+        let mut running: Vec<&Vm> = Vec::new();
         for vm in &vms {
+            if vm.console_readable && pxe::in_firmware(&read_tail(&vm.console)) {
+                continue;
+            }
             let _ = self.hosts[vm.host].virsh.run(&["shutdown", &vm.domain]);
+            running.push(vm);
         }
         let deadline = started + self.settings.shutdown_timeout;
-        let mut running: Vec<&Vm> = vms.iter().collect();
         while !running.is_empty() && Instant::now() < deadline {
             running.retain(|vm| {
                 self.hosts[vm.host]
@@ -704,6 +746,8 @@ impl ComputeDriver for LibvirtDriver {
             if let Err(e) = self.remove_vm(vm, self.settings.keep_volumes) {
                 tracing::warn!(domain = %vm.domain, error = %e, "VM not removed");
                 failed = Some(e);
+            } else if vm.console_readable {
+                let _ = std::fs::remove_file(&vm.console);
             }
         }
         if let Some(e) = failed {
@@ -860,7 +904,7 @@ fn ensure_pool(
             for dir in [&settings.data_dir, &path] {
                 allow_search(dir)?;
             }
-            if !virsh.is_remote() {
+            if !virsh.is_remote() && !virsh.is_fake() {
                 check_searchable(&settings.data_dir)?;
             }
             let file = settings.data_dir.join("pool.xml");
@@ -967,6 +1011,25 @@ fn attach_tap(tap: &str, domain: &str, bridge: &str) -> Result<(), DriverError> 
     }
     run("ip", &["link", "set", tap, "master", bridge, "up"])?;
     Ok(())
+}
+
+/// What a VM's console says (its state, its last line), read again only
+/// when it grew.
+fn read_console(vm: &mut Vm) -> (Option<NodeState>, String) {
+    if !vm.console_readable {
+        return (None, String::new());
+    }
+    let len = std::fs::metadata(&vm.console).map_or(0, |m| m.len());
+    if let Some((seen, state, last)) = &vm.console_seen
+        && *seen == len
+    {
+        return (state.clone(), last.clone());
+    }
+    let console = read_tail(&vm.console);
+    let state = pxe::console_state(&console);
+    let last = pxe::last_console_line(&console);
+    vm.console_seen = Some((len, state.clone(), last.clone()));
+    (state, last)
 }
 
 /// The end of a console log.

@@ -1,87 +1,205 @@
-//! `virsh`, the libvirt client, as the driver runs it: one command per
-//! call against one connection URI, with a bounded run time, and the few
-//! outputs the driver reads parsed here (so they are tested without a
-//! libvirtd).
+//! `virsh`, the libvirt client, as the driver runs it: one long-lived
+//! `virsh` shell per host, so that every call reuses its connection (no
+//! process, ssh session or TLS handshake per call, and the state of
+//! libvirt's `test://` hypervisor lives as long as the driver), with a
+//! bounded time per call; and the few outputs the driver reads, parsed
+//! here (so they are tested without a libvirtd).
+//!
+//! The shell reads commands on stdin and writes answers and errors to one
+//! pipe. After each command the client sends `echo <marker>`: what comes
+//! before the marker's echo is the command's answer, `error:` lines in it
+//! its failure. A shell that does not answer in time, or dies, is killed
+//! and started again at the next call.
 
-use std::io::Read;
-use std::process::{Command, Stdio};
+use std::io::{Read, Write};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::driver::DriverError;
 
-/// How long one `virsh` call may take before it is killed.
+/// How long one call may take before its shell is killed.
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// The prompt the shell writes before it reads a command.
+const PROMPT: &str = "virsh # ";
 
-/// A libvirt connection: `virsh -c URI`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A libvirt connection: a `virsh -c URI` shell.
+#[derive(Debug)]
 pub(super) struct Virsh {
     /// The connection URI.
     pub(super) uri: String,
+    shell: Mutex<Option<Shell>>,
 }
 
-impl Virsh {
-    /// Runs `virsh -c URI ARGS`, returning its stdout, or an error that
-    /// carries virsh's own message.
-    pub(super) fn run(&self, args: &[&str]) -> Result<String, DriverError> {
-        let command = format!("virsh -c {} {}", self.uri, args.join(" "));
+/// A running `virsh` shell.
+#[derive(Debug)]
+struct Shell {
+    child: Child,
+    stdin: ChildStdin,
+    /// What it writes (answers and errors), as it comes.
+    output: Receiver<Vec<u8>>,
+    /// Written and not yet taken by a call.
+    pending: String,
+    /// Number of the last marker sent.
+    calls: u64,
+}
+
+impl Drop for Shell {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Shell {
+    fn start(uri: &str) -> Result<Shell, String> {
+        let (reader, writer) = std::io::pipe().map_err(|e| e.to_string())?;
+        let errors = writer.try_clone().map_err(|e| e.to_string())?;
         let mut child = Command::new("virsh")
             .arg("-q")
-            .args(["-c", &self.uri])
+            .args(["-c", uri])
             // Its answers are parsed: untranslated.
             .env("LC_ALL", "C")
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stdin(Stdio::piped())
+            .stdout(writer)
+            .stderr(errors)
             .spawn()
-            .map_err(|e| DriverError::Command {
-                command: command.clone(),
-                detail: if e.kind() == std::io::ErrorKind::NotFound {
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
                     "virsh is not installed (Debian: apt-get install libvirt-clients)".to_owned()
                 } else {
                     e.to_string()
-                },
+                }
             })?;
-        // Read both pipes on their own threads so neither fills up.
-        let mut stdout = child.stdout.take().expect("piped");
-        let mut stderr = child.stderr.take().expect("piped");
-        let out = std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = stdout.read_to_string(&mut text);
-            text
-        });
-        let err = std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = stderr.read_to_string(&mut text);
-            text
-        });
-        let started = Instant::now();
-        let status = loop {
-            if let Some(status) = child.try_wait().map_err(|e| DriverError::Command {
-                command: command.clone(),
-                detail: e.to_string(),
-            })? {
-                break status;
+        let stdin = child.stdin.take().expect("piped");
+        let (tx, output) = channel();
+        std::thread::spawn(move || {
+            let mut reader = reader;
+            let mut buffer = [0u8; 8192];
+            // Ends when the shell exits (the pipe's last writer closes).
+            while let Ok(n) = reader.read(&mut buffer) {
+                if n == 0 || tx.send(buffer[..n].to_vec()).is_err() {
+                    break;
+                }
             }
-            if started.elapsed() > CALL_TIMEOUT {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(DriverError::Command {
-                    command,
-                    detail: format!("no answer within {} s", CALL_TIMEOUT.as_secs()),
-                });
+        });
+        Ok(Shell {
+            child,
+            stdin,
+            output,
+            pending: String::new(),
+            calls: 0,
+        })
+    }
+
+    /// Sends one command and returns what the shell wrote for it.
+    fn call(&mut self, line: &str, deadline: Instant) -> Result<String, String> {
+        self.calls += 1;
+        let marker = format!("VCFED-END-{}", self.calls);
+        let request = format!("{line}\necho {marker}\n");
+        self.stdin
+            .write_all(request.as_bytes())
+            .and_then(|()| self.stdin.flush())
+            .map_err(|e| format!("the virsh shell is gone: {e}"))?;
+        // The shell echoes each command line after its prompt; the marker's
+        // own answer follows the echo of `echo <marker>`.
+        let end = format!("{PROMPT}echo {marker}\n{marker}");
+        loop {
+            if let Some(at) = self.pending.find(&end) {
+                let answer = self.pending[..at].to_owned();
+                self.pending.drain(..at + end.len());
+                return Ok(strip_echo(&answer, line));
             }
-            std::thread::sleep(Duration::from_millis(5));
-        };
-        let out = out.join().unwrap_or_default();
-        let err = err.join().unwrap_or_default();
-        if !status.success() {
-            return Err(DriverError::Command {
-                command,
-                detail: virsh_error(&err),
-            });
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.output.recv_timeout(left) {
+                Ok(bytes) => self.pending.push_str(&String::from_utf8_lossy(&bytes)),
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(format!("no answer within {} s", CALL_TIMEOUT.as_secs()));
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(format!(
+                        "virsh exited: {}",
+                        self.pending
+                            .trim()
+                            .lines()
+                            .last()
+                            .unwrap_or("without a message")
+                    ));
+                }
+            }
         }
-        Ok(out)
+    }
+}
+
+/// A command's answer without the shell's prompt and its echo of the
+/// command line.
+fn strip_echo(answer: &str, line: &str) -> String {
+    let answer = answer.strip_prefix(PROMPT).unwrap_or(answer);
+    let answer = answer
+        .strip_prefix(line)
+        .and_then(|rest| rest.strip_prefix('\n'))
+        .unwrap_or(answer);
+    answer.to_owned()
+}
+
+/// One argument as the virsh shell reads it: in double quotes, with `\`
+/// and `"` escaped. A newline cannot be sent.
+fn quote(arg: &str) -> Result<String, String> {
+    if arg.contains('\n') || arg.contains('\r') {
+        return Err(format!("{arg:?}: a newline in an argument"));
+    }
+    Ok(format!(
+        "\"{}\"",
+        arg.replace('\\', "\\\\").replace('"', "\\\"")
+    ))
+}
+
+impl Virsh {
+    /// A connection to `uri`; its shell starts at the first call.
+    pub(super) fn new(uri: &str) -> Virsh {
+        Virsh {
+            uri: uri.to_owned(),
+            shell: Mutex::new(None),
+        }
+    }
+
+    /// Runs one virsh command (`ARGS`), returning its answer, or an error
+    /// that carries virsh's own message.
+    pub(super) fn run(&self, args: &[&str]) -> Result<String, DriverError> {
+        let command = format!("virsh -c {} {}", self.uri, args.join(" "));
+        let failed = |detail: String| DriverError::Command {
+            command: command.clone(),
+            detail,
+        };
+        let line = args
+            .iter()
+            .map(|arg| quote(arg))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(&failed)?
+            .join(" ");
+        let mut shell = self.shell.lock().unwrap_or_else(PoisonError::into_inner);
+        if shell.is_none() {
+            *shell = Some(Shell::start(&self.uri).map_err(&failed)?);
+        }
+        let answer = shell
+            .as_mut()
+            .expect("started above")
+            .call(&line, Instant::now() + CALL_TIMEOUT);
+        let answer = match answer {
+            Ok(answer) => answer,
+            Err(detail) => {
+                // Killed; the next call starts a new one.
+                *shell = None;
+                return Err(failed(detail));
+            }
+        };
+        let (errors, out): (Vec<&str>, Vec<&str>) =
+            answer.lines().partition(|l| l.starts_with("error: "));
+        if !errors.is_empty() {
+            return Err(failed(virsh_error(&errors.join("\n"))));
+        }
+        Ok(out.join("\n"))
     }
 
     /// Whether this connection reaches a hypervisor on another machine
@@ -223,18 +341,46 @@ mod tests {
             uri_host("qemu+tls://hv3.example/system?no_verify=1"),
             Some("hv3.example")
         );
+        assert!(Virsh::new("test:///default").is_fake());
+        assert!(!Virsh::new("qemu:///system").is_remote());
+    }
+
+    /// The shell against libvirt's built-in fake hypervisor, which needs
+    /// no daemon (only virsh): answers, errors, quoting, and state kept
+    /// between calls.
+    #[test]
+    fn a_shell_answers_call_after_call_on_one_connection() {
+        if std::process::Command::new("virsh")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "virsh is missing in CI"
+            );
+            return;
+        }
+        let virsh = Virsh::new("test:///default");
+        let info = parse_nodeinfo(&virsh.run(&["nodeinfo"]).unwrap()).unwrap();
+        assert!(info.cpus > 0);
+        let error = virsh
+            .run(&["domstate", "no such \"vm\""])
+            .unwrap_err()
+            .to_string();
         assert!(
-            Virsh {
-                uri: "test:///default".into()
-            }
-            .is_fake()
+            error.contains("failed to get domain 'no such \"vm\"'"),
+            "{error}"
         );
-        assert!(
-            !Virsh {
-                uri: "qemu:///system".into()
-            }
-            .is_remote()
+        // State lives as long as the shell: the fake host's own domain is
+        // destroyed, and stays so at the next call.
+        virsh.run(&["destroy", "test"]).unwrap();
+        assert_eq!(
+            parse_domstate(&virsh.run(&["domstate", "test"]).unwrap()).state,
+            "shut off"
         );
+        assert_eq!(virsh.run(&["echo", "a b", "c"]).unwrap(), "a b c");
+        assert!(virsh.run(&["echo", "x\ny"]).is_err());
     }
 
     #[test]
