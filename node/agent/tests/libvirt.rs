@@ -488,3 +488,187 @@ fn a_site_of_two_hosts_places_nodes_by_memory_and_cpus_and_keeps_track_of_them()
     assert!(driver.own_domains().unwrap().is_empty());
     assert_eq!(ledger.blocking(|l| l.volumes().unwrap().len()), 0);
 }
+
+/// An iSCSI target of the test's own on tgtd (loopback only), removed even
+/// on panic, with its libvirt pool.
+struct Target {
+    tid: String,
+    pool: String,
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        virsh(&["pool-destroy", &self.pool]);
+        virsh(&["pool-undefine", &self.pool]);
+        let _ = Command::new("tgtadm")
+            .args([
+                "--lld", "iscsi", "--mode", "target", "--op", "delete", "--force",
+            ])
+            .args(["--tid", &self.tid])
+            .status();
+    }
+}
+
+fn tgtadm(args: &[&str]) {
+    let status = Command::new("tgtadm")
+        .args(["--lld", "iscsi"])
+        .args(args)
+        .status()
+        .unwrap();
+    assert!(status.success(), "tgtadm {args:?}");
+}
+
+/// A pool of LUNs (libvirt's `iscsi-direct`: QEMU reaches the target
+/// itself, over loopback here): nodes are lent free LUNs of enough size,
+/// which their VMs boot with; a node for which none is left is refused;
+/// the LUNs go back at the stop, not deleted.
+#[test]
+fn an_iscsi_pool_lends_its_luns_to_nodes_and_takes_them_back() {
+    if !environment_ready() {
+        return;
+    }
+    let target_up = Command::new("tgtadm")
+        .args(["--lld", "iscsi", "--mode", "target", "--op", "show"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !target_up {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "tgtd is not running in CI"
+        );
+        eprintln!(
+            "skipping: no tgtd (Debian: apt-get install tgt; tgtd --iscsi portal=127.0.0.1:3260)"
+        );
+        return;
+    }
+    let pid = std::process::id();
+    let dir = tempfile::tempdir().unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let iqn = format!("iqn.2026-12.dev.vcfed:test-{pid}");
+    let target = Target {
+        tid: (1000 + pid % 50_000).to_string(),
+        pool: format!("vtiscsi-{pid}"),
+    };
+    tgtadm(&[
+        "--mode",
+        "target",
+        "--op",
+        "new",
+        "--tid",
+        &target.tid,
+        "-T",
+        &iqn,
+    ]);
+    for lun in ["1", "2"] {
+        let file = dir.path().join(format!("lun{lun}.img"));
+        std::fs::File::create(&file)
+            .unwrap()
+            .set_len(1 << 30)
+            .unwrap();
+        tgtadm(&[
+            "--mode",
+            "logicalunit",
+            "--op",
+            "new",
+            "--tid",
+            &target.tid,
+            "--lun",
+            lun,
+            "-b",
+            file.to_str().unwrap(),
+        ]);
+    }
+    tgtadm(&[
+        "--mode",
+        "target",
+        "--op",
+        "bind",
+        "--tid",
+        &target.tid,
+        "-I",
+        "ALL",
+    ]);
+    let pool_xml = dir.path().join("pool.xml");
+    std::fs::write(
+        &pool_xml,
+        format!(
+            "<pool type='iscsi-direct'>\n  <name>{}</name>\n  <source>\n    <host name='127.0.0.1'/>\n    \
+             <device path='{iqn}'/>\n    <initiator><iqn name='iqn.2026-12.dev.vcfed:initiator'/></initiator>\n  \
+             </source>\n</pool>\n",
+            target.pool
+        ),
+    )
+    .unwrap();
+    virsh(&["pool-define", pool_xml.to_str().unwrap()]);
+    virsh(&["pool-start", &target.pool]);
+    let info = virsh(&["pool-info", &target.pool]);
+    assert!(info.contains("running"), "the pool over the target: {info}");
+
+    let data_dir = dir.path().join("data");
+    std::fs::create_dir_all(&data_dir).unwrap();
+    let ledger = SharedLedger::new(Ledger::open(&data_dir.join("ledger.db")).unwrap());
+    let bridge = TestBridge(format!("vli{}", pid % 100_000));
+    for args in [
+        vec!["link", "add", bridge.0.as_str(), "type", "bridge"],
+        vec!["link", "set", bridge.0.as_str(), "up"],
+    ] {
+        assert!(Command::new("ip").args(&args).status().unwrap().success());
+    }
+    let mut lun_pool = settings(&data_dir);
+    lun_pool.site = format!("lvi-{pid}");
+    lun_pool.pool = Some(target.pool.clone());
+    let site = lun_pool.site.clone();
+    let mut driver = LibvirtDriver::new(
+        lun_pool,
+        ledger.clone(),
+        NetnsDriver::new(data_dir.join("nodes"), "lvi", None),
+    )
+    .unwrap();
+    let cluster = format!("c-luns-{pid}");
+    let spec = |index: u32| NodeSpec {
+        cluster: cluster.clone(),
+        index,
+        frontend: false,
+        bridge: bridge.0.clone(),
+        subnet: Ipv4Addr::new(198, 19, 252, 0),
+        mac: node_mac(&cluster, index),
+        vlan: 102,
+        shape: Some(vcfed_storage::NodeShape {
+            cores: 1,
+            memory_mib: 64,
+            disk_gib: 1,
+        }),
+    };
+    driver.start_node(&spec(1)).unwrap();
+    driver.start_node(&spec(2)).unwrap();
+    let lent: Vec<String> = ledger.blocking(|l| {
+        l.cluster_volumes(&cluster)
+            .unwrap()
+            .into_iter()
+            .map(|v| v.name)
+            .collect()
+    });
+    assert_eq!(lent, vec!["unit:0:0:1", "unit:0:0:2"], "one LUN each");
+    // Their VMs run with those LUNs as disks (QEMU opened them over iSCSI
+    // to start).
+    let vms = domains(&site);
+    assert_eq!(vms.len(), 2, "{vms:?}");
+    for (domain, lun) in vms.keys().zip(&lent) {
+        assert!(vms[domain] != "-", "{domain} runs");
+        let xml = virsh(&["dumpxml", domain]);
+        assert!(xml.contains(&format!("volume='{lun}'")), "{xml}");
+    }
+    let error = driver.start_node(&spec(3)).unwrap_err().to_string();
+    assert!(error.contains("no free LUN"), "{error}");
+    assert_eq!(domains(&site).len(), 2);
+
+    driver.stop_cluster(&cluster).unwrap();
+    assert!(domains(&site).is_empty());
+    assert_eq!(ledger.blocking(|l| l.volumes().unwrap().len()), 0);
+    let luns = virsh(&["vol-list", &target.pool]);
+    assert!(
+        luns.contains("unit:0:0:1") && luns.contains("unit:0:0:2"),
+        "{luns}"
+    );
+}

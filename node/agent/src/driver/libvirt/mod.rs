@@ -51,6 +51,8 @@ pub const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 const DEFAULT_DISK_GIB: u64 = 1;
 /// Memory of a node whose request gave no shape, MiB.
 const DEFAULT_MEMORY_MIB: u64 = 512;
+/// How much smaller than asked a lent LUN may be.
+const LUN_SLACK_BYTES: u64 = 1 << 20;
 /// Domain states are read at most this often per host.
 const STATE_EVERY: Duration = Duration::from_millis(500);
 /// How much of a console's end is read for its state.
@@ -102,8 +104,8 @@ pub struct LibvirtSettings {
 struct Host {
     virsh: Virsh,
     info: NodeInfo,
-    /// Format of volumes in the pool there (`qcow2` in a `dir` pool).
-    volume_format: &'static str,
+    /// What the pool's volumes are there.
+    pool_kind: PoolKind,
     /// The domain states last read, and when.
     states: Option<(Instant, BTreeMap<String, String>)>,
 }
@@ -178,16 +180,16 @@ impl LibvirtDriver {
                 command: format!("virsh -c {uri} nodeinfo"),
                 detail: "no CPU count or memory size in its answer".to_owned(),
             })?;
-            let volume_format = ensure_pool(&virsh, &pool, &settings)?;
+            let pool_kind = ensure_pool(&virsh, &pool, &settings)?;
             hosts.push(Host {
                 virsh,
                 info,
-                volume_format,
+                pool_kind,
                 states: None,
             });
         }
         if let Some(image) = &settings.base_image
-            && hosts.iter().any(|h| h.volume_format != "qcow2")
+            && hosts.iter().any(|h| h.pool_kind != PoolKind::Files)
         {
             return Err(DriverError::Command {
                 command: format!("base_image {}", image.display()),
@@ -248,11 +250,59 @@ impl LibvirtDriver {
         )
     }
 
-    fn volume_name(&self, domain: &str, host: usize) -> String {
-        match self.hosts[host].volume_format {
-            "qcow2" => format!("{domain}.qcow2"),
-            _ => domain.to_owned(),
+    /// The volume of a VM the driver made: by name, or, in a pool of LUNs,
+    /// the one the ledger says it lent to the node.
+    fn volume_name(&self, domain: &str, host: usize, cluster: &str, index: u32) -> String {
+        match self.hosts[host].pool_kind {
+            PoolKind::Files => format!("{domain}.qcow2"),
+            PoolKind::Raw => domain.to_owned(),
+            PoolKind::Luns => self
+                .ledger
+                .blocking(|ledger| ledger.cluster_volumes(cluster))
+                .ok()
+                .and_then(|rows| {
+                    rows.into_iter()
+                        .find(|r| r.node == index && r.host == self.hosts[host].virsh.uri)
+                })
+                .map(|r| r.name)
+                .unwrap_or_default(),
         }
+    }
+
+    /// A LUN of the pool on `host` of at least `size_bytes` that no node
+    /// holds (the smallest that fits).
+    fn free_lun(&self, host: usize, size_bytes: u64) -> Result<String, DriverError> {
+        let virsh = &self.hosts[host].virsh;
+        let held: BTreeSet<String> = self
+            .ledger
+            .blocking(|ledger| ledger.volumes())
+            .map_err(ledger_error)?
+            .into_iter()
+            .filter(|v| v.host == virsh.uri && v.pool == self.pool)
+            .map(|v| v.name)
+            .collect();
+        let _ = virsh.run(&["pool-refresh", &self.pool]);
+        let names = virsh::parse_names(&virsh.run(&["vol-list", &self.pool])?);
+        let total = names.len();
+        let mut best: Option<(u64, String)> = None;
+        for name in names.into_iter().filter(|n| !held.contains(n)) {
+            let info = virsh.run(&["vol-info", &name, "--pool", &self.pool, "--bytes"])?;
+            let capacity = virsh::parse_capacity(&info).unwrap_or(0);
+            // A target may report a sector less than the size it was made
+            // with (its last block's address): within a MiB fits.
+            let fits = capacity.saturating_add(LUN_SLACK_BYTES) >= size_bytes;
+            if fits && capacity > 0 && best.as_ref().is_none_or(|(c, _)| capacity < *c) {
+                best = Some((capacity, name));
+            }
+        }
+        best.map(|(_, name)| name).ok_or_else(|| DriverError::Command {
+            command: format!("lending a LUN of pool {} at {}", self.pool, virsh.uri),
+            detail: format!(
+                "no free LUN of at least {} MiB ({total} LUNs, {} held by nodes); add LUNs to the target, or ask for smaller disks",
+                size_bytes >> 20,
+                held.len()
+            ),
+        })
     }
 
     /// What each host has and what this driver placed on it.
@@ -294,7 +344,10 @@ impl LibvirtDriver {
                 ),
             }
         })?;
-        let volume = self.volume_name(&domain, host);
+        let volume = match self.hosts[host].pool_kind {
+            PoolKind::Luns => self.free_lun(host, disk_gib.saturating_mul(1 << 30))?,
+            _ => self.volume_name(&domain, host, &spec.cluster, spec.index),
+        };
         let console = self.settings.console_dir.join(format!("{domain}.log"));
         let vm = Vm {
             spec: spec.clone(),
@@ -362,17 +415,20 @@ impl LibvirtDriver {
             Some(image) => Some((image.as_path(), image_format(image)?)),
             None => None,
         };
-        let xml = domain::volume_xml(&vm.volume, size_bytes, host.volume_format, backing);
-        let file = self
-            .settings
-            .console_dir
-            .join(format!("{}.volume.xml", vm.domain));
-        std::fs::write(&file, xml).map_err(|e| io_error(&file, e))?;
-        let created = host
-            .virsh
-            .run(&["vol-create", &self.pool, &file.display().to_string()]);
-        let _ = std::fs::remove_file(&file);
-        created?;
+        if host.pool_kind != PoolKind::Luns {
+            let format = host.pool_kind.format();
+            let xml = domain::volume_xml(&vm.volume, size_bytes, format, backing);
+            let file = self
+                .settings
+                .console_dir
+                .join(format!("{}.volume.xml", vm.domain));
+            std::fs::write(&file, xml).map_err(|e| io_error(&file, e))?;
+            let created = host
+                .virsh
+                .run(&["vol-create", &self.pool, &file.display().to_string()]);
+            let _ = std::fs::remove_file(&file);
+            created?;
+        }
         let nic = if host.virsh.is_remote() {
             Nic::Bridge(
                 self.settings
@@ -392,7 +448,7 @@ impl LibvirtDriver {
             vcpus: vm.vcpus,
             pool: &self.pool,
             volume: &vm.volume,
-            volume_format: host.volume_format,
+            volume_format: host.pool_kind.format(),
             nic: nic.clone(),
             mac: vm.spec.mac,
             console: &vm.console,
@@ -437,7 +493,13 @@ impl LibvirtDriver {
 
     fn remove_volume(&self, host: usize, volume: &str, keep: bool) {
         let virsh = &self.hosts[host].virsh;
-        if !keep {
+        if volume.is_empty() {
+            return;
+        }
+        if self.hosts[host].pool_kind == PoolKind::Luns {
+            // A lent LUN goes back to the pool as it is.
+            tracing::info!(volume, pool = %self.pool, "LUN given back");
+        } else if !keep {
             let gone = match virsh.run(&["vol-delete", volume, "--pool", &self.pool]) {
                 Ok(_) => true,
                 // Already gone (or never made).
@@ -503,7 +565,7 @@ impl LibvirtDriver {
         let vm = Vm {
             spec: spec.clone(),
             host,
-            volume: self.volume_name(&domain, host),
+            volume: self.volume_name(&domain, host, &spec.cluster, spec.index),
             console: self.settings.console_dir.join(format!("{domain}.log")),
             domain,
             vcpus: shape.map_or(1, |s| s.cores.max(1)),
@@ -697,7 +759,7 @@ impl ComputeDriver for LibvirtDriver {
                     shape: None,
                 },
                 host,
-                volume: self.volume_name(&name, host),
+                volume: self.volume_name(&name, host, cluster, index),
                 console: self.settings.console_dir.join(format!("{name}.log")),
                 domain: name,
                 vcpus: 0,
@@ -885,7 +947,7 @@ fn ensure_pool(
     virsh: &Virsh,
     pool: &str,
     settings: &LibvirtSettings,
-) -> Result<&'static str, DriverError> {
+) -> Result<PoolKind, DriverError> {
     let xml = match virsh.run(&["pool-dumpxml", pool]) {
         Ok(xml) => xml,
         Err(e) if settings.pool.is_some() => {
@@ -927,9 +989,34 @@ fn ensure_pool(
         virsh.run(&["pool-start", pool])?;
     }
     Ok(match virsh::root_type(&xml) {
-        Some("dir") | Some("fs") | Some("netfs") => "qcow2",
-        _ => "raw",
+        Some("dir") | Some("fs") | Some("netfs") => PoolKind::Files,
+        Some("iscsi") | Some("iscsi-direct") | Some("scsi") | Some("mpath") => PoolKind::Luns,
+        _ => PoolKind::Raw,
     })
+}
+
+/// What a pool's volumes are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PoolKind {
+    /// Files the driver makes: thin qcow2 (`dir`, `fs`, `netfs`).
+    Files,
+    /// Raw volumes the driver makes (`logical`: LVs; `rbd`, `zfs`, ...).
+    Raw,
+    /// LUNs of a storage target that libvirt cannot make (`iscsi`,
+    /// `iscsi-direct`, `scsi`, `mpath`): the driver lends a free one of
+    /// enough size to a node, and takes it back at the cluster's end
+    /// without deleting it.
+    Luns,
+}
+
+impl PoolKind {
+    /// The format of its volumes.
+    fn format(self) -> &'static str {
+        match self {
+            PoolKind::Files => "qcow2",
+            PoolKind::Raw | PoolKind::Luns => "raw",
+        }
+    }
 }
 
 /// Adds search permission for others to `dir` (nothing else).

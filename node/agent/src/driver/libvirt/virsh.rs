@@ -442,3 +442,23 @@ mod list_tests {
         );
     }
 }
+
+/// The capacity in `virsh vol-info --bytes` (`Capacity: 1073741824 bytes`).
+pub(super) fn parse_capacity(text: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|line| line.trim().strip_prefix("Capacity:"))
+        .and_then(|rest| rest.trim().strip_suffix("bytes"))
+        .and_then(|n| n.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod capacity_tests {
+    use super::*;
+
+    #[test]
+    fn capacities_parse() {
+        let info = "Name:           unit:0:0:1\nType:           network\nCapacity:       1073741824 bytes\nAllocation:     1073741824 bytes\n";
+        assert_eq!(parse_capacity(info), Some(1 << 30));
+        assert_eq!(parse_capacity("Capacity: 1.00 GiB"), None);
+    }
+}
