@@ -219,6 +219,7 @@ impl DriverChoice {
                     hosts: libvirt.hosts.clone(),
                     pool: libvirt.pool.clone(),
                     base_image: libvirt.base_image.clone(),
+                    frontend_image: libvirt.frontend_image.clone(),
                     console_dir: libvirt.console_dir.clone(),
                     keep_volumes: libvirt.keep_volumes,
                     accel: match libvirt.accel {

@@ -257,6 +257,22 @@ impl Drop for TestBridge {
     }
 }
 
+/// The VMs and the default pool of a test's site on the system libvirtd,
+/// removed even when the test fails.
+struct SiteVms(String);
+
+impl Drop for SiteVms {
+    fn drop(&mut self) {
+        for domain in domains(&self.0).keys() {
+            virsh(&["destroy", domain]);
+            virsh(&["undefine", domain]);
+        }
+        let pool = format!("vcfed-{}", vcfed::driver::short_tag(&self.0));
+        virsh(&["pool-destroy", &pool]);
+        virsh(&["pool-undefine", &pool]);
+    }
+}
+
 fn settings(data_dir: &Path) -> LibvirtSettings {
     LibvirtSettings {
         site: format!("lvd-{}", std::process::id()),
@@ -264,6 +280,7 @@ fn settings(data_dir: &Path) -> LibvirtSettings {
         hosts: vec!["qemu:///system".to_owned()],
         pool: None,
         base_image: None,
+        frontend_image: None,
         console_dir: data_dir.join("consoles"),
         keep_volumes: false,
         accel: Accel::Tcg,
@@ -317,6 +334,7 @@ fn failures_leave_nothing_half_made_and_an_unreachable_libvirtd_says_how_to_fix_
         .unwrap();
     let good = settings(&data_dir);
     let site = good.site.clone();
+    let _cleanup = SiteVms(site.clone());
     let cluster = format!("c-fail-{}", std::process::id());
     let spec = NodeSpec {
         cluster: cluster.clone(),
@@ -390,9 +408,6 @@ fn failures_leave_nothing_half_made_and_an_unreachable_libvirtd_says_how_to_fix_
     );
     driver.stop_cluster(&cluster).unwrap();
     assert_eq!(made(&site, &ledger), (BTreeMap::new(), String::new(), 0));
-    // The site's own pool goes with the test.
-    virsh(&["pool-destroy", &pool]);
-    virsh(&["pool-undefine", &pool]);
 }
 
 /// A site of two hypervisor hosts, both libvirt's built-in fake one (no
@@ -619,6 +634,7 @@ fn an_iscsi_pool_lends_its_luns_to_nodes_and_takes_them_back() {
     lun_pool.site = format!("lvi-{pid}");
     lun_pool.pool = Some(target.pool.clone());
     let site = lun_pool.site.clone();
+    let _cleanup = SiteVms(site.clone());
     let mut driver = LibvirtDriver::new(
         lun_pool,
         ledger.clone(),
@@ -671,4 +687,109 @@ fn an_iscsi_pool_lends_its_luns_to_nodes_and_takes_them_back() {
         luns.contains("unit:0:0:1") && luns.contains("unit:0:0:2"),
         "{luns}"
     );
+}
+
+/// A disk image whose boot sector writes `text` to the first serial port
+/// and halts: a stand-in for a frontend image that needs no OS.
+fn boot_sector_image(path: &Path, text: &str) {
+    // xor ax,ax; mov ds,ax; mov si,msg; mov dx,0x3f8
+    // next: lodsb; test al,al; jz done; out dx,al; jmp next
+    // done: hlt; jmp done; msg: db text, 0
+    let mut sector = vec![
+        0x31, 0xC0, 0x8E, 0xD8, 0xBE, 0x15, 0x7C, 0xBA, 0xF8, 0x03, 0xAC, 0x84, 0xC0, 0x74, 0x03,
+        0xEE, 0xEB, 0xF8, 0xF4, 0xEB, 0xFD,
+    ];
+    assert_eq!(sector.len(), 0x15, "the message starts at 0x7c15");
+    sector.extend_from_slice(text.as_bytes());
+    sector.push(0);
+    sector.resize(510, 0);
+    sector.extend_from_slice(&[0x55, 0xAA]);
+    sector.resize(1 << 20, 0);
+    std::fs::write(path, sector).unwrap();
+}
+
+/// With `frontend_image`, the master's frontend is a VM that boots from a
+/// copy-on-write overlay of the image (not the network), learns the cluster
+/// network from its SMBIOS strings, and is `serving` once it says so on its
+/// console; no built-in frontend runs; the stop removes it and its overlay,
+/// and leaves the image alone.
+#[test]
+fn a_frontend_image_boots_as_the_clusters_frontend_vm() {
+    if !environment_ready() {
+        return;
+    }
+    let pid = std::process::id();
+    let dir = tempfile::tempdir().unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let image = dir.path().join("frontend.img");
+    boot_sector_image(&image, "VCFED-FRONTEND serving\r\n");
+    let data_dir = dir.path().join("data");
+    std::fs::create_dir_all(&data_dir).unwrap();
+    let ledger = SharedLedger::new(Ledger::open(&data_dir.join("ledger.db")).unwrap());
+    let bridge = TestBridge(format!("vlf{}", pid % 100_000));
+    for args in [
+        vec!["link", "add", bridge.0.as_str(), "type", "bridge"],
+        vec!["link", "set", bridge.0.as_str(), "up"],
+    ] {
+        assert!(Command::new("ip").args(&args).status().unwrap().success());
+    }
+    let mut with_image = settings(&data_dir);
+    with_image.site = format!("lvf-{pid}");
+    with_image.frontend_image = Some(image.clone());
+    with_image.boot_timeout = Duration::from_secs(60);
+    let site = with_image.site.clone();
+    let _cleanup = SiteVms(site.clone());
+    let mut driver = LibvirtDriver::new(
+        with_image,
+        ledger.clone(),
+        NetnsDriver::new(data_dir.join("nodes"), &site, None),
+    )
+    .unwrap();
+    let cluster = format!("c-front-{pid}");
+    let frontend = NodeSpec {
+        cluster: cluster.clone(),
+        index: 0,
+        frontend: true,
+        bridge: bridge.0.clone(),
+        subnet: Ipv4Addr::new(198, 19, 253, 0),
+        mac: node_mac(&cluster, 0),
+        vlan: 103,
+        shape: None,
+    };
+    driver.start_node(&frontend).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let states = driver.poll(&cluster);
+        assert_eq!(states.len(), 1, "{states:?}");
+        assert!(states[0].frontend);
+        match &states[0].state {
+            NodeState::Serving { ip } => {
+                assert_eq!(*ip, Ipv4Addr::new(198, 19, 253, 1));
+                break;
+            }
+            NodeState::Booting => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the frontend VM never said it serves"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let vms = domains(&site);
+    assert_eq!(vms.len(), 1);
+    let xml = virsh(&["dumpxml", vms.keys().next().unwrap()]);
+    assert!(!xml.contains("<boot dev='network'/>"), "{xml}");
+    assert!(xml.contains("vcfed.address=198.19.253.1/24"), "{xml}");
+    let rows = ledger.blocking(|l| l.cluster_volumes(&cluster).unwrap());
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].node, 0);
+    // No built-in frontend (dnsmasq in a namespace) was started.
+    assert!(!data_dir.join("nodes").join(&cluster).exists());
+
+    driver.stop_cluster(&cluster).unwrap();
+    assert!(domains(&site).is_empty());
+    assert_eq!(ledger.blocking(|l| l.volumes().unwrap().len()), 0);
+    assert!(image.exists(), "the image is not the cluster's to remove");
 }

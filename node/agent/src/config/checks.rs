@@ -137,6 +137,7 @@ struct RawLibvirt {
     hosts: Option<Spanned<Vec<Spanned<String>>>>,
     pool: Option<Spanned<String>>,
     base_image: Option<Spanned<PathBuf>>,
+    frontend_image: Option<Spanned<PathBuf>>,
     console_dir: Option<Spanned<PathBuf>>,
     keep_volumes: Option<bool>,
     accel: Option<Spanned<String>>,
@@ -640,6 +641,10 @@ impl RawLibvirt {
             .base_image
             .map(|path| source.absolute_path(path, "libvirt.base_image"))
             .transpose()?;
+        let frontend_image = self
+            .frontend_image
+            .map(|path| source.absolute_path(path, "libvirt.frontend_image"))
+            .transpose()?;
         let console_dir = match self.console_dir {
             None => defaults.console_dir,
             Some(path) => source.absolute_path(path, "libvirt.console_dir")?,
@@ -694,6 +699,7 @@ impl RawLibvirt {
             hosts,
             pool,
             base_image,
+            frontend_image,
             console_dir,
             keep_volumes: self.keep_volumes.unwrap_or(defaults.keep_volumes),
             accel,

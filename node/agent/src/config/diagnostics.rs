@@ -416,6 +416,7 @@ pub(super) fn example(field: &str) -> Option<&'static str> {
         "libvirt.hosts" => r#"hosts = ["qemu:///system", "qemu+ssh://root@hv2/system"]"#,
         "libvirt.pool" => r#"pool = "default""#,
         "libvirt.base_image" => r#"base_image = "/var/lib/libvirt/images/node-base.qcow2""#,
+        "libvirt.frontend_image" => r#"frontend_image = "/var/lib/libvirt/images/frontend.qcow2""#,
         "libvirt.console_dir" => r#"console_dir = "/var/lib/vcfed/consoles""#,
         "libvirt.keep_volumes" => "keep_volumes = false",
         "libvirt.accel" => r#"accel = "auto""#,

@@ -189,6 +189,12 @@ listen = {gateway_listen}
 # Disk image that every node volume is a copy-on-write overlay of; an
 # absolute path. Default: unset (no backing image).
 # base_image = "/var/lib/libvirt/images/node-base.qcow2"
+# Disk image the master's frontend boots from, as a VM on the cluster
+# network (a copy-on-write overlay of it per cluster; it must take the
+# cluster's .1 address and serve DHCP/PXE, and print "VCFED-FRONTEND
+# serving" on its serial console when it does); an absolute path.
+# Default: unset (the built-in frontend: dnsmasq in a namespace).
+# frontend_image = "/var/lib/libvirt/images/frontend.qcow2"
 # Directory for the nodes' serial console logs; an absolute path.
 # Default: "<data_dir>/consoles".
 # console_dir = {console_dir}

@@ -983,6 +983,7 @@ fn libvirt_keys_are_read() {
         "hosts = [\"qemu:///system\", \"qemu+ssh://root@hv2/system\", \"test:///default\"]\n\
          pool = \"vcfed_nodes-1.0\"\n\
          base_image = \"/srv/images/node.qcow2\"\n\
+         frontend_image = \"/srv/images/frontend.qcow2\"\n\
          console_dir = \"/var/log/vcfed/consoles\"\n\
          keep_volumes = true\n\
          accel = \"tcg\"\n\
@@ -1005,6 +1006,7 @@ fn libvirt_keys_are_read() {
             ],
             pool: Some("vcfed_nodes-1.0".to_owned()),
             base_image: Some(PathBuf::from("/srv/images/node.qcow2")),
+            frontend_image: Some(PathBuf::from("/srv/images/frontend.qcow2")),
             console_dir: PathBuf::from("/var/log/vcfed/consoles"),
             keep_volumes: true,
             accel: Accel::Tcg,
@@ -1065,6 +1067,7 @@ fn template_documents_libvirt_and_its_example_parses() {
             "hosts",
             "pool",
             "base_image",
+            "frontend_image",
             "console_dir",
             "keep_volumes",
             "accel",
@@ -1084,6 +1087,7 @@ fn template_documents_libvirt_and_its_example_parses() {
         LibvirtConfig {
             pool: Some("default".to_owned()),
             base_image: Some(PathBuf::from("/var/lib/libvirt/images/node-base.qcow2")),
+            frontend_image: Some(PathBuf::from("/var/lib/libvirt/images/frontend.qcow2")),
             memory_mib: Some(2048),
             ..defaults
         }
@@ -1170,7 +1174,7 @@ fn duplicate_and_missing_libvirt_hosts_are_refused() {
 
 #[test]
 fn libvirt_paths_must_be_absolute() {
-    for key in ["base_image", "console_dir"] {
+    for key in ["base_image", "frontend_image", "console_dir"] {
         let e = parse_err(&with_libvirt(&format!("{key} = \"images/node.qcow2\"")));
         assert_error(
             &e,
@@ -1321,7 +1325,7 @@ fn libvirt_unknown_values_and_keys_are_refused() {
         e.hint.as_deref(),
         Some(
             "did you mean `hosts`? the [libvirt] table accepts `hosts`, `pool`, `base_image`, \
-             `console_dir`, `keep_volumes`, `accel`, `shutdown_timeout_s`, `memory_mib`, \
+             `frontend_image`, `console_dir`, `keep_volumes`, `accel`, `shutdown_timeout_s`, `memory_mib`, \
              `remote_bridge`"
         )
     );
@@ -1345,7 +1349,7 @@ fn changed_libvirt_fields_need_a_restart() {
         ["libvirt.hosts", "libvirt.accel", "libvirt.remote_bridge"]
     );
     let edited = parse(&with_libvirt(
-        "pool = \"p\"\nbase_image = \"/i\"\nconsole_dir = \"/c\"\nkeep_volumes = true\n\
+        "pool = \"p\"\nbase_image = \"/i\"\nfrontend_image = \"/f\"\nconsole_dir = \"/c\"\nkeep_volumes = true\n\
          shutdown_timeout_s = 5\nmemory_mib = 512",
     ))
     .unwrap();
@@ -1354,6 +1358,7 @@ fn changed_libvirt_fields_need_a_restart() {
         [
             "libvirt.pool",
             "libvirt.base_image",
+            "libvirt.frontend_image",
             "libvirt.console_dir",
             "libvirt.keep_volumes",
             "libvirt.shutdown_timeout_s",

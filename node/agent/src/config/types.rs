@@ -256,6 +256,9 @@ pub struct LibvirtConfig {
     /// Absolute path of a disk image that every node volume is a copy-on-write overlay of.
     /// Whether it exists is checked by the driver, per node, not here.
     pub base_image: Option<PathBuf>,
+    /// Absolute path of a disk image the master's frontend boots from as a VM (a
+    /// copy-on-write overlay of it per cluster); `None`: the built-in frontend service.
+    pub frontend_image: Option<PathBuf>,
     /// Directory for the nodes' serial console logs; `<data_dir>/consoles` unless set, and
     /// absolute when set.
     pub console_dir: PathBuf,
@@ -304,6 +307,7 @@ impl LibvirtConfig {
             hosts: vec![DEFAULT_LIBVIRT_HOST.to_owned()],
             pool: None,
             base_image: None,
+            frontend_image: None,
             console_dir: data_dir.join("consoles"),
             keep_volumes: false,
             accel: Accel::default(),
@@ -384,6 +388,7 @@ impl Config {
                     hosts,
                     pool,
                     base_image,
+                    frontend_image,
                     console_dir,
                     keep_volumes,
                     accel,
@@ -420,6 +425,10 @@ impl Config {
             ("libvirt.hosts", *hosts == l.hosts),
             ("libvirt.pool", *pool == l.pool),
             ("libvirt.base_image", *base_image == l.base_image),
+            (
+                "libvirt.frontend_image",
+                *frontend_image == l.frontend_image,
+            ),
             ("libvirt.console_dir", *console_dir == l.console_dir),
             ("libvirt.keep_volumes", *keep_volumes == l.keep_volumes),
             ("libvirt.accel", *accel == l.accel),

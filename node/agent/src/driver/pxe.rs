@@ -19,6 +19,15 @@ pub const BOOT_SCRIPT: &str = "boot.ipxe";
 pub const IPXE_OPTION: u8 = 175;
 /// Start of every line the script prints for the driver.
 pub const MARKER: &str = "VCFED-NODE";
+/// What a frontend image prints on its serial console once it serves the
+/// cluster network (libvirt driver, `frontend_image`).
+pub const FRONTEND_MARKER: &str = "VCFED-FRONTEND serving";
+
+/// Whether a frontend image said it serves (anywhere in a line: the
+/// firmware's own text may precede it on the same line).
+pub fn frontend_serving(console: &str) -> bool {
+    console.lines().any(|line| line.contains(FRONTEND_MARKER))
+}
 
 /// The iPXE script that fetches `install_file`.
 pub fn boot_script(install_file: &str) -> String {
@@ -156,6 +165,14 @@ mod tests {
             "iPXE 1.0 -- Open"
         );
         assert_eq!(last_console_line(""), "");
+    }
+
+    #[test]
+    fn a_frontend_says_it_serves() {
+        assert!(frontend_serving(
+            "Booting from Hard Disk..VCFED-FRONTEND serving\r\n."
+        ));
+        assert!(!frontend_serving("Booting from Hard Disk..\r\n"));
     }
 
     #[test]

@@ -65,6 +65,11 @@ pub(super) struct DomainSpec<'a> {
     pub(super) mac: [u8; 6],
     /// Serial console log file (on the VM's host).
     pub(super) console: &'a Path,
+    /// Boot from the network first (a compute node), or only from its
+    /// disk (a frontend VM).
+    pub(super) network_boot: bool,
+    /// SMBIOS OEM strings the guest can read (`dmidecode -t 11`).
+    pub(super) oem_strings: &'a [String],
 }
 
 /// The domain XML of a node: boots from the network, then from its disk;
@@ -93,10 +98,12 @@ pub(super) fn domain_xml(spec: &DomainSpec<'_>) -> String {
          \x20 </metadata>\n\
          \x20 <memory unit='MiB'>{memory}</memory>\n\
          \x20 <vcpu>{vcpus}</vcpu>\n\
+         {sysinfo}\
          \x20 <os>\n\
          \x20   <type arch='x86_64' machine='pc'>hvm</type>\n\
-         \x20   <boot dev='network'/>\n\
+         {boot}\
          \x20   <boot dev='hd'/>\n\
+         {smbios}\
          \x20 </os>\n\
          \x20 <features><acpi/></features>\n\
          \x20 <on_poweroff>destroy</on_poweroff>\n\
@@ -126,6 +133,28 @@ pub(super) fn domain_xml(spec: &DomainSpec<'_>) -> String {
          \x20   <qemu:arg value='graphics=off'/>\n\
          \x20 </qemu:commandline>\n\
          </domain>\n",
+        boot = if spec.network_boot {
+            "    <boot dev='network'/>\n"
+        } else {
+            ""
+        },
+        sysinfo = if spec.oem_strings.is_empty() {
+            String::new()
+        } else {
+            let entries: String = spec
+                .oem_strings
+                .iter()
+                .map(|s| format!("      <entry>{}</entry>\n", escape(s)))
+                .collect();
+            format!(
+                "  <sysinfo type='smbios'>\n    <oemStrings>\n{entries}    </oemStrings>\n  </sysinfo>\n"
+            )
+        },
+        smbios = if spec.oem_strings.is_empty() {
+            ""
+        } else {
+            "    <smbios mode='sysinfo'/>\n"
+        },
         virt = spec.virt.domain_type(),
         name = escape(spec.name),
         index = spec.index,
@@ -263,6 +292,8 @@ mod tests {
             nic: Nic::Tap("vt0102030401".into()),
             mac: [0x02, 1, 2, 3, 4, 5],
             console: &console,
+            network_boot: true,
+            oem_strings: &[],
         };
         let xml = domain_xml(&spec);
         assert!(xml.starts_with("<domain type='qemu'"));
@@ -280,6 +311,15 @@ mod tests {
         });
         assert!(remote.starts_with("<domain type='kvm'"));
         assert!(remote.contains("<interface type='bridge'>\n      <source bridge='br100'/>"));
+        let oem = ["vcfed.address=198.19.7.1/24".to_owned()];
+        let frontend = domain_xml(&DomainSpec {
+            network_boot: false,
+            oem_strings: &oem,
+            ..spec
+        });
+        assert!(!frontend.contains("<boot dev='network'/>"));
+        assert!(frontend.contains("<entry>vcfed.address=198.19.7.1/24</entry>"));
+        assert!(frontend.contains("<smbios mode='sysinfo'/>"));
         assert!(dir_pool_xml("p", Path::new("/d/pool")).contains("<path>/d/pool</path>"));
         let volume = volume_xml(
             "v.qcow2",

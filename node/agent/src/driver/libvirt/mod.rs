@@ -82,6 +82,9 @@ pub struct LibvirtSettings {
     pub pool: Option<String>,
     /// Image every node volume is an overlay of.
     pub base_image: Option<PathBuf>,
+    /// Image the master's frontend boots from as a VM (`None`: the built-in
+    /// frontend service).
+    pub frontend_image: Option<PathBuf>,
     /// Where the serial consoles are logged.
     pub console_dir: PathBuf,
     /// Keep volumes after a cluster ends.
@@ -188,7 +191,10 @@ impl LibvirtDriver {
                 states: None,
             });
         }
-        if let Some(image) = &settings.base_image
+        if let Some(image) = settings
+            .base_image
+            .as_ref()
+            .or(settings.frontend_image.as_ref())
             && hosts.iter().any(|h| h.pool_kind != PoolKind::Files)
         {
             return Err(DriverError::Command {
@@ -411,7 +417,12 @@ impl LibvirtDriver {
             })?;
         // The volume's XML, not `vol-create-as`: its --backing-vol takes only
         // volumes of a pool, and a base image may be any file.
-        let backing = match &self.settings.base_image {
+        let image = if vm.spec.frontend {
+            &self.settings.frontend_image
+        } else {
+            &self.settings.base_image
+        };
+        let backing = match image {
             Some(image) => Some((image.as_path(), image_format(image)?)),
             None => None,
         };
@@ -452,6 +463,9 @@ impl LibvirtDriver {
             nic: nic.clone(),
             mac: vm.spec.mac,
             console: &vm.console,
+            // A frontend VM boots its image; a node the frontend.
+            network_boot: !vm.spec.frontend,
+            oem_strings: &frontend_strings(&vm.spec),
         });
         let file = self.settings.console_dir.join(format!("{}.xml", vm.domain));
         std::fs::write(&file, xml).map_err(|e| io_error(&file, e))?;
@@ -609,6 +623,13 @@ impl LibvirtDriver {
             };
         }
         let (from_console, last_line) = read_console(vm);
+        // A frontend VM says it serves; it never leases.
+        let from_console = match (vm.spec.frontend, from_console) {
+            (true, Some(NodeState::Failed { reason })) => Some(NodeState::Failed { reason }),
+            (true, _) if vm.console_readable => frontend_state(vm),
+            (true, _) => None,
+            (false, state) => state,
+        };
         let failed = match (libvirt_state, &from_console) {
             (_, Some(NodeState::Failed { reason })) => Some(reason.clone()),
             (None, _) => Some("the VM is gone: undefined outside vcfed".to_owned()),
@@ -616,10 +637,18 @@ impl LibvirtDriver {
             (Some("running"), None)
                 if vm.console_readable && vm.started.elapsed() > boot_timeout =>
             {
-                Some(format!(
-                    "no lease from the frontend within {} s; console: {last_line}",
-                    boot_timeout.as_secs(),
-                ))
+                Some(if vm.spec.frontend {
+                    format!(
+                        "the frontend image did not print \"{}\" within {} s; console: {last_line}",
+                        pxe::FRONTEND_MARKER,
+                        boot_timeout.as_secs(),
+                    )
+                } else {
+                    format!(
+                        "no lease from the frontend within {} s; console: {last_line}",
+                        boot_timeout.as_secs(),
+                    )
+                })
             }
             (Some("running"), None) => None,
             (Some(state), _) => {
@@ -640,7 +669,7 @@ impl LibvirtDriver {
 
 impl ComputeDriver for LibvirtDriver {
     fn start_node(&mut self, spec: &NodeSpec) -> Result<(), DriverError> {
-        if spec.frontend {
+        if spec.frontend && self.settings.frontend_image.is_none() {
             return self.frontend.start_node(spec);
         }
         if let Some(vm) = self
@@ -710,7 +739,7 @@ impl ComputeDriver for LibvirtDriver {
                 };
                 statuses.push(NodeStatus {
                     index: *index,
-                    frontend: false,
+                    frontend: vm.spec.frontend,
                     state,
                 });
             }
@@ -1098,6 +1127,32 @@ fn attach_tap(tap: &str, domain: &str, bridge: &str) -> Result<(), DriverError> 
     }
     run("ip", &["link", "set", tap, "master", bridge, "up"])?;
     Ok(())
+}
+
+/// The SMBIOS OEM strings of a frontend VM: what its image needs to know
+/// of the cluster network (none for a compute node).
+fn frontend_strings(spec: &NodeSpec) -> Vec<String> {
+    if !spec.frontend {
+        return Vec::new();
+    }
+    let [a, b, c, _] = spec.subnet.octets();
+    vec![
+        format!("vcfed.cluster={}", spec.cluster),
+        format!("vcfed.address={a}.{b}.{c}.1/24"),
+        format!("vcfed.dhcp-range={a}.{b}.{c}.10-{a}.{b}.{c}.250"),
+    ]
+}
+
+/// A frontend VM's state from its console: serving at `.1` once its image
+/// printed [`pxe::FRONTEND_MARKER`].
+fn frontend_state(vm: &Vm) -> Option<NodeState> {
+    let console = read_tail(&vm.console);
+    pxe::frontend_serving(&console).then(|| {
+        let [a, b, c, _] = vm.spec.subnet.octets();
+        NodeState::Serving {
+            ip: std::net::Ipv4Addr::new(a, b, c, 1),
+        }
+    })
 }
 
 /// What a VM's console says (its state, its last line), read again only
