@@ -360,6 +360,14 @@ fn failures_leave_nothing_half_made_and_an_unreachable_libvirtd_says_how_to_fix_
     // A VM on a network with no frontend: it runs, gets no lease, and is
     // failed with the console's last line once the boot timeout passes.
     let mut driver = LibvirtDriver::new(good, ledger.clone(), frontend()).unwrap();
+    // A VM whose NIC cannot be put on its bridge (there is no such
+    // bridge): its start fails after libvirt made it, and what was made
+    // (VM, volume, ledger row) is removed.
+    let mut lost = spec.clone();
+    lost.bridge = "vlnobridge0".to_owned();
+    let error = driver.start_node(&lost).unwrap_err().to_string();
+    assert!(error.contains("vlnobridge0"), "{error}");
+    assert_eq!(made(&site, &ledger), (BTreeMap::new(), String::new(), 0));
     driver.start_node(&spec).unwrap();
     let (vms, volumes, rows) = made(&site, &ledger);
     assert_eq!((vms.len(), rows), (1, 1), "{vms:?} {volumes}");
