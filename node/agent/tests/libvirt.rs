@@ -801,3 +801,88 @@ fn a_frontend_image_boots_as_the_clusters_frontend_vm() {
     assert_eq!(ledger.blocking(|l| l.volumes().unwrap().len()), 0);
     assert!(image.exists(), "the image is not the cluster's to remove");
 }
+
+/// A tmpfs of the test's own with a libvirt pool on it, removed even when
+/// the test fails.
+struct TinyPool {
+    dir: std::path::PathBuf,
+    pool: String,
+}
+
+impl Drop for TinyPool {
+    fn drop(&mut self) {
+        virsh(&["pool-destroy", &self.pool]);
+        virsh(&["pool-undefine", &self.pool]);
+        let _ = Command::new("umount").arg(&self.dir).status();
+    }
+}
+
+/// A pool with no room left: the node fails with the pool's error, and no
+/// VM, volume (not even a partial file) or ledger row is left of it.
+#[test]
+fn a_full_pool_fails_the_node_and_leaves_nothing() {
+    if !environment_ready() {
+        return;
+    }
+    let pid = std::process::id();
+    let dir = tempfile::tempdir().unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let full = dir.path().join("full");
+    std::fs::create_dir(&full).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64k,mode=0755", "tmpfs"])
+        .arg(&full)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mounting a tmpfs");
+    let tiny = TinyPool {
+        dir: full.clone(),
+        pool: format!("vtfull-{pid}"),
+    };
+    virsh(&[
+        "pool-define-as",
+        &tiny.pool,
+        "dir",
+        "--target",
+        full.to_str().unwrap(),
+    ]);
+    virsh(&["pool-start", &tiny.pool]);
+    // Fill it.
+    std::fs::write(full.join("filler"), vec![0u8; 60 * 1024]).ok();
+
+    let data_dir = dir.path().join("data");
+    std::fs::create_dir_all(&data_dir).unwrap();
+    let ledger = SharedLedger::new(Ledger::open(&data_dir.join("ledger.db")).unwrap());
+    let mut on_full = settings(&data_dir);
+    on_full.site = format!("lvp-{pid}");
+    on_full.pool = Some(tiny.pool.clone());
+    let site = on_full.site.clone();
+    let _cleanup = SiteVms(site.clone());
+    let mut driver = LibvirtDriver::new(
+        on_full,
+        ledger.clone(),
+        NetnsDriver::new(data_dir.join("nodes"), &site, None),
+    )
+    .unwrap();
+    let cluster = format!("c-full-{pid}");
+    let spec = NodeSpec {
+        cluster: cluster.clone(),
+        index: 1,
+        frontend: false,
+        bridge: "unused0".to_owned(),
+        subnet: Ipv4Addr::new(198, 19, 254, 0),
+        mac: node_mac(&cluster, 1),
+        vlan: 104,
+        shape: None,
+    };
+    let error = driver.start_node(&spec).unwrap_err().to_string();
+    assert!(error.contains("No space left on device"), "{error}");
+    assert!(domains(&site).is_empty());
+    assert_eq!(ledger.blocking(|l| l.volumes().unwrap().len()), 0);
+    let files: Vec<String> = std::fs::read_dir(&full)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(files, vec!["filler"], "no partial volume left");
+}
