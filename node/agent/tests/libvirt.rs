@@ -251,6 +251,32 @@ async fn vms_boot_across_the_tunnel_survive_an_agent_crash_and_leave_nothing() {
 /// A bridge of the test's own in this namespace, removed even on panic.
 struct TestBridge(String);
 
+impl TestBridge {
+    /// `<prefix><pid>`, made and up.
+    fn new(prefix: &str) -> TestBridge {
+        let bridge = TestBridge(format!("{prefix}{}", std::process::id() % 100_000));
+        for args in [
+            vec!["link", "add", bridge.0.as_str(), "type", "bridge"],
+            vec!["link", "set", bridge.0.as_str(), "up"],
+        ] {
+            assert!(Command::new("ip").args(&args).status().unwrap().success());
+        }
+        bridge
+    }
+}
+
+/// A temporary directory QEMU (its own user) can reach, with a site's
+/// data dir and ledger in it.
+fn site_dir() -> (tempfile::TempDir, std::path::PathBuf, SharedLedger) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let data_dir = dir.path().join("data");
+    std::fs::create_dir_all(&data_dir).unwrap();
+    let ledger = SharedLedger::new(Ledger::open(&data_dir.join("ledger.db")).unwrap());
+    (dir, data_dir, ledger)
+}
+
 impl Drop for TestBridge {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["link", "del", &self.0]).status();
@@ -306,13 +332,7 @@ fn failures_leave_nothing_half_made_and_an_unreachable_libvirtd_says_how_to_fix_
     if !environment_ready() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    // QEMU runs as its own user: let it reach the pool under the temp dir.
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
-    let data_dir = dir.path().join("data");
-    std::fs::create_dir_all(&data_dir).unwrap();
-    let ledger = SharedLedger::new(Ledger::open(&data_dir.join("ledger.db")).unwrap());
+    let (dir, data_dir, ledger) = site_dir();
     let frontend = || NetnsDriver::new(data_dir.join("nodes"), "lvd", None);
 
     // libvirtd unreachable: the error says so, and how to fix it.
@@ -323,15 +343,7 @@ fn failures_leave_nothing_half_made_and_an_unreachable_libvirtd_says_how_to_fix_
         .to_string();
     assert!(error.contains("start libvirtd"), "{error}");
 
-    let bridge = TestBridge(format!("vlb{}", std::process::id() % 100_000));
-    Command::new("ip")
-        .args(["link", "add", &bridge.0, "type", "bridge"])
-        .status()
-        .unwrap();
-    Command::new("ip")
-        .args(["link", "set", &bridge.0, "up"])
-        .status()
-        .unwrap();
+    let bridge = TestBridge::new("vlb");
     let good = settings(&data_dir);
     let site = good.site.clone();
     let _cleanup = SiteVms(site.clone());
@@ -433,7 +445,7 @@ fn a_site_of_two_hosts_places_nodes_by_memory_and_cpus_and_keeps_track_of_them()
         eprintln!("skipping: no virsh");
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, data_dir, ledger) = site_dir();
     let big = dir.path().join("big-host.xml");
     std::fs::write(
         &big,
@@ -446,9 +458,6 @@ fn a_site_of_two_hosts_places_nodes_by_memory_and_cpus_and_keeps_track_of_them()
         "test:///default".to_owned(),
         format!("test://{}", big.display()),
     ];
-    let data_dir = dir.path().join("data");
-    std::fs::create_dir_all(&data_dir).unwrap();
-    let ledger = SharedLedger::new(Ledger::open(&data_dir.join("ledger.db")).unwrap());
     let mut two = settings(&data_dir);
     two.hosts = hosts.to_vec();
     two.memory_mib = None;
@@ -565,9 +574,7 @@ fn an_iscsi_pool_lends_its_luns_to_nodes_and_takes_them_back() {
         return;
     }
     let pid = std::process::id();
-    let dir = tempfile::tempdir().unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let (dir, data_dir, ledger) = site_dir();
     let iqn = format!("iqn.2026-12.dev.vcfed:test-{pid}");
     let target = Target {
         tid: (1000 + pid % 50_000).to_string(),
@@ -628,16 +635,7 @@ fn an_iscsi_pool_lends_its_luns_to_nodes_and_takes_them_back() {
     let info = virsh(&["pool-info", &target.pool]);
     assert!(info.contains("running"), "the pool over the target: {info}");
 
-    let data_dir = dir.path().join("data");
-    std::fs::create_dir_all(&data_dir).unwrap();
-    let ledger = SharedLedger::new(Ledger::open(&data_dir.join("ledger.db")).unwrap());
-    let bridge = TestBridge(format!("vli{}", pid % 100_000));
-    for args in [
-        vec!["link", "add", bridge.0.as_str(), "type", "bridge"],
-        vec!["link", "set", bridge.0.as_str(), "up"],
-    ] {
-        assert!(Command::new("ip").args(&args).status().unwrap().success());
-    }
+    let bridge = TestBridge::new("vli");
     let mut lun_pool = settings(&data_dir);
     lun_pool.site = format!("lvi-{pid}");
     lun_pool.pool = Some(target.pool.clone());
@@ -727,21 +725,10 @@ fn a_frontend_image_boots_as_the_clusters_frontend_vm() {
         return;
     }
     let pid = std::process::id();
-    let dir = tempfile::tempdir().unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let (dir, data_dir, ledger) = site_dir();
     let image = dir.path().join("frontend.img");
     boot_sector_image(&image, "VCFED-FRONTEND serving\r\n");
-    let data_dir = dir.path().join("data");
-    std::fs::create_dir_all(&data_dir).unwrap();
-    let ledger = SharedLedger::new(Ledger::open(&data_dir.join("ledger.db")).unwrap());
-    let bridge = TestBridge(format!("vlf{}", pid % 100_000));
-    for args in [
-        vec!["link", "add", bridge.0.as_str(), "type", "bridge"],
-        vec!["link", "set", bridge.0.as_str(), "up"],
-    ] {
-        assert!(Command::new("ip").args(&args).status().unwrap().success());
-    }
+    let bridge = TestBridge::new("vlf");
     let mut with_image = settings(&data_dir);
     with_image.site = format!("lvf-{pid}");
     with_image.frontend_image = Some(image.clone());
@@ -825,9 +812,7 @@ fn a_full_pool_fails_the_node_and_leaves_nothing() {
         return;
     }
     let pid = std::process::id();
-    let dir = tempfile::tempdir().unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let (dir, data_dir, ledger) = site_dir();
     let full = dir.path().join("full");
     std::fs::create_dir(&full).unwrap();
     let mounted = Command::new("mount")
@@ -851,9 +836,6 @@ fn a_full_pool_fails_the_node_and_leaves_nothing() {
     // Fill it.
     std::fs::write(full.join("filler"), vec![0u8; 60 * 1024]).ok();
 
-    let data_dir = dir.path().join("data");
-    std::fs::create_dir_all(&data_dir).unwrap();
-    let ledger = SharedLedger::new(Ledger::open(&data_dir.join("ledger.db")).unwrap());
     let mut on_full = settings(&data_dir);
     on_full.site = format!("lvp-{pid}");
     on_full.pool = Some(tiny.pool.clone());
