@@ -423,9 +423,10 @@ pub(crate) fn show_detail(detail: &ClusterDetail, json: bool) -> anyhow::Result<
                     .as_str()
                     .map_or_else(|| "-".to_owned(), str::to_owned)
             };
-            let state = match node.state["reason"].as_str() {
-                Some(reason) => format!("{}: {reason}", field("state")),
-                None => field("state"),
+            let state = match (node.state["reason"].as_str(), node.state["bytes"].as_u64()) {
+                (Some(reason), _) => format!("{}: {reason}", field("state")),
+                (None, Some(bytes)) => format!("{} ({} MiB)", field("state"), bytes >> 20),
+                (None, None) => field("state"),
             };
             rows.push(vec![
                 node.index.to_string(),

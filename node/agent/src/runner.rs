@@ -33,6 +33,7 @@ use vcfed_node_core::runner::{self as core, DataPlane, Segment};
 
 pub(crate) use crate::api_types::{NetworkView, TunnelView};
 use crate::config::{Config, DriverKind, SiteLink};
+use crate::driver::installer::InstallerSource;
 use crate::driver::libvirt::{Accel, LibvirtDriver, LibvirtSettings};
 use crate::driver::netns::NetnsDriver;
 use crate::federation::FederationHandle;
@@ -205,8 +206,19 @@ enum DriverChoice {
 
 impl DriverChoice {
     fn from_config(config: &Config) -> DriverChoice {
-        let netns =
-            || NetnsDriver::new(config.site.data_dir.join("nodes"), &config.site.name, None);
+        let netns = || {
+            let driver =
+                NetnsDriver::new(config.site.data_dir.join("nodes"), &config.site.name, None);
+            // Frontends serve the network installer to VMs when this
+            // machine has what it is built from.
+            match InstallerSource::find(None) {
+                Ok(installer) => driver.with_installer(installer),
+                Err(why) => {
+                    tracing::info!(%why, "frontends serve no network installer; VMs fetch the install file only");
+                    driver
+                }
+            }
+        };
         match config.clusters.driver {
             DriverKind::None => DriverChoice::None,
             DriverKind::Sim => DriverChoice::Sim,

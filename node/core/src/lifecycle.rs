@@ -303,7 +303,7 @@ pub fn all_up(plan: &RunPlan, statuses: &[NodeStatus]) -> bool {
             .find(|s| s.index == node.index)
             .is_some_and(|s| match s.state {
                 NodeState::Serving { .. } => node.frontend,
-                NodeState::Installed { .. } => !node.frontend,
+                NodeState::Installed { .. } | NodeState::Up { .. } => !node.frontend,
                 _ => false,
             })
     })
@@ -315,12 +315,11 @@ pub fn cluster_up(plan: &RunPlan, nodes: &[vcfed_storage::NodeRecord]) -> bool {
     (0..plan.total_nodes).all(|index| {
         nodes.iter().any(|node| {
             node.index == index
-                && node.state["state"]
-                    == if node.frontend {
-                        "serving"
-                    } else {
-                        "installed"
-                    }
+                && if node.frontend {
+                    node.state["state"] == "serving"
+                } else {
+                    node.state["state"] == "installed" || node.state["state"] == "up"
+                }
         })
     })
 }

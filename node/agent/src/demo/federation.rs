@@ -70,7 +70,7 @@ pub enum DemoDriver {
 /// The `[libvirt]` table of a demo site: software emulation (KVM is not
 /// reliable in nested sandboxes), small VMs, and a short ACPI grace: the
 /// VMs run no OS that would shut down cleanly.
-const DEMO_LIBVIRT: &str = "[libvirt]\naccel = \"tcg\"\nmemory_mib = 128\nshutdown_timeout_s = 2\n";
+const DEMO_LIBVIRT: &str = "[libvirt]\naccel = \"tcg\"\nmemory_mib = 256\nshutdown_timeout_s = 2\n";
 
 impl Default for DemoSpec {
     fn default() -> Self {

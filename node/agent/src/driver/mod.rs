@@ -13,6 +13,7 @@
 
 pub use vcfed_node_core::driver::*;
 
+pub mod installer;
 pub mod libvirt;
 pub mod netns;
 pub mod pxe;

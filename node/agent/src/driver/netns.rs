@@ -18,6 +18,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
+use super::installer::InstallerSource;
 use super::{ComputeDriver, DriverError, NodeSpec, NodeState, NodeStatus, pxe, short_tag};
 
 /// Prefix of the driver's namespaces.
@@ -34,6 +35,8 @@ struct RunningNode {
     netns: String,
     host_veth: String,
     child: Option<Child>,
+    /// The frontend's HTTP server (the network installer), if it serves one.
+    http: Option<Child>,
     restarts: u32,
     exit: Option<String>,
 }
@@ -45,6 +48,9 @@ pub struct NetnsDriver {
     site_tag: String,
     /// The namespace the site's bridges live in (`None`: the agent's own).
     site_netns: Option<String>,
+    /// The network installer frontends serve to VMs, if this machine has
+    /// what it is built from.
+    installer: Option<InstallerSource>,
     nodes: BTreeMap<String, BTreeMap<u32, RunningNode>>,
 }
 
@@ -65,8 +71,16 @@ impl NetnsDriver {
             state_dir,
             site_tag: short_tag(site),
             site_netns,
+            installer: None,
             nodes: BTreeMap::new(),
         }
+    }
+
+    /// Frontends also serve the built-in network installer (over HTTP,
+    /// with busybox httpd) to nodes that boot with iPXE.
+    pub fn with_installer(mut self, installer: InstallerSource) -> NetnsDriver {
+        self.installer = Some(installer);
+        self
     }
 
     /// Runs `ip ARGS` in the site's namespace.
@@ -226,6 +240,16 @@ impl ComputeDriver for NetnsDriver {
                     &tftp.join(pxe::BOOT_SCRIPT),
                     &pxe::boot_script(INSTALL_FILE),
                 )?;
+                if let Some(installer) = &self.installer {
+                    let bytes = installer
+                        .write(&tftp)
+                        .map_err(|detail| DriverError::Command {
+                            command: "building the network installer".to_owned(),
+                            detail,
+                        })?;
+                    write_installer_cgi(&dir, Ipv4Addr::new(a, b, c, 1))?;
+                    tracing::info!(cluster = %spec.cluster, bytes, "the frontend serves the network installer");
+                }
             } else {
                 write_node_scripts(&dir)?;
             }
@@ -242,10 +266,14 @@ impl ComputeDriver for NetnsDriver {
             netns,
             host_veth,
             child: None,
+            http: None,
             restarts: 0,
             exit: None,
         };
         node.child = Some(spawn(&node)?);
+        if spec.frontend && self.installer.is_some() {
+            node.http = Some(spawn_http(&node)?);
+        }
         tracing::info!(cluster = %spec.cluster, node = spec.index, frontend = spec.frontend, netns = %node.netns, "node started");
         self.nodes
             .entry(spec.cluster.clone())
@@ -299,7 +327,7 @@ impl ComputeDriver for NetnsDriver {
         let nodes = self.nodes.remove(cluster).unwrap_or_default();
         let mut failed = None;
         for (_, mut node) in nodes {
-            if let Some(mut child) = node.child.take() {
+            for mut child in [node.child.take(), node.http.take()].into_iter().flatten() {
                 let _ = child.kill();
                 let _ = child.wait();
             }
@@ -396,6 +424,78 @@ fn state_of(node: &RunningNode) -> NodeState {
             None => NodeState::Booting,
         },
     }
+}
+
+/// Starts the frontend's HTTP server: the installer's files and its CGI
+/// scripts, from the TFTP root.
+fn spawn_http(node: &RunningNode) -> Result<Child, DriverError> {
+    let log = std::fs::File::create(node.dir.join("http.log"))
+        .map_err(|e| io(&node.dir.join("http.log"), e))?;
+    let mut command = Command::new("ip");
+    command.args([
+        "netns",
+        "exec",
+        &node.netns,
+        "busybox",
+        "httpd",
+        "-f",
+        "-p",
+        "80",
+        "-h",
+    ]);
+    command.arg(node.dir.join("tftp"));
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    command.spawn().map_err(|e| DriverError::Command {
+        command: format!("{command:?}"),
+        detail: e.to_string(),
+    })
+}
+
+/// The installer's CGI scripts in the frontend's web root: `boot` tells a
+/// node's iPXE what to boot (the installer, or its own disk once it
+/// reported `installed`); `report` records that report.
+fn write_installer_cgi(dir: &Path, server: Ipv4Addr) -> Result<(), DriverError> {
+    let cgi = dir.join("tftp/cgi-bin");
+    let state = dir.join("installed");
+    for d in [&cgi, &state] {
+        std::fs::create_dir_all(d).map_err(|e| io(d, e))?;
+    }
+    let state = state.display();
+    let log = dir.join("reports.log");
+    let log = log.display();
+    let mac = "mac=$(echo \"$QUERY_STRING\" | sed -n 's/.*mac=\\([0-9a-f-]*\\).*/\\1/p')";
+    let boot = format!(
+        "#!/bin/sh\n\
+         {mac}\n\
+         printf 'Content-Type: text/plain\\r\\n\\r\\n'\n\
+         if [ -n \"$mac\" ] && [ -e '{state}'/\"$mac\" ]; then\n\
+           printf '#!ipxe\\necho {MARKER} booting from its disk\\nexit\\n'\n\
+         else\n\
+           printf '#!ipxe\\nkernel http://{server}/vmlinuz console=ttyS0 quiet vcfed.server={server}\\ninitrd http://{server}/installer.img\\nboot\\n'\n\
+         fi\n",
+        MARKER = pxe::MARKER
+    );
+    let report = format!(
+        "#!/bin/sh\n\
+         {mac}\n\
+         bytes=$(echo \"$QUERY_STRING\" | sed -n 's/.*bytes=\\([0-9]*\\).*/\\1/p')\n\
+         printf 'Content-Type: text/plain\\r\\n\\r\\n'\n\
+         [ -n \"$mac\" ] || {{ echo 'no mac'; exit 0; }}\n\
+         : > '{state}'/\"$mac\"\n\
+         echo \"$(date +%s) $mac installed ${{bytes:-0}}\" >> '{log}'\n\
+         echo ok\n"
+    );
+    for (name, text) in [("boot", boot), ("report", report)] {
+        let path = cgi.join(name);
+        write(&path, &text)?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| io(&path, e))?;
+    }
+    Ok(())
 }
 
 /// The boot sequence of a compute node: DHCP from the frontend, then the

@@ -29,11 +29,15 @@ pub fn frontend_serving(console: &str) -> bool {
     console.lines().any(|line| line.contains(FRONTEND_MARKER))
 }
 
-/// The iPXE script that fetches `install_file`.
+/// The iPXE script: ask the frontend's installer what to boot (the
+/// installer, or this node's own disk once it is installed: `exit` hands
+/// the boot back to the firmware, which boots the disk); a frontend
+/// without one has the node fetch `install_file` over TFTP instead.
 pub fn boot_script(install_file: &str) -> String {
     format!(
         "#!ipxe\n\
          echo {MARKER} leased ${{net0/ip}} ${{next-server}} ${{net0/mac}}\n\
+         chain http://${{next-server}}/cgi-bin/boot?mac=${{net0/mac:hexhyp}} && exit ||\n\
          imgfetch tftp://${{next-server}}/{install_file} || goto failed\n\
          imgstat\n\
          echo {MARKER} installed ${{net0/ip}} ${{next-server}}\n\
@@ -52,6 +56,8 @@ pub fn boot_script(install_file: &str) -> String {
 pub fn console_state(console: &str) -> Option<NodeState> {
     let mut state = None;
     for line in console.lines() {
+        // A kernel resets the terminal before its first line.
+        let line = strip_escapes(line);
         let Some(rest) = line.trim().strip_prefix(MARKER) else {
             continue;
         };
@@ -61,6 +67,18 @@ pub fn console_state(console: &str) -> Option<NodeState> {
             Some("leased") => match (ip(words.next()), ip(words.next())) {
                 (Some(ip), Some(server)) => Some(NodeState::Leased { ip, server }),
                 _ => state,
+            },
+            Some("installing") => match (ip(words.next()), ip(words.next()), words.next()) {
+                (Some(ip), Some(server), Some(bytes)) => bytes
+                    .parse()
+                    .ok()
+                    .map(|bytes| NodeState::Installing { ip, server, bytes })
+                    .or(state),
+                _ => state,
+            },
+            Some("up") => match ip(words.next()) {
+                Some(ip) => Some(NodeState::Up { ip }),
+                None => state,
             },
             Some("installed") => match (ip(words.next()), ip(words.next())) {
                 (Some(ip), Some(server)) => Some(NodeState::Installed { ip, server }),
@@ -102,9 +120,9 @@ fn strip_escapes(text: &str) -> String {
     let mut chars = text.chars().peekable();
     while let Some(c) = chars.next() {
         if c == '\u{1b}' {
-            if chars.peek() == Some(&'[') {
-                chars.next();
-                // Parameters, then one final byte in @..~.
+            // A control sequence: parameters, then one final byte in @..~;
+            // any other escape is two bytes (`ESC c`, a reset).
+            if chars.next() == Some('[') {
                 for c in chars.by_ref() {
                     if ('@'..='~').contains(&c) {
                         break;
@@ -151,6 +169,22 @@ mod tests {
             console_state("VCFED-NODE failed fetching install.cfg from 198.18.7.1\n"),
             Some(NodeState::Failed {
                 reason: "fetching install.cfg from 198.18.7.1".into()
+            })
+        );
+        assert_eq!(
+            console_state("VCFED-NODE installing 198.18.7.84 198.18.7.1 8388608\r\n"),
+            Some(NodeState::Installing {
+                ip: "198.18.7.84".parse().unwrap(),
+                server: "198.18.7.1".parse().unwrap(),
+                bytes: 8_388_608
+            })
+        );
+        assert_eq!(
+            console_state(
+                "VCFED-NODE installed 198.18.7.84 198.18.7.1 9\n\u{1b}c\u{1b}[?7l\u{1b}[2JVCFED-NODE up 198.18.7.84\n"
+            ),
+            Some(NodeState::Up {
+                ip: "198.18.7.84".parse().unwrap()
             })
         );
         for marker in ["leased", "installed", "failed"] {

@@ -63,12 +63,26 @@ pub enum NodeState {
         /// The DHCP server that gave it.
         server: Ipv4Addr,
     },
-    /// A compute node fetched its install file.
+    /// A compute node is writing its disk (the built-in installer).
+    Installing {
+        /// Its address.
+        ip: Ipv4Addr,
+        /// The server it installs from.
+        server: Ipv4Addr,
+        /// Bytes of the OS fetched and written so far.
+        bytes: u64,
+    },
+    /// A compute node fetched its install file (or wrote its disk).
     Installed {
         /// Its address.
         ip: Ipv4Addr,
         /// The server it installed from.
         server: Ipv4Addr,
+    },
+    /// A compute node runs from its own disk.
+    Up {
+        /// Its address.
+        ip: Ipv4Addr,
     },
     /// The node failed.
     Failed {
