@@ -38,6 +38,22 @@ use vcfed::driver::{ComputeDriver, NodeSpec, NodeState, node_mac};
 use vcfed::ledger::SharedLedger;
 use vcfed_storage::{ClusterState, Ledger};
 
+/// Whether this machine has what the frontend's network installer is built
+/// from (a kernel, busybox-static, extlinux); in CI it must.
+fn installer_here() -> bool {
+    match vcfed::driver::installer::InstallerSource::find(None) {
+        Ok(_) => true,
+        Err(why) => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "the network installer cannot be built in CI: {why}"
+            );
+            eprintln!("no network installer here ({why}): VMs fetch the install file only");
+            false
+        }
+    }
+}
+
 /// Whether the environment can run these tests; in CI it must.
 fn environment_ready() -> bool {
     match federation::check_environment(DemoDriver::Libvirt) {
@@ -146,44 +162,99 @@ async fn vms_boot_across_the_tunnel_survive_an_agent_crash_and_leave_nothing() {
         .unwrap();
     let id = created.record.id;
     let started = Instant::now();
-    eventually("both VMs installed", Duration::from_secs(300), || async {
-        let at_master = nodes(a, &id, "lvt-b").await;
-        at_master.len() == 2 && at_master.values().all(|n| n[0] == "installed")
-    })
+    let installs = installer_here();
+    let done = if installs { "up" } else { "installed" };
+    eventually(
+        "both VMs installed (and up from disk)",
+        Duration::from_secs(400),
+        || async {
+            let at_master = nodes(a, &id, "lvt-b").await;
+            at_master.len() == 2 && at_master.values().all(|n| n[0] == done)
+        },
+    )
     .await;
     eprintln!(
-        "both VMs installed {:.1}s after the request",
+        "both VMs {done} {:.1}s after the request",
         started.elapsed().as_secs_f64()
     );
     let frontend = nodes(a, &id, "lvt-a").await;
     let frontend_ip = frontend.get(&0).map(|n| n[1].clone()).unwrap();
     let booted = nodes(a, &id, "lvt-b").await;
     let site_b = dir.path().join("lvt-b");
-    let frontend_log = read(&dir.path().join("lvt-a/nodes").join(&id).join("0/log"));
+    let frontend_dir = dir.path().join("lvt-a/nodes").join(&id).join("0");
+    let frontend_log = read(&frontend_dir.join("log"));
+    let reports = read(&dir.path().join("lvt-a/nodes").join(&id).join("reports.log"));
     let vms = domains("lvt-b");
     assert_eq!(vms.len(), 2, "{vms:?}");
-    for (domain, [_, ip, server]) in vms.keys().zip(booted.values()) {
-        assert_eq!(server, &frontend_ip, "booted from the master's frontend");
-        // What the VM printed: its lease and the install file, from the
-        // master's frontend.
-        let console = read(&site_b.join("consoles").join(format!("{domain}.log")));
+    let console_of = |domain: &str| read(&site_b.join("consoles").join(format!("{domain}.log")));
+    for (domain, [_, ip, _]) in vms.keys().zip(booted.values()) {
+        // What the VM printed: its lease from the master's frontend, then
+        // the install, then its boot from its own disk.
+        let console = console_of(domain);
         assert!(console.contains("iPXE"), "{domain}: {console}");
         assert!(
-            console.contains(&format!("VCFED-NODE installed {ip} {server}")),
+            console.contains(&format!("VCFED-NODE leased {ip} {frontend_ip}")),
             "{domain}: {console}"
         );
-        // What the frontend saw: a DHCP ack and the boot script and the
-        // install file sent to it.
+        assert!(
+            console.contains(&format!("VCFED-NODE installed {ip} {frontend_ip}")),
+            "{domain}: {console}"
+        );
+        // What the frontend saw: a DHCP ack and the boot script sent to it.
         assert!(
             frontend_log.contains(&format!("DHCPACK(eth0) {ip} ")),
             "{ip}: {frontend_log}"
         );
-        for file in ["boot.ipxe", "install.cfg"] {
+        assert!(
+            frontend_log.contains(&format!("/boot.ipxe to {ip}")),
+            "boot.ipxe to {ip}: {frontend_log}"
+        );
+        if installs {
+            assert!(console.contains("SYSLINUX"), "booted its disk: {console}");
             assert!(
-                frontend_log.contains(&format!("/{file} to {ip}")),
-                "{file} to {ip}: {frontend_log}"
+                console.contains(&format!("VCFED-NODE up {ip}")),
+                "{domain}: {console}"
+            );
+            // Its install reported to the frontend over the cluster network.
+            let mac = virsh(&["domiflist", domain])
+                .split_whitespace()
+                .find(|w| w.len() == 17 && w.matches(':').count() == 5)
+                .unwrap()
+                .replace(':', "-");
+            assert!(
+                reports.contains(&format!(" {mac} installed ")),
+                "{mac}: {reports}"
+            );
+        } else {
+            assert!(
+                frontend_log.contains(&format!("/install.cfg to {ip}")),
+                "install.cfg to {ip}: {frontend_log}"
             );
         }
+    }
+    eprintln!("installs reported to the frontend:\n{reports}");
+
+    if installs {
+        // A second boot needs no frontend: the master's agent stops (its
+        // frontend with it), a node is reset, and it comes up from its disk.
+        federation.stop_agent(0);
+        let domain = vms.keys().next().unwrap().clone();
+        let ups = |console: &str| console.matches("VCFED-NODE up ").count();
+        let before = ups(&console_of(&domain));
+        let reset_at = Instant::now();
+        virsh(&["reset", &domain]);
+        eventually(
+            "the reset node up again without the frontend",
+            Duration::from_secs(180),
+            || async { ups(&console_of(&domain)) > before },
+        )
+        .await;
+        eprintln!(
+            "up from its disk without the frontend {:.1}s after a reset",
+            reset_at.elapsed().as_secs_f64()
+        );
+        federation.start_agent(0).unwrap();
+        vcfed::demo::local::wait_ready(a).await.unwrap();
     }
 
     // The worker's agent crashes: its VMs run on, under libvirtd.
@@ -198,7 +269,7 @@ async fn vms_boot_across_the_tunnel_survive_an_agent_crash_and_leave_nothing() {
         Duration::from_secs(60),
         || async {
             let at_b = nodes(b, &id, "lvt-b").await;
-            at_b.len() == 2 && at_b.values().all(|n| n[0] == "installed")
+            at_b.len() == 2 && at_b.values().all(|n| n[0] == done)
         },
     )
     .await;

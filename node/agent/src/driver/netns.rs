@@ -456,15 +456,18 @@ fn spawn_http(node: &RunningNode) -> Result<Child, DriverError> {
 
 /// The installer's CGI scripts in the frontend's web root: `boot` tells a
 /// node's iPXE what to boot (the installer, or its own disk once it
-/// reported `installed`); `report` records that report.
+/// reported `installed`); `report` records that report. What nodes
+/// reported is the cluster's (`<cluster>/installed`, `<cluster>/reports.log`),
+/// not the frontend's: a frontend started again does not install them again.
 fn write_installer_cgi(dir: &Path, server: Ipv4Addr) -> Result<(), DriverError> {
     let cgi = dir.join("tftp/cgi-bin");
-    let state = dir.join("installed");
+    let cluster_dir = dir.parent().unwrap_or(dir);
+    let state = cluster_dir.join("installed");
     for d in [&cgi, &state] {
         std::fs::create_dir_all(d).map_err(|e| io(d, e))?;
     }
     let state = state.display();
-    let log = dir.join("reports.log");
+    let log = cluster_dir.join("reports.log");
     let log = log.display();
     let mac = "mac=$(echo \"$QUERY_STRING\" | sed -n 's/.*mac=\\([0-9a-f-]*\\).*/\\1/p')";
     let boot = format!(
