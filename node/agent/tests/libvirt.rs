@@ -1,21 +1,27 @@
 //! The libvirt driver on a real libvirtd (QEMU under software emulation):
-//! a federation of two sites in network namespaces whose compute nodes are
-//! virtual machines. Needs root, libvirtd and QEMU besides what the demo
-//! needs; with CI=true their absence is a failure.
+//! a federation of three sites in network namespaces whose compute nodes
+//! are virtual machines. Needs root, libvirtd and QEMU besides what the
+//! demo needs, and for the install a kernel, busybox-static and extlinux;
+//! with CI=true their absence is a failure.
 //!
 //! One test walks a cluster's life, because VMs are slow to boot under TCG:
-//! - two VMs at the worker site network-boot across the tunnel from the
-//!   master's frontend: their serial consoles show the lease and the install
-//!   file from it, and the frontend's log the DHCP acks and TFTP transfers;
-//! - the worker's agent is killed with SIGKILL while they run: the VMs run
+//! - three VMs at the two worker sites (two at one) network-boot across
+//!   the tunnels from the master's frontend, install their disks with the
+//!   frontend's installer, reboot and come up from their disks: their
+//!   serial consoles show the lease, the install and the boot from disk,
+//!   the frontend's log the DHCP acks, and its report log each install;
+//! - with the master's agent (and so its frontend) stopped, a node that is
+//!   reset comes up again from its disk;
+//! - a worker's agent is killed with SIGKILL while its VMs run: they run
 //!   on, and the restarted agent adopts them (same QEMU processes) instead
 //!   of making them again;
-//! - a delete leaves no VM, no volume and no volume row in the ledger, and
+//! - a delete leaves no VM, no volume and no volume row in any ledger, and
 //!   the teardown no storage pool.
 //!
-//! Another drives the driver alone through its failures: an unreachable
-//! libvirtd, a missing base image, a VM that never gets a lease; and a
-//! base image outside any pool, which node volumes overlay.
+//! The others drive the driver alone: its failures (an unreachable
+//! libvirtd, a missing base image, a NIC with no bridge, a VM that never
+//! gets a lease, a full pool), base images, a site of two hosts, a pool of
+//! iSCSI LUNs, and a frontend image.
 
 #![allow(clippy::unwrap_used, clippy::print_stderr)] // test code: a failed unwrap is a failed test
 
@@ -123,16 +129,16 @@ async fn vms_boot_across_the_tunnel_survive_an_agent_crash_and_leave_nothing() {
     let dir = tempfile::tempdir().unwrap();
     // The master has 1 slot (the frontend): both nodes are at the worker.
     let spec = DemoSpec {
-        prefix: "vcfl".to_owned(),
-        site_prefix: "lvt".to_owned(),
-        wan_octet: 11,
-        nodes: vec![1, 2],
+        prefix: "vcfi".to_owned(),
+        site_prefix: "lvs".to_owned(),
+        wan_octet: 12,
+        nodes: vec![1, 2, 1],
         driver: DemoDriver::Libvirt,
     };
     let mut federation = DemoFederation::build(spec.clone(), dir.path()).unwrap();
     federation.agent_exe = common::vcfed_bin().into();
     let mut clients = Vec::new();
-    for index in 0..2 {
+    for index in 0..3 {
         federation.start_agent(index).unwrap();
         let client = federation.sites[index].client().unwrap();
         vcfed::demo::local::wait_ready(&client).await.unwrap();
@@ -148,7 +154,7 @@ async fn vms_boot_across_the_tunnel_survive_an_agent_crash_and_leave_nothing() {
                 .iter()
                 .filter(|s| s.state == vcfed_registry::SiteState::Alive)
                 .count()
-                == 2
+                == 3
         },
     )
     .await;
@@ -156,7 +162,7 @@ async fn vms_boot_across_the_tunnel_survive_an_agent_crash_and_leave_nothing() {
     let created: ClusterDetail = a
         .post(
             "/v1/clusters",
-            &serde_json::json!({ "name": "vms", "nodes": 2, "duration": "1h" }),
+            &serde_json::json!({ "name": "vms", "nodes": 3, "duration": "1h" }),
         )
         .await
         .unwrap();
@@ -168,8 +174,8 @@ async fn vms_boot_across_the_tunnel_survive_an_agent_crash_and_leave_nothing() {
         "both VMs installed (and up from disk)",
         Duration::from_secs(400),
         || async {
-            let at_master = nodes(a, &id, "lvt-b").await;
-            at_master.len() == 2 && at_master.values().all(|n| n[0] == done)
+            let (at_b, at_c) = (nodes(a, &id, "lvs-b").await, nodes(a, &id, "lvs-c").await);
+            at_b.len() + at_c.len() == 3 && at_b.values().chain(at_c.values()).all(|n| n[0] == done)
         },
     )
     .await;
@@ -177,59 +183,71 @@ async fn vms_boot_across_the_tunnel_survive_an_agent_crash_and_leave_nothing() {
         "both VMs {done} {:.1}s after the request",
         started.elapsed().as_secs_f64()
     );
-    let frontend = nodes(a, &id, "lvt-a").await;
+    let frontend = nodes(a, &id, "lvs-a").await;
     let frontend_ip = frontend.get(&0).map(|n| n[1].clone()).unwrap();
-    let booted = nodes(a, &id, "lvt-b").await;
-    let site_b = dir.path().join("lvt-b");
-    let frontend_dir = dir.path().join("lvt-a/nodes").join(&id).join("0");
+    let frontend_dir = dir.path().join("lvs-a/nodes").join(&id).join("0");
     let frontend_log = read(&frontend_dir.join("log"));
-    let reports = read(&dir.path().join("lvt-a/nodes").join(&id).join("reports.log"));
-    let vms = domains("lvt-b");
-    assert_eq!(vms.len(), 2, "{vms:?}");
-    let console_of = |domain: &str| read(&site_b.join("consoles").join(format!("{domain}.log")));
-    for (domain, [_, ip, _]) in vms.keys().zip(booted.values()) {
-        // What the VM printed: its lease from the master's frontend, then
-        // the install, then its boot from its own disk.
-        let console = console_of(domain);
-        assert!(console.contains("iPXE"), "{domain}: {console}");
-        assert!(
-            console.contains(&format!("VCFED-NODE leased {ip} {frontend_ip}")),
-            "{domain}: {console}"
-        );
-        assert!(
-            console.contains(&format!("VCFED-NODE installed {ip} {frontend_ip}")),
-            "{domain}: {console}"
-        );
-        // What the frontend saw: a DHCP ack and the boot script sent to it.
-        assert!(
-            frontend_log.contains(&format!("DHCPACK(eth0) {ip} ")),
-            "{ip}: {frontend_log}"
-        );
-        assert!(
-            frontend_log.contains(&format!("/boot.ipxe to {ip}")),
-            "boot.ipxe to {ip}: {frontend_log}"
-        );
-        if installs {
-            assert!(console.contains("SYSLINUX"), "booted its disk: {console}");
+    let reports = read(&dir.path().join("lvs-a/nodes").join(&id).join("reports.log"));
+    let console_of = |site: &str, domain: &str| {
+        read(
+            &dir.path()
+                .join(site)
+                .join("consoles")
+                .join(format!("{domain}.log")),
+        )
+    };
+    // Nodes at both workers, two at one of them.
+    let (at_b, at_c) = (domains("lvs-b"), domains("lvs-c"));
+    assert!(
+        !at_b.is_empty() && !at_c.is_empty() && at_b.len().max(at_c.len()) == 2,
+        "{at_b:?} {at_c:?}"
+    );
+    for worker in ["lvs-b", "lvs-c"] {
+        let booted = nodes(a, &id, worker).await;
+        for (domain, [_, ip, _]) in domains(worker).keys().zip(booted.values()) {
+            // What the VM printed: its lease from the master's frontend, then
+            // the install, then its boot from its own disk.
+            let console = console_of(worker, domain);
+            assert!(console.contains("iPXE"), "{domain}: {console}");
             assert!(
-                console.contains(&format!("VCFED-NODE up {ip}")),
+                console.contains(&format!("VCFED-NODE leased {ip} {frontend_ip}")),
                 "{domain}: {console}"
             );
-            // Its install reported to the frontend over the cluster network.
-            let mac = virsh(&["domiflist", domain])
-                .split_whitespace()
-                .find(|w| w.len() == 17 && w.matches(':').count() == 5)
-                .unwrap()
-                .replace(':', "-");
             assert!(
-                reports.contains(&format!(" {mac} installed ")),
-                "{mac}: {reports}"
+                console.contains(&format!("VCFED-NODE installed {ip} {frontend_ip}")),
+                "{domain}: {console}"
             );
-        } else {
+            // What the frontend saw: a DHCP ack and the boot script sent to it.
             assert!(
-                frontend_log.contains(&format!("/install.cfg to {ip}")),
-                "install.cfg to {ip}: {frontend_log}"
+                frontend_log.contains(&format!("DHCPACK(eth0) {ip} ")),
+                "{ip}: {frontend_log}"
             );
+            assert!(
+                frontend_log.contains(&format!("/boot.ipxe to {ip}")),
+                "boot.ipxe to {ip}: {frontend_log}"
+            );
+            if installs {
+                assert!(console.contains("SYSLINUX"), "booted its disk: {console}");
+                assert!(
+                    console.contains(&format!("VCFED-NODE up {ip}")),
+                    "{domain}: {console}"
+                );
+                // Its install reported to the frontend over the cluster network.
+                let mac = virsh(&["domiflist", domain])
+                    .split_whitespace()
+                    .find(|w| w.len() == 17 && w.matches(':').count() == 5)
+                    .unwrap()
+                    .replace(':', "-");
+                assert!(
+                    reports.contains(&format!(" {mac} installed ")),
+                    "{mac}: {reports}"
+                );
+            } else {
+                assert!(
+                    frontend_log.contains(&format!("/install.cfg to {ip}")),
+                    "install.cfg to {ip}: {frontend_log}"
+                );
+            }
         }
     }
     eprintln!("installs reported to the frontend:\n{reports}");
@@ -238,15 +256,15 @@ async fn vms_boot_across_the_tunnel_survive_an_agent_crash_and_leave_nothing() {
         // A second boot needs no frontend: the master's agent stops (its
         // frontend with it), a node is reset, and it comes up from its disk.
         federation.stop_agent(0);
-        let domain = vms.keys().next().unwrap().clone();
+        let domain = at_c.keys().next().unwrap().clone();
         let ups = |console: &str| console.matches("VCFED-NODE up ").count();
-        let before = ups(&console_of(&domain));
+        let before = ups(&console_of("lvs-c", &domain));
         let reset_at = Instant::now();
         virsh(&["reset", &domain]);
         eventually(
             "the reset node up again without the frontend",
             Duration::from_secs(180),
-            || async { ups(&console_of(&domain)) > before },
+            || async { ups(&console_of("lvs-c", &domain)) > before },
         )
         .await;
         eprintln!(
@@ -257,9 +275,10 @@ async fn vms_boot_across_the_tunnel_survive_an_agent_crash_and_leave_nothing() {
         vcfed::demo::local::wait_ready(a).await.unwrap();
     }
 
-    // The worker's agent crashes: its VMs run on, under libvirtd.
+    // A worker's agent crashes: its VMs run on, under libvirtd.
+    let vms = at_b;
     federation.kill_agent(1);
-    let running = domains("lvt-b");
+    let running = domains("lvs-b");
     assert_eq!(running, vms, "the VMs outlive their agent");
     assert!(running.values().all(|id| id != "-"), "{running:?}");
     federation.start_agent(1).unwrap();
@@ -268,13 +287,13 @@ async fn vms_boot_across_the_tunnel_survive_an_agent_crash_and_leave_nothing() {
         "the restarted worker reports its VMs again",
         Duration::from_secs(60),
         || async {
-            let at_b = nodes(b, &id, "lvt-b").await;
-            at_b.len() == 2 && at_b.values().all(|n| n[0] == done)
+            let at_b = nodes(b, &id, "lvs-b").await;
+            at_b.len() == vms.len() && at_b.values().all(|n| n[0] == done)
         },
     )
     .await;
     // Adopted, not made again: the same QEMU processes.
-    assert_eq!(domains("lvt-b"), vms, "the VMs were made again");
+    assert_eq!(domains("lvs-b"), vms, "the VMs were made again");
     let at_b = detail(b, &id).await.unwrap();
     assert_eq!(at_b.record.state, ClusterState::Running);
 
@@ -304,19 +323,26 @@ async fn vms_boot_across_the_tunnel_survive_an_agent_crash_and_leave_nothing() {
     // The runner stops the VMs just after the state changes (an ACPI
     // shutdown, then destroy after the demo's 2 s).
     eventually("no VM left", Duration::from_secs(30), || async {
-        domains("lvt-b").is_empty()
+        domains("lvs-b").is_empty() && domains("lvs-c").is_empty()
     })
     .await;
-    let pool = format!("vcfed-{}", vcfed::driver::short_tag("lvt-b"));
-    let volumes = virsh(&["vol-list", &pool]);
-    assert!(volumes.trim().is_empty(), "volumes left: {volumes}");
+    for worker in ["lvs-b", "lvs-c"] {
+        let pool = format!("vcfed-{}", vcfed::driver::short_tag(worker));
+        let volumes = virsh(&["vol-list", &pool]);
+        assert!(
+            volumes.trim().is_empty(),
+            "volumes left at {worker}: {volumes}"
+        );
+    }
 
     let left = federation.teardown();
     assert!(left.is_empty(), "left behind: {left:?}");
     assert!(federation::leftovers(&spec).is_empty());
-    let config = vcfed::config::Config::load(&federation.sites[1].config_path).unwrap();
-    let ledger = Ledger::open(&config.ledger_path()).unwrap();
-    assert_eq!(ledger.volumes().unwrap(), Vec::new());
+    for site in &federation.sites {
+        let config = vcfed::config::Config::load(&site.config_path).unwrap();
+        let ledger = Ledger::open(&config.ledger_path()).unwrap();
+        assert_eq!(ledger.volumes().unwrap(), Vec::new(), "{}", site.name);
+    }
 }
 
 /// A bridge of the test's own in this namespace, removed even on panic.

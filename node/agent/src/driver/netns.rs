@@ -470,6 +470,16 @@ fn write_installer_cgi(dir: &Path, server: Ipv4Addr) -> Result<(), DriverError> 
     let log = cluster_dir.join("reports.log");
     let log = log.display();
     let mac = "mac=$(echo \"$QUERY_STRING\" | sed -n 's/.*mac=\\([0-9a-f-]*\\).*/\\1/p')";
+    // Three tries at fetching the installer (a busy frontend, a lossy
+    // tunnel), then the node fails with the reason.
+    let fetch = format!(
+        "kernel http://{server}/vmlinuz console=ttyS0 quiet vcfed.server={server} && \
+         initrd http://{server}/installer.img && boot ||"
+    );
+    let installer = format!(
+        "#!ipxe\n{fetch} sleep 3 ||\n{fetch} sleep 10 ||\n{fetch} echo {marker} failed fetching the installer from {server}\n",
+        marker = pxe::MARKER
+    );
     let boot = format!(
         "#!/bin/sh\n\
          {mac}\n\
@@ -477,7 +487,9 @@ fn write_installer_cgi(dir: &Path, server: Ipv4Addr) -> Result<(), DriverError> 
          if [ -n \"$mac\" ] && [ -e '{state}'/\"$mac\" ]; then\n\
            printf '#!ipxe\\necho {MARKER} booting from its disk\\nexit\\n'\n\
          else\n\
-           printf '#!ipxe\\nkernel http://{server}/vmlinuz console=ttyS0 quiet vcfed.server={server}\\ninitrd http://{server}/installer.img\\nboot\\n'\n\
+           cat <<'EOF'\n\
+         {installer}\
+         EOF\n\
          fi\n",
         MARKER = pxe::MARKER
     );
@@ -596,4 +608,62 @@ fn last_line(path: &Path) -> String {
                 .map(str::to_owned)
         })
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cgi(dir: &Path, name: &str, query: &str) -> String {
+        let out = Command::new("sh")
+            .arg(dir.join("tftp/cgi-bin").join(name))
+            .env("QUERY_STRING", query)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{name}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// The installer's CGI: the installer until a node reports installed,
+    /// then its own disk; reports land in the cluster's log.
+    #[test]
+    fn the_boot_cgi_sends_a_node_to_the_installer_then_to_its_disk() {
+        let cluster = tempfile::tempdir().unwrap();
+        let frontend = cluster.path().join("0");
+        write_installer_cgi(&frontend, Ipv4Addr::new(198, 19, 9, 1)).unwrap();
+        let first = cgi(&frontend, "boot", "mac=02-aa-bb-cc-dd-ee");
+        assert!(
+            first.starts_with("Content-Type: text/plain\r\n\r\n#!ipxe\n"),
+            "{first}"
+        );
+        assert!(first.contains("kernel http://198.19.9.1/vmlinuz console=ttyS0"));
+        assert!(first.contains("initrd http://198.19.9.1/installer.img && boot ||"));
+        assert_eq!(
+            first.matches("kernel http://").count(),
+            3,
+            "three tries: {first}"
+        );
+        assert!(first.contains("VCFED-NODE failed fetching the installer from 198.19.9.1"));
+
+        assert!(
+            cgi(
+                &frontend,
+                "report",
+                "mac=02-aa-bb-cc-dd-ee&state=installed&bytes=42"
+            )
+            .contains("ok")
+        );
+        let reports = std::fs::read_to_string(cluster.path().join("reports.log")).unwrap();
+        assert!(
+            reports.ends_with(" 02-aa-bb-cc-dd-ee installed 42\n"),
+            "{reports}"
+        );
+        let then = cgi(&frontend, "boot", "mac=02-aa-bb-cc-dd-ee");
+        assert!(then.contains("booting from its disk\nexit\n"), "{then}");
+        // Another node still gets the installer; a query with no MAC does.
+        assert!(cgi(&frontend, "boot", "mac=02-00-00-00-00-01").contains("kernel http://"));
+        assert!(cgi(&frontend, "boot", "").contains("kernel http://"));
+        // A hostile MAC cannot name a file outside the state directory.
+        assert!(cgi(&frontend, "report", "mac=../../x&state=installed").contains("no mac"));
+    }
 }
