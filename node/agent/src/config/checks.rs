@@ -14,14 +14,14 @@ use toml::Spanned;
 
 use super::diagnostics::{ConfigError, Source, example, ifname_problem};
 use super::types::{
-    NODE_MEMORY_MIB_MAX, NODE_MEMORY_MIB_MIN, POOL_NAME_CHARS_MAX, SHUTDOWN_TIMEOUT_S_MAX,
-    SHUTDOWN_TIMEOUT_S_MIN, VLAN_ID_MAX, VLAN_ID_MIN, VLAN_PLACEHOLDER,
+    INSTALLER_ARGS_BYTES_MAX, NODE_MEMORY_MIB_MAX, NODE_MEMORY_MIB_MIN, POOL_NAME_CHARS_MAX,
+    SHUTDOWN_TIMEOUT_S_MAX, SHUTDOWN_TIMEOUT_S_MIN, VLAN_ID_MAX, VLAN_ID_MIN, VLAN_PLACEHOLDER,
 };
 use super::{
     Accel, ApiConfig, ClustersConfig, Config, DEFAULT_API_LISTEN, DEFAULT_FEDERATION_LISTEN,
     DEFAULT_GATEWAY_LISTEN, DEFAULT_LIBVIRT_HOST, DriverKind, FederationConfig, GatewayConfig,
-    GossipTiming, Host, Inventory, InventorySource, LibvirtConfig, NodeShape, SiteConfig, SiteLink,
-    VlanRange,
+    GossipTiming, Host, InstallerConfig, Inventory, InventorySource, LibvirtConfig, NodeShape,
+    SiteConfig, SiteLink, VlanRange,
 };
 
 /// Longest site name, in characters: a site name is a DNS label (RFC 1035).
@@ -62,6 +62,8 @@ pub(super) struct RawConfig {
     gateway: RawGateway,
     #[serde(default)]
     libvirt: RawLibvirt,
+    #[serde(default)]
+    installer: RawInstaller,
 }
 
 #[derive(Deserialize)]
@@ -146,6 +148,14 @@ struct RawLibvirt {
     remote_bridge: Option<Spanned<String>>,
 }
 
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawInstaller {
+    kernel: Option<Spanned<PathBuf>>,
+    initrd: Option<Spanned<PathBuf>>,
+    args: Option<Spanned<String>>,
+}
+
 impl RawConfig {
     /// Checks the rules serde does not know and builds the public config.
     pub(super) fn check(self, source: &Source<'_>) -> Result<Config, ConfigError> {
@@ -156,6 +166,7 @@ impl RawConfig {
         let clusters = self.clusters.check(source)?;
         let gateway = self.gateway.check(source)?;
         let libvirt = self.libvirt.check(source, &site.data_dir)?;
+        let installer = self.installer.check(source)?;
         Ok(Config {
             path: source.path.to_path_buf(),
             site,
@@ -165,6 +176,7 @@ impl RawConfig {
             clusters,
             gateway,
             libvirt,
+            installer,
         })
     }
 }
@@ -710,6 +722,88 @@ impl RawLibvirt {
     }
 }
 
+impl RawInstaller {
+    fn check(self, source: &Source<'_>) -> Result<InstallerConfig, ConfigError> {
+        let kernel = self
+            .kernel
+            .map(|path| source.absolute_path(path, "installer.kernel"))
+            .transpose()?;
+        let initrd = match self.initrd {
+            None => None,
+            Some(path) if kernel.is_none() => {
+                return Err(source.invalid(
+                    &path,
+                    "installer.initrd",
+                    "an own installer needs its kernel too: set installer.kernel".to_owned(),
+                    Some(
+                        "add the kernel your initrd was built for to [installer], e.g. \
+                         `kernel = \"/srv/installer/linux\"`; the default kernel, the newest \
+                         /boot/vmlinuz-*, is only meant for the built-in installer"
+                            .to_owned(),
+                    ),
+                ));
+            }
+            Some(path) => Some(source.absolute_path(path, "installer.initrd")?),
+        };
+        let args = match self.args {
+            None => None,
+            Some(args) if initrd.is_none() => {
+                return Err(source.invalid(
+                    &args,
+                    "installer.args",
+                    "a kernel command line is only for an own installer: installer.initrd is \
+                     not set"
+                        .to_owned(),
+                    Some(
+                        "set installer.initrd (and installer.kernel) to the installer these \
+                         arguments are for, or remove args: the built-in installer takes none"
+                            .to_owned(),
+                    ),
+                ));
+            }
+            Some(args) => Some(check_installer_args(args, source)?),
+        };
+        Ok(InstallerConfig {
+            kernel,
+            initrd,
+            args,
+        })
+    }
+}
+
+fn check_installer_args(args: Spanned<String>, source: &Source<'_>) -> Result<String, ConfigError> {
+    let field = "installer.args";
+    let line = args.get_ref();
+    if line.len() > INSTALLER_ARGS_BYTES_MAX {
+        return Err(source.invalid(
+            &args,
+            field,
+            format!(
+                "the command line is {} bytes long, more than {INSTALLER_ARGS_BYTES_MAX}",
+                line.len()
+            ),
+            Some(
+                "boot loaders cut longer command lines: move settings into the file the \
+                 installer fetches (the preseed or kickstart) and pass only its URL"
+                    .to_owned(),
+            ),
+        ));
+    }
+    if let Some(c) = line.chars().find(|c| c.is_control()) {
+        return Err(source.invalid(
+            &args,
+            field,
+            format!("the command line contains the control character {c:?}"),
+            Some(format!(
+                "a kernel command line is one line of parameters separated by spaces, without \
+                 newlines or tabs, e.g. `{}`",
+                example(field).unwrap_or_default()
+            )),
+        ));
+    }
+    Ok(args.into_inner())
+}
+
 fn check_libvirt_hosts(
     raw: Vec<Spanned<String>>,
     source: &Source<'_>,
@@ -847,7 +941,8 @@ impl Source<'_> {
     }
 
     /// A path that must be absolute: libvirt may use it on another host, where the directory
-    /// of this file means nothing.
+    /// of this file means nothing, and the installer's files belong to the system, not to
+    /// this file.
     fn absolute_path(&self, value: Spanned<PathBuf>, field: &str) -> Result<PathBuf, ConfigError> {
         let path = value.get_ref();
         if path.as_os_str().is_empty() {
@@ -864,8 +959,14 @@ impl Source<'_> {
                 field,
                 format!("{:?} is a relative path", path.display().to_string()),
                 Some(format!(
-                    "paths in [libvirt] are not resolved against this file's directory, since \
-                     libvirt may use them on another host: write an absolute path{}",
+                    "paths in {}: write an absolute path{}",
+                    if field.starts_with("installer.") {
+                        "[installer] are not resolved against this file's directory, since \
+                         they name system files such as a kernel under /boot"
+                    } else {
+                        "[libvirt] are not resolved against this file's directory, since \
+                         libvirt may use them on another host"
+                    },
                     example(field)
                         .map(|example| format!(", like `{example}`"))
                         .unwrap_or_default()

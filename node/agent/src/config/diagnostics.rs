@@ -423,6 +423,9 @@ pub(super) fn example(field: &str) -> Option<&'static str> {
         "libvirt.shutdown_timeout_s" => "shutdown_timeout_s = 10",
         "libvirt.memory_mib" => "memory_mib = 2048",
         "libvirt.remote_bridge" => r#"remote_bridge = "br{vlan}""#,
+        "installer.kernel" => r#"kernel = "/boot/vmlinuz-6.1.0-18-amd64""#,
+        "installer.initrd" => r#"initrd = "/srv/installer/initrd.gz""#,
+        "installer.args" => r#"args = "console=ttyS0 auto=true priority=critical""#,
         // The file of `vcfed gateway --config` (see `gateway_config`).
         "private_key_file" => r#"private_key_file = "tunnel.key""#,
         "listen" => r#"listen = "0.0.0.0:7782""#,

@@ -13,8 +13,10 @@
 //!
 //! Relative paths in the file are resolved against the directory that holds the file, so a
 //! configuration means the same thing whatever the working directory of `vcfed` is. The paths
-//! of `[libvirt]` are the exception: they must be absolute, because libvirt may use them on
-//! another host, where this file's directory means nothing.
+//! of `[libvirt]` and `[installer]` are the exception: they must be absolute, because libvirt
+//! may use them on another host, where this file's directory means nothing, and because the
+//! installer's kernel and initrd are files of the system (under `/boot`, say), not of the
+//! configuration.
 //!
 //! The submodules follow the two passes: `checks` holds the `Raw*` structs and the rules of
 //! the second pass, `types` the checked types it builds, `diagnostics` the machinery that turns
@@ -40,8 +42,8 @@ pub use diagnostics::ConfigError;
 pub use template::{InitParams, render_template};
 pub use types::{
     Accel, ApiConfig, ClustersConfig, Config, DriverKind, FederationConfig, GatewayConfig,
-    GossipTiming, Host, Inventory, InventorySource, LibvirtConfig, NodeShape, ParseVlanRangeError,
-    SiteConfig, SiteLink, VlanRange,
+    GossipTiming, Host, InstallerConfig, Inventory, InventorySource, LibvirtConfig, NodeShape,
+    ParseVlanRangeError, SiteConfig, SiteLink, VlanRange,
 };
 
 use checks::RawConfig;

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use multiaddr::Multiaddr;
 
 use super::types::{
-    NODE_MEMORY_MIB_MAX, NODE_MEMORY_MIB_MIN, POOL_NAME_CHARS_MAX, SHUTDOWN_TIMEOUT_S_MAX,
-    SHUTDOWN_TIMEOUT_S_MIN,
+    INSTALLER_ARGS_BYTES_MAX, NODE_MEMORY_MIB_MAX, NODE_MEMORY_MIB_MIN, POOL_NAME_CHARS_MAX,
+    SHUTDOWN_TIMEOUT_S_MAX, SHUTDOWN_TIMEOUT_S_MIN,
 };
 use super::{
     DEFAULT_API_LISTEN, DEFAULT_FEDERATION_LISTEN, DEFAULT_GATEWAY_LISTEN, DEFAULT_LIBVIRT_HOST,
@@ -213,6 +213,27 @@ listen = {gateway_listen}
 # VLAN from the site trunk, with {{vlan}} (exactly once) for the VLAN id; at
 # most 15 bytes with {{vlan}} as 4 digits. Default: "{DEFAULT_LIBVIRT_REMOTE_BRIDGE}".
 # remote_bridge = "{DEFAULT_LIBVIRT_REMOTE_BRIDGE}"
+
+# What the cluster frontend serves to the nodes that network-boot, when this
+# site is a cluster's master. The table and every field in it are optional.
+# [installer]
+# Kernel the frontend serves; an absolute path. For the built-in installer,
+# its modules must be in /lib/modules/<version>, where <version> is what
+# follows "vmlinuz-" in the file name. Default: the newest /boot/vmlinuz-*
+# of this machine.
+# kernel = "/boot/vmlinuz-6.1.0-18-amd64"
+# Initrd of your own installer (a Debian netboot initrd with a preseed, a
+# kickstart, a Rocks-style installer...): the frontend then serves kernel
+# with this initrd and args instead of the built-in installer. Needs kernel,
+# the one the initrd was built for; an absolute path. Default: unset (the
+# built-in installer).
+# initrd = "/srv/installer/initrd.gz"
+# Kernel command line of your own installer; only with initrd, one line of
+# at most {INSTALLER_ARGS_BYTES_MAX} bytes. When a node is installed, your installer can
+# report it, so that the node's next boot goes to its disk, with
+#   wget -q -O- "http://<frontend>/cgi-bin/report?mac=<mac with - separators>&state=installed"
+# Default: unset (an empty command line).
+# args = "console=ttyS0 auto=true priority=critical url=http://deploy.example.org/preseed.cfg"
 "#,
         site = toml_string(&p.site),
         data_dir = toml_string(&data_dir),

@@ -1030,15 +1030,20 @@ fn libvirt_keys_are_read() {
     }
 }
 
-#[test]
-fn template_documents_libvirt_and_its_example_parses() {
-    let params = InitParams::new("site-a".to_owned(), PathBuf::from("/var/lib/vcfed"));
-    let text = render_template(&params);
-    // The section is commented out; uncomment its header and `key = value` lines.
+/// `text` with the commented-out section that starts at the line `# [table]` uncommented:
+/// its header and its `key = value` lines, up to the blank line that ends it. Also returns
+/// the keys in the order they appear, each checked to have a comment above it.
+fn uncomment_section(text: &str, table: &str) -> (String, Vec<String>) {
+    let header = format!("# [{table}]");
     let start = text
         .lines()
-        .position(|line| line == "# [libvirt]")
-        .expect("the template has a [libvirt] section");
+        .position(|line| line == header)
+        .unwrap_or_else(|| panic!("the template has a [{table}] section"));
+    let end = text
+        .lines()
+        .enumerate()
+        .position(|(i, line)| i > start && line.is_empty())
+        .unwrap_or(usize::MAX);
     let mut keys = Vec::new();
     let lines: Vec<String> = text
         .lines()
@@ -1048,7 +1053,7 @@ fn template_documents_libvirt_and_its_example_parses() {
             let is_key = uncommented
                 .split_once(" = ")
                 .is_some_and(|(key, _)| key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'));
-            if i == start || (i > start && is_key) {
+            if i == start || (start < i && i < end && is_key) {
                 if is_key {
                     let key = uncommented.split(' ').next().expect("a key");
                     keys.push(key.to_owned());
@@ -1061,6 +1066,14 @@ fn template_documents_libvirt_and_its_example_parses() {
             }
         })
         .collect();
+    (lines.join("\n"), keys)
+}
+
+#[test]
+fn template_documents_libvirt_and_its_example_parses() {
+    let params = InitParams::new("site-a".to_owned(), PathBuf::from("/var/lib/vcfed"));
+    // The section is commented out; uncomment its header and `key = value` lines.
+    let (text, keys) = uncomment_section(&render_template(&params), "libvirt");
     assert_eq!(
         keys,
         [
@@ -1078,7 +1091,6 @@ fn template_documents_libvirt_and_its_example_parses() {
         "every key of [libvirt] is documented, in the struct's order"
     );
 
-    let text = lines.join("\n");
     let config = parse(&text).unwrap_or_else(|e| panic!("{e}\n---\n{text}"));
     // The keys with a default show it; the others show an example.
     let defaults = LibvirtConfig::new(&params.data_dir);
@@ -1365,4 +1377,251 @@ fn changed_libvirt_fields_need_a_restart() {
             "libvirt.memory_mib",
         ]
     );
+}
+
+/// `minimal` with an `[installer]` table holding `lines`, which start on line 12.
+fn with_installer(lines: &str) -> String {
+    minimal(&format!("[installer]\n{lines}\n"))
+}
+
+#[test]
+fn installer_table_absent_gets_defaults() {
+    let config = parse(&minimal("")).expect("valid");
+    assert_eq!(
+        config.installer,
+        InstallerConfig {
+            kernel: None,
+            initrd: None,
+            args: None,
+        }
+    );
+    assert_eq!(config.installer, InstallerConfig::default());
+    // An empty table means the same as none.
+    assert_eq!(
+        parse(&with_installer("")).expect("valid").installer,
+        InstallerConfig::default()
+    );
+}
+
+#[test]
+fn installer_keys_are_read() {
+    let text = with_installer(
+        "kernel = \"/srv/installer/linux\"\n\
+         initrd = \"/srv/installer/initrd.gz\"\n\
+         args = \"console=ttyS0 auto=true priority=critical url=http://deploy.example.org/p.cfg\"",
+    );
+    let config = parse(&text).unwrap_or_else(|e| panic!("{e}\n---\n{text}"));
+    assert_eq!(
+        config.installer,
+        InstallerConfig {
+            kernel: Some(PathBuf::from("/srv/installer/linux")),
+            initrd: Some(PathBuf::from("/srv/installer/initrd.gz")),
+            args: Some(
+                "console=ttyS0 auto=true priority=critical url=http://deploy.example.org/p.cfg"
+                    .to_owned()
+            ),
+        }
+    );
+
+    // A kernel alone is for the built-in installer; existence is checked by whoever serves it.
+    let config = parse(&with_installer(
+        "kernel = \"/nonexistent/boot/vmlinuz-6.1.0-18-amd64\"",
+    ))
+    .expect("not checked for existence");
+    assert_eq!(
+        config.installer,
+        InstallerConfig {
+            kernel: Some(PathBuf::from("/nonexistent/boot/vmlinuz-6.1.0-18-amd64")),
+            ..InstallerConfig::default()
+        }
+    );
+
+    // An own installer without arguments, and arguments of exactly the longest length.
+    let config =
+        parse(&with_installer("kernel = \"/k\"\ninitrd = \"/i\"")).expect("args are optional");
+    assert_eq!(config.installer.args, None);
+    let longest = "a".repeat(1024);
+    let config = parse(&with_installer(&format!(
+        "kernel = \"/k\"\ninitrd = \"/i\"\nargs = {longest:?}"
+    )))
+    .expect("1024 bytes fit");
+    assert_eq!(config.installer.args, Some(longest));
+}
+
+#[test]
+fn template_documents_installer_and_its_example_parses() {
+    let params = InitParams::new("site-a".to_owned(), PathBuf::from("/var/lib/vcfed"));
+    let template = render_template(&params);
+    for needle in [
+        "/boot/vmlinuz-*",
+        "/lib/modules/<version>",
+        "wget -q -O- \"http://<frontend>/cgi-bin/report?mac=<mac with - separators>&state=installed\"",
+    ] {
+        assert!(template.contains(needle), "the template lacks {needle:?}");
+    }
+    let (text, keys) = uncomment_section(&template, "installer");
+    assert_eq!(
+        keys,
+        ["kernel", "initrd", "args"],
+        "every key of [installer] is documented, in the struct's order"
+    );
+    let config = parse(&text).unwrap_or_else(|e| panic!("{e}\n---\n{text}"));
+    assert_eq!(
+        config.installer,
+        InstallerConfig {
+            kernel: Some(PathBuf::from("/boot/vmlinuz-6.1.0-18-amd64")),
+            initrd: Some(PathBuf::from("/srv/installer/initrd.gz")),
+            args: Some(
+                "console=ttyS0 auto=true priority=critical \
+                 url=http://deploy.example.org/preseed.cfg"
+                    .to_owned()
+            ),
+        }
+    );
+    // Left commented out, it changes nothing.
+    assert_eq!(
+        parse(&template).expect("valid").installer,
+        InstallerConfig::default()
+    );
+}
+
+#[test]
+fn installer_paths_must_be_absolute() {
+    for (lines, line, key) in [
+        ("kernel = \"boot/vmlinuz\"", 12, "kernel"),
+        (
+            "kernel = \"/boot/vmlinuz\"\ninitrd = \"boot/vmlinuz\"",
+            13,
+            "initrd",
+        ),
+    ] {
+        let e = parse_err(&with_installer(lines));
+        assert_error(
+            &e,
+            line,
+            &format!("installer.{key}"),
+            "\"boot/vmlinuz\" is a relative path",
+        );
+        assert_eq!(e.column, Some(10), "{e}");
+        assert!(
+            e.hint
+                .as_deref()
+                .is_some_and(|h| h.contains("[installer]") && h.contains("write an absolute path")),
+            "{e}"
+        );
+    }
+    let e = parse_err(&with_installer("kernel = \"\""));
+    assert_error(&e, 12, "installer.kernel", "path is empty");
+}
+
+#[test]
+fn installer_initrd_needs_a_kernel_and_args_an_initrd() {
+    let e = parse_err(&with_installer("initrd = \"/srv/installer/initrd.gz\""));
+    assert_error(
+        &e,
+        12,
+        "installer.initrd",
+        "an own installer needs its kernel too: set installer.kernel",
+    );
+    assert!(
+        e.hint.as_deref().is_some_and(|h| h.contains("kernel = ")),
+        "{e}"
+    );
+
+    for lines in [
+        "args = \"auto=true\"",
+        "kernel = \"/boot/vmlinuz-6.1.0-18-amd64\"\nargs = \"auto=true\"",
+    ] {
+        let e = parse_err(&with_installer(lines));
+        let line = 11 + lines.lines().count();
+        assert_error(&e, line, "installer.args", "installer.initrd is not set");
+        assert!(
+            e.hint
+                .as_deref()
+                .is_some_and(|h| h.contains("set installer.initrd")),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn installer_args_are_one_bounded_line() {
+    let own = "kernel = \"/k\"\ninitrd = \"/i\"\n";
+    let e = parse_err(&with_installer(&format!(
+        "{own}args = {:?}",
+        "a".repeat(1025)
+    )));
+    assert_error(
+        &e,
+        14,
+        "installer.args",
+        "the command line is 1025 bytes long, more than 1024",
+    );
+    assert!(
+        e.hint.as_deref().is_some_and(|h| h.contains("preseed")),
+        "{e}"
+    );
+
+    for (args, shown) in [
+        ("auto=true\npriority=critical", "'\\n'"),
+        ("auto=true\tpriority=critical", "'\\t'"),
+        ("auto=true\r", "'\\r'"),
+    ] {
+        let e = parse_err(&with_installer(&format!("{own}args = {args:?}")));
+        assert_error(
+            &e,
+            14,
+            "installer.args",
+            &format!("the command line contains the control character {shown}"),
+        );
+        assert!(
+            e.hint
+                .as_deref()
+                .is_some_and(|h| h.contains("without newlines or tabs")),
+            "{e}"
+        );
+    }
+    // A TOML multi-line string is located where it starts.
+    let e = parse_err(&with_installer(&format!(
+        "{own}args = \"\"\"\nauto=true\npriority=critical\"\"\""
+    )));
+    assert_error(&e, 14, "installer.args", "control character '\\n'");
+}
+
+#[test]
+fn installer_unknown_keys_are_refused() {
+    let e = parse_err(&with_installer("kernal = \"/boot/vmlinuz\""));
+    assert_error(&e, 12, "installer.kernal", "unknown field `kernal`");
+    assert_eq!(
+        e.hint.as_deref(),
+        Some("did you mean `kernel`? the [installer] table accepts `kernel`, `initrd`, `args`")
+    );
+
+    let e = parse_err(&with_installer("kernel = 1"));
+    assert_error(&e, 12, "installer.kernel", "expected a string");
+    assert_eq!(
+        e.hint.as_deref(),
+        Some("write it like `kernel = \"/boot/vmlinuz-6.1.0-18-amd64\"`")
+    );
+}
+
+#[test]
+fn changed_installer_fields_need_a_restart() {
+    let running = parse(&minimal("")).unwrap();
+    let edited = parse(&with_installer("kernel = \"/boot/vmlinuz-6.1.0-18-amd64\"")).unwrap();
+    assert_eq!(running.changed_fields(&edited), ["installer.kernel"]);
+
+    let running = parse(&with_installer(
+        "kernel = \"/k\"\ninitrd = \"/i\"\nargs = \"auto=true\"",
+    ))
+    .unwrap();
+    let edited = parse(&with_installer(
+        "kernel = \"/k\"\ninitrd = \"/j\"\nargs = \"auto=false\"",
+    ))
+    .unwrap();
+    assert_eq!(
+        running.changed_fields(&edited),
+        ["installer.initrd", "installer.args"]
+    );
+    assert!(running.changed_fields(&running.clone()).is_empty());
 }

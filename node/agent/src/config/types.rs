@@ -32,6 +32,9 @@ pub(super) const NODE_MEMORY_MIB_MIN: u64 = 64;
 pub(super) const NODE_MEMORY_MIB_MAX: u64 = 1 << 20;
 /// The placeholder in `libvirt.remote_bridge` that stands for a cluster's VLAN id.
 pub(super) const VLAN_PLACEHOLDER: &str = "{vlan}";
+/// Longest accepted `installer.args`, in bytes: boot loaders and PXE firmware truncate or
+/// refuse longer command lines, and a long one belongs in the installer's own files.
+pub(super) const INSTALLER_ARGS_BYTES_MAX: usize = 1024;
 
 /// A loaded and checked site configuration.
 ///
@@ -56,6 +59,9 @@ pub struct Config {
     /// `[libvirt]`: where the `libvirt` driver runs node VMs; the defaults when the table is
     /// absent, and checked whatever the driver.
     pub libvirt: LibvirtConfig,
+    /// `[installer]`: what the cluster frontend serves to the nodes that network-boot, when
+    /// this site is a cluster's master; the defaults when the table is absent.
+    pub installer: InstallerConfig,
 }
 
 /// The `[site]` table.
@@ -277,6 +283,29 @@ pub struct LibvirtConfig {
     pub remote_bridge: String,
 }
 
+/// The `[installer]` table: the kernel, and optionally an operator's own installer, that the
+/// frontend of a cluster (at its master site) serves to the nodes that network-boot.
+///
+/// Every field is optional; [`InstallerConfig::default`] is what an absent table means. A
+/// loaded config guarantees that `initrd` is set only with `kernel`, and `args` only with
+/// `initrd`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct InstallerConfig {
+    /// Absolute path of the kernel the frontend serves; `None`: the newest `/boot/vmlinuz-*`
+    /// of the master's machine. The built-in installer needs the kernel's modules in
+    /// `/lib/modules/<version>`, where `<version>` is what follows `vmlinuz-` in the file
+    /// name. Whether the file exists is checked by whoever serves it, not here.
+    pub kernel: Option<PathBuf>,
+    /// Absolute path of an operator's own installer initrd (a Debian netboot initrd with a
+    /// preseed, a kickstart, a Rocks-style installer...); when set, the frontend serves
+    /// `kernel` with this initrd and `args` instead of the built-in installer. Set only
+    /// together with `kernel`.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line of the operator's installer: set only together with `initrd`, at
+    /// most 1024 bytes, without control characters.
+    pub args: Option<String>,
+}
+
 /// `libvirt.accel`: what runs the node VMs' CPUs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Accel {
@@ -396,8 +425,15 @@ impl Config {
                     memory_mib,
                     remote_bridge,
                 },
+            installer:
+                InstallerConfig {
+                    kernel,
+                    initrd,
+                    args,
+                },
         } = self;
         let (f, g, l) = (&other.federation, &other.federation.gossip, &other.libvirt);
+        let i = &other.installer;
         let fields = [
             ("site.name", *name == other.site.name),
             ("site.data_dir", *data_dir == other.site.data_dir),
@@ -438,6 +474,9 @@ impl Config {
             ),
             ("libvirt.memory_mib", *memory_mib == l.memory_mib),
             ("libvirt.remote_bridge", *remote_bridge == l.remote_bridge),
+            ("installer.kernel", *kernel == i.kernel),
+            ("installer.initrd", *initrd == i.initrd),
+            ("installer.args", *args == i.args),
         ];
         fields
             .into_iter()
