@@ -33,7 +33,7 @@ use vcfed_node_core::runner::{self as core, DataPlane, Segment};
 
 pub(crate) use crate::api_types::{NetworkView, TunnelView};
 use crate::config::{Config, DriverKind, SiteLink};
-use crate::driver::installer::InstallerSource;
+use crate::driver::installer::Installer;
 use crate::driver::libvirt::{Accel, LibvirtDriver, LibvirtSettings};
 use crate::driver::netns::NetnsDriver;
 use crate::federation::FederationHandle;
@@ -211,7 +211,12 @@ impl DriverChoice {
                 NetnsDriver::new(config.site.data_dir.join("nodes"), &config.site.name, None);
             // Frontends serve the network installer to VMs when this
             // machine has what it is built from.
-            match InstallerSource::find(None) {
+            let own = &config.installer;
+            match Installer::from_config(
+                own.kernel.as_deref(),
+                own.initrd.as_deref(),
+                own.args.as_deref(),
+            ) {
                 Ok(installer) => driver.with_installer(installer),
                 Err(why) => {
                     tracing::info!(%why, "frontends serve no network installer; VMs fetch the install file only");

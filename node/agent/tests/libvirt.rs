@@ -965,3 +965,107 @@ fn a_full_pool_fails_the_node_and_leaves_nothing() {
         .collect();
     assert_eq!(files, vec!["filler"], "no partial volume left");
 }
+
+/// An operator's own installer: the frontend serves its kernel and initrd
+/// with its command line (`{frontend}` replaced by the frontend's address)
+/// to a VM that network-boots, instead of the built-in installer.
+#[test]
+fn an_own_installer_is_what_the_frontend_boots_nodes_into() {
+    if !environment_ready() {
+        return;
+    }
+    let Some(kernel) = std::fs::read_dir("/boot").ok().and_then(|entries| {
+        entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .find(|p| p.display().to_string().contains("vmlinuz-"))
+    }) else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "no kernel in /boot in CI"
+        );
+        eprintln!("skipping: no kernel in /boot");
+        return;
+    };
+    let pid = std::process::id();
+    let (dir, data_dir, ledger) = site_dir();
+    // The "installer": busybox and an init that says what it was given.
+    let stage = dir.path().join("own");
+    std::fs::create_dir_all(stage.join("bin")).unwrap();
+    for d in ["proc", "dev"] {
+        std::fs::create_dir_all(stage.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", stage.join("bin/busybox")).unwrap();
+    std::fs::write(
+        stage.join("init"),
+        "#!/bin/busybox sh\n/bin/busybox mount -t proc proc /proc\n\
+         echo \"VCFED-NODE own-installer $(/bin/busybox cat /proc/cmdline)\"\n\
+         while true; do /bin/busybox sleep 3600; done\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(stage.join("init"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let initrd = dir.path().join("own.img");
+    let packed = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cd {} && find . | busybox cpio -o -H newc > {}",
+            stage.display(),
+            initrd.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(packed.success());
+
+    let bridge = TestBridge::new("vlo");
+    let own = vcfed::driver::installer::Installer::from_config(
+        Some(&kernel),
+        Some(&initrd),
+        Some("console=ttyS0 quiet own.frontend={frontend}"),
+    )
+    .unwrap();
+    let mut lv = settings(&data_dir);
+    lv.site = format!("lvo-{pid}");
+    lv.memory_mib = Some(256);
+    lv.boot_timeout = Duration::from_secs(180);
+    let site = lv.site.clone();
+    let _cleanup = SiteVms(site.clone());
+    let mut driver = LibvirtDriver::new(
+        lv,
+        ledger,
+        NetnsDriver::new(data_dir.join("nodes"), &site, None).with_installer(own),
+    )
+    .unwrap();
+    let cluster = format!("c-own-{pid}");
+    let spec = |index: u32| NodeSpec {
+        cluster: cluster.clone(),
+        index,
+        frontend: index == 0,
+        bridge: bridge.0.clone(),
+        subnet: Ipv4Addr::new(198, 19, 249, 0),
+        mac: node_mac(&cluster, index),
+        vlan: 105,
+        shape: None,
+    };
+    driver.start_node(&spec(0)).unwrap();
+    driver.start_node(&spec(1)).unwrap();
+    let domain = domains(&site).keys().next().unwrap().clone();
+    let console = data_dir.join("consoles").join(format!("{domain}.log"));
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !read(&console).contains("own-installer") {
+        assert!(
+            Instant::now() < deadline,
+            "the own installer did not run: {}",
+            read(&console)
+        );
+        let _ = driver.poll(&cluster);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let text = read(&console);
+    assert!(
+        text.contains("own.frontend=198.19.249.1"),
+        "its command line, with the frontend's address: {text}"
+    );
+    driver.stop_cluster(&cluster).unwrap();
+    assert!(domains(&site).is_empty());
+}

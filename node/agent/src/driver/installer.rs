@@ -34,7 +34,80 @@ const MODULES: &[&str] = &[
 /// Where Debian's syslinux puts the MBR boot code.
 const MBR: &str = "/usr/lib/syslinux/mbr/mbr.bin";
 
-/// What the installer is built from.
+/// What a cluster's frontend serves VMs to install them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Installer {
+    /// The built-in installer and node OS, built from this machine.
+    BuiltIn(InstallerSource),
+    /// An operator's own installer (a Debian netboot initrd with a
+    /// preseed, a kickstart, a Rocks-style installer): its kernel, initrd
+    /// and kernel command line, in which `{frontend}` is the frontend's
+    /// address.
+    Own {
+        /// The kernel.
+        kernel: PathBuf,
+        /// The installer's initrd.
+        initrd: PathBuf,
+        /// Its kernel command line.
+        args: String,
+    },
+}
+
+impl Installer {
+    /// The installer the site config asks for: the operator's own with an
+    /// `initrd`, else the built-in one from `kernel` (or the newest in
+    /// `/boot`).
+    pub fn from_config(
+        kernel: Option<&Path>,
+        initrd: Option<&Path>,
+        args: Option<&str>,
+    ) -> Result<Installer, String> {
+        match (kernel, initrd) {
+            (Some(kernel), Some(initrd)) => {
+                for path in [kernel, initrd] {
+                    if !path.is_file() {
+                        return Err(format!("{}: no such file", path.display()));
+                    }
+                }
+                Ok(Installer::Own {
+                    kernel: kernel.to_owned(),
+                    initrd: initrd.to_owned(),
+                    args: args.unwrap_or_default().to_owned(),
+                })
+            }
+            (_, Some(_)) => Err("an own installer needs its kernel too".to_owned()),
+            (kernel, None) => InstallerSource::find(kernel).map(Installer::BuiltIn),
+        }
+    }
+
+    /// Writes what the frontend serves into its web root `dir`: `vmlinuz`
+    /// and `installer.img` (and the built-in installer's `os.img`).
+    /// Returns the bytes a node fetches.
+    pub fn write(&self, dir: &Path) -> Result<u64, String> {
+        match self {
+            Installer::BuiltIn(source) => source.write(dir),
+            Installer::Own { kernel, initrd, .. } => {
+                let mut bytes = 0;
+                for (from, to) in [(kernel, "vmlinuz"), (initrd, "installer.img")] {
+                    bytes += std::fs::copy(from, dir.join(to))
+                        .map_err(|e| format!("{}: {e}", from.display()))?;
+                }
+                Ok(bytes)
+            }
+        }
+    }
+
+    /// The kernel command line of the installer served by the frontend at
+    /// `frontend`.
+    pub fn kernel_args(&self, frontend: std::net::Ipv4Addr) -> String {
+        match self {
+            Installer::BuiltIn(_) => format!("console=ttyS0 quiet vcfed.server={frontend}"),
+            Installer::Own { args, .. } => args.replace("{frontend}", &frontend.to_string()),
+        }
+    }
+}
+
+/// What the built-in installer is built from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InstallerSource {
     /// The kernel.

@@ -18,7 +18,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use super::installer::InstallerSource;
+use super::installer::Installer;
 use super::{ComputeDriver, DriverError, NodeSpec, NodeState, NodeStatus, pxe, short_tag};
 
 /// Prefix of the driver's namespaces.
@@ -50,7 +50,7 @@ pub struct NetnsDriver {
     site_netns: Option<String>,
     /// The network installer frontends serve to VMs, if this machine has
     /// what it is built from.
-    installer: Option<InstallerSource>,
+    installer: Option<Installer>,
     nodes: BTreeMap<String, BTreeMap<u32, RunningNode>>,
 }
 
@@ -78,7 +78,7 @@ impl NetnsDriver {
 
     /// Frontends also serve the built-in network installer (over HTTP,
     /// with busybox httpd) to nodes that boot with iPXE.
-    pub fn with_installer(mut self, installer: InstallerSource) -> NetnsDriver {
+    pub fn with_installer(mut self, installer: Installer) -> NetnsDriver {
         self.installer = Some(installer);
         self
     }
@@ -247,7 +247,8 @@ impl ComputeDriver for NetnsDriver {
                             command: "building the network installer".to_owned(),
                             detail,
                         })?;
-                    write_installer_cgi(&dir, Ipv4Addr::new(a, b, c, 1))?;
+                    let server = Ipv4Addr::new(a, b, c, 1);
+                    write_installer_cgi(&dir, server, &installer.kernel_args(server))?;
                     tracing::info!(cluster = %spec.cluster, bytes, "the frontend serves the network installer");
                 }
             } else {
@@ -459,7 +460,7 @@ fn spawn_http(node: &RunningNode) -> Result<Child, DriverError> {
 /// reported `installed`); `report` records that report. What nodes
 /// reported is the cluster's (`<cluster>/installed`, `<cluster>/reports.log`),
 /// not the frontend's: a frontend started again does not install them again.
-fn write_installer_cgi(dir: &Path, server: Ipv4Addr) -> Result<(), DriverError> {
+fn write_installer_cgi(dir: &Path, server: Ipv4Addr, args: &str) -> Result<(), DriverError> {
     let cgi = dir.join("tftp/cgi-bin");
     let cluster_dir = dir.parent().unwrap_or(dir);
     let state = cluster_dir.join("installed");
@@ -473,7 +474,7 @@ fn write_installer_cgi(dir: &Path, server: Ipv4Addr) -> Result<(), DriverError> 
     // Three tries at fetching the installer (a busy frontend, a lossy
     // tunnel), then the node fails with the reason.
     let fetch = format!(
-        "kernel http://{server}/vmlinuz console=ttyS0 quiet vcfed.server={server} && \
+        "kernel http://{server}/vmlinuz {args} && \
          initrd http://{server}/installer.img && boot ||"
     );
     let installer = format!(
@@ -630,7 +631,13 @@ mod tests {
     fn the_boot_cgi_sends_a_node_to_the_installer_then_to_its_disk() {
         let cluster = tempfile::tempdir().unwrap();
         let frontend = cluster.path().join("0");
-        write_installer_cgi(&frontend, Ipv4Addr::new(198, 19, 9, 1)).unwrap();
+        let server = Ipv4Addr::new(198, 19, 9, 1);
+        write_installer_cgi(
+            &frontend,
+            server,
+            &format!("console=ttyS0 quiet vcfed.server={server}"),
+        )
+        .unwrap();
         let first = cgi(&frontend, "boot", "mac=02-aa-bb-cc-dd-ee");
         assert!(
             first.starts_with("Content-Type: text/plain\r\n\r\n#!ipxe\n"),
