@@ -129,11 +129,17 @@ pub async fn start(
             nodes = site.capacity.nodes,
             "agent ready"
         );
+        // Under systemd (Type=notify): started, and what it serves.
+        notify_service(&[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(&format!("site {}, API on {api_addr}", site.name)),
+        ]);
         let stop_tx = Arc::new(stop_tx);
         let stopper = stop_tx.clone();
         tokio::spawn(async move {
             shutdown.await;
             tracing::info!("shutting down");
+            notify_service(&[sd_notify::NotifyState::Stopping]);
             let _ = stopper.send(true);
         });
         // Likewise if the runner or the gateway fails: the site's clusters
@@ -355,6 +361,7 @@ pub fn reload_on_hangup(
         while hangups.recv().await.is_some() {
             let file = running.path.display();
             tracing::info!(signal = "SIGHUP", %file, "signal received; reloading the configuration");
+            notify_service(&[sd_notify::NotifyState::Reloading]);
             match Config::load(&running.path) {
                 Err(e) => tracing::error!(
                     error = %format!("{e:#}"),
@@ -372,8 +379,18 @@ pub fn reload_on_hangup(
                     }
                 }
             }
+            // Running, with the configuration it started with either way.
+            notify_service(&[sd_notify::NotifyState::Ready]);
         }
     })
+}
+
+/// Tells the service manager (systemd, `Type=notify`) about the agent's
+/// state, if one is listening (`NOTIFY_SOCKET`); a no-op otherwise.
+fn notify_service(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(false, states) {
+        tracing::warn!(error = %e, "cannot notify the service manager");
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).

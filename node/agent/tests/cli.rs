@@ -658,3 +658,90 @@ fn completions_and_the_man_page_cover_every_command() {
         assert!(page.contains(command), "the man page lacks {command}");
     }
 }
+
+/// Under systemd (`Type=notify`): the agent says READY=1 once it serves,
+/// RELOADING=1 then READY=1 around a SIGHUP, and STOPPING=1 on SIGTERM, on
+/// the socket `NOTIFY_SOCKET` names.
+#[test]
+fn the_agent_tells_systemd_when_it_is_ready_reloading_and_stopping() {
+    let site = Site::init("site-a", 2);
+    let socket_path = site.dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let log = std::fs::File::create(site.dir.path().join("agent.log")).unwrap();
+    let child = std::process::Command::new(common::vcfed_bin())
+        .args(["run", "--config", site.config_arg()])
+        .env_remove("VCFED_CONFIG")
+        .env("NOTIFY_SOCKET", &socket_path)
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let mut agent = common::Agent {
+        child: Some(child),
+        log_path: site.dir.path().join("agent.log"),
+    };
+    let next = || {
+        let mut buffer = [0u8; 4096];
+        let n = socket
+            .recv(&mut buffer)
+            .expect("a notification within 30 s");
+        String::from_utf8_lossy(&buffer[..n]).into_owned()
+    };
+    let ready = next();
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready}");
+    assert!(ready.contains("STATUS=site site-a, API on "), "{ready}");
+    // It serves by then.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(common::wait_ready(&site.client()));
+
+    common::signal(agent.pid(), "HUP");
+    assert_eq!(next().trim(), "RELOADING=1");
+    assert_eq!(next().trim(), "READY=1");
+    common::signal(agent.pid(), "TERM");
+    assert_eq!(next().trim(), "STOPPING=1");
+    assert!(agent.wait(Duration::from_secs(30)).success());
+}
+
+/// The systemd unit in the repository is one systemd accepts, with the
+/// binary under test in place of the installed one.
+#[test]
+fn the_systemd_unit_verifies() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/vcfed.service"
+    ))
+    .unwrap();
+    assert!(unit.contains("Type=notify"));
+    assert!(unit.contains("ExecReload=/bin/kill -HUP $MAINPID"));
+    let has_analyze = std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_ok();
+    if !has_analyze {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "systemd-analyze is missing in CI"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vcfed.service");
+    std::fs::write(
+        &path,
+        unit.replace("/usr/local/bin/vcfed", common::vcfed_bin()),
+    )
+    .unwrap();
+    let out = std::process::Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "systemd-analyze verify: {}",
+        stderr(&out)
+    );
+}
