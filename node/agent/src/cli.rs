@@ -379,7 +379,10 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
     }
 }
 
-/// Exit code for an error: 2 for bad usage or config, 1 otherwise.
+/// Exit code for an error: 2 for anything the user typed wrong (usage,
+/// config, or what the agent refused as invalid: a bad request, or a name
+/// or key it does not know), 1 otherwise (the agent unreachable, no
+/// capacity, a conflict with the site's state, a failure).
 pub fn exit_code(e: &anyhow::Error) -> ExitCode {
     let usage = e.chain().any(|cause| {
         cause.is::<ConfigError>()
@@ -387,6 +390,13 @@ pub fn exit_code(e: &anyhow::Error) -> ExitCode {
             || matches!(
                 cause.downcast_ref::<IdentityError>(),
                 Some(IdentityError::Exists { .. })
+            )
+            || matches!(
+                cause.downcast_ref::<crate::client::ClientError>(),
+                Some(crate::client::ClientError::Api { status, .. })
+                    if *status == hyper::StatusCode::BAD_REQUEST
+                        || *status == hyper::StatusCode::NOT_FOUND
+                        || *status == hyper::StatusCode::UNPROCESSABLE_ENTITY
             )
     });
     if usage {
@@ -399,8 +409,12 @@ pub fn exit_code(e: &anyhow::Error) -> ExitCode {
 fn init_logging(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    // Colour only for a person at a terminal, and never with NO_COLOR set.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),

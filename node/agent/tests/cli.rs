@@ -435,9 +435,10 @@ fn keys_and_names_with_a_slash_reach_the_agent_and_empty_ones_are_refused() {
         let released: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(released[0]["state"], "released", "{key}");
     }
-    // A name with a slash reaches the agent's cluster lookup.
+    // A name with a slash reaches the agent's cluster lookup, which does
+    // not know it: the user typed a wrong name, exit 2.
     let out = vcfed(&["cluster", "show", "a/b", "--config", site.config_arg()]);
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(
         stderr(&out).contains(r#"no cluster with id or name "a/b""#),
         "{}",
@@ -744,4 +745,53 @@ fn the_systemd_unit_verifies() {
         "systemd-analyze verify: {}",
         stderr(&out)
     );
+}
+
+/// One exit-code rule: 2 for what the user typed wrong, the agent's own
+/// refusals of a request as invalid included; 1 for what went wrong
+/// otherwise (here: not enough capacity in the federation).
+#[test]
+fn requests_the_agent_refuses_as_invalid_exit_2_and_other_failures_1() {
+    let site = Site::init("site-a", 2);
+    let _agent = site.spawn();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(common::wait_ready(&site.client()));
+    let config = site.config_arg();
+    // Invalid at the agent: a node count of 0.
+    let out = vcfed(&[
+        "cluster",
+        "create",
+        "--config",
+        config,
+        "--name",
+        "x",
+        "--nodes",
+        "0",
+        "--duration",
+        "1h",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("at least 1 node"), "{}", stderr(&out));
+    // Valid, but the federation (this one site) has no room for it.
+    let out = vcfed(&[
+        "cluster",
+        "create",
+        "--config",
+        config,
+        "--name",
+        "x",
+        "--nodes",
+        "50",
+        "--duration",
+        "1h",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("insufficient_capacity"),
+        "{}",
+        stderr(&out)
+    );
+    // Nothing the agent logged to a file (not a terminal) is coloured.
+    let log = std::fs::read_to_string(site.dir.path().join("agent.log")).unwrap();
+    assert!(!log.contains('\u{1b}'), "ANSI escapes in a log file: {log}");
 }
