@@ -730,11 +730,7 @@ fn the_systemd_unit_verifies() {
     }
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("vcfed.service");
-    std::fs::write(
-        &path,
-        unit.replace("/usr/local/bin/vcfed", common::vcfed_bin()),
-    )
-    .unwrap();
+    std::fs::write(&path, unit.replace("/usr/bin/vcfed", common::vcfed_bin())).unwrap();
     let out = std::process::Command::new("systemd-analyze")
         .args(["verify", "--man=no"])
         .arg(&path)
@@ -794,4 +790,28 @@ fn requests_the_agent_refuses_as_invalid_exit_2_and_other_failures_1() {
     // Nothing the agent logged to a file (not a terminal) is coloured.
     let log = std::fs::read_to_string(site.dir.path().join("agent.log")).unwrap();
     assert!(!log.contains('\u{1b}'), "ANSI escapes in a log file: {log}");
+}
+
+/// The manual page and shell completions the Debian package ships
+/// (`node/agent/share/`) are what the binary generates: regenerate them
+/// with `vcfed man > node/agent/share/vcfed.1` and `vcfed completions SHELL`
+/// when the CLI changes.
+#[test]
+fn the_packaged_manual_page_and_completions_are_current() {
+    let share = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("share");
+    for (args, file) in [
+        (&["man"][..], "vcfed.1"),
+        (&["completions", "bash"], "completions/vcfed.bash"),
+        (&["completions", "zsh"], "completions/_vcfed"),
+        (&["completions", "fish"], "completions/vcfed.fish"),
+    ] {
+        let out = vcfed(args);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        let packaged = std::fs::read_to_string(share.join(file)).unwrap();
+        assert!(
+            packaged == String::from_utf8_lossy(&out.stdout),
+            "node/agent/share/{file} is stale: regenerate it with `vcfed {}`",
+            args.join(" ")
+        );
+    }
 }
