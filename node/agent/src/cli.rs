@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use multiaddr::Multiaddr;
 use vcfed_node_core::words::count;
 use vcfed_storage::{NodeShape, Reservation};
@@ -280,7 +280,12 @@ pub struct ListArgs {
 /// Entry point of the binary: parses arguments, sets up logging and the
 /// runtime, runs the command and maps errors to exit codes.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    let json = wants_json(&matches);
     // The demo prints its own story; its agents' logs would drown it.
     let default_level = if matches!(cli.command, Command::Run(_)) {
         "info"
@@ -309,6 +314,10 @@ pub fn main() -> ExitCode {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(e)) => {
             eprintln!("error: {e:#}");
+            if json {
+                // For scripts that read `--json` output: the error too.
+                crate::outln!("{}", error_json(&e));
+            }
             exit_code(&e)
         }
         Err(payload) => match payload.downcast::<StdoutFailed>() {
@@ -377,6 +386,35 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Whether the command line asked for JSON output (`--json` on the
+/// command that runs).
+fn wants_json(matches: &clap::ArgMatches) -> bool {
+    let mut current = matches;
+    while let Some((_, sub)) = current.subcommand() {
+        current = sub;
+    }
+    matches!(current.try_get_one::<bool>("json"), Ok(Some(true)))
+}
+
+/// An error as `--json` output: its message, the exit code, and for an
+/// error the agent answered, its HTTP status and error code.
+pub fn error_json(e: &anyhow::Error) -> serde_json::Value {
+    let exit = if exit_code(e) == ExitCode::from(2) {
+        2
+    } else {
+        1
+    };
+    let mut error = serde_json::json!({ "message": format!("{e:#}"), "exit": exit });
+    if let Some(crate::client::ClientError::Api { status, code, .. }) = e
+        .chain()
+        .find_map(|c| c.downcast_ref::<crate::client::ClientError>())
+    {
+        error["status"] = status.as_u16().into();
+        error["code"] = code.as_str().into();
+    }
+    serde_json::json!({ "error": error })
 }
 
 /// Exit code for an error: 2 for anything the user typed wrong (usage,

@@ -787,6 +787,17 @@ fn requests_the_agent_refuses_as_invalid_exit_2_and_other_failures_1() {
         "{}",
         stderr(&out)
     );
+    // With --json, the error is JSON on stdout too.
+    let out = vcfed(&["cluster", "show", "nope", "--json", "--config", config]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let error: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(error["error"]["status"], 404, "{error}");
+    assert_eq!(error["error"]["code"], "not_found", "{error}");
+    assert_eq!(error["error"]["exit"], 2, "{error}");
+    assert!(
+        error["error"]["message"].as_str().unwrap().contains("nope"),
+        "{error}"
+    );
     // Nothing the agent logged to a file (not a terminal) is coloured.
     let log = std::fs::read_to_string(site.dir.path().join("agent.log")).unwrap();
     assert!(!log.contains('\u{1b}'), "ANSI escapes in a log file: {log}");
@@ -814,4 +825,26 @@ fn the_packaged_manual_page_and_completions_are_current() {
             args.join(" ")
         );
     }
+}
+
+/// With `--json`, an error without an agent's answer is JSON too.
+#[test]
+fn json_errors_are_json() {
+    let site = Site::init("site-a", 2);
+    // No agent runs.
+    let out = vcfed(&["status", "--json", "--config", site.config_arg()]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let error: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    assert_eq!(error["error"]["exit"], 1);
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot reach the vcfed agent"),
+        "{error}"
+    );
+    // Without --json, stdout stays empty.
+    let out = vcfed(&["status", "--config", site.config_arg()]);
+    assert!(out.stdout.is_empty());
 }
