@@ -70,6 +70,9 @@ pub enum Command {
     Cluster(crate::cluster_cli::ClusterCommand),
     /// List the federation's sites as this site sees them.
     Sites(SitesArgs),
+    /// Show the site's event log (all of it, or one cluster's), and with
+    /// --follow as it grows.
+    Events(crate::events_cli::EventsArgs),
     /// Connect the running agent to a federation member.
     Join(JoinArgs),
     /// Federation pre-shared keys (private federations).
@@ -352,6 +355,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
         Command::Capacity(args) => capacity(&args).await,
         Command::Reservation(command) => reservation(command).await,
         Command::Sites(args) => sites(&args).await,
+        Command::Events(args) => crate::events_cli::run(&args).await,
         Command::Cluster(command) => crate::cluster_cli::run(command).await,
         Command::Join(args) => {
             let client = client_for(&args.config)?;

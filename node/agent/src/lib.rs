@@ -29,6 +29,7 @@ mod cluster_cli;
 pub mod config;
 pub mod demo;
 pub mod driver;
+mod events_cli;
 pub mod federation;
 mod gateway;
 mod gateway_config;

@@ -493,10 +493,11 @@ fn a_hold_in_the_past_is_refused() {
         "{}",
         stderr(&out)
     );
-    // Unix ms of 1970 reach the agent, which refuses a window in the past.
+    // Unix ms of 1970 reach the agent, which refuses a window in the past:
+    // what the user typed is wrong, exit 2.
     for start in ["100000", "2020-01-01T00:00:00Z"] {
         let out = hold(start);
-        assert_eq!(out.status.code(), Some(1), "{start}: {}", stderr(&out));
+        assert_eq!(out.status.code(), Some(2), "{start}: {}", stderr(&out));
         assert!(
             stderr(&out).contains("the window starts in the past"),
             "{start}: {}",
@@ -847,4 +848,99 @@ fn json_errors_are_json() {
     // Without --json, stdout stays empty.
     let out = vcfed(&["status", "--config", site.config_arg()]);
     assert!(out.stdout.is_empty());
+}
+
+/// `vcfed events`: the log, one cluster's part of it, and `--follow`.
+#[test]
+fn events_show_the_log_a_clusters_part_of_it_and_follow_it() {
+    let site = Site::init("site-a", 8);
+    let _agent = site.spawn();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(common::wait_ready(&site.client()));
+    let config = site.config_arg();
+    let create = |name: &str| {
+        let out = vcfed(&[
+            "cluster",
+            "create",
+            "--config",
+            config,
+            "--name",
+            name,
+            "--nodes",
+            "1",
+            "--duration",
+            "1h",
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    };
+    create("one");
+    create("two");
+    let id_of = |name: &str| {
+        let out = vcfed(&["cluster", "show", name, "--json", "--config", config]);
+        let detail: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        detail["id"].as_str().unwrap().to_owned()
+    };
+    let (one, two) = (id_of("one"), id_of("two"));
+
+    let events = |args: &[&str]| -> Vec<serde_json::Value> {
+        let mut all = vec!["events", "--json", "--config", config];
+        all.extend_from_slice(args);
+        let out = vcfed(&all);
+        assert!(out.status.success(), "{}", stderr(&out));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let all = events(&[]);
+    let of_one = events(&["--cluster", "one"]);
+    assert!(!of_one.is_empty() && of_one.len() < all.len(), "{of_one:?}");
+    let about = |e: &serde_json::Value, id: &str| {
+        let subject = e["subject"].as_str().unwrap();
+        subject == id || subject.starts_with(&format!("{id}/")) || e["detail"]["cluster"] == id
+    };
+    assert!(of_one.iter().all(|e| about(e, &one)), "{of_one:?}");
+    assert!(all.iter().any(|e| about(e, &two)));
+    assert_eq!(events(&["--last", "1"]).len(), 1);
+    // A cluster it does not know: exit 2.
+    let out = vcfed(&["events", "--cluster", "nope", "--config", config]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+
+    // --follow prints what happens next.
+    let mut follow = std::process::Command::new(common::vcfed_bin())
+        .args([
+            "events", "--follow", "--json", "--last", "0", "--config", config,
+        ])
+        .env_remove("VCFED_CONFIG")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = follow.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    create("three");
+    let three = id_of("three");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut seen = false;
+    while !seen && std::time::Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(500)) {
+            let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+            seen = about(&event, &three);
+        }
+    }
+    common::signal(follow.id(), "TERM");
+    let status = follow.wait().unwrap();
+    assert!(seen, "no event of the new cluster while following");
+    assert!(status.success(), "{status}");
 }

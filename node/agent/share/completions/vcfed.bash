@@ -28,6 +28,9 @@ _vcfed() {
             vcfed,demo)
                 cmd="vcfed__subcmd__demo"
                 ;;
+            vcfed,events)
+                cmd="vcfed__subcmd__events"
+                ;;
             vcfed,gateway)
                 cmd="vcfed__subcmd__gateway"
                 ;;
@@ -120,6 +123,9 @@ _vcfed() {
                 ;;
             vcfed__subcmd__help,demo)
                 cmd="vcfed__subcmd__help__subcmd__demo"
+                ;;
+            vcfed__subcmd__help,events)
+                cmd="vcfed__subcmd__help__subcmd__events"
                 ;;
             vcfed__subcmd__help,gateway)
                 cmd="vcfed__subcmd__help__subcmd__gateway"
@@ -236,7 +242,7 @@ _vcfed() {
 
     case "${cmd}" in
         vcfed)
-            opts="-h -V --log-format --help --version init run status capacity reservation cluster sites join psk demo gateway simnet completions man help"
+            opts="-h -V --log-format --help --version init run status capacity reservation cluster sites events join psk demo gateway simnet completions man help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -589,6 +595,40 @@ _vcfed() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        vcfed__subcmd__events)
+            opts="-c -f -h -V --config --cluster --follow --last --json --log-format --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -c)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --cluster)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --last)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --log-format)
+                    COMPREPLY=($(compgen -W "text json" -- "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         vcfed__subcmd__gateway)
             opts="-c -h -V --config --log-format --help --version genkey pubkey help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
@@ -716,7 +756,7 @@ _vcfed() {
             return 0
             ;;
         vcfed__subcmd__help)
-            opts="init run status capacity reservation cluster sites join psk demo gateway simnet completions man help"
+            opts="init run status capacity reservation cluster sites events join psk demo gateway simnet completions man help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -828,6 +868,20 @@ _vcfed() {
             return 0
             ;;
         vcfed__subcmd__help__subcmd__demo)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        vcfed__subcmd__help__subcmd__events)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
