@@ -36,6 +36,18 @@ pub struct Cli {
     /// `run`, warn otherwise).
     #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "VCFED_LOG_FORMAT", global = true)]
     pub log_format: LogFormat,
+    /// The site's config file (written by `vcfed init`), before or after
+    /// the subcommand; for `vcfed init`, where to write it [default:
+    /// DATA_DIR/vcfed.toml]; for `vcfed gateway`, the gateway's config
+    /// (or VCFED_GATEWAY_CONFIG).
+    #[arg(
+        long,
+        short = 'c',
+        env = "VCFED_CONFIG",
+        global = true,
+        value_name = "FILE"
+    )]
+    pub config: Option<PathBuf>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -98,13 +110,17 @@ pub enum Command {
     Man,
 }
 
-/// Where the site's config is.
-#[derive(Debug, Clone, Args)]
+/// Where the site's config is: given to a command in code, or else the
+/// global `-c/--config` (or VCFED_CONFIG) of the command line.
+#[derive(Debug, Clone, Default, Args)]
 pub struct ConfigArg {
-    /// The site's config file (written by `vcfed init`).
-    #[arg(long, short = 'c', env = "VCFED_CONFIG")]
+    /// The site's config file.
+    #[arg(skip)]
     pub config: Option<PathBuf>,
 }
+
+/// The global `-c/--config` (or VCFED_CONFIG), set once by [`main`].
+static CONFIG_FILE: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
 
 /// Arguments of `vcfed init`.
 #[derive(Debug, Args)]
@@ -115,8 +131,9 @@ pub struct InitArgs {
     /// Directory for the site's keys and ledger (created, mode 0700).
     #[arg(long, env = "VCFED_DATA_DIR")]
     pub data_dir: PathBuf,
-    /// Where to write the config [default: DATA_DIR/vcfed.toml].
-    #[arg(long, short = 'c')]
+    /// Where to write the config: the global `-c/--config` given on the
+    /// command line [default: DATA_DIR/vcfed.toml].
+    #[arg(skip)]
     pub config: Option<PathBuf>,
     /// Replace an existing config and keys (the site gets a new identity).
     #[arg(long)]
@@ -289,6 +306,23 @@ pub fn main() -> ExitCode {
         Err(e) => e.exit(),
     };
     let json = wants_json(&matches);
+    let mut cli = cli;
+    let typed = matches!(
+        matches.value_source("config"),
+        Some(clap::parser::ValueSource::CommandLine)
+    );
+    let typed = typed.then(|| cli.config.clone()).flatten();
+    // `init` writes where it is told, never where VCFED_CONFIG points; the
+    // gateway has a config of its own, and its own variable.
+    match &mut cli.command {
+        Command::Init(args) => args.config = typed,
+        Command::Gateway(args) => {
+            args.config =
+                typed.or_else(|| std::env::var_os("VCFED_GATEWAY_CONFIG").map(PathBuf::from));
+        }
+        _ => {}
+    }
+    let _ = CONFIG_FILE.set(cli.config.clone());
     // The demo prints its own story; its agents' logs would drown it.
     let default_level = if matches!(cli.command, Command::Run(_)) {
         "info"
@@ -466,7 +500,8 @@ fn init_logging(format: LogFormat, default_level: &str) {
 
 /// Loads the config named by `--config` / `VCFED_CONFIG`.
 pub fn load_config(arg: &ConfigArg) -> anyhow::Result<Config> {
-    let Some(path) = &arg.config else {
+    let global = CONFIG_FILE.get().and_then(Option::as_ref);
+    let Some(path) = arg.config.as_ref().or(global) else {
         return Err(UsageError(
             "no config file: pass --config FILE or set VCFED_CONFIG (`vcfed init` writes DATA_DIR/vcfed.toml)".to_owned(),
         )

@@ -22,7 +22,9 @@ pub struct GatewayArgs {
     /// The gateway's config file: key file, listen address, peers, segments.
     /// Runs the gateway until SIGTERM or Ctrl-C (needs root or
     /// CAP_NET_ADMIN).
-    #[arg(long, short = 'c', env = "VCFED_GATEWAY_CONFIG")]
+    /// (The global `-c/--config` given on the command line, or
+    /// VCFED_GATEWAY_CONFIG.)
+    #[arg(skip)]
     pub config: Option<PathBuf>,
     /// Key helpers.
     #[command(subcommand)]

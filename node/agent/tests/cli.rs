@@ -944,3 +944,42 @@ fn events_show_the_log_a_clusters_part_of_it_and_follow_it() {
     assert!(seen, "no event of the new cluster while following");
     assert!(status.success(), "{status}");
 }
+
+/// `-c/--config` goes before or after the subcommand, and VCFED_CONFIG
+/// stands in for it; `init -c` writes where it is told.
+#[test]
+fn the_config_flag_is_global() {
+    let site = Site::init("site-a", 2);
+    let _agent = site.spawn();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(common::wait_ready(&site.client()));
+    for args in [
+        vec!["-c", site.config_arg(), "status"],
+        vec!["--config", site.config_arg(), "cluster", "list"],
+        vec!["status", "-c", site.config_arg()],
+    ] {
+        let out = vcfed(&args);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+    }
+    let out = std::process::Command::new(common::vcfed_bin())
+        .arg("status")
+        .env("VCFED_CONFIG", site.config_arg())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let dir = tempfile::tempdir().unwrap();
+    let elsewhere = dir.path().join("elsewhere.toml");
+    let out = vcfed(&[
+        "-c",
+        elsewhere.to_str().unwrap(),
+        "init",
+        "--site",
+        "site-b",
+        "--data-dir",
+        dir.path().join("data").to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(elsewhere.exists());
+    assert!(!dir.path().join("data/vcfed.toml").exists());
+}

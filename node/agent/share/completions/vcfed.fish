@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_vcfed_global_optspecs
-    string join \n log-format= h/help V/version
+    string join \n log-format= c/config= h/help V/version
 end
 
 function __fish_vcfed_needs_command
@@ -26,6 +26,7 @@ end
 
 complete -c vcfed -n "__fish_vcfed_needs_command" -l log-format -d 'Log format on stderr. RUST_LOG sets the level (default: info for `run`, warn otherwise)' -r -f -a "text\t'Human-readable lines'
 json\t'One JSON object per line'"
+complete -c vcfed -n "__fish_vcfed_needs_command" -s c -l config -d 'The site\'s config file (written by `vcfed init`), before or after the subcommand; for `vcfed init`, where to write it [default: DATA_DIR/vcfed.toml]; for `vcfed gateway`, the gateway\'s config (or VCFED_GATEWAY_CONFIG)' -r -F
 complete -c vcfed -n "__fish_vcfed_needs_command" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c vcfed -n "__fish_vcfed_needs_command" -s V -l version -d 'Print version'
 complete -c vcfed -n "__fish_vcfed_needs_command" -f -a "init" -d 'Create a site: write a commented config and generate the site\'s keys and API token'
@@ -46,7 +47,6 @@ complete -c vcfed -n "__fish_vcfed_needs_command" -f -a "man" -d 'Print the manu
 complete -c vcfed -n "__fish_vcfed_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c vcfed -n "__fish_vcfed_using_subcommand init" -l site -d 'Site name: lowercase letters, digits and \'-\', at most 63' -r
 complete -c vcfed -n "__fish_vcfed_using_subcommand init" -l data-dir -d 'Directory for the site\'s keys and ledger (created, mode 0700)' -r -F
-complete -c vcfed -n "__fish_vcfed_using_subcommand init" -s c -l config -d 'Where to write the config [default: DATA_DIR/vcfed.toml]' -r -F
 complete -c vcfed -n "__fish_vcfed_using_subcommand init" -l api-listen -d 'Address of the local HTTP API' -r
 complete -c vcfed -n "__fish_vcfed_using_subcommand init" -l listen -d 'Federation listen address (repeatable)' -r
 complete -c vcfed -n "__fish_vcfed_using_subcommand init" -l gateway-listen -d 'UDP address of the gateway\'s data plane' -r
@@ -58,30 +58,32 @@ complete -c vcfed -n "__fish_vcfed_using_subcommand init" -l node-disk-gib -d 'D
 complete -c vcfed -n "__fish_vcfed_using_subcommand init" -l vlans -d 'VLAN ids this site may give to clusters' -r
 complete -c vcfed -n "__fish_vcfed_using_subcommand init" -l log-format -d 'Log format on stderr. RUST_LOG sets the level (default: info for `run`, warn otherwise)' -r -f -a "text\t'Human-readable lines'
 json\t'One JSON object per line'"
+complete -c vcfed -n "__fish_vcfed_using_subcommand init" -s c -l config -d 'The site\'s config file (written by `vcfed init`), before or after the subcommand; for `vcfed init`, where to write it [default: DATA_DIR/vcfed.toml]; for `vcfed gateway`, the gateway\'s config (or VCFED_GATEWAY_CONFIG)' -r -F
 complete -c vcfed -n "__fish_vcfed_using_subcommand init" -l force -d 'Replace an existing config and keys (the site gets a new identity)'
 complete -c vcfed -n "__fish_vcfed_using_subcommand init" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c vcfed -n "__fish_vcfed_using_subcommand init" -s V -l version -d 'Print version'
-complete -c vcfed -n "__fish_vcfed_using_subcommand run" -s c -l config -d 'The site\'s config file (written by `vcfed init`)' -r -F
 complete -c vcfed -n "__fish_vcfed_using_subcommand run" -l log-format -d 'Log format on stderr. RUST_LOG sets the level (default: info for `run`, warn otherwise)' -r -f -a "text\t'Human-readable lines'
 json\t'One JSON object per line'"
+complete -c vcfed -n "__fish_vcfed_using_subcommand run" -s c -l config -d 'The site\'s config file (written by `vcfed init`), before or after the subcommand; for `vcfed init`, where to write it [default: DATA_DIR/vcfed.toml]; for `vcfed gateway`, the gateway\'s config (or VCFED_GATEWAY_CONFIG)' -r -F
 complete -c vcfed -n "__fish_vcfed_using_subcommand run" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c vcfed -n "__fish_vcfed_using_subcommand run" -s V -l version -d 'Print version'
-complete -c vcfed -n "__fish_vcfed_using_subcommand status" -s c -l config -d 'The site\'s config file (written by `vcfed init`)' -r -F
 complete -c vcfed -n "__fish_vcfed_using_subcommand status" -l log-format -d 'Log format on stderr. RUST_LOG sets the level (default: info for `run`, warn otherwise)' -r -f -a "text\t'Human-readable lines'
 json\t'One JSON object per line'"
+complete -c vcfed -n "__fish_vcfed_using_subcommand status" -s c -l config -d 'The site\'s config file (written by `vcfed init`), before or after the subcommand; for `vcfed init`, where to write it [default: DATA_DIR/vcfed.toml]; for `vcfed gateway`, the gateway\'s config (or VCFED_GATEWAY_CONFIG)' -r -F
 complete -c vcfed -n "__fish_vcfed_using_subcommand status" -l json -d 'Print JSON instead of text'
 complete -c vcfed -n "__fish_vcfed_using_subcommand status" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c vcfed -n "__fish_vcfed_using_subcommand status" -s V -l version -d 'Print version'
-complete -c vcfed -n "__fish_vcfed_using_subcommand capacity" -s c -l config -d 'The site\'s config file (written by `vcfed init`)' -r -F
 complete -c vcfed -n "__fish_vcfed_using_subcommand capacity" -l from -d 'Window start: `now`, `+2h`, RFC 3339 or unix ms' -r
 complete -c vcfed -n "__fish_vcfed_using_subcommand capacity" -l to -d 'Window end [default: 7 days after --from]' -r
 complete -c vcfed -n "__fish_vcfed_using_subcommand capacity" -l log-format -d 'Log format on stderr. RUST_LOG sets the level (default: info for `run`, warn otherwise)' -r -f -a "text\t'Human-readable lines'
 json\t'One JSON object per line'"
+complete -c vcfed -n "__fish_vcfed_using_subcommand capacity" -s c -l config -d 'The site\'s config file (written by `vcfed init`), before or after the subcommand; for `vcfed init`, where to write it [default: DATA_DIR/vcfed.toml]; for `vcfed gateway`, the gateway\'s config (or VCFED_GATEWAY_CONFIG)' -r -F
 complete -c vcfed -n "__fish_vcfed_using_subcommand capacity" -l json -d 'Print JSON instead of text'
 complete -c vcfed -n "__fish_vcfed_using_subcommand capacity" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c vcfed -n "__fish_vcfed_using_subcommand capacity" -s V -l version -d 'Print version'
 complete -c vcfed -n "__fish_vcfed_using_subcommand reservation; and not __fish_seen_subcommand_from hold commit release list help" -l log-format -d 'Log format on stderr. RUST_LOG sets the level (default: info for `run`, warn otherwise)' -r -f -a "text\t'Human-readable lines'
 json\t'One JSON object per line'"
+complete -c vcfed -n "__fish_vcfed_using_subcommand reservation; and not __fish_seen_subcommand_from hold commit release list help" -s c -l config -d 'The site\'s config file (written by `vcfed init`), before or after the subcommand; for `vcfed init`, where to write it [default: DATA_DIR/vcfed.toml]; for `vcfed gateway`, the gateway\'s config (or VCFED_GATEWAY_CONFIG)' -r -F
 complete -c vcfed -n "__fish_vcfed_using_subcommand reservation; and not __fish_seen_subcommand_from hold commit release list help" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c vcfed -n "__fish_vcfed_using_subcommand reservation; and not __fish_seen_subcommand_from hold commit release list help" -s V -l version -d 'Print version'
 complete -c vcfed -n "__fish_vcfed_using_subcommand reservation; and not __fish_seen_subcommand_from hold commit release list help" -f -a "hold" -d 'Hold nodes for a window; the hold expires after its lease unless committed'
@@ -89,7 +91,6 @@ complete -c vcfed -n "__fish_vcfed_using_subcommand reservation; and not __fish_
 complete -c vcfed -n "__fish_vcfed_using_subcommand reservation; and not __fish_seen_subcommand_from hold commit release list help" -f -a "release" -d 'Release a hold or a commitment'
 complete -c vcfed -n "__fish_vcfed_using_subcommand reservation; and not __fish_seen_subcommand_from hold commit release list help" -f -a "list" -d 'List reservations that take capacity (or all with --all)'
 complete -c vcfed -n "__fish_vcfed_using_subcommand reservation; and not __fish_seen_subcommand_from hold commit release list help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
-complete -c vcfed -n "__fish_vcfed_using_subcommand reservation; and __fish_seen_subcommand_from hold" -s c -l config -d 'The site\'s config file (written by `vcfed init`)' -r -F
 complete -c vcfed -n "__fish_vcfed_using_subcommand reservation; and __fish_seen_subcommand_from hold" -l nodes -d 'Number of nodes' -r
 complete -c vcfed -n "__fish_vcfed_using_subcommand reservation; and __fish_seen_subcommand_from hold" -l start -d 'Window start: `now`, `+2h`, RFC 3339 or unix ms' -r
 complete -c vcfed -n "__fish_vcfed_using_subcommand reservation; and __fish_seen_subcommand_from hold" -l duration -d 'Window length, e.g. 2h' -r
@@ -98,25 +99,26 @@ complete -c vcfed -n "__fish_vcfed_using_subcommand reservation; and __fish_seen
 complete -c vcfed -n "__fish_vcfed_using_subcommand reservation; and __fish_seen_subcommand_from hold" -l cluster -d 'Cluster the nodes are for [default: "local"]' -r
 complete -c vcfed -n "__fish_vcfed_using_subcommand reservation; and __fish_seen_subcommand_from hold" -l log-format -d 'Log format on stderr. RUST_LOG sets the level (default: info for `run`, warn otherwise)' -r -f -a "text\t'Human-readable lines'
 json\t'One JSON object per line'"
+complete -c vcfed -n "__fish_vcfed_using_subcommand reservation; and __fish_seen_subcommand_from hold" -s c -l config -d 'The site\'s config file (written by `vcfed init`), before or after the subcommand; for `vcfed init`, where to write it [default: DATA_DIR/vcfed.toml]; for `vcfed gateway`, the gateway\'s config (or VCFED_GATEWAY_CONFIG)' -r -F
 complete -c vcfed -n "__fish_vcfed_using_subcommand reservation; and __fish_seen_subcommand_from hold" -l commit -d 'Commit at once'
 complete -c vcfed -n "__fish_vcfed_using_subcommand reservation; and __fish_seen_subcommand_from hold" -l json -d 'Print JSON instead of text'
 complete -c vcfed -n "__fish_vcfed_using_subcommand reservation; and __fish_seen_subcommand_from hold" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c vcfed -n "__fish_vcfed_using_subcommand reservation; and __fish_seen_subcommand_from hold" -s V -l version -d 'Print version'
-complete -c vcfed -n "__fish_vcfed_using_subcommand reservation; and __fish_seen_subcommand_from commit" -s c -l config -d 'The site\'s config file (written by `vcfed init`)' -r -F
 complete -c vcfed -n "__fish_vcfed_using_subcommand reservation; and __fish_seen_subcommand_from commit" -l log-format -d 'Log format on stderr. RUST_LOG sets the level (default: info for `run`, warn otherwise)' -r -f -a "text\t'Human-readable lines'
 json\t'One JSON object per line'"
+complete -c vcfed -n "__fish_vcfed_using_subcommand reservation; and __fish_seen_subcommand_from commit" -s c -l config -d 'The site\'s config file (written by `vcfed init`), before or after the subcommand; for `vcfed init`, where to write it [default: DATA_DIR/vcfed.toml]; for `vcfed gateway`, the gateway\'s config (or VCFED_GATEWAY_CONFIG)' -r -F
 complete -c vcfed -n "__fish_vcfed_using_subcommand reservation; and __fish_seen_subcommand_from commit" -l json -d 'Print JSON instead of text'
 complete -c vcfed -n "__fish_vcfed_using_subcommand reservation; and __fish_seen_subcommand_from commit" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c vcfed -n "__fish_vcfed_using_subcommand reservation; and __fish_seen_subcommand_from commit" -s V -l version -d 'Print version'
-complete -c vcfed -n "__fish_vcfed_using_subcommand reservation; and __fish_seen_subcommand_from release" -s c -l config -d 'The site\'s config file (written by `vcfed init`)' -r -F
 complete -c vcfed -n "__fish_vcfed_using_subcommand reservation; and __fish_seen_subcommand_from release" -l log-format -d 'Log format on stderr. RUST_LOG sets the level (default: info for `run`, warn otherwise)' -r -f -a "text\t'Human-readable lines'
 json\t'One JSON object per line'"
+complete -c vcfed -n "__fish_vcfed_using_subcommand reservation; and __fish_seen_subcommand_from release" -s c -l config -d 'The site\'s config file (written by `vcfed init`), before or after the subcommand; for `vcfed init`, where to write it [default: DATA_DIR/vcfed.toml]; for `vcfed gateway`, the gateway\'s config (or VCFED_GATEWAY_CONFIG)' -r -F
 complete -c vcfed -n "__fish_vcfed_using_subcommand reservation; and __fish_seen_subcommand_from release" -l json -d 'Print JSON instead of text'
 complete -c vcfed -n "__fish_vcfed_using_subcommand reservation; and __fish_seen_subcommand_from release" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c vcfed -n "__fish_vcfed_using_subcommand reservation; and __fish_seen_subcommand_from release" -s V -l version -d 'Print version'
-complete -c vcfed -n "__fish_vcfed_using_subcommand reservation; and __fish_seen_subcommand_from list" -s c -l config -d 'The site\'s config file (written by `vcfed init`)' -r -F
 complete -c vcfed -n "__fish_vcfed_using_subcommand reservation; and __fish_seen_subcommand_from list" -l log-format -d 'Log format on stderr. RUST_LOG sets the level (default: info for `run`, warn otherwise)' -r -f -a "text\t'Human-readable lines'
 json\t'One JSON object per line'"
+complete -c vcfed -n "__fish_vcfed_using_subcommand reservation; and __fish_seen_subcommand_from list" -s c -l config -d 'The site\'s config file (written by `vcfed init`), before or after the subcommand; for `vcfed init`, where to write it [default: DATA_DIR/vcfed.toml]; for `vcfed gateway`, the gateway\'s config (or VCFED_GATEWAY_CONFIG)' -r -F
 complete -c vcfed -n "__fish_vcfed_using_subcommand reservation; and __fish_seen_subcommand_from list" -l all -d 'Include released and expired reservations'
 complete -c vcfed -n "__fish_vcfed_using_subcommand reservation; and __fish_seen_subcommand_from list" -l json -d 'Print JSON instead of text'
 complete -c vcfed -n "__fish_vcfed_using_subcommand reservation; and __fish_seen_subcommand_from list" -s h -l help -d 'Print help (see more with \'--help\')'
@@ -128,6 +130,7 @@ complete -c vcfed -n "__fish_vcfed_using_subcommand reservation; and __fish_seen
 complete -c vcfed -n "__fish_vcfed_using_subcommand reservation; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and not __fish_seen_subcommand_from create list show delete help" -l log-format -d 'Log format on stderr. RUST_LOG sets the level (default: info for `run`, warn otherwise)' -r -f -a "text\t'Human-readable lines'
 json\t'One JSON object per line'"
+complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and not __fish_seen_subcommand_from create list show delete help" -s c -l config -d 'The site\'s config file (written by `vcfed init`), before or after the subcommand; for `vcfed init`, where to write it [default: DATA_DIR/vcfed.toml]; for `vcfed gateway`, the gateway\'s config (or VCFED_GATEWAY_CONFIG)' -r -F
 complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and not __fish_seen_subcommand_from create list show delete help" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and not __fish_seen_subcommand_from create list show delete help" -s V -l version -d 'Print version'
 complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and not __fish_seen_subcommand_from create list show delete help" -f -a "create" -d 'Ask this site for a cluster; it becomes the master and borrows nodes from other sites if it has too few'
@@ -135,7 +138,6 @@ complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and not __fish_seen
 complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and not __fish_seen_subcommand_from create list show delete help" -f -a "show" -d 'Show one cluster with its per-site parts'
 complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and not __fish_seen_subcommand_from create list show delete help" -f -a "delete" -d 'Delete a cluster (at its master): releases its nodes at every site'
 complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and not __fish_seen_subcommand_from create list show delete help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
-complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from create" -s c -l config -d 'The site\'s config file (written by `vcfed init`)' -r -F
 complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from create" -l name -d 'Cluster name' -r
 complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from create" -l nodes -d 'Compute nodes (the frontend comes on top, at this site)' -r
 complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from create" -l cores -d 'Cores per node [default: this site\'s node slot]' -r
@@ -146,30 +148,31 @@ complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_sub
 complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from create" -l image -d 'Image the nodes install' -r
 complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from create" -l log-format -d 'Log format on stderr. RUST_LOG sets the level (default: info for `run`, warn otherwise)' -r -f -a "text\t'Human-readable lines'
 json\t'One JSON object per line'"
+complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from create" -s c -l config -d 'The site\'s config file (written by `vcfed init`), before or after the subcommand; for `vcfed init`, where to write it [default: DATA_DIR/vcfed.toml]; for `vcfed gateway`, the gateway\'s config (or VCFED_GATEWAY_CONFIG)' -r -F
 complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from create" -l wait -d 'Wait until the nodes are reserved (or the request failed), showing progress'
 complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from create" -l json -d 'Print JSON instead of text'
 complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from create" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from create" -s V -l version -d 'Print version'
-complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from list" -s c -l config -d 'The site\'s config file (written by `vcfed init`)' -r -F
 complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from list" -l state -d 'List only clusters in these states (repeatable, or a comma list): requested, reserving, reserved, starting, running, stopping, finished, failed' -r
 complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from list" -l log-format -d 'Log format on stderr. RUST_LOG sets the level (default: info for `run`, warn otherwise)' -r -f -a "text\t'Human-readable lines'
 json\t'One JSON object per line'"
+complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from list" -s c -l config -d 'The site\'s config file (written by `vcfed init`), before or after the subcommand; for `vcfed init`, where to write it [default: DATA_DIR/vcfed.toml]; for `vcfed gateway`, the gateway\'s config (or VCFED_GATEWAY_CONFIG)' -r -F
 complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from list" -l all -d 'Also list finished and failed clusters'
 complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from list" -l json -d 'Print JSON instead of text'
 complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from list" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from list" -s V -l version -d 'Print version'
-complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from show" -s c -l config -d 'The site\'s config file (written by `vcfed init`)' -r -F
 complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from show" -l timeout -d 'For delete --wait: how long to wait, e.g. 90s or 10m' -r
 complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from show" -l log-format -d 'Log format on stderr. RUST_LOG sets the level (default: info for `run`, warn otherwise)' -r -f -a "text\t'Human-readable lines'
 json\t'One JSON object per line'"
+complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from show" -s c -l config -d 'The site\'s config file (written by `vcfed init`), before or after the subcommand; for `vcfed init`, where to write it [default: DATA_DIR/vcfed.toml]; for `vcfed gateway`, the gateway\'s config (or VCFED_GATEWAY_CONFIG)' -r -F
 complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from show" -l wait -d 'For delete: wait until every site released its nodes, naming the sites still waited for'
 complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from show" -l json -d 'Print JSON instead of text'
 complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from show" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from show" -s V -l version -d 'Print version'
-complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from delete" -s c -l config -d 'The site\'s config file (written by `vcfed init`)' -r -F
 complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from delete" -l timeout -d 'For delete --wait: how long to wait, e.g. 90s or 10m' -r
 complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from delete" -l log-format -d 'Log format on stderr. RUST_LOG sets the level (default: info for `run`, warn otherwise)' -r -f -a "text\t'Human-readable lines'
 json\t'One JSON object per line'"
+complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from delete" -s c -l config -d 'The site\'s config file (written by `vcfed init`), before or after the subcommand; for `vcfed init`, where to write it [default: DATA_DIR/vcfed.toml]; for `vcfed gateway`, the gateway\'s config (or VCFED_GATEWAY_CONFIG)' -r -F
 complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from delete" -l wait -d 'For delete: wait until every site released its nodes, naming the sites still waited for'
 complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from delete" -l json -d 'Print JSON instead of text'
 complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from delete" -s h -l help -d 'Print help (see more with \'--help\')'
@@ -179,28 +182,29 @@ complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_sub
 complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from help" -f -a "show" -d 'Show one cluster with its per-site parts'
 complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from help" -f -a "delete" -d 'Delete a cluster (at its master): releases its nodes at every site'
 complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
-complete -c vcfed -n "__fish_vcfed_using_subcommand sites" -s c -l config -d 'The site\'s config file (written by `vcfed init`)' -r -F
 complete -c vcfed -n "__fish_vcfed_using_subcommand sites" -l log-format -d 'Log format on stderr. RUST_LOG sets the level (default: info for `run`, warn otherwise)' -r -f -a "text\t'Human-readable lines'
 json\t'One JSON object per line'"
+complete -c vcfed -n "__fish_vcfed_using_subcommand sites" -s c -l config -d 'The site\'s config file (written by `vcfed init`), before or after the subcommand; for `vcfed init`, where to write it [default: DATA_DIR/vcfed.toml]; for `vcfed gateway`, the gateway\'s config (or VCFED_GATEWAY_CONFIG)' -r -F
 complete -c vcfed -n "__fish_vcfed_using_subcommand sites" -l json -d 'Print JSON instead of text'
 complete -c vcfed -n "__fish_vcfed_using_subcommand sites" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c vcfed -n "__fish_vcfed_using_subcommand sites" -s V -l version -d 'Print version'
-complete -c vcfed -n "__fish_vcfed_using_subcommand events" -s c -l config -d 'The site\'s config file (written by `vcfed init`)' -r -F
 complete -c vcfed -n "__fish_vcfed_using_subcommand events" -l cluster -d 'Only the events of this cluster (id or name): its reservations, parts and nodes' -r
 complete -c vcfed -n "__fish_vcfed_using_subcommand events" -l last -d 'Only the last N events before following or exiting' -r
 complete -c vcfed -n "__fish_vcfed_using_subcommand events" -l log-format -d 'Log format on stderr. RUST_LOG sets the level (default: info for `run`, warn otherwise)' -r -f -a "text\t'Human-readable lines'
 json\t'One JSON object per line'"
+complete -c vcfed -n "__fish_vcfed_using_subcommand events" -s c -l config -d 'The site\'s config file (written by `vcfed init`), before or after the subcommand; for `vcfed init`, where to write it [default: DATA_DIR/vcfed.toml]; for `vcfed gateway`, the gateway\'s config (or VCFED_GATEWAY_CONFIG)' -r -F
 complete -c vcfed -n "__fish_vcfed_using_subcommand events" -s f -l follow -d 'Keep printing events as they happen, until Ctrl-C'
 complete -c vcfed -n "__fish_vcfed_using_subcommand events" -l json -d 'One JSON object per line instead of a table'
 complete -c vcfed -n "__fish_vcfed_using_subcommand events" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c vcfed -n "__fish_vcfed_using_subcommand events" -s V -l version -d 'Print version'
-complete -c vcfed -n "__fish_vcfed_using_subcommand join" -s c -l config -d 'The site\'s config file (written by `vcfed init`)' -r -F
 complete -c vcfed -n "__fish_vcfed_using_subcommand join" -l log-format -d 'Log format on stderr. RUST_LOG sets the level (default: info for `run`, warn otherwise)' -r -f -a "text\t'Human-readable lines'
 json\t'One JSON object per line'"
+complete -c vcfed -n "__fish_vcfed_using_subcommand join" -s c -l config -d 'The site\'s config file (written by `vcfed init`), before or after the subcommand; for `vcfed init`, where to write it [default: DATA_DIR/vcfed.toml]; for `vcfed gateway`, the gateway\'s config (or VCFED_GATEWAY_CONFIG)' -r -F
 complete -c vcfed -n "__fish_vcfed_using_subcommand join" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c vcfed -n "__fish_vcfed_using_subcommand join" -s V -l version -d 'Print version'
 complete -c vcfed -n "__fish_vcfed_using_subcommand psk; and not __fish_seen_subcommand_from generate help" -l log-format -d 'Log format on stderr. RUST_LOG sets the level (default: info for `run`, warn otherwise)' -r -f -a "text\t'Human-readable lines'
 json\t'One JSON object per line'"
+complete -c vcfed -n "__fish_vcfed_using_subcommand psk; and not __fish_seen_subcommand_from generate help" -s c -l config -d 'The site\'s config file (written by `vcfed init`), before or after the subcommand; for `vcfed init`, where to write it [default: DATA_DIR/vcfed.toml]; for `vcfed gateway`, the gateway\'s config (or VCFED_GATEWAY_CONFIG)' -r -F
 complete -c vcfed -n "__fish_vcfed_using_subcommand psk; and not __fish_seen_subcommand_from generate help" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c vcfed -n "__fish_vcfed_using_subcommand psk; and not __fish_seen_subcommand_from generate help" -s V -l version -d 'Print version'
 complete -c vcfed -n "__fish_vcfed_using_subcommand psk; and not __fish_seen_subcommand_from generate help" -f -a "generate" -d 'Write a new random pre-shared key (mode 0600). Give the same file to every site of the federation as `federation.psk_file`'
@@ -208,6 +212,7 @@ complete -c vcfed -n "__fish_vcfed_using_subcommand psk; and not __fish_seen_sub
 complete -c vcfed -n "__fish_vcfed_using_subcommand psk; and __fish_seen_subcommand_from generate" -l out -d 'Where to write it' -r -F
 complete -c vcfed -n "__fish_vcfed_using_subcommand psk; and __fish_seen_subcommand_from generate" -l log-format -d 'Log format on stderr. RUST_LOG sets the level (default: info for `run`, warn otherwise)' -r -f -a "text\t'Human-readable lines'
 json\t'One JSON object per line'"
+complete -c vcfed -n "__fish_vcfed_using_subcommand psk; and __fish_seen_subcommand_from generate" -s c -l config -d 'The site\'s config file (written by `vcfed init`), before or after the subcommand; for `vcfed init`, where to write it [default: DATA_DIR/vcfed.toml]; for `vcfed gateway`, the gateway\'s config (or VCFED_GATEWAY_CONFIG)' -r -F
 complete -c vcfed -n "__fish_vcfed_using_subcommand psk; and __fish_seen_subcommand_from generate" -l force -d 'Replace an existing file'
 complete -c vcfed -n "__fish_vcfed_using_subcommand psk; and __fish_seen_subcommand_from generate" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c vcfed -n "__fish_vcfed_using_subcommand psk; and __fish_seen_subcommand_from generate" -s V -l version -d 'Print version'
@@ -220,14 +225,15 @@ complete -c vcfed -n "__fish_vcfed_using_subcommand demo" -l driver -d 'What the
 libvirt\t'libvirt virtual machines (QEMU, software emulation) that network-boot with iPXE; needs a running libvirtd'"
 complete -c vcfed -n "__fish_vcfed_using_subcommand demo" -l log-format -d 'Log format on stderr. RUST_LOG sets the level (default: info for `run`, warn otherwise)' -r -f -a "text\t'Human-readable lines'
 json\t'One JSON object per line'"
+complete -c vcfed -n "__fish_vcfed_using_subcommand demo" -s c -l config -d 'The site\'s config file (written by `vcfed init`), before or after the subcommand; for `vcfed init`, where to write it [default: DATA_DIR/vcfed.toml]; for `vcfed gateway`, the gateway\'s config (or VCFED_GATEWAY_CONFIG)' -r -F
 complete -c vcfed -n "__fish_vcfed_using_subcommand demo" -l keep -d 'Keep the federation (or the site) running after the tour, until Ctrl-C; `vcfed demo --down` removes it from another shell'
 complete -c vcfed -n "__fish_vcfed_using_subcommand demo" -l down -d 'Remove every namespace, link and process a kept (or crashed) demo federation left, and exit'
 complete -c vcfed -n "__fish_vcfed_using_subcommand demo" -l local -d 'Tour one site only (what the demo does without root)'
 complete -c vcfed -n "__fish_vcfed_using_subcommand demo" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c vcfed -n "__fish_vcfed_using_subcommand demo" -s V -l version -d 'Print version'
-complete -c vcfed -n "__fish_vcfed_using_subcommand gateway; and not __fish_seen_subcommand_from genkey pubkey help" -s c -l config -d 'The gateway\'s config file: key file, listen address, peers, segments. Runs the gateway until SIGTERM or Ctrl-C (needs root or CAP_NET_ADMIN)' -r -F
 complete -c vcfed -n "__fish_vcfed_using_subcommand gateway; and not __fish_seen_subcommand_from genkey pubkey help" -l log-format -d 'Log format on stderr. RUST_LOG sets the level (default: info for `run`, warn otherwise)' -r -f -a "text\t'Human-readable lines'
 json\t'One JSON object per line'"
+complete -c vcfed -n "__fish_vcfed_using_subcommand gateway; and not __fish_seen_subcommand_from genkey pubkey help" -s c -l config -d 'The site\'s config file (written by `vcfed init`), before or after the subcommand; for `vcfed init`, where to write it [default: DATA_DIR/vcfed.toml]; for `vcfed gateway`, the gateway\'s config (or VCFED_GATEWAY_CONFIG)' -r -F
 complete -c vcfed -n "__fish_vcfed_using_subcommand gateway; and not __fish_seen_subcommand_from genkey pubkey help" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c vcfed -n "__fish_vcfed_using_subcommand gateway; and not __fish_seen_subcommand_from genkey pubkey help" -s V -l version -d 'Print version'
 complete -c vcfed -n "__fish_vcfed_using_subcommand gateway; and not __fish_seen_subcommand_from genkey pubkey help" -f -a "genkey" -d 'Write a new WireGuard private key (base64, mode 0600) and print its public key'
@@ -236,12 +242,14 @@ complete -c vcfed -n "__fish_vcfed_using_subcommand gateway; and not __fish_seen
 complete -c vcfed -n "__fish_vcfed_using_subcommand gateway; and __fish_seen_subcommand_from genkey" -l out -d 'Where to write the key' -r -F
 complete -c vcfed -n "__fish_vcfed_using_subcommand gateway; and __fish_seen_subcommand_from genkey" -l log-format -d 'Log format on stderr. RUST_LOG sets the level (default: info for `run`, warn otherwise)' -r -f -a "text\t'Human-readable lines'
 json\t'One JSON object per line'"
+complete -c vcfed -n "__fish_vcfed_using_subcommand gateway; and __fish_seen_subcommand_from genkey" -s c -l config -d 'The site\'s config file (written by `vcfed init`), before or after the subcommand; for `vcfed init`, where to write it [default: DATA_DIR/vcfed.toml]; for `vcfed gateway`, the gateway\'s config (or VCFED_GATEWAY_CONFIG)' -r -F
 complete -c vcfed -n "__fish_vcfed_using_subcommand gateway; and __fish_seen_subcommand_from genkey" -l force -d 'Replace an existing file'
 complete -c vcfed -n "__fish_vcfed_using_subcommand gateway; and __fish_seen_subcommand_from genkey" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c vcfed -n "__fish_vcfed_using_subcommand gateway; and __fish_seen_subcommand_from genkey" -s V -l version -d 'Print version'
 complete -c vcfed -n "__fish_vcfed_using_subcommand gateway; and __fish_seen_subcommand_from pubkey" -l key -d 'The private key file' -r -F
 complete -c vcfed -n "__fish_vcfed_using_subcommand gateway; and __fish_seen_subcommand_from pubkey" -l log-format -d 'Log format on stderr. RUST_LOG sets the level (default: info for `run`, warn otherwise)' -r -f -a "text\t'Human-readable lines'
 json\t'One JSON object per line'"
+complete -c vcfed -n "__fish_vcfed_using_subcommand gateway; and __fish_seen_subcommand_from pubkey" -s c -l config -d 'The site\'s config file (written by `vcfed init`), before or after the subcommand; for `vcfed init`, where to write it [default: DATA_DIR/vcfed.toml]; for `vcfed gateway`, the gateway\'s config (or VCFED_GATEWAY_CONFIG)' -r -F
 complete -c vcfed -n "__fish_vcfed_using_subcommand gateway; and __fish_seen_subcommand_from pubkey" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c vcfed -n "__fish_vcfed_using_subcommand gateway; and __fish_seen_subcommand_from pubkey" -s V -l version -d 'Print version'
 complete -c vcfed -n "__fish_vcfed_using_subcommand gateway; and __fish_seen_subcommand_from help" -f -a "genkey" -d 'Write a new WireGuard private key (base64, mode 0600) and print its public key'
@@ -266,15 +274,18 @@ leak-vlan\t''
 no-reserve-deadline\t''"
 complete -c vcfed -n "__fish_vcfed_using_subcommand simnet" -l log-format -d 'Log format on stderr. RUST_LOG sets the level (default: info for `run`, warn otherwise)' -r -f -a "text\t'Human-readable lines'
 json\t'One JSON object per line'"
+complete -c vcfed -n "__fish_vcfed_using_subcommand simnet" -s c -l config -d 'The site\'s config file (written by `vcfed init`), before or after the subcommand; for `vcfed init`, where to write it [default: DATA_DIR/vcfed.toml]; for `vcfed gateway`, the gateway\'s config (or VCFED_GATEWAY_CONFIG)' -r -F
 complete -c vcfed -n "__fish_vcfed_using_subcommand simnet" -l json -d 'Print the report as JSON on stdout'
 complete -c vcfed -n "__fish_vcfed_using_subcommand simnet" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c vcfed -n "__fish_vcfed_using_subcommand simnet" -s V -l version -d 'Print version'
 complete -c vcfed -n "__fish_vcfed_using_subcommand completions" -l log-format -d 'Log format on stderr. RUST_LOG sets the level (default: info for `run`, warn otherwise)' -r -f -a "text\t'Human-readable lines'
 json\t'One JSON object per line'"
+complete -c vcfed -n "__fish_vcfed_using_subcommand completions" -s c -l config -d 'The site\'s config file (written by `vcfed init`), before or after the subcommand; for `vcfed init`, where to write it [default: DATA_DIR/vcfed.toml]; for `vcfed gateway`, the gateway\'s config (or VCFED_GATEWAY_CONFIG)' -r -F
 complete -c vcfed -n "__fish_vcfed_using_subcommand completions" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c vcfed -n "__fish_vcfed_using_subcommand completions" -s V -l version -d 'Print version'
 complete -c vcfed -n "__fish_vcfed_using_subcommand man" -l log-format -d 'Log format on stderr. RUST_LOG sets the level (default: info for `run`, warn otherwise)' -r -f -a "text\t'Human-readable lines'
 json\t'One JSON object per line'"
+complete -c vcfed -n "__fish_vcfed_using_subcommand man" -s c -l config -d 'The site\'s config file (written by `vcfed init`), before or after the subcommand; for `vcfed init`, where to write it [default: DATA_DIR/vcfed.toml]; for `vcfed gateway`, the gateway\'s config (or VCFED_GATEWAY_CONFIG)' -r -F
 complete -c vcfed -n "__fish_vcfed_using_subcommand man" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c vcfed -n "__fish_vcfed_using_subcommand man" -s V -l version -d 'Print version'
 complete -c vcfed -n "__fish_vcfed_using_subcommand help; and not __fish_seen_subcommand_from init run status capacity reservation cluster sites events join psk demo gateway simnet completions man help" -f -a "init" -d 'Create a site: write a commented config and generate the site\'s keys and API token'
