@@ -34,7 +34,7 @@ use vcfed_node_core::runner::{self as core, DataPlane, Segment};
 pub(crate) use crate::api_types::{NetworkView, TunnelView};
 use crate::config::{Config, DriverKind, SiteLink};
 use crate::driver::installer::Installer;
-use crate::driver::libvirt::{Accel, LibvirtDriver, LibvirtSettings};
+use crate::driver::libvirt::{LibvirtDriver, LibvirtSettings};
 use crate::driver::netns::NetnsDriver;
 use crate::federation::FederationHandle;
 use crate::ledger::SharedLedger;
@@ -229,24 +229,10 @@ impl DriverChoice {
             DriverKind::Sim => DriverChoice::Sim,
             DriverKind::Netns => DriverChoice::Netns(netns()),
             DriverKind::Libvirt => {
-                let libvirt = &config.libvirt;
                 let settings = LibvirtSettings {
                     site: config.site.name.clone(),
                     data_dir: config.site.data_dir.clone(),
-                    hosts: libvirt.hosts.clone(),
-                    pool: libvirt.pool.clone(),
-                    base_image: libvirt.base_image.clone(),
-                    frontend_image: libvirt.frontend_image.clone(),
-                    console_dir: libvirt.console_dir.clone(),
-                    keep_volumes: libvirt.keep_volumes,
-                    accel: match libvirt.accel {
-                        crate::config::Accel::Auto => Accel::Auto,
-                        crate::config::Accel::Kvm => Accel::Kvm,
-                        crate::config::Accel::Tcg => Accel::Tcg,
-                    },
-                    shutdown_timeout: libvirt.shutdown_timeout(),
-                    memory_mib: libvirt.memory_mib,
-                    remote_bridge: libvirt.remote_bridge.clone(),
+                    config: config.libvirt.clone(),
                     boot_timeout: crate::driver::libvirt::BOOT_TIMEOUT,
                 };
                 DriverChoice::Libvirt(Box::new(settings), netns())

@@ -37,8 +37,9 @@ use std::time::{Duration, Instant};
 
 use vcfed::api::ClusterDetail;
 use vcfed::client::ApiClient;
+use vcfed::config::{Accel, LibvirtConfig};
 use vcfed::demo::federation::{self, DemoDriver, DemoFederation, DemoSpec};
-use vcfed::driver::libvirt::{Accel, LibvirtDriver, LibvirtSettings};
+use vcfed::driver::libvirt::{LibvirtDriver, LibvirtSettings};
 use vcfed::driver::netns::NetnsDriver;
 use vcfed::driver::{ComputeDriver, NodeSpec, NodeState, node_mac};
 use vcfed::ledger::SharedLedger;
@@ -327,7 +328,7 @@ async fn vms_boot_across_the_tunnel_survive_an_agent_crash_and_leave_nothing() {
     })
     .await;
     for worker in ["lvs-b", "lvs-c"] {
-        let pool = format!("vcfed-{}", vcfed::driver::short_tag(worker));
+        let pool = vcfed::driver::libvirt::default_pool(worker);
         let volumes = virsh(&["vol-list", &pool]);
         assert!(
             volumes.trim().is_empty(),
@@ -390,7 +391,7 @@ impl Drop for SiteVms {
             virsh(&["destroy", domain]);
             virsh(&["undefine", domain]);
         }
-        let pool = format!("vcfed-{}", vcfed::driver::short_tag(&self.0));
+        let pool = vcfed::driver::libvirt::default_pool(&self.0);
         virsh(&["pool-destroy", &pool]);
         virsh(&["pool-undefine", &pool]);
     }
@@ -400,23 +401,19 @@ fn settings(data_dir: &Path) -> LibvirtSettings {
     LibvirtSettings {
         site: format!("lvd-{}", std::process::id()),
         data_dir: data_dir.to_owned(),
-        hosts: vec!["qemu:///system".to_owned()],
-        pool: None,
-        base_image: None,
-        frontend_image: None,
-        console_dir: data_dir.join("consoles"),
-        keep_volumes: false,
-        accel: Accel::Tcg,
-        shutdown_timeout: Duration::from_secs(1),
-        memory_mib: Some(64),
-        remote_bridge: "br{vlan}".to_owned(),
+        config: LibvirtConfig {
+            accel: Accel::Tcg,
+            shutdown_timeout_s: 1,
+            memory_mib: Some(64),
+            ..LibvirtConfig::new(data_dir)
+        },
         boot_timeout: Duration::from_secs(4),
     }
 }
 
 /// What of `site`'s VMs and volumes exists in libvirt and in the ledger.
 fn made(site: &str, ledger: &SharedLedger) -> (BTreeMap<String, String>, String, usize) {
-    let pool = format!("vcfed-{}", vcfed::driver::short_tag(site));
+    let pool = vcfed::driver::libvirt::default_pool(site);
     (
         domains(site),
         virsh(&["vol-list", &pool]).trim().to_owned(),
@@ -434,7 +431,8 @@ fn failures_leave_nothing_half_made_and_an_unreachable_libvirtd_says_how_to_fix_
 
     // libvirtd unreachable: the error says so, and how to fix it.
     let mut unreachable = settings(&data_dir);
-    unreachable.hosts = vec!["qemu+unix:///system?socket=/nonexistent/libvirt-sock".to_owned()];
+    unreachable.config.hosts =
+        vec!["qemu+unix:///system?socket=/nonexistent/libvirt-sock".to_owned()];
     let error = LibvirtDriver::new(unreachable, ledger.clone(), frontend())
         .unwrap_err()
         .to_string();
@@ -459,7 +457,7 @@ fn failures_leave_nothing_half_made_and_an_unreachable_libvirtd_says_how_to_fix_
     // A base image that is not there: the node does not start, and no
     // VM, volume or ledger row is left of it.
     let mut missing = settings(&data_dir);
-    missing.base_image = Some(dir.path().join("no-such-image.qcow2"));
+    missing.config.base_image = Some(dir.path().join("no-such-image.qcow2"));
     let mut driver = LibvirtDriver::new(missing, ledger.clone(), frontend()).unwrap();
     let error = driver.start_node(&spec).unwrap_err().to_string();
     assert!(error.contains("no-such-image.qcow2"), "{error}");
@@ -512,10 +510,10 @@ fn failures_leave_nothing_half_made_and_an_unreachable_libvirtd_says_how_to_fix_
         .unwrap();
     assert!(made_image.success());
     let mut based = settings(&data_dir);
-    based.base_image = Some(image.clone());
+    based.config.base_image = Some(image.clone());
     let mut driver = LibvirtDriver::new(based, ledger.clone(), frontend()).unwrap();
     driver.start_node(&spec).unwrap();
-    let pool = format!("vcfed-{}", vcfed::driver::short_tag(&site));
+    let pool = vcfed::driver::libvirt::default_pool(&site);
     let volume = virsh(&["vol-list", &pool]);
     let volume = volume.split_whitespace().next().unwrap();
     let xml = virsh(&["vol-dumpxml", volume, "--pool", &pool]);
@@ -556,8 +554,8 @@ fn a_site_of_two_hosts_places_nodes_by_memory_and_cpus_and_keeps_track_of_them()
         format!("test://{}", big.display()),
     ];
     let mut two = settings(&data_dir);
-    two.hosts = hosts.to_vec();
-    two.memory_mib = None;
+    two.config.hosts = hosts.to_vec();
+    two.config.memory_mib = None;
     let mut driver = LibvirtDriver::new(
         two,
         ledger.clone(),
@@ -735,7 +733,7 @@ fn an_iscsi_pool_lends_its_luns_to_nodes_and_takes_them_back() {
     let bridge = TestBridge::new("vli");
     let mut lun_pool = settings(&data_dir);
     lun_pool.site = format!("lvi-{pid}");
-    lun_pool.pool = Some(target.pool.clone());
+    lun_pool.config.pool = Some(target.pool.clone());
     let site = lun_pool.site.clone();
     let _cleanup = SiteVms(site.clone());
     let mut driver = LibvirtDriver::new(
@@ -828,7 +826,7 @@ fn a_frontend_image_boots_as_the_clusters_frontend_vm() {
     let bridge = TestBridge::new("vlf");
     let mut with_image = settings(&data_dir);
     with_image.site = format!("lvf-{pid}");
-    with_image.frontend_image = Some(image.clone());
+    with_image.config.frontend_image = Some(image.clone());
     with_image.boot_timeout = Duration::from_secs(60);
     let site = with_image.site.clone();
     let _cleanup = SiteVms(site.clone());
@@ -935,7 +933,7 @@ fn a_full_pool_fails_the_node_and_leaves_nothing() {
 
     let mut on_full = settings(&data_dir);
     on_full.site = format!("lvp-{pid}");
-    on_full.pool = Some(tiny.pool.clone());
+    on_full.config.pool = Some(tiny.pool.clone());
     let site = on_full.site.clone();
     let _cleanup = SiteVms(site.clone());
     let mut driver = LibvirtDriver::new(
@@ -1026,7 +1024,7 @@ fn an_own_installer_is_what_the_frontend_boots_nodes_into() {
     .unwrap();
     let mut lv = settings(&data_dir);
     lv.site = format!("lvo-{pid}");
-    lv.memory_mib = Some(256);
+    lv.config.memory_mib = Some(256);
     lv.boot_timeout = Duration::from_secs(180);
     let site = lv.site.clone();
     let _cleanup = SiteVms(site.clone());

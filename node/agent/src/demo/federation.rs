@@ -28,7 +28,7 @@ use anyhow::{Context, bail};
 use crate::cli::InitArgs;
 use crate::client::ApiClient;
 use crate::config::Config;
-use crate::driver::libvirt::DOMAIN_PREFIX;
+use crate::driver::libvirt::{DOMAIN_PREFIX, Virsh, default_pool, parse_names};
 use crate::driver::netns::NETNS_PREFIX;
 use crate::driver::short_tag;
 
@@ -240,73 +240,44 @@ const LIBVIRT_URI: &str = "qemu:///system";
 /// either kind may have left them): (domains, pools). Nothing without a
 /// libvirtd.
 fn libvirt_objects(spec: &DemoSpec) -> (Vec<String>, Vec<String>) {
-    let names = |args: &[&str]| -> Vec<String> {
-        Command::new("virsh")
-            .args(["-q", "-c", LIBVIRT_URI])
-            .args(args)
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .output()
-            .map(|o| {
-                String::from_utf8_lossy(&o.stdout)
-                    .lines()
-                    .filter_map(|l| l.split_whitespace().next())
-                    .map(str::to_owned)
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    let tags: Vec<String> = (0..spec.nodes.len())
-        .map(|index| short_tag(&spec.site_name(index)))
-        .collect();
+    let virsh = Virsh::new(LIBVIRT_URI);
+    let names = |args: &[&str]| virsh.run(args).map(|t| parse_names(&t)).unwrap_or_default();
+    let sites: Vec<String> = (0..spec.nodes.len()).map(|i| spec.site_name(i)).collect();
     let domains = names(&["list", "--all", "--name"])
         .into_iter()
         .filter(|d| {
-            tags.iter()
-                .any(|t| d.starts_with(&format!("{DOMAIN_PREFIX}{t}-")))
+            sites
+                .iter()
+                .any(|s| d.starts_with(&format!("{DOMAIN_PREFIX}{}-", short_tag(s))))
         })
         .collect();
     let pools = names(&["pool-list", "--all", "--name"])
         .into_iter()
-        .filter(|p| tags.iter().any(|t| *p == format!("vcfed-{t}")))
+        .filter(|p| sites.iter().any(|s| *p == default_pool(s)))
         .collect();
     (domains, pools)
 }
 
 /// Removes the demo sites' VMs (with their volumes) and storage pools.
 fn remove_libvirt_objects(spec: &DemoSpec) -> Vec<String> {
-    let virsh = |args: &[&str]| {
-        Command::new("virsh")
-            .args(["-q", "-c", LIBVIRT_URI])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
     let (domains, pools) = libvirt_objects(spec);
+    let virsh = Virsh::new(LIBVIRT_URI);
+    let ok = |args: &[&str]| virsh.run(args).is_ok();
     let mut removed = Vec::new();
     for domain in domains {
-        virsh(&["destroy", &domain]);
-        if virsh(&["undefine", &domain]) {
+        ok(&["destroy", &domain]);
+        if ok(&["undefine", &domain]) {
             removed.push(format!("VM {domain}"));
         }
     }
     for pool in pools {
         // Its volumes are files in the site's directory.
-        for volume in Command::new("virsh")
-            .args(["-q", "-c", LIBVIRT_URI, "vol-list", &pool])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.split_whitespace().next())
-        {
-            virsh(&["vol-delete", volume, "--pool", &pool]);
+        let volumes = virsh.run(&["vol-list", &pool]).unwrap_or_default();
+        for volume in parse_names(&volumes) {
+            ok(&["vol-delete", &volume, "--pool", &pool]);
         }
-        virsh(&["pool-destroy", &pool]);
-        if virsh(&["pool-undefine", &pool]) {
+        ok(&["pool-destroy", &pool]);
+        if ok(&["pool-undefine", &pool]) {
             removed.push(format!("storage pool {pool}"));
         }
     }

@@ -599,16 +599,9 @@ fn io(path: &Path, source: std::io::Error) -> DriverError {
     }
 }
 
+/// The last non-empty line of a node's log (see [`pxe::last_console_line`]).
 fn last_line(path: &Path) -> String {
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|text| {
-            text.lines()
-                .rev()
-                .find(|l| !l.trim().is_empty())
-                .map(str::to_owned)
-        })
-        .unwrap_or_default()
+    pxe::last_console_line(&std::fs::read_to_string(path).unwrap_or_default())
 }
 
 #[cfg(test)]

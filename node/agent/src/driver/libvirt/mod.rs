@@ -29,6 +29,8 @@
 mod domain;
 mod virsh;
 
+pub(crate) use virsh::{Virsh, parse_names};
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -36,10 +38,11 @@ use std::time::{Duration, Instant};
 
 use domain::{DomainSpec, HostLoad, Nic, Virt};
 use vcfed_storage::VolumeRecord;
-use virsh::{NodeInfo, Virsh};
+use virsh::NodeInfo;
 
 use super::netns::{NetnsDriver, run};
 use super::{ComputeDriver, DriverError, NodeSpec, NodeState, NodeStatus, pxe, short_tag};
+use crate::config::{Accel, LibvirtConfig};
 use crate::ledger::SharedLedger;
 
 /// Prefix of the driver's domains and volumes.
@@ -58,17 +61,6 @@ const STATE_EVERY: Duration = Duration::from_millis(500);
 /// How much of a console's end is read for its state.
 const CONSOLE_TAIL_BYTES: u64 = 64 * 1024;
 
-/// CPU virtualization, as configured.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Accel {
-    /// KVM if `/dev/kvm` opens; TCG from the first VM KVM fails to run.
-    Auto,
-    /// Always KVM.
-    Kvm,
-    /// Always TCG (software emulation).
-    Tcg,
-}
-
 /// What the driver is told by the site config.
 #[derive(Debug, Clone)]
 pub struct LibvirtSettings {
@@ -76,27 +68,8 @@ pub struct LibvirtSettings {
     pub site: String,
     /// The agent's data dir (the default pool lives under it).
     pub data_dir: PathBuf,
-    /// libvirt URIs of the site's hypervisor hosts.
-    pub hosts: Vec<String>,
-    /// Storage pool (`None`: the driver's own `dir` pool).
-    pub pool: Option<String>,
-    /// Image every node volume is an overlay of.
-    pub base_image: Option<PathBuf>,
-    /// Image the master's frontend boots from as a VM (`None`: the built-in
-    /// frontend service).
-    pub frontend_image: Option<PathBuf>,
-    /// Where the serial consoles are logged.
-    pub console_dir: PathBuf,
-    /// Keep volumes after a cluster ends.
-    pub keep_volumes: bool,
-    /// CPU virtualization.
-    pub accel: Accel,
-    /// How long an ACPI shutdown may take before the VM is destroyed.
-    pub shutdown_timeout: Duration,
-    /// Cap on a VM's memory, MiB.
-    pub memory_mib: Option<u64>,
-    /// The bridge carrying VLAN `{vlan}` on a host on another machine.
-    pub remote_bridge: String,
+    /// The site's `[libvirt]` table.
+    pub config: LibvirtConfig,
     /// A VM with no lease from the frontend after this long failed
     /// ([`BOOT_TIMEOUT`] in the agent).
     pub boot_timeout: Duration,
@@ -152,7 +125,7 @@ pub struct LibvirtDriver {
 impl std::fmt::Debug for LibvirtDriver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LibvirtDriver")
-            .field("hosts", &self.settings.hosts)
+            .field("hosts", &self.settings.config.hosts)
             .field("pool", &self.pool)
             .finish_non_exhaustive()
     }
@@ -170,11 +143,12 @@ impl LibvirtDriver {
     ) -> Result<LibvirtDriver, DriverError> {
         let site_tag = short_tag(&settings.site);
         let pool = settings
+            .config
             .pool
             .clone()
-            .unwrap_or_else(|| format!("vcfed-{site_tag}"));
+            .unwrap_or_else(|| default_pool(&settings.site));
         let mut hosts = Vec::new();
-        for uri in &settings.hosts {
+        for uri in &settings.config.hosts {
             let virsh = Virsh::new(uri);
             let info = virsh
                 .run(&["nodeinfo"])
@@ -192,9 +166,10 @@ impl LibvirtDriver {
             });
         }
         if let Some(image) = settings
+            .config
             .base_image
             .as_ref()
-            .or(settings.frontend_image.as_ref())
+            .or(settings.config.frontend_image.as_ref())
             && hosts.iter().any(|h| h.pool_kind != PoolKind::Files)
         {
             return Err(DriverError::Command {
@@ -204,15 +179,15 @@ impl LibvirtDriver {
                 ),
             });
         }
-        std::fs::create_dir_all(&settings.console_dir)
-            .map_err(|e| io_error(&settings.console_dir, e))?;
-        let virt = match settings.accel {
+        std::fs::create_dir_all(&settings.config.console_dir)
+            .map_err(|e| io_error(&settings.config.console_dir, e))?;
+        let virt = match settings.config.accel {
             Accel::Tcg => Virt::Tcg,
             Accel::Kvm => Virt::Kvm,
             Accel::Auto if kvm_opens() => Virt::Kvm,
             Accel::Auto => Virt::Tcg,
         };
-        tracing::info!(hosts = ?settings.hosts, %pool, virt = virt.domain_type(), "libvirt driver ready");
+        tracing::info!(hosts = ?settings.config.hosts, %pool, virt = virt.domain_type(), "libvirt driver ready");
         Ok(LibvirtDriver {
             site_tag,
             pool,
@@ -338,7 +313,7 @@ impl LibvirtDriver {
         let vcpus = shape.map_or(1, |s| s.cores.max(1));
         let memory_mib = shape
             .map_or(DEFAULT_MEMORY_MIB, |s| s.memory_mib)
-            .min(self.settings.memory_mib.unwrap_or(u64::MAX))
+            .min(self.settings.config.memory_mib.unwrap_or(u64::MAX))
             .max(64);
         let disk_gib = shape.map_or(DEFAULT_DISK_GIB, |s| s.disk_gib).max(1);
         let host = domain::place(&self.loads(), vcpus, memory_mib).ok_or_else(|| {
@@ -346,7 +321,7 @@ impl LibvirtDriver {
                 command: format!("placing {domain}"),
                 detail: format!(
                     "no host has {memory_mib} MiB free for it (hosts: {})",
-                    self.settings.hosts.join(", ")
+                    self.settings.config.hosts.join(", ")
                 ),
             }
         })?;
@@ -354,7 +329,11 @@ impl LibvirtDriver {
             PoolKind::Luns => self.free_lun(host, disk_gib.saturating_mul(1 << 30))?,
             _ => self.volume_name(&domain, host, &spec.cluster, spec.index),
         };
-        let console = self.settings.console_dir.join(format!("{domain}.log"));
+        let console = self
+            .settings
+            .config
+            .console_dir
+            .join(format!("{domain}.log"));
         let vm = Vm {
             spec: spec.clone(),
             host,
@@ -374,7 +353,7 @@ impl LibvirtDriver {
         let size_bytes = disk_gib.saturating_mul(1 << 30);
         let mut vm = vm;
         let mut made = self.make_vm(&vm, size_bytes);
-        if made.is_err() && vm.virt == Virt::Kvm && self.settings.accel == Accel::Auto {
+        if made.is_err() && vm.virt == Virt::Kvm && self.settings.config.accel == Accel::Auto {
             // KVM that opens but does not run VMs (nested sandboxes): the
             // site goes on under TCG.
             tracing::warn!(domain = %vm.domain, error = %made.as_ref().err().map(ToString::to_string).unwrap_or_default(), "a VM did not start under KVM: this site's VMs run under TCG (software emulation) from now on");
@@ -418,9 +397,9 @@ impl LibvirtDriver {
         // The volume's XML, not `vol-create-as`: its --backing-vol takes only
         // volumes of a pool, and a base image may be any file.
         let image = if vm.spec.frontend {
-            &self.settings.frontend_image
+            &self.settings.config.frontend_image
         } else {
-            &self.settings.base_image
+            &self.settings.config.base_image
         };
         let backing = match image {
             Some(image) => Some((image.as_path(), image_format(image)?)),
@@ -431,6 +410,7 @@ impl LibvirtDriver {
             let xml = domain::volume_xml(&vm.volume, size_bytes, format, backing);
             let file = self
                 .settings
+                .config
                 .console_dir
                 .join(format!("{}.volume.xml", vm.domain));
             std::fs::write(&file, xml).map_err(|e| io_error(&file, e))?;
@@ -441,11 +421,7 @@ impl LibvirtDriver {
             created?;
         }
         let nic = if host.virsh.is_remote() {
-            Nic::Bridge(
-                self.settings
-                    .remote_bridge
-                    .replace("{vlan}", &vm.spec.vlan.to_string()),
-            )
+            Nic::Bridge(self.settings.config.remote_bridge_for(vm.spec.vlan))
         } else {
             Nic::Tap(self.tap_name(&vm.spec.cluster, vm.spec.index))
         };
@@ -467,7 +443,11 @@ impl LibvirtDriver {
             network_boot: !vm.spec.frontend,
             oem_strings: &frontend_strings(&vm.spec),
         });
-        let file = self.settings.console_dir.join(format!("{}.xml", vm.domain));
+        let file = self
+            .settings
+            .config
+            .console_dir
+            .join(format!("{}.xml", vm.domain));
         std::fs::write(&file, xml).map_err(|e| io_error(&file, e))?;
         let defined = host.virsh.run(&["define", &file.display().to_string()]);
         let _ = std::fs::remove_file(&file);
@@ -580,12 +560,16 @@ impl LibvirtDriver {
             spec: spec.clone(),
             host,
             volume: self.volume_name(&domain, host, &spec.cluster, spec.index),
-            console: self.settings.console_dir.join(format!("{domain}.log")),
+            console: self
+                .settings
+                .config
+                .console_dir
+                .join(format!("{domain}.log")),
             domain,
             vcpus: shape.map_or(1, |s| s.cores.max(1)),
             memory_mib: shape
                 .map_or(DEFAULT_MEMORY_MIB, |s| s.memory_mib)
-                .min(self.settings.memory_mib.unwrap_or(u64::MAX)),
+                .min(self.settings.config.memory_mib.unwrap_or(u64::MAX)),
             started: Instant::now(),
             virt: self.virt,
             failed: None,
@@ -669,7 +653,7 @@ impl LibvirtDriver {
 
 impl ComputeDriver for LibvirtDriver {
     fn start_node(&mut self, spec: &NodeSpec) -> Result<(), DriverError> {
-        if spec.frontend && self.settings.frontend_image.is_none() {
+        if spec.frontend && self.settings.config.frontend_image.is_none() {
             return self.frontend.start_node(spec);
         }
         if let Some(vm) = self
@@ -744,7 +728,7 @@ impl ComputeDriver for LibvirtDriver {
                 });
             }
         }
-        if kvm_failed && self.settings.accel == Accel::Auto && self.virt == Virt::Kvm {
+        if kvm_failed && self.settings.config.accel == Accel::Auto && self.virt == Virt::Kvm {
             tracing::warn!(
                 "a VM stopped under KVM: this site's VMs run under TCG (software emulation) from now on"
             );
@@ -789,7 +773,7 @@ impl ComputeDriver for LibvirtDriver {
                 },
                 host,
                 volume: self.volume_name(&name, host, cluster, index),
-                console: self.settings.console_dir.join(format!("{name}.log")),
+                console: self.settings.config.console_dir.join(format!("{name}.log")),
                 domain: name,
                 vcpus: 0,
                 memory_mib: 0,
@@ -812,7 +796,7 @@ impl ComputeDriver for LibvirtDriver {
             let _ = self.hosts[vm.host].virsh.run(&["shutdown", &vm.domain]);
             running.push(vm);
         }
-        let deadline = started + self.settings.shutdown_timeout;
+        let deadline = started + self.settings.config.shutdown_timeout();
         while !running.is_empty() && Instant::now() < deadline {
             running.retain(|vm| {
                 self.hosts[vm.host]
@@ -828,13 +812,13 @@ impl ComputeDriver for LibvirtDriver {
             tracing::info!(
                 cluster,
                 vms = running.len(),
-                timeout_s = self.settings.shutdown_timeout.as_secs(),
+                timeout_s = self.settings.config.shutdown_timeout().as_secs(),
                 "VMs did not shut down in time; destroying them"
             );
         }
         let mut failed = None;
         for vm in &vms {
-            if let Err(e) = self.remove_vm(vm, self.settings.keep_volumes) {
+            if let Err(e) = self.remove_vm(vm, self.settings.config.keep_volumes) {
                 tracing::warn!(domain = %vm.domain, error = %e, "VM not removed");
                 failed = Some(e);
             } else if vm.console_readable {
@@ -904,7 +888,7 @@ impl ComputeDriver for LibvirtDriver {
                 let tag = volume[own.len()..].split('-').next().unwrap_or_default();
                 // With keep_volumes, volumes of ended clusters are the
                 // operator's: never removed here.
-                if !self.settings.keep_volumes
+                if !self.settings.config.keep_volumes
                     && !keep_tags.contains(tag)
                     && !known.contains(&volume)
                 {
@@ -945,7 +929,7 @@ impl LibvirtDriver {
         for volume in volumes.iter().filter(|v| select(v)) {
             match self.hosts.iter().position(|h| h.virsh.uri == volume.host) {
                 Some(host) if volume.pool == self.pool => {
-                    self.remove_volume(host, &volume.name, self.settings.keep_volumes)
+                    self.remove_volume(host, &volume.name, self.settings.config.keep_volumes)
                 }
                 _ => {
                     tracing::warn!(volume = %volume.name, host = %volume.host, pool = %volume.pool, "a volume on a host or pool this site no longer uses is left; remove it by hand")
@@ -953,6 +937,11 @@ impl LibvirtDriver {
             }
         }
     }
+}
+
+/// The `dir` pool the driver defines for `site` when none is configured.
+pub fn default_pool(site: &str) -> String {
+    format!("vcfed-{}", short_tag(site))
 }
 
 /// An unreachable host: the error, with the fix.
@@ -979,7 +968,7 @@ fn ensure_pool(
 ) -> Result<PoolKind, DriverError> {
     let xml = match virsh.run(&["pool-dumpxml", pool]) {
         Ok(xml) => xml,
-        Err(e) if settings.pool.is_some() => {
+        Err(e) if settings.config.pool.is_some() => {
             return Err(DriverError::Command {
                 command: format!("storage pool {pool} at {}", virsh.uri),
                 detail: format!(

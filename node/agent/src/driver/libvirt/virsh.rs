@@ -26,7 +26,7 @@ const PROMPT: &str = "virsh # ";
 
 /// A libvirt connection: a `virsh -c URI` shell.
 #[derive(Debug)]
-pub(super) struct Virsh {
+pub(crate) struct Virsh {
     /// The connection URI.
     pub(super) uri: String,
     shell: Mutex<Option<Shell>>,
@@ -157,7 +157,7 @@ fn quote(arg: &str) -> Result<String, String> {
 
 impl Virsh {
     /// A connection to `uri`; its shell starts at the first call.
-    pub(super) fn new(uri: &str) -> Virsh {
+    pub(crate) fn new(uri: &str) -> Virsh {
         Virsh {
             uri: uri.to_owned(),
             shell: Mutex::new(None),
@@ -166,7 +166,7 @@ impl Virsh {
 
     /// Runs one virsh command (`ARGS`), returning its answer, or an error
     /// that carries virsh's own message.
-    pub(super) fn run(&self, args: &[&str]) -> Result<String, DriverError> {
+    pub(crate) fn run(&self, args: &[&str]) -> Result<String, DriverError> {
         let command = format!("virsh -c {} {}", self.uri, args.join(" "));
         let failed = |detail: String| DriverError::Command {
             command: command.clone(),
@@ -309,7 +309,7 @@ pub(super) fn parse_domstate(text: &str) -> DomState {
 
 /// The names in a `virsh list --name` or `vol-list` style output: one per
 /// line, first column.
-pub(super) fn parse_names(text: &str) -> Vec<String> {
+pub(crate) fn parse_names(text: &str) -> Vec<String> {
     text.lines()
         .filter_map(|line| line.split_whitespace().next())
         .map(str::to_owned)
