@@ -51,6 +51,9 @@ pub struct NetnsDriver {
     /// The network installer frontends serve to VMs, if this machine has
     /// what it is built from.
     installer: Option<Installer>,
+    /// Where the installer's files were built, once, and the bytes a node
+    /// fetches; every frontend links them into its web root.
+    installer_files: Option<(PathBuf, u64)>,
     nodes: BTreeMap<String, BTreeMap<u32, RunningNode>>,
 }
 
@@ -72,6 +75,7 @@ impl NetnsDriver {
             site_tag: short_tag(site),
             site_netns,
             installer: None,
+            installer_files: None,
             nodes: BTreeMap::new(),
         }
     }
@@ -81,6 +85,29 @@ impl NetnsDriver {
     pub fn with_installer(mut self, installer: Installer) -> NetnsDriver {
         self.installer = Some(installer);
         self
+    }
+
+    /// The installer's files, built into the state dir the first time a
+    /// frontend needs them (`None`: no installer).
+    fn installer_files(&mut self) -> Result<Option<(PathBuf, u64)>, DriverError> {
+        let Some(installer) = &self.installer else {
+            return Ok(None);
+        };
+        if self.installer_files.is_none() {
+            let dir = self.state_dir.join("installer");
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir).map_err(|e| io(&dir, e))?;
+            }
+            std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
+            let bytes = installer
+                .write(&dir)
+                .map_err(|detail| DriverError::Command {
+                    command: "building the network installer".to_owned(),
+                    detail,
+                })?;
+            self.installer_files = Some((dir, bytes));
+        }
+        Ok(self.installer_files.clone())
     }
 
     /// Runs `ip ARGS` in the site's namespace.
@@ -164,6 +191,11 @@ fn spawn(node: &RunningNode) -> Result<Child, DriverError> {
 
 impl ComputeDriver for NetnsDriver {
     fn start_node(&mut self, spec: &NodeSpec) -> Result<(), DriverError> {
+        let installer_files = if spec.frontend {
+            self.installer_files()?
+        } else {
+            None
+        };
         if let Some(node) = self
             .nodes
             .get_mut(&spec.cluster)
@@ -240,13 +272,10 @@ impl ComputeDriver for NetnsDriver {
                     &tftp.join(pxe::BOOT_SCRIPT),
                     &pxe::boot_script(INSTALL_FILE),
                 )?;
-                if let Some(installer) = &self.installer {
-                    let bytes = installer
-                        .write(&tftp)
-                        .map_err(|detail| DriverError::Command {
-                            command: "building the network installer".to_owned(),
-                            detail,
-                        })?;
+                if let (Some(installer), Some((files, bytes))) = (&self.installer, &installer_files)
+                {
+                    link_files(files, &tftp)?;
+                    let bytes = *bytes;
                     let server = Ipv4Addr::new(a, b, c, 1);
                     write_installer_cgi(&dir, server, &installer.kernel_args(server))?;
                     tracing::info!(cluster = %spec.cluster, bytes, "the frontend serves the network installer");
@@ -425,6 +454,19 @@ fn state_of(node: &RunningNode) -> NodeState {
             None => NodeState::Booting,
         },
     }
+}
+
+/// Puts every file of `from` into `to`: a hard link, or a copy across file
+/// systems.
+fn link_files(from: &Path, to: &Path) -> Result<(), DriverError> {
+    for entry in std::fs::read_dir(from).map_err(|e| io(from, e))? {
+        let source = entry.map_err(|e| io(from, e))?.path();
+        let target = to.join(source.file_name().unwrap_or_default());
+        if std::fs::hard_link(&source, &target).is_err() {
+            std::fs::copy(&source, &target).map_err(|e| io(&source, e))?;
+        }
+    }
+    Ok(())
 }
 
 /// Starts the frontend's HTTP server: the installer's files and its CGI
