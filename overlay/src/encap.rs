@@ -11,30 +11,46 @@
 //! larger than `inner_mtu` (1440 for a 1500-byte path) are split with
 //! ordinary IPv4 fragmentation before encryption and reassembled after
 //! decryption. VMs keep an MTU of 1500.
+//!
+//! A frame with offload metadata (a TCP super-frame of up to 64 KiB, see
+//! [`crate::offload`]) travels with GRE protocol [`ETHERTYPE_OFFLOAD`]
+//! and the metadata between the GRE header and the frame, fragmented the
+//! same way: `IPv4 | GRE (proto 0x88b5) | metadata (10 bytes) | frame`.
+//!
+//! Neither side allocates per packet: the encapsulator builds each inner
+//! packet in one reused buffer and hands it to a callback, and the
+//! decapsulator reassembles into pooled buffers.
 
-use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+
+use crate::offload::{self, Offload};
 
 /// IPv4 header length without options.
 pub const IPV4_HEADER_LEN: usize = 20;
 /// GRE header length with a key.
 pub const GRE_HEADER_LEN: usize = 8;
-/// Bytes the encapsulation adds to a frame (before fragmentation).
+/// Bytes the encapsulation adds to a plain frame (before fragmentation).
 pub const ENCAP_OVERHEAD: usize = IPV4_HEADER_LEN + GRE_HEADER_LEN;
 /// Inner packet size that fits a 1500-byte path: 1500 − 20 (IPv4) − 8
 /// (UDP) − 32 (WireGuard header and tag).
 pub const INNER_MTU_DEFAULT: usize = 1440;
-/// Largest packet reassembled, bytes (a tagged 1518-byte frame + 28).
-pub const REASSEMBLED_LEN_MAX: usize = 2048;
+/// Largest payload (GRE header, metadata and frame) reassembled, bytes:
+/// every fragment's offset must fit the 13-bit field, in units of 8.
+pub const PAYLOAD_LEN_MAX: usize = 65_528;
 /// Partially reassembled packets kept per peer.
 pub const PENDING_MAX: usize = 64;
 /// How long a partial packet waits for its other fragments, ms.
 pub const REASSEMBLY_TIMEOUT_MS: i64 = 2_000;
+/// GRE protocol of a frame with offload metadata: IEEE's local
+/// experimental EtherType 1.
+pub const ETHERTYPE_OFFLOAD: u16 = 0x88b5;
 
 const PROTO_GRE: u8 = 47;
 const GRE_FLAGS_KEY: u16 = 0x2000;
 const ETHERTYPE_TEB: u16 = 0x6558;
 const FLAG_MORE_FRAGMENTS: u16 = 0x2000;
+/// Words of the coverage bitmap of a partial packet (one bit per 8 bytes).
+const COVERAGE_WORDS: usize = PAYLOAD_LEN_MAX.div_ceil(8 * 64);
 
 /// Why an inner packet was dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -48,7 +64,15 @@ pub enum DecapError {
     /// A fragment that does not fit with the others, or too large a packet.
     #[error("bad fragment")]
     BadFragment,
+    /// Offload metadata that does not fit its frame.
+    #[error("bad offload metadata: {0}")]
+    BadOffload(offload::OffloadError),
 }
+
+/// A frame too large for the encapsulation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a frame of {0} bytes is too large to encapsulate")]
+pub struct TooLarge(pub usize);
 
 /// Turns frames into inner packets for one tunnel peer.
 #[derive(Debug, Clone)]
@@ -57,6 +81,8 @@ pub struct Encapsulator {
     dst: Ipv4Addr,
     inner_mtu: usize,
     next_id: u16,
+    /// Where each inner packet is built.
+    packet: Vec<u8>,
 }
 
 impl Encapsulator {
@@ -72,37 +98,63 @@ impl Encapsulator {
             dst,
             inner_mtu,
             next_id: 0,
+            packet: Vec::with_capacity(inner_mtu),
         }
     }
 
-    /// Encapsulates `frame` for `segment`, appending one inner packet, or
-    /// several fragments, to `out`.
-    pub fn encapsulate(&mut self, segment: u32, frame: &[u8], out: &mut Vec<Vec<u8>>) {
-        let payload_len = GRE_HEADER_LEN + frame.len();
+    /// Encapsulates `frame` (with its offload metadata) for `segment`,
+    /// handing `emit` one inner packet, or several fragments in order.
+    pub fn encapsulate(
+        &mut self,
+        segment: u32,
+        offload: Offload,
+        frame: &[u8],
+        mut emit: impl FnMut(&[u8]),
+    ) -> Result<(), TooLarge> {
+        let mut head = [0u8; GRE_HEADER_LEN + offload::WIRE_LEN];
+        head[..2].copy_from_slice(&GRE_FLAGS_KEY.to_be_bytes());
+        head[4..8].copy_from_slice(&segment.to_be_bytes());
+        let head_len = if offload.is_none() {
+            head[2..4].copy_from_slice(&ETHERTYPE_TEB.to_be_bytes());
+            GRE_HEADER_LEN
+        } else {
+            head[2..4].copy_from_slice(&ETHERTYPE_OFFLOAD.to_be_bytes());
+            head[GRE_HEADER_LEN..].copy_from_slice(&offload.to_wire());
+            head.len()
+        };
+        let head = &head[..head_len];
+        let payload_len = head_len + frame.len();
+        if payload_len > PAYLOAD_LEN_MAX {
+            return Err(TooLarge(frame.len()));
+        }
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);
-        if IPV4_HEADER_LEN + payload_len <= self.inner_mtu {
-            let mut packet = Vec::with_capacity(IPV4_HEADER_LEN + payload_len);
-            self.push_header(&mut packet, payload_len, id, 0, false);
-            push_gre(&mut packet, segment);
-            packet.extend_from_slice(frame);
-            out.push(packet);
-            return;
-        }
         // Fragment payloads are multiples of 8 bytes, but for the last.
-        let chunk = (self.inner_mtu - IPV4_HEADER_LEN) / 8 * 8;
-        let mut payload = Vec::with_capacity(payload_len);
-        push_gre(&mut payload, segment);
-        payload.extend_from_slice(frame);
+        let chunk = if IPV4_HEADER_LEN + payload_len <= self.inner_mtu {
+            payload_len
+        } else {
+            (self.inner_mtu - IPV4_HEADER_LEN) / 8 * 8
+        };
         let mut offset = 0;
-        while offset < payload.len() {
-            let end = (offset + chunk).min(payload.len());
-            let more = end < payload.len();
-            let mut packet = Vec::with_capacity(IPV4_HEADER_LEN + end - offset);
+        loop {
+            let end = (offset + chunk).min(payload_len);
+            let more = end < payload_len;
+            let mut packet = std::mem::take(&mut self.packet);
+            packet.clear();
             self.push_header(&mut packet, end - offset, id, offset, more);
-            packet.extend_from_slice(&payload[offset..end]);
-            out.push(packet);
+            // The piece [offset, end) of head ++ frame.
+            if offset < head_len {
+                packet.extend_from_slice(&head[offset..end.min(head_len)]);
+            }
+            if end > head_len {
+                packet.extend_from_slice(&frame[offset.max(head_len) - head_len..end - head_len]);
+            }
+            emit(&packet);
+            self.packet = packet;
             offset = end;
+            if !more {
+                return Ok(());
+            }
         }
     }
 
@@ -116,7 +168,8 @@ impl Encapsulator {
     ) {
         let total =
             u16::try_from(IPV4_HEADER_LEN + payload_len).expect("inner packets are below 64 KiB");
-        let offset_units = u16::try_from(offset / 8).expect("offsets of a frame fit 13 bits");
+        let offset_units =
+            u16::try_from(offset / 8).expect("payloads fit what 13 bits of offset address");
         let flags = if more { FLAG_MORE_FRAGMENTS } else { 0 } | offset_units;
         let start = packet.len();
         packet.extend_from_slice(&[0x45, 0]);
@@ -131,12 +184,6 @@ impl Encapsulator {
     }
 }
 
-fn push_gre(out: &mut Vec<u8>, segment: u32) {
-    out.extend_from_slice(&GRE_FLAGS_KEY.to_be_bytes());
-    out.extend_from_slice(&ETHERTYPE_TEB.to_be_bytes());
-    out.extend_from_slice(&segment.to_be_bytes());
-}
-
 /// The one's-complement checksum of an IPv4 header (0 when it verifies).
 fn ipv4_checksum(header: &[u8]) -> u16 {
     let mut sum: u32 = header
@@ -149,22 +196,72 @@ fn ipv4_checksum(header: &[u8]) -> u16 {
     !u16::try_from(sum).expect("folded to 16 bits")
 }
 
+/// A frame out of the tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Inner<'a> {
+    /// Its segment.
+    pub segment: u32,
+    /// Its offload metadata ([`Offload::NONE`] for a plain frame).
+    pub offload: Offload,
+    /// The Ethernet frame.
+    pub frame: &'a [u8],
+}
+
+/// A packet being reassembled.
 #[derive(Debug)]
 struct Partial {
+    /// IPv4 id, source and destination.
+    key: (u16, [u8; 4], [u8; 4]),
     first_seen_ms: i64,
     /// Order of arrival among partial packets, to evict the oldest.
     arrival: u64,
-    /// Fragment payloads by offset.
-    pieces: BTreeMap<usize, Vec<u8>>,
+    /// The payload so far, at its offsets.
+    buf: Vec<u8>,
+    /// Which 8-byte units of the payload arrived.
+    covered: [u64; COVERAGE_WORDS],
     /// Payload length, once the last fragment arrived.
     total: Option<usize>,
     bytes: usize,
 }
 
+impl Partial {
+    fn empty() -> Partial {
+        Partial {
+            key: (0, [0; 4], [0; 4]),
+            first_seen_ms: 0,
+            arrival: 0,
+            buf: Vec::new(),
+            covered: [0; COVERAGE_WORDS],
+            total: None,
+            bytes: 0,
+        }
+    }
+
+    /// Marks the units of [offset, end) as covered; false if any already
+    /// was (an overlap).
+    fn cover(&mut self, offset: usize, end: usize) -> bool {
+        let units = offset / 8..end.div_ceil(8);
+        if units
+            .clone()
+            .any(|u| self.covered[u / 64] & (1 << (u % 64)) != 0)
+        {
+            return false;
+        }
+        for u in units {
+            self.covered[u / 64] |= 1 << (u % 64);
+        }
+        true
+    }
+}
+
 /// Turns inner packets from one tunnel peer back into frames.
 #[derive(Debug, Default)]
 pub struct Decapsulator {
-    pending: BTreeMap<(u16, [u8; 4], [u8; 4]), Partial>,
+    pending: Vec<Partial>,
+    /// Partials to reuse, with their buffers.
+    spare: Vec<Partial>,
+    /// The last packet completed, which [`Inner::frame`] borrows.
+    done: Option<Partial>,
     arrivals: u64,
     /// Fragments dropped: timed out, overlapping, or over the bounds.
     pub fragments_dropped: u64,
@@ -176,13 +273,13 @@ impl Decapsulator {
         Decapsulator::default()
     }
 
-    /// Takes one inner packet. Returns `(segment, frame)` when a frame is
-    /// complete, `None` while fragments are missing.
-    pub fn decapsulate(
-        &mut self,
+    /// Takes one inner packet. Returns the frame when it is complete,
+    /// `None` while fragments are missing.
+    pub fn decapsulate<'a>(
+        &'a mut self,
         now_ms: i64,
-        packet: &[u8],
-    ) -> Result<Option<(u32, Vec<u8>)>, DecapError> {
+        packet: &'a [u8],
+    ) -> Result<Option<Inner<'a>>, DecapError> {
         if packet.len() < IPV4_HEADER_LEN
             || packet[0] != 0x45
             || ipv4_checksum(&packet[..IPV4_HEADER_LEN]) != 0
@@ -201,67 +298,86 @@ impl Decapsulator {
         if !more && offset == 0 {
             return parse_gre(payload).map(Some);
         }
-        self.expire(now_ms);
         let key = (
             id,
             packet[12..16].try_into().expect("four bytes"),
             packet[16..20].try_into().expect("four bytes"),
         );
-        if !self.pending.contains_key(&key) && self.pending.len() >= PENDING_MAX {
-            // The oldest partial packet is the one least likely to complete
-            // (its other fragment was most likely lost); refusing new ones
-            // instead would stall every fragmented frame until timeouts.
-            let oldest = self
-                .pending
-                .iter()
-                .min_by_key(|(_, partial)| partial.arrival)
-                .map(|(key, _)| *key)
-                .expect("the buffer is full, so not empty");
-            self.pending.remove(&oldest);
-            self.fragments_dropped += 1;
-        }
-        self.arrivals += 1;
-        let arrival = self.arrivals;
-        let partial = self.pending.entry(key).or_insert_with(|| Partial {
-            first_seen_ms: now_ms,
-            arrival,
-            pieces: BTreeMap::new(),
-            total: None,
-            bytes: 0,
-        });
+        let slot = match self.pending.iter().position(|p| p.key == key) {
+            Some(slot) => slot,
+            None => self.start_partial(now_ms, key),
+        };
+        let partial = &mut self.pending[slot];
         let end = offset + payload.len();
         let misfit = (more && !payload.len().is_multiple_of(8))
-            || end > REASSEMBLED_LEN_MAX
-            || partial.pieces.contains_key(&offset)
+            || end > PAYLOAD_LEN_MAX
             || (!more && partial.total.is_some())
-            || partial.total.is_some_and(|t| end > t);
+            || partial.total.is_some_and(|t| end > t)
+            || (!more && partial.buf.len() > end)
+            || !partial.cover(offset, end);
         if misfit {
-            self.pending.remove(&key);
+            let partial = self.pending.swap_remove(slot);
+            self.recycle(partial);
             self.fragments_dropped += 1;
             return Err(DecapError::BadFragment);
         }
         if !more {
             partial.total = Some(end);
         }
+        if partial.buf.len() < end {
+            partial.buf.resize(end, 0);
+        }
+        partial.buf[offset..end].copy_from_slice(payload);
         partial.bytes += payload.len();
-        partial.pieces.insert(offset, payload.to_vec());
-        let Some(total) = partial.total else {
-            return Ok(None);
-        };
-        if partial.bytes < total {
+        if partial.total != Some(partial.bytes) {
             return Ok(None);
         }
-        let partial = self.pending.remove(&key).expect("looked up above");
-        let mut whole = Vec::with_capacity(total);
-        for (offset, piece) in partial.pieces {
-            if offset != whole.len() {
-                // Overlapping pieces whose sizes happened to add up.
-                self.fragments_dropped += 1;
-                return Err(DecapError::BadFragment);
-            }
-            whole.extend_from_slice(&piece);
+        // Complete: no piece overlapped another, so the bytes cover it all.
+        let complete = self.pending.swap_remove(slot);
+        if let Some(previous) = self.done.replace(complete) {
+            self.recycle(previous);
         }
-        parse_gre(&whole).map(Some)
+        let done = self.done.as_ref().expect("just stored");
+        parse_gre(&done.buf).map(Some)
+    }
+
+    /// A new partial packet for `key`, evicting the oldest when the table
+    /// is full; returns its slot.
+    fn start_partial(&mut self, now_ms: i64, key: (u16, [u8; 4], [u8; 4])) -> usize {
+        self.expire(now_ms);
+        if self.pending.len() >= PENDING_MAX {
+            // The oldest partial packet is the one least likely to complete
+            // (its other fragment was most likely lost); refusing new ones
+            // instead would stall every fragmented frame until timeouts.
+            let oldest = self
+                .pending
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, partial)| partial.arrival)
+                .map(|(slot, _)| slot)
+                .expect("the table is full, so not empty");
+            let evicted = self.pending.swap_remove(oldest);
+            self.recycle(evicted);
+            self.fragments_dropped += 1;
+        }
+        self.arrivals += 1;
+        let mut partial = self.spare.pop().unwrap_or_else(Partial::empty);
+        partial.key = key;
+        partial.first_seen_ms = now_ms;
+        partial.arrival = self.arrivals;
+        self.pending.push(partial);
+        self.pending.len() - 1
+    }
+
+    /// Keeps a partial's buffers for the next packet.
+    fn recycle(&mut self, mut partial: Partial) {
+        if self.spare.len() < PENDING_MAX {
+            partial.buf.clear();
+            partial.covered = [0; COVERAGE_WORDS];
+            partial.total = None;
+            partial.bytes = 0;
+            self.spare.push(partial);
+        }
     }
 
     /// Partial packets waiting for fragments.
@@ -271,24 +387,48 @@ impl Decapsulator {
 
     /// Drops partial packets older than [`REASSEMBLY_TIMEOUT_MS`].
     pub fn expire(&mut self, now_ms: i64) {
-        let before = self.pending.len();
-        self.pending
-            .retain(|_, partial| now_ms - partial.first_seen_ms < REASSEMBLY_TIMEOUT_MS);
-        self.fragments_dropped += (before - self.pending.len()) as u64;
+        let mut slot = 0;
+        while slot < self.pending.len() {
+            if now_ms - self.pending[slot].first_seen_ms >= REASSEMBLY_TIMEOUT_MS {
+                let partial = self.pending.swap_remove(slot);
+                self.recycle(partial);
+                self.fragments_dropped += 1;
+            } else {
+                slot += 1;
+            }
+        }
     }
 }
 
-fn parse_gre(payload: &[u8]) -> Result<(u32, Vec<u8>), DecapError> {
+fn parse_gre(payload: &[u8]) -> Result<Inner<'_>, DecapError> {
     if payload.len() < GRE_HEADER_LEN {
         return Err(DecapError::NotGreTeb);
     }
     let flags = u16::from_be_bytes([payload[0], payload[1]]);
     let protocol = u16::from_be_bytes([payload[2], payload[3]]);
-    if flags != GRE_FLAGS_KEY || protocol != ETHERTYPE_TEB {
+    if flags != GRE_FLAGS_KEY {
         return Err(DecapError::NotGreTeb);
     }
     let segment = u32::from_be_bytes(payload[4..8].try_into().expect("four bytes"));
-    Ok((segment, payload[GRE_HEADER_LEN..].to_vec()))
+    let rest = &payload[GRE_HEADER_LEN..];
+    match protocol {
+        ETHERTYPE_TEB => Ok(Inner {
+            segment,
+            offload: Offload::NONE,
+            frame: rest,
+        }),
+        ETHERTYPE_OFFLOAD if rest.len() >= offload::WIRE_LEN => {
+            let (meta, frame) = rest.split_at(offload::WIRE_LEN);
+            let offload = Offload::from_wire(meta.try_into().expect("ten bytes"));
+            offload.check(frame.len()).map_err(DecapError::BadOffload)?;
+            Ok(Inner {
+                segment,
+                offload,
+                frame,
+            })
+        }
+        _ => Err(DecapError::NotGreTeb),
+    }
 }
 
 #[cfg(test)]
@@ -297,6 +437,7 @@ mod tests {
 
     use super::*;
     use crate::frame::tests::{frame, mac};
+    use crate::offload::{F_NEEDS_CSUM, GSO_TCPV4};
 
     fn pair() -> (Encapsulator, Decapsulator) {
         (
@@ -309,25 +450,99 @@ mod tests {
         )
     }
 
+    /// The inner packets of one plain frame.
+    fn encap(enc: &mut Encapsulator, segment: u32, frame: &[u8], out: &mut Vec<Vec<u8>>) {
+        encap_with(enc, segment, Offload::NONE, frame, out);
+    }
+
+    fn encap_with(
+        enc: &mut Encapsulator,
+        segment: u32,
+        offload: Offload,
+        frame: &[u8],
+        out: &mut Vec<Vec<u8>>,
+    ) {
+        enc.encapsulate(segment, offload, frame, |packet| out.push(packet.to_vec()))
+            .unwrap();
+    }
+
+    /// What decapsulating one packet gave, owned.
+    fn decap(
+        dec: &mut Decapsulator,
+        packet: &[u8],
+    ) -> Result<Option<(u32, Offload, Vec<u8>)>, DecapError> {
+        dec.decapsulate(0, packet)
+            .map(|done| done.map(|inner| (inner.segment, inner.offload, inner.frame.to_vec())))
+    }
+
     #[test]
     fn small_frames_travel_whole_and_full_ones_in_two_fragments() {
         let (mut enc, mut dec) = pair();
         let small = frame(mac(1), mac(2), 100);
         let mut out = Vec::new();
-        enc.encapsulate(7, &small, &mut out);
+        encap(&mut enc, 7, &small, &mut out);
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].len(), small.len() + ENCAP_OVERHEAD);
-        assert_eq!(dec.decapsulate(0, &out[0]), Ok(Some((7, small))));
+        assert_eq!(
+            decap(&mut dec, &out[0]),
+            Ok(Some((7, Offload::NONE, small)))
+        );
 
         let full = frame(mac(1), mac(2), 1500);
         out.clear();
-        enc.encapsulate(7, &full, &mut out);
+        encap(&mut enc, 7, &full, &mut out);
         assert_eq!(out.len(), 2);
         assert!(out.iter().all(|p| p.len() <= INNER_MTU_DEFAULT));
         // Out of order is fine.
-        assert_eq!(dec.decapsulate(0, &out[1]), Ok(None));
-        assert_eq!(dec.decapsulate(0, &out[0]), Ok(Some((7, full))));
+        assert_eq!(decap(&mut dec, &out[1]), Ok(None));
+        assert_eq!(decap(&mut dec, &out[0]), Ok(Some((7, Offload::NONE, full))));
         assert_eq!(dec.pending(), 0);
+    }
+
+    #[test]
+    fn super_frames_travel_with_their_metadata_in_equal_fragments() {
+        let (mut enc, mut dec) = pair();
+        let offload = Offload {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_TCPV4,
+            hdr_len: 66,
+            gso_size: 1448,
+            csum_start: 34,
+            csum_offset: 16,
+        };
+        let big = frame(mac(1), mac(2), 65_000);
+        let mut out = Vec::new();
+        encap_with(&mut enc, 9, offload, &big, &mut out);
+        assert_eq!(out.len(), (65_014 + 18usize).div_ceil(1416));
+        let (last, rest) = out.split_last().unwrap();
+        assert!(
+            rest.iter().all(|p| p.len() == 1436),
+            "equal sizes batch well"
+        );
+        assert!(last.len() <= 1436);
+        for packet in rest {
+            assert_eq!(decap(&mut dec, packet), Ok(None));
+        }
+        assert_eq!(decap(&mut dec, last), Ok(Some((9, offload, big.clone()))));
+
+        // Metadata that does not fit its frame never reaches a TAP.
+        let lying = Offload {
+            csum_start: 65_000,
+            ..offload
+        };
+        out.clear();
+        encap_with(&mut enc, 9, lying, &big, &mut out);
+        let results: Vec<_> = out.iter().map(|p| decap(&mut dec, p)).collect();
+        assert!(matches!(
+            results.last(),
+            Some(Err(DecapError::BadOffload(_)))
+        ));
+
+        let too_big = frame(mac(1), mac(2), PAYLOAD_LEN_MAX);
+        assert!(
+            enc.encapsulate(9, offload, &too_big, |_| panic!("nothing sent"))
+                .is_err()
+        );
     }
 
     #[test]
@@ -335,20 +550,20 @@ mod tests {
         let (mut enc, mut dec) = pair();
         let mut out = Vec::new();
         for _ in 0..PENDING_MAX + 5 {
-            enc.encapsulate(1, &frame(mac(1), mac(2), 1500), &mut out);
+            encap(&mut enc, 1, &frame(mac(1), mac(2), 1500), &mut out);
         }
         let firsts: Vec<&Vec<u8>> = out.iter().step_by(2).collect();
         for first in &firsts[..PENDING_MAX] {
-            assert_eq!(dec.decapsulate(0, first), Ok(None));
+            assert_eq!(decap(&mut dec, first), Ok(None));
         }
         // A full buffer makes room by dropping the oldest partial packet:
         // frames whose fragments all arrive still get through.
-        assert_eq!(dec.decapsulate(0, firsts[PENDING_MAX]), Ok(None));
+        assert_eq!(decap(&mut dec, firsts[PENDING_MAX]), Ok(None));
         assert_eq!(dec.pending(), PENDING_MAX);
         assert_eq!(dec.fragments_dropped, 1);
         let newest = &out[2 * (PENDING_MAX + 1)..2 * (PENDING_MAX + 2)];
-        assert_eq!(dec.decapsulate(0, &newest[0]), Ok(None));
-        assert!(matches!(dec.decapsulate(0, &newest[1]), Ok(Some(_))));
+        assert_eq!(decap(&mut dec, &newest[0]), Ok(None));
+        assert!(matches!(decap(&mut dec, &newest[1]), Ok(Some(_))));
         assert_eq!(
             dec.pending(),
             PENDING_MAX - 1,
@@ -356,24 +571,45 @@ mod tests {
         );
         // The evicted packet's late fragment starts a new partial, that
         // times out like the others.
-        assert_eq!(dec.decapsulate(0, &out[1]), Ok(None));
+        assert_eq!(decap(&mut dec, &out[1]), Ok(None));
         dec.expire(REASSEMBLY_TIMEOUT_MS);
         assert_eq!(dec.pending(), 0);
         assert!(dec.fragments_dropped >= PENDING_MAX as u64);
     }
 
     #[test]
+    fn overlapping_and_repeated_fragments_are_dropped() {
+        let (mut enc, mut dec) = pair();
+        let mut out = Vec::new();
+        encap(&mut enc, 1, &frame(mac(1), mac(2), 3000), &mut out);
+        assert_eq!(out.len(), 3);
+        assert_eq!(decap(&mut dec, &out[0]), Ok(None));
+        assert_eq!(decap(&mut dec, &out[0]), Err(DecapError::BadFragment));
+        assert_eq!(dec.pending(), 0, "the whole packet is dropped");
+        // Fragments of the same packet that overlap by 8 bytes.
+        let mut shifted = out[1].clone();
+        let units = u16::from_be_bytes([shifted[6], shifted[7]]) & 0x1fff;
+        shifted[6..8].copy_from_slice(&(0x2000 | (units - 1)).to_be_bytes());
+        shifted[10..12].copy_from_slice(&[0, 0]);
+        let checksum = ipv4_checksum(&shifted[..IPV4_HEADER_LEN]);
+        shifted[10..12].copy_from_slice(&checksum.to_be_bytes());
+        assert_eq!(decap(&mut dec, &out[0]), Ok(None));
+        assert_eq!(decap(&mut dec, &shifted), Err(DecapError::BadFragment));
+        assert_eq!(dec.fragments_dropped, 2);
+    }
+
+    #[test]
     fn corrupt_packets_are_refused() {
         let (mut enc, mut dec) = pair();
         let mut out = Vec::new();
-        enc.encapsulate(1, &frame(mac(1), mac(2), 60), &mut out);
+        encap(&mut enc, 1, &frame(mac(1), mac(2), 60), &mut out);
         let mut bad = out[0].clone();
         bad[8] ^= 1; // TTL: checksum no longer verifies
-        assert_eq!(dec.decapsulate(0, &bad), Err(DecapError::BadIpv4));
+        assert_eq!(decap(&mut dec, &bad), Err(DecapError::BadIpv4));
         let mut not_gre = out[0].clone();
         not_gre[IPV4_HEADER_LEN + 3] ^= 1;
-        assert_eq!(dec.decapsulate(0, &not_gre), Err(DecapError::NotGreTeb));
-        assert_eq!(dec.decapsulate(0, &out[0][..30]), Err(DecapError::BadIpv4));
+        assert_eq!(decap(&mut dec, &not_gre), Err(DecapError::NotGreTeb));
+        assert_eq!(decap(&mut dec, &out[0][..30]), Err(DecapError::BadIpv4));
     }
 
     proptest! {
@@ -384,18 +620,39 @@ mod tests {
             let mut dec = Decapsulator::new();
             let original = frame(mac(3), mac(4), len);
             let mut out = Vec::new();
-            enc.encapsulate(segment, &original, &mut out);
+            encap(&mut enc, segment, &original, &mut out);
             if reverse {
                 out.reverse();
             }
             let mut got = None;
             for packet in &out {
                 prop_assert!(packet.len() <= mtu.max(IPV4_HEADER_LEN + 8));
-                if let Some(done) = dec.decapsulate(0, packet).unwrap() {
+                if let Some(done) = decap(&mut dec, packet).unwrap() {
                     got = Some(done);
                 }
             }
-            prop_assert_eq!(got, Some((segment, original)));
+            prop_assert_eq!(got, Some((segment, Offload::NONE, original)));
+        }
+
+        /// Super-frames of any size survive any order of their fragments.
+        #[test]
+        fn super_frames_round_trip(len in 64usize..SUPER_FRAME_TEST_MAX, mtu in 576usize..9000, seed in any::<u64>()) {
+            let mut enc = Encapsulator::new(Ipv4Addr::LOCALHOST, Ipv4Addr::LOCALHOST, mtu);
+            let mut dec = Decapsulator::new();
+            let original = frame(mac(3), mac(4), len);
+            let offload = Offload { flags: F_NEEDS_CSUM, gso_type: GSO_TCPV4, hdr_len: 54, gso_size: 1000, csum_start: 34, csum_offset: 16 };
+            let mut out = Vec::new();
+            encap_with(&mut enc, 5, offload, &original, &mut out);
+            // A cheap shuffle: rotate by the seed.
+            let rotate = usize::try_from(seed % out.len() as u64).unwrap();
+            out.rotate_left(rotate);
+            let mut got = None;
+            for packet in &out {
+                if let Some(done) = decap(&mut dec, packet).unwrap() {
+                    got = Some(done);
+                }
+            }
+            prop_assert_eq!(got, Some((5, offload, original)));
         }
 
         /// Arbitrary bytes never panic the decapsulator.
@@ -405,4 +662,7 @@ mod tests {
             let _ = dec.decapsulate(0, &bytes);
         }
     }
+
+    /// Frame bodies of the super-frame property: up to the largest carried.
+    const SUPER_FRAME_TEST_MAX: usize = crate::offload::SUPER_FRAME_LEN_MAX - 14;
 }

@@ -64,13 +64,20 @@ pub struct FrameInfo {
     pub ethertype: u16,
 }
 
-/// Parses the header of `frame`.
+/// Parses the header of `frame`, refusing frames longer than
+/// [`FRAME_LEN_MAX`].
 pub fn parse(frame: &[u8]) -> Result<FrameInfo, FrameError> {
-    if frame.len() < ETH_HEADER_LEN {
-        return Err(FrameError::TooShort(frame.len()));
-    }
     if frame.len() > FRAME_LEN_MAX {
         return Err(FrameError::TooLong(frame.len()));
+    }
+    parse_header(frame)
+}
+
+/// Parses the header of `frame` of any length (a super-frame's length is
+/// checked with its offload metadata).
+pub fn parse_header(frame: &[u8]) -> Result<FrameInfo, FrameError> {
+    if frame.len() < ETH_HEADER_LEN {
+        return Err(FrameError::TooShort(frame.len()));
     }
     let dst = Mac(frame[0..6].try_into().expect("six bytes"));
     let src = Mac(frame[6..12].try_into().expect("six bytes"));

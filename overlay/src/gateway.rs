@@ -4,7 +4,9 @@
 //!
 //! The caller feeds frames from the site's bridge and datagrams from the UDP
 //! socket, calls [`Gateway::handle_timers`] every [`TIMER_TICK_MS`], and sends
-//! the [`Output`]s. Peers are identified cryptographically, never by address:
+//! what collects in [`Outputs`]: one reused arena of bytes, where datagrams
+//! for the same peer line up in runs of equal size that one UDP GSO send
+//! carries. Nothing on the data path allocates once the arena has grown. Peers are identified cryptographically, never by address:
 //! a datagram is matched to a peer by the receiver index WireGuard put in it,
 //! or, for a handshake initiation, by the initiator's static key; datagrams
 //! that match no configured key are dropped and counted. A peer's endpoint
@@ -21,7 +23,9 @@ use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 
-use crate::encap::{Decapsulator, Encapsulator, INNER_MTU_DEFAULT};
+use crate::encap::{Decapsulator, Encapsulator, INNER_MTU_DEFAULT, Inner};
+use crate::frame::FRAME_LEN_MAX;
+use crate::offload::Offload;
 use crate::switch::{Decision, PeerIndex, Segment, SwitchConfig};
 
 /// How often [`Gateway::handle_timers`] should run, ms.
@@ -32,6 +36,10 @@ pub const KEEPALIVE_S: u16 = 25;
 pub const DATAGRAM_LEN_MAX: usize = 65_536;
 /// Most peers one gateway serves.
 pub const PEERS_MAX: usize = 1024;
+/// Bytes WireGuard adds to an inner packet (header and tag).
+pub const DATA_OVERHEAD: usize = 32;
+/// Room for any handshake message boringtun writes (148 for the largest).
+const HANDSHAKE_LEN_MAX: usize = 256;
 
 /// A peer gateway.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,23 +52,173 @@ pub struct PeerConfig {
     pub endpoint: Option<SocketAddr>,
 }
 
-/// Something to send.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Output {
-    /// A datagram for a peer gateway.
+/// Something to send, borrowed from [`Outputs`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output<'a> {
+    /// Datagrams for a peer gateway: `datagrams` holds them back to back,
+    /// each `stride` bytes long but for the last, which may be shorter
+    /// (the layout of a UDP GSO send).
     ToNetwork {
         /// Where.
         to: SocketAddr,
-        /// The encrypted datagram.
-        datagram: Vec<u8>,
+        /// The encrypted datagrams.
+        datagrams: &'a [u8],
+        /// The size of each datagram but the last.
+        stride: usize,
     },
     /// A frame for this site's bridge of `segment`.
     ToLocal {
         /// The segment.
         segment: u32,
+        /// Its offload metadata.
+        offload: Offload,
         /// The Ethernet frame.
-        frame: Vec<u8>,
+        frame: &'a [u8],
     },
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Item {
+    Network {
+        to: SocketAddr,
+        start: usize,
+        len: usize,
+        stride: usize,
+    },
+    Local {
+        segment: u32,
+        offload: Offload,
+        start: usize,
+        len: usize,
+    },
+}
+
+/// Bytes of one run of datagrams, at most: a UDP GSO send carries at most
+/// 64 KiB of payload (65 507 over IPv4).
+pub const RUN_BYTES_MAX: usize = 64_000;
+
+/// What the gateway has to send, in one reused arena.
+#[derive(Debug, Clone)]
+pub struct Outputs {
+    bytes: Vec<u8>,
+    items: Vec<Item>,
+    run_datagrams_max: usize,
+}
+
+impl Default for Outputs {
+    fn default() -> Outputs {
+        Outputs::new(1)
+    }
+}
+
+impl Outputs {
+    /// Empty outputs whose runs hold up to `run_datagrams_max` datagrams
+    /// (1 without UDP GSO).
+    pub fn new(run_datagrams_max: usize) -> Outputs {
+        Outputs {
+            bytes: Vec::new(),
+            items: Vec::new(),
+            run_datagrams_max: run_datagrams_max.max(1),
+        }
+    }
+
+    /// Whether there is nothing to send.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Bytes waiting to be sent.
+    pub fn bytes(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Forgets everything, keeping the memory.
+    pub fn clear(&mut self) {
+        self.bytes.clear();
+        self.items.clear();
+    }
+
+    /// The outputs, in order.
+    pub fn iter(&self) -> impl Iterator<Item = Output<'_>> + '_ {
+        self.items.iter().map(|item| match *item {
+            Item::Network {
+                to,
+                start,
+                len,
+                stride,
+            } => Output::ToNetwork {
+                to,
+                datagrams: &self.bytes[start..start + len],
+                stride,
+            },
+            Item::Local {
+                segment,
+                offload,
+                start,
+                len,
+            } => Output::ToLocal {
+                segment,
+                offload,
+                frame: &self.bytes[start..start + len],
+            },
+        })
+    }
+
+    /// Appends a frame for the site.
+    fn push_local(&mut self, segment: u32, offload: Offload, frame: &[u8]) {
+        let start = self.bytes.len();
+        self.bytes.extend_from_slice(frame);
+        self.items.push(Item::Local {
+            segment,
+            offload,
+            start,
+            len: frame.len(),
+        });
+    }
+
+    /// Appends a datagram `write` produces (at most `max_len` bytes; it
+    /// returns how many it wrote, 0 for none) for `to`, joining the last
+    /// run when the datagram fits it.
+    fn push_datagram(
+        &mut self,
+        to: SocketAddr,
+        max_len: usize,
+        write: impl FnOnce(&mut [u8]) -> usize,
+    ) {
+        let start = self.bytes.len();
+        self.bytes.resize(start + max_len, 0);
+        let len = write(&mut self.bytes[start..]);
+        self.bytes.truncate(start + len);
+        if len == 0 {
+            return;
+        }
+        if let Some(Item::Network {
+            to: run_to,
+            start: run_start,
+            len: run_len,
+            stride,
+        }) = self.items.last_mut()
+        {
+            // A run is open while all its datagrams are `stride` long and
+            // it is next to the new one in the arena.
+            let open = *run_len % *stride == 0 && *run_start + *run_len == start;
+            if open
+                && *run_to == to
+                && len <= *stride
+                && *run_len / *stride < self.run_datagrams_max
+                && *run_len + len <= RUN_BYTES_MAX
+            {
+                *run_len += len;
+                return;
+            }
+        }
+        self.items.push(Item::Network {
+            to,
+            start,
+            len,
+            stride: len,
+        });
+    }
 }
 
 /// Counters of the data plane.
@@ -75,6 +233,9 @@ pub struct GatewayStats {
     pub wrong_segment: u64,
     /// Frames that had no endpoint to go to yet.
     pub no_endpoint: u64,
+    /// Frames from the site dropped before the switch: longer than the
+    /// overlay carries, or with offload metadata that does not fit them.
+    pub local_dropped: u64,
 }
 
 struct PeerState {
@@ -227,49 +388,64 @@ impl Gateway {
         self.segments.get(&segment)
     }
 
-    /// A frame from this site's bridge of `segment`.
+    /// A frame from this site's bridge of `segment`, with its offload
+    /// metadata ([`Offload::NONE`] for a plain frame).
     pub fn handle_local_frame(
         &mut self,
         now_ms: i64,
         segment: u32,
+        offload: Offload,
         frame: &[u8],
-        out: &mut Vec<Output>,
+        out: &mut Outputs,
     ) {
+        let fits = if offload.is_none() {
+            frame.len() <= FRAME_LEN_MAX
+        } else {
+            offload.check(frame.len()).is_ok()
+        };
+        if !fits {
+            self.stats.local_dropped += 1;
+            return;
+        }
         let Some(switch) = self.segments.get_mut(&segment) else {
             self.stats.wrong_segment += 1;
             return;
         };
-        let targets = match switch.from_local(now_ms, frame) {
-            Decision::Peer(peer) => vec![peer],
+        let decision = switch.from_local(now_ms, frame);
+        let targets: &[PeerIndex] = match &decision {
+            Decision::Peer(peer) => std::slice::from_ref(peer),
             Decision::Peers(peers) => peers,
             Decision::Local | Decision::Drop(_) => return,
         };
-        let mut packets = Vec::new();
         for index in targets {
-            let Some(peer) = self.peers.get_mut(&index) else {
+            let Some(peer) = self.peers.get_mut(index) else {
                 continue;
             };
             let Some(endpoint) = peer.endpoint else {
                 self.stats.no_endpoint += 1;
                 continue;
             };
-            packets.clear();
-            peer.encap.encapsulate(segment, frame, &mut packets);
-            for packet in &packets {
-                match peer.tunn.encapsulate(packet, &mut self.scratch) {
-                    TunnResult::WriteToNetwork(datagram) => {
-                        out.push(Output::ToNetwork {
-                            to: endpoint,
-                            datagram: datagram.to_vec(),
-                        });
-                    }
-                    // Queued inside boringtun until the handshake completes.
-                    TunnResult::Done => {}
-                    TunnResult::Err(e) => {
-                        tracing::debug!(peer = index, error = ?e, "encapsulation failed")
-                    }
-                    TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {}
-                }
+            let PeerState { tunn, encap, .. } = peer;
+            let sent = encap.encapsulate(segment, offload, frame, |packet| {
+                out.push_datagram(
+                    endpoint,
+                    (packet.len() + DATA_OVERHEAD).max(HANDSHAKE_LEN_MAX),
+                    |dst| {
+                        match tunn.encapsulate(packet, dst) {
+                            TunnResult::WriteToNetwork(datagram) => datagram.len(),
+                            // Queued inside boringtun until the handshake completes.
+                            TunnResult::Done => 0,
+                            TunnResult::Err(e) => {
+                                tracing::debug!(peer = index, error = ?e, "encapsulation failed");
+                                0
+                            }
+                            TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => 0,
+                        }
+                    },
+                );
+            });
+            if sent.is_err() {
+                self.stats.local_dropped += 1;
             }
         }
     }
@@ -280,7 +456,7 @@ impl Gateway {
         now_ms: i64,
         from: SocketAddr,
         datagram: &[u8],
-        out: &mut Vec<Output>,
+        out: &mut Outputs,
     ) {
         let Some(index) = self.identify(datagram) else {
             self.stats.datagrams_dropped += 1;
@@ -291,56 +467,69 @@ impl Gateway {
             .get_mut(&index)
             .expect("identify returns configured peers");
         let mut authenticated = false;
-        let mut result = peer
+        let mut reply_len = 0;
+        let result = peer
             .tunn
             .decapsulate(Some(from.ip()), datagram, &mut self.scratch);
-        loop {
-            match result {
-                TunnResult::WriteToNetwork(reply) => {
-                    authenticated = true;
-                    out.push(Output::ToNetwork {
-                        to: from,
-                        datagram: reply.to_vec(),
-                    });
-                    // Packets queued while the handshake ran go out now.
-                    result = peer.tunn.decapsulate(None, &[], &mut self.scratch);
-                    continue;
-                }
-                TunnResult::WriteToTunnelV4(packet, _) => {
-                    authenticated = true;
-                    let packet = packet.to_vec();
-                    match peer.decap.decapsulate(now_ms, &packet) {
-                        Ok(Some((segment, frame))) => {
-                            deliver(
-                                &mut self.segments,
-                                &mut self.stats,
-                                now_ms,
-                                index,
-                                segment,
-                                frame,
-                                out,
-                            );
-                        }
-                        Ok(None) => {}
-                        Err(_) => self.stats.inner_dropped += 1,
+        match result {
+            TunnResult::WriteToNetwork(reply) => {
+                authenticated = true;
+                reply_len = reply.len();
+            }
+            TunnResult::WriteToTunnelV4(packet, _) => {
+                authenticated = true;
+                match peer.decap.decapsulate(now_ms, packet) {
+                    Ok(Some(inner)) => {
+                        deliver(
+                            &mut self.segments,
+                            &mut self.stats,
+                            now_ms,
+                            index,
+                            inner,
+                            out,
+                        );
                     }
-                }
-                TunnResult::WriteToTunnelV6(..) => {
-                    authenticated = true;
-                    self.stats.inner_dropped += 1;
-                }
-                TunnResult::Done => {
-                    authenticated |= matches!(
-                        Tunn::parse_incoming_packet(datagram),
-                        Ok(Packet::PacketData(_))
-                    )
-                }
-                TunnResult::Err(e) => {
-                    tracing::trace!(peer = index, error = ?e, "datagram refused");
-                    self.stats.datagrams_dropped += 1;
+                    Ok(None) => {}
+                    Err(_) => self.stats.inner_dropped += 1,
                 }
             }
-            break;
+            TunnResult::WriteToTunnelV6(..) => {
+                authenticated = true;
+                self.stats.inner_dropped += 1;
+            }
+            TunnResult::Done => {
+                authenticated |= matches!(
+                    Tunn::parse_incoming_packet(datagram),
+                    Ok(Packet::PacketData(_))
+                )
+            }
+            TunnResult::Err(e) => {
+                tracing::trace!(peer = index, error = ?e, "datagram refused");
+                self.stats.datagrams_dropped += 1;
+            }
+        }
+        if reply_len > 0 {
+            let reply = &self.scratch[..reply_len];
+            out.push_datagram(from, reply_len, |dst| {
+                dst.copy_from_slice(reply);
+                reply_len
+            });
+            // Packets queued while the handshake ran go out now.
+            loop {
+                let mut more = false;
+                out.push_datagram(from, DATAGRAM_LEN_MAX, |dst| {
+                    match peer.tunn.decapsulate(None, &[], dst) {
+                        TunnResult::WriteToNetwork(queued) => {
+                            more = true;
+                            queued.len()
+                        }
+                        _ => 0,
+                    }
+                });
+                if !more {
+                    break;
+                }
+            }
         }
         if authenticated {
             // Roaming: the peer is wherever its authenticated packets come from.
@@ -350,21 +539,25 @@ impl Gateway {
 
     /// Timers of the tunnels (handshakes, keepalives, rekeys), reassembly
     /// and MAC aging. Call every [`TIMER_TICK_MS`].
-    pub fn handle_timers(&mut self, now_ms: i64, out: &mut Vec<Output>) {
+    pub fn handle_timers(&mut self, now_ms: i64, out: &mut Outputs) {
         for (index, peer) in &mut self.peers {
             peer.decap.expire(now_ms);
-            match peer.tunn.update_timers(&mut self.scratch) {
-                TunnResult::WriteToNetwork(datagram) => {
-                    if let Some(to) = peer.endpoint {
-                        out.push(Output::ToNetwork {
-                            to,
-                            datagram: datagram.to_vec(),
-                        });
+            let Some(to) = peer.endpoint else {
+                // Timers still run: a handshake without an endpoint is
+                // dropped, as before.
+                let _ = peer.tunn.update_timers(&mut self.scratch);
+                continue;
+            };
+            out.push_datagram(to, HANDSHAKE_LEN_MAX, |dst| {
+                match peer.tunn.update_timers(dst) {
+                    TunnResult::WriteToNetwork(datagram) => datagram.len(),
+                    TunnResult::Err(e) => {
+                        tracing::trace!(peer = index, error = ?e, "tunnel timer");
+                        0
                     }
+                    _ => 0,
                 }
-                TunnResult::Err(e) => tracing::trace!(peer = index, error = ?e, "tunnel timer"),
-                _ => {}
-            }
+            });
         }
         for segment in self.segments.values_mut() {
             segment.expire(now_ms);
@@ -376,7 +569,7 @@ impl Gateway {
     /// peers still hold sessions with its previous incarnation and would
     /// otherwise send into them until their own rekey timers fire, 15 s or
     /// more later. A fresh initiation replaces those sessions at once.
-    pub fn initiate_handshakes(&mut self, out: &mut Vec<Output>) {
+    pub fn initiate_handshakes(&mut self, out: &mut Outputs) {
         let indices: Vec<PeerIndex> = self.peers.keys().copied().collect();
         for index in indices {
             self.initiate_handshake(index, out);
@@ -386,24 +579,23 @@ impl Gateway {
     /// Starts a handshake with one peer, if it has an endpoint and no
     /// handshake is under way (a peer just added, so that its tunnel is up
     /// before the first frame needs it).
-    pub fn initiate_handshake(&mut self, index: PeerIndex, out: &mut Vec<Output>) {
+    pub fn initiate_handshake(&mut self, index: PeerIndex, out: &mut Outputs) {
         let Some(peer) = self.peers.get_mut(&index) else {
             return;
         };
         let Some(to) = peer.endpoint else {
             return;
         };
-        match peer
-            .tunn
-            .format_handshake_initiation(&mut self.scratch, false)
-        {
-            TunnResult::WriteToNetwork(datagram) => out.push(Output::ToNetwork {
-                to,
-                datagram: datagram.to_vec(),
-            }),
-            TunnResult::Err(e) => tracing::debug!(peer = index, error = ?e, "handshake"),
-            _ => {}
-        }
+        out.push_datagram(to, HANDSHAKE_LEN_MAX, |dst| {
+            match peer.tunn.format_handshake_initiation(dst, false) {
+                TunnResult::WriteToNetwork(datagram) => datagram.len(),
+                TunnResult::Err(e) => {
+                    tracing::debug!(peer = index, error = ?e, "handshake");
+                    0
+                }
+                _ => 0,
+            }
+        });
     }
 
     /// Which configured peer a datagram belongs to, by receiver index or
@@ -433,16 +625,19 @@ fn deliver(
     stats: &mut GatewayStats,
     now_ms: i64,
     peer: PeerIndex,
-    segment: u32,
-    frame: Vec<u8>,
-    out: &mut Vec<Output>,
+    inner: Inner<'_>,
+    out: &mut Outputs,
 ) {
-    let Some(switch) = segments.get_mut(&segment) else {
+    if inner.offload.is_none() && inner.frame.len() > FRAME_LEN_MAX {
+        stats.inner_dropped += 1;
+        return;
+    }
+    let Some(switch) = segments.get_mut(&inner.segment) else {
         stats.wrong_segment += 1;
         return;
     };
-    match switch.from_peer(now_ms, peer, &frame) {
-        Decision::Local => out.push(Output::ToLocal { segment, frame }),
+    match switch.from_peer(now_ms, peer, inner.frame) {
+        Decision::Local => out.push_local(inner.segment, inner.offload, inner.frame),
         Decision::Drop(crate::switch::DropReason::UnknownPeer) => stats.wrong_segment += 1,
         _ => {}
     }

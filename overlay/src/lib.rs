@@ -5,6 +5,8 @@
 //! flooding, split horizon, bounded tables), the encapsulation of Ethernet
 //! frames into the tunnel, WireGuard sessions between gateways and the
 //! fragmentation that lets VMs keep an MTU of 1500 over a 1500-byte path.
+//! TCP super-frames (GSO) cross whole, with their offload metadata, so
+//! that the kernels at both ends do the per-segment work.
 //!
 //! # Layering
 //!
@@ -18,4 +20,5 @@ pub mod frame;
 pub mod gateway;
 #[cfg(target_os = "linux")]
 pub mod linux;
+pub mod offload;
 pub mod switch;

@@ -152,9 +152,10 @@ impl Segment {
         self.macs.get(mac).map(|entry| entry.port)
     }
 
-    /// A frame from this site's bridge.
+    /// A frame from this site's bridge (its length is the caller's to
+    /// check: a super-frame may be up to 64 KiB).
     pub fn from_local(&mut self, now_ms: i64, frame: &[u8]) -> Decision {
-        let Ok(info) = frame::parse(frame) else {
+        let Ok(info) = frame::parse_header(frame) else {
             return self.drop(DropReason::Malformed);
         };
         self.learn(now_ms, info.src, Port::Local);
@@ -185,7 +186,7 @@ impl Segment {
         if !self.peers.contains(&peer) {
             return self.drop(DropReason::UnknownPeer);
         }
-        let Ok(info) = frame::parse(frame) else {
+        let Ok(info) = frame::parse_header(frame) else {
             return self.drop(DropReason::Malformed);
         };
         self.learn(now_ms, info.src, Port::Peer(peer));

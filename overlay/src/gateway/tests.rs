@@ -64,43 +64,58 @@ fn run(sites: &mut [Site], mut queue: VecDeque<(usize, SocketAddr, Vec<u8>)>, no
     while let Some((to, from, datagram)) = queue.pop_front() {
         steps += 1;
         assert!(steps < 10_000, "datagrams ping-pong forever");
-        let mut out = Vec::new();
+        let mut out = Outputs::new(64);
         sites[to].datagram_sizes.push(datagram.len());
         sites[to]
             .gateway
             .handle_datagram(now_ms, from, &datagram, &mut out);
-        collect(sites, to, out, &mut queue);
+        collect(sites, to, &out, &mut queue);
     }
 }
 
 fn collect(
     sites: &mut [Site],
     at: usize,
-    out: Vec<Output>,
+    out: &Outputs,
     queue: &mut VecDeque<(usize, SocketAddr, Vec<u8>)>,
 ) {
-    for output in out {
+    for output in out.iter() {
         match output {
-            Output::ToNetwork { to, datagram } => {
+            Output::ToNetwork {
+                to,
+                datagrams,
+                stride,
+            } => {
                 let index = sites
                     .iter()
                     .position(|s| s.addr == to)
                     .expect("a known site");
                 let from = sites[at].addr;
-                queue.push_back((index, from, datagram));
+                // A run is what one UDP GSO send carries: the receiver sees
+                // the datagrams one by one.
+                for datagram in datagrams.chunks(stride) {
+                    queue.push_back((index, from, datagram.to_vec()));
+                }
             }
-            Output::ToLocal { segment, frame } => sites[at].delivered.push((segment, frame)),
+            Output::ToLocal {
+                segment,
+                offload,
+                frame,
+            } => {
+                assert!(offload.is_none(), "plain frames stay plain");
+                sites[at].delivered.push((segment, frame.to_vec()));
+            }
         }
     }
 }
 
 fn send_local(sites: &mut [Site], at: usize, segment: u32, frame: &[u8], now_ms: i64) {
-    let mut out = Vec::new();
+    let mut out = Outputs::new(64);
     sites[at]
         .gateway
-        .handle_local_frame(now_ms, segment, frame, &mut out);
+        .handle_local_frame(now_ms, segment, Offload::NONE, frame, &mut out);
     let mut queue = VecDeque::new();
-    collect(sites, at, out, &mut queue);
+    collect(sites, at, &out, &mut queue);
     run(sites, queue, now_ms);
 }
 
@@ -167,7 +182,7 @@ fn a_peer_with_the_wrong_key_gets_nothing_through() {
     assert!(sites[1].delivered.is_empty());
     assert!(sites[1].gateway.stats().datagrams_dropped > 0);
     // Garbage is dropped too.
-    let mut out = Vec::new();
+    let mut out = Outputs::default();
     sites[1]
         .gateway
         .handle_datagram(0, addr(0), &[1, 0, 0, 0, 5, 6], &mut out);
@@ -183,14 +198,144 @@ fn a_restarted_gateway_replaces_the_sessions_its_peers_hold() {
     // Site 1 restarts: same key, no sessions.
     let restarted = mesh(2, &[&[7], &[7]]).remove(1);
     sites[1] = restarted;
-    let mut out = Vec::new();
+    let mut out = Outputs::default();
     sites[1].gateway.initiate_handshakes(&mut out);
-    assert_eq!(out.len(), 1, "one initiation per peer with an endpoint");
+    assert_eq!(
+        out.iter().count(),
+        1,
+        "one initiation per peer with an endpoint"
+    );
     let mut queue = VecDeque::new();
-    collect(&mut sites, 1, out, &mut queue);
+    collect(&mut sites, 1, &out, &mut queue);
     run(&mut sites, queue, 1);
 
     // Site 0 now sends on the new session, with no frame lost to the old one.
     send_local(&mut sites, 0, 7, &frame(mac(2), mac(1), 60), 2);
     assert_eq!(sites[1].delivered.len(), 1);
+}
+
+#[test]
+fn super_frames_cross_whole_in_runs_of_equal_datagrams() {
+    let mut sites = mesh(2, &[&[7], &[7]]);
+    // The handshake first, with a plain frame.
+    send_local(&mut sites, 0, 7, &frame(mac(2), mac(1), 60), 0);
+    let offload = Offload {
+        flags: crate::offload::F_NEEDS_CSUM,
+        gso_type: crate::offload::GSO_TCPV4,
+        hdr_len: 66,
+        gso_size: 1448,
+        csum_start: 34,
+        csum_offset: 16,
+    };
+    let big = frame(mac(2), mac(1), 64_000);
+    let mut out = Outputs::new(64);
+    sites[0]
+        .gateway
+        .handle_local_frame(1, 7, offload, &big, &mut out);
+    let runs: Vec<(usize, usize)> = out
+        .iter()
+        .map(|output| match output {
+            Output::ToNetwork {
+                datagrams, stride, ..
+            } => (datagrams.len(), stride),
+            Output::ToLocal { .. } => panic!("nothing local"),
+        })
+        .collect();
+    // 64 032 bytes in 46 fragments of 1416 bytes but the last: 43
+    // datagrams of 1468 bytes fill a run (RUN_BYTES_MAX), 3 more follow.
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    assert!(runs.iter().all(|(_, stride)| *stride == 1468));
+    assert_eq!(runs[0].0, 43 * 1468);
+    assert_eq!(runs[1].0.div_ceil(1468), 3);
+
+    // The far side hands the frame to its TAP whole, with its metadata.
+    let mut delivered = Vec::new();
+    for output in out.iter() {
+        let Output::ToNetwork {
+            datagrams, stride, ..
+        } = output
+        else {
+            continue;
+        };
+        for datagram in datagrams.chunks(stride) {
+            let mut local = Outputs::default();
+            sites[1]
+                .gateway
+                .handle_datagram(1, addr(0), datagram, &mut local);
+            for output in local.iter() {
+                if let Output::ToLocal {
+                    segment,
+                    offload,
+                    frame,
+                } = output
+                {
+                    delivered.push((segment, offload, frame.to_vec()));
+                }
+            }
+        }
+    }
+    assert_eq!(delivered, vec![(7, offload, big)]);
+
+    // A plain frame longer than the overlay carries is dropped, counted.
+    let mut out = Outputs::new(64);
+    sites[0].gateway.handle_local_frame(
+        2,
+        7,
+        Offload::NONE,
+        &frame(mac(2), mac(1), 2000),
+        &mut out,
+    );
+    assert!(out.is_empty());
+    assert_eq!(sites[0].gateway.stats().local_dropped, 1);
+}
+
+#[test]
+fn runs_hold_equal_datagrams_to_one_address_and_end_at_a_shorter_one() {
+    let a = SocketAddr::from(([198, 18, 0, 1], 1));
+    let b = SocketAddr::from(([198, 18, 0, 2], 1));
+    let mut out = Outputs::new(3);
+    let mut push = |to, len: usize| {
+        out.push_datagram(to, len, |dst| {
+            dst.fill(u8::try_from(len % 256).unwrap());
+            len
+        })
+    };
+    for (to, len) in [
+        (a, 100),
+        (a, 100),
+        (a, 100),
+        (a, 100),
+        (a, 60),
+        (a, 100),
+        (b, 100),
+        (b, 50),
+        (b, 50),
+    ] {
+        push(to, len);
+    }
+    push(a, 0); // nothing written: nothing sent
+    let runs: Vec<(SocketAddr, usize, usize)> = out
+        .iter()
+        .map(|output| match output {
+            Output::ToNetwork {
+                to,
+                datagrams,
+                stride,
+            } => (to, datagrams.len(), stride),
+            Output::ToLocal { .. } => unreachable!(),
+        })
+        .collect();
+    assert_eq!(
+        runs,
+        vec![
+            (a, 300, 100), // at most three
+            (a, 160, 100), // closed by the shorter one
+            (a, 100, 100),
+            (b, 150, 100),
+            (b, 50, 50),
+        ]
+    );
+    out.clear();
+    assert!(out.is_empty());
+    assert_eq!(out.bytes(), 0);
 }

@@ -12,12 +12,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
+use std::io::IoSliceMut;
 use std::net::SocketAddr;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tracing::Instrument;
 
@@ -29,15 +31,24 @@ use super::{
     Carried, CarriedSegment, GatewayBase, GatewayConfig, GatewayReport, INNER_MTU_MAX,
     INNER_MTU_MIN, SegmentLinkNames, ShellError, link_names,
 };
-use crate::frame::FRAME_LEN_MAX;
 use crate::gateway::{
-    DATAGRAM_LEN_MAX, Gateway, GatewayStats, Output, PEERS_MAX, PeerConfig, TIMER_TICK_MS,
+    DATAGRAM_LEN_MAX, Gateway, GatewayStats, Output, Outputs, PEERS_MAX, PeerConfig, TIMER_TICK_MS,
 };
+use crate::offload::{self, SUPER_FRAME_LEN_MAX};
 use crate::switch::{PeerIndex, SwitchConfig};
 
 /// Packets read from one device in a row before the loop looks at its
 /// timers and the other devices again.
 pub const INPUT_BATCH_MAX: usize = 64;
+/// Messages one read of the UDP socket takes (`recvmmsg`); each may hold
+/// many datagrams coalesced by UDP GRO.
+const RECV_BATCH: usize = 8;
+/// Outputs are sent once this many bytes wait, and at the end of every
+/// batch of input.
+const FLUSH_BYTES: usize = 256 << 10;
+/// How long one send waits for room in the socket's buffer before its
+/// datagrams are counted as send errors.
+const SEND_WAIT_MAX: Duration = Duration::from_millis(200);
 /// Segments (TAP devices) one gateway carries, at most.
 pub const SEGMENTS_MAX: usize = 256;
 /// Receive and send buffer asked of the UDP socket, bytes: room for a burst
@@ -371,10 +382,15 @@ struct Shell {
     stats: ShellStats,
     /// Which TAP `any_readable` looks at first, so that none starves.
     tap_cursor: usize,
-    /// Where packets are read to, reused.
+    /// UDP GSO and GRO on the socket.
+    udp: quinn_udp::UdpSocketState,
+    /// Where TAP frames are read to (with their virtio header), reused.
     buf: Vec<u8>,
+    /// Where datagrams are read to, reused.
+    rx: Vec<Vec<u8>>,
+    rx_meta: [quinn_udp::RecvMeta; RECV_BATCH],
     /// Outputs of the gateway, reused between inputs.
-    out: Vec<Output>,
+    out: Outputs,
     /// For a dynamic gateway: what it should carry, and what it does.
     control: Option<Control>,
 }
@@ -397,6 +413,16 @@ impl Shell {
         for segment in &config.segments {
             gateway.add_segment(now_ms, segment.id, &segment.peers);
         }
+        let udp =
+            quinn_udp::UdpSocketState::new((&socket).into()).map_err(|source| ShellError::Udp {
+                addr: config.listen,
+                source,
+            })?;
+        tracing::debug!(
+            gso_segments = udp.max_gso_segments(),
+            gro_segments = udp.gro_segments(),
+            "UDP offloads"
+        );
         Ok(Shell {
             gateway,
             socket,
@@ -405,8 +431,11 @@ impl Shell {
             started,
             stats: ShellStats::default(),
             tap_cursor: 0,
-            buf: vec![0; DATAGRAM_LEN_MAX],
-            out: Vec::new(),
+            buf: vec![0; offload::WIRE_LEN + SUPER_FRAME_LEN_MAX + 1],
+            rx: (0..RECV_BATCH).map(|_| vec![0; DATAGRAM_LEN_MAX]).collect(),
+            rx_meta: [quinn_udp::RecvMeta::default(); RECV_BATCH],
+            out: Outputs::new(udp.max_gso_segments()),
+            udp,
             control: None,
         })
     }
@@ -507,9 +536,9 @@ impl Shell {
             };
             match attached {
                 Ok(tap) => {
-                    self.taps.insert(id, tap);
                     self.gateway.add_segment(now_ms, id, &peers);
-                    tracing::info!(segment = id, tap = %names.tap, bridge = %names.bridge, peers = peers.len(), "segment attached");
+                    tracing::info!(segment = id, tap = %names.tap, bridge = %names.bridge, peers = peers.len(), offloads = tap.offloads(), "segment attached");
+                    self.taps.insert(id, tap);
                     report.segments.insert(id, Ok(names.bridge.clone()));
                     control.applied.insert(id, (segment, names));
                 }
@@ -659,77 +688,122 @@ impl Shell {
     }
 
     /// Reads and handles datagrams until none is left or the batch is full.
-    /// Only errors that concern the socket itself are returned.
+    /// Each read takes up to [`RECV_BATCH`] messages, each of which may be
+    /// several datagrams the kernel coalesced (UDP GRO). Only errors that
+    /// concern the socket itself are returned.
     async fn drain_socket(&mut self) -> std::io::Result<()> {
         for _ in 0..INPUT_BATCH_MAX {
-            match self.socket.try_recv_from(&mut self.buf) {
-                Ok((len, from)) => {
-                    self.stats.datagrams_received += 1;
-                    tracing::trace!(%from, len, "datagram");
+            let mut slices: [IoSliceMut<'_>; RECV_BATCH] = {
+                let mut bufs = self.rx.iter_mut();
+                std::array::from_fn(|_| IoSliceMut::new(bufs.next().expect("RECV_BATCH buffers")))
+            };
+            let received = self.socket.try_io(Interest::READABLE, || {
+                self.udp
+                    .recv((&self.socket).into(), &mut slices, &mut self.rx_meta)
+            });
+            match received {
+                Ok(messages) => {
                     let now_ms = self.now_ms();
-                    self.gateway
-                        .handle_datagram(now_ms, from, &self.buf[..len], &mut self.out);
-                    self.flush().await;
+                    for (meta, buf) in self.rx_meta.iter().zip(&self.rx).take(messages) {
+                        let stride = meta.stride.max(1);
+                        for datagram in buf[..meta.len].chunks(stride) {
+                            self.stats.datagrams_received += 1;
+                            self.gateway.handle_datagram(
+                                now_ms,
+                                meta.addr,
+                                datagram,
+                                &mut self.out,
+                            );
+                        }
+                    }
+                    if self.out.bytes() >= FLUSH_BYTES {
+                        self.flush().await;
+                    }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) if is_transient(&e) => self.stats.receive_errors += 1,
-                Err(e) => return Err(e),
+                Err(e) => {
+                    self.flush().await;
+                    return Err(e);
+                }
             }
         }
+        self.flush().await;
         Ok(())
     }
 
     /// Reads and handles the frames of `segment`'s TAP until none is left
     /// or the batch is full.
     async fn drain_tap(&mut self, segment: u32) -> std::io::Result<()> {
+        let mut ended = Ok(());
         for _ in 0..INPUT_BATCH_MAX {
             let Some(tap) = self.taps.get(&segment) else {
-                return Ok(());
+                break;
             };
-            // One byte more than the largest frame tells a frame that was cut.
-            let buf = &mut self.buf[..FRAME_LEN_MAX + 1];
-            match tap.try_recv(buf) {
-                Ok(len) if len > FRAME_LEN_MAX => self.stats.oversize_frames += 1,
-                Ok(len) => {
+            match tap.try_recv(&mut self.buf) {
+                Ok((_, len)) if len > SUPER_FRAME_LEN_MAX => self.stats.oversize_frames += 1,
+                Ok((offload, len)) => {
                     self.stats.frames_from_local += 1;
-                    tracing::trace!(segment, len, "frame from local");
                     let now_ms = self.now_ms();
-                    self.gateway.handle_local_frame(
-                        now_ms,
-                        segment,
-                        &self.buf[..len],
-                        &mut self.out,
-                    );
-                    self.flush().await;
+                    let frame = &self.buf[offload::WIRE_LEN..offload::WIRE_LEN + len];
+                    self.gateway
+                        .handle_local_frame(now_ms, segment, offload, frame, &mut self.out);
+                    if self.out.bytes() >= FLUSH_BYTES {
+                        self.flush().await;
+                    }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    self.stats.oversize_frames += 1;
+                }
+                Err(e) => {
+                    ended = Err(e);
+                    break;
+                }
             }
         }
-        Ok(())
+        self.flush().await;
+        ended
     }
 
-    /// Sends every output of the gateway.
+    /// Sends every output of the gateway: runs of datagrams in one UDP GSO
+    /// send each, frames with their offload metadata.
     async fn flush(&mut self) {
-        let mut out = std::mem::take(&mut self.out);
-        for output in out.drain(..) {
+        let out = std::mem::take(&mut self.out);
+        for output in out.iter() {
             match output {
-                Output::ToNetwork { to, datagram } => {
-                    match self.socket.send_to(&datagram, to).await {
-                        Ok(_) => self.stats.datagrams_sent += 1,
+                Output::ToNetwork {
+                    to,
+                    datagrams,
+                    stride,
+                } => {
+                    let count = datagrams.len().div_ceil(stride) as u64;
+                    let transmit = quinn_udp::Transmit {
+                        destination: to,
+                        ecn: None,
+                        contents: datagrams,
+                        segment_size: (datagrams.len() > stride).then_some(stride),
+                        src_ip: None,
+                    };
+                    match self.send(&transmit).await {
+                        Ok(()) => self.stats.datagrams_sent += count,
                         Err(e) => {
-                            self.stats.send_errors += 1;
+                            self.stats.send_errors += count;
                             tracing::trace!(%to, error = %e, "send failed");
                         }
                     }
                 }
-                Output::ToLocal { segment, frame } => {
+                Output::ToLocal {
+                    segment,
+                    offload,
+                    frame,
+                } => {
                     let Some(tap) = self.taps.get(&segment) else {
                         self.stats.local_write_errors += 1;
                         continue;
                     };
-                    match tap.try_send(&frame) {
+                    match tap.try_send(offload, frame) {
                         Ok(_) => self.stats.frames_to_local += 1,
                         Err(e) => {
                             self.stats.local_write_errors += 1;
@@ -739,7 +813,27 @@ impl Shell {
                 }
             }
         }
+        let mut out = out;
+        out.clear();
         self.out = out;
+    }
+
+    /// Sends one run of datagrams, waiting while the socket's buffer is
+    /// full (at most [`SEND_WAIT_MAX`]).
+    async fn send(&self, transmit: &quinn_udp::Transmit<'_>) -> std::io::Result<()> {
+        let deadline = tokio::time::Instant::now() + SEND_WAIT_MAX;
+        loop {
+            match self.socket.try_io(Interest::WRITABLE, || {
+                self.udp.try_send((&self.socket).into(), transmit)
+            }) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    tokio::time::timeout_at(deadline, self.socket.writable())
+                        .await
+                        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+                }
+                done => return done,
+            }
+        }
     }
 
     fn now_ms(&self) -> i64 {
