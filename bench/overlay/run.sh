@@ -5,7 +5,8 @@
 # 198.18.0.2, MTU 1500); each has a bridge with one "VM" namespace on it
 # (198.19.0.1 and 198.19.0.2, MTU 1500). For each path between the two
 # bridges the script measures, between the VMs, iperf3 TCP throughput with 1
-# and 4 streams and the ping RTT, all in one run:
+# and 4 streams, the ping RTT idle and under a transfer, and the tunnel
+# processes' peak memory, all in one run:
 #
 #   plain    a veth straight between the bridges: the limit of this machine
 #   vxlan    kernel VXLAN over the WAN, unencrypted (WAN MTU 1600 so that
@@ -19,9 +20,12 @@
 #
 #   bench/overlay/run.sh                  # all paths, 5 s per iperf3 run
 #   DURATION=10 ONLY="vcfed tinc" bench/overlay/run.sh
+#   PERF=1 ONLY=vcfed bench/overlay/run.sh   # also profiles the gateways
+#                                            # (perf; top in /tmp/vcfed-perf.txt)
 #
 # It installs its Debian packages (iperf3 tinc openvpn wireguard-go
-# wireguard-tools) unless NO_INSTALL=1, and builds vcfed in release mode.
+# wireguard-tools) unless NO_INSTALL=1, and builds vcfed in release mode
+# (or takes the binary VCFED_BIN names, e.g. an older build to compare).
 # Only addresses in 198.18.0.0/15, inside namespaces it creates, are used;
 # everything it creates is removed on exit.
 set -euo pipefail
@@ -45,10 +49,13 @@ if [ "${NO_INSTALL:-}" != "1" ]; then
     tinc openvpn wireguard-go wireguard-tools >/dev/null
 fi
 
-echo "::: building vcfed (release)" >&2
-cargo build --release -q -p vcfed --bin vcfed
-VCFED="${CARGO_TARGET_DIR:-target}/release/vcfed"
-VCFED=$(realpath "$VCFED")
+if [ -n "${VCFED_BIN:-}" ]; then
+  VCFED=$(realpath "$VCFED_BIN")
+else
+  echo "::: building vcfed (release)" >&2
+  cargo build --release -q -p vcfed --bin vcfed
+  VCFED=$(realpath "${CARGO_TARGET_DIR:-target}/release/vcfed")
+fi
 
 cleanup() {
   if [ -f "$WORK/pids" ]; then
@@ -232,26 +239,57 @@ path_wggo() {
   done
 }
 
-# Measures the current lab; prints "gbps1 gbps4 rtt_ms".
+# Measures the current lab; prints "gbps1 gbps4 rtt_ms loaded_rtt_ms rss_mib":
+# throughput with 1 and 4 streams, the ping RTT idle and during the
+# 1-stream transfer, and the largest peak RSS of the tunnel's processes.
 measure() {
+  local path=$1
   for _ in $(seq 30); do
     in_ns va ping -c 1 -W 1 -q 198.19.0.2 >/dev/null 2>&1 && break
   done
   in_ns va ping -c 1 -W 1 -q 198.19.0.2 >/dev/null
-  local rtt
-  rtt=$(in_ns va ping -c 20 -i 0.05 -q 198.19.0.2 | sed -n 's|.* = [0-9.]*/\([0-9.]*\)/.*|\1|p')
+  local rtt loaded
+  rtt=$(in_ns va ping -c 20 -i 0.05 -q 198.19.0.2 | avg_rtt)
+  # The tunnel's own processes: everything started so far.
+  local tunnel_pids
+  tunnel_pids=$(cat "$WORK/pids" 2>/dev/null || true)
   bg_ns vb iperf3 -s -B 198.19.0.2 >/dev/null 2>&1
   sleep 0.3
-  local one four
+  # Pings during the 1-stream transfer, from its second second on.
+  (sleep 1; in_ns va ping -c $((DURATION * 10 - 20)) -i 0.1 -q 198.19.0.2 | avg_rtt >"$WORK/loaded") &
+  local pinger=$!
+  if [ -n "${PERF:-}" ] && [ "$path" = vcfed ]; then
+    (sleep 1; perf record -F 499 -g -o "$WORK/perf.data" \
+      -p "$(echo "$tunnel_pids" | paste -sd,)" -- sleep $((DURATION - 2)) >/dev/null 2>&1) &
+  fi
+  local one four rss
   one=$(gbps 1)
+  wait "$pinger" || true
+  loaded=$(cat "$WORK/loaded" 2>/dev/null || echo -)
   four=$(gbps 4)
-  echo "$one $four $rtt"
+  rss=0
+  for pid in $tunnel_pids; do
+    local hwm
+    hwm=$(awk '/^VmHWM:/ {print int($2 / 1024)}' "/proc/$pid/status" 2>/dev/null || echo 0)
+    [ "${hwm:-0}" -gt "$rss" ] && rss=$hwm
+  done
+  if [ -n "${PERF:-}" ] && [ "$path" = vcfed ] && [ -f "$WORK/perf.data" ]; then
+    perf report -i "$WORK/perf.data" --stdio --no-children --percent-limit 1.5 \
+      --sort symbol 2>/dev/null | grep -v '^#' | grep -v '^$' | grep '%' | head -25 >"${PERF_OUT:-/tmp/vcfed-perf.txt}"
+    echo "    profile of the gateways (1 stream): ${PERF_OUT:-/tmp/vcfed-perf.txt}" >&2
+  fi
+  echo "$one $four $rtt $loaded $rss"
 }
 
 # iperf3 with $1 streams, in Gbit/s (received).
 gbps() {
   in_ns va timeout $((DURATION + 20)) iperf3 -c 198.19.0.2 -t "$DURATION" -P "$1" -J \
     | python3 -c 'import json,sys; print("%.2f" % (json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"] / 1e9))'
+}
+
+# The average of a ping summary on stdin, ms.
+avg_rtt() {
+  sed -n 's|.* = [0-9.]*/\([0-9.]*\)/.*|\1|p'
 }
 
 declare -A RESULT LABEL
@@ -268,7 +306,7 @@ for path in $ONLY; do
   (
     set -e
     "path_$path"
-    measure >"$WORK/result"
+    measure "$path" >"$WORK/result"
   )
   rc=$?
   set -e
@@ -282,19 +320,24 @@ for path in $ONLY; do
   lab_down
 done
 
-# One table: throughput, RTT, and vcfed's throughput divided by each path's.
-read -r v1 v4 _ <<<"${RESULT[vcfed]:-failed - -}"
-printf '\n%-34s %10s %10s %9s %12s %12s\n' "L2 path between the sites' bridges" "1 stream" "4 streams" "RTT" "vcfed/1" "vcfed/4"
-printf '%-34s %10s %10s %9s %12s %12s\n' "" "Gbit/s" "Gbit/s" "ms" "" ""
+# One table: throughput, RTT, memory, and vcfed's throughput divided by
+# each path's.
+read -r v1 v4 vrtt _ <<<"${RESULT[vcfed]:-failed - - - -}"
+printf '\n%-34s %9s %9s %7s %7s %6s %8s %8s %8s\n' "L2 path between the sites' bridges" "1 stream" "4 streams" "RTT" "loaded" "RSS" "vcfed/1" "vcfed/4" "RTT/vcfed"
+printf '%-34s %9s %9s %7s %7s %6s %8s %8s %8s\n' "" "Gbit/s" "Gbit/s" "ms" "RTT ms" "MiB" "" "" ""
+ratio() {
+  python3 -c "import sys; a,b=sys.argv[1:]; print('-' if '-' in (a,b) or 'failed' in (a,b) or float(b)==0 else '%.2f' % (float(a)/float(b)))" "$1" "$2"
+}
 for path in $ONLY; do
   if [ "${RESULT[$path]}" = failed ]; then
-    printf '%-34s %10s\n' "${LABEL[$path]}" "failed"
+    printf '%-34s %9s\n' "${LABEL[$path]}" "failed"
     continue
   fi
-  read -r g1 g4 rtt <<<"${RESULT[$path]}"
-  ratio1=$(python3 -c "import sys; a,b=sys.argv[1:]; print('-' if a=='failed' or float(b)==0 else '%.2f' % (float(a)/float(b)))" "$v1" "$g1")
-  ratio4=$(python3 -c "import sys; a,b=sys.argv[1:]; print('-' if a=='failed' or float(b)==0 else '%.2f' % (float(a)/float(b)))" "$v4" "$g4")
-  printf '%-34s %10s %10s %9s %12s %12s\n' "${LABEL[$path]}" "$g1" "$g4" "$rtt" "$ratio1" "$ratio4"
+  read -r g1 g4 rtt loaded rss <<<"${RESULT[$path]}"
+  printf '%-34s %9s %9s %7s %7s %6s %8s %8s %8s\n' "${LABEL[$path]}" "$g1" "$g4" "$rtt" "$loaded" "$rss" \
+    "$(ratio "$v1" "$g1")" "$(ratio "$v4" "$g4")" "$(ratio "$rtt" "$vrtt")"
 done
 echo
-echo "iperf3 ${DURATION}s per run; $(nproc) cores; VM MTU 1500 unless noted."
+echo "iperf3 ${DURATION}s per run; $(nproc) cores; VM MTU 1500 unless noted. loaded RTT: ping"
+echo "during the 1-stream run. RSS: the tunnel processes' largest peak. RTT/vcfed: that path's"
+echo "idle RTT over vcfed's (above 1: vcfed is faster)."

@@ -238,17 +238,26 @@ impl Partial {
     }
 
     /// Marks the units of [offset, end) as covered; false if any already
-    /// was (an overlap).
+    /// was (an overlap). Works a word (64 units) at a time.
     fn cover(&mut self, offset: usize, end: usize) -> bool {
-        let units = offset / 8..end.div_ceil(8);
-        if units
+        let (first, last) = (offset / 8, end.div_ceil(8));
+        if first >= last {
+            return true;
+        }
+        let words = first / 64..=(last - 1) / 64;
+        let mask = |word: usize| {
+            let low = first.max(word * 64) - word * 64;
+            let high = last.min(word * 64 + 64) - word * 64;
+            (u64::MAX >> (64 - (high - low))) << low
+        };
+        if words
             .clone()
-            .any(|u| self.covered[u / 64] & (1 << (u % 64)) != 0)
+            .any(|word| self.covered[word] & mask(word) != 0)
         {
             return false;
         }
-        for u in units {
-            self.covered[u / 64] |= 1 << (u % 64);
+        for word in words {
+            self.covered[word] |= mask(word);
         }
         true
     }
@@ -575,6 +584,24 @@ mod tests {
         dec.expire(REASSEMBLY_TIMEOUT_MS);
         assert_eq!(dec.pending(), 0);
         assert!(dec.fragments_dropped >= PENDING_MAX as u64);
+    }
+
+    #[test]
+    fn coverage_is_exact_at_word_edges() {
+        let mut partial = Partial::empty();
+        assert!(partial.cover(0, 8));
+        assert!(partial.cover(8, 512), "units 1..64 end a word");
+        assert!(partial.cover(512, 1024));
+        assert!(!partial.cover(1016, 1032), "unit 127 is taken");
+        assert!(partial.cover(1024, 1025), "a last piece rounds up");
+        assert!(!partial.cover(1024, 1032));
+        assert!(partial.cover(2000, 2000), "nothing to cover");
+        assert_eq!(partial.covered[0], u64::MAX);
+        assert_eq!(partial.covered[1], u64::MAX);
+        assert_eq!(partial.covered[2], 1);
+        let mut whole = Partial::empty();
+        assert!(whole.cover(0, PAYLOAD_LEN_MAX));
+        assert!(!whole.cover(PAYLOAD_LEN_MAX - 8, PAYLOAD_LEN_MAX));
     }
 
     #[test]

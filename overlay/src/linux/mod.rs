@@ -37,8 +37,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
 pub use shell::{
-    INPUT_BATCH_MAX, SEGMENTS_MAX, SOCKET_BUFFER_BYTES, ShellStats, run, run_dynamic,
-    run_reloadable,
+    INPUT_BATCH_BYTES, INPUT_BATCH_MAX, SEGMENTS_MAX, SOCKET_BUFFER_BYTES, ShellStats, run,
+    run_dynamic, run_reloadable,
 };
 
 use crate::gateway::PeerConfig;

@@ -3,7 +3,7 @@
 //!
 //! One task owns the gateway and the devices. It waits until the socket or
 //! a TAP is readable, then reads what is there without waiting, up to
-//! [`INPUT_BATCH_MAX`] packets, handing each to the gateway and sending the
+//! [`INPUT_BATCH_MAX`] packets or [`INPUT_BATCH_BYTES`], handing each to the gateway and sending the
 //! outputs at once; between batches it ticks the gateway's timers every
 //! [`TIMER_TICK_MS`]. Packets are read into one reused buffer: nothing is
 //! queued in user space, so when the loop falls behind, the kernel's socket
@@ -40,9 +40,14 @@ use crate::switch::{PeerIndex, SwitchConfig};
 /// Packets read from one device in a row before the loop looks at its
 /// timers and the other devices again.
 pub const INPUT_BATCH_MAX: usize = 64;
+/// Bytes read from one device in a row, at most (one read more may pass
+/// it): a device busy with super-frames hands the loop back after about
+/// 0.2 ms of work, so that a ping or an ACK waiting at another device is
+/// not stuck behind megabytes of bulk transfer.
+pub const INPUT_BATCH_BYTES: usize = 256 << 10;
 /// Messages one read of the UDP socket takes (`recvmmsg`); each may hold
 /// many datagrams coalesced by UDP GRO.
-const RECV_BATCH: usize = 8;
+const RECV_BATCH: usize = 4;
 /// Outputs are sent once this many bytes wait, and at the end of every
 /// batch of input.
 const FLUSH_BYTES: usize = 256 << 10;
@@ -71,6 +76,10 @@ pub struct ShellStats {
     pub frames_from_local: u64,
     /// Frames written to the TAP devices.
     pub frames_to_local: u64,
+    /// Of those read, TCP super-frames (GSO) that the kernel left whole.
+    pub super_frames_from_local: u64,
+    /// Of those written, TCP super-frames for the kernel to cut.
+    pub super_frames_to_local: u64,
     /// Datagrams received on the UDP socket.
     pub datagrams_received: u64,
     /// Datagrams sent.
@@ -659,6 +668,8 @@ impl Shell {
         tracing::info!(
             frames_from_local = stats.frames_from_local,
             frames_to_local = stats.frames_to_local,
+            super_frames_from_local = stats.super_frames_from_local,
+            super_frames_to_local = stats.super_frames_to_local,
             datagrams_received = stats.datagrams_received,
             datagrams_sent = stats.datagrams_sent,
             oversize_frames = stats.oversize_frames,
@@ -669,6 +680,7 @@ impl Shell {
             inner_dropped = stats.gateway.inner_dropped,
             wrong_segment = stats.gateway.wrong_segment,
             no_endpoint = stats.gateway.no_endpoint,
+            local_dropped = stats.gateway.local_dropped,
             "gateway stopped"
         );
         // The TAP devices close (and vanish) when they drop.
@@ -692,7 +704,11 @@ impl Shell {
     /// several datagrams the kernel coalesced (UDP GRO). Only errors that
     /// concern the socket itself are returned.
     async fn drain_socket(&mut self) -> std::io::Result<()> {
+        let mut bytes = 0;
         for _ in 0..INPUT_BATCH_MAX {
+            if bytes >= INPUT_BATCH_BYTES {
+                break;
+            }
             let mut slices: [IoSliceMut<'_>; RECV_BATCH] = {
                 let mut bufs = self.rx.iter_mut();
                 std::array::from_fn(|_| IoSliceMut::new(bufs.next().expect("RECV_BATCH buffers")))
@@ -705,6 +721,7 @@ impl Shell {
                 Ok(messages) => {
                     let now_ms = self.now_ms();
                     for (meta, buf) in self.rx_meta.iter().zip(&self.rx).take(messages) {
+                        bytes += meta.len;
                         let stride = meta.stride.max(1);
                         for datagram in buf[..meta.len].chunks(stride) {
                             self.stats.datagrams_received += 1;
@@ -736,7 +753,11 @@ impl Shell {
     /// or the batch is full.
     async fn drain_tap(&mut self, segment: u32) -> std::io::Result<()> {
         let mut ended = Ok(());
+        let mut bytes = 0;
         for _ in 0..INPUT_BATCH_MAX {
+            if bytes >= INPUT_BATCH_BYTES {
+                break;
+            }
             let Some(tap) = self.taps.get(&segment) else {
                 break;
             };
@@ -744,6 +765,8 @@ impl Shell {
                 Ok((_, len)) if len > SUPER_FRAME_LEN_MAX => self.stats.oversize_frames += 1,
                 Ok((offload, len)) => {
                     self.stats.frames_from_local += 1;
+                    self.stats.super_frames_from_local += u64::from(offload.is_gso());
+                    bytes += len;
                     let now_ms = self.now_ms();
                     let frame = &self.buf[offload::WIRE_LEN..offload::WIRE_LEN + len];
                     self.gateway
@@ -804,7 +827,10 @@ impl Shell {
                         continue;
                     };
                     match tap.try_send(offload, frame) {
-                        Ok(_) => self.stats.frames_to_local += 1,
+                        Ok(_) => {
+                            self.stats.frames_to_local += 1;
+                            self.stats.super_frames_to_local += u64::from(offload.is_gso());
+                        }
                         Err(e) => {
                             self.stats.local_write_errors += 1;
                             tracing::trace!(tap = tap.name(), error = %e, "write failed");
