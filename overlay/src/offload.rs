@@ -95,15 +95,7 @@ impl Offload {
 
     /// Reads a `virtio_net_hdr` as a TAP device gives it (host order).
     pub fn from_virtio(bytes: [u8; WIRE_LEN]) -> Offload {
-        let u16_at = |i: usize| u16::from_ne_bytes([bytes[i], bytes[i + 1]]);
-        Offload {
-            flags: bytes[0],
-            gso_type: bytes[1],
-            hdr_len: u16_at(2),
-            gso_size: u16_at(4),
-            csum_start: u16_at(6),
-            csum_offset: u16_at(8),
-        }
+        Offload::decode(bytes, u16::from_ne_bytes)
     }
 
     /// The `virtio_net_hdr` a TAP device takes (host order).
@@ -113,7 +105,16 @@ impl Offload {
 
     /// Reads the metadata as it travels in the tunnel (big-endian).
     pub fn from_wire(bytes: [u8; WIRE_LEN]) -> Offload {
-        let u16_at = |i: usize| u16::from_be_bytes([bytes[i], bytes[i + 1]]);
+        Offload::decode(bytes, u16::from_be_bytes)
+    }
+
+    /// The metadata as it travels in the tunnel (big-endian).
+    pub fn to_wire(&self) -> [u8; WIRE_LEN] {
+        self.encode(u16::to_be_bytes)
+    }
+
+    fn decode(bytes: [u8; WIRE_LEN], order: fn([u8; 2]) -> u16) -> Offload {
+        let u16_at = |i: usize| order([bytes[i], bytes[i + 1]]);
         Offload {
             flags: bytes[0],
             gso_type: bytes[1],
@@ -122,11 +123,6 @@ impl Offload {
             csum_start: u16_at(6),
             csum_offset: u16_at(8),
         }
-    }
-
-    /// The metadata as it travels in the tunnel (big-endian).
-    pub fn to_wire(&self) -> [u8; WIRE_LEN] {
-        self.encode(u16::to_be_bytes)
     }
 
     fn encode(&self, order: fn(u16) -> [u8; 2]) -> [u8; WIRE_LEN] {
@@ -172,12 +168,13 @@ impl Offload {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use proptest::prelude::*;
 
     use super::*;
 
-    fn tcp_super_frame() -> Offload {
+    /// The metadata of a TCP/IPv4 super-frame with timestamps.
+    pub(crate) fn tcp_super_frame() -> Offload {
         Offload {
             flags: F_NEEDS_CSUM,
             gso_type: GSO_TCPV4,

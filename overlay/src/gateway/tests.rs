@@ -219,14 +219,7 @@ fn super_frames_cross_whole_in_runs_of_equal_datagrams() {
     let mut sites = mesh(2, &[&[7], &[7]]);
     // The handshake first, with a plain frame.
     send_local(&mut sites, 0, 7, &frame(mac(2), mac(1), 60), 0);
-    let offload = Offload {
-        flags: crate::offload::F_NEEDS_CSUM,
-        gso_type: crate::offload::GSO_TCPV4,
-        hdr_len: 66,
-        gso_size: 1448,
-        csum_start: 34,
-        csum_offset: 16,
-    };
+    let offload = crate::offload::tests::tcp_super_frame();
     let big = frame(mac(2), mac(1), 64_000);
     let mut out = Outputs::new(64);
     sites[0]
