@@ -38,6 +38,8 @@ pub const DATAGRAM_LEN_MAX: usize = 65_536;
 pub const PEERS_MAX: usize = 1024;
 /// Bytes WireGuard adds to an inner packet (header and tag).
 pub const DATA_OVERHEAD: usize = 32;
+/// WireGuard's message type of a cookie reply.
+const MESSAGE_COOKIE_REPLY: u8 = 3;
 /// Room for any handshake message boringtun writes (148 for the largest).
 const HANDSHAKE_LEN_MAX: usize = 256;
 
@@ -238,12 +240,34 @@ pub struct GatewayStats {
     pub local_dropped: u64,
 }
 
+/// Counters of the tunnel to one peer gateway.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PeerStats {
+    /// Datagrams sent to the peer (data, handshakes, keepalives).
+    pub tx_datagrams: u64,
+    /// Their bytes (UDP payload).
+    pub tx_bytes: u64,
+    /// Datagrams from the peer that authenticated.
+    pub rx_datagrams: u64,
+    /// Their bytes (UDP payload).
+    pub rx_bytes: u64,
+    /// Datagrams for the peer's sessions that were refused: failed
+    /// authentication, replays, no session.
+    pub rx_dropped: u64,
+    /// Inner packets from the peer dropped: not GRE, bad fragments or
+    /// offload metadata, frames too long, fragments that timed out.
+    pub inner_dropped: u64,
+    /// WireGuard sessions established (handshakes completed either way).
+    pub handshakes: u64,
+}
+
 struct PeerState {
     tunn: Tunn,
     public_key: [u8; 32],
     endpoint: Option<SocketAddr>,
     encap: Encapsulator,
     decap: Decapsulator,
+    stats: PeerStats,
 }
 
 /// The data plane of one gateway.
@@ -303,6 +327,21 @@ impl Gateway {
         self.stats
     }
 
+    /// Counters of each peer's tunnel, by public key (fragments that timed
+    /// out in reassembly included).
+    pub fn peer_stats(&self) -> impl Iterator<Item = ([u8; 32], PeerStats)> + '_ {
+        self.peers.values().map(|peer| {
+            let mut stats = peer.stats;
+            stats.inner_dropped += peer.decap.fragments_dropped;
+            (peer.public_key, stats)
+        })
+    }
+
+    /// The segments carried, with their switches.
+    pub fn segments(&self) -> impl Iterator<Item = (u32, &Segment)> + '_ {
+        self.segments.iter().map(|(id, segment)| (*id, segment))
+    }
+
     /// Adds (or replaces) a peer gateway.
     pub fn add_peer(&mut self, peer: PeerConfig) -> Result<(), &'static str> {
         if !self.peers.contains_key(&peer.index) && self.peers.len() >= PEERS_MAX {
@@ -325,6 +364,7 @@ impl Gateway {
             endpoint: peer.endpoint,
             encap: encapsulator(self.inner_mtu),
             decap: Decapsulator::new(),
+            stats: PeerStats::default(),
         };
         self.peers.insert(peer.index, state);
         Ok(())
@@ -425,14 +465,16 @@ impl Gateway {
                 self.stats.no_endpoint += 1;
                 continue;
             };
-            let PeerState { tunn, encap, .. } = peer;
+            let PeerState {
+                tunn, encap, stats, ..
+            } = peer;
             let sent = encap.encapsulate(segment, offload, frame, |packet| {
                 out.push_datagram(
                     endpoint,
                     (packet.len() + DATA_OVERHEAD).max(HANDSHAKE_LEN_MAX),
                     |dst| {
                         match tunn.encapsulate(packet, dst) {
-                            TunnResult::WriteToNetwork(datagram) => datagram.len(),
+                            TunnResult::WriteToNetwork(datagram) => count(stats, datagram.len()),
                             // Queued inside boringtun until the handshake completes.
                             TunnResult::Done => 0,
                             TunnResult::Err(e) => {
@@ -473,29 +515,37 @@ impl Gateway {
             .decapsulate(Some(from.ip()), datagram, &mut self.scratch);
         match result {
             TunnResult::WriteToNetwork(reply) => {
-                authenticated = true;
+                // A handshake response (to an initiation) or a keepalive
+                // (after a response) means a session; a cookie reply is
+                // what the rate limiter says to anyone under load, so it
+                // proves nothing about the sender.
+                authenticated = reply.first() != Some(&MESSAGE_COOKIE_REPLY);
+                peer.stats.handshakes += u64::from(authenticated);
                 reply_len = reply.len();
             }
             TunnResult::WriteToTunnelV4(packet, _) => {
                 authenticated = true;
-                match peer.decap.decapsulate(now_ms, packet) {
-                    Ok(Some(inner)) => {
-                        deliver(
-                            &mut self.segments,
-                            &mut self.stats,
-                            now_ms,
-                            index,
-                            inner,
-                            out,
-                        );
-                    }
-                    Ok(None) => {}
-                    Err(_) => self.stats.inner_dropped += 1,
+                let delivered = match peer.decap.decapsulate(now_ms, packet) {
+                    Ok(Some(inner)) => deliver(
+                        &mut self.segments,
+                        &mut self.stats,
+                        now_ms,
+                        index,
+                        inner,
+                        out,
+                    ),
+                    Ok(None) => true,
+                    Err(_) => false,
+                };
+                if !delivered {
+                    self.stats.inner_dropped += 1;
+                    peer.stats.inner_dropped += 1;
                 }
             }
             TunnResult::WriteToTunnelV6(..) => {
                 authenticated = true;
                 self.stats.inner_dropped += 1;
+                peer.stats.inner_dropped += 1;
             }
             TunnResult::Done => {
                 authenticated |= matches!(
@@ -506,13 +556,18 @@ impl Gateway {
             TunnResult::Err(e) => {
                 tracing::trace!(peer = index, error = ?e, "datagram refused");
                 self.stats.datagrams_dropped += 1;
+                peer.stats.rx_dropped += 1;
             }
+        }
+        if authenticated {
+            peer.stats.rx_datagrams += 1;
+            peer.stats.rx_bytes += datagram.len() as u64;
         }
         if reply_len > 0 {
             let reply = &self.scratch[..reply_len];
             out.push_datagram(from, reply_len, |dst| {
                 dst.copy_from_slice(reply);
-                reply_len
+                count(&mut peer.stats, reply_len)
             });
             // Packets queued while the handshake ran go out now.
             loop {
@@ -521,7 +576,7 @@ impl Gateway {
                     match peer.tunn.decapsulate(None, &[], dst) {
                         TunnResult::WriteToNetwork(queued) => {
                             more = true;
-                            queued.len()
+                            count(&mut peer.stats, queued.len())
                         }
                         _ => 0,
                     }
@@ -550,7 +605,7 @@ impl Gateway {
             };
             out.push_datagram(to, HANDSHAKE_LEN_MAX, |dst| {
                 match peer.tunn.update_timers(dst) {
-                    TunnResult::WriteToNetwork(datagram) => datagram.len(),
+                    TunnResult::WriteToNetwork(datagram) => count(&mut peer.stats, datagram.len()),
                     TunnResult::Err(e) => {
                         tracing::trace!(peer = index, error = ?e, "tunnel timer");
                         0
@@ -588,7 +643,7 @@ impl Gateway {
         };
         out.push_datagram(to, HANDSHAKE_LEN_MAX, |dst| {
             match peer.tunn.format_handshake_initiation(dst, false) {
-                TunnResult::WriteToNetwork(datagram) => datagram.len(),
+                TunnResult::WriteToNetwork(datagram) => count(&mut peer.stats, datagram.len()),
                 TunnResult::Err(e) => {
                     tracing::debug!(peer = index, error = ?e, "handshake");
                     0
@@ -619,7 +674,8 @@ impl Gateway {
     }
 }
 
-/// Hands a decapsulated frame to its segment's switch.
+/// Hands a decapsulated frame to its segment's switch; false if the frame
+/// is not one the overlay carries (the caller counts it).
 fn deliver(
     segments: &mut BTreeMap<u32, Segment>,
     stats: &mut GatewayStats,
@@ -627,20 +683,30 @@ fn deliver(
     peer: PeerIndex,
     inner: Inner<'_>,
     out: &mut Outputs,
-) {
+) -> bool {
     if inner.offload.is_none() && inner.frame.len() > FRAME_LEN_MAX {
-        stats.inner_dropped += 1;
-        return;
+        return false;
     }
     let Some(switch) = segments.get_mut(&inner.segment) else {
         stats.wrong_segment += 1;
-        return;
+        return true;
     };
     match switch.from_peer(now_ms, peer, inner.frame) {
         Decision::Local => out.push_local(inner.segment, inner.offload, inner.frame),
         Decision::Drop(crate::switch::DropReason::UnknownPeer) => stats.wrong_segment += 1,
         _ => {}
     }
+    true
+}
+
+/// Counts a datagram of `len` bytes (none when 0) sent to a peer; returns
+/// `len`.
+fn count(stats: &mut PeerStats, len: usize) -> usize {
+    if len > 0 {
+        stats.tx_datagrams += 1;
+        stats.tx_bytes += len as u64;
+    }
+    len
 }
 
 /// Inner addresses never leave the tunnel; they only need to be valid.

@@ -15,7 +15,7 @@ use vcfed_registry::SiteState;
 use vcfed_storage::{ClusterState, ReservationState};
 
 use crate::federation::SitesReport;
-use crate::runner::RunnerCounters;
+use crate::runner::{GatewayCounters, RunnerCounters};
 
 /// `Content-Type` of a scrape's answer.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -79,6 +79,9 @@ pub fn encode(snapshot: &Snapshot) -> String {
             "Clusters due to run here that cannot start (no free VLAN id, no bridge, ...)",
             gauge_of(runner.clusters_blocked()),
         );
+        if let Some(gateway) = runner.gateway() {
+            register_gateway(&mut registry, &gateway);
+        }
     }
 
     let mut out = String::new();
@@ -158,6 +161,92 @@ fn register_federation(registry: &mut Registry, report: &SitesReport) {
         "federation_outbox_dropped",
         "Outgoing federation messages dropped because the outbox was full",
         counter(report.outbox_dropped),
+    );
+}
+
+/// Labels with values known only at run time (site and cluster names).
+type Labels = Vec<(&'static str, String)>;
+
+/// The gateway's counters: per peer site and per cluster segment.
+fn register_gateway(registry: &mut Registry, gateway: &GatewayCounters) {
+    type PeerField = fn(&vcfed_overlay::gateway::PeerStats) -> u64;
+    let per_peer: [(&str, &str, Option<Unit>, PeerField); 7] = [
+        (
+            "gateway_tx_datagrams",
+            "Datagrams sent to a peer gateway (data, handshakes, keepalives)",
+            None,
+            |p| p.tx_datagrams,
+        ),
+        (
+            "gateway_tx",
+            "UDP payload bytes sent to a peer gateway",
+            Some(Unit::Bytes),
+            |p| p.tx_bytes,
+        ),
+        (
+            "gateway_rx_datagrams",
+            "Authenticated datagrams received from a peer gateway",
+            None,
+            |p| p.rx_datagrams,
+        ),
+        (
+            "gateway_rx",
+            "UDP payload bytes of authenticated datagrams from a peer gateway",
+            Some(Unit::Bytes),
+            |p| p.rx_bytes,
+        ),
+        (
+            "gateway_rx_dropped",
+            "Datagrams for a peer's sessions refused (failed authentication, replay, no session)",
+            None,
+            |p| p.rx_dropped,
+        ),
+        (
+            "gateway_inner_dropped",
+            "Decrypted packets from a peer dropped (not GRE, bad or timed-out fragments, bad offload metadata)",
+            None,
+            |p| p.inner_dropped,
+        ),
+        (
+            "gateway_handshakes",
+            "WireGuard sessions established with a peer gateway",
+            None,
+            |p| p.handshakes,
+        ),
+    ];
+    for (name, help, unit, field) in per_peer {
+        let family = Family::<Labels, Counter>::default();
+        for (site, stats) in &gateway.peers {
+            family
+                .get_or_create(&vec![("peer", site.clone())])
+                .inc_by(field(stats));
+        }
+        match unit {
+            Some(unit) => registry.register_with_unit(name, help, unit, family),
+            None => registry.register(name, help, family),
+        }
+    }
+    let frames = Family::<Labels, Counter>::default();
+    for (cluster, segment, stats) in &gateway.segments {
+        for (way, count) in [
+            ("unicast", stats.unicast),
+            ("flooded", stats.flooded),
+            ("delivered", stats.delivered),
+            ("dropped", stats.dropped),
+        ] {
+            frames
+                .get_or_create(&vec![
+                    ("cluster", cluster.clone()),
+                    ("segment", segment.to_string()),
+                    ("way", way.to_owned()),
+                ])
+                .inc_by(count);
+        }
+    }
+    registry.register(
+        "gateway_segment_frames",
+        "Frames a cluster segment's switch handled: unicast and flooded to peers, delivered to this site, dropped",
+        frames,
     );
 }
 

@@ -78,6 +78,18 @@ pub struct RunnerCounters(Arc<RunnerCountersInner>);
 struct RunnerCountersInner {
     node_retries: AtomicU64,
     clusters_blocked: AtomicU64,
+    gateway: Mutex<Option<GatewayCounters>>,
+}
+
+/// The gateway's counters as `GET /metrics` shows them: peers named by
+/// their site, segments by their cluster.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GatewayCounters {
+    /// Per peer gateway: its site (or, for a peer no running cluster names
+    /// any more, the start of its key) and its tunnel's counters.
+    pub peers: Vec<(String, vcfed_overlay::gateway::PeerStats)>,
+    /// Per segment: its cluster, its id and its switch's counters.
+    pub segments: Vec<(String, u32, vcfed_overlay::switch::SwitchStats)>,
 }
 
 impl RunnerCounters {
@@ -89,6 +101,15 @@ impl RunnerCounters {
     /// Clusters that cannot start here right now (no VLAN id, no bridge, ...).
     pub fn clusters_blocked(&self) -> u64 {
         self.0.clusters_blocked.load(Ordering::Relaxed)
+    }
+
+    /// The gateway's counters, if this agent runs a gateway.
+    pub fn gateway(&self) -> Option<GatewayCounters> {
+        self.0
+            .gateway
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 }
 
@@ -325,6 +346,15 @@ impl Shell {
             AgentPlane::Gateway(plane) => Some(plane.report.borrow().clone()),
             AgentPlane::None => None,
         };
+        if let Some(report) = &report {
+            let counters = gateway_counters(report, self.runner.active());
+            *self
+                .counters
+                .0
+                .gateway
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(counters);
+        }
         let mut views: BTreeMap<String, NetworkView> = self
             .runner
             .active()
@@ -541,6 +571,49 @@ fn carried_segment(plan: &RunPlan, vlan: u16, site_link: Option<&SiteLink>) -> C
         id: plan.segment,
         site_link,
         peers,
+    }
+}
+
+/// The gateway's counters, with peers named by the site whose gateway key
+/// they have and segments by the cluster that uses them.
+fn gateway_counters<'a>(
+    report: &GatewayReport,
+    active: impl Iterator<Item = (&'a String, &'a RunPlan, u16)>,
+) -> GatewayCounters {
+    let mut sites: BTreeMap<[u8; 32], String> = BTreeMap::new();
+    let mut clusters: BTreeMap<u32, String> = BTreeMap::new();
+    for (cluster, plan, _) in active {
+        clusters.insert(plan.segment, cluster.clone());
+        for peer in &plan.peers {
+            if let Some(key) = peer
+                .gateway
+                .as_ref()
+                .and_then(|g| decode_key(&g.public_key))
+            {
+                sites.insert(key, peer.site.clone());
+            }
+        }
+    }
+    GatewayCounters {
+        peers: report
+            .peer_stats
+            .iter()
+            .map(|(key, stats)| {
+                let name = sites
+                    .get(key)
+                    .cloned()
+                    .unwrap_or_else(|| format!("key:{}", &STANDARD.encode(key)[..8]));
+                (name, *stats)
+            })
+            .collect(),
+        segments: report
+            .segment_stats
+            .iter()
+            .map(|(id, stats)| {
+                let cluster = clusters.get(id).cloned().unwrap_or_default();
+                (cluster, *id, *stats)
+            })
+            .collect(),
     }
 }
 

@@ -254,6 +254,34 @@ async fn a_restarted_worker_brings_its_segment_and_tunnels_back() {
         .expect("A's tunnel to B");
     assert!(tunnel_to_b.up);
 
+    // A's /metrics shows its tunnel to B by site name: sessions made
+    // (before and after B's restart), traffic both ways, and the cluster's
+    // segment delivering frames here.
+    let (status, body) = a
+        .raw(hyper::Method::GET, "/metrics", None::<&()>)
+        .await
+        .unwrap();
+    assert_eq!(status, hyper::StatusCode::OK);
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    let samples = common::parse_exposition(&text);
+    let value = |series: &str| {
+        *samples
+            .get(series)
+            .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+    };
+    assert!(value(r#"vcfed_gateway_handshakes_total{peer="rst-b"}"#) >= 2.0);
+    assert!(value(r#"vcfed_gateway_tx_bytes_total{peer="rst-b"}"#) > 0.0);
+    assert!(value(r#"vcfed_gateway_rx_datagrams_total{peer="rst-c"}"#) > 0.0);
+    let delivered = samples
+        .iter()
+        .filter(|(series, _)| {
+            series.starts_with("vcfed_gateway_segment_frames_total{")
+                && series.contains(r#"way="delivered""#)
+        })
+        .map(|(_, value)| *value)
+        .sum::<f64>();
+    assert!(delivered > 0.0, "{text}");
+
     // The other sites were not touched: same agents, same nodes.
     assert_eq!(nodes(a, &id, "rst-a").await, a_before);
     assert_eq!(nodes(c, &id, "rst-c").await, c_before);

@@ -144,6 +144,19 @@ fn frames_cross_after_the_handshake_and_full_frames_fit_the_path() {
     let reply = frame(mac(1), mac(2), 60);
     send_local(&mut sites, 1, 7, &reply, 2);
     assert_eq!(sites[0].delivered, vec![(7, reply)]);
+
+    // Each side counted one session and what crossed, by peer key.
+    let (key, at_0) = sites[0].gateway.peer_stats().next().unwrap();
+    assert_eq!(key, public(2));
+    let (_, at_1) = sites[1].gateway.peer_stats().next().unwrap();
+    assert_eq!((at_0.handshakes, at_1.handshakes), (1, 1));
+    // Initiation, small frame, two fragments, then the keepalive the
+    // initiator sends on the response.
+    assert_eq!(at_0.tx_datagrams, at_1.rx_datagrams);
+    assert_eq!(at_0.tx_bytes, at_1.rx_bytes);
+    assert_eq!(at_1.tx_datagrams, at_0.rx_datagrams);
+    assert!(at_0.tx_datagrams >= 4, "{at_0:?}");
+    assert_eq!(at_0.rx_dropped + at_1.rx_dropped, 0);
 }
 
 #[test]

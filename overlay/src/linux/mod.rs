@@ -146,6 +146,12 @@ pub struct GatewayReport {
     pub segments: BTreeMap<u32, Result<String, String>>,
     /// Public keys of the peers with a live session.
     pub sessions: BTreeSet<[u8; 32]>,
+    /// Counters of each peer's tunnel, by public key (refreshed every
+    /// second).
+    pub peer_stats: BTreeMap<[u8; 32], crate::gateway::PeerStats>,
+    /// Counters of each segment's switch, by segment id (refreshed every
+    /// second).
+    pub segment_stats: BTreeMap<u32, crate::switch::SwitchStats>,
 }
 
 /// One segment (cluster network) as this gateway carries it.

@@ -62,6 +62,8 @@ pub const SEGMENTS_MAX: usize = 256;
 pub const SOCKET_BUFFER_BYTES: usize = 4 << 20;
 /// How often the counters are logged at DEBUG, ms.
 pub(super) const STATS_LOG_INTERVAL_MS: u64 = 10_000;
+/// How often a dynamic gateway refreshes the counters of its report, ms.
+const COUNTERS_REFRESH_MS: i64 = 1_000;
 /// How long a dynamic gateway waits before it tries again to set up a
 /// segment that failed, ms.
 const SEGMENT_RETRY_MS: i64 = 2_000;
@@ -265,6 +267,7 @@ async fn run_control(
             next_index: 1,
             applied: BTreeMap::new(),
             retry_at_ms: None,
+            counters_at_ms: 0,
         });
         let applied = shell.apply(first).await;
         if let (true, Err(e)) = (strict, applied) {
@@ -300,6 +303,8 @@ struct Control {
     applied: BTreeMap<u32, (CarriedSegment, SegmentLinkNames)>,
     /// When to try the failed segments again.
     retry_at_ms: Option<i64>,
+    /// When to refresh the counters in the report next.
+    counters_at_ms: i64,
 }
 
 impl Control {
@@ -590,9 +595,21 @@ impl Shell {
             return;
         };
         let sessions: BTreeSet<[u8; 32]> = self.gateway.peers_with_session().into_iter().collect();
+        let counters_due = now_ms >= control.counters_at_ms;
+        if counters_due {
+            control.counters_at_ms = now_ms + COUNTERS_REFRESH_MS;
+        }
+        let gateway = &self.gateway;
         control.report.send_if_modified(|current| {
             let changed = current.sessions != sessions;
             current.sessions = sessions;
+            if counters_due {
+                current.peer_stats = gateway.peer_stats().collect();
+                current.segment_stats = gateway
+                    .segments()
+                    .map(|(id, segment)| (id, segment.stats()))
+                    .collect();
+            }
             changed
         });
         if control.retry_at_ms.is_some_and(|at| at <= now_ms) {

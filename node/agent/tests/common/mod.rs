@@ -380,3 +380,73 @@ pub(crate) async fn start_federation_with(specs: &[(&str, u32)], clusters: &str)
     .await;
     members
 }
+
+/// The samples of an OpenMetrics text exposition, by `name{labels}`, after
+/// checking every line: `# HELP`, `# TYPE` and `# UNIT` lines of the family
+/// named, samples of a family whose type was declared, and `# EOF` last.
+pub(crate) fn parse_exposition(text: &str) -> std::collections::BTreeMap<String, f64> {
+    let mut families = std::collections::BTreeMap::<String, String>::new();
+    let mut helped = std::collections::BTreeSet::<String>::new();
+    let mut samples = std::collections::BTreeMap::new();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.last(), Some(&"# EOF"), "the exposition ends in # EOF");
+    let is_name = |name: &str| {
+        !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+            && !name.starts_with(|c: char| c.is_ascii_digit())
+    };
+    for line in &lines[..lines.len() - 1] {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').unwrap();
+            assert!(is_name(name) && !help.is_empty(), "{line}");
+            helped.insert(name.to_owned());
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            assert!(is_name(name), "{line}");
+            assert!(["counter", "gauge"].contains(&kind), "{line}");
+            assert!(helped.contains(name), "TYPE before HELP: {line}");
+            families.insert(name.to_owned(), kind.to_owned());
+        } else if let Some(rest) = line.strip_prefix("# UNIT ") {
+            let (name, unit) = rest.split_once(' ').unwrap();
+            assert!(name.ends_with(&format!("_{unit}")), "{line}");
+        } else {
+            assert!(!line.starts_with('#'), "unexpected comment: {line}");
+            let (series, value) = line.rsplit_once(' ').unwrap();
+            let value: f64 = value
+                .parse()
+                .unwrap_or_else(|_| panic!("bad value: {line}"));
+            let name = series.split('{').next().unwrap();
+            assert!(is_name(name), "{line}");
+            if let Some(labels) = series.strip_prefix(name).filter(|l| !l.is_empty()) {
+                let labels = labels.strip_prefix('{').unwrap().strip_suffix('}').unwrap();
+                for label in labels.split(',') {
+                    let (key, quoted) = label.split_once('=').unwrap();
+                    assert!(is_name(key), "{line}");
+                    assert!(quoted.starts_with('"') && quoted.ends_with('"'), "{line}");
+                }
+            }
+            let family = match families.get(name) {
+                Some(_) => name,
+                None => name.strip_suffix("_total").unwrap_or(name),
+            };
+            let kind = families
+                .get(family)
+                .unwrap_or_else(|| panic!("no # TYPE for {line}"));
+            if kind == "counter" {
+                assert!(
+                    name.ends_with("_total"),
+                    "a counter's sample ends in _total: {line}"
+                );
+                assert!(value >= 0.0, "{line}");
+            }
+            assert!(name.starts_with("vcfed_"), "{line}");
+            assert!(
+                samples.insert(series.to_owned(), value).is_none(),
+                "a repeated series: {line}"
+            );
+        }
+    }
+    samples
+}
