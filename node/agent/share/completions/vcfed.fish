@@ -229,6 +229,7 @@ complete -c vcfed -n "__fish_vcfed_using_subcommand demo" -s c -l config -d 'The
 complete -c vcfed -n "__fish_vcfed_using_subcommand demo" -l keep -d 'Keep the federation (or the site) running after the tour, until Ctrl-C; `vcfed demo --down` removes it from another shell'
 complete -c vcfed -n "__fish_vcfed_using_subcommand demo" -l down -d 'Remove every namespace, link and process a kept (or crashed) demo federation left, and exit'
 complete -c vcfed -n "__fish_vcfed_using_subcommand demo" -l local -d 'Tour one site only (what the demo does without root)'
+complete -c vcfed -n "__fish_vcfed_using_subcommand demo" -l no-install -d 'Do not install missing tools (iproute2, util-linux, dnsmasq-base, busybox-static); without this, a root run on Debian or Ubuntu installs them with apt-get first'
 complete -c vcfed -n "__fish_vcfed_using_subcommand demo" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c vcfed -n "__fish_vcfed_using_subcommand demo" -s V -l version -d 'Print version'
 complete -c vcfed -n "__fish_vcfed_using_subcommand gateway; and not __fish_seen_subcommand_from genkey pubkey help" -l log-format -d 'Log format on stderr. RUST_LOG sets the level (default: info for `run`, warn otherwise)' -r -f -a "text\t'Human-readable lines'

@@ -183,29 +183,95 @@ pub struct DemoFederation {
     torn_down: bool,
 }
 
-/// Why the federated demo cannot run here, if it cannot.
-pub fn check_environment(driver: DemoDriver) -> Result<(), String> {
-    let root = Command::new("id")
+/// The tools the federated demo runs, with the Debian package of each.
+pub const DEMO_TOOLS: [(&str, &str); 4] = [
+    ("ip", "iproute2"),
+    ("nsenter", "util-linux"),
+    ("dnsmasq", "dnsmasq-base"),
+    ("busybox", "busybox-static"),
+];
+
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
+    Command::new("id")
         .arg("-u")
         .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
-    if !root {
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// Whether `tool` is on the PATH.
+fn on_path(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The Debian packages of the demo's tools that are missing here.
+pub fn missing_packages() -> Vec<&'static str> {
+    DEMO_TOOLS
+        .into_iter()
+        .filter(|(tool, _)| !on_path(tool))
+        .map(|(_, package)| package)
+        .collect()
+}
+
+/// What to install before the demo, if anything can and should be: as
+/// root, with apt-get, unless told not to.
+pub fn install_plan(
+    missing: &[&'static str],
+    root: bool,
+    apt: bool,
+    allowed: bool,
+) -> Option<Vec<&'static str>> {
+    (!missing.is_empty() && root && apt && allowed).then(|| missing.to_vec())
+}
+
+/// Installs `packages` with apt-get, as CI does, showing apt's own errors.
+pub fn install_packages(packages: &[&str]) -> Result<(), String> {
+    let run = |args: &[&str]| {
+        Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .status()
+            .map_err(|e| format!("apt-get: {e}"))
+            .and_then(|status| {
+                status
+                    .success()
+                    .then_some(())
+                    .ok_or_else(|| format!("`apt-get {}` failed ({status})", args.join(" ")))
+            })
+    };
+    run(&["update", "-qq"])?;
+    let mut install = vec!["install", "-y", "-qq", "--no-install-recommends"];
+    install.extend_from_slice(packages);
+    run(&install)
+}
+
+/// Whether apt-get is here (a Debian or Ubuntu machine).
+pub fn has_apt() -> bool {
+    on_path("apt-get")
+}
+
+/// Why the federated demo cannot run here, if it cannot.
+pub fn check_environment(driver: DemoDriver) -> Result<(), String> {
+    if !is_root() {
         return Err("it needs root (network namespaces, TAP devices, bridges)".to_owned());
     }
-    let missing: Vec<&str> = ["ip", "nsenter", "dnsmasq", "busybox"]
-        .into_iter()
-        .filter(|tool| {
-            !Command::new("sh")
-                .args(["-c", &format!("command -v {tool}")])
-                .stdout(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        })
-        .collect();
+    let missing = missing_packages();
     if !missing.is_empty() {
+        let tools: Vec<&str> = DEMO_TOOLS
+            .into_iter()
+            .filter(|(_, package)| missing.contains(package))
+            .map(|(tool, _)| tool)
+            .collect();
         return Err(format!(
-            "{} not found (Debian: apt-get install iproute2 util-linux dnsmasq-base busybox)",
-            missing.join(", ")
+            "{} not found (Debian: apt-get install {})",
+            tools.join(", "),
+            missing.join(" ")
         ));
     }
     if driver == DemoDriver::Libvirt {
@@ -700,4 +766,41 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_tools_are_installed_only_as_root_with_apt_and_when_allowed() {
+        let missing = vec!["dnsmasq-base", "busybox-static"];
+        assert_eq!(
+            install_plan(&missing, true, true, true),
+            Some(missing.clone())
+        );
+        assert_eq!(install_plan(&missing, false, true, true), None, "not root");
+        assert_eq!(
+            install_plan(&missing, true, false, true),
+            None,
+            "no apt-get"
+        );
+        assert_eq!(
+            install_plan(&missing, true, true, false),
+            None,
+            "--no-install"
+        );
+        assert_eq!(install_plan(&[], true, true, true), None, "nothing missing");
+    }
+
+    #[test]
+    fn every_tool_names_the_package_ci_installs() {
+        let ci = include_str!("../../../../.ci/run");
+        for (tool, package) in DEMO_TOOLS {
+            assert!(
+                ci.split_whitespace().any(|word| word == package),
+                "{tool}: .ci/run does not install {package}"
+            );
+        }
+    }
 }

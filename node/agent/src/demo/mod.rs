@@ -53,6 +53,11 @@ pub struct DemoArgs {
     /// machines that network-boot with iPXE (needs a running libvirtd).
     #[arg(long, value_enum, default_value_t = federation::DemoDriver::Netns)]
     pub driver: federation::DemoDriver,
+    /// Do not install missing tools (iproute2, util-linux, dnsmasq-base,
+    /// busybox-static); without this, a root run on Debian or Ubuntu
+    /// installs them with apt-get first.
+    #[arg(long)]
+    pub no_install: bool,
 }
 
 /// Runs the demo.
@@ -72,6 +77,22 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     if !args.local {
+        let missing = federation::missing_packages();
+        let plan = federation::install_plan(
+            &missing,
+            federation::is_root(),
+            federation::has_apt(),
+            !args.no_install,
+        );
+        if let Some(packages) = plan {
+            outln!(
+                "Installing what the federated demo runs: {} (apt-get; --no-install skips this)",
+                packages.join(" ")
+            );
+            if let Err(e) = federation::install_packages(&packages) {
+                outln!("Could not install them: {e}.");
+            }
+        }
         match federation::check_environment(args.driver) {
             Ok(()) => return federated::run(args).await,
             Err(why) => {
