@@ -32,7 +32,7 @@ pub use crate::api_types::{
     CapacityReport, CapacityStep, CapacityTotals, ClusterDetail, CreateClusterBody, ErrorBody,
     ErrorDetail, HoldBody, InstantArg, JoinBody, OwnerBody, SiteInfo,
 };
-use crate::federation::{FederationHandle, SitesReport};
+use crate::federation::{FederationHandle, JoinError, SitesReport};
 use crate::ledger::SharedLedger;
 use crate::time::{DAY_MS, format_instant, now_ms, parse_instant};
 use vcfed_node_core::cluster::{ClusterRequest, CreateError, DeleteError};
@@ -532,12 +532,18 @@ async fn join(
         .addr
         .parse()
         .map_err(|e| ApiError::bad_request(format!("addr {:?}: {e}", body.addr)))?;
-    state
-        .federation
-        .join(addr.clone())
-        .await
-        .map_err(|e| ApiError::bad_request(format!("{e:#}")))?;
-    Ok(Json(serde_json::json!({ "dialing": addr.to_string() })))
+    let joined = state.federation.join(addr).await.map_err(|e| match e {
+        JoinError::BadAddress(why) => ApiError::bad_request(why),
+        JoinError::Refused(why) => {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "join_refused", why)
+        }
+        JoinError::Unreachable(why) => {
+            ApiError::new(StatusCode::GATEWAY_TIMEOUT, "unreachable", why)
+        }
+    })?;
+    Ok(Json(
+        serde_json::json!({ "joined": joined.peer_id, "site": joined.site }),
+    ))
 }
 
 async fn list_clusters(

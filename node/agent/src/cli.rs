@@ -393,7 +393,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
         Command::Cluster(command) => crate::cluster_cli::run(command).await,
         Command::Join(args) => {
             let client = client_for(&args.config)?;
-            let _: serde_json::Value = client
+            let joined: serde_json::Value = client
                 .post(
                     "/v1/peers",
                     &JoinBody {
@@ -401,10 +401,15 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
                     },
                 )
                 .await?;
-            outln!(
-                "dialing {}; `vcfed sites` shows the federation as it is learnt",
-                args.addr
-            );
+            let peer = joined["joined"].as_str().unwrap_or_default();
+            match joined["site"].as_str() {
+                Some(site) => outln!(
+                    "joined {site} (peer {peer}); `vcfed sites` shows the federation as it is learnt"
+                ),
+                None => outln!(
+                    "joined peer {peer}; its site shows in `vcfed sites` once its advert arrives"
+                ),
+            }
             Ok(())
         }
         Command::Psk(PskCommand::Generate { out, force }) => generate_psk(&out, force),

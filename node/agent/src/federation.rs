@@ -113,7 +113,7 @@ enum Command {
     },
     Join {
         addr: Multiaddr,
-        reply: oneshot::Sender<Result<(), String>>,
+        reply: oneshot::Sender<Result<Joined, JoinError>>,
     },
     CreateCluster {
         id: String,
@@ -191,18 +191,58 @@ impl FederationHandle {
             .try_send(Command::ReportNodes { cluster, nodes });
     }
 
-    /// Dials a member by address (ending in /p2p/<peer id>).
-    pub async fn join(&self, addr: Multiaddr) -> anyhow::Result<()> {
+    /// Dials a member by address (ending in /p2p/<peer id>) and waits (at
+    /// most [`JOIN_WAIT`], then [`JOIN_ADVERT_WAIT`] for its advert) for
+    /// the outcome. The address is remembered only once it answered.
+    pub async fn join(&self, addr: Multiaddr) -> Result<Joined, JoinError> {
+        let stopped = || JoinError::Refused("the federation task has stopped".to_owned());
         let (reply, answer) = oneshot::channel();
         self.commands
             .send(Command::Join { addr, reply })
             .await
-            .context("the federation task has stopped")?;
-        answer
-            .await
-            .context("the federation task has stopped")?
-            .map_err(anyhow::Error::msg)
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
     }
+}
+
+/// How long `join` waits for the member to answer: longer than the
+/// transport's own handshake timeout (10 s), so that a handshake a private
+/// federation stalls is reported as such, not as silence.
+pub const JOIN_WAIT: Duration = Duration::from_secs(15);
+/// How long `join` then waits for the member's advert (its site name).
+pub const JOIN_ADVERT_WAIT: Duration = Duration::from_secs(3);
+
+/// A join that worked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Joined {
+    /// The member's peer id.
+    pub peer_id: String,
+    /// Its site name, once its advert arrived (it may come later).
+    pub site: Option<String>,
+}
+
+/// Why a join did not work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JoinError {
+    /// The address is not one to join (no /p2p/<peer id>, this site's own).
+    #[error("{0}")]
+    BadAddress(String),
+    /// Something answered, and the connection failed: another peer id, the
+    /// private federation's key, an allow-list.
+    #[error("{0}")]
+    Refused(String),
+    /// Nothing answered in time.
+    #[error("{0}")]
+    Unreachable(String),
+}
+
+/// A join waiting for its outcome.
+struct PendingJoin {
+    addr: Multiaddr,
+    reply: oneshot::Sender<Result<Joined, JoinError>>,
+    /// When to give up: on an answer before it connects, on its advert after.
+    deadline_ms: i64,
+    connected: bool,
 }
 
 /// Starts the swarm and the registry core. Fails (before anything is
@@ -323,6 +363,7 @@ pub async fn start(
         connected: BTreeSet::new(),
         dial_targets: BTreeMap::new(),
         remembered: BTreeMap::new(),
+        joins: BTreeMap::new(),
         capacity: capacity.clone(),
     };
     for addr in &config.federation.bootstrap {
@@ -442,6 +483,8 @@ struct Shell {
     connected: BTreeSet<PeerId>,
     dial_targets: BTreeMap<PeerId, DialTarget>,
     remembered: BTreeMap<PeerId, (Option<String>, Vec<String>)>,
+    /// Joins waiting for their outcome, by the peer they dial.
+    joins: BTreeMap<PeerId, Vec<PendingJoin>>,
     /// Told of ledger changes by the handle.
     capacity: Arc<Notify>,
 }
@@ -488,6 +531,7 @@ impl Shell {
                 _ = reconnect.tick() => self.redial(),
             }
             self.drain().await;
+            self.settle_joins();
         }
         self.p2p.shutdown().await;
         tracing::info!("federation stopped");
@@ -507,6 +551,7 @@ impl Shell {
             P2pEvent::PeerConnected { peer, addr } => {
                 tracing::debug!(%peer, %addr, "peer connected");
                 self.connected.insert(peer);
+                self.join_connected(peer);
                 if let Some(target) = self.dial_targets.get_mut(&peer) {
                     target.backoff = BACKOFF_MIN;
                 }
@@ -559,6 +604,9 @@ impl Shell {
             }
             P2pEvent::ConnectionFailed { peer, error } => {
                 tracing::debug!(peer = ?peer, %error, "federation connection failed");
+                if let Some(peer) = peer {
+                    self.join_failed(peer, &error);
+                }
             }
         }
     }
@@ -588,22 +636,31 @@ impl Shell {
             }
             Command::Join { addr, reply } => {
                 let Some(Protocol::P2p(peer)) = addr.iter().last() else {
-                    let _ = reply.send(Err(format!("{addr} does not end in /p2p/<peer id>")));
+                    let _ = reply.send(Err(JoinError::BadAddress(format!(
+                        "{addr} does not end in /p2p/<peer id>"
+                    ))));
                     return;
                 };
                 if peer == self.fed.registry().local_id() {
-                    let _ = reply.send(Err("that is this site's own address".to_owned()));
+                    let _ = reply.send(Err(JoinError::BadAddress(
+                        "that is this site's own address".to_owned(),
+                    )));
                     return;
                 }
-                let result = self.p2p.dial(addr.clone()).await.map_err(|e| e.to_string());
-                if result.is_ok() {
-                    self.dial_targets
-                        .entry(peer)
-                        .or_insert_with(|| DialTarget::new(Vec::new()))
-                        .addrs = vec![strip_p2p(&addr)];
-                    self.remember_peer(peer, None, vec![strip_p2p(&addr).to_string()]);
+                if let Err(e) = self.p2p.dial(addr.clone()).await {
+                    let _ = reply.send(Err(JoinError::BadAddress(e.to_string())));
+                    return;
                 }
-                let _ = reply.send(result);
+                let pending = PendingJoin {
+                    addr,
+                    reply,
+                    deadline_ms: now_ms() + millis(JOIN_WAIT),
+                    connected: false,
+                };
+                self.joins.entry(peer).or_default().push(pending);
+                if self.connected.contains(&peer) {
+                    self.join_connected(peer);
+                }
             }
         }
     }
@@ -772,6 +829,83 @@ impl Shell {
             .collect()
     }
 
+    /// A peer a join dials answered: remember the address it was reached
+    /// at, and wait a little for its advert to name its site.
+    fn join_connected(&mut self, peer: PeerId) {
+        let Some(pending) = self.joins.get_mut(&peer) else {
+            return;
+        };
+        let deadline_ms = now_ms() + millis(JOIN_ADVERT_WAIT);
+        let mut addrs = Vec::new();
+        for join in pending.iter_mut().filter(|join| !join.connected) {
+            join.connected = true;
+            join.deadline_ms = deadline_ms;
+            addrs.push(strip_p2p(&join.addr));
+        }
+        if let Some(addr) = addrs.first() {
+            self.dial_targets
+                .entry(peer)
+                .or_insert_with(|| DialTarget::new(Vec::new()))
+                .addrs = vec![addr.clone()];
+            self.remember_peer(peer, None, vec![addr.to_string()]);
+        }
+        self.settle_joins();
+    }
+
+    /// A dial of a peer a join waits for failed: the joins that have not
+    /// connected fail with the reason.
+    fn join_failed(&mut self, peer: PeerId, error: &str) {
+        let Some(pending) = self.joins.remove(&peer) else {
+            return;
+        };
+        let (connected, failed): (Vec<_>, Vec<_>) =
+            pending.into_iter().partition(|join| join.connected);
+        for join in failed {
+            let _ = join.reply.send(Err(join_refusal(&join.addr, peer, error)));
+        }
+        if !connected.is_empty() {
+            self.joins.insert(peer, connected);
+        }
+    }
+
+    /// Answers the joins whose outcome is known: connected and named by
+    /// their advert, connected and out of time (named later), or out of
+    /// time without an answer.
+    fn settle_joins(&mut self) {
+        if self.joins.is_empty() {
+            return;
+        }
+        let now = now_ms();
+        let names: BTreeMap<PeerId, String> = self
+            .fed
+            .registry()
+            .sites(now)
+            .into_iter()
+            .filter(|view| !view.local)
+            .map(|view| (view.site, view.advert.site_name.clone()))
+            .collect();
+        let joins = std::mem::take(&mut self.joins);
+        for (peer, pending) in joins {
+            for join in pending {
+                let name = names.get(&peer);
+                if join.connected && (name.is_some() || now >= join.deadline_ms) {
+                    let _ = join.reply.send(Ok(Joined {
+                        peer_id: peer.to_string(),
+                        site: name.cloned(),
+                    }));
+                } else if !join.connected && now >= join.deadline_ms {
+                    let _ = join.reply.send(Err(JoinError::Unreachable(format!(
+                        "no answer from {} within {} s: is the address right and the site's federation port open?",
+                        join.addr,
+                        JOIN_WAIT.as_secs()
+                    ))));
+                } else {
+                    self.joins.entry(peer).or_default().push(join);
+                }
+            }
+        }
+    }
+
     fn report(&self) -> SitesReport {
         let now = now_ms();
         let sites = self
@@ -798,6 +932,44 @@ impl Shell {
             stats: self.fed.registry().stats(),
             outbox_dropped: self.outbox_dropped,
         }
+    }
+}
+
+/// What a failed connection to a member means, for the person who joins.
+fn join_refusal(addr: &Multiaddr, peer: PeerId, error: &str) -> JoinError {
+    // The transport's own hint; the answer below says it better.
+    let error = error
+        .trim_end_matches(" (check that both sites use the same pre-shared key)")
+        .trim();
+    let lower = error.to_lowercase();
+    let at = strip_p2p(addr);
+    if let Some(rest) = error.split("Unexpected peer ID ").nth(1) {
+        let obtained = rest.split_whitespace().next().unwrap_or("another peer");
+        JoinError::Refused(format!(
+            "the site at {at} is {obtained}, not {peer}; copy the address again from `vcfed status` there"
+        ))
+    } else if lower.contains("peer id") || lower.contains("did not match") {
+        JoinError::Refused(format!("the site at {at} is not {peer} ({error})"))
+    } else if lower.contains("connection refused") {
+        JoinError::Unreachable(format!(
+            "{at}: connection refused (is the agent running, and is that its federation port?)"
+        ))
+    } else if [
+        "handshake",
+        "negotiat",
+        "noise",
+        "pre-shared",
+        "timeout",
+        "timed out",
+    ]
+    .iter()
+    .any(|word| lower.contains(word))
+    {
+        JoinError::Refused(format!(
+            "{at} broke off the handshake: a private federation refuses sites without its pre-shared key, so check that both use the same `federation.psk_file` ({error})"
+        ))
+    } else {
+        JoinError::Refused(format!("{at}: {error}"))
     }
 }
 

@@ -253,3 +253,89 @@ async fn five_agents_discover_each_other_by_gossip() {
         assert!(status.success(), "agent exit {status:?}");
     }
 }
+
+/// `vcfed join` waits for the outcome and says it: joined (with the site's
+/// name), refused for the private federation's key, the wrong peer id,
+/// nothing listening; only the address that answered is remembered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_says_what_happened_and_remembers_only_what_answered() {
+    let keys = tempfile::tempdir().unwrap();
+    let psk = keys.path().join("federation.psk");
+    let other_psk = keys.path().join("other.psk");
+    for path in [&psk, &other_psk] {
+        let out = vcfed(&["psk", "generate", "--out", path.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", common::stderr(&out));
+    }
+    let member = |name: &str, key: &std::path::Path| {
+        let site = Site::init_with(name, 2, &format!("/ip4/127.0.0.1/tcp/{}", free_port()), &[]);
+        site.add_federation_settings(&format!("psk_file = \"{}\"\n{TIMING}", key.display()));
+        site
+    };
+    let port_a = free_port();
+    let a = Site::init_with("join-a", 2, &format!("/ip4/127.0.0.1/tcp/{port_a}"), &[]);
+    a.add_federation_settings(&format!("psk_file = \"{}\"\n{TIMING}", psk.display()));
+    let a = start(a).await;
+    let mut b = start(member("join-b", &psk)).await;
+    let outsider = start(member("join-x", &other_psk)).await;
+    let addr_a = format!("/ip4/127.0.0.1/tcp/{port_a}/p2p/{}", a.peer_id);
+
+    let joined = vcfed(&["join", "--config", b.site.config_arg(), &addr_a]);
+    assert!(joined.status.success(), "{}", common::stderr(&joined));
+    let said = String::from_utf8_lossy(&joined.stdout);
+    assert!(said.contains("joined join-a"), "{said}");
+
+    let refused = vcfed(&["join", "--config", outsider.site.config_arg(), &addr_a]);
+    assert_eq!(
+        refused.status.code(),
+        Some(2),
+        "{}",
+        common::stderr(&refused)
+    );
+    assert!(
+        common::stderr(&refused).contains("pre-shared key"),
+        "{}",
+        common::stderr(&refused)
+    );
+
+    eprintln!("refused: {}", common::stderr(&refused).trim());
+    let wrong_id = format!("/ip4/127.0.0.1/tcp/{port_a}/p2p/{}", outsider.peer_id);
+    let wrong = vcfed(&["join", "--config", b.site.config_arg(), &wrong_id]);
+    assert_eq!(wrong.status.code(), Some(2), "{}", common::stderr(&wrong));
+    assert!(
+        common::stderr(&wrong).contains(&format!("not {}", outsider.peer_id)),
+        "{}",
+        common::stderr(&wrong)
+    );
+
+    eprintln!("wrong peer id: {}", common::stderr(&wrong).trim());
+    let nobody = format!(
+        "/ip4/127.0.0.1/tcp/{}/p2p/{}",
+        free_port(),
+        outsider.peer_id
+    );
+    let started = Instant::now();
+    let unreachable = vcfed(&["join", "--config", b.site.config_arg(), &nobody]);
+    assert_eq!(
+        unreachable.status.code(),
+        Some(1),
+        "{}",
+        common::stderr(&unreachable)
+    );
+    assert!(started.elapsed() < Duration::from_secs(15));
+    eprintln!(
+        "unreachable said in {:?}: {}",
+        started.elapsed(),
+        common::stderr(&unreachable).trim()
+    );
+
+    // B remembers A, and nothing of the addresses that failed.
+    let status = b.agent.as_mut().unwrap().terminate(Duration::from_secs(10));
+    assert!(status.success(), "agent exit {status:?}");
+    let ledger = vcfed_storage::Ledger::open(&b.site.config().ledger_path()).unwrap();
+    let peers = ledger.peers().unwrap();
+    assert!(peers.iter().any(|p| p.peer_id == a.peer_id), "{peers:?}");
+    assert!(
+        peers.iter().all(|p| p.peer_id != outsider.peer_id),
+        "{peers:?}"
+    );
+}
