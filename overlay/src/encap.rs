@@ -34,11 +34,20 @@ pub const ENCAP_OVERHEAD: usize = IPV4_HEADER_LEN + GRE_HEADER_LEN;
 /// Inner packet size that fits a 1500-byte path: 1500 − 20 (IPv4) − 8
 /// (UDP) − 32 (WireGuard header and tag).
 pub const INNER_MTU_DEFAULT: usize = 1440;
-/// Largest payload (GRE header, metadata and frame) reassembled, bytes:
-/// every fragment's offset must fit the 13-bit field, in units of 8.
-pub const PAYLOAD_LEN_MAX: usize = 65_528;
+/// Largest fragment offset the 13-bit field holds, bytes: the last
+/// fragment of a payload (GRE header, metadata and frame) must start at or
+/// before it.
+pub const OFFSET_MAX: usize = 8191 * 8;
+/// Largest payload reassembled, bytes: the last fragment starts at
+/// [`OFFSET_MAX`] at most and carries at most 9000 bytes.
+pub const PAYLOAD_LEN_MAX: usize = OFFSET_MAX + 9_000;
 /// Partially reassembled packets kept per peer.
 pub const PENDING_MAX: usize = 64;
+/// Bytes of partially reassembled packets kept per peer: past it the
+/// oldest partial packets are dropped.
+pub const PENDING_BYTES_MAX: usize = 1 << 20;
+/// Reassembly buffers kept for reuse per peer.
+const SPARE_MAX: usize = 4;
 /// How long a partial packet waits for its other fragments, ms.
 pub const REASSEMBLY_TIMEOUT_MS: i64 = 2_000;
 /// GRE protocol of a frame with offload metadata: IEEE's local
@@ -80,7 +89,11 @@ pub struct Encapsulator {
     src: Ipv4Addr,
     dst: Ipv4Addr,
     inner_mtu: usize,
-    next_id: u16,
+    /// The id of the next fragmented packet: its low 16 bits are the IPv4
+    /// id, its high 16 bits the last two bytes of the inner source address
+    /// (which is part of the reassembly key too), so ids do not come round
+    /// within the reassembly timeout at any rate.
+    next_id: u32,
     /// Where each inner packet is built.
     packet: Vec<u8>,
 }
@@ -124,16 +137,22 @@ impl Encapsulator {
         };
         let head = &head[..head_len];
         let payload_len = head_len + frame.len();
-        if payload_len > PAYLOAD_LEN_MAX {
-            return Err(TooLarge(frame.len()));
-        }
-        let id = self.next_id;
-        self.next_id = self.next_id.wrapping_add(1);
         // Fragment payloads are multiples of 8 bytes, but for the last.
         let chunk = if IPV4_HEADER_LEN + payload_len <= self.inner_mtu {
-            payload_len
+            payload_len.max(1)
         } else {
             (self.inner_mtu - IPV4_HEADER_LEN) / 8 * 8
+        };
+        let last_start = payload_len.saturating_sub(1) / chunk * chunk;
+        if last_start > OFFSET_MAX || payload_len > PAYLOAD_LEN_MAX {
+            return Err(TooLarge(frame.len()));
+        }
+        // Only fragmented packets need an id.
+        let id = if chunk < payload_len {
+            self.next_id = self.next_id.wrapping_add(1);
+            self.next_id
+        } else {
+            0
         };
         let mut offset = 0;
         loop {
@@ -162,10 +181,12 @@ impl Encapsulator {
         &self,
         packet: &mut Vec<u8>,
         payload_len: usize,
-        id: u16,
+        id: u32,
         offset: usize,
         more: bool,
     ) {
+        let [high_a, high_b, id_a, id_b] = id.to_be_bytes();
+        let src = self.src.octets();
         let total =
             u16::try_from(IPV4_HEADER_LEN + payload_len).expect("inner packets are below 64 KiB");
         let offset_units =
@@ -174,10 +195,10 @@ impl Encapsulator {
         let start = packet.len();
         packet.extend_from_slice(&[0x45, 0]);
         packet.extend_from_slice(&total.to_be_bytes());
-        packet.extend_from_slice(&id.to_be_bytes());
+        packet.extend_from_slice(&[id_a, id_b]);
         packet.extend_from_slice(&flags.to_be_bytes());
         packet.extend_from_slice(&[64, PROTO_GRE, 0, 0]);
-        packet.extend_from_slice(&self.src.octets());
+        packet.extend_from_slice(&[src[0], src[1], high_a, high_b]);
         packet.extend_from_slice(&self.dst.octets());
         let checksum = ipv4_checksum(&packet[start..start + IPV4_HEADER_LEN]);
         packet[start + 10..start + 12].copy_from_slice(&checksum.to_be_bytes());
@@ -354,7 +375,10 @@ impl Decapsulator {
     /// is full; returns its slot.
     fn start_partial(&mut self, now_ms: i64, key: (u16, [u8; 4], [u8; 4])) -> usize {
         self.expire(now_ms);
-        if self.pending.len() >= PENDING_MAX {
+        while self.pending.len() >= PENDING_MAX
+            || (!self.pending.is_empty()
+                && self.pending.iter().map(|p| p.buf.len()).sum::<usize>() >= PENDING_BYTES_MAX)
+        {
             // The oldest partial packet is the one least likely to complete
             // (its other fragment was most likely lost); refusing new ones
             // instead would stall every fragmented frame until timeouts.
@@ -380,7 +404,7 @@ impl Decapsulator {
 
     /// Keeps a partial's buffers for the next packet.
     fn recycle(&mut self, mut partial: Partial) {
-        if self.spare.len() < PENDING_MAX {
+        if self.spare.len() < SPARE_MAX {
             partial.buf.clear();
             partial.covered = [0; COVERAGE_WORDS];
             partial.total = None;
@@ -541,6 +565,15 @@ mod tests {
         ));
 
         let too_big = frame(mac(1), mac(2), PAYLOAD_LEN_MAX);
+        let mut jumbo_enc = Encapsulator::new(Ipv4Addr::LOCALHOST, Ipv4Addr::LOCALHOST, 8212);
+        // With 8192-byte fragments the last one of 65 571 bytes would start
+        // at 65 536, beyond what the offset field holds.
+        let awkward = frame(mac(1), mac(2), 65_571 - 18 - 14);
+        assert!(
+            jumbo_enc
+                .encapsulate(9, offload, &awkward, |_| panic!("nothing sent"))
+                .is_err()
+        );
         assert!(
             enc.encapsulate(9, offload, &too_big, |_| panic!("nothing sent"))
                 .is_err()
@@ -577,6 +610,29 @@ mod tests {
         dec.expire(REASSEMBLY_TIMEOUT_MS);
         assert_eq!(dec.pending(), 0);
         assert!(dec.fragments_dropped >= PENDING_MAX as u64);
+    }
+
+    #[test]
+    fn ids_that_share_their_low_16_bits_never_mix() {
+        let (mut enc, mut dec) = pair();
+        let (a, b) = (frame(mac(1), mac(2), 3000), frame(mac(3), mac(4), 3000));
+        let (mut out_a, mut out_b) = (Vec::new(), Vec::new());
+        enc.next_id = 0xffff; // next: 0x1_0000
+        encap(&mut enc, 1, &a, &mut out_a);
+        enc.next_id = u32::MAX; // next: 0
+        encap(&mut enc, 1, &b, &mut out_b);
+        assert_eq!(out_a[0][4..6], out_b[0][4..6], "the same IPv4 id");
+        // B's first fragment is lost; A's middle one arrives late: nothing
+        // of one may complete the other.
+        assert_eq!(decap(&mut dec, &out_a[0]), Ok(None));
+        assert_eq!(decap(&mut dec, &out_b[1]), Ok(None));
+        assert_eq!(decap(&mut dec, &out_b[2]), Ok(None));
+        assert_eq!(decap(&mut dec, &out_a[2]), Ok(None));
+        assert_eq!(decap(&mut dec, &out_a[1]), Ok(Some((1, Offload::NONE, a))));
+        // Unfragmented packets take no id.
+        let before = enc.next_id;
+        encap(&mut enc, 1, &frame(mac(1), mac(2), 60), &mut out_a);
+        assert_eq!(enc.next_id, before);
     }
 
     #[test]

@@ -124,6 +124,12 @@ impl Outputs {
         }
     }
 
+    /// Changes how many datagrams a run holds (when the path stops
+    /// taking UDP GSO: 1); runs already made keep their size.
+    pub fn set_run_datagrams_max(&mut self, run_datagrams_max: usize) {
+        self.run_datagrams_max = run_datagrams_max.max(1);
+    }
+
     /// Whether there is nothing to send.
     pub fn is_empty(&self) -> bool {
         self.items.is_empty()

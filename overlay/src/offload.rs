@@ -16,11 +16,10 @@
 
 /// Bytes of the metadata, at the TAP and on the wire alike.
 pub const WIRE_LEN: usize = 10;
-/// Largest super-frame carried, bytes. The encapsulated payload (GRE
-/// header, metadata, frame) must stay within what the 13-bit IPv4 fragment
-/// offset can address (65 528 bytes); a TAP's default GSO limit of 64 KiB,
-/// less TCP's headroom, stays below it.
-pub const SUPER_FRAME_LEN_MAX: usize = 65_528 - 8 - WIRE_LEN;
+/// Largest super-frame carried, bytes: a 64 KiB GSO packet with its
+/// Ethernet header and a VLAN tag, with room to spare (frames the kernel
+/// coalesced by GRO before a bridge forwarded them reach 65 549).
+pub const SUPER_FRAME_LEN_MAX: usize = 65_600;
 
 /// `flags`: the checksum at `csum_start + csum_offset` is to be finished.
 pub const F_NEEDS_CSUM: u8 = 1;
@@ -42,7 +41,9 @@ pub struct Offload {
     pub flags: u8,
     /// [`GSO_NONE`], [`GSO_TCPV4`] or [`GSO_TCPV6`], maybe with [`GSO_ECN`].
     pub gso_type: u8,
-    /// Length of the headers (Ethernet, IP, TCP) of a super-frame.
+    /// Length of the headers (Ethernet, IP, TCP) of a super-frame; a hint
+    /// (the kernel gives the length of the frame's first buffer, which may
+    /// be the whole frame).
     pub hdr_len: u16,
     /// Payload bytes of each segment the super-frame is cut into.
     pub gso_size: u16,
@@ -158,7 +159,7 @@ impl Offload {
         let gso_fits = !self.is_gso()
             || (self.flags & F_NEEDS_CSUM != 0
                 && self.gso_size > 0
-                && usize::from(self.hdr_len) < frame_len);
+                && usize::from(self.hdr_len) <= frame_len);
         if csum_fits && gso_fits {
             Ok(())
         } else {

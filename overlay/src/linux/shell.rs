@@ -51,8 +51,8 @@ const RECV_BATCH: usize = 4;
 /// Outputs are sent once this many bytes wait, and at the end of every
 /// batch of input.
 const FLUSH_BYTES: usize = 256 << 10;
-/// How long one send waits for room in the socket's buffer before its
-/// datagrams are counted as send errors.
+/// How long one flush waits, in all, for room in the socket's buffer before
+/// the datagrams left are counted as send errors.
 const SEND_WAIT_MAX: Duration = Duration::from_millis(200);
 /// Segments (TAP devices) one gateway carries, at most.
 pub const SEGMENTS_MAX: usize = 256;
@@ -810,7 +810,10 @@ impl Shell {
     /// Sends every output of the gateway: runs of datagrams in one UDP GSO
     /// send each, frames with their offload metadata.
     async fn flush(&mut self) {
-        let out = std::mem::take(&mut self.out);
+        let mut out = std::mem::take(&mut self.out);
+        // One wait for room per flush, not per run: a full socket buffer
+        // must not hold the loop (and its timers) for long.
+        let deadline = tokio::time::Instant::now() + SEND_WAIT_MAX;
         for output in out.iter() {
             match output {
                 Output::ToNetwork {
@@ -826,8 +829,25 @@ impl Shell {
                         segment_size: (datagrams.len() > stride).then_some(stride),
                         src_ip: None,
                     };
-                    match self.send(&transmit).await {
+                    match self.send(&transmit, deadline).await {
                         Ok(()) => self.stats.datagrams_sent += count,
+                        Err(e) if count > 1 && self.udp.max_gso_segments() <= 1 => {
+                            // The path refused GSO (quinn-udp turned it off
+                            // on that error): this run goes out datagram by
+                            // datagram, and later runs are single.
+                            tracing::warn!(%to, error = %e, "UDP GSO refused on this path; sending datagrams one by one");
+                            for datagram in datagrams.chunks(stride) {
+                                let single = quinn_udp::Transmit {
+                                    segment_size: None,
+                                    contents: datagram,
+                                    ..transmit
+                                };
+                                match self.send(&single, deadline).await {
+                                    Ok(()) => self.stats.datagrams_sent += 1,
+                                    Err(_) => self.stats.send_errors += 1,
+                                }
+                            }
+                        }
                         Err(e) => {
                             self.stats.send_errors += count;
                             tracing::trace!(%to, error = %e, "send failed");
@@ -856,15 +876,18 @@ impl Shell {
                 }
             }
         }
-        let mut out = out;
         out.clear();
+        out.set_run_datagrams_max(self.udp.max_gso_segments());
         self.out = out;
     }
 
     /// Sends one run of datagrams, waiting while the socket's buffer is
-    /// full (at most [`SEND_WAIT_MAX`]).
-    async fn send(&self, transmit: &quinn_udp::Transmit<'_>) -> std::io::Result<()> {
-        let deadline = tokio::time::Instant::now() + SEND_WAIT_MAX;
+    /// full, until `deadline`.
+    async fn send(
+        &self,
+        transmit: &quinn_udp::Transmit<'_>,
+        deadline: tokio::time::Instant,
+    ) -> std::io::Result<()> {
         loop {
             match self.socket.try_io(Interest::WRITABLE, || {
                 self.udp.try_send((&self.socket).into(), transmit)
