@@ -822,6 +822,13 @@ impl Registry {
         })
     }
 
+    /// Whether any remote site is alive in the view.
+    pub fn any_alive(&self) -> bool {
+        self.sites
+            .values()
+            .any(|entry| entry.state == SiteState::Alive)
+    }
+
     /// The state of one remote site, if known.
     pub fn site_state(&self, site: &PeerId) -> Option<SiteState> {
         self.find(site).map(|(_, entry)| entry.state)

@@ -416,6 +416,7 @@ impl LifecycleChecks {
         let Some(info) = self.clusters.get(cluster).copied() else {
             return;
         };
+        let highest = highest_number(sim, info, cluster);
         let mut owners: BTreeMap<u32, SiteId> = BTreeMap::new();
         let mut macs: BTreeMap<[u8; 6], u32> = BTreeMap::new();
         let mut problem = None;
@@ -433,10 +434,9 @@ impl LifecycleChecks {
                         "node {index} of {cluster} runs at {name} and at {}",
                         sim.sites()[other].name()
                     ));
-                } else if *index > info.nodes {
+                } else if *index > highest {
                     problem = Some(format!(
-                        "{name} runs node {index} of {cluster}, which has {} compute nodes",
-                        info.nodes
+                        "{name} runs node {index} of {cluster}, whose master numbered up to {highest}",
                     ));
                 } else if spec.frontend != (*index == 0) || (spec.frontend && site != info.master) {
                     problem = Some(format!(
@@ -479,16 +479,26 @@ impl LifecycleChecks {
         };
         let master = &sim.sites()[info.master];
         let indices: Vec<u32> = nodes.iter().map(|n| n.index).collect();
-        let expected: Vec<u32> = (0..=info.nodes).collect();
+        let expected: Vec<u32> = cluster_nodes(sim, info, cluster);
         let frontend_ok = nodes
             .iter()
             .all(|n| (n.index == 0) == n.frontend && (!n.frontend || n.site == master.name()));
         let up = nodes
             .iter()
             .all(|n| n.state["state"] == if n.frontend { "serving" } else { "installed" });
-        if indices != expected || !frontend_ok || !up {
+        // A cluster that lost a part stays `running` while its replacement
+        // nodes boot: it stores only nodes it plans (the lost part's are
+        // dropped when it is fenced); `check_reports` sees that they all
+        // come up.
+        let healing = healed(sim, info, cluster);
+        let complete = if healing {
+            indices.iter().all(|index| expected.contains(index))
+        } else {
+            indices == expected && up
+        };
+        if !complete || !frontend_ok {
             let detail = format!(
-                "cluster {cluster} is running at {} with nodes {:?}, expected 0..={} with the frontend there",
+                "cluster {cluster} is running at {} with nodes {:?}, expected {:?} with the frontend there",
                 master.name(),
                 nodes
                     .iter()
@@ -498,7 +508,7 @@ impl LifecycleChecks {
                         n.state["state"].as_str().unwrap_or("?")
                     ))
                     .collect::<Vec<_>>(),
-                info.nodes
+                expected
             );
             self.found(found, "running cluster", Some(info.master), cluster, detail);
         }
@@ -596,7 +606,7 @@ impl LifecycleChecks {
                 self.found(found, "node reports", Some(worker), cluster, detail);
             }
         }
-        let expected: BTreeSet<u32> = (0..=info.nodes).collect();
+        let expected: BTreeSet<u32> = cluster_nodes(sim, info, cluster).into_iter().collect();
         if !all_settled || booted == expected {
             self.incomplete.remove(cluster);
             return;
@@ -604,9 +614,8 @@ impl LifecycleChecks {
         let first = *self.incomplete.entry(cluster.to_owned()).or_insert(now);
         if now - first >= REPORT_BOUND_MS {
             let detail = format!(
-                "cluster {cluster} is running at {} but its sites run nodes {booted:?}, expected 0..={}",
+                "cluster {cluster} is running at {} but its sites run nodes {booted:?}, expected {expected:?}",
                 master.name(),
-                info.nodes
             );
             self.found(found, "running cluster", Some(info.master), cluster, detail);
         }
@@ -651,6 +660,49 @@ impl LifecycleChecks {
             });
         }
     }
+}
+
+/// The numbers of every node of `cluster` as its master plans it now (its
+/// frontend, 0, and the nodes of the parts it did not fence), or
+/// `0..=N` while the master does not run it.
+fn cluster_nodes(sim: &Sim<FedSite>, info: ClusterInfo, cluster: &str) -> Vec<u32> {
+    sim.sites()[info.master]
+        .runner()
+        .and_then(|runner| {
+            runner
+                .active()
+                .find(|(id, _, _)| id.as_str() == cluster)
+                .map(|(_, plan, _)| plan.cluster_nodes.clone())
+        })
+        .unwrap_or_else(|| (0..=info.nodes).collect())
+}
+
+/// Whether the master of `cluster` declared a part of it lost.
+fn healed(sim: &Sim<FedSite>, info: ClusterInfo, cluster: &str) -> bool {
+    sim.sites()[info.master]
+        .ledger()
+        .cluster(cluster)
+        .ok()
+        .flatten()
+        .is_some_and(|record| record.parts.iter().any(|p| p.lost_at_ms.is_some()))
+}
+
+/// The highest node number the master of `cluster` ever gave (replacements
+/// of lost parts are numbered after every number used before).
+fn highest_number(sim: &Sim<FedSite>, info: ClusterInfo, cluster: &str) -> u32 {
+    let numbered = sim.sites()[info.master]
+        .ledger()
+        .cluster(cluster)
+        .ok()
+        .flatten()
+        .and_then(|record| {
+            record
+                .parts
+                .iter()
+                .filter_map(|p| p.first_node.map(|first| first + p.nodes))
+                .max()
+        });
+    numbered.map_or(info.nodes, |end| end.saturating_sub(1).max(info.nodes))
 }
 
 /// Whether a site runs now and belongs to the federation.

@@ -82,6 +82,13 @@ impl DataPlane {
         self.lock().carried[site] = carried;
     }
 
+    /// Whether `site`'s gateway carries `segment` to `peer` now.
+    pub fn carries(&self, site: SiteId, segment: u32, peer: SiteId) -> bool {
+        self.lock().carried[site]
+            .get(&segment)
+            .is_some_and(|peers| peers.contains(&peer))
+    }
+
     /// A site's gateway went down or came back.
     pub fn set_gateway_up(&self, site: SiteId, up: bool) {
         self.lock().gateway_up[site] = up;

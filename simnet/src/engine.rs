@@ -614,6 +614,24 @@ impl<S: Site> Sim<S> {
         }
     }
 
+    /// Crashes `site` now (if up) for `down_ms`; it restarts then, or when
+    /// the calm begins, whichever comes first. The harness's targeted
+    /// faults (a worker site of a running cluster lost) use it.
+    pub fn crash_site(&mut self, site: SiteId, down_ms: i64) -> bool {
+        if !self.runtime[site].up {
+            return false;
+        }
+        let runtime = &mut self.runtime[site];
+        runtime.up = false;
+        runtime.timer_at = None;
+        runtime.timer_generation += 1;
+        self.stats.crashes += 1;
+        self.record(TraceKind::Crash, Some(site), None, "site-loss", 0, 0);
+        self.sites[site].crash();
+        self.push(self.now_ms + down_ms.max(1), Event::Restart { site });
+        true
+    }
+
     fn crash_one(&mut self) -> Option<Stepped> {
         let crashes = self.config.faults.crashes.clone()?;
         if !self.faults_active {

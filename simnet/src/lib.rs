@@ -72,7 +72,7 @@ pub use render::{minutes, render};
 pub use rng::{Rng, mix64};
 pub use site::PlantedBug;
 pub use trace::{Trace, TraceEvent, TraceKind};
-pub use world::{Fault, Options, Report, Violation, run};
+pub use world::{Fault, HEAL_BOUND_MS, HealReport, Options, Report, Violation, heal_for, run};
 
 /// A site's index in the simulation, `0..sites`.
 pub type SiteId = usize;

@@ -68,6 +68,28 @@ pub fn render(report: &Report) -> String {
         "  membership: {} sites joined, {} left; {} gateway outages",
         m.joined, m.left, m.gateway_outages
     );
+    let h = &report.heal;
+    if h.sites_lost > 0 {
+        let at = |q: usize| {
+            h.heal_ms
+                .get((h.heal_ms.len().saturating_sub(1)) * q / 100)
+                .map_or("-".to_owned(), |ms| format!("{:.1}", *ms as f64 / 1000.0))
+        };
+        let _ = writeln!(
+            out,
+            "  site loss: {} worker sites lost, {} parts fenced; replace clusters whole again: {} (p50 {} s, max {} s after the loss), {} late, {} never",
+            h.sites_lost,
+            h.parts_fenced,
+            h.healed,
+            at(50),
+            at(100),
+            h.healed_late,
+            h.not_healed
+        );
+        for never in &h.never {
+            let _ = writeln!(out, "    never whole again: {never}");
+        }
+    }
     let _ = writeln!(
         out,
         "  convergence of advert changes: {} calm, {} under faults; {} seen everywhere, {} not within 2 min",

@@ -23,7 +23,9 @@ use vcfed_storage::{
     GatewayRef, HoldRequest, Inventory, InventoryHost, Ledger, LedgerError, NodeShape, Window,
 };
 
-use vcfed_node_core::cluster::{ClusterConfig, ClusterCore, ClusterMsg, ClusterRequest};
+use vcfed_node_core::cluster::{
+    ClusterConfig, ClusterCore, ClusterFault, ClusterMsg, ClusterRequest, Heal,
+};
 use vcfed_node_core::driver::sim::SimDriver;
 use vcfed_node_core::federation::{
     Federation, FederationEvent, LocalSite, Outgoing, REQUEST_TIMEOUT_MS, cluster_payload,
@@ -294,6 +296,8 @@ pub enum Input {
         start_in_ms: i64,
         /// Window length, ms.
         length_ms: i64,
+        /// What the master does when a worker site is lost.
+        heal: Heal,
     },
     /// A delete of a cluster this site masters.
     Delete {
@@ -324,6 +328,9 @@ pub enum PlantedBug {
     /// instead), and workers never answer a `Reserve`, so that masters try
     /// one site after another for longer than the deadline.
     NoReserveDeadline,
+    /// Masters replace the nodes of a lost worker site without fencing its
+    /// part first: the site stays in the cluster's segment.
+    ReplaceWithoutFence,
 }
 
 impl PlantedBug {
@@ -333,14 +340,16 @@ impl PlantedBug {
             PlantedBug::CommitWithoutHold => "commit-without-hold",
             PlantedBug::LeakVlan => "leak-vlan",
             PlantedBug::NoReserveDeadline => "no-reserve-deadline",
+            PlantedBug::ReplaceWithoutFence => "replace-without-fence",
         }
     }
 
     /// Every planted bug.
-    pub const ALL: [PlantedBug; 3] = [
+    pub const ALL: [PlantedBug; 4] = [
         PlantedBug::CommitWithoutHold,
         PlantedBug::LeakVlan,
         PlantedBug::NoReserveDeadline,
+        PlantedBug::ReplaceWithoutFence,
     ];
 }
 
@@ -664,6 +673,9 @@ impl FedSite {
             Some(self.gateway_ref()),
             config,
         );
+        if self.settings.plant == Some(PlantedBug::ReplaceWithoutFence) {
+            cluster.plant(ClusterFault::ReplaceWithoutFence);
+        }
         cluster.resume(&mut self.ledger, now)?;
         let lease_expiry = self.ledger.next_lease_expiry(i64::MIN)?;
         let index = u32::try_from(self.index).unwrap_or(u32::MAX);
@@ -1185,6 +1197,7 @@ impl FedSite {
                 nodes,
                 start_in_ms,
                 length_ms,
+                heal,
             } => {
                 let start_ms = now + start_in_ms;
                 let request = ClusterRequest {
@@ -1200,6 +1213,7 @@ impl FedSite {
                         end_ms: start_ms + length_ms,
                     },
                     image: None,
+                    heal,
                 };
                 let outcome =
                     match volatile

@@ -67,11 +67,14 @@ pub enum Fault {
     Leave,
     /// Gateways that go down for a while (the data plane only).
     Gateway,
+    /// A worker site of a running cluster goes down for longer than the
+    /// masters' grace period, and may come back (see `heal.rs`).
+    SiteLoss,
 }
 
 impl Fault {
     /// Every fault.
-    pub const ALL: [Fault; 10] = [
+    pub const ALL: [Fault; 11] = [
         Fault::Loss,
         Fault::Dup,
         Fault::Reorder,
@@ -82,6 +85,7 @@ impl Fault {
         Fault::Join,
         Fault::Leave,
         Fault::Gateway,
+        Fault::SiteLoss,
     ];
 
     /// The name on the command line.
@@ -97,6 +101,7 @@ impl Fault {
             Fault::Join => "join",
             Fault::Leave => "leave",
             Fault::Gateway => "gateway",
+            Fault::SiteLoss => "site-loss",
         }
     }
 
@@ -113,7 +118,7 @@ impl Fault {
                         .find(|f| f.name() == word)
                         .ok_or_else(|| {
                             format!(
-                                "unknown fault {word:?}: use loss, dup, reorder, partition, crash, skew, bandwidth, join, leave, gateway, all or none"
+                                "unknown fault {word:?}: use loss, dup, reorder, partition, crash, skew, bandwidth, join, leave, gateway, site-loss, all or none"
                             )
                         })?;
                     faults.insert(fault);
@@ -276,6 +281,16 @@ impl Options {
             "window-length",
             format_range(self.window_length_min_ms, self.window_length_max_ms),
             format_range(defaults.window_length_min_ms, defaults.window_length_max_ms),
+        );
+        flag(
+            "nodes-max",
+            self.nodes_max.to_string(),
+            defaults.nodes_max.to_string(),
+        );
+        flag(
+            "capacity-max",
+            self.capacity_max.to_string(),
+            defaults.capacity_max.to_string(),
         );
         if let Some(plant) = self.plant {
             command.push_str(&format!(" --plant-bug {}", plant.name()));
@@ -484,6 +499,8 @@ pub struct Report {
     pub lifecycle: LifecycleReport,
     /// Membership and data-plane faults.
     pub membership: MembershipReport,
+    /// Worker sites lost (`site-loss`) and the clusters healed.
+    pub heal: HealReport,
     /// Hash of the whole trace (hex).
     pub trace_hash: String,
     /// Events processed.
@@ -569,7 +586,15 @@ struct World {
     /// The cluster cores' reserve deadline, ms.
     reserve_deadline_ms: i64,
     membership: MembershipReport,
+    /// The `site-loss` fault and what came of it.
+    losses: heal::Losses,
+    /// Clusters whose fence violation was reported.
+    fence_reported: BTreeSet<String>,
 }
+
+#[path = "heal.rs"]
+mod heal;
+pub use heal::{HEAL_BOUND_MS, HealReport, heal_for};
 
 /// Runs one simulation and reports.
 pub fn run(options: &Options, seed: u64, progress: &mut dyn FnMut(Progress)) -> Report {
@@ -607,6 +632,7 @@ pub fn run(options: &Options, seed: u64, progress: &mut dyn FnMut(Progress)) -> 
             break;
         }
     }
+    world.close_losses();
     if world.violations.is_empty() || !options.stop_at_first_violation {
         world.final_checks();
         let mut found = Vec::new();
@@ -699,6 +725,8 @@ impl World {
             gateways_down: BTreeMap::new(),
             membership_rng,
             membership: MembershipReport::default(),
+            losses: heal::Losses::new(Rng::derive(seed, 11), START_MS),
+            fence_reported: BTreeSet::new(),
             seed,
             sim: Sim::new(config, sites),
             directory,
@@ -779,6 +807,7 @@ impl World {
                 nodes,
                 start_in_ms,
                 length_ms,
+                heal: heal::heal_for(&id),
             };
             self.sim.schedule_input(at, site, "create", create);
             if let Some(delete_at) = delete_at {
@@ -1243,6 +1272,11 @@ impl World {
         let n = self.options.sites;
         self.membership_events(now);
         self.gateway_events(now);
+        self.site_loss_events(now);
+        self.follow_losses(now);
+        if (now - START_MS) % 10_000 == 0 {
+            self.check_fences();
+        }
         if (now - START_MS) % 10_000 == 0 {
             let mut found = Vec::new();
             self.lifecycle
@@ -1625,6 +1659,7 @@ impl World {
             traffic,
             lifecycle: self.lifecycle.report(),
             membership: self.membership.clone(),
+            heal: self.losses.report.clone(),
             trace_hash: format!("{:016x}", self.sim.trace().hash()),
             events: stats.events,
             wall_ms,
@@ -1728,10 +1763,11 @@ fn taken_problem(record: &vcfed_storage::ClusterRecord) -> Option<String> {
         .parts
         .iter()
         .filter(|p| {
-            matches!(
-                p.state,
-                PartState::Held | PartState::Committing | PartState::Committed
-            )
+            p.lost_at_ms.is_none()
+                && matches!(
+                    p.state,
+                    PartState::Held | PartState::Committing | PartState::Committed
+                )
         })
         .map(|p| u64::from(p.nodes))
         .sum();
@@ -1793,6 +1829,8 @@ mod tests {
             state,
             reservation_key: None,
             gateway: None,
+            first_node: None,
+            lost_at_ms: None,
         }
     }
 
@@ -1814,6 +1852,7 @@ mod tests {
                 part("D", 3, PartState::Reserving),
             ],
             segment: None,
+            epoch: 0,
             created_at_ms: START_MS,
             updated_at_ms: START_MS,
         };

@@ -85,3 +85,56 @@ fn contending_masters_never_overbook_and_every_message_meets_every_fault() {
         }
     }
 }
+
+/// Room to spare and no other fault: every worker site lost by
+/// `site-loss` is fenced, and every `replace` cluster is whole again within
+/// the grace period + 30 s of the loss.
+#[test]
+fn lost_worker_sites_are_replaced_in_time_when_there_is_room() {
+    let mut options = Options::new(12);
+    options.duration_ms = 40 * MINUTE_MS;
+    options.calm_ms = 10 * MINUTE_MS;
+    options.faults = [Fault::SiteLoss].into_iter().collect();
+    // About 30 nodes taken at a time of about 120.
+    options.requests_per_site_hour = 1.5;
+    options.nodes_max = 12;
+    options.capacity_max = 16;
+    options.window_start_min_ms = 20_000;
+    options.window_start_max_ms = 5 * MINUTE_MS;
+    options.window_length_min_ms = 15 * MINUTE_MS;
+    options.window_length_max_ms = 40 * MINUTE_MS;
+    let reports: Vec<Report> = (0..12)
+        .map(|seed| run(&options, seed, &mut |_| {}))
+        .collect();
+    let mut failures = String::new();
+    for report in reports.iter().filter(|r| !r.violations.is_empty()) {
+        failures.push_str(&vcfed_simnet::render(report));
+    }
+    assert!(failures.is_empty(), "invariants broken:\n{failures}");
+    let sum = |f: &dyn Fn(&Report) -> u64| reports.iter().map(f).sum::<u64>();
+    let lost = sum(&|r| r.heal.sites_lost);
+    let fenced = sum(&|r| r.heal.parts_fenced);
+    let healed = sum(&|r| r.heal.healed);
+    let mut times: Vec<i64> = reports
+        .iter()
+        .flat_map(|r| r.heal.heal_ms.clone())
+        .collect();
+    times.sort_unstable();
+    eprintln!(
+        "{lost} sites lost, {fenced} parts fenced, {healed} replace clusters whole again; \
+         ms from the loss: p50 {:?}, max {:?}",
+        times.get(times.len() / 2),
+        times.last()
+    );
+    assert!(
+        lost > 0 && fenced > 0 && healed > 0,
+        "{lost} lost, {fenced} fenced, {healed} healed"
+    );
+    let late = sum(&|r| r.heal.healed_late);
+    let never = sum(&|r| r.heal.not_healed);
+    assert_eq!(
+        (late, never),
+        (0, 0),
+        "replace clusters whole again late or never"
+    );
+}

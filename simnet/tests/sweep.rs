@@ -94,8 +94,11 @@ fn a_sweep_of_seeds_under_every_fault_keeps_every_invariant() {
     let joined = sum(&|r| r.membership.joined);
     let left = sum(&|r| r.membership.left);
     let outages = sum(&|r| r.membership.gateway_outages);
+    let sites_lost = sum(&|r| r.heal.sites_lost);
+    let fenced = sum(&|r| r.heal.parts_fenced);
+    let healed = sum(&|r| r.heal.healed);
     eprintln!(
-        "{} seeds × {SWEEP_SITES} sites × {SWEEP_MINUTES} min in {:.1} s: {accepted} clusters accepted, {running} ran at their master, {finished} finished by their window (per site); {crashes} crashes, {partitions} partitions, {joined} joins, {left} leaves, {outages} gateway outages",
+        "{} seeds × {SWEEP_SITES} sites × {SWEEP_MINUTES} min in {:.1} s: {accepted} clusters accepted, {running} ran at their master, {finished} finished by their window (per site); {crashes} crashes, {partitions} partitions, {joined} joins, {left} leaves, {outages} gateway outages, {sites_lost} worker sites lost ({fenced} parts fenced, {healed} clusters healed)",
         reports.len(),
         started.elapsed().as_secs_f64()
     );
@@ -123,6 +126,9 @@ fn a_sweep_of_seeds_under_every_fault_keeps_every_invariant() {
         ("joins", joined),
         ("leaves", left),
         ("gateway outages", outages),
+        ("worker sites lost", sites_lost),
+        ("lost parts fenced", fenced),
+        ("clusters healed", healed),
         // Masters competed for the same sites: some asked for nodes that
         // another took meanwhile, and some clusters failed.
         ("denied reserves", denied),
@@ -216,4 +222,14 @@ fn a_planted_missing_reserve_deadline_is_caught_by_the_sweep() {
 #[test]
 fn a_planted_vlan_leak_is_caught_by_the_sweep() {
     planted_bug_is_caught(sweep_options(), PlantedBug::LeakVlan, "stale run", 0..4);
+}
+
+#[test]
+fn a_planted_replacement_without_fence_is_caught_by_the_sweep() {
+    // Windows long enough that worker sites of running clusters are lost
+    // (and replaced) while faults run.
+    let mut options = sweep_options();
+    options.window_length_min_ms = 10 * MINUTE_MS;
+    options.window_length_max_ms = 30 * MINUTE_MS;
+    planted_bug_is_caught(options, PlantedBug::ReplaceWithoutFence, "fence", 0..4);
 }

@@ -93,6 +93,14 @@ pub struct ClusterPart {
     pub reservation_key: Option<String>,
     /// That site's gateway, as exchanged with the reservation.
     pub gateway: Option<GatewayRef>,
+    /// The number of the part's first compute node, fixed by the master when
+    /// it commits the part (`None`: numbered in (site, attempt) order over
+    /// the committed parts, as records from before epochs are).
+    #[serde(default)]
+    pub first_node: Option<u32>,
+    /// When the master declared the part's site lost, unix ms.
+    #[serde(default)]
+    pub lost_at_ms: Option<i64>,
 }
 
 /// A site's gateway as the sites of a cluster tell each other.
@@ -123,6 +131,10 @@ pub struct ClusterRecord {
     pub parts: Vec<ClusterPart>,
     /// Overlay segment id (GRE key) chosen by the master.
     pub segment: Option<u32>,
+    /// Membership epoch: raised by the master each time it fences a lost
+    /// part; a worker never takes a list of parts older than its own.
+    #[serde(default)]
+    pub epoch: u32,
     /// When this site learnt of it, unix ms.
     pub created_at_ms: i64,
     /// Last state change, unix ms.
@@ -149,8 +161,8 @@ impl Ledger {
             .map_err(|e| LedgerError::Invalid(e.to_string()))?;
         execute_cached(
             &tx,
-            "INSERT INTO clusters (id, name, master_site, request_json, state, reason, created_at_ms, updated_at_ms, segment)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            "INSERT INTO clusters (id, name, master_site, request_json, state, reason, created_at_ms, updated_at_ms, segment, epoch)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             params![
                 cluster.id,
                 cluster.name,
@@ -161,6 +173,7 @@ impl Ledger {
                 cluster.created_at_ms,
                 cluster.updated_at_ms,
                 cluster.segment,
+                cluster.epoch,
             ],
         )?;
         write_parts(&tx, &cluster.id, &cluster.parts)?;
@@ -187,6 +200,20 @@ impl Ledger {
         parts: Option<&[ClusterPart]>,
         now_ms: i64,
     ) -> Result<ClusterRecord, LedgerError> {
+        self.update_cluster_epoch(id, state, reason, None, parts, now_ms)
+    }
+
+    /// [`Ledger::update_cluster`], also raising the membership epoch to
+    /// `epoch` if given (never lowering it), in the same transaction.
+    pub fn update_cluster_epoch(
+        &mut self,
+        id: &str,
+        state: ClusterState,
+        reason: Option<&str>,
+        epoch: Option<u32>,
+        parts: Option<&[ClusterPart]>,
+        now_ms: i64,
+    ) -> Result<ClusterRecord, LedgerError> {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -197,6 +224,13 @@ impl Ledger {
         )?;
         if changed == 0 {
             return Err(LedgerError::Invalid(format!("no cluster with id {id:?}")));
+        }
+        if let Some(epoch) = epoch {
+            execute_cached(
+                &tx,
+                "UPDATE clusters SET epoch = MAX(epoch, ?2) WHERE id = ?1",
+                params![id, epoch],
+            )?;
         }
         if let Some(parts) = parts {
             execute_cached(
@@ -307,8 +341,8 @@ fn write_parts(
             .map(|gateway| serde_json::to_string(gateway).expect("a gateway serialises to JSON"));
         execute_cached(
             tx,
-            "INSERT INTO cluster_parts (cluster_id, site, peer_id, attempt, nodes, frontend, state, reservation_key, gateway_json)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            "INSERT INTO cluster_parts (cluster_id, site, peer_id, attempt, nodes, frontend, state, reservation_key, gateway_json, first_node, lost_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             params![
                 cluster_id,
                 part.site,
@@ -319,6 +353,8 @@ fn write_parts(
                 part.state.as_str(),
                 part.reservation_key,
                 gateway,
+                part.first_node,
+                part.lost_at_ms,
             ],
         )?;
     }
@@ -327,13 +363,13 @@ fn write_parts(
 
 /// The parts of one cluster, the frontend's first.
 pub(crate) const CLUSTER_PARTS_SQL: &str =
-    "SELECT site, peer_id, attempt, nodes, frontend, state, reservation_key, gateway_json
+    "SELECT site, peer_id, attempt, nodes, frontend, state, reservation_key, gateway_json, first_node, lost_at_ms
      FROM cluster_parts WHERE cluster_id = ?1 ORDER BY frontend DESC, site, attempt";
 
 fn cluster_by_id(conn: &Connection, id: &str) -> Result<Option<ClusterRecord>, LedgerError> {
     let row = query_row_cached(
         conn,
-        "SELECT id, name, master_site, request_json, state, reason, created_at_ms, updated_at_ms, segment
+        "SELECT id, name, master_site, request_json, state, reason, created_at_ms, updated_at_ms, segment, epoch
              FROM clusters WHERE id = ?1",
         params![id],
         |row| {
@@ -347,6 +383,7 @@ fn cluster_by_id(conn: &Connection, id: &str) -> Result<Option<ClusterRecord>, L
                 row.get::<_, i64>(6)?,
                 row.get::<_, i64>(7)?,
                 row.get::<_, Option<u32>>(8)?,
+                row.get::<_, u32>(9)?,
             ))
         },
     )
@@ -361,6 +398,7 @@ fn cluster_by_id(conn: &Connection, id: &str) -> Result<Option<ClusterRecord>, L
         created_at_ms,
         updated_at_ms,
         segment,
+        epoch,
     )) = row
     else {
         return Ok(None);
@@ -388,6 +426,8 @@ fn cluster_by_id(conn: &Connection, id: &str) -> Result<Option<ClusterRecord>, L
                     state: PartState::Released,
                     reservation_key: row.get(6)?,
                     gateway: None,
+                    first_node: row.get(8)?,
+                    lost_at_ms: row.get(9)?,
                 },
                 row.get::<_, String>(5)?,
                 row.get::<_, Option<String>>(7)?,
@@ -423,5 +463,6 @@ fn cluster_by_id(conn: &Connection, id: &str) -> Result<Option<ClusterRecord>, L
         created_at_ms,
         updated_at_ms,
         segment,
+        epoch,
     }))
 }

@@ -12,6 +12,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     MIGRATION_3,
     MIGRATION_4,
     MIGRATION_5,
+    MIGRATION_6,
 ];
 
 /// The first schema: inventory, reservations calendar, clusters, peers, events.
@@ -162,4 +163,16 @@ CREATE TABLE volumes (
     PRIMARY KEY (host, pool, name)
 ) STRICT;
 CREATE INDEX volumes_by_cluster ON volumes (cluster_id);
+"#;
+
+/// Healing a cluster that lost a site (issue 18): the cluster's membership
+/// epoch, raised by its master each time it fences a lost part, so that a
+/// worker never goes back to an older list of parts; each part's first node
+/// number, fixed when the part is committed, so that nodes keep their numbers
+/// (and MACs) when other parts come and go; and when the master declared the
+/// part lost.
+const MIGRATION_6: &str = r#"
+ALTER TABLE clusters ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0 CHECK (epoch >= 0); -- membership epoch: raised by the master at each fence
+ALTER TABLE cluster_parts ADD COLUMN first_node INTEGER CHECK (first_node >= 1); -- number of the part's first compute node (NULL: numbered in (site, attempt) order, as before epochs)
+ALTER TABLE cluster_parts ADD COLUMN lost_at_ms INTEGER; -- when the master declared the part's site lost, unix ms (NULL: not lost)
 "#;

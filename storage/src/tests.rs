@@ -343,6 +343,8 @@ fn part(site: &str, attempt: u32, nodes: u32, frontend: bool, state: PartState) 
             endpoint: format!("{site}.example:7782"),
             public_key: "a2V5".into(),
         }),
+        first_node: None,
+        lost_at_ms: None,
     }
 }
 
@@ -358,6 +360,7 @@ fn clusters_round_trip_with_parts() {
         reason: None,
         parts: vec![part("site-a", 0, 4, true, PartState::Held)],
         segment: Some(77),
+        epoch: 0,
         created_at_ms: 5,
         updated_at_ms: 5,
     };
@@ -398,6 +401,7 @@ fn a_live_cluster_is_found_by_name_at_its_master() {
         reason: None,
         parts: Vec::new(),
         segment: None,
+        epoch: 0,
         created_at_ms: at,
         updated_at_ms: at,
     };
@@ -911,6 +915,7 @@ fn cached_statements_are_not_compiled_again_on_every_use() {
             reason: None,
             parts: vec![part("site-a", 0, 4, true, PartState::Held)],
             segment: None,
+            epoch: 0,
             created_at_ms: 5,
             updated_at_ms: 5,
         };
@@ -1151,6 +1156,7 @@ fn counts_by_state_list_every_state_and_see_lapsed_holds_as_expired() {
         reason: None,
         parts: Vec::new(),
         segment: None,
+        epoch: 0,
         created_at_ms: 5,
         updated_at_ms: 5,
     };

@@ -630,6 +630,7 @@ async fn create_cluster(
         },
         window,
         image: body.image,
+        heal: body.heal.unwrap_or_default(),
     };
     let id = new_cluster_id()
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e))?;

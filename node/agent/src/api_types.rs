@@ -185,6 +185,11 @@ pub struct CreateClusterBody {
     /// Image the nodes install.
     #[serde(default)]
     pub image: Option<String>,
+    /// What the master does when a worker site holding some of the nodes is
+    /// lost: `replace` them elsewhere, `shrink` the cluster, or `none`
+    /// (only record it) [default: replace].
+    #[serde(default)]
+    pub heal: Option<vcfed_node_core::cluster::Heal>,
 }
 
 /// A cluster's network at this site, as the API shows it.

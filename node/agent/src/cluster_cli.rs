@@ -17,6 +17,7 @@ use crate::cli::{ConfigArg, client_for, non_empty, print_json, print_table};
 use crate::client::{ApiClient, segment};
 use crate::time::{format_instant, now_ms, parse_instant};
 use crate::usage::UsageError;
+use vcfed_node_core::cluster::Heal;
 use vcfed_node_core::words::count;
 
 /// How long `--wait` waits.
@@ -67,6 +68,13 @@ pub struct ClusterCreateArgs {
     /// Image the nodes install.
     #[arg(long)]
     image: Option<String>,
+    /// When a worker site holding some of the nodes is lost (gone from the
+    /// federation and silent for `clusters.heal_grace`): `replace` its
+    /// nodes at other sites, `shrink` the cluster, or `none` (only record
+    /// it). The lost site is cut off from the cluster's network unless
+    /// `none`.
+    #[arg(long, value_name = "POLICY", default_value = "replace", value_parser = parse_heal)]
+    heal: Heal,
     /// Wait until the nodes are reserved (or the request failed), showing progress.
     #[arg(long)]
     wait: bool,
@@ -112,6 +120,13 @@ pub struct ClusterNameArgs {
     json: bool,
 }
 
+fn parse_heal(text: &str) -> Result<Heal, String> {
+    Heal::parse(text).ok_or_else(|| {
+        let names: Vec<&str> = Heal::ALL.iter().map(|heal| heal.as_str()).collect();
+        format!("expected one of {}", names.join(", "))
+    })
+}
+
 /// Runs a `vcfed cluster` command.
 pub(crate) async fn run(command: ClusterCommand) -> anyhow::Result<()> {
     match command {
@@ -128,6 +143,7 @@ pub(crate) async fn run(command: ClusterCommand) -> anyhow::Result<()> {
                 start: Some(InstantArg::Ms(start)),
                 duration: args.duration.clone(),
                 image: args.image.clone(),
+                heal: Some(args.heal),
             };
             let record: ClusterRecord = client.post("/v1/clusters", &body).await?;
             if !args.wait {

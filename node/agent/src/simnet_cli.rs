@@ -33,7 +33,7 @@ pub struct SimnetArgs {
     #[arg(long, default_value = "30m")]
     pub duration: String,
     /// Faults, comma-separated: loss, dup, reorder, partition, crash, skew,
-    /// bandwidth, join, leave, gateway, or all / none.
+    /// bandwidth, join, leave, gateway, site-loss, or all / none.
     #[arg(long, default_value = "loss,dup,partition,crash,skew")]
     pub faults: String,
     /// Faults stop this long before the end; the invariants that say
@@ -58,6 +58,12 @@ pub struct SimnetArgs {
     /// Gossip mesh degree.
     #[arg(long, default_value_t = 6)]
     pub mesh_degree: usize,
+    /// Most compute nodes one request asks for.
+    #[arg(long, default_value_t = 16)]
+    pub nodes_max: u32,
+    /// Node slots of the largest site (the smallest has 4).
+    #[arg(long, default_value_t = 16)]
+    pub capacity_max: u32,
     /// Advert refresh period [default: 10s up to 100 sites, then 0.6 s per site].
     #[arg(long)]
     pub advert_refresh: Option<String>,
@@ -68,7 +74,7 @@ pub struct SimnetArgs {
     #[arg(long)]
     pub json: bool,
     /// Plant a bug to check that the invariants catch it.
-    #[arg(long, hide = true, value_parser = ["commit-without-hold", "leak-vlan", "no-reserve-deadline"])]
+    #[arg(long, hide = true, value_parser = ["commit-without-hold", "leak-vlan", "no-reserve-deadline", "replace-without-fence"])]
     pub plant_bug: Option<String>,
 }
 
@@ -100,6 +106,11 @@ impl SimnetArgs {
         options.loss = self.loss;
         options.dup = self.dup;
         options.mesh_degree = self.mesh_degree.max(1);
+        if self.nodes_max == 0 {
+            return Err(bad("--nodes-max must be at least 1".to_owned()));
+        }
+        options.nodes_max = self.nodes_max;
+        options.capacity_max = self.capacity_max.clamp(4, 100_000);
         if let Some(refresh) = &self.advert_refresh {
             options.advert_refresh_ms = parse_duration_ms(refresh).map_err(bad)?.max(1_000);
             options.advert_ttl_ms = options.advert_refresh_ms * 3;

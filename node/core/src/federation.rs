@@ -447,6 +447,10 @@ impl Federation {
         let mut gate = PublishGate::default();
         while let Some(event) = self.registry.poll_event() {
             let RegistryEvent::PersistVersion(version) = event else {
+                if let RegistryEvent::SiteGone { site } = &event {
+                    // The clusters this site masters may have lost one.
+                    self.cluster.site_gone(site);
+                }
                 self.events.push_back(FederationEvent::Registry(event));
                 continue;
             };

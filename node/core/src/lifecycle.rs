@@ -12,9 +12,13 @@
 //!   is `reserved`, `starting` or `running` and the site holds a committed
 //!   part of it (the master always does: it holds the frontend);
 //! - the nodes are numbered cluster-wide: the frontend is 0, at the
-//!   master; compute nodes follow, 1..=N, part by part in the order of
-//!   (site name, attempt), so a node's number and MAC are the same
-//!   whichever site computes them;
+//!   master; each part's compute nodes follow from the first number the
+//!   master gave the part when it committed it (the first commit numbers
+//!   the parts 1..=N in the order of (site name, attempt); replacements of
+//!   lost parts come after every number used before), so a node's number
+//!   and MAC are the same whichever site computes them and never change
+//!   while it runs; parts stored without a number are numbered in that
+//!   order after the others;
 //! - the cluster network is the segment's /24 in 198.19.0.0/16 (benchmark
 //!   space, never routed): the frontend is `.1` and leases `.10`-`.250`.
 
@@ -65,9 +69,9 @@ pub struct RunPlan {
     pub end_ms: i64,
     /// This site's nodes.
     pub nodes: Vec<PlannedNode>,
-    /// Nodes of the whole cluster, the frontend included (numbered
-    /// `0..total_nodes`).
-    pub total_nodes: u32,
+    /// The numbers of every node of the whole cluster, the frontend (0)
+    /// included, ascending.
+    pub cluster_nodes: Vec<u32>,
     /// The cluster's other sites.
     pub peers: Vec<PlannedPeer>,
     /// The per-node shape of the request (`None`: a record without one).
@@ -131,7 +135,7 @@ pub fn plan(
     let mut parts: Vec<_> = record
         .parts
         .iter()
-        .filter(|p| p.state == PartState::Committed)
+        .filter(|p| in_cluster(p.state))
         .collect();
     parts.sort_by(|a, b| (&a.site, a.attempt).cmp(&(&b.site, b.attempt)));
 
@@ -142,20 +146,35 @@ pub fn plan(
             frontend: true,
         });
     }
-    let mut next = 1u32;
+    // Parts the master numbered keep their numbers; any other follows the
+    // highest number in use.
+    let mut next = parts
+        .iter()
+        .filter_map(|p| p.first_node.map(|first| first.saturating_add(p.nodes)))
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let mut cluster_nodes = vec![0u32];
     let mut peers: BTreeMap<&str, Option<GatewayRef>> = BTreeMap::new();
     for part in &parts {
         let local = is_local(&part.site, part.peer_id.as_deref());
+        let first = match part.first_node {
+            Some(first) => first,
+            None => {
+                let first = next;
+                next = next.saturating_add(part.nodes);
+                first
+            }
+        };
+        // Bounded: a committed part fits its site's inventory.
+        let range = first..first.saturating_add(part.nodes);
+        cluster_nodes.extend(range.clone());
         if local {
-            // Bounded: a committed part of this site fits its inventory.
-            nodes.extend(
-                (next..next.saturating_add(part.nodes)).map(|index| PlannedNode {
-                    index,
-                    frontend: false,
-                }),
-            );
+            nodes.extend(range.map(|index| PlannedNode {
+                index,
+                frontend: false,
+            }));
         }
-        next = next.saturating_add(part.nodes);
         if !local {
             let entry = peers.entry(part.site.as_str()).or_default();
             if entry.is_none() {
@@ -176,7 +195,11 @@ pub fn plan(
         subnet: subnet_for(segment),
         end_ms: window.end_ms,
         nodes,
-        total_nodes: next,
+        cluster_nodes: {
+            cluster_nodes.sort_unstable();
+            cluster_nodes.dedup();
+            cluster_nodes
+        },
         peers: peers
             .into_iter()
             .map(|(site, gateway)| PlannedPeer {
@@ -189,6 +212,14 @@ pub fn plan(
             .get("shape")
             .and_then(|shape| serde_json::from_value(shape.clone()).ok()),
     })
+}
+
+/// Whether a part in `state` is one of the cluster's: committed, or (in
+/// a master's record) being committed, which after the first commit is a
+/// part committed again with a new list of parts, or a replacement whose
+/// commit was decided.
+pub fn in_cluster(state: PartState) -> bool {
+    matches!(state, PartState::Committed | PartState::Committing)
 }
 
 /// The plans of every cluster that should run at this site at `now_ms`.
@@ -312,7 +343,7 @@ pub fn all_up(plan: &RunPlan, statuses: &[NodeStatus]) -> bool {
 /// Whether every node of the whole cluster is up, from the node states a
 /// master stores (its own and those the workers reported).
 pub fn cluster_up(plan: &RunPlan, nodes: &[vcfed_storage::NodeRecord]) -> bool {
-    (0..plan.total_nodes).all(|index| {
+    plan.cluster_nodes.iter().all(|&index| {
         nodes.iter().any(|node| {
             node.index == index
                 && if node.frontend {

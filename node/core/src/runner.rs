@@ -109,6 +109,9 @@ struct Active {
     plan: RunPlan,
     vlan: u16,
     booted: bool,
+    /// Nodes a new plan added after the boot (a replacement part at a site
+    /// that already runs the cluster), started once the bridge allows.
+    added: Vec<lifecycle::PlannedNode>,
     statuses: Vec<NodeStatus>,
     /// Nodes that failed (to start, or to boot), with their retries so far
     /// and when the next is due.
@@ -295,6 +298,13 @@ impl<D: ComputeDriver, P: DataPlane> Runner<D, P> {
             if let Some(active) = self.active.get_mut(&plan.cluster)
                 && active.plan != plan
             {
+                if active.booted {
+                    let added = plan
+                        .nodes
+                        .iter()
+                        .filter(|node| !active.plan.nodes.contains(node));
+                    active.added.extend(added);
+                }
                 active.plan = plan;
             }
         }
@@ -383,7 +393,11 @@ impl<D: ComputeDriver, P: DataPlane> Runner<D, P> {
     }
 
     fn waiting(&self) -> bool {
-        !self.blocked.is_empty() || self.active.values().any(|a| !a.booted)
+        !self.blocked.is_empty()
+            || self
+                .active
+                .values()
+                .any(|a| !a.booted || !a.added.is_empty())
     }
 
     fn schedule(&mut self) {
@@ -453,6 +467,7 @@ impl<D: ComputeDriver, P: DataPlane> Runner<D, P> {
                 plan,
                 vlan,
                 booted: false,
+                added: Vec::new(),
                 statuses: Vec::new(),
                 retries: BTreeMap::new(),
                 start_errors: BTreeMap::new(),
@@ -547,7 +562,7 @@ impl<D: ComputeDriver, P: DataPlane> Runner<D, P> {
         };
         // Only a boot or a retry needs the bridge (and the tunnel state):
         // most rounds of a running cluster only poll its nodes.
-        let bridge = (!active.booted || has_failed(active))
+        let bridge = (!active.booted || !active.added.is_empty() || has_failed(active))
             .then(|| self.boot_bridge(&active.plan))
             .flatten();
         let Some(driver) = &mut self.driver else {
@@ -562,22 +577,16 @@ impl<D: ComputeDriver, P: DataPlane> Runner<D, P> {
                 return;
             };
             // The frontend first: the master's plan lists it first.
-            for node in &active.plan.nodes {
-                let spec = node_spec(
-                    cluster,
-                    &active.plan,
-                    active.vlan,
-                    node.index,
-                    node.frontend,
-                    &bridge,
-                );
-                if let Err(e) = driver.start_node(&spec) {
-                    tracing::warn!(%cluster, node = node.index, error = %e, "node did not start; retrying");
-                    active.start_errors.insert(node.index, e.to_string());
-                }
-            }
+            let nodes = active.plan.nodes.clone();
+            start_nodes(driver, cluster, active, &nodes, &bridge);
             active.booted = true;
+            active.added.clear();
         } else if let Some(bridge) = bridge {
+            let added = std::mem::take(&mut active.added);
+            if !added.is_empty() {
+                tracing::info!(%cluster, nodes = added.len(), "starting the nodes the cluster gained here");
+            }
+            start_nodes(driver, cluster, active, &added, &bridge);
             report.node_retries += retry_failed(driver, cluster, active, &bridge, now_ms);
         }
         let mut statuses = driver.poll(cluster);
@@ -660,6 +669,31 @@ fn node_spec(
         bridge: bridge.to_owned(),
         subnet: plan.subnet,
         mac: node_mac(cluster, index),
+    }
+}
+
+/// Starts `nodes` of `active` on `bridge`; a node that does not start is
+/// retried later.
+fn start_nodes(
+    driver: &mut impl ComputeDriver,
+    cluster: &str,
+    active: &mut Active,
+    nodes: &[lifecycle::PlannedNode],
+    bridge: &str,
+) {
+    for node in nodes {
+        let spec = node_spec(
+            cluster,
+            &active.plan,
+            active.vlan,
+            node.index,
+            node.frontend,
+            bridge,
+        );
+        if let Err(e) = driver.start_node(&spec) {
+            tracing::warn!(%cluster, node = node.index, error = %e, "node did not start; retrying");
+            active.start_errors.insert(node.index, e.to_string());
+        }
     }
 }
 

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use libp2p_identity::PeerId;
 use vcfed_storage::{
     ClusterPart, ClusterRecord, ClusterState, GatewayRef, HoldOutcome, HoldRequest, Ledger,
-    LedgerError, PartState,
+    LedgerError, PartState, Window,
 };
 
 use super::{
@@ -17,25 +17,44 @@ use super::{
 /// One part at a remote site, as the master tracks it.
 #[derive(Debug, Clone)]
 pub(super) struct RemotePart {
-    site_name: String,
-    peer: PeerId,
+    pub(super) site_name: String,
+    pub(super) peer: PeerId,
     /// The site's gateway, from its `Held`.
     gateway: Option<GatewayRef>,
-    attempt: u32,
-    nodes: u32,
-    state: PartState,
+    pub(super) attempt: u32,
+    pub(super) nodes: u32,
+    pub(super) state: PartState,
     /// When to resend (or give up), for parts waiting for an answer.
     pub(super) deadline_ms: Option<i64>,
     tries: u32,
     backoff_ms: i64,
+    /// The part's first node number, fixed when it is committed.
+    first_node: Option<u32>,
+    /// When its site was declared lost.
+    pub(super) lost_at_ms: Option<i64>,
+    /// The window its nodes are reserved for: the cluster's, or what was
+    /// left of it for a replacement.
+    window: Window,
+}
+
+impl RemotePart {
+    /// Whether the part counts towards the cluster's nodes: not released,
+    /// and not declared lost.
+    fn counts(&self) -> bool {
+        self.lost_at_ms.is_none()
+            && matches!(
+                self.state,
+                PartState::Held | PartState::Committing | PartState::Committed
+            )
+    }
 }
 
 /// A cluster this site masters and that is still in flight.
 #[derive(Debug, Clone)]
 pub(super) struct Master {
-    id: String,
+    pub(super) id: String,
     segment: u32,
-    request: ClusterRequest,
+    pub(super) request: ClusterRequest,
     pub(super) state: ClusterState,
     reason: Option<String>,
     local_nodes: u32,
@@ -44,6 +63,12 @@ pub(super) struct Master {
     excluded: BTreeSet<PeerId>,
     denied_free: BTreeMap<PeerId, u32>,
     pub(super) reserve_deadline_ms: i64,
+    /// The first node number of the master's own part, once committed.
+    local_first: Option<u32>,
+    /// Membership epoch: raised with every list of parts sent again.
+    pub(super) epoch: u32,
+    /// Replacement nodes of a live cluster are being reserved.
+    pub(super) healing: bool,
 }
 
 impl Master {
@@ -51,20 +76,102 @@ impl Master {
         format!("{}/0", self.id)
     }
 
-    /// Nodes held or committed (or being committed) so far.
-    fn covered(&self) -> u32 {
+    /// Nodes held or committed (or being committed) so far, lost parts
+    /// aside.
+    pub(super) fn covered(&self) -> u32 {
         let remote: u32 = self
             .parts
             .iter()
-            .filter(|p| {
-                matches!(
-                    p.state,
-                    PartState::Held | PartState::Committing | PartState::Committed
-                )
-            })
+            .filter(|p| p.counts())
             .map(|p| p.nodes)
             .sum();
         self.local_nodes + remote
+    }
+
+    /// The names of the sites whose every part is lost or released: none
+    /// of their nodes belongs to the cluster any more.
+    pub(super) fn fenced_sites(&self) -> BTreeSet<String> {
+        let keeps: BTreeSet<&str> = self
+            .parts
+            .iter()
+            .filter(|p| p.lost_at_ms.is_none() && p.state != PartState::Released)
+            .map(|p| p.site_name.as_str())
+            .collect();
+        self.parts
+            .iter()
+            .filter(|p| p.lost_at_ms.is_some() && !keeps.contains(p.site_name.as_str()))
+            .map(|p| p.site_name.clone())
+            .collect()
+    }
+
+    /// Leaves the sites of lost parts out of the replacement's plan.
+    pub(super) fn excluded_sites(&mut self, lost: &[PeerId]) {
+        self.excluded.extend(lost.iter().copied());
+        let more: Vec<PeerId> = self
+            .parts
+            .iter()
+            .filter(|p| p.lost_at_ms.is_some())
+            .map(|p| p.peer)
+            .collect();
+        self.excluded.extend(more);
+    }
+
+    /// Whether holds are being collected: the first reservation, or the
+    /// replacement of lost nodes.
+    pub(super) fn collecting(&self) -> bool {
+        self.state == ClusterState::Reserving || self.healing
+    }
+
+    /// The list of parts changed after a commit (a part fenced or added):
+    /// every committed part is committed again with the new list under a
+    /// new epoch, so each site updates its peers and none goes back to an
+    /// older list.
+    pub(super) fn recommit_committed(&mut self) {
+        self.epoch += 1;
+        for part in &mut self.parts {
+            if part.state == PartState::Committed && part.lost_at_ms.is_none() {
+                part.state = PartState::Committing;
+                part.deadline_ms = None;
+                part.tries = 0;
+            }
+        }
+    }
+
+    /// Gives the parts being committed their node numbers: the parts of
+    /// the first commit in (site, attempt) order from 1 (as every site
+    /// numbered them before epochs), later ones after the highest number
+    /// ever given, so no number (or MAC) is used twice in the window.
+    fn number_parts(&mut self, local_name: &str) {
+        let ends = self
+            .parts
+            .iter()
+            .filter_map(|p| p.first_node.map(|first| first + p.nodes))
+            .chain(self.local_first.map(|first| first + self.local_nodes));
+        let mut next = ends.max().unwrap_or(1).max(1);
+        let mut pending: Vec<(&str, u32, Option<usize>)> = self
+            .parts
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.state == PartState::Committing && p.first_node.is_none())
+            .map(|(i, p)| (p.site_name.as_str(), p.attempt, Some(i)))
+            .collect();
+        if self.local_first.is_none() {
+            pending.push((local_name, 0, None));
+        }
+        pending.sort();
+        let order: Vec<Option<usize>> = pending.into_iter().map(|(_, _, i)| i).collect();
+        for index in order {
+            match index {
+                Some(i) => {
+                    self.parts[i].first_node = Some(next);
+                    next += self.parts[i].nodes;
+                }
+                None => {
+                    self.local_first = Some(next);
+                    next += self.local_nodes;
+                }
+            }
+        }
     }
 
     fn pending(&self) -> u32 {
@@ -90,6 +197,8 @@ impl ClusterCore {
             if record.master_site != self.local_name || self.masters.contains_key(&record.id) {
                 continue;
             }
+            self.started_ms.get_or_insert(now_ms);
+            self.watch_record(&record, now_ms);
             let Some(mut master) = master_from_record(&record, now_ms, &self.config) else {
                 continue;
             };
@@ -123,6 +232,24 @@ impl ClusterCore {
                 // window ends.
                 ClusterState::Reserved | ClusterState::Starting | ClusterState::Running
                     if master.parts.iter().any(|p| p.state == PartState::Releasing) => {}
+                // The replacement of lost nodes was under way: what was
+                // decided is committed again, the holds not yet decided are
+                // released (the watch reserves again if still short).
+                ClusterState::Reserved | ClusterState::Starting | ClusterState::Running
+                    if master.parts.iter().any(|p| {
+                        matches!(
+                            p.state,
+                            PartState::Reserving | PartState::Held | PartState::Committing
+                        )
+                    }) =>
+                {
+                    tracing::info!(cluster = %master.id, "resuming the replacement of lost nodes");
+                    for part in &mut master.parts {
+                        if matches!(part.state, PartState::Reserving | PartState::Held) {
+                            part.state = PartState::Releasing;
+                        }
+                    }
+                }
                 _ => continue,
             }
             for part in &mut master.parts {
@@ -222,6 +349,9 @@ impl ClusterCore {
             excluded: BTreeSet::new(),
             denied_free: BTreeMap::new(),
             reserve_deadline_ms: now_ms + self.config.reserve_deadline_ms,
+            local_first: None,
+            epoch: 0,
+            healing: false,
         };
         let hold = HoldRequest {
             key: master.local_key(),
@@ -252,6 +382,7 @@ impl ClusterCore {
             reason: None,
             parts: record_parts(&master, &self.local_name, &self.local, &self.gateway),
             segment: Some(master.segment),
+            epoch: 0,
             created_at_ms: now_ms,
             updated_at_ms: now_ms,
         };
@@ -260,7 +391,7 @@ impl ClusterCore {
             return Err(e.into());
         }
         tracing::info!(cluster = %id, nodes = request.nodes, local = local_nodes, "cluster accepted; this site is master");
-        if remaining > 0 && !self.plan(&mut master, sites, remaining) {
+        if remaining > 0 && !self.plan(&mut master, sites, remaining, now_ms) {
             // Cannot happen: the candidates covered `remaining` above.
             master.state = ClusterState::Failed;
             master.reason = Some("no plan covers the request".to_owned());
@@ -314,6 +445,7 @@ impl ClusterCore {
         from: PeerId,
         msg: ClusterMsg,
     ) -> Result<(), LedgerError> {
+        self.heard(from, now_ms);
         let (cluster, attempt) = msg.ids();
         let cluster = cluster.to_owned();
         let Some(master) = self.masters.get_mut(&cluster) else {
@@ -327,7 +459,7 @@ impl ClusterCore {
             }
             return Ok(());
         };
-        let in_reservation = master.state == ClusterState::Reserving;
+        let in_reservation = master.collecting();
         let Some(part) = master
             .parts
             .iter_mut()
@@ -394,11 +526,12 @@ impl ClusterCore {
         sites: &dyn SiteDirectory,
         now_ms: i64,
     ) -> Result<(), LedgerError> {
+        self.saw_time(now_ms);
         let due: Vec<String> = self
             .masters
             .values()
             .filter(|m| {
-                (m.state == ClusterState::Reserving && m.reserve_deadline_ms <= now_ms)
+                (m.collecting() && m.reserve_deadline_ms <= now_ms)
                     || m.parts
                         .iter()
                         .any(|p| p.deadline_ms.is_some_and(|at| at <= now_ms))
@@ -411,7 +544,22 @@ impl ClusterCore {
             if master.state == ClusterState::Reserving && master.reserve_deadline_ms <= now_ms {
                 fail(master, "timed out collecting holds");
             }
+            if master.healing && master.reserve_deadline_ms <= now_ms {
+                stop_healing(
+                    master,
+                    "timed out collecting holds for the replacement nodes",
+                );
+            }
             let window_end = master.request.window.end_ms;
+            // In a live cluster a commit carries a new list of parts to a
+            // site that holds its nodes already (or a replacement's, whose
+            // hold the commit decision made permanent): never given up on
+            // for silence, which a partition explains as well as a death.
+            // A dead site is declared lost by the watch and fenced.
+            let live = matches!(
+                master.state,
+                ClusterState::Reserved | ClusterState::Starting | ClusterState::Running
+            );
             let shared = live_parts(record_parts(
                 master,
                 &self.local_name,
@@ -420,6 +568,7 @@ impl ClusterCore {
             ));
             let context = RequestContext {
                 segment: master.segment,
+                epoch: master.epoch,
                 gateway: &self.gateway,
                 parts: &shared,
             };
@@ -433,6 +582,11 @@ impl ClusterCore {
                         if part.tries < config.tries_max =>
                     {
                         part.deadline_ms = Some(now_ms + config.request_timeout_ms);
+                    }
+                    PartState::Committing if live => {
+                        part.backoff_ms = (part.backoff_ms * 2)
+                            .clamp(config.request_timeout_ms, config.release_backoff_max_ms);
+                        part.deadline_ms = Some(now_ms + part.backoff_ms);
                     }
                     PartState::Reserving | PartState::Committing => {
                         tracing::warn!(cluster = %id, site = %part.site_name, state = %part.state, "no answer; giving the site up");
@@ -461,13 +615,31 @@ impl ClusterCore {
             }
             self.advance(ledger, Some(sites), &id, now_ms)?;
         }
+        // The watch last: what settled above is watched from now on. A
+        // second pass sees what the first settled (a loss only recorded,
+        // by `none`), and finds nothing more to do.
+        for _ in 0..2 {
+            if self.watch_at_ms.is_some_and(|at| at <= now_ms) {
+                self.watch(ledger, sites, now_ms)?;
+            }
+        }
         Ok(())
     }
 
     /// Assigns `missing` nodes to candidates (fewest sites first) and sends
     /// the reserves; false if the candidates cannot cover them.
-    fn plan(&mut self, master: &mut Master, sites: &dyn SiteDirectory, missing: u32) -> bool {
-        let window = master.request.window;
+    fn plan(
+        &mut self,
+        master: &mut Master,
+        sites: &dyn SiteDirectory,
+        missing: u32,
+        now_ms: i64,
+    ) -> bool {
+        // Replacement nodes are reserved for what is left of the window.
+        let mut window = master.request.window;
+        if master.healing {
+            window.start_ms = window.start_ms.max(now_ms).min(window.end_ms - 1);
+        }
         let mut assigned: Vec<(PeerId, String, u32)> = Vec::new();
         let mut left = missing;
         for candidate in sites.candidates(window.start_ms, window.end_ms, &master.request.shape) {
@@ -528,6 +700,9 @@ impl ClusterCore {
                 deadline_ms: None,
                 tries: 0,
                 backoff_ms: 0,
+                first_node: None,
+                lost_at_ms: None,
+                window,
             };
             master.parts.push(part);
         }
@@ -536,7 +711,7 @@ impl ClusterCore {
 
     /// Moves a master forward after any change, persists it, and sends what
     /// follows from the persisted state.
-    fn advance(
+    pub(super) fn advance(
         &mut self,
         ledger: &mut Ledger,
         sites: Option<&dyn SiteDirectory>,
@@ -546,7 +721,7 @@ impl ClusterCore {
         let Some(mut master) = self.masters.remove(id) else {
             return Ok(());
         };
-        if master.state == ClusterState::Reserving {
+        if master.collecting() {
             let nodes = master.request.nodes;
             let (covered, pending) = (master.covered(), master.pending());
             // Paired with `plan`, which asks only for what is missing, and
@@ -558,9 +733,15 @@ impl ClusterCore {
                 "cluster {id}: {covered} nodes covered and {pending} pending of {nodes}"
             );
             if covered + pending < nodes {
-                let planned = sites
-                    .is_some_and(|sites| self.plan(&mut master, sites, nodes - covered - pending));
-                if !planned {
+                let planned = sites.is_some_and(|sites| {
+                    self.plan(&mut master, sites, nodes - covered - pending, now_ms)
+                });
+                if !planned && master.healing {
+                    stop_healing(
+                        &mut master,
+                        "not enough free nodes in the federation for the replacement nodes",
+                    );
+                } else if !planned {
                     fail(
                         &mut master,
                         "not enough free nodes left in the federation after denials and timeouts",
@@ -573,14 +754,20 @@ impl ClusterCore {
                 // carries the final list of parts, from which every site
                 // numbers the nodes and builds its tunnels.
                 let replanned = master.parts.iter().any(|p| p.state == PartState::Held)
-                    && master.parts.iter().any(|p| p.state == PartState::Committed);
+                    && master
+                        .parts
+                        .iter()
+                        .any(|p| p.state == PartState::Committed && p.lost_at_ms.is_none());
+                if replanned {
+                    master.recommit_committed();
+                }
                 for part in &mut master.parts {
-                    let recommit = replanned && part.state == PartState::Committed;
-                    if part.state == PartState::Held || recommit {
+                    if part.state == PartState::Held {
                         part.state = PartState::Committing;
                         part.deadline_ms = None;
                     }
                 }
+                master.number_parts(&self.local_name);
                 if master.local_state == PartState::Held {
                     match ledger.commit(&master.local_key(), &self.local.to_string(), now_ms) {
                         Ok(_) => master.local_state = PartState::Committed,
@@ -606,6 +793,10 @@ impl ClusterCore {
                     master.state = ClusterState::Reserved;
                     tracing::info!(cluster = %id, "cluster reserved");
                 }
+                if master.healing && all_committed {
+                    master.healing = false;
+                    self.healed(ledger, &master, now_ms)?;
+                }
             }
         }
         if matches!(master.state, ClusterState::Failed | ClusterState::Stopping)
@@ -621,11 +812,19 @@ impl ClusterCore {
         // Persist before sending anything that follows from this state.
         let parts = record_parts(&master, &self.local_name, &self.local, &self.gateway);
         let state = stored_state(ledger, id, master.state)?;
-        ledger.update_cluster(id, state, master.reason.as_deref(), Some(&parts), now_ms)?;
+        ledger.update_cluster_epoch(
+            id,
+            state,
+            master.reason.as_deref(),
+            Some(master.epoch),
+            Some(&parts),
+            now_ms,
+        )?;
 
         let shared = live_parts(parts);
         let context = RequestContext {
             segment: master.segment,
+            epoch: master.epoch,
             gateway: &self.gateway,
             parts: &shared,
         };
@@ -644,16 +843,21 @@ impl ClusterCore {
             }
         }
         let settled = match master.state {
-            ClusterState::Reserved | ClusterState::Starting | ClusterState::Running => master
-                .parts
-                .iter()
-                .all(|p| matches!(p.state, PartState::Committed | PartState::Released)),
+            ClusterState::Reserved | ClusterState::Starting | ClusterState::Running => {
+                !master.healing
+                    && master
+                        .parts
+                        .iter()
+                        .all(|p| matches!(p.state, PartState::Committed | PartState::Released))
+            }
             ClusterState::Failed | ClusterState::Finished => master.all_released(),
             _ => false,
         };
         if settled {
             tracing::info!(cluster = %id, state = %master.state, "cluster settled");
+            self.watch_settled(&master, now_ms);
         } else {
+            self.refresh_watch(&master, now_ms);
             self.masters.insert(id.to_owned(), master);
         }
         Ok(())
@@ -701,16 +905,30 @@ fn release_everything(master: &mut Master) {
     }
 }
 
-fn start_release(part: &mut RemotePart, _now_ms: i64) {
+pub(super) fn start_release(part: &mut RemotePart, _now_ms: i64) {
     part.state = PartState::Releasing;
     part.deadline_ms = None;
     part.tries = 0;
     part.backoff_ms = 0;
 }
 
+/// Ends a round of reserving replacement nodes that cannot finish: what
+/// is held or asked for is released, and the cluster stays short until the
+/// watch tries again.
+pub(super) fn stop_healing(master: &mut Master, reason: &str) {
+    tracing::warn!(cluster = %master.id, %reason, "the cluster stays short for now");
+    master.healing = false;
+    for part in &mut master.parts {
+        if matches!(part.state, PartState::Reserving | PartState::Held) {
+            start_release(part, 0);
+        }
+    }
+}
+
 /// What a request to a worker carries besides the part itself.
 struct RequestContext<'a> {
     segment: u32,
+    epoch: u32,
     gateway: &'a Option<GatewayRef>,
     /// The cluster's parts that hold or will hold nodes (for `Commit`).
     parts: &'a [ClusterPart],
@@ -731,7 +949,7 @@ fn request_for(
             attempt: part.attempt,
             nodes: part.nodes,
             shape: request.shape,
-            window: request.window,
+            window: part.window,
             lease_ms: config.lease_ms,
             segment: context.segment,
             gateway: context.gateway.clone(),
@@ -741,6 +959,7 @@ fn request_for(
             name: request.name.clone(),
             attempt: part.attempt,
             segment: context.segment,
+            epoch: context.epoch,
             parts: context.parts.to_vec(),
         },
         _ => ClusterMsg::Release {
@@ -765,6 +984,8 @@ fn record_parts(
         state: master.local_state,
         reservation_key: Some(master.local_key()),
         gateway: gateway.clone(),
+        first_node: master.local_first,
+        lost_at_ms: None,
     }];
     parts.extend(master.parts.iter().map(|p| ClusterPart {
         site: p.site_name.clone(),
@@ -775,6 +996,8 @@ fn record_parts(
         state: p.state,
         reservation_key: Some(format!("{}/{}", master.id, p.attempt)),
         gateway: p.gateway.clone(),
+        first_node: p.first_node,
+        lost_at_ms: p.lost_at_ms,
     }));
     parts
 }
@@ -788,7 +1011,7 @@ fn live_parts(parts: Vec<ClusterPart>) -> Vec<ClusterPart> {
 }
 
 /// Rebuilds the in-memory state of a mastered cluster from its record.
-fn master_from_record(
+pub(super) fn master_from_record(
     record: &ClusterRecord,
     now_ms: i64,
     config: &ClusterConfig,
@@ -810,6 +1033,9 @@ fn master_from_record(
                 deadline_ms: None,
                 tries: 0,
                 backoff_ms: 0,
+                first_node: p.first_node,
+                lost_at_ms: p.lost_at_ms,
+                window: request.window,
             })
         })
         .collect();
@@ -825,5 +1051,8 @@ fn master_from_record(
         excluded: BTreeSet::new(),
         denied_free: BTreeMap::new(),
         reserve_deadline_ms: now_ms + config.reserve_deadline_ms,
+        local_first: local.first_node,
+        epoch: record.epoch,
+        healing: false,
     })
 }

@@ -38,8 +38,12 @@ pub enum ClusterMsg {
         attempt: u32,
         /// Overlay segment id of the cluster.
         segment: u32,
-        /// Every part of the cluster (site, nodes, gateway), so that each
-        /// worker can reach every other site at start time.
+        /// Membership epoch of `parts`: a worker that stored a higher one
+        /// keeps its list (this is a stale or repeated commit).
+        epoch: u32,
+        /// Every part of the cluster (site, nodes, first node number,
+        /// gateway), so that each worker can reach every other site at
+        /// start time and numbers the nodes as the master does.
         parts: Vec<ClusterPart>,
     },
     /// Master → worker: release the hold or commitment of this attempt.

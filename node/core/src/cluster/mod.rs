@@ -40,10 +40,15 @@
 //! - `master.rs`: the master side: `create`, `delete`, `resume`, the
 //!   workers' answers (`handle_reply`), the timers (`handle_timeout`), and
 //!   the planning and persisting of a mastered cluster;
+//! - `heal.rs`: the master's watch over its settled clusters: a worker
+//!   site that is gone and silent for the grace period is lost, its parts
+//!   are fenced (released with a new membership epoch) and, by the
+//!   cluster's [`Heal`] policy, replaced through the same reservation;
 //! - `worker.rs`: the requests from other sites (`handle_request`): the
 //!   worker side of `Reserve`, `Commit` and `Release`, and the node reports
 //!   of running clusters (`report_nodes` at a worker, noted at the master).
 
+mod heal;
 mod master;
 mod messages;
 mod worker;
@@ -80,6 +85,13 @@ pub struct ClusterConfig {
     pub release_backoff_max_ms: i64,
     /// Attempts at one site within one cluster.
     pub attempts_per_site_max: u32,
+    /// How long a worker site must be both `gone` in the gossip view and
+    /// silent (no node report, no cluster message) before its parts of a
+    /// cluster this site masters are declared lost, ms.
+    pub heal_grace_ms: i64,
+    /// How often a cluster left short (no capacity for its replacement
+    /// nodes, or a reservation that timed out) tries again, ms.
+    pub heal_retry_ms: i64,
 }
 
 impl Default for ClusterConfig {
@@ -91,6 +103,8 @@ impl Default for ClusterConfig {
             reserve_deadline_ms: 60_000,
             release_backoff_max_ms: 60_000,
             attempts_per_site_max: 3,
+            heal_grace_ms: 60_000,
+            heal_retry_ms: 15_000,
         }
     }
 }
@@ -108,6 +122,50 @@ pub struct ClusterRequest {
     pub window: Window,
     /// Image the nodes install, if any.
     pub image: Option<String>,
+    /// What the master does when a worker site of the cluster is lost.
+    #[serde(default)]
+    pub heal: Heal,
+}
+
+/// What a cluster's master does when a worker site holding some of its
+/// nodes is lost (gone in the gossip view and silent for the grace period).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Heal {
+    /// Fence the lost part and reserve as many nodes elsewhere for the rest
+    /// of the window.
+    #[default]
+    Replace,
+    /// Fence the lost part; the cluster goes on with fewer nodes.
+    Shrink,
+    /// Only record the loss: the part stays in the cluster (the behaviour
+    /// before healing existed), and the site's nodes rejoin if it returns.
+    None,
+}
+
+impl Heal {
+    /// Every policy, in the order the CLI lists them.
+    pub const ALL: [Heal; 3] = [Heal::Replace, Heal::Shrink, Heal::None];
+
+    /// The policy named `name`.
+    pub fn parse(name: &str) -> Option<Heal> {
+        Heal::ALL.into_iter().find(|heal| heal.as_str() == name)
+    }
+
+    /// The policy's name, as in the API and the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Heal::Replace => "replace",
+            Heal::Shrink => "shrink",
+            Heal::None => "none",
+        }
+    }
+}
+
+impl std::fmt::Display for Heal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Where worker candidates and site names come from (the registry's view).
@@ -118,6 +176,11 @@ pub trait SiteDirectory {
     fn site_name(&self, site: &PeerId) -> Option<String>;
     /// Whether any alive site has node slots that fit `shape`, free or not.
     fn offers_shape(&self, shape: &NodeShape) -> bool;
+    /// Whether a site is `gone` in the view, or not in it at all.
+    fn is_gone(&self, site: &PeerId) -> bool;
+    /// Whether any other site is alive in the view: a site that sees none
+    /// may be the one cut off, and fences nobody.
+    fn any_alive(&self) -> bool;
 }
 
 impl SiteDirectory for vcfed_registry::Registry {
@@ -131,6 +194,15 @@ impl SiteDirectory for vcfed_registry::Registry {
 
     fn offers_shape(&self, shape: &NodeShape) -> bool {
         vcfed_registry::Registry::offers_shape(self, shape)
+    }
+
+    fn is_gone(&self, site: &PeerId) -> bool {
+        self.site_state(site)
+            .is_none_or(|state| state == vcfed_registry::SiteState::Gone)
+    }
+
+    fn any_alive(&self) -> bool {
+        vcfed_registry::Registry::any_alive(self)
     }
 }
 
@@ -190,7 +262,31 @@ pub struct ClusterCore {
     gateway: Option<GatewayRef>,
     config: ClusterConfig,
     masters: BTreeMap<String, Master>,
+    /// Settled clusters this site masters that may need healing.
+    watched: BTreeMap<String, heal::Watch>,
+    /// When each site last sent this one a cluster message, local ms.
+    heard_ms: BTreeMap<PeerId, i64>,
+    /// Since when this core runs: the silence of a site it has not heard
+    /// from counts from then (a restarted master gives every site a fresh
+    /// grace period).
+    started_ms: Option<i64>,
+    /// When the watched clusters are looked at next.
+    watch_at_ms: Option<i64>,
+    /// The latest time the core was given, local ms: when an event without
+    /// a time (a site went gone) asks for the watch, it is due then.
+    now_ms: i64,
+    /// A planted fault, for simnet's check of its own checks.
+    fault: Option<ClusterFault>,
     transmits: VecDeque<(PeerId, ClusterMsg)>,
+}
+
+/// A planted fault, for simnet's check of its own checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClusterFault {
+    /// The master replaces a lost part without fencing it: the lost part
+    /// stays committed (so its site stays in the segment) while new nodes
+    /// are reserved for it elsewhere.
+    ReplaceWithoutFence,
 }
 
 impl std::fmt::Debug for ClusterCore {
@@ -216,8 +312,19 @@ impl ClusterCore {
             gateway,
             config,
             masters: BTreeMap::new(),
+            watched: BTreeMap::new(),
+            heard_ms: BTreeMap::new(),
+            started_ms: None,
+            watch_at_ms: None,
+            now_ms: i64::MIN,
+            fault: None,
             transmits: VecDeque::new(),
         }
+    }
+
+    /// Plants `fault` (simnet's planted bugs only).
+    pub fn plant(&mut self, fault: ClusterFault) {
+        self.fault = Some(fault);
     }
 
     /// The next instant at which [`ClusterCore::handle_timeout`] has work.
@@ -225,9 +332,10 @@ impl ClusterCore {
         self.masters
             .values()
             .flat_map(|m| {
-                let reserve = (m.state == ClusterState::Reserving).then_some(m.reserve_deadline_ms);
+                let reserve = m.collecting().then_some(m.reserve_deadline_ms);
                 m.parts.iter().filter_map(|p| p.deadline_ms).chain(reserve)
             })
+            .chain(self.watch_at_ms)
             .min()
     }
 

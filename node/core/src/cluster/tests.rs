@@ -17,7 +17,7 @@
 //! reservations that count), and no cluster it masters has more nodes taken
 //! than asked, or is `reserved` without exactly the nodes asked committed.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt::Write as _;
 
 use libp2p_identity::{Keypair, PeerId};
@@ -28,8 +28,8 @@ use vcfed_storage::{
 };
 
 use super::{
-    ClusterConfig, ClusterCore, ClusterMsg, ClusterRequest, CreateError, DeleteError, ReportedNode,
-    SiteDirectory,
+    ClusterConfig, ClusterCore, ClusterMsg, ClusterRequest, CreateError, DeleteError, Heal,
+    ReportedNode, SiteDirectory,
 };
 
 /// Virtual time at which every test starts, unix ms.
@@ -87,6 +87,7 @@ fn request(nodes: u32, window: Window) -> ClusterRequest {
         shape: shape(),
         window,
         image: None,
+        heal: Heal::Replace,
     }
 }
 
@@ -95,6 +96,8 @@ fn request(nodes: u32, window: Window) -> ClusterRequest {
 struct Directory {
     /// (peer, name, capacity, reservations that count).
     sites: Vec<(PeerId, String, u32, Vec<Usage>)>,
+    /// The sites cut off: `gone` in this view.
+    gone: BTreeSet<PeerId>,
 }
 
 impl SiteDirectory for Directory {
@@ -128,6 +131,14 @@ impl SiteDirectory for Directory {
 
     fn offers_shape(&self, shape: &NodeShape) -> bool {
         !self.sites.is_empty() && shape.fits_in(&slot())
+    }
+
+    fn is_gone(&self, site: &PeerId) -> bool {
+        self.gone.contains(site)
+    }
+
+    fn any_alive(&self) -> bool {
+        self.sites.iter().any(|s| !self.gone.contains(&s.0))
     }
 }
 
@@ -320,6 +331,13 @@ impl Fed {
     fn reach(&mut self, site: usize, reachable: bool) {
         self.log(format!("{} reachable: {reachable}", self.sites[site].name));
         self.sites[site].reachable = reachable;
+        if !reachable {
+            // The others' gossip views say so (at once, here).
+            let peer = self.sites[site].peer;
+            for other in &mut self.sites {
+                other.core.site_gone(&peer);
+            }
+        }
     }
 
     /// What `viewer` knows of the other sites: their ledgers, now.
@@ -339,7 +357,13 @@ impl Fed {
                 (site.peer, site.name.clone(), site.capacity, usages)
             })
             .collect();
-        Directory { sites }
+        let gone = self
+            .sites
+            .iter()
+            .filter(|site| !site.reachable)
+            .map(|site| site.peer)
+            .collect();
+        Directory { sites, gone }
     }
 
     /// Puts what every core queued on the wire.
@@ -537,14 +561,21 @@ impl Fed {
             let nodes = record.request["nodes"]
                 .as_u64()
                 .expect("the request has nodes");
+            // Lost parts no longer count: they are being released, or (by
+            // `none`) only recorded.
             let sum = |states: &[PartState]| -> u64 {
-                let parts = record.parts.iter().filter(|p| states.contains(&p.state));
+                let parts = record
+                    .parts
+                    .iter()
+                    .filter(|p| states.contains(&p.state) && p.lost_at_ms.is_none());
                 parts.map(|p| u64::from(p.nodes)).sum()
             };
             let committed = sum(&[PartState::Committed]);
             let taken = sum(&[PartState::Held, PartState::Committing, PartState::Committed]);
+            let lost = record.parts.iter().any(|p| p.lost_at_ms.is_some());
             let bad = match record.state {
                 ClusterState::Reserving => taken > nodes,
+                ClusterState::Reserved if lost => taken > nodes,
                 ClusterState::Reserved => committed != nodes || taken != nodes,
                 _ => false,
             };
@@ -1431,4 +1462,318 @@ fn a_site_replaced_after_the_commit_decision_updates_every_sites_parts() {
     // check_settled compares every worker's committed parts with the
     // master's: B learnt that D replaced C.
     assert_eq!(fed.check_settled(0, "c9", 4), ClusterState::Reserved);
+}
+
+/// The number of every node of `record`'s committed parts, by site.
+fn numbers_by_site(record: &ClusterRecord) -> BTreeMap<String, Vec<u32>> {
+    let mut by_site: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    for part in record
+        .parts
+        .iter()
+        .filter(|p| p.state == PartState::Committed && p.lost_at_ms.is_none())
+    {
+        let first = part
+            .first_node
+            .expect("a committed part has its first number");
+        by_site
+            .entry(part.site.clone())
+            .or_default()
+            .extend(first..first + part.nodes);
+    }
+    by_site
+}
+
+/// The events of `kind` at `site`.
+fn events_of(fed: &Fed, site: usize, kind: &str) -> Vec<serde_json::Value> {
+    let events = fed.sites[site]
+        .ledger
+        .events(0, 1000)
+        .expect("the ledger reads");
+    events
+        .into_iter()
+        .filter(|e| e.kind == kind)
+        .map(|e| e.detail)
+        .collect()
+}
+
+/// A cluster of 10 at A over sites of 4: A keeps 3 (and the frontend), B
+/// commits 4, C 3; D has room. Returns the federation.
+fn cluster_over_a_and_b(heal: Heal) -> Fed {
+    let mut fed = Fed::new(&[4, 4, 4, 4]);
+    let request = ClusterRequest {
+        name: "c1".to_owned(),
+        heal,
+        ..request(10, window_after(fed.now_ms))
+    };
+    fed.create_request(0, "c1", request).expect("there is room");
+    fed.run_quiet(T0_MS + 10 * SECOND_MS);
+    let record = fed.record(0, "c1");
+    assert_eq!(record.state, ClusterState::Reserved);
+    let numbers = numbers_by_site(&record);
+    assert_eq!(numbers["A"], vec![1, 2, 3]);
+    assert_eq!(numbers["B"], vec![4, 5, 6, 7], "{:#?}", record.parts);
+    assert_eq!(numbers["C"], vec![8, 9, 10]);
+    fed
+}
+
+#[test]
+fn a_lost_worker_is_fenced_and_its_nodes_replaced_with_new_numbers() {
+    let mut fed = cluster_over_a_and_b(Heal::Replace);
+    let lost_at = fed.now_ms;
+    fed.reach(1, false);
+    // Gone at once in this view, but not yet silent for the grace period:
+    // nothing happens before it ends.
+    fed.run_until(lost_at + fed.config.heal_grace_ms - SECOND_MS);
+    let record = fed.record(0, "c1");
+    assert_eq!(committed_parts_at(&record, "B"), 4, "fenced too early");
+    assert!(record.parts.iter().all(|p| p.lost_at_ms.is_none()));
+
+    fed.run_until(lost_at + fed.config.heal_grace_ms + 30 * SECOND_MS);
+    let record = fed.record(0, "c1");
+    let lost: Vec<_> = record.parts.iter().filter(|p| p.site == "B").collect();
+    assert_eq!(lost.len(), 1, "{:#?}", record.parts);
+    assert_eq!(
+        lost[0].state,
+        PartState::Releasing,
+        "fenced, and released until B answers"
+    );
+    assert!(lost[0].lost_at_ms.is_some());
+    assert_eq!(
+        record.state,
+        ClusterState::Reserved,
+        "healing never fails the cluster"
+    );
+    assert_eq!(
+        record.epoch, 2,
+        "one epoch for the fence, one for the replacement"
+    );
+    // The replacement is at D (the only site with room for 4), with
+    // numbers after every number used before: B's 4..=7 are never reused.
+    let numbers = numbers_by_site(&record);
+    assert_eq!(numbers["A"], vec![1, 2, 3]);
+    assert_eq!(numbers["C"], vec![8, 9, 10]);
+    assert_eq!(numbers["D"], vec![11, 12, 13, 14]);
+    assert!(!numbers.contains_key("B"));
+    assert_eq!(fed.committed_nodes(3, "c1"), 4);
+    // C and D know the cluster's parts as the master does, at the same
+    // epoch: B is in no list.
+    for site in [2, 3] {
+        let at = fed.record(site, "c1");
+        assert_eq!(at.epoch, record.epoch);
+        assert_eq!(numbers_by_site(&at), numbers);
+    }
+    // Visible: the loss and the healing, in the master's event log.
+    let lost_events = events_of(&fed, 0, "cluster.part_lost");
+    assert_eq!(lost_events.len(), 1);
+    assert_eq!(lost_events[0]["site"], "B");
+    assert_eq!(lost_events[0]["fenced"], true);
+    let healed = events_of(&fed, 0, "cluster.healed");
+    assert_eq!(healed.len(), 1);
+    assert_eq!(healed[0]["nodes"], 10);
+    let after_ms = healed[0]["after_ms"].as_i64().expect("a duration");
+    assert!(
+        after_ms < 30 * SECOND_MS,
+        "replaced {after_ms} ms after the loss"
+    );
+
+    // B comes back: the master's release reaches it; its part ends there
+    // and its slots are free again.
+    fed.reach(1, true);
+    fed.run_until(fed.now_ms + 2 * fed.config.release_backoff_max_ms);
+    assert_eq!(fed.committed_nodes(1, "c1"), 0, "B still holds its nodes");
+    assert_eq!(fed.record(1, "c1").state, ClusterState::Finished);
+    let record = fed.record(0, "c1");
+    let at_b: Vec<_> = record.parts.iter().filter(|p| p.site == "B").collect();
+    assert_eq!(at_b[0].state, PartState::Released);
+    assert_eq!(record.state, ClusterState::Reserved);
+}
+
+#[test]
+fn shrink_fences_the_lost_part_and_goes_on_with_fewer_nodes() {
+    let mut fed = cluster_over_a_and_b(Heal::Shrink);
+    let lost_at = fed.now_ms;
+    fed.reach(1, false);
+    fed.run_until(lost_at + fed.config.heal_grace_ms + 30 * SECOND_MS);
+    let record = fed.record(0, "c1");
+    assert_eq!(record.state, ClusterState::Reserved);
+    assert_eq!(record.epoch, 1);
+    let numbers = numbers_by_site(&record);
+    assert_eq!(
+        numbers.keys().collect::<Vec<_>>(),
+        vec!["A", "C"],
+        "{:#?}",
+        record.parts
+    );
+    assert!(
+        fed.counting(3, "c1").is_empty(),
+        "nothing reserved elsewhere"
+    );
+    let at_c = fed.record(2, "c1");
+    assert_eq!((at_c.epoch, numbers_by_site(&at_c)), (1, numbers));
+    assert!(events_of(&fed, 0, "cluster.healed").is_empty());
+    assert_eq!(events_of(&fed, 0, "cluster.part_lost").len(), 1);
+}
+
+#[test]
+fn none_records_the_loss_and_keeps_the_part() {
+    let mut fed = cluster_over_a_and_b(Heal::None);
+    let lost_at = fed.now_ms;
+    fed.reach(1, false);
+    fed.run_until(lost_at + fed.config.heal_grace_ms + 30 * SECOND_MS);
+    let record = fed.record(0, "c1");
+    let at_b: Vec<_> = record.parts.iter().filter(|p| p.site == "B").collect();
+    assert_eq!(at_b[0].state, PartState::Committed, "not fenced");
+    assert!(at_b[0].lost_at_ms.is_some(), "but the loss is recorded");
+    assert_eq!(record.epoch, 0);
+    let lost_events = events_of(&fed, 0, "cluster.part_lost");
+    assert_eq!(lost_events.len(), 1, "recorded once");
+    assert_eq!(lost_events[0]["fenced"], false);
+    fed.reach(1, true);
+    fed.run_until(fed.now_ms + 60 * SECOND_MS);
+    assert_eq!(fed.committed_nodes(1, "c1"), 4, "B keeps its nodes");
+}
+
+#[test]
+fn a_master_that_sees_no_other_site_alive_fences_nobody() {
+    let mut fed = cluster_over_a_and_b(Heal::Replace);
+    let lost_at = fed.now_ms;
+    // Everyone else is gone: A is more likely the one cut off.
+    for site in 1..4 {
+        fed.reach(site, false);
+    }
+    fed.run_until(lost_at + 3 * fed.config.heal_grace_ms);
+    let record = fed.record(0, "c1");
+    assert_eq!(committed_parts_at(&record, "B"), 4, "{:#?}", record.parts);
+    assert!(events_of(&fed, 0, "cluster.part_lost").is_empty());
+    // Once another site is seen again, the loss of B (still gone and
+    // silent) is acted on.
+    fed.reach(2, true);
+    fed.reach(3, true);
+    fed.run_until(fed.now_ms + fed.config.heal_retry_ms + 30 * SECOND_MS);
+    let record = fed.record(0, "c1");
+    assert_eq!(committed_parts_at(&record, "B"), 0, "{:#?}", record.parts);
+    assert_eq!(compute_nodes_committed(&record), 10);
+}
+
+#[test]
+fn a_short_cluster_is_replaced_once_room_appears() {
+    // D is full (a cluster of its own) when B is lost; C has 1 slot left.
+    let mut fed = cluster_over_a_and_b(Heal::Replace);
+    let window = window_after(fed.now_ms);
+    let filler = ClusterRequest {
+        name: "filler".to_owned(),
+        ..request(3, window)
+    };
+    fed.create_request(3, "filler", filler)
+        .expect("D has room for itself");
+    fed.run_quiet(fed.now_ms + 10 * SECOND_MS);
+    let lost_at = fed.now_ms;
+    fed.reach(1, false);
+    fed.run_until(lost_at + fed.config.heal_grace_ms + 30 * SECOND_MS);
+    let record = fed.record(0, "c1");
+    assert_eq!(
+        compute_nodes_committed(&record),
+        6,
+        "short: {:#?}",
+        record.parts
+    );
+    assert!(events_of(&fed, 0, "cluster.healed").is_empty());
+    for site in 0..4 {
+        fed.check_capacity(site);
+    }
+    // Room appears at D: a retry takes it.
+    fed.delete(3, "filler").expect("D masters it");
+    fed.run_until(fed.now_ms + fed.config.heal_retry_ms + 30 * SECOND_MS);
+    let record = fed.record(0, "c1");
+    assert_eq!(compute_nodes_committed(&record), 10, "{:#?}", record.parts);
+    assert_eq!(events_of(&fed, 0, "cluster.healed").len(), 1);
+}
+
+#[test]
+fn a_master_restarted_while_replacing_finishes_the_job() {
+    let mut fed = cluster_over_a_and_b(Heal::Replace);
+    let lost_at = fed.now_ms;
+    fed.reach(1, false);
+    fed.run_until(lost_at + fed.config.heal_grace_ms);
+    // The watch fired: B is fenced, C's hold is asked for. The master
+    // restarts before the answer.
+    let record = fed.record(0, "c1");
+    assert!(
+        record
+            .parts
+            .iter()
+            .any(|p| p.site == "B" && p.lost_at_ms.is_some()),
+        "{:#?}",
+        record.parts
+    );
+    fed.restart(0);
+    fed.run_until(fed.now_ms + 2 * fed.config.heal_grace_ms + fed.config.heal_retry_ms);
+    let record = fed.record(0, "c1");
+    assert_eq!(compute_nodes_committed(&record), 10, "{:#?}", record.parts);
+    for site in 0..4 {
+        fed.check_capacity(site);
+    }
+    let numbers = numbers_by_site(&record);
+    let all: Vec<u32> = numbers.values().flatten().copied().collect();
+    let unique: BTreeSet<u32> = all.iter().copied().collect();
+    assert_eq!(all.len(), unique.len(), "a number used twice: {numbers:?}");
+    assert!(
+        unique.iter().all(|n| !(4..=7).contains(n)),
+        "B's numbers reused: {numbers:?}"
+    );
+}
+
+#[test]
+fn a_worker_keeps_the_newest_list_of_parts() {
+    let mut fed = cluster_over_a_and_b(Heal::Replace);
+    let lost_at = fed.now_ms;
+    fed.reach(1, false);
+    fed.run_until(lost_at + fed.config.heal_grace_ms + 30 * SECOND_MS);
+    let before = fed.record(2, "c1");
+    assert_eq!(before.epoch, 2);
+    // A commit of the first epoch, delayed or repeated, arrives at C.
+    let master = fed.sites[0].peer;
+    let stale_parts: Vec<_> = before
+        .parts
+        .iter()
+        .cloned()
+        .map(|mut p| {
+            p.first_node = None;
+            p
+        })
+        .collect();
+    let attempt = before
+        .parts
+        .iter()
+        .find(|p| p.site == "C")
+        .expect("C's part")
+        .attempt;
+    let directory = fed.directory(2);
+    let site = &mut fed.sites[2];
+    let answer = site
+        .core
+        .handle_request(
+            &mut site.ledger,
+            &directory,
+            fed.now_ms,
+            master,
+            ClusterMsg::Commit {
+                cluster: "c1".to_owned(),
+                name: "c1".to_owned(),
+                attempt,
+                segment: before.segment.expect("a segment"),
+                epoch: 0,
+                parts: stale_parts,
+            },
+        )
+        .expect("the ledger works");
+    assert!(
+        matches!(answer, Some(ClusterMsg::Committed { .. })),
+        "{answer:?}"
+    );
+    assert_eq!(
+        fed.record(2, "c1"),
+        before,
+        "a stale list changed C's record"
+    );
 }

@@ -28,6 +28,7 @@ impl ClusterCore {
         from: PeerId,
         msg: ClusterMsg,
     ) -> Result<Option<ClusterMsg>, LedgerError> {
+        self.heard(from, now_ms);
         let requester = from.to_string();
         let answer = match msg {
             ClusterMsg::Reserve {
@@ -87,6 +88,7 @@ impl ClusterCore {
                 name,
                 attempt,
                 segment,
+                epoch,
                 parts,
             } => {
                 let key = format!("{cluster}/{attempt}");
@@ -98,6 +100,7 @@ impl ClusterCore {
                             name: &name,
                             master: &master_name,
                             segment,
+                            epoch,
                             parts: &parts,
                         };
                         self.record_worker_part(ledger, &reservation, &shared, attempt, now_ms)?;
@@ -199,7 +202,7 @@ impl ClusterCore {
             .parts
             .iter()
             .filter(|p| p.peer_id.as_deref() == Some(from.as_str()))
-            .filter(|p| p.state == PartState::Committed)
+            .filter(|p| crate::lifecycle::in_cluster(p.state))
             .collect();
         let Some(site) = parts.first().map(|p| p.site.clone()) else {
             return Ok(Err("the sender holds no committed part of the cluster"));
@@ -254,6 +257,13 @@ impl ClusterCore {
         now_ms: i64,
     ) -> Result<(), LedgerError> {
         let local_id = self.local.to_string();
+        // The master numbers the nodes; this part's first number is in its
+        // list (absent from a master that predates epochs).
+        let first_node = shared
+            .parts
+            .iter()
+            .find(|p| p.peer_id.as_deref() == Some(local_id.as_str()) && p.attempt == attempt)
+            .and_then(|p| p.first_node);
         let own = ClusterPart {
             site: self.local_name.clone(),
             peer_id: Some(local_id.clone()),
@@ -263,11 +273,21 @@ impl ClusterCore {
             state: PartState::Committed,
             reservation_key: Some(reservation.key.clone()),
             gateway: self.gateway.clone(),
+            first_node,
+            lost_at_ms: None,
         };
         let existing = ledger.cluster(&reservation.cluster_id)?;
         if existing
             .as_ref()
             .is_some_and(|record| record.master_site == self.local_name)
+        {
+            return Ok(());
+        }
+        // A list older than the one stored (a delayed or repeated commit
+        // from before a part was fenced or added) changes nothing.
+        if existing
+            .as_ref()
+            .is_some_and(|record| record.epoch > shared.epoch)
         {
             return Ok(());
         }
@@ -298,10 +318,11 @@ impl ClusterCore {
         match existing {
             Some(_) => {
                 let state = stored_state(ledger, &reservation.cluster_id, ClusterState::Reserved)?;
-                ledger.update_cluster(
+                ledger.update_cluster_epoch(
                     &reservation.cluster_id,
                     state,
                     None,
+                    Some(shared.epoch),
                     Some(&parts),
                     now_ms,
                 )?;
@@ -322,6 +343,7 @@ impl ClusterCore {
                     reason: None,
                     parts,
                     segment: Some(shared.segment),
+                    epoch: shared.epoch,
                     created_at_ms: now_ms,
                     updated_at_ms: now_ms,
                 })?;
@@ -376,5 +398,6 @@ struct SharedCluster<'a> {
     name: &'a str,
     master: &'a str,
     segment: u32,
+    epoch: u32,
     parts: &'a [ClusterPart],
 }

@@ -26,6 +26,8 @@ fn part(site: &str, attempt: u32, nodes: u32, frontend: bool, state: PartState) 
         state,
         reservation_key: None,
         gateway: gateway(site),
+        first_node: None,
+        lost_at_ms: None,
     }
 }
 
@@ -51,6 +53,7 @@ fn record(state: ClusterState) -> ClusterRecord {
             part("site-b", 1, 3, false, PartState::Released),
         ],
         segment: Some(0x1234_5678),
+        epoch: 0,
         created_at_ms: 0,
         updated_at_ms: 0,
     }
@@ -197,7 +200,11 @@ fn the_cluster_is_up_when_every_node_of_every_site_is() {
         150,
     )
     .unwrap();
-    assert_eq!(planned.total_nodes, 6, "the frontend and 5 compute nodes");
+    assert_eq!(
+        planned.cluster_nodes,
+        (0..6).collect::<Vec<u32>>(),
+        "the frontend and 5 compute nodes"
+    );
     let node = |index: u32, state: &str| vcfed_storage::NodeRecord {
         site: "any".into(),
         index,
