@@ -5,6 +5,7 @@
 // to stderr, so that `--json` output stays one document.
 #![allow(clippy::print_stderr)]
 
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
@@ -473,15 +474,54 @@ pub(crate) fn show(record: &ClusterRecord, json: bool) -> anyhow::Result<()> {
     outln!("master   {} (hosts the frontend)", record.master_site);
     outln!("window   {start} .. {end}");
     outln!("nodes    {nodes}");
+    let heal = record.request["heal"].as_str().unwrap_or("replace");
+    let lost: Vec<&vcfed_storage::ClusterPart> = record
+        .parts
+        .iter()
+        .filter(|p| p.lost_at_ms.is_some())
+        .collect();
+    if lost.is_empty() {
+        outln!("heal     {heal}");
+    } else {
+        let live: u64 = record
+            .parts
+            .iter()
+            .filter(|p| p.lost_at_ms.is_none() && vcfed_node_core::lifecycle::in_cluster(p.state))
+            .map(|p| u64::from(p.nodes))
+            .sum();
+        let sites: BTreeSet<&str> = lost.iter().map(|p| p.site.as_str()).collect();
+        let sites: Vec<&str> = sites.into_iter().collect();
+        let how = match heal {
+            "replace" if live >= nodes => "its nodes were replaced".to_owned(),
+            "replace" => format!(
+                "short of {} until room is found",
+                count(nodes - live, "node")
+            ),
+            "shrink" => format!("goes on with {}", count(live, "compute node")),
+            _ => "its part stays (heal none)".to_owned(),
+        };
+        outln!(
+            "heal     {heal}: lost {} (gone and silent); {how}; membership epoch {}",
+            sites.join(", "),
+            record.epoch
+        );
+    }
     let mut rows = vec![
-        ["SITE", "NODES", "FRONTEND", "ATTEMPT", "STATE"]
-            .map(str::to_owned)
-            .to_vec(),
+        [
+            "SITE", "NODES", "NUMBERS", "FRONTEND", "ATTEMPT", "STATE", "LOST",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
     ];
     for part in &record.parts {
+        let numbers = match part.first_node {
+            Some(first) if part.nodes > 0 => format!("{first}-{}", first + part.nodes - 1),
+            _ => "-".to_owned(),
+        };
         rows.push(vec![
             part.site.clone(),
             part.nodes.to_string(),
+            numbers,
             if part.frontend {
                 "yes".to_owned()
             } else {
@@ -489,6 +529,7 @@ pub(crate) fn show(record: &ClusterRecord, json: bool) -> anyhow::Result<()> {
             },
             part.attempt.to_string(),
             part.state.to_string(),
+            part.lost_at_ms.map_or_else(String::new, format_instant),
         ]);
     }
     print_table(&rows);

@@ -316,10 +316,13 @@ pub async fn start(
             endpoint,
             public_key: keys.tunnel_public_key(),
         });
+    let cluster_config = ClusterConfig {
+        heal_grace_ms: millis(config.clusters.heal_grace),
+        ..ClusterConfig::default()
+    };
     let cluster = ledger
         .run(move |ledger| {
-            let mut cluster =
-                ClusterCore::new(local_id, local_name, gateway, ClusterConfig::default());
+            let mut cluster = ClusterCore::new(local_id, local_name, gateway, cluster_config);
             cluster.resume(ledger, now_ms())?;
             Ok(cluster)
         })

@@ -244,7 +244,8 @@ mod tests {
     fn fault_lists_parse_and_print() {
         let faults = Fault::parse_list("loss,dup,partition,crash,skew").unwrap();
         assert_eq!(Fault::list(&faults), "loss,dup,partition,crash,skew");
-        assert_eq!(Fault::parse_list("all").unwrap().len(), 10);
+        assert_eq!(Fault::parse_list("all").unwrap().len(), 11);
+        assert!(Fault::parse_list("site-loss").is_ok());
         assert_eq!(
             parse_duration_range("1m..20m", "--w").unwrap(),
             (60_000, 1_200_000)

@@ -328,7 +328,7 @@ _vcfed() {
             return 0
             ;;
         vcfed__subcmd__cluster__subcmd__create)
-            opts="-c -h -V --name --nodes --cores --memory-mib --disk-gib --start --duration --image --wait --json --log-format --config --help --version"
+            opts="-c -h -V --name --nodes --cores --memory-mib --disk-gib --start --duration --image --heal --wait --json --log-format --config --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -363,6 +363,10 @@ _vcfed() {
                     return 0
                     ;;
                 --image)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --heal)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1680,7 +1684,7 @@ _vcfed() {
             return 0
             ;;
         vcfed__subcmd__simnet)
-            opts="-c -h -V --sites --seed --seeds --duration --faults --calm --requests-per-site-hour --window-start --window-length --loss --dup --mesh-degree --advert-refresh --anti-entropy --json --plant-bug --log-format --config --help --version"
+            opts="-c -h -V --sites --seed --seeds --duration --faults --calm --requests-per-site-hour --window-start --window-length --loss --dup --mesh-degree --nodes-max --capacity-max --advert-refresh --anti-entropy --json --plant-bug --log-format --config --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1734,6 +1738,14 @@ _vcfed() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --nodes-max)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --capacity-max)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --advert-refresh)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -1743,7 +1755,7 @@ _vcfed() {
                     return 0
                     ;;
                 --plant-bug)
-                    COMPREPLY=($(compgen -W "commit-without-hold leak-vlan no-reserve-deadline" -- "${cur}"))
+                    COMPREPLY=($(compgen -W "commit-without-hold leak-vlan no-reserve-deadline replace-without-fence" -- "${cur}"))
                     return 0
                     ;;
                 --log-format)

@@ -146,6 +146,7 @@ complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_sub
 complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from create" -l start -d 'Start: `now`, `+2h`, RFC 3339 or unix ms' -r
 complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from create" -l duration -d 'How long the cluster runs, e.g. 2h' -r
 complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from create" -l image -d 'Image the nodes install' -r
+complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from create" -l heal -d 'When a worker site holding some of the nodes is lost (gone from the federation and silent for `clusters.heal_grace`): `replace` its nodes at other sites, `shrink` the cluster, or `none` (only record it). The lost site is cut off from the cluster\'s network unless `none`' -r
 complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from create" -l log-format -d 'Log format on stderr. RUST_LOG sets the level (default: info for `run`, warn otherwise)' -r -f -a "text\t'Human-readable lines'
 json\t'One JSON object per line'"
 complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from create" -s c -l config -d 'The site\'s config file (written by `vcfed init`), before or after the subcommand; for `vcfed init`, where to write it [default: DATA_DIR/vcfed.toml]; for `vcfed gateway`, the gateway\'s config (or VCFED_GATEWAY_CONFIG)' -r -F
@@ -260,7 +261,7 @@ complete -c vcfed -n "__fish_vcfed_using_subcommand simnet" -l sites -d 'Number 
 complete -c vcfed -n "__fish_vcfed_using_subcommand simnet" -l seed -d 'Seed of the run: the same seed replays the same run' -r
 complete -c vcfed -n "__fish_vcfed_using_subcommand simnet" -l seeds -d 'Sweep seeds A..B (B excluded) or A..=B' -r
 complete -c vcfed -n "__fish_vcfed_using_subcommand simnet" -l duration -d 'Simulated time, e.g. 30m, 2h' -r
-complete -c vcfed -n "__fish_vcfed_using_subcommand simnet" -l faults -d 'Faults, comma-separated: loss, dup, reorder, partition, crash, skew, bandwidth, join, leave, gateway, or all / none' -r
+complete -c vcfed -n "__fish_vcfed_using_subcommand simnet" -l faults -d 'Faults, comma-separated: loss, dup, reorder, partition, crash, skew, bandwidth, join, leave, gateway, site-loss, or all / none' -r
 complete -c vcfed -n "__fish_vcfed_using_subcommand simnet" -l calm -d 'Faults stop this long before the end; the invariants that say "eventually" are checked in this calm' -r
 complete -c vcfed -n "__fish_vcfed_using_subcommand simnet" -l requests-per-site-hour -d 'Cluster requests per site per simulated hour' -r
 complete -c vcfed -n "__fish_vcfed_using_subcommand simnet" -l window-start -d 'When a requested window starts, after the request: MIN..MAX' -r
@@ -268,11 +269,14 @@ complete -c vcfed -n "__fish_vcfed_using_subcommand simnet" -l window-length -d 
 complete -c vcfed -n "__fish_vcfed_using_subcommand simnet" -l loss -d 'Message loss probability (with the `loss` fault)' -r
 complete -c vcfed -n "__fish_vcfed_using_subcommand simnet" -l dup -d 'Duplication probability (with the `dup` fault)' -r
 complete -c vcfed -n "__fish_vcfed_using_subcommand simnet" -l mesh-degree -d 'Gossip mesh degree' -r
+complete -c vcfed -n "__fish_vcfed_using_subcommand simnet" -l nodes-max -d 'Most compute nodes one request asks for' -r
+complete -c vcfed -n "__fish_vcfed_using_subcommand simnet" -l capacity-max -d 'Node slots of the largest site (the smallest has 4)' -r
 complete -c vcfed -n "__fish_vcfed_using_subcommand simnet" -l advert-refresh -d 'Advert refresh period [default: 10s up to 100 sites, then 0.6 s per site]' -r
 complete -c vcfed -n "__fish_vcfed_using_subcommand simnet" -l anti-entropy -d 'Anti-entropy period [default: 2s up to 100 sites, then 20 ms per site]' -r
 complete -c vcfed -n "__fish_vcfed_using_subcommand simnet" -l plant-bug -d 'Plant a bug to check that the invariants catch it' -r -f -a "commit-without-hold\t''
 leak-vlan\t''
-no-reserve-deadline\t''"
+no-reserve-deadline\t''
+replace-without-fence\t''"
 complete -c vcfed -n "__fish_vcfed_using_subcommand simnet" -l log-format -d 'Log format on stderr. RUST_LOG sets the level (default: info for `run`, warn otherwise)' -r -f -a "text\t'Human-readable lines'
 json\t'One JSON object per line'"
 complete -c vcfed -n "__fish_vcfed_using_subcommand simnet" -s c -l config -d 'The site\'s config file (written by `vcfed init`), before or after the subcommand; for `vcfed init`, where to write it [default: DATA_DIR/vcfed.toml]; for `vcfed gateway`, the gateway\'s config (or VCFED_GATEWAY_CONFIG)' -r -F

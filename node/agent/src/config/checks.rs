@@ -14,8 +14,9 @@ use toml::Spanned;
 
 use super::diagnostics::{ConfigError, Source, example, ifname_problem};
 use super::types::{
-    INSTALLER_ARGS_BYTES_MAX, NODE_MEMORY_MIB_MAX, NODE_MEMORY_MIB_MIN, POOL_NAME_CHARS_MAX,
-    SHUTDOWN_TIMEOUT_S_MAX, SHUTDOWN_TIMEOUT_S_MIN, VLAN_ID_MAX, VLAN_ID_MIN, VLAN_PLACEHOLDER,
+    DEFAULT_HEAL_GRACE, HEAL_GRACE_MAX, HEAL_GRACE_MIN, INSTALLER_ARGS_BYTES_MAX,
+    NODE_MEMORY_MIB_MAX, NODE_MEMORY_MIB_MIN, POOL_NAME_CHARS_MAX, SHUTDOWN_TIMEOUT_S_MAX,
+    SHUTDOWN_TIMEOUT_S_MIN, VLAN_ID_MAX, VLAN_ID_MIN, VLAN_PLACEHOLDER,
 };
 use super::{
     Accel, ApiConfig, ClustersConfig, Config, DEFAULT_API_LISTEN, DEFAULT_FEDERATION_LISTEN,
@@ -122,6 +123,7 @@ struct RawHost {
 struct RawClusters {
     vlans: Spanned<String>,
     driver: Option<Spanned<String>>,
+    heal_grace: Option<Spanned<String>>,
 }
 
 #[derive(Default, Deserialize)]
@@ -521,7 +523,37 @@ impl RawClusters {
                 }
             },
         };
-        Ok(ClustersConfig { vlans, driver })
+        let heal_grace = match self.heal_grace {
+            None => DEFAULT_HEAL_GRACE,
+            Some(text) => {
+                let parsed = humantime::parse_duration(text.get_ref()).map_err(|e| {
+                    source.invalid(
+                        &text,
+                        "clusters.heal_grace",
+                        format!("invalid duration {:?}: {e}", text.get_ref()),
+                        Some("write a duration such as \"60s\" or \"5m\"".to_owned()),
+                    )
+                })?;
+                if !(HEAL_GRACE_MIN..=HEAL_GRACE_MAX).contains(&parsed) {
+                    return Err(source.invalid(
+                        &text,
+                        "clusters.heal_grace",
+                        format!("{:?} is out of range", text.get_ref()),
+                        Some(
+                            "use a duration between 10s and 1h: shorter fences sites over a \
+                             missed advert, longer leaves clusters short"
+                                .to_owned(),
+                        ),
+                    ));
+                }
+                parsed
+            }
+        };
+        Ok(ClustersConfig {
+            vlans,
+            driver,
+            heal_grace,
+        })
     }
 }
 

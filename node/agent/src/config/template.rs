@@ -160,6 +160,11 @@ vlans = {vlans}
 # the cluster's frontend, set up in [libvirt] below; runs the gateway; needs
 # root and a running libvirtd). Default: "none".
 # driver = "netns"
+# When a worker site of a cluster this site masters is gone from the gossip
+# view and silent this long, its nodes are declared lost: cut off from the
+# cluster's network and, by the cluster's heal policy (`vcfed cluster create
+# --heal`), replaced at other sites. Between 10s and 1h. Default: "60s".
+# heal_grace = "60s"
 
 [gateway]
 # UDP address (IP:port) of the data plane. Default: "{DEFAULT_GATEWAY_LISTEN}".

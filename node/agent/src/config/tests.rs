@@ -591,7 +591,7 @@ fn unknown_field_is_refused_with_the_valid_ones() {
     assert_error(&e, 10, "clusters.vlan", "unknown field `vlan`");
     assert_eq!(
         e.hint.as_deref(),
-        Some("did you mean `vlans`? the [clusters] table accepts `vlans`, `driver`")
+        Some("did you mean `vlans`? the [clusters] table accepts `vlans`, `driver`, `heal_grace`")
     );
 
     let e = parse_err(&minimal("[gateway]\ncolour = \"blue\"\n"));
@@ -1624,4 +1624,17 @@ fn changed_installer_fields_need_a_restart() {
         ["installer.initrd", "installer.args"]
     );
     assert!(running.changed_fields(&running.clone()).is_empty());
+}
+
+#[test]
+fn heal_grace_defaults_to_a_minute_and_is_bounded() {
+    let config = parse(&minimal("")).unwrap();
+    assert_eq!(config.clusters.heal_grace, Duration::from_secs(60));
+    let config = parse(&minimal("heal_grace = \"5m\"\n")).unwrap();
+    assert_eq!(config.clusters.heal_grace, Duration::from_secs(300));
+    let e = parse_err(&minimal("heal_grace = \"2s\"\n"));
+    assert_error(&e, 11, "clusters.heal_grace", "\"2s\" is out of range");
+    assert!(e.hint.unwrap_or_default().contains("between 10s and 1h"));
+    let e = parse_err(&minimal("heal_grace = \"soon\"\n"));
+    assert_error(&e, 11, "clusters.heal_grace", "invalid duration \"soon\"");
 }

@@ -192,7 +192,19 @@ pub struct ClustersConfig {
     pub vlans: VlanRange,
     /// How this site runs the nodes of its clusters.
     pub driver: DriverKind,
+    /// How long a worker site of a cluster this site masters must be both
+    /// gone from the gossip view and silent before its parts are declared
+    /// lost (and, by the cluster's heal policy, replaced).
+    pub heal_grace: Duration,
 }
+
+/// `clusters.heal_grace` when the config does not set it.
+pub(super) const DEFAULT_HEAL_GRACE: Duration = Duration::from_secs(60);
+/// Bounds of `clusters.heal_grace`: shorter would fence sites over a
+/// missed advert; longer leaves clusters short for most of a window.
+pub(super) const HEAL_GRACE_MIN: Duration = Duration::from_secs(10);
+/// See [`HEAL_GRACE_MIN`].
+pub(super) const HEAL_GRACE_MAX: Duration = Duration::from_secs(3600);
 
 /// `clusters.driver`: how a site runs the nodes of its clusters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -405,7 +417,12 @@ impl Config {
                     token_file,
                 },
             inventory,
-            clusters: ClustersConfig { vlans, driver },
+            clusters:
+                ClustersConfig {
+                    vlans,
+                    driver,
+                    heal_grace,
+                },
             gateway:
                 GatewayConfig {
                     listen: gateway_listen,
@@ -452,6 +469,10 @@ impl Config {
             ("inventory", *inventory == other.inventory),
             ("clusters.vlans", *vlans == other.clusters.vlans),
             ("clusters.driver", *driver == other.clusters.driver),
+            (
+                "clusters.heal_grace",
+                *heal_grace == other.clusters.heal_grace,
+            ),
             ("gateway.listen", *gateway_listen == other.gateway.listen),
             ("gateway.endpoint", *endpoint == other.gateway.endpoint),
             (
