@@ -111,6 +111,74 @@ fn the_demo_installs_every_node_from_the_masters_frontend_and_leaves_nothing() {
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
+/// `vcfed demo --heal`: a worker site of the running cluster is lost (its
+/// agent killed, its link cut); the master fences it and replaces its nodes
+/// at the other worker, where they install from the frontend across the
+/// tunnels; the site, back, learns its part is released and stands down.
+#[test]
+fn a_lost_worker_site_is_fenced_replaced_and_stands_down_when_it_returns() {
+    if !environment_ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let report_path = dir.path().join("report.json");
+    let started = Instant::now();
+    let out = Command::new(common::vcfed_bin())
+        .args(["demo", "--heal", "--instance", "8", "--dir"])
+        .arg(dir.path().join("sites"))
+        .arg("--report")
+        .arg(&report_path)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the demo failed:\n{stdout}\n{}",
+        common::stderr(&out)
+    );
+    eprintln!(
+        "vcfed demo --heal took {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    for step in [
+        "declared",
+        "replacement committed",
+        "every replacement node installed from the frontend",
+        "stood down",
+        "nothing left behind",
+    ] {
+        assert!(stdout.contains(step), "no {step:?} in:\n{stdout}");
+    }
+    let report: DemoReport =
+        serde_json::from_str(&std::fs::read_to_string(&report_path).unwrap()).unwrap();
+    let heal = report.heal.expect("the heal report");
+    eprintln!("{heal:?}");
+    assert!(!heal.lost_nodes.is_empty());
+    assert_eq!(heal.replacement_nodes.len(), heal.lost_nodes.len());
+    // New numbers (and so new MACs): after every number used before.
+    let highest_lost = heal.lost_nodes.iter().max().unwrap();
+    assert!(
+        heal.replacement_nodes.iter().all(|n| n > highest_lost),
+        "{heal:?}"
+    );
+    assert!(heal.replaced_at != heal.lost_site && !heal.replaced_at.is_empty());
+    assert!(report.sites[1..].contains(&heal.replaced_at), "{heal:?}");
+    // Never on one signal: the site's silence must last the grace period
+    // (10 s here) before it is fenced, and then it is fenced promptly.
+    let fenced = heal.fenced_after_s.expect("fenced");
+    assert!(
+        (5.0..40.0).contains(&fenced),
+        "fenced {fenced:.1}s after the loss"
+    );
+    let installed = heal.installed_after_s.expect("replacements installed");
+    assert!(installed >= heal.committed_after_s.unwrap(), "{heal:?}");
+    assert!(heal.stood_down_after_s.is_some(), "{heal:?}");
+    assert!(report.left_behind.is_empty(), "{:?}", report.left_behind);
+    let left = federation::leftovers(&DemoSpec::instance(8));
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
 async fn detail(client: &ApiClient, id: &str) -> Option<ClusterDetail> {
     client.get(&format!("/v1/clusters/{id}")).await.ok()
 }
@@ -150,6 +218,7 @@ async fn a_restarted_worker_brings_its_segment_and_tunnels_back() {
         wan_octet: 9,
         nodes: vec![1, 2, 2],
         driver: federation::DemoDriver::Netns,
+        heal_grace: None,
     };
     let mut federation = DemoFederation::build(spec.clone(), dir.path()).unwrap();
     federation.agent_exe = common::vcfed_bin().into();

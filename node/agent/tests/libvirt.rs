@@ -135,6 +135,7 @@ async fn vms_boot_across_the_tunnel_survive_an_agent_crash_and_leave_nothing() {
         wan_octet: 12,
         nodes: vec![1, 2, 1],
         driver: DemoDriver::Libvirt,
+        heal_grace: None,
     };
     let mut federation = DemoFederation::build(spec.clone(), dir.path()).unwrap();
     federation.agent_exe = common::vcfed_bin().into();

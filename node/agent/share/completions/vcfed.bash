@@ -590,7 +590,7 @@ _vcfed() {
             return 0
             ;;
         vcfed__subcmd__demo)
-            opts="-c -h -V --keep --down --local --dir --report --instance --driver --no-install --log-format --config --help --version"
+            opts="-c -h -V --keep --down --local --dir --report --instance --driver --heal --no-install --log-format --config --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

@@ -230,6 +230,7 @@ complete -c vcfed -n "__fish_vcfed_using_subcommand demo" -s c -l config -d 'The
 complete -c vcfed -n "__fish_vcfed_using_subcommand demo" -l keep -d 'Keep the federation (or the site) running after the tour, until Ctrl-C; `vcfed demo --down` removes it from another shell'
 complete -c vcfed -n "__fish_vcfed_using_subcommand demo" -l down -d 'Remove every namespace, link and process a kept (or crashed) demo federation left, and exit'
 complete -c vcfed -n "__fish_vcfed_using_subcommand demo" -l local -d 'Tour one site only (what the demo does without root)'
+complete -c vcfed -n "__fish_vcfed_using_subcommand demo" -l heal -d 'After the cluster runs, lose a worker site (kill its agent, cut its link): watch the master fence it and replace its nodes at the other site, then bring the site back and watch it stand down'
 complete -c vcfed -n "__fish_vcfed_using_subcommand demo" -l no-install -d 'Do not install missing tools (iproute2, util-linux, dnsmasq-base, busybox-static); without this, a root run on Debian or Ubuntu installs them with apt-get first'
 complete -c vcfed -n "__fish_vcfed_using_subcommand demo" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c vcfed -n "__fish_vcfed_using_subcommand demo" -s V -l version -d 'Print version'

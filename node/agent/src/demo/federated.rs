@@ -19,6 +19,13 @@ use crate::federation::SitesReport;
 
 /// Compute nodes the demo asks for (the first site has 2 slots).
 pub const DEMO_CLUSTER_NODES: u32 = 6;
+/// Compute nodes `--heal` asks for: the master keeps 1, one worker takes 3,
+/// and the other worker (3 slots) has room for all of them.
+pub const HEAL_CLUSTER_NODES: u32 = 4;
+/// `clusters.heal_grace` of the `--heal` demo's sites (the shortest allowed).
+const HEAL_GRACE: &str = "10s";
+/// How long `--heal` waits for the lost site's nodes to be replaced and up.
+const HEAL_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long the demo waits for the cluster to come up (namespaces).
 const UP_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long the demo waits for the cluster to come up (VMs under software
@@ -44,6 +51,30 @@ pub struct DemoReport {
     pub phases: Vec<(String, f64)>,
     /// What was left after teardown (nothing, normally).
     pub left_behind: Vec<String>,
+    /// With `--heal`: the lost worker site and what came of it.
+    #[serde(default)]
+    pub heal: Option<HealReport>,
+}
+
+/// What `vcfed demo --heal` saw, seconds from the site's loss.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct HealReport {
+    /// The worker site that was lost.
+    pub lost_site: String,
+    /// The numbers of its nodes.
+    pub lost_nodes: Vec<u32>,
+    /// The site its nodes were replaced at.
+    pub replaced_at: String,
+    /// The numbers of the replacement nodes.
+    pub replacement_nodes: Vec<u32>,
+    /// The master declared the site lost and fenced its part.
+    pub fenced_after_s: Option<f64>,
+    /// The master's record at full size again (replacements committed).
+    pub committed_after_s: Option<f64>,
+    /// Every replacement node installed from the frontend.
+    pub installed_after_s: Option<f64>,
+    /// The lost site, back, stopped its nodes and freed its VLAN id.
+    pub stood_down_after_s: Option<f64>,
 }
 
 /// One node of [`DemoReport`].
@@ -108,7 +139,13 @@ async fn tour(
 ) -> anyhow::Result<()> {
     let spec = DemoSpec {
         driver: args.driver,
+        heal_grace: args.heal.then_some(HEAL_GRACE),
         ..DemoSpec::instance(args.instance)
+    };
+    let cluster_nodes = if args.heal {
+        HEAL_CLUSTER_NODES
+    } else {
+        DEMO_CLUSTER_NODES
     };
 
     step(&format!(
@@ -188,7 +225,7 @@ async fn tour(
 
     let master = &federation.sites[0].name;
     step(&format!(
-        "ask {master} for a cluster of {DEMO_CLUSTER_NODES} nodes: more than its {} slots",
+        "ask {master} for a cluster of {cluster_nodes} nodes: more than its {} slots",
         spec.nodes[0]
     ));
     let created: ClusterDetail = clients[0]
@@ -196,7 +233,7 @@ async fn tour(
             "/v1/clusters",
             &serde_json::json!({
                 "name": "demo",
-                "nodes": DEMO_CLUSTER_NODES,
+                "nodes": cluster_nodes,
                 "duration": "1h",
             }),
         )
@@ -226,9 +263,9 @@ async fn tour(
         &federation,
         &clients,
         &id,
+        (cluster_nodes, done_state),
         started,
         up_timeout,
-        done_state,
         report,
     )
     .await?;
@@ -247,6 +284,18 @@ async fn tour(
             stray.site,
             stray.server
         );
+    }
+
+    if args.heal {
+        heal_tour(
+            &mut federation,
+            &mut clients,
+            &id,
+            cluster_nodes,
+            started,
+            report,
+        )
+        .await?;
     }
 
     if args.keep {
@@ -336,9 +385,9 @@ async fn follow(
     federation: &DemoFederation,
     clients: &[ApiClient],
     id: &str,
+    (cluster_nodes, done_state): (u32, &str),
     started: Instant,
     up_timeout: Duration,
-    done_state: &str,
     report: &mut DemoReport,
 ) -> anyhow::Result<()> {
     let deadline = Instant::now() + up_timeout;
@@ -465,7 +514,7 @@ async fn follow(
             .values()
             .filter(|n| !n.frontend && n.state == done_state)
             .count();
-        if frontend_up && installed == DEMO_CLUSTER_NODES as usize {
+        if frontend_up && installed == cluster_nodes as usize {
             report_phase(
                 report,
                 started,
@@ -479,12 +528,232 @@ async fn follow(
         }
         if Instant::now() > deadline {
             bail!(
-                "only {installed} of {DEMO_CLUSTER_NODES} nodes installed within {up_timeout:?}; \
+                "only {installed} of {cluster_nodes} nodes installed within {up_timeout:?}; \
                  the agents' logs are agent.log in each site's directory"
             );
         }
         tokio::time::sleep(POLL).await;
     }
+}
+
+/// `--heal`: loses the worker site that holds the most nodes, follows the
+/// master as it fences the site and replaces its nodes at the other worker,
+/// then brings the site back and follows it standing down.
+async fn heal_tour(
+    federation: &mut DemoFederation,
+    clients: &mut [ApiClient],
+    id: &str,
+    cluster_nodes: u32,
+    started: Instant,
+    report: &mut DemoReport,
+) -> anyhow::Result<()> {
+    let path = format!("/v1/clusters/{}", crate::client::segment(id));
+    let detail: ClusterDetail = clients[0].get(&path).await?;
+    let victim_part = detail
+        .record
+        .parts
+        .iter()
+        .filter(|p| !p.frontend && p.state == PartState::Committed)
+        .max_by_key(|p| p.nodes)
+        .context("the cluster has no worker part")?;
+    let victim_name = victim_part.site.clone();
+    let victim = federation
+        .sites
+        .iter()
+        .position(|s| s.name == victim_name)
+        .context("the worker is a demo site")?;
+    let master = federation.sites[0].name.clone();
+    let mut heal = HealReport {
+        lost_site: victim_name.clone(),
+        lost_nodes: detail
+            .nodes
+            .iter()
+            .filter(|n| n.site == victim_name)
+            .map(|n| n.index)
+            .collect(),
+        ..HealReport::default()
+    };
+    step(&format!(
+        "lose {victim_name}: kill its agent (SIGKILL) and cut its WAN link, its {} nodes with it",
+        heal.lost_nodes.len()
+    ));
+    federation.kill_agent(victim);
+    federation.cut_site(victim)?;
+    let lost_at = Instant::now();
+    report_phase(report, started, "worker site lost");
+    outln!(
+        "{} {victim_name} is gone; {master} waits until it is gone from its gossip view and \
+         silent for heal_grace ({HEAL_GRACE}) before it acts",
+        at(started)
+    );
+    let frontend = report.frontend_ip.clone();
+    let mut announced: BTreeMap<u32, String> = BTreeMap::new();
+    let deadline = Instant::now() + HEAL_TIMEOUT;
+    loop {
+        let detail: ClusterDetail = clients[0].get(&path).await?;
+        let record = &detail.record;
+        let since = lost_at.elapsed().as_secs_f64();
+        let fenced = record
+            .parts
+            .iter()
+            .any(|p| p.site == victim_name && p.lost_at_ms.is_some());
+        if fenced && heal.fenced_after_s.is_none() {
+            heal.fenced_after_s = Some(since);
+            let tunnel_gone = detail
+                .network
+                .as_ref()
+                .is_some_and(|n| n.tunnels.iter().all(|t| t.site != victim_name));
+            outln!(
+                "{} {master} declared {victim_name} lost {since:.1}s after the loss and fenced it: \
+                 its part released, membership epoch {}{}",
+                at(started),
+                record.epoch,
+                if tunnel_gone {
+                    format!(", no tunnel to {victim_name} in the segment any more")
+                } else {
+                    String::new()
+                }
+            );
+            report_phase(report, started, "lost site fenced");
+        }
+        let replacements: Vec<&vcfed_storage::ClusterPart> = record
+            .parts
+            .iter()
+            .filter(|p| !p.frontend && p.site != victim_name && p.lost_at_ms.is_none())
+            .filter(|p| {
+                p.first_node
+                    .is_some_and(|first| heal.lost_nodes.iter().all(|&n| n < first))
+            })
+            .collect();
+        let live: u32 = record
+            .parts
+            .iter()
+            .filter(|p| p.lost_at_ms.is_none() && p.state == PartState::Committed)
+            .map(|p| p.nodes)
+            .sum();
+        if fenced && live >= cluster_nodes && heal.committed_after_s.is_none() {
+            heal.committed_after_s = Some(since);
+            heal.replaced_at = replacements
+                .iter()
+                .map(|p| p.site.clone())
+                .collect::<Vec<_>>()
+                .join(", ");
+            heal.replacement_nodes = replacements
+                .iter()
+                .flat_map(|p| {
+                    let first = p.first_node.unwrap_or_default();
+                    first..first + p.nodes
+                })
+                .collect();
+            outln!(
+                "{} replacement committed at {}: nodes {:?} (new numbers and MACs), the cluster \
+                 at full size again {since:.1}s after the loss",
+                at(started),
+                heal.replaced_at,
+                heal.replacement_nodes
+            );
+            report_phase(report, started, "replacement committed");
+        }
+        for node in detail
+            .nodes
+            .iter()
+            .filter(|n| heal.replacement_nodes.contains(&n.index))
+        {
+            let state = node.state["state"].as_str().unwrap_or("?").to_owned();
+            if announced.get(&node.index) != Some(&state) {
+                let server = node.state["server"].as_str().unwrap_or("?");
+                outln!(
+                    "{} node {} at {}: {state}{}",
+                    at(started),
+                    node.index,
+                    node.site,
+                    if state == "installed" {
+                        format!(" from {server}, across the tunnel")
+                    } else {
+                        String::new()
+                    }
+                );
+                if state == "failed" {
+                    bail!("replacement node {} failed: {}", node.index, node.state);
+                }
+                announced.insert(node.index, state);
+            }
+        }
+        let installed: Vec<&vcfed_storage::NodeRecord> = detail
+            .nodes
+            .iter()
+            .filter(|n| heal.replacement_nodes.contains(&n.index))
+            .filter(|n| n.state["state"] == "installed" || n.state["state"] == "up")
+            .collect();
+        if !heal.replacement_nodes.is_empty() && installed.len() == heal.replacement_nodes.len() {
+            if let Some(stray) = installed
+                .iter()
+                .find(|n| n.state["server"].as_str().map(str::to_owned) != frontend)
+            {
+                bail!(
+                    "replacement node {} booted from {}, not from the frontend {frontend:?}",
+                    stray.index,
+                    stray.state["server"]
+                );
+            }
+            heal.installed_after_s = Some(since);
+            outln!(
+                "{} every replacement node installed from the frontend {since:.1}s after the loss",
+                at(started)
+            );
+            report_phase(report, started, "replacement nodes installed");
+            break;
+        }
+        if Instant::now() > deadline {
+            report.heal = Some(heal);
+            bail!(
+                "the cluster was not whole again within {HEAL_TIMEOUT:?} of losing {victim_name}; \
+                 see {}",
+                federation.sites[0].log_path.display()
+            );
+        }
+        tokio::time::sleep(POLL).await;
+    }
+
+    step(&format!(
+        "bring {victim_name} back: reconnect its WAN link and restart its agent"
+    ));
+    federation.reconnect_site(victim)?;
+    federation.start_agent(victim)?;
+    super::local::wait_ready(&clients[victim])
+        .await
+        .with_context(|| format!("see {}", federation.sites[victim].log_path.display()))?;
+    let deadline = Instant::now() + STEP_TIMEOUT + STEP_TIMEOUT;
+    loop {
+        let detail: ClusterDetail = clients[victim].get(&path).await?;
+        let left = federation.cluster_leftovers(victim);
+        if detail.record.state.is_terminal() && detail.network.is_none() && left.is_empty() {
+            let since = lost_at.elapsed().as_secs_f64();
+            heal.stood_down_after_s = Some(since);
+            outln!(
+                "{} {victim_name} learnt from {master} that its part is released and stood down: \
+                 it stopped its nodes and freed their VLAN id and slots (the cluster is {} there)",
+                at(started),
+                detail.record.state
+            );
+            report_phase(report, started, "lost site stood down");
+            break;
+        }
+        if Instant::now() > deadline {
+            report.heal = Some(heal);
+            bail!(
+                "{victim_name} did not stand down after it came back (left: {}); see {}",
+                left.join(", "),
+                federation.sites[victim].log_path.display()
+            );
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    let detail: ClusterDetail = clients[0].get(&path).await?;
+    outln!();
+    crate::cluster_cli::show(&detail.record, false)?;
+    report.heal = Some(heal);
+    Ok(())
 }
 
 fn report_phase(report: &mut DemoReport, started: Instant, name: &str) {

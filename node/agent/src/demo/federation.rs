@@ -54,6 +54,8 @@ pub struct DemoSpec {
     pub nodes: Vec<u32>,
     /// What the compute nodes are.
     pub driver: DemoDriver,
+    /// `clusters.heal_grace` of every site (`None`: the default, 60 s).
+    pub heal_grace: Option<&'static str>,
 }
 
 /// What the demo's compute nodes are (`vcfed demo --driver`).
@@ -80,6 +82,7 @@ impl Default for DemoSpec {
             wan_octet: 0,
             nodes: vec![2, 3, 3],
             driver: DemoDriver::Netns,
+            heal_grace: None,
         }
     }
 }
@@ -474,11 +477,14 @@ impl DemoFederation {
             .replacen(
                 "[clusters]\n",
                 &format!(
-                    "[clusters]\ndriver = \"{}\"\n",
+                    "[clusters]\ndriver = \"{}\"\n{}",
                     match spec.driver {
                         DemoDriver::Netns => "netns",
                         DemoDriver::Libvirt => "libvirt",
-                    }
+                    },
+                    spec.heal_grace
+                        .map(|grace| format!("heal_grace = \"{grace}\"\n"))
+                        .unwrap_or_default()
                 ),
                 1,
             )
@@ -585,6 +591,19 @@ impl DemoFederation {
             .get_mut(index)
             .and_then(|s| s.agent.as_mut())
             .is_some_and(|child| matches!(child.try_wait(), Ok(None)))
+    }
+
+    /// Cuts site `index` off the WAN (its link down): nothing reaches it,
+    /// its nodes included, and nothing leaves it.
+    pub fn cut_site(&self, index: usize) -> anyhow::Result<()> {
+        let netns = &self.sites.get(index).context("no such site")?.netns;
+        ip(&["-n", netns, "link", "set", "wan0", "down"])
+    }
+
+    /// Puts site `index` back on the WAN.
+    pub fn reconnect_site(&self, index: usize) -> anyhow::Result<()> {
+        let netns = &self.sites.get(index).context("no such site")?.netns;
+        ip(&["-n", netns, "link", "set", "wan0", "up"])
     }
 
     /// Kills the agent of site `index` with SIGKILL, as a crash would.

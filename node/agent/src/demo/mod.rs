@@ -53,6 +53,11 @@ pub struct DemoArgs {
     /// machines that network-boot with iPXE (needs a running libvirtd).
     #[arg(long, value_enum, default_value_t = federation::DemoDriver::Netns)]
     pub driver: federation::DemoDriver,
+    /// After the cluster runs, lose a worker site (kill its agent, cut its
+    /// link): watch the master fence it and replace its nodes at the other
+    /// site, then bring the site back and watch it stand down.
+    #[arg(long, conflicts_with_all = ["local", "keep"])]
+    pub heal: bool,
     /// Do not install missing tools (iproute2, util-linux, dnsmasq-base,
     /// busybox-static); without this, a root run on Debian or Ubuntu
     /// installs them with apt-get first.

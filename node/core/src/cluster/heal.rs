@@ -25,7 +25,7 @@
 use std::collections::BTreeSet;
 
 use libp2p_identity::PeerId;
-use vcfed_storage::{ClusterRecord, ClusterState, Ledger, LedgerError};
+use vcfed_storage::{ClusterRecord, ClusterState, Ledger, LedgerError, PartState};
 
 use super::master::{Master, master_from_record, start_release};
 use super::{ClusterCore, ClusterFault, Heal, SiteDirectory};
@@ -47,6 +47,18 @@ impl ClusterCore {
     pub(super) fn heard(&mut self, from: PeerId, now_ms: i64) {
         self.heard_ms.insert(from, now_ms);
         self.saw_time(now_ms);
+        // A site back from the dead (a partition healed, its agent
+        // restarted) learns at once that its parts are released, not at
+        // the end of a backoff of up to a minute.
+        for master in self.masters.values_mut() {
+            for part in master.parts.iter_mut().filter(|p| p.peer == from) {
+                if part.state == PartState::Releasing
+                    && part.deadline_ms.is_some_and(|at| at > now_ms)
+                {
+                    part.deadline_ms = Some(now_ms);
+                }
+            }
+        }
     }
 
     /// Notes the time of a call (see `now_ms`).
