@@ -1310,3 +1310,73 @@ fn invalid_volumes_write_nothing() {
     assert!(err.contains("18446744073709551615 bytes"), "{err}");
     assert!(ledger.volumes().unwrap().is_empty());
 }
+
+#[test]
+fn migration_6_numbers_and_epochs_round_trip_and_old_rows_have_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    {
+        let mut conn = Connection::open(&path).unwrap();
+        let tx = conn.transaction().unwrap();
+        for migration in &schema::MIGRATIONS[..5] {
+            tx.execute_batch(migration).unwrap();
+        }
+        tx.pragma_update(None, "user_version", 5).unwrap();
+        tx.execute_batch(
+            "INSERT INTO clusters VALUES ('old', 'n', 'site-a', '{}', 'running', NULL, 1, 1, 7);
+             INSERT INTO cluster_parts VALUES ('old', 'site-a', NULL, 0, 2, 1, 'committed', 'old/0', NULL);",
+        )
+        .unwrap();
+        tx.commit().unwrap();
+    }
+    let mut ledger = Ledger::open(&path).unwrap();
+    let old = ledger.cluster("old").unwrap().unwrap();
+    assert_eq!(old.epoch, 0);
+    assert_eq!(
+        (old.parts[0].first_node, old.parts[0].lost_at_ms),
+        (None, None)
+    );
+
+    let mut lost = part("site-b", 1, 4, false, PartState::Releasing);
+    lost.first_node = Some(4);
+    lost.lost_at_ms = Some(1234);
+    let mut kept = part("site-a", 0, 3, true, PartState::Committed);
+    kept.first_node = Some(1);
+    let record = ClusterRecord {
+        id: "c-1".into(),
+        name: "healed".into(),
+        master_site: "site-a".into(),
+        request: serde_json::json!({ "nodes": 7 }),
+        state: ClusterState::Running,
+        reason: None,
+        parts: vec![kept.clone(), lost.clone()],
+        segment: Some(9),
+        epoch: 1,
+        created_at_ms: 5,
+        updated_at_ms: 5,
+    };
+    assert_eq!(ledger.insert_cluster(&record).unwrap(), record);
+    // The epoch only ever rises.
+    let raised = ledger
+        .update_cluster_epoch("c-1", ClusterState::Running, None, Some(3), None, 6)
+        .unwrap();
+    assert_eq!(raised.epoch, 3);
+    let kept_epoch = ledger
+        .update_cluster_epoch("c-1", ClusterState::Running, None, Some(2), None, 7)
+        .unwrap();
+    assert_eq!(kept_epoch.epoch, 3);
+    let plain = ledger
+        .update_cluster("c-1", ClusterState::Running, None, None, 8)
+        .unwrap();
+    assert_eq!(plain.epoch, 3);
+    assert_eq!(plain.parts, vec![kept, lost]);
+    // A part number below 1 is refused (0 is the frontend's).
+    let mut bad = part("site-c", 1, 1, false, PartState::Committed);
+    bad.first_node = Some(0);
+    assert!(
+        ledger
+            .update_cluster("c-1", ClusterState::Running, None, Some(&[bad]), 9)
+            .is_err()
+    );
+    assert_eq!(ledger.cluster("c-1").unwrap().unwrap().parts.len(), 2);
+}

@@ -187,6 +187,8 @@ pub fn plan(
     if nodes.is_empty() {
         return None;
     }
+    // By number: the frontend (0) first.
+    nodes.sort_by_key(|node| node.index);
     Some(RunPlan {
         cluster: record.id.clone(),
         master,

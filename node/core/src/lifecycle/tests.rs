@@ -344,3 +344,37 @@ fn only_overdue_clusters_that_run_nowhere_here_finish_idle() {
         Vec::<String>::new()
     );
 }
+
+#[test]
+fn numbers_given_at_commit_survive_a_lost_part_and_replacements_follow_them() {
+    // b's part (3, 4) was fenced; its replacement at c was numbered after
+    // every number used (6, 7); a part being committed again (a's and
+    // c's, with the new list) still counts.
+    let mut record = record(ClusterState::Running);
+    let numbered = |site: &str, attempt, nodes, frontend, state, first| ClusterPart {
+        first_node: Some(first),
+        ..part(site, attempt, nodes, frontend, state)
+    };
+    record.parts = vec![
+        numbered("site-a", 0, 1, true, PartState::Committing, 1),
+        numbered("site-b", 1, 2, false, PartState::Releasing, 3),
+        numbered("site-c", 1, 1, false, PartState::Committed, 2),
+        numbered("site-c", 2, 2, false, PartState::Committing, 6),
+    ];
+    record.parts[1].lost_at_ms = Some(150);
+    let a = plan(&record, "site-a", "peer-site-a", 150).unwrap();
+    let c = plan(&record, "site-c", "peer-site-c", 150).unwrap();
+    assert_eq!(indices(&a), [(0, true), (1, false)]);
+    assert_eq!(indices(&c), [(2, false), (6, false), (7, false)]);
+    assert_eq!(a.cluster_nodes, [0, 1, 2, 6, 7]);
+    assert_eq!(c.cluster_nodes, a.cluster_nodes);
+    // The fenced site is nobody's peer, and b runs nothing.
+    let sites: Vec<&str> = a.peers.iter().map(|p| p.site.as_str()).collect();
+    assert_eq!(sites, ["site-c"]);
+    assert!(plan(&record, "site-b", "peer-site-b", 150).is_none());
+    // Parts stored without numbers (before epochs) follow the numbered
+    // ones, in (site, attempt) order.
+    record.parts[2].first_node = None;
+    let c = plan(&record, "site-c", "peer-site-c", 150).unwrap();
+    assert_eq!(indices(&c), [(6, false), (7, false), (8, false)]);
+}
