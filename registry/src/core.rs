@@ -822,6 +822,21 @@ impl Registry {
         })
     }
 
+    /// Drops a site from the view (an operator forgot it); returns whether
+    /// it was there. A site that publishes again is learnt again.
+    pub fn forget_site(&mut self, site: &PeerId) -> bool {
+        let Some((key, _)) = self.find(site) else {
+            return false;
+        };
+        let entry = self
+            .sites
+            .remove(&key)
+            .expect("find returns a key of the view");
+        self.digest.remove(&entry);
+        self.deadline = DeadlineBound::of(&self.sites, &self.config);
+        true
+    }
+
     /// Whether any remote site is alive in the view.
     pub fn any_alive(&self) -> bool {
         self.sites

@@ -614,8 +614,13 @@ impl LifecycleChecks {
         let first = *self.incomplete.entry(cluster.to_owned()).or_insert(now);
         if now - first >= REPORT_BOUND_MS {
             let detail = format!(
-                "cluster {cluster} is running at {} but its sites run nodes {booted:?}, expected {expected:?}",
+                "cluster {cluster} is running at {} but its sites run nodes {booted:?}, expected {expected:?}; parts: {:?}",
                 master.name(),
+                record
+                    .parts
+                    .iter()
+                    .map(|p| (p.site.as_str(), p.attempt, p.nodes, p.first_node, p.state))
+                    .collect::<Vec<_>>()
             );
             self.found(found, "running cluster", Some(info.master), cluster, detail);
         }

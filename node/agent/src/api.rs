@@ -16,7 +16,7 @@ use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use ring::digest::{SHA256, digest};
 use serde::Deserialize;
@@ -32,7 +32,7 @@ pub use crate::api_types::{
     CapacityReport, CapacityStep, CapacityTotals, ClusterDetail, CreateClusterBody, ErrorBody,
     ErrorDetail, HoldBody, InstantArg, JoinBody, OwnerBody, SiteInfo,
 };
-use crate::federation::{FederationHandle, JoinError, SitesReport};
+use crate::federation::{FederationHandle, ForgetSiteError, JoinError, SitesReport};
 use crate::ledger::SharedLedger;
 use crate::time::{DAY_MS, format_instant, now_ms, parse_instant};
 use vcfed_node_core::cluster::{ClusterRequest, CreateError, DeleteError};
@@ -107,6 +107,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/reservations/{key}/release", post(release))
         .route("/v1/events", get(events))
         .route("/v1/sites", get(sites))
+        .route("/v1/sites/{site}", delete(forget_site))
         .route("/v1/clusters", get(list_clusters).post(create_cluster))
         .route(
             "/v1/clusters/{id}",
@@ -544,6 +545,46 @@ async fn join(
     Ok(Json(
         serde_json::json!({ "joined": joined.peer_id, "site": joined.site }),
     ))
+}
+
+/// Query of `DELETE /v1/sites/{site}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ForgetQuery {
+    /// End the site's parts of live clusters mastered here too.
+    #[serde(default)]
+    force: bool,
+}
+
+async fn forget_site(
+    State(state): State<Arc<ApiState>>,
+    Path(site): Path<String>,
+    query: Result<Query<ForgetQuery>, QueryRejection>,
+) -> Result<Json<crate::federation::Forgotten>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let forgotten = state
+        .federation
+        .forget_site(site, query.force)
+        .await
+        .map_err(|e| {
+            let message = e.to_string();
+            match e {
+                ForgetSiteError::Unknown(_) => {
+                    ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+                }
+                ForgetSiteError::Local(_) => ApiError::bad_request(message),
+                ForgetSiteError::Alive(_) => {
+                    ApiError::new(StatusCode::CONFLICT, "site_alive", message)
+                }
+                ForgetSiteError::HoldsParts { .. } => {
+                    ApiError::new(StatusCode::CONFLICT, "site_holds_parts", message)
+                }
+                ForgetSiteError::Failed(_) => {
+                    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+                }
+            }
+        })?;
+    Ok(Json(forgotten))
 }
 
 async fn list_clusters(

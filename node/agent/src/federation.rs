@@ -23,13 +23,14 @@ use vcfed_registry::{
 use vcfed_storage::ClusterRecord;
 
 use vcfed_node_core::cluster::{
-    ClusterConfig, ClusterCore, ClusterRequest, CreateError, DeleteError, ReportedNode,
+    ClusterConfig, ClusterCore, ClusterRequest, CreateError, DeleteError, ForgetError, ReportedNode,
 };
 
 use vcfed_node_core::federation::{
     ADVERT_TOPIC, Federation, FederationEvent, LocalSite, MESSAGE_MAX_BYTES,
     Outgoing as CoreOutgoing, REQUEST_TIMEOUT_MS,
 };
+use vcfed_node_core::ledger::LedgerAccess;
 
 use crate::config::Config;
 use crate::identity::SiteKeys;
@@ -128,6 +129,11 @@ enum Command {
         cluster: String,
         nodes: Vec<ReportedNode>,
     },
+    ForgetSite {
+        site: String,
+        force: bool,
+        reply: oneshot::Sender<Result<Forgotten, ForgetSiteError>>,
+    },
 }
 
 impl FederationHandle {
@@ -191,6 +197,21 @@ impl FederationHandle {
             .try_send(Command::ReportNodes { cluster, nodes });
     }
 
+    /// Forgets a site that vanished: `site` is its name or peer id.
+    pub async fn forget_site(
+        &self,
+        site: String,
+        force: bool,
+    ) -> Result<Forgotten, ForgetSiteError> {
+        let stopped = || ForgetSiteError::Failed("the federation task has stopped".to_owned());
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::ForgetSite { site, force, reply })
+            .await
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+
     /// Dials a member by address (ending in /p2p/<peer id>) and waits (at
     /// most [`JOIN_WAIT`], then [`JOIN_ADVERT_WAIT`] for its advert) for
     /// the outcome. The address is remembered only once it answered.
@@ -203,6 +224,50 @@ impl FederationHandle {
             .map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
     }
+}
+
+/// A site forgotten (`vcfed sites forget`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Forgotten {
+    /// Its name, if known.
+    pub site: Option<String>,
+    /// Its peer id.
+    pub peer_id: String,
+    /// The live clusters mastered here whose parts at the site ended
+    /// (`--force`), each healed by its policy.
+    pub ended: Vec<String>,
+}
+
+/// Why a site was not forgotten.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ForgetSiteError {
+    /// No such site in the view or the remembered peers.
+    #[error("no site {0:?} in this site's view or its remembered peers (see `vcfed sites`)")]
+    Unknown(String),
+    /// That is this site.
+    #[error("{0} is this site")]
+    Local(String),
+    /// The site is alive.
+    #[error(
+        "{0} is alive in the federation: only a site that is gone can be forgotten (it would \
+         be learnt again at its next advert)"
+    )]
+    Alive(String),
+    /// The site holds nodes of live clusters mastered here.
+    #[error(
+        "{site} still holds nodes of live clusters mastered here: {}; `--force` ends those \
+         parts (each cluster heals by its policy)",
+        clusters.join(", ")
+    )]
+    HoldsParts {
+        /// The site.
+        site: String,
+        /// The clusters.
+        clusters: Vec<String>,
+    },
+    /// The ledger failed.
+    #[error("{0}")]
+    Failed(String),
 }
 
 /// How long `join` waits for the member to answer: longer than the
@@ -637,6 +702,9 @@ impl Shell {
                     tracing::warn!(%cluster, error = %format!("{e:#}"), "reporting node states failed");
                 }
             }
+            Command::ForgetSite { site, force, reply } => {
+                let _ = reply.send(self.forget_site(&site, force));
+            }
             Command::Join { addr, reply } => {
                 let Some(Protocol::P2p(peer)) = addr.iter().last() else {
                     let _ = reply.send(Err(JoinError::BadAddress(format!(
@@ -665,6 +733,56 @@ impl Shell {
                     self.join_connected(peer);
                 }
             }
+        }
+    }
+
+    /// `vcfed sites forget`: finds the site by name or peer id in the view
+    /// or the remembered peers, then has the core forget it.
+    fn forget_site(&mut self, site: &str, force: bool) -> Result<Forgotten, ForgetSiteError> {
+        let failed = |e: &dyn std::fmt::Display| ForgetSiteError::Failed(e.to_string());
+        let now = now_ms();
+        let local = self.fed.registry().local_id();
+        let in_view = self
+            .fed
+            .registry()
+            .sites(now)
+            .into_iter()
+            .find(|view| view.site.to_string() == site || view.advert.site_name == site)
+            .map(|view| (view.site, Some(view.advert.site_name.clone())));
+        let mut remembered = || -> Result<Option<(PeerId, Option<String>)>, ForgetSiteError> {
+            let peers = self
+                .ledger
+                .with(|ledger| ledger.peers())
+                .map_err(|e| failed(&e))?;
+            Ok(peers
+                .into_iter()
+                .find(|p| p.peer_id == site || p.site_name.as_deref() == Some(site))
+                .and_then(|p| Some((p.peer_id.parse().ok()?, p.site_name))))
+        };
+        let (peer, name) = match in_view {
+            Some(found) => found,
+            None => remembered()?.ok_or_else(|| ForgetSiteError::Unknown(site.to_owned()))?,
+        };
+        if peer == local {
+            return Err(ForgetSiteError::Local(site.to_owned()));
+        }
+        let shown = name.clone().unwrap_or_else(|| peer.to_string());
+        match self.fed.forget_site(&mut self.ledger, now, &peer, force) {
+            Ok(ended) => {
+                tracing::warn!(site = %shown, %peer, ended = ?ended, "site forgotten");
+                self.connected.remove(&peer);
+                Ok(Forgotten {
+                    site: name,
+                    peer_id: peer.to_string(),
+                    ended,
+                })
+            }
+            Err(ForgetError::Alive) => Err(ForgetSiteError::Alive(shown)),
+            Err(ForgetError::HoldsParts(clusters)) => Err(ForgetSiteError::HoldsParts {
+                site: shown,
+                clusters,
+            }),
+            Err(ForgetError::Ledger(e)) => Err(failed(&e)),
         }
     }
 

@@ -37,7 +37,7 @@ use vcfed_registry::{
 use vcfed_storage::{ClusterRecord, Ledger, LedgerError, Window};
 
 use crate::cluster::{
-    ClusterCore, ClusterMsg, ClusterRequest, CreateError, DeleteError, ReportedNode,
+    ClusterCore, ClusterMsg, ClusterRequest, CreateError, DeleteError, ForgetError, ReportedNode,
 };
 use crate::ledger::LedgerAccess;
 
@@ -381,6 +381,26 @@ impl Federation {
         let deleted = ledger.with(|ledger| cluster.delete(ledger, now_ms, id));
         self.capacity_changed(now_ms);
         deleted
+    }
+
+    /// Forgets a site that vanished (see [`ClusterCore::forget_site`]):
+    /// with `force`, the parts it holds of live clusters mastered here end
+    /// first; then it leaves the view and the remembered addresses.
+    /// Returns the clusters whose parts ended.
+    pub fn forget_site(
+        &mut self,
+        ledger: &mut impl LedgerAccess,
+        now_ms: i64,
+        site: &PeerId,
+        force: bool,
+    ) -> Result<Vec<String>, ForgetError> {
+        let (cluster, registry) = (&mut self.cluster, &self.registry);
+        let ended =
+            ledger.with(|ledger| cluster.forget_site(ledger, registry, site, force, now_ms))?;
+        self.registry.forget_site(site);
+        ledger.with(|ledger| ledger.remove_peer(&site.to_string()))?;
+        self.capacity_changed(now_ms);
+        Ok(ended)
     }
 
     /// Sends a worker's node states of `cluster` to its master.

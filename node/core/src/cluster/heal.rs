@@ -28,7 +28,7 @@ use libp2p_identity::PeerId;
 use vcfed_storage::{ClusterRecord, ClusterState, Ledger, LedgerError, PartState};
 
 use super::master::{Master, master_from_record, start_release};
-use super::{ClusterCore, ClusterFault, Heal, SiteDirectory};
+use super::{ClusterCore, ClusterFault, ForgetError, Heal, SiteDirectory};
 use crate::lifecycle::in_cluster;
 
 /// A settled cluster this site masters, as the watch sees it.
@@ -120,6 +120,9 @@ impl ClusterCore {
                 (_, new) => new,
             };
         }
+        if let Some(at) = watch.retry_at_ms {
+            self.watch_at_ms = Some(self.watch_at_ms.map_or(at, |next| next.min(at)));
+        }
         self.watched.insert(master.id.clone(), watch);
     }
 
@@ -159,7 +162,10 @@ impl ClusterCore {
         self.watched.retain(|_, watch| now_ms < watch.window_end_ms);
         for (id, watch) in &self.watched {
             if self.masters.get(id).is_some_and(Master::collecting) {
-                // Reserving replacements: watched again once it settles.
+                // Reserving replacements: looked at again after a retry
+                // period (the round ends by its deadline at the latest).
+                let at = now_ms + self.config.heal_retry_ms;
+                next = Some(next.map_or(at, |next: i64| next.min(at)));
                 continue;
             }
             let mut lost = Vec::new();
@@ -196,19 +202,63 @@ impl ClusterCore {
         }
         self.watch_at_ms = next;
         for (id, lost) in due {
-            self.heal(ledger, sites, &id, &lost, now_ms)?;
+            self.heal(ledger, sites, &id, &lost, false, now_ms)?;
         }
         Ok(())
     }
 
+    /// An operator forgets a site that vanished (`vcfed sites forget`):
+    /// refused while the site is alive in the view, or (unless `force`)
+    /// while it holds parts of live clusters this site masters; with
+    /// `force` those parts are fenced at once, whatever the clusters' heal
+    /// policy, and healed by it. Returns the clusters whose parts ended.
+    pub fn forget_site(
+        &mut self,
+        ledger: &mut Ledger,
+        sites: &dyn SiteDirectory,
+        site: &PeerId,
+        force: bool,
+        now_ms: i64,
+    ) -> Result<Vec<String>, ForgetError> {
+        self.saw_time(now_ms);
+        if !sites.is_gone(site) {
+            return Err(ForgetError::Alive);
+        }
+        let peer = site.to_string();
+        let holding: Vec<String> = ledger
+            .live_clusters()?
+            .into_iter()
+            .filter(|record| record.master_site == self.local_name)
+            .filter(|record| {
+                record.parts.iter().any(|p| {
+                    p.peer_id.as_deref() == Some(peer.as_str())
+                        && in_cluster(p.state)
+                        && p.lost_at_ms.is_none()
+                })
+            })
+            .map(|record| record.id)
+            .collect();
+        if !holding.is_empty() && !force {
+            return Err(ForgetError::HoldsParts(holding));
+        }
+        for id in &holding {
+            tracing::warn!(cluster = %id, peer = %site, "forgetting a site: its parts end now");
+            self.heal(ledger, sites, id, std::slice::from_ref(site), true, now_ms)?;
+        }
+        self.heard_ms.remove(site);
+        Ok(holding)
+    }
+
     /// Fences the parts of `lost` sites in cluster `id` and heals it by its
     /// policy (or, with no site lost, reserves again what it is short of).
+    /// `force` fences even a cluster that heals by `none`.
     fn heal(
         &mut self,
         ledger: &mut Ledger,
         sites: &dyn SiteDirectory,
         id: &str,
         lost: &[PeerId],
+        force: bool,
         now_ms: i64,
     ) -> Result<(), LedgerError> {
         let Some(record) = ledger.cluster(id)? else {
@@ -228,7 +278,8 @@ impl ClusterCore {
             return Ok(());
         };
         let policy = master.request.heal;
-        let fence = policy != Heal::None && self.fault != Some(ClusterFault::ReplaceWithoutFence);
+        let fence = force
+            || (policy != Heal::None && self.fault != Some(ClusterFault::ReplaceWithoutFence));
         let mut fenced = false;
         for part in &mut master.parts {
             if !lost.contains(&part.peer) || !in_cluster(part.state) || part.lost_at_ms.is_some() {
@@ -246,7 +297,11 @@ impl ClusterCore {
                     "nodes": part.nodes,
                     "heal": policy.as_str(),
                     "fenced": fence,
-                    "reason": "gone in the gossip view and silent for the grace period",
+                    "reason": if force {
+                        "forgotten by an operator (vcfed sites forget --force)"
+                    } else {
+                        "gone in the gossip view and silent for the grace period"
+                    },
                 }),
             )?;
             if fence {
@@ -255,18 +310,16 @@ impl ClusterCore {
             }
         }
         if fenced {
+            // The fenced sites' last node states go in `advance`.
             master.recommit_committed();
-            // The fenced sites' nodes are no longer the cluster's: their
-            // last reported states go (a site with another part keeps its).
-            for site in master.fenced_sites() {
-                ledger.set_nodes(id, &site, &[])?;
-            }
         }
         let short = master.covered() < master.request.nodes;
         if policy == Heal::Replace && short && now_ms < master.request.window.end_ms {
             master.healing = true;
             master.reserve_deadline_ms = now_ms + self.config.reserve_deadline_ms;
-            master.excluded_sites(lost);
+            // Each round starts afresh: a site given up in an earlier round
+            // may answer now (the view offers only sites that are alive).
+            master.exclude_only(lost);
             tracing::info!(cluster = %id, missing = master.request.nodes - master.covered(), "reserving replacement nodes");
         }
         let watch = self.watch_of(&master, now_ms);

@@ -14,6 +14,10 @@ use super::{
     SiteDirectory, segment_for, stored_state, validate,
 };
 
+/// How many more attempts at one site healing may make over a cluster's
+/// window than its first reservation (see `ClusterConfig::attempts_per_site_max`).
+const HEAL_ATTEMPTS_FACTOR: u32 = 5;
+
 /// One part at a remote site, as the master tracks it.
 #[derive(Debug, Clone)]
 pub(super) struct RemotePart {
@@ -88,32 +92,73 @@ impl Master {
         self.local_nodes + remote
     }
 
-    /// The names of the sites whose every part is lost or released: none
-    /// of their nodes belongs to the cluster any more.
-    pub(super) fn fenced_sites(&self) -> BTreeSet<String> {
+    /// The names of the sites that had numbered parts (decided once) and
+    /// have none in the cluster any more.
+    fn sites_out(&self) -> BTreeSet<String> {
         let keeps: BTreeSet<&str> = self
             .parts
             .iter()
-            .filter(|p| p.lost_at_ms.is_none() && p.state != PartState::Released)
+            .filter(|p| crate::lifecycle::in_cluster(p.state))
             .map(|p| p.site_name.as_str())
             .collect();
         self.parts
             .iter()
-            .filter(|p| p.lost_at_ms.is_some() && !keeps.contains(p.site_name.as_str()))
+            .filter(|p| p.first_node.is_some() && !crate::lifecycle::in_cluster(p.state))
+            .filter(|p| !keeps.contains(p.site_name.as_str()))
             .map(|p| p.site_name.clone())
             .collect()
     }
 
-    /// Leaves the sites of lost parts out of the replacement's plan.
-    pub(super) fn excluded_sites(&mut self, lost: &[PeerId]) {
-        self.excluded.extend(lost.iter().copied());
-        let more: Vec<PeerId> = self
+    /// A cluster committed before numbers were stored (a ledger from
+    /// before epochs): its parts get the numbers every site derived then,
+    /// in (site, attempt) order over the committed parts from 1, so that
+    /// fencing a part renumbers nobody.
+    fn number_as_before_epochs(&mut self, local_name: &str) {
+        let mut order: Vec<(&str, u32, Option<usize>)> = self
             .parts
             .iter()
-            .filter(|p| p.lost_at_ms.is_some())
-            .map(|p| p.peer)
+            .enumerate()
+            .filter(|(_, p)| crate::lifecycle::in_cluster(p.state))
+            .map(|(i, p)| (p.site_name.as_str(), p.attempt, Some(i)))
             .collect();
-        self.excluded.extend(more);
+        if crate::lifecycle::in_cluster(self.local_state) {
+            order.push((local_name, 0, None));
+        }
+        order.sort();
+        let order: Vec<Option<usize>> = order.into_iter().map(|(_, _, i)| i).collect();
+        self.give_numbers(&order, 1);
+    }
+
+    /// Numbers the parts of `order` (an index into `parts`, or `None` for
+    /// the master's own part) one after the other from `next`.
+    fn give_numbers(&mut self, order: &[Option<usize>], mut next: u32) {
+        for index in order {
+            match *index {
+                Some(i) => {
+                    self.parts[i].first_node = Some(next);
+                    next += self.parts[i].nodes;
+                }
+                None => {
+                    self.local_first = Some(next);
+                    next += self.local_nodes;
+                }
+            }
+        }
+    }
+
+    /// Starts a round of replacements: the sites this cluster lost are left
+    /// out of its plan for the rest of the window (a fenced site is never
+    /// taken back), while sites given up in earlier rounds and their
+    /// denials count no more.
+    pub(super) fn exclude_only(&mut self, lost: &[PeerId]) {
+        self.excluded = lost.iter().copied().collect();
+        self.excluded.extend(
+            self.parts
+                .iter()
+                .filter(|p| p.lost_at_ms.is_some())
+                .map(|p| p.peer),
+        );
+        self.denied_free.clear();
     }
 
     /// Whether holds are being collected: the first reservation, or the
@@ -129,7 +174,8 @@ impl Master {
     pub(super) fn recommit_committed(&mut self) {
         self.epoch += 1;
         for part in &mut self.parts {
-            if part.state == PartState::Committed && part.lost_at_ms.is_none() {
+            let listed = matches!(part.state, PartState::Committed | PartState::Committing);
+            if listed && part.lost_at_ms.is_none() {
                 part.state = PartState::Committing;
                 part.deadline_ms = None;
                 part.tries = 0;
@@ -147,7 +193,7 @@ impl Master {
             .iter()
             .filter_map(|p| p.first_node.map(|first| first + p.nodes))
             .chain(self.local_first.map(|first| first + self.local_nodes));
-        let mut next = ends.max().unwrap_or(1).max(1);
+        let next = ends.max().unwrap_or(1).max(1);
         let mut pending: Vec<(&str, u32, Option<usize>)> = self
             .parts
             .iter()
@@ -160,18 +206,7 @@ impl Master {
         }
         pending.sort();
         let order: Vec<Option<usize>> = pending.into_iter().map(|(_, _, i)| i).collect();
-        for index in order {
-            match index {
-                Some(i) => {
-                    self.parts[i].first_node = Some(next);
-                    next += self.parts[i].nodes;
-                }
-                None => {
-                    self.local_first = Some(next);
-                    next += self.local_nodes;
-                }
-            }
-        }
+        self.give_numbers(&order, next);
     }
 
     fn pending(&self) -> u32 {
@@ -230,8 +265,6 @@ impl ClusterCore {
                 // back from a site it gave up on, which may have committed
                 // them: keep releasing, or that site keeps them until the
                 // window ends.
-                ClusterState::Reserved | ClusterState::Starting | ClusterState::Running
-                    if master.parts.iter().any(|p| p.state == PartState::Releasing) => {}
                 // The replacement of lost nodes was under way: what was
                 // decided is committed again, the holds not yet decided are
                 // released (the watch reserves again if still short).
@@ -250,6 +283,8 @@ impl ClusterCore {
                         }
                     }
                 }
+                ClusterState::Reserved | ClusterState::Starting | ClusterState::Running
+                    if master.parts.iter().any(|p| p.state == PartState::Releasing) => {}
                 _ => continue,
             }
             for part in &mut master.parts {
@@ -460,6 +495,7 @@ impl ClusterCore {
             return Ok(());
         };
         let in_reservation = master.collecting();
+        let master_epoch = master.epoch;
         let Some(part) = master
             .parts
             .iter_mut()
@@ -489,7 +525,11 @@ impl ClusterCore {
                 part.deadline_ms = None;
                 master.excluded.insert(from);
             }
-            (PartState::Committing, ClusterMsg::Committed { .. }) => {
+            // An acknowledgement of an older list (delayed, or overtaken by
+            // a newer commit) waits for the newer one's.
+            (PartState::Committing, ClusterMsg::Committed { epoch, .. })
+                if epoch >= master_epoch =>
+            {
                 part.state = PartState::Committed;
                 part.deadline_ms = None;
             }
@@ -583,10 +623,15 @@ impl ClusterCore {
                     {
                         part.deadline_ms = Some(now_ms + config.request_timeout_ms);
                     }
-                    PartState::Committing if live => {
+                    PartState::Committing if live && now_ms < window_end => {
                         part.backoff_ms = (part.backoff_ms * 2)
                             .clamp(config.request_timeout_ms, config.release_backoff_max_ms);
                         part.deadline_ms = Some(now_ms + part.backoff_ms);
+                    }
+                    PartState::Committing if live => {
+                        // The window is over: the site ends its part itself.
+                        part.state = PartState::Released;
+                        part.deadline_ms = None;
                     }
                     PartState::Reserving | PartState::Committing => {
                         tracing::warn!(cluster = %id, site = %part.site_name, state = %part.state, "no answer; giving the site up");
@@ -654,7 +699,16 @@ impl ClusterCore {
                 .iter()
                 .filter(|p| p.peer == candidate.site)
                 .count();
-            if u32::try_from(attempts).unwrap_or(u32::MAX) >= self.config.attempts_per_site_max {
+            // Healing may go back to a site over a window's many rounds,
+            // within a bound that keeps the record small.
+            let attempts_max = if master.healing {
+                self.config
+                    .attempts_per_site_max
+                    .saturating_mul(HEAL_ATTEMPTS_FACTOR)
+            } else {
+                self.config.attempts_per_site_max
+            };
+            if u32::try_from(attempts).unwrap_or(u32::MAX) >= attempts_max {
                 continue;
             }
             let in_use: u32 = master
@@ -753,11 +807,13 @@ impl ClusterCore {
                 // given up and replaced) are committed again: the Commit
                 // carries the final list of parts, from which every site
                 // numbers the nodes and builds its tunnels.
+                // Any part that was sent a list before gets the new one under
+                // a new epoch (at once, even while its last answer is due).
                 let replanned = master.parts.iter().any(|p| p.state == PartState::Held)
-                    && master
-                        .parts
-                        .iter()
-                        .any(|p| p.state == PartState::Committed && p.lost_at_ms.is_none());
+                    && master.parts.iter().any(|p| {
+                        matches!(p.state, PartState::Committed | PartState::Committing)
+                            && p.lost_at_ms.is_none()
+                    });
                 if replanned {
                     master.recommit_committed();
                 }
@@ -793,7 +849,9 @@ impl ClusterCore {
                     master.state = ClusterState::Reserved;
                     tracing::info!(cluster = %id, "cluster reserved");
                 }
-                if master.healing && all_committed {
+                // The replacement is decided: its commits are retried until
+                // answered, and the watch sees the cluster's sites again.
+                if master.healing {
                     master.healing = false;
                     self.healed(ledger, &master, now_ms)?;
                 }
@@ -821,6 +879,24 @@ impl ClusterCore {
             now_ms,
         )?;
 
+        // Nodes of a site whose numbered parts all left a live cluster
+        // (fenced, refused at the commit, given up) are the cluster's no
+        // more: their last reported states go.
+        if matches!(
+            master.state,
+            ClusterState::Reserved | ClusterState::Starting | ClusterState::Running
+        ) {
+            let gone = master.sites_out();
+            if !gone.is_empty() {
+                let stored = ledger.nodes(id)?;
+                for site in gone
+                    .iter()
+                    .filter(|site| stored.iter().any(|n| &n.site == *site))
+                {
+                    ledger.set_nodes(id, site, &[])?;
+                }
+            }
+        }
         let shared = live_parts(parts);
         let context = RequestContext {
             segment: master.segment,
@@ -1002,11 +1078,12 @@ fn record_parts(
     parts
 }
 
-/// The parts that hold, or are about to hold, nodes.
+/// The parts a commit lists: those committed or whose commit was decided
+/// (never a hold still being asked for, which may come to nothing).
 fn live_parts(parts: Vec<ClusterPart>) -> Vec<ClusterPart> {
     parts
         .into_iter()
-        .filter(|p| p.state != PartState::Released && p.state != PartState::Releasing)
+        .filter(|p| crate::lifecycle::in_cluster(p.state))
         .collect()
 }
 
@@ -1039,7 +1116,7 @@ pub(super) fn master_from_record(
             })
         })
         .collect();
-    Some(Master {
+    let mut master = Master {
         id: record.id.clone(),
         segment: record.segment.unwrap_or_else(|| segment_for(&record.id)),
         request,
@@ -1054,5 +1131,13 @@ pub(super) fn master_from_record(
         local_first: local.first_node,
         epoch: record.epoch,
         healing: false,
-    })
+    };
+    let live = matches!(
+        record.state,
+        ClusterState::Reserved | ClusterState::Starting | ClusterState::Running
+    );
+    if live && master.local_first.is_none() && master.parts.iter().all(|p| p.first_node.is_none()) {
+        master.number_as_before_epochs(&record.master_site);
+    }
+    Some(master)
 }

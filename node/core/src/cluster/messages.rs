@@ -79,6 +79,9 @@ pub enum ClusterMsg {
         cluster: String,
         /// Attempt.
         attempt: u32,
+        /// The membership epoch of the list of parts the worker now holds:
+        /// an answer below the master's epoch acknowledges an older list.
+        epoch: u32,
     },
     /// Worker → master: nothing is held for this attempt any more.
     Released {
@@ -181,7 +184,9 @@ impl ClusterMsg {
             | ClusterMsg::Denied {
                 cluster, attempt, ..
             }
-            | ClusterMsg::Committed { cluster, attempt }
+            | ClusterMsg::Committed {
+                cluster, attempt, ..
+            }
             | ClusterMsg::Released { cluster, attempt }
             | ClusterMsg::Refused {
                 cluster, attempt, ..

@@ -241,6 +241,20 @@ pub enum CreateError {
     Ledger(#[from] LedgerError),
 }
 
+/// Why a site cannot be forgotten.
+#[derive(Debug, thiserror::Error)]
+pub enum ForgetError {
+    /// The site is alive in the gossip view: it would be back at once.
+    #[error("the site is alive in the federation; only a site that is gone can be forgotten")]
+    Alive,
+    /// The site holds parts of live clusters this site masters.
+    #[error("the site holds nodes of live clusters mastered here: {}", .0.join(", "))]
+    HoldsParts(Vec<String>),
+    /// The ledger failed.
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+}
+
 /// Errors of `delete`.
 #[derive(Debug, thiserror::Error)]
 pub enum DeleteError {

@@ -1777,3 +1777,432 @@ fn a_worker_keeps_the_newest_list_of_parts() {
         "a stale list changed C's record"
     );
 }
+
+// Healing under message faults, restarts and old records (found in review).
+
+/// A survivor that stops answering while the replacement is reserved, and
+/// then goes gone, is declared lost too (the watch once skipped a cluster
+/// in the middle of healing for good).
+#[test]
+fn a_second_loss_during_healing_is_declared_too() {
+    let mut fed = cluster_over_a_and_b(Heal::Replace);
+    let lost_at = fed.now_ms;
+    // C stays reachable in the view but never gets its re-commit.
+    fed.lose = Some(Box::new(|e: &Envelope| {
+        e.to == C && matches!(e.msg, ClusterMsg::Commit { .. })
+    }));
+    fed.reach(B, false);
+    fed.run_until(lost_at + fed.config.heal_grace_ms + 5 * SECOND_MS);
+    let record = fed.record(0, "c1");
+    assert!(
+        record
+            .parts
+            .iter()
+            .any(|p| p.site == "B" && p.lost_at_ms.is_some())
+    );
+    // Now C dies too: gone in the view, silent since the cluster's creation.
+    fed.reach(C, false);
+    fed.run_until(fed.now_ms + 10 * 60 * SECOND_MS);
+    let record = fed.record(0, "c1");
+    let c: Vec<_> = record.parts.iter().filter(|p| p.site == "C").collect();
+    assert!(
+        c.iter().all(|p| p.lost_at_ms.is_some()),
+        "C gone and silent for 10 min but never declared lost: {:?}; in flight {}, next timer {:?}",
+        record
+            .parts
+            .iter()
+            .map(|p| (&p.site, p.attempt, p.state, p.lost_at_ms.is_some()))
+            .collect::<Vec<_>>(),
+        fed.sites[A].core.in_flight(),
+        fed.sites[A].core.poll_timeout().map(|t| t - fed.now_ms)
+    );
+}
+
+/// The parts of `record` in the cluster (committed or being committed, not
+/// lost), with their first numbers.
+fn listed_parts(record: &ClusterRecord) -> Vec<(String, u32, Option<u32>)> {
+    let mut parts: Vec<_> = record
+        .parts
+        .iter()
+        .filter(|p| crate::lifecycle::in_cluster(p.state) && p.lost_at_ms.is_none())
+        .map(|p| (p.site.clone(), p.attempt, p.first_node))
+        .collect();
+    parts.sort();
+    parts
+}
+
+/// A commit lists only parts committed or decided: a replacement still
+/// being reserved, and then never held, never reaches a survivor's list.
+#[test]
+fn a_replacement_never_held_never_reaches_the_survivors_list() {
+    let mut fed = cluster_over_a_and_b(Heal::Replace);
+    let lost_at = fed.now_ms;
+    // D never gets the reserve (D is not gone in the view): given up.
+    fed.lose = Some(Box::new(|e: &Envelope| {
+        e.to == 3 && matches!(e.msg, ClusterMsg::Reserve { .. })
+    }));
+    fed.reach(B, false);
+    fed.run_until(lost_at + fed.config.heal_grace_ms + 5 * 60 * SECOND_MS);
+    let master = fed.record(A, "c1");
+    let at_c = fed.record(C, "c1");
+    assert_eq!(
+        listed_parts(&at_c),
+        listed_parts(&master),
+        "C's list (epoch {}) differs from the master's (epoch {}): {:?}",
+        at_c.epoch,
+        master.epoch,
+        master
+            .parts
+            .iter()
+            .map(|p| (&p.site, p.attempt, p.state, p.first_node))
+            .collect::<Vec<_>>()
+    );
+}
+
+/// Reordering: C's `Committed` to the fence's commit arrives after D is
+/// held; the list with D goes out under a new epoch, and C's late answer
+/// (of the older epoch) does not close its part before it has D's number.
+#[test]
+fn a_late_committed_does_not_leave_a_survivor_on_an_older_list() {
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    let mut fed = cluster_over_a_and_b(Heal::Replace);
+    let lost_at = fed.now_ms;
+    let delayed: Rc<RefCell<Vec<Envelope>>> = Rc::default();
+    let keep = delayed.clone();
+    fed.lose = Some(Box::new(move |e: &Envelope| {
+        let hit = e.from == C
+            && e.flow == Flow::Reply
+            && matches!(e.msg, ClusterMsg::Committed { .. })
+            && keep.borrow().is_empty();
+        if hit {
+            keep.borrow_mut().push(e.clone());
+        }
+        hit
+    }));
+    fed.reach(B, false);
+    fed.run_until(lost_at + fed.config.heal_grace_ms + SECOND_MS);
+    assert_eq!(delayed.borrow().len(), 1, "C's answer was held back");
+    fed.lose = None;
+    let late = delayed.borrow_mut().pop().expect("held back");
+    fed.wire.push_back(late);
+    fed.run_until(fed.now_ms + 5 * 60 * SECOND_MS);
+    let master = fed.record(A, "c1");
+    let at_c = fed.record(C, "c1");
+    assert_eq!(
+        listed_parts(&at_c),
+        listed_parts(&master),
+        "C (epoch {}) vs master (epoch {})",
+        at_c.epoch,
+        master.epoch
+    );
+}
+
+/// Commits delivered newest first: C never applies an older list last
+/// (every changed list has its own epoch).
+#[test]
+fn reordered_commits_never_take_a_survivor_back_to_an_older_list() {
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    // A keeps 3, B 4, C 3; D and E have room for 4 each.
+    let mut fed = Fed::new(&[4, 4, 4, 4, 4]);
+    let request = ClusterRequest {
+        name: "c1".to_owned(),
+        ..request(10, window_after(fed.now_ms))
+    };
+    fed.create_request(A, "c1", request).expect("there is room");
+    fed.run_quiet(T0_MS + 10 * SECOND_MS);
+    let lost_at = fed.now_ms;
+    let held: Rc<RefCell<Vec<Envelope>>> = Rc::default();
+    let keep = held.clone();
+    // D never gets its reserve (given up, E replaces it); every commit to
+    // C is held back meanwhile.
+    fed.lose = Some(Box::new(move |e: &Envelope| {
+        if e.to == 3 && matches!(e.msg, ClusterMsg::Reserve { .. }) {
+            return true;
+        }
+        if e.to == C && matches!(e.msg, ClusterMsg::Commit { .. }) {
+            keep.borrow_mut().push(e.clone());
+            return true;
+        }
+        false
+    }));
+    fed.reach(B, false);
+    fed.run_until(lost_at + fed.config.heal_grace_ms + 20 * SECOND_MS);
+    fed.lose = None;
+    let master = fed.record(A, "c1");
+    assert!(
+        listed_parts(&master).iter().any(|p| p.0 == "E"),
+        "{:#?}",
+        master.parts
+    );
+    // The held-back commits arrive newest first.
+    let mut late = std::mem::take(&mut *held.borrow_mut());
+    assert!(late.len() >= 2, "{late:?}");
+    late.reverse();
+    fed.wire.extend(late);
+    fed.run_until(fed.now_ms + 5 * 60 * SECOND_MS);
+    let master = fed.record(A, "c1");
+    let at_c = fed.record(C, "c1");
+    assert_eq!(
+        listed_parts(&at_c),
+        listed_parts(&master),
+        "C (epoch {}) vs master (epoch {})",
+        at_c.epoch,
+        master.epoch
+    );
+}
+
+/// A cluster stored before migration 6 (no first_node anywhere) that heals:
+/// survivors keep their numbers, replacements do not reuse any.
+#[test]
+fn a_cluster_from_before_epochs_keeps_its_numbers_when_healed() {
+    let mut fed = cluster_over_a_and_b(Heal::Replace);
+    for site in [A, B, C] {
+        let mut record = fed.record(site, "c1");
+        for part in &mut record.parts {
+            part.first_node = None;
+        }
+        let now = fed.now_ms;
+        fed.sites[site]
+            .ledger
+            .update_cluster("c1", record.state, None, Some(&record.parts), now)
+            .expect("the ledger writes");
+    }
+    fed.restart(A);
+    // What every site runs before the loss (numbered the legacy way).
+    let peer_c = fed.sites[C].peer.to_string();
+    let plan_c = |fed: &Fed| {
+        let record = fed.record(C, "c1");
+        let window = crate::lifecycle::window_of(&record).expect("a window");
+        crate::lifecycle::plan(&record, "C", &peer_c, window.start_ms)
+            .expect("C runs")
+            .nodes
+            .iter()
+            .map(|n| n.index)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(plan_c(&fed), vec![8, 9, 10]);
+    let lost_at = fed.now_ms;
+    fed.reach(B, false);
+    fed.run_until(lost_at + fed.config.heal_grace_ms + 30 * SECOND_MS);
+    let record = fed.record(A, "c1");
+    assert_eq!(compute_nodes_committed(&record), 10, "{:#?}", record.parts);
+    assert_eq!(
+        plan_c(&fed),
+        vec![8, 9, 10],
+        "C's running nodes renumbered: {:?}",
+        record
+            .parts
+            .iter()
+            .map(|p| (&p.site, p.attempt, p.state, p.first_node))
+            .collect::<Vec<_>>()
+    );
+    let numbers = numbers_by_site(&record);
+    assert!(
+        numbers["D"].iter().all(|n| *n > 10),
+        "D reuses numbers of the cluster: {numbers:?}"
+    );
+}
+
+/// A survivor's re-commit that is never answered, in a shrink cluster whose
+/// window then ends: the master stops resending it at the window's end.
+#[test]
+fn a_live_commit_stops_at_the_windows_end() {
+    let mut fed = cluster_over_a_and_b(Heal::Shrink);
+    let end = fed.record(A, "c1");
+    let end = crate::lifecycle::window_of(&end).expect("a window").end_ms;
+    fed.run_until(end - 90 * SECOND_MS);
+    fed.lose = Some(Box::new(|e: &Envelope| {
+        e.to == C && matches!(e.msg, ClusterMsg::Commit { .. })
+    }));
+    fed.reach(B, false);
+    fed.run_until(end + 60 * 60 * SECOND_MS);
+    let commits_then = fed.sent["commit"];
+    fed.run_until(end + 2 * 60 * 60 * SECOND_MS);
+    assert_eq!(
+        (
+            fed.sites[A].core.in_flight(),
+            fed.sent["commit"] - commits_then
+        ),
+        (0, 0),
+        "still committing an hour after the window ended"
+    );
+}
+
+/// A round of replacement that lasts longer than `heal_retry_ms` and ends
+/// short is retried once room appears.
+#[test]
+fn a_long_failed_healing_round_is_retried() {
+    // A..G; G is full with a cluster of its own.
+    let mut fed = Fed::new(&[4, 4, 4, 4, 4, 4, 4]);
+    let c1 = ClusterRequest {
+        name: "c1".to_owned(),
+        ..request(10, window_after(fed.now_ms))
+    };
+    fed.create_request(A, "c1", c1).expect("there is room");
+    fed.run_quiet(T0_MS + 10 * SECOND_MS);
+    let filler = ClusterRequest {
+        name: "filler".to_owned(),
+        ..request(3, window_after(fed.now_ms))
+    };
+    fed.create_request(6, "filler", filler)
+        .expect("G has room for itself");
+    fed.run_quiet(fed.now_ms + 10 * SECOND_MS);
+    let record = fed.record(A, "c1");
+    assert_eq!(compute_nodes_committed(&record), 10);
+    // D, E and F never get a reserve: each is given up after its tries.
+    fed.lose = Some(Box::new(|e: &Envelope| {
+        (3..=5).contains(&e.to) && matches!(e.msg, ClusterMsg::Reserve { .. })
+    }));
+    let lost_at = fed.now_ms;
+    fed.reach(B, false);
+    fed.run_until(lost_at + fed.config.heal_grace_ms + 60 * SECOND_MS);
+    let record = fed.record(A, "c1");
+    assert_eq!(compute_nodes_committed(&record), 6, "short");
+    // Room appears at G (never tried, never excluded).
+    fed.delete(6, "filler").expect("G masters it");
+    fed.run_until(fed.now_ms + 10 * 60 * SECOND_MS);
+    let record = fed.record(A, "c1");
+    assert_eq!(
+        compute_nodes_committed(&record),
+        10,
+        "never retried: {:?}",
+        record
+            .parts
+            .iter()
+            .map(|p| (&p.site, p.attempt, p.state))
+            .collect::<Vec<_>>()
+    );
+}
+
+/// The master restarts mid-replacement with one replacement part held and
+/// another still reserving, while the lost part is still being released.
+#[test]
+fn a_restart_with_a_held_replacement_part_heals() {
+    let mut fed = Fed::new(&[4, 4, 4, 2, 2]);
+    let c1 = ClusterRequest {
+        name: "c1".to_owned(),
+        ..request(10, window_after(fed.now_ms))
+    };
+    fed.create_request(A, "c1", c1).expect("there is room");
+    fed.run_quiet(T0_MS + 10 * SECOND_MS);
+    fed.lose = Some(Box::new(|e: &Envelope| {
+        e.to == 4 && matches!(e.msg, ClusterMsg::Reserve { .. })
+    }));
+    let lost_at = fed.now_ms;
+    fed.reach(B, false);
+    fed.run_until(lost_at + fed.config.heal_grace_ms + SECOND_MS);
+    let record = fed.record(A, "c1");
+    eprintln!(
+        "BEFORE {:?}",
+        record
+            .parts
+            .iter()
+            .map(|p| (&p.site, p.attempt, p.state))
+            .collect::<Vec<_>>()
+    );
+    fed.restart(A);
+    let record = fed.record(A, "c1");
+    eprintln!(
+        "AFTER RESTART {:?}",
+        record
+            .parts
+            .iter()
+            .map(|p| (&p.site, p.attempt, p.state))
+            .collect::<Vec<_>>()
+    );
+    fed.lose = None;
+    fed.run_until(fed.now_ms + 10 * 60 * SECOND_MS);
+    let record = fed.record(A, "c1");
+    eprintln!(
+        "END {:?}",
+        record
+            .parts
+            .iter()
+            .map(|p| (&p.site, p.attempt, p.state))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(compute_nodes_committed(&record), 10);
+    assert!(
+        record
+            .parts
+            .iter()
+            .all(|p| !matches!(p.state, PartState::Held | PartState::Reserving))
+    );
+    for site in 0..5 {
+        fed.check_capacity(site);
+    }
+}
+
+#[test]
+fn a_delete_while_healing_releases_everything() {
+    let mut fed = cluster_over_a_and_b(Heal::Replace);
+    // D's answers are lost: its hold stays.
+    fed.lose = Some(Box::new(|e: &Envelope| {
+        e.from == 3 && e.flow == Flow::Reply
+    }));
+    let lost_at = fed.now_ms;
+    fed.reach(B, false);
+    fed.run_until(lost_at + fed.config.heal_grace_ms + SECOND_MS);
+    fed.delete(A, "c1").expect("A masters it");
+    fed.lose = None;
+    fed.run_until(fed.now_ms + 10 * 60 * SECOND_MS);
+    for site in [A, C, 3] {
+        assert!(
+            fed.counting(site, "c1").is_empty(),
+            "site {site} holds {:?}",
+            fed.counting(site, "c1")
+        );
+    }
+    let record = fed.record(A, "c1");
+    eprintln!(
+        "{} {:?}",
+        record.state,
+        record
+            .parts
+            .iter()
+            .map(|p| (&p.site, p.attempt, p.state))
+            .collect::<Vec<_>>()
+    );
+    fed.reach(B, true);
+    fed.run_until(fed.now_ms + 10 * 60 * SECOND_MS);
+    assert!(fed.counting(B, "c1").is_empty());
+    assert_eq!(fed.record(A, "c1").state, ClusterState::Finished);
+    assert_eq!(fed.in_flight(), 0);
+}
+
+/// Sites given up in one healing round are tried again in later rounds,
+/// while the master stays in flight (the lost site's release keeps it
+/// there).
+#[test]
+fn sites_given_up_once_are_tried_again_in_later_rounds() {
+    let mut fed = Fed::new(&[4, 4, 4, 4]);
+    let c1 = ClusterRequest {
+        name: "c1".to_owned(),
+        ..request(10, window_after(fed.now_ms))
+    };
+    fed.create_request(A, "c1", c1).expect("there is room");
+    fed.run_quiet(T0_MS + 10 * SECOND_MS);
+    fed.lose = Some(Box::new(|e: &Envelope| {
+        e.to == 3 && matches!(e.msg, ClusterMsg::Reserve { .. })
+    }));
+    let lost_at = fed.now_ms;
+    fed.reach(B, false);
+    fed.run_until(lost_at + fed.config.heal_grace_ms + 10 * SECOND_MS);
+    assert_eq!(compute_nodes_committed(&fed.record(A, "c1")), 6, "short");
+    // D's trouble was brief.
+    fed.lose = None;
+    fed.run_until(fed.now_ms + 30 * 60 * SECOND_MS);
+    let record = fed.record(A, "c1");
+    assert_eq!(
+        compute_nodes_committed(&record),
+        10,
+        "{:?}",
+        record
+            .parts
+            .iter()
+            .map(|p| (&p.site, p.attempt, p.state))
+            .collect::<Vec<_>>()
+    );
+}

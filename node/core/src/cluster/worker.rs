@@ -103,8 +103,18 @@ impl ClusterCore {
                             epoch,
                             parts: &parts,
                         };
-                        self.record_worker_part(ledger, &reservation, &shared, attempt, now_ms)?;
-                        ClusterMsg::Committed { cluster, attempt }
+                        let epoch = self.record_worker_part(
+                            ledger,
+                            &reservation,
+                            &shared,
+                            attempt,
+                            now_ms,
+                        )?;
+                        ClusterMsg::Committed {
+                            cluster,
+                            attempt,
+                            epoch,
+                        }
                     }
                     Err(
                         e @ (LedgerError::UnknownReservation(_)
@@ -255,7 +265,7 @@ impl ClusterCore {
         shared: &SharedCluster<'_>,
         attempt: u32,
         now_ms: i64,
-    ) -> Result<(), LedgerError> {
+    ) -> Result<u32, LedgerError> {
         let local_id = self.local.to_string();
         // The master numbers the nodes; this part's first number is in its
         // list (absent from a master that predates epochs).
@@ -281,15 +291,12 @@ impl ClusterCore {
             .as_ref()
             .is_some_and(|record| record.master_site == self.local_name)
         {
-            return Ok(());
+            return Ok(shared.epoch);
         }
         // A list older than the one stored (a delayed or repeated commit
         // from before a part was fenced or added) changes nothing.
-        if existing
-            .as_ref()
-            .is_some_and(|record| record.epoch > shared.epoch)
-        {
-            return Ok(());
+        if let Some(record) = existing.as_ref().filter(|r| r.epoch > shared.epoch) {
+            return Ok(record.epoch);
         }
         // Other sites' parts come from the master; this site's own parts
         // (several attempts may have been committed) from its own record.
@@ -317,7 +324,13 @@ impl ClusterCore {
         parts.push(own);
         match existing {
             Some(_) => {
-                let state = stored_state(ledger, &reservation.cluster_id, ClusterState::Reserved)?;
+                // A part committed now runs here, even where an earlier
+                // part of the cluster was released and its record finished.
+                let state =
+                    match stored_state(ledger, &reservation.cluster_id, ClusterState::Reserved)? {
+                        state if state.is_terminal() => ClusterState::Reserved,
+                        state => state,
+                    };
                 ledger.update_cluster_epoch(
                     &reservation.cluster_id,
                     state,
@@ -349,7 +362,7 @@ impl ClusterCore {
                 })?;
             }
         }
-        Ok(())
+        Ok(shared.epoch)
     }
 
     /// After a release at a worker: the cluster is finished here once none
