@@ -179,9 +179,37 @@ pub struct StatusArgs {
 
 /// Arguments of `vcfed sites`.
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct SitesArgs {
+    #[command(subcommand)]
+    command: Option<SitesCommand>,
     #[command(flatten)]
     config: ConfigArg,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `vcfed sites ...`
+#[derive(Debug, Subcommand)]
+pub enum SitesCommand {
+    /// Forget a site that vanished: drop it from this site's view and its
+    /// remembered addresses. Refused while the site is alive, or while it
+    /// holds nodes of live clusters this site masters, unless --force,
+    /// which ends those parts first (each cluster heals by its policy).
+    Forget(ForgetArgs),
+}
+
+/// Arguments of `vcfed sites forget`.
+#[derive(Debug, Args)]
+pub struct ForgetArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// The site's name or peer id.
+    site: String,
+    /// Also end its parts of live clusters mastered here.
+    #[arg(long)]
+    force: bool,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
@@ -712,7 +740,34 @@ async fn status(args: &StatusArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn forget_site(args: &ForgetArgs) -> anyhow::Result<()> {
+    let client = client_for(&args.config)?;
+    let path = format!(
+        "/v1/sites/{}{}",
+        crate::client::segment(&args.site),
+        if args.force { "?force=true" } else { "" }
+    );
+    let forgotten: crate::federation::Forgotten = client
+        .call(hyper::Method::DELETE, &path, None::<&()>)
+        .await?;
+    if args.json {
+        return print_json(&forgotten);
+    }
+    let name = forgotten.site.as_deref().unwrap_or(&forgotten.peer_id);
+    outln!("forgot {name} (peer {})", forgotten.peer_id);
+    if !forgotten.ended.is_empty() {
+        outln!(
+            "its parts of {} ended; each heals by its policy (`vcfed cluster show`)",
+            forgotten.ended.join(", ")
+        );
+    }
+    Ok(())
+}
+
 async fn sites(args: &SitesArgs) -> anyhow::Result<()> {
+    if let Some(SitesCommand::Forget(forget)) = &args.command {
+        return forget_site(forget).await;
+    }
     let client = client_for(&args.config)?;
     let report: SitesReport = client.get("/v1/sites").await?;
     if args.json {

@@ -8,7 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Member, eventually, start_federation, vcfed};
+use common::{Member, eventually, start_federation, start_federation_with, vcfed};
 use hyper::{Method, StatusCode};
 use serde_json::{Value, json};
 use vcfed_storage::{ClusterRecord, ClusterState, PartState, Reservation};
@@ -495,4 +495,142 @@ async fn delete_wait_names_the_sites_it_waits_for_and_times_out() {
         &config,
     ]);
     assert_eq!(out.status.code(), Some(2), "{}", common::stderr(&out));
+}
+
+/// `vcfed sites forget`: refused for a site that is alive, for one that
+/// holds nodes of a live cluster mastered here (naming the cluster), and
+/// for a name nobody knows; with --force, the vanished worker's part is
+/// fenced and replaced at once, and the site leaves the view.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_site_is_forgotten_and_with_force_its_parts_end() {
+    // A long grace period: nothing heals by itself during the test.
+    let mut members = start_federation_with(
+        &[("site-a", 2), ("site-b", 4), ("site-c", 4)],
+        "heal_grace = \"30m\"",
+    )
+    .await;
+    let config = members[0].site.config_arg().to_owned();
+    let out = vcfed(&[
+        "cluster",
+        "create",
+        "--config",
+        &config,
+        "--name",
+        "lose",
+        "--nodes",
+        "4",
+        "--duration",
+        "1h",
+        "--wait",
+    ]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let record = cluster(&members[0], "lose").await;
+    let worker = record
+        .parts
+        .iter()
+        .find(|p| !p.frontend && p.state == PartState::Committed)
+        .expect("a worker part")
+        .site
+        .clone();
+    let (lost, other) = if worker == "site-b" {
+        (1, "site-c")
+    } else {
+        (2, "site-b")
+    };
+
+    let forget = |site: &str, force: bool| {
+        let mut args = vec!["sites", "forget", site, "--config", config.as_str()];
+        if force {
+            args.push("--force");
+        }
+        vcfed(&args)
+    };
+    let out = forget(&worker, false);
+    assert!(!out.status.success());
+    assert!(
+        common::stderr(&out).contains("is alive"),
+        "{}",
+        common::stderr(&out)
+    );
+    let out = forget("site-zz", false);
+    assert!(!out.status.success());
+    assert!(
+        common::stderr(&out).contains("no site \"site-zz\""),
+        "{}",
+        common::stderr(&out)
+    );
+
+    members[lost].agent.take().expect("running").kill();
+    let peer = members[lost].peer_id.clone();
+    eventually(
+        "site-a sees the worker gone",
+        Duration::from_secs(20),
+        || async {
+            let report = common::view(&members[0].client).await;
+            report
+                .sites
+                .iter()
+                .find(|s| s.peer_id == peer)
+                .is_some_and(|s| s.state == vcfed_registry::SiteState::Gone)
+        },
+    )
+    .await;
+    let out = forget(&worker, false);
+    assert!(!out.status.success());
+    let err = common::stderr(&out);
+    assert!(
+        err.contains("still holds nodes") && err.contains(&record.id),
+        "{err}"
+    );
+    assert!(err.contains("--force"), "{err}");
+
+    let out = forget(&worker, true);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    assert!(
+        text.contains(&format!("forgot {worker}")) && text.contains(&record.id),
+        "{text}"
+    );
+    // Fenced at once and replaced at the other worker; the site is gone
+    // from the view.
+    let healed = eventually(
+        "the cluster is whole again at the other worker",
+        Duration::from_secs(20),
+        || async {
+            let record = cluster(&members[0], "lose").await;
+            let fenced = record.parts.iter().any(|p| {
+                p.site == worker && p.lost_at_ms.is_some() && p.state != PartState::Committed
+            });
+            let replaced: u32 = record
+                .parts
+                .iter()
+                .filter(|p| p.site == other && p.state == PartState::Committed)
+                .map(|p| p.nodes)
+                .sum();
+            fenced && replaced == 3
+        },
+    )
+    .await;
+    eprintln!(
+        "whole again {:.1}s after the forced forget",
+        healed.as_secs_f64()
+    );
+    let report = common::view(&members[0].client).await;
+    assert!(report.sites.iter().all(|s| s.peer_id != peer), "{report:?}");
+    let events: Vec<vcfed_storage::Event> = members[0]
+        .client
+        .get("/v1/events?limit=1000")
+        .await
+        .unwrap();
+    let lost_event = events
+        .iter()
+        .find(|e| e.kind == "cluster.part_lost")
+        .expect("a cluster.part_lost event");
+    assert!(
+        lost_event.detail["reason"]
+            .as_str()
+            .unwrap()
+            .contains("forgotten")
+    );
+    assert!(events.iter().any(|e| e.kind == "cluster.healed"));
 }

@@ -193,6 +193,9 @@ _vcfed() {
             vcfed__subcmd__help__subcmd__reservation,release)
                 cmd="vcfed__subcmd__help__subcmd__reservation__subcmd__release"
                 ;;
+            vcfed__subcmd__help__subcmd__sites,forget)
+                cmd="vcfed__subcmd__help__subcmd__sites__subcmd__forget"
+                ;;
             vcfed__subcmd__psk,generate)
                 cmd="vcfed__subcmd__psk__subcmd__generate"
                 ;;
@@ -234,6 +237,18 @@ _vcfed() {
                 ;;
             vcfed__subcmd__reservation__subcmd__help,release)
                 cmd="vcfed__subcmd__reservation__subcmd__help__subcmd__release"
+                ;;
+            vcfed__subcmd__sites,forget)
+                cmd="vcfed__subcmd__sites__subcmd__forget"
+                ;;
+            vcfed__subcmd__sites,help)
+                cmd="vcfed__subcmd__sites__subcmd__help"
+                ;;
+            vcfed__subcmd__sites__subcmd__help,forget)
+                cmd="vcfed__subcmd__sites__subcmd__help__subcmd__forget"
+                ;;
+            vcfed__subcmd__sites__subcmd__help,help)
+                cmd="vcfed__subcmd__sites__subcmd__help__subcmd__help"
                 ;;
             *)
                 ;;
@@ -1172,8 +1187,22 @@ _vcfed() {
             return 0
             ;;
         vcfed__subcmd__help__subcmd__sites)
-            opts=""
+            opts="forget"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        vcfed__subcmd__help__subcmd__sites__subcmd__forget)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -1778,7 +1807,7 @@ _vcfed() {
             return 0
             ;;
         vcfed__subcmd__sites)
-            opts="-c -h -V --json --log-format --config --help --version"
+            opts="-c -h -V --json --log-format --config --help --version forget help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1796,6 +1825,74 @@ _vcfed() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        vcfed__subcmd__sites__subcmd__forget)
+            opts="-c -h -V --force --json --log-format --config --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --log-format)
+                    COMPREPLY=($(compgen -W "text json" -- "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -c)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        vcfed__subcmd__sites__subcmd__help)
+            opts="forget help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        vcfed__subcmd__sites__subcmd__help__subcmd__forget)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        vcfed__subcmd__sites__subcmd__help__subcmd__help)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
                 *)
                     COMPREPLY=()
                     ;;

@@ -183,12 +183,23 @@ complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_sub
 complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from help" -f -a "show" -d 'Show one cluster with its per-site parts'
 complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from help" -f -a "delete" -d 'Delete a cluster (at its master): releases its nodes at every site'
 complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
-complete -c vcfed -n "__fish_vcfed_using_subcommand sites" -l log-format -d 'Log format on stderr. RUST_LOG sets the level (default: info for `run`, warn otherwise)' -r -f -a "text\t'Human-readable lines'
+complete -c vcfed -n "__fish_vcfed_using_subcommand sites; and not __fish_seen_subcommand_from forget help" -l log-format -d 'Log format on stderr. RUST_LOG sets the level (default: info for `run`, warn otherwise)' -r -f -a "text\t'Human-readable lines'
 json\t'One JSON object per line'"
-complete -c vcfed -n "__fish_vcfed_using_subcommand sites" -s c -l config -d 'The site\'s config file (written by `vcfed init`), before or after the subcommand; for `vcfed init`, where to write it [default: DATA_DIR/vcfed.toml]; for `vcfed gateway`, the gateway\'s config (or VCFED_GATEWAY_CONFIG)' -r -F
-complete -c vcfed -n "__fish_vcfed_using_subcommand sites" -l json -d 'Print JSON instead of text'
-complete -c vcfed -n "__fish_vcfed_using_subcommand sites" -s h -l help -d 'Print help (see more with \'--help\')'
-complete -c vcfed -n "__fish_vcfed_using_subcommand sites" -s V -l version -d 'Print version'
+complete -c vcfed -n "__fish_vcfed_using_subcommand sites; and not __fish_seen_subcommand_from forget help" -s c -l config -d 'The site\'s config file (written by `vcfed init`), before or after the subcommand; for `vcfed init`, where to write it [default: DATA_DIR/vcfed.toml]; for `vcfed gateway`, the gateway\'s config (or VCFED_GATEWAY_CONFIG)' -r -F
+complete -c vcfed -n "__fish_vcfed_using_subcommand sites; and not __fish_seen_subcommand_from forget help" -l json -d 'Print JSON instead of text'
+complete -c vcfed -n "__fish_vcfed_using_subcommand sites; and not __fish_seen_subcommand_from forget help" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c vcfed -n "__fish_vcfed_using_subcommand sites; and not __fish_seen_subcommand_from forget help" -s V -l version -d 'Print version'
+complete -c vcfed -n "__fish_vcfed_using_subcommand sites; and not __fish_seen_subcommand_from forget help" -f -a "forget" -d 'Forget a site that vanished: drop it from this site\'s view and its remembered addresses. Refused while the site is alive, or while it holds nodes of live clusters this site masters, unless --force, which ends those parts first (each cluster heals by its policy)'
+complete -c vcfed -n "__fish_vcfed_using_subcommand sites; and not __fish_seen_subcommand_from forget help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c vcfed -n "__fish_vcfed_using_subcommand sites; and __fish_seen_subcommand_from forget" -l log-format -d 'Log format on stderr. RUST_LOG sets the level (default: info for `run`, warn otherwise)' -r -f -a "text\t'Human-readable lines'
+json\t'One JSON object per line'"
+complete -c vcfed -n "__fish_vcfed_using_subcommand sites; and __fish_seen_subcommand_from forget" -s c -l config -d 'The site\'s config file (written by `vcfed init`), before or after the subcommand; for `vcfed init`, where to write it [default: DATA_DIR/vcfed.toml]; for `vcfed gateway`, the gateway\'s config (or VCFED_GATEWAY_CONFIG)' -r -F
+complete -c vcfed -n "__fish_vcfed_using_subcommand sites; and __fish_seen_subcommand_from forget" -l force -d 'Also end its parts of live clusters mastered here'
+complete -c vcfed -n "__fish_vcfed_using_subcommand sites; and __fish_seen_subcommand_from forget" -l json -d 'Print JSON instead of text'
+complete -c vcfed -n "__fish_vcfed_using_subcommand sites; and __fish_seen_subcommand_from forget" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c vcfed -n "__fish_vcfed_using_subcommand sites; and __fish_seen_subcommand_from forget" -s V -l version -d 'Print version'
+complete -c vcfed -n "__fish_vcfed_using_subcommand sites; and __fish_seen_subcommand_from help" -f -a "forget" -d 'Forget a site that vanished: drop it from this site\'s view and its remembered addresses. Refused while the site is alive, or while it holds nodes of live clusters this site masters, unless --force, which ends those parts first (each cluster heals by its policy)'
+complete -c vcfed -n "__fish_vcfed_using_subcommand sites; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c vcfed -n "__fish_vcfed_using_subcommand events" -l cluster -d 'Only the events of this cluster (id or name): its reservations, parts and nodes' -r
 complete -c vcfed -n "__fish_vcfed_using_subcommand events" -l last -d 'Only the last N events before following or exiting' -r
 complete -c vcfed -n "__fish_vcfed_using_subcommand events" -l log-format -d 'Log format on stderr. RUST_LOG sets the level (default: info for `run`, warn otherwise)' -r -f -a "text\t'Human-readable lines'
@@ -318,6 +329,7 @@ complete -c vcfed -n "__fish_vcfed_using_subcommand help; and __fish_seen_subcom
 complete -c vcfed -n "__fish_vcfed_using_subcommand help; and __fish_seen_subcommand_from cluster" -f -a "list" -d 'List the clusters this site masters or serves'
 complete -c vcfed -n "__fish_vcfed_using_subcommand help; and __fish_seen_subcommand_from cluster" -f -a "show" -d 'Show one cluster with its per-site parts'
 complete -c vcfed -n "__fish_vcfed_using_subcommand help; and __fish_seen_subcommand_from cluster" -f -a "delete" -d 'Delete a cluster (at its master): releases its nodes at every site'
+complete -c vcfed -n "__fish_vcfed_using_subcommand help; and __fish_seen_subcommand_from sites" -f -a "forget" -d 'Forget a site that vanished: drop it from this site\'s view and its remembered addresses. Refused while the site is alive, or while it holds nodes of live clusters this site masters, unless --force, which ends those parts first (each cluster heals by its policy)'
 complete -c vcfed -n "__fish_vcfed_using_subcommand help; and __fish_seen_subcommand_from psk" -f -a "generate" -d 'Write a new random pre-shared key (mode 0600). Give the same file to every site of the federation as `federation.psk_file`'
 complete -c vcfed -n "__fish_vcfed_using_subcommand help; and __fish_seen_subcommand_from gateway" -f -a "genkey" -d 'Write a new WireGuard private key (base64, mode 0600) and print its public key'
 complete -c vcfed -n "__fish_vcfed_using_subcommand help; and __fish_seen_subcommand_from gateway" -f -a "pubkey" -d 'Print the public key of a private key file'
