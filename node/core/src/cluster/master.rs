@@ -53,6 +53,28 @@ impl RemotePart {
     }
 }
 
+/// A part the master holds in its own ledger besides its first one: the
+/// replacement of lost nodes in its own free slots, when the other sites
+/// cannot hold them all. Held and committed directly, without messages.
+#[derive(Debug, Clone)]
+pub(super) struct LocalExtra {
+    attempt: u32,
+    nodes: u32,
+    state: PartState,
+    first_node: Option<u32>,
+}
+
+/// Where a part is, for numbering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Slot {
+    /// `parts[i]`.
+    Remote(usize),
+    /// The master's first part.
+    Local,
+    /// `extras[i]`.
+    Extra(usize),
+}
+
 /// A cluster this site masters and that is still in flight.
 #[derive(Debug, Clone)]
 pub(super) struct Master {
@@ -73,6 +95,8 @@ pub(super) struct Master {
     pub(super) epoch: u32,
     /// Replacement nodes of a live cluster are being reserved.
     pub(super) healing: bool,
+    /// Parts in the master's own ledger besides its first one.
+    extras: Vec<LocalExtra>,
 }
 
 impl Master {
@@ -89,7 +113,17 @@ impl Master {
             .filter(|p| p.counts())
             .map(|p| p.nodes)
             .sum();
-        self.local_nodes + remote
+        let extra: u32 = self
+            .extras
+            .iter()
+            .filter(|e| matches!(e.state, PartState::Held | PartState::Committed))
+            .map(|e| e.nodes)
+            .sum();
+        self.local_nodes + remote + extra
+    }
+
+    fn extra_key(&self, attempt: u32) -> String {
+        format!("{}/{attempt}", self.id)
     }
 
     /// The names of the sites that had numbered parts (decided once) and
@@ -114,33 +148,36 @@ impl Master {
     /// in (site, attempt) order over the committed parts from 1, so that
     /// fencing a part renumbers nobody.
     fn number_as_before_epochs(&mut self, local_name: &str) {
-        let mut order: Vec<(&str, u32, Option<usize>)> = self
+        let mut order: Vec<(&str, u32, Slot)> = self
             .parts
             .iter()
             .enumerate()
             .filter(|(_, p)| crate::lifecycle::in_cluster(p.state))
-            .map(|(i, p)| (p.site_name.as_str(), p.attempt, Some(i)))
+            .map(|(i, p)| (p.site_name.as_str(), p.attempt, Slot::Remote(i)))
             .collect();
         if crate::lifecycle::in_cluster(self.local_state) {
-            order.push((local_name, 0, None));
+            order.push((local_name, 0, Slot::Local));
         }
         order.sort();
-        let order: Vec<Option<usize>> = order.into_iter().map(|(_, _, i)| i).collect();
+        let order: Vec<Slot> = order.into_iter().map(|(_, _, slot)| slot).collect();
         self.give_numbers(&order, 1);
     }
 
-    /// Numbers the parts of `order` (an index into `parts`, or `None` for
-    /// the master's own part) one after the other from `next`.
-    fn give_numbers(&mut self, order: &[Option<usize>], mut next: u32) {
-        for index in order {
-            match *index {
-                Some(i) => {
+    /// Numbers the parts of `order` one after the other from `next`.
+    fn give_numbers(&mut self, order: &[Slot], mut next: u32) {
+        for slot in order {
+            match *slot {
+                Slot::Remote(i) => {
                     self.parts[i].first_node = Some(next);
                     next += self.parts[i].nodes;
                 }
-                None => {
+                Slot::Local => {
                     self.local_first = Some(next);
                     next += self.local_nodes;
+                }
+                Slot::Extra(i) => {
+                    self.extras[i].first_node = Some(next);
+                    next += self.extras[i].nodes;
                 }
             }
         }
@@ -192,20 +229,32 @@ impl Master {
             .parts
             .iter()
             .filter_map(|p| p.first_node.map(|first| first + p.nodes))
-            .chain(self.local_first.map(|first| first + self.local_nodes));
+            .chain(self.local_first.map(|first| first + self.local_nodes))
+            .chain(
+                self.extras
+                    .iter()
+                    .filter_map(|e| e.first_node.map(|first| first + e.nodes)),
+            );
         let next = ends.max().unwrap_or(1).max(1);
-        let mut pending: Vec<(&str, u32, Option<usize>)> = self
+        let mut pending: Vec<(&str, u32, Slot)> = self
             .parts
             .iter()
             .enumerate()
             .filter(|(_, p)| p.state == PartState::Committing && p.first_node.is_none())
-            .map(|(i, p)| (p.site_name.as_str(), p.attempt, Some(i)))
+            .map(|(i, p)| (p.site_name.as_str(), p.attempt, Slot::Remote(i)))
             .collect();
         if self.local_first.is_none() {
-            pending.push((local_name, 0, None));
+            pending.push((local_name, 0, Slot::Local));
         }
+        pending.extend(
+            self.extras
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| e.state == PartState::Committed && e.first_node.is_none())
+                .map(|(i, e)| (local_name, e.attempt, Slot::Extra(i))),
+        );
         pending.sort();
-        let order: Vec<Option<usize>> = pending.into_iter().map(|(_, _, i)| i).collect();
+        let order: Vec<Slot> = pending.into_iter().map(|(_, _, slot)| slot).collect();
         self.give_numbers(&order, next);
     }
 
@@ -220,6 +269,7 @@ impl Master {
     fn all_released(&self) -> bool {
         self.local_state == PartState::Released
             && self.parts.iter().all(|p| p.state == PartState::Released)
+            && self.extras.iter().all(|e| e.state == PartState::Released)
     }
 }
 
@@ -274,12 +324,17 @@ impl ClusterCore {
                             p.state,
                             PartState::Reserving | PartState::Held | PartState::Committing
                         )
-                    }) =>
+                    }) || master.extras.iter().any(|e| e.state == PartState::Held) =>
                 {
                     tracing::info!(cluster = %master.id, "resuming the replacement of lost nodes");
                     for part in &mut master.parts {
                         if matches!(part.state, PartState::Reserving | PartState::Held) {
                             part.state = PartState::Releasing;
+                        }
+                    }
+                    for extra in &mut master.extras {
+                        if extra.state == PartState::Held {
+                            extra.state = PartState::Releasing;
                         }
                     }
                 }
@@ -387,6 +442,7 @@ impl ClusterCore {
             local_first: None,
             epoch: 0,
             healing: false,
+            extras: Vec::new(),
         };
         let hold = HoldRequest {
             key: master.local_key(),
@@ -763,6 +819,86 @@ impl ClusterCore {
         true
     }
 
+    /// Replacements the other sites cannot hold all: the master's own free
+    /// slots take what they can (held in its ledger at once, for the rest
+    /// of the window) and the other sites the rest. False, holding nothing,
+    /// if that does not cover `missing` either.
+    fn plan_with_own_slots(
+        &mut self,
+        master: &mut Master,
+        sites: Option<&dyn SiteDirectory>,
+        ledger: &mut Ledger,
+        missing: u32,
+        now_ms: i64,
+    ) -> Result<bool, LedgerError> {
+        let mut window = master.request.window;
+        window.start_ms = window.start_ms.max(now_ms).min(window.end_ms - 1);
+        let fits = ledger
+            .inventory()?
+            .is_some_and(|inventory| master.request.shape.fits_in(&inventory.node));
+        let free = if fits {
+            ledger.available(window, now_ms)?
+        } else {
+            0
+        };
+        let here = free.min(missing);
+        if here == 0 {
+            return Ok(false);
+        }
+        // The other sites must take the rest: asked on a copy first, so a
+        // hold here is made only when it is of use.
+        let rest = missing - here;
+        if rest > 0 {
+            let mut probe = master.clone();
+            if !sites.is_some_and(|sites| self.plan(&mut probe, sites, rest, now_ms)) {
+                return Ok(false);
+            }
+        }
+        let attempt = master.extras.iter().map(|e| e.attempt).max().unwrap_or(0) + 1;
+        let hold = HoldRequest {
+            key: master.extra_key(attempt),
+            cluster_id: master.id.clone(),
+            requester: self.local.to_string(),
+            window,
+            nodes: here,
+            shape: master.request.shape,
+            lease_ms: self.config.reserve_deadline_ms + self.config.lease_ms,
+        };
+        // The attempt is used up whatever comes of it: a key is never held
+        // twice.
+        let mut extra = LocalExtra {
+            attempt,
+            nodes: here,
+            state: PartState::Released,
+            first_node: None,
+        };
+        let held = match ledger.hold(&hold, now_ms) {
+            Ok(outcome) => matches!(outcome, HoldOutcome::Held(_)),
+            Err(
+                e @ (LedgerError::Invalid(_)
+                | LedgerError::KeyConflict(_)
+                | LedgerError::WrongState { .. }),
+            ) => {
+                tracing::warn!(cluster = %master.id, error = %e, "no replacement hold in this site's own slots");
+                false
+            }
+            Err(e) => return Err(e),
+        };
+        if !held {
+            master.extras.push(extra);
+            return Ok(false);
+        }
+        if rest > 0 && !sites.is_some_and(|sites| self.plan(master, sites, rest, now_ms)) {
+            ledger.release(&hold.key, &hold.requester, now_ms)?;
+            master.extras.push(extra);
+            return Ok(false);
+        }
+        tracing::info!(cluster = %master.id, here, elsewhere = rest, "replacement nodes in this site's own free slots");
+        extra.state = PartState::Held;
+        master.extras.push(extra);
+        Ok(true)
+    }
+
     /// Moves a master forward after any change, persists it, and sends what
     /// follows from the persisted state.
     pub(super) fn advance(
@@ -787,9 +923,13 @@ impl ClusterCore {
                 "cluster {id}: {covered} nodes covered and {pending} pending of {nodes}"
             );
             if covered + pending < nodes {
-                let planned = sites.is_some_and(|sites| {
-                    self.plan(&mut master, sites, nodes - covered - pending, now_ms)
-                });
+                let missing = nodes - covered - pending;
+                let mut planned =
+                    sites.is_some_and(|sites| self.plan(&mut master, sites, missing, now_ms));
+                if !planned && master.healing {
+                    planned =
+                        self.plan_with_own_slots(&mut master, sites, ledger, missing, now_ms)?;
+                }
                 if !planned && master.healing {
                     stop_healing(
                         &mut master,
@@ -801,7 +941,10 @@ impl ClusterCore {
                         "not enough free nodes left in the federation after denials and timeouts",
                     );
                 }
-            } else if covered == nodes && pending == 0 {
+            }
+            // Planning may have covered it all at once (the master's own
+            // slots need no answer): decide now then.
+            if master.collecting() && master.covered() == nodes && master.pending() == 0 {
                 // Decide the commit: every hold moves to committing together.
                 // Parts committed in an earlier round (before a site was
                 // given up and replaced) are committed again: the Commit
@@ -822,6 +965,20 @@ impl ClusterCore {
                         part.state = PartState::Committing;
                         part.deadline_ms = None;
                     }
+                }
+                let owner = self.local.to_string();
+                for index in 0..master.extras.len() {
+                    if master.extras[index].state != PartState::Held {
+                        continue;
+                    }
+                    let key = master.extra_key(master.extras[index].attempt);
+                    master.extras[index].state = match ledger.commit(&key, &owner, now_ms) {
+                        Ok(_) => PartState::Committed,
+                        Err(e) => {
+                            tracing::warn!(cluster = %id, error = %e, "the master's own replacement hold could not be committed");
+                            PartState::Released
+                        }
+                    };
                 }
                 master.number_parts(&self.local_name);
                 if master.local_state == PartState::Held {
@@ -862,6 +1019,18 @@ impl ClusterCore {
         {
             ledger.release(&master.local_key(), &self.local.to_string(), now_ms)?;
             master.local_state = PartState::Released;
+        }
+        // The master's own extra parts are released in its ledger at once:
+        // with the cluster, or when a round of replacements gave them up.
+        let ending = matches!(master.state, ClusterState::Failed | ClusterState::Stopping);
+        for index in 0..master.extras.len() {
+            let extra = &master.extras[index];
+            if extra.state == PartState::Releasing || (ending && extra.state != PartState::Released)
+            {
+                let key = master.extra_key(extra.attempt);
+                ledger.release(&key, &self.local.to_string(), now_ms)?;
+                master.extras[index].state = PartState::Released;
+            }
         }
         if master.state == ClusterState::Stopping && master.all_released() {
             master.state = ClusterState::Finished;
@@ -999,6 +1168,11 @@ pub(super) fn stop_healing(master: &mut Master, reason: &str) {
             start_release(part, 0);
         }
     }
+    for extra in &mut master.extras {
+        if extra.state == PartState::Held {
+            extra.state = PartState::Releasing;
+        }
+    }
 }
 
 /// What a request to a worker carries besides the part itself.
@@ -1063,6 +1237,18 @@ fn record_parts(
         first_node: master.local_first,
         lost_at_ms: None,
     }];
+    parts.extend(master.extras.iter().map(|e| ClusterPart {
+        site: local_name.to_owned(),
+        peer_id: Some(local.to_string()),
+        attempt: e.attempt,
+        nodes: e.nodes,
+        frontend: false,
+        state: e.state,
+        reservation_key: Some(master.extra_key(e.attempt)),
+        gateway: gateway.clone(),
+        first_node: e.first_node,
+        lost_at_ms: None,
+    }));
     parts.extend(master.parts.iter().map(|p| ClusterPart {
         site: p.site_name.clone(),
         peer_id: Some(p.peer.to_string()),
@@ -1095,10 +1281,27 @@ pub(super) fn master_from_record(
 ) -> Option<Master> {
     let request: ClusterRequest = serde_json::from_value(record.request.clone()).ok()?;
     let local = record.parts.iter().find(|p| p.frontend && p.attempt == 0)?;
+    // The master's own parts besides the first: same peer id (or, without
+    // one, same site name).
+    let own = |p: &ClusterPart| match (&p.peer_id, &local.peer_id) {
+        (Some(a), Some(b)) => a == b,
+        _ => p.site == local.site,
+    };
+    let extras = record
+        .parts
+        .iter()
+        .filter(|p| !(p.frontend && p.attempt == 0) && own(p))
+        .map(|p| LocalExtra {
+            attempt: p.attempt,
+            nodes: p.nodes,
+            state: p.state,
+            first_node: p.first_node,
+        })
+        .collect();
     let parts = record
         .parts
         .iter()
-        .filter(|p| !(p.frontend && p.attempt == 0))
+        .filter(|p| !own(p))
         .filter_map(|p| {
             Some(RemotePart {
                 site_name: p.site.clone(),
@@ -1131,6 +1334,7 @@ pub(super) fn master_from_record(
         local_first: local.first_node,
         epoch: record.epoch,
         healing: false,
+        extras,
     };
     let live = matches!(
         record.state,

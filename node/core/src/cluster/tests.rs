@@ -2206,3 +2206,67 @@ fn sites_given_up_once_are_tried_again_in_later_rounds() {
             .collect::<Vec<_>>()
     );
 }
+
+/// No other site has room for the replacements: the master's own free
+/// slots take them, held and committed in its own ledger, numbered after
+/// every number used.
+#[test]
+fn the_master_replaces_lost_nodes_in_its_own_free_slots_last() {
+    let mut fed = Fed::new(&[8, 4, 4]);
+    let window = window_after(fed.now_ms);
+    let filler = |name: &str, nodes| ClusterRequest {
+        name: name.to_owned(),
+        ..request(nodes, window)
+    };
+    // A keeps 4 slots busy for now; C is full.
+    fed.create_request(0, "filler-a", filler("filler-a", 3))
+        .expect("A has room");
+    fed.create_request(2, "filler-c", filler("filler-c", 3))
+        .expect("C has room");
+    fed.run_quiet(fed.now_ms + 10 * SECOND_MS);
+    fed.create_request(0, "c1", filler("c1", 6))
+        .expect("A and B have room");
+    fed.run_quiet(fed.now_ms + 10 * SECOND_MS);
+    let record = fed.record(0, "c1");
+    assert_eq!(committed_parts_at(&record, "A"), 3, "{:#?}", record.parts);
+    assert_eq!(committed_parts_at(&record, "B"), 3, "{:#?}", record.parts);
+    fed.delete(0, "filler-a").expect("A masters it");
+    fed.run_quiet(fed.now_ms + 10 * SECOND_MS);
+
+    let lost_at = fed.now_ms;
+    fed.reach(1, false);
+    fed.run_until(lost_at + fed.config.heal_grace_ms + 30 * SECOND_MS);
+    let record = fed.record(0, "c1");
+    assert_eq!(compute_nodes_committed(&record), 6, "{:#?}", record.parts);
+    assert_eq!(committed_parts_at(&record, "A"), 6, "{:#?}", record.parts);
+    assert_eq!(
+        fed.committed_nodes(0, "c1"),
+        7,
+        "the frontend and 6 nodes at A"
+    );
+    let numbers = numbers_by_site(&record);
+    assert_eq!(numbers["A"], vec![1, 2, 3, 7, 8, 9]);
+    for site in 0..3 {
+        fed.check_capacity(site);
+    }
+    let plan = crate::lifecycle::plan(
+        &record,
+        "A",
+        &fed.sites[0].peer.to_string(),
+        window.start_ms,
+    )
+    .expect("it runs at A");
+    let here: Vec<u32> = plan.nodes.iter().map(|n| n.index).collect();
+    assert_eq!(here, [0, 1, 2, 3, 7, 8, 9]);
+    // A restart keeps the extra part; a delete releases it with the rest.
+    fed.restart(0);
+    fed.run_quiet(fed.now_ms + 10 * SECOND_MS);
+    assert_eq!(fed.committed_nodes(0, "c1"), 7);
+    fed.delete(0, "c1").expect("A masters it");
+    fed.run_until(fed.now_ms + 10 * SECOND_MS);
+    assert!(
+        fed.counting(0, "c1").is_empty(),
+        "{:?}",
+        fed.counting(0, "c1")
+    );
+}
