@@ -501,7 +501,14 @@ pub struct Registry {
     stats: RegistryStats,
     /// Checks adverts; `None` is [`SignedAdvert::verify`] (production).
     verifier: Option<std::sync::Arc<dyn AdvertVerifier>>,
+    /// Sites an operator forgot, with the highest advert version seen of
+    /// each: relays of those adverts do not bring them back, a newer one
+    /// (the site is back) does.
+    forgotten: BTreeMap<PeerId, u64>,
 }
+
+/// Most forgotten sites remembered (beyond, one is dropped for each new one).
+const FORGOTTEN_MAX: usize = 1024;
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -553,6 +560,7 @@ impl Registry {
             events: VecDeque::new(),
             stats: RegistryStats::default(),
             verifier: None,
+            forgotten: BTreeMap::new(),
         }
     }
 
@@ -825,9 +833,15 @@ impl Registry {
     /// Drops a site from the view (an operator forgot it); returns whether
     /// it was there. A site that publishes again is learnt again.
     pub fn forget_site(&mut self, site: &PeerId) -> bool {
-        let Some((key, _)) = self.find(site) else {
+        let Some((key, version)) = self.find(site).map(|(key, entry)| (key, entry.version)) else {
             return false;
         };
+        if self.forgotten.len() >= FORGOTTEN_MAX
+            && let Some(any) = self.forgotten.keys().next().copied()
+        {
+            self.forgotten.remove(&any);
+        }
+        self.forgotten.insert(*site, version);
         let entry = self
             .sites
             .remove(&key)
@@ -1229,6 +1243,14 @@ impl Registry {
             // more than the allowance. Not the relaying peer's fault.
             self.stats.dropped_expired += 1;
             return Verdict::Ignore;
+        }
+        if let Some(&version) = self.forgotten.get(&advert.site) {
+            if advert.version <= version {
+                // A relay of what the operator forgot.
+                self.stats.dropped_stale += 1;
+                return Verdict::Ignore;
+            }
+            self.forgotten.remove(&advert.site);
         }
         let fresh_until_ms = self.fresh_until(advert, now_ms);
         let site = advert.site;

@@ -902,3 +902,31 @@ fn a_verified_advert_is_applied_as_its_bytes_are() {
     }
     assert_eq!(by_bytes.stats(), by_advert.stats());
 }
+
+#[test]
+fn a_forgotten_site_is_not_brought_back_by_relays_of_its_old_adverts() {
+    let gone = Keypair::generate_ed25519();
+    let site = gone.public().to_peer_id();
+    let mut registry = Registry::new(config(), Keypair::generate_ed25519(), 0, 1, 0);
+    assert_eq!(
+        registry.handle_gossip(100, &advert_gossip(&gone, 3, 4)),
+        Verdict::Accept
+    );
+    assert!(registry.forget_site(&site));
+    assert!(registry.site_state(&site).is_none());
+    assert!(!registry.forget_site(&site), "forgotten already");
+    // A peer that still has the advert relays it: ignored, counted.
+    let stale = registry.stats().dropped_stale;
+    assert_eq!(
+        registry.handle_gossip(200, &advert_gossip(&gone, 3, 4)),
+        Verdict::Ignore
+    );
+    assert_eq!(registry.stats().dropped_stale, stale + 1);
+    assert!(registry.site_state(&site).is_none());
+    // The site itself publishes again: it is back.
+    assert_eq!(
+        registry.handle_gossip(300, &advert_gossip(&gone, 4, 4)),
+        Verdict::Accept
+    );
+    assert!(registry.site_state(&site).is_some());
+}

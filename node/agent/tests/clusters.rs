@@ -615,8 +615,14 @@ async fn a_vanished_site_is_forgotten_and_with_force_its_parts_end() {
         "whole again {:.1}s after the forced forget",
         healed.as_secs_f64()
     );
-    let report = common::view(&members[0].client).await;
-    assert!(report.sites.iter().all(|s| s.peer_id != peer), "{report:?}");
+    // Gone from the view, and the other sites' relays of its old adverts
+    // (anti-entropy every 500 ms here) do not bring it back.
+    let watched = Instant::now();
+    while watched.elapsed() < Duration::from_secs(3) {
+        let report = common::view(&members[0].client).await;
+        assert!(report.sites.iter().all(|s| s.peer_id != peer), "{report:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let events: Vec<vcfed_storage::Event> = members[0]
         .client
         .get("/v1/events?limit=1000")
