@@ -621,15 +621,20 @@ impl<S: Site> Sim<S> {
         if !self.runtime[site].up {
             return false;
         }
+        self.take_down(site, "site-loss");
+        self.push(self.now_ms + down_ms.max(1), Event::Restart { site });
+        true
+    }
+
+    /// Crashes `site` (up): its timer and volatile state are gone.
+    fn take_down(&mut self, site: SiteId, label: &'static str) {
         let runtime = &mut self.runtime[site];
         runtime.up = false;
         runtime.timer_at = None;
         runtime.timer_generation += 1;
         self.stats.crashes += 1;
-        self.record(TraceKind::Crash, Some(site), None, "site-loss", 0, 0);
+        self.record(TraceKind::Crash, Some(site), None, label, 0, 0);
         self.sites[site].crash();
-        self.push(self.now_ms + down_ms.max(1), Event::Restart { site });
-        true
     }
 
     fn crash_one(&mut self) -> Option<Stepped> {
@@ -647,13 +652,7 @@ impl<S: Site> Sim<S> {
             return None;
         }
         let site = up[self.fault_rng.index(up.len())];
-        let runtime = &mut self.runtime[site];
-        runtime.up = false;
-        runtime.timer_at = None;
-        runtime.timer_generation += 1;
-        self.stats.crashes += 1;
-        self.record(TraceKind::Crash, Some(site), None, "", 0, 0);
-        self.sites[site].crash();
+        self.take_down(site, "");
         let downtime = self.fault_rng.between(
             crashes.down_min_ms,
             crashes.down_max_ms.max(crashes.down_min_ms),

@@ -76,7 +76,10 @@ pub struct ClusterCreateArgs {
     /// `none`.
     #[arg(long, value_name = "POLICY", default_value = "replace", value_parser = parse_heal)]
     heal: Heal,
-    /// Wait until the nodes are reserved (or the request failed), showing progress.
+    /// Wait until the nodes are reserved (or the request failed), showing
+    /// progress; exits non-zero if the cluster failed or was deleted
+    /// meanwhile. With --json: the accepted cluster on one line at once,
+    /// the settled one on a line at the end.
     #[arg(long)]
     wait: bool,
     /// Print JSON instead of text.
@@ -150,7 +153,12 @@ pub(crate) async fn run(command: ClusterCommand) -> anyhow::Result<()> {
             if !args.wait {
                 return show(&record, args.json);
             }
-            if !args.json {
+            // The id first, whatever happens next (the master may die
+            // while it reserves): with --json, one object per line, the
+            // accepted record now and the settled one at the end.
+            if args.json {
+                outln!("{}", serde_json::to_string(&record)?);
+            } else {
                 show(&record, false)?;
             }
             let record = wait(&client, &record.id, args.json, |state| {
@@ -158,16 +166,22 @@ pub(crate) async fn run(command: ClusterCommand) -> anyhow::Result<()> {
             })
             .await?;
             if args.json {
-                show(&record, true)?;
+                outln!("{}", serde_json::to_string(&record)?);
             }
-            if record.state == ClusterState::Failed {
-                bail!(
+            match record.state {
+                ClusterState::Failed => bail!(
                     "cluster {} failed: {}",
                     record.name,
                     record.reason.as_deref().unwrap_or("no reason given")
-                );
+                ),
+                ClusterState::Stopping | ClusterState::Finished => bail!(
+                    "cluster {} ({}) was deleted before its nodes were reserved; it is {}",
+                    record.name,
+                    record.id,
+                    record.state
+                ),
+                _ => Ok(()),
             }
-            Ok(())
         }
         ClusterCommand::List(args) => {
             let client = client_for(&args.config)?;

@@ -640,3 +640,72 @@ async fn a_vanished_site_is_forgotten_and_with_force_its_parts_end() {
     );
     assert!(events.iter().any(|e| e.kind == "cluster.healed"));
 }
+
+/// `cluster create --wait --json` prints the cluster as soon as it is
+/// accepted (one JSON object per line), and a cluster deleted while it is
+/// reserved ends the wait with an error that says so, not with success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_wait_prints_the_id_at_once_and_fails_for_a_cluster_deleted_meanwhile() {
+    let members = start_federation(&[("site-a", 2), ("site-b", 4)]).await;
+    let config = members[0].site.config_arg().to_owned();
+    // The worker stops answering: the reservation waits for it.
+    let worker = members[1].agent.as_ref().expect("running").pid();
+    common::signal(worker, "STOP");
+    let create = std::process::Command::new(common::vcfed_bin())
+        .args([
+            "cluster",
+            "create",
+            "--config",
+            &config,
+            "--name",
+            "doomed",
+            "--nodes",
+            "3",
+            "--duration",
+            "1h",
+            "--wait",
+            "--json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually(
+        "the cluster is reserving at site-a",
+        Duration::from_secs(10),
+        || async {
+            let all: Vec<ClusterRecord> = members[0].client.get("/v1/clusters").await.unwrap();
+            all.iter()
+                .any(|c| c.name == "doomed" && c.state == ClusterState::Reserving)
+        },
+    )
+    .await;
+    let out = vcfed(&["cluster", "delete", "doomed", "--config", &config]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let out = create.wait_with_output().unwrap();
+    common::signal(worker, "CONT");
+    assert!(
+        !out.status.success(),
+        "create --wait succeeded for a deleted cluster"
+    );
+    let err = common::stderr(&out);
+    assert!(
+        err.contains("was deleted before its nodes were reserved"),
+        "{err}"
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let first: ClusterRecord = serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
+    assert_eq!(first.name, "doomed");
+    assert_eq!(first.state, ClusterState::Reserving);
+    // Then the settled record, then (`--json` errors are JSON) the error.
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{stdout}");
+    let last: ClusterRecord = serde_json::from_str(lines[1]).unwrap();
+    assert_eq!(last.id, first.id);
+    let error: Value = serde_json::from_str(lines[2]).unwrap();
+    assert!(error.to_string().contains("was deleted"), "{error}");
+    assert!(matches!(
+        last.state,
+        ClusterState::Stopping | ClusterState::Finished
+    ));
+}

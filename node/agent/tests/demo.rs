@@ -39,31 +39,45 @@ fn environment_ready() -> bool {
     }
 }
 
-#[test]
-fn the_demo_installs_every_node_from_the_masters_frontend_and_leaves_nothing() {
-    if !environment_ready() {
-        return;
-    }
+/// Runs `vcfed demo` with `args` (in a temporary directory, with a
+/// report); its output and report, once it succeeded.
+fn run_demo(args: &[&str]) -> (String, DemoReport) {
     let dir = tempfile::tempdir().unwrap();
     let report_path = dir.path().join("report.json");
     let started = Instant::now();
     let out = Command::new(common::vcfed_bin())
-        // Its own instance: a user's demo (instance 0) on this machine is
-        // left alone.
-        .args(["demo", "--instance", "7", "--dir"])
+        .arg("demo")
+        .args(args)
+        .arg("--dir")
         .arg(dir.path().join("sites"))
         .arg("--report")
         .arg(&report_path)
         .env_remove("RUST_LOG")
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "the demo failed:\n{stdout}\n{}",
         common::stderr(&out)
     );
-    eprintln!("vcfed demo took {:.1}s", started.elapsed().as_secs_f64());
+    eprintln!(
+        "vcfed demo {} took {:.1}s",
+        args.join(" "),
+        started.elapsed().as_secs_f64()
+    );
+    let report = serde_json::from_str(&std::fs::read_to_string(&report_path).unwrap()).unwrap();
+    (stdout, report)
+}
+
+#[test]
+fn the_demo_installs_every_node_from_the_masters_frontend_and_leaves_nothing() {
+    if !environment_ready() {
+        return;
+    }
+    // Its own instance: a user's demo (instance 0) on this machine is left
+    // alone.
+    let (stdout, report) = run_demo(&["--instance", "7"]);
     for step in [
         "gossip view complete",
         "is the master",
@@ -75,8 +89,6 @@ fn the_demo_installs_every_node_from_the_masters_frontend_and_leaves_nothing() {
         assert!(stdout.contains(step), "no {step:?} in:\n{stdout}");
     }
 
-    let report: DemoReport =
-        serde_json::from_str(&std::fs::read_to_string(&report_path).unwrap()).unwrap();
     let frontend = report.frontend_ip.clone().expect("the frontend's address");
     let master = &report.sites[0];
     let frontends: Vec<_> = report.nodes.iter().filter(|n| n.frontend).collect();
@@ -120,27 +132,7 @@ fn a_lost_worker_site_is_fenced_replaced_and_stands_down_when_it_returns() {
     if !environment_ready() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let report_path = dir.path().join("report.json");
-    let started = Instant::now();
-    let out = Command::new(common::vcfed_bin())
-        .args(["demo", "--heal", "--instance", "8", "--dir"])
-        .arg(dir.path().join("sites"))
-        .arg("--report")
-        .arg(&report_path)
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "the demo failed:\n{stdout}\n{}",
-        common::stderr(&out)
-    );
-    eprintln!(
-        "vcfed demo --heal took {:.1}s",
-        started.elapsed().as_secs_f64()
-    );
+    let (stdout, report) = run_demo(&["--heal", "--instance", "8"]);
     for step in [
         "declared",
         "replacement committed",
@@ -150,8 +142,6 @@ fn a_lost_worker_site_is_fenced_replaced_and_stands_down_when_it_returns() {
     ] {
         assert!(stdout.contains(step), "no {step:?} in:\n{stdout}");
     }
-    let report: DemoReport =
-        serde_json::from_str(&std::fs::read_to_string(&report_path).unwrap()).unwrap();
     let heal = report.heal.expect("the heal report");
     eprintln!("{heal:?}");
     assert!(!heal.lost_nodes.is_empty());

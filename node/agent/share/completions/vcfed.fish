@@ -150,7 +150,7 @@ complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_sub
 complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from create" -l log-format -d 'Log format on stderr. RUST_LOG sets the level (default: info for `run`, warn otherwise)' -r -f -a "text\t'Human-readable lines'
 json\t'One JSON object per line'"
 complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from create" -s c -l config -d 'The site\'s config file (written by `vcfed init`), before or after the subcommand; for `vcfed init`, where to write it [default: DATA_DIR/vcfed.toml]; for `vcfed gateway`, the gateway\'s config (or VCFED_GATEWAY_CONFIG)' -r -F
-complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from create" -l wait -d 'Wait until the nodes are reserved (or the request failed), showing progress'
+complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from create" -l wait -d 'Wait until the nodes are reserved (or the request failed), showing progress; exits non-zero if the cluster failed or was deleted meanwhile. With --json: the accepted cluster on one line at once, the settled one on a line at the end'
 complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from create" -l json -d 'Print JSON instead of text'
 complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from create" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c vcfed -n "__fish_vcfed_using_subcommand cluster; and __fish_seen_subcommand_from create" -s V -l version -d 'Print version'
