@@ -451,7 +451,9 @@ async fn delete_wait_names_the_sites_it_waits_for_and_times_out() {
         "--json",
     ]);
     assert!(out.status.success(), "{}", common::stderr(&out));
-    let record: ClusterRecord = serde_json::from_slice(&out.stdout).unwrap();
+    // A line as accepted, a line as settled.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let record: ClusterRecord = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     assert!(
         record.parts.iter().any(|p| p.site == "site-b"),
         "{record:?}"
