@@ -383,6 +383,8 @@ pub async fn start(
         });
     let cluster_config = ClusterConfig {
         heal_grace_ms: millis(config.clusters.heal_grace),
+        lease_ms: millis(config.clusters.lease),
+        reserve_deadline_ms: millis(config.clusters.reserve_deadline),
         ..ClusterConfig::default()
     };
     let cluster = ledger

@@ -14,8 +14,9 @@ use toml::Spanned;
 
 use super::diagnostics::{ConfigError, Source, example, ifname_problem};
 use super::types::{
-    DEFAULT_HEAL_GRACE, HEAL_GRACE_MAX, HEAL_GRACE_MIN, INSTALLER_ARGS_BYTES_MAX,
-    NODE_MEMORY_MIB_MAX, NODE_MEMORY_MIB_MIN, POOL_NAME_CHARS_MAX, SHUTDOWN_TIMEOUT_S_MAX,
+    DEFAULT_HEAL_GRACE, DEFAULT_LEASE, DEFAULT_RESERVE_DEADLINE, HEAL_GRACE_MAX, HEAL_GRACE_MIN,
+    INSTALLER_ARGS_BYTES_MAX, LEASE_MAX, LEASE_MIN, NODE_MEMORY_MIB_MAX, NODE_MEMORY_MIB_MIN,
+    POOL_NAME_CHARS_MAX, RESERVE_DEADLINE_MAX, RESERVE_DEADLINE_MIN, SHUTDOWN_TIMEOUT_S_MAX,
     SHUTDOWN_TIMEOUT_S_MIN, VLAN_ID_MAX, VLAN_ID_MIN, VLAN_PLACEHOLDER,
 };
 use super::{
@@ -124,6 +125,8 @@ struct RawClusters {
     vlans: Spanned<String>,
     driver: Option<Spanned<String>>,
     heal_grace: Option<Spanned<String>>,
+    lease: Option<Spanned<String>>,
+    reserve_deadline: Option<Spanned<String>>,
 }
 
 #[derive(Default, Deserialize)]
@@ -523,36 +526,67 @@ impl RawClusters {
                 }
             },
         };
-        let heal_grace = match self.heal_grace {
-            None => DEFAULT_HEAL_GRACE,
-            Some(text) => {
-                let parsed = humantime::parse_duration(text.get_ref()).map_err(|e| {
-                    source.invalid(
-                        &text,
-                        "clusters.heal_grace",
-                        format!("invalid duration {:?}: {e}", text.get_ref()),
-                        Some("write a duration such as \"60s\" or \"5m\"".to_owned()),
-                    )
-                })?;
-                if !(HEAL_GRACE_MIN..=HEAL_GRACE_MAX).contains(&parsed) {
-                    return Err(source.invalid(
-                        &text,
-                        "clusters.heal_grace",
-                        format!("{:?} is out of range", text.get_ref()),
-                        Some(
-                            "use a duration between 10s and 1h: shorter fences sites over a \
-                             missed advert, longer leaves clusters short"
-                                .to_owned(),
-                        ),
-                    ));
-                }
-                parsed
+        // A duration of the table within `range`, `why` saying what the
+        // bounds guard against.
+        let duration = |value: Option<Spanned<String>>,
+                        field: &str,
+                        default: Duration,
+                        range: std::ops::RangeInclusive<Duration>,
+                        why: &str| {
+            let Some(text) = value else {
+                return Ok(default);
+            };
+            let parsed = humantime::parse_duration(text.get_ref()).map_err(|e| {
+                source.invalid(
+                    &text,
+                    field,
+                    format!("invalid duration {:?}: {e}", text.get_ref()),
+                    Some("write a duration such as \"60s\" or \"5m\"".to_owned()),
+                )
+            })?;
+            if !range.contains(&parsed) {
+                return Err(source.invalid(
+                    &text,
+                    field,
+                    format!("{:?} is out of range", text.get_ref()),
+                    Some(format!(
+                        "use a duration between {} and {}: {why}",
+                        humantime::format_duration(*range.start()),
+                        humantime::format_duration(*range.end())
+                    )),
+                ));
             }
+            Ok(parsed)
         };
+        let heal_grace = duration(
+            self.heal_grace,
+            "clusters.heal_grace",
+            DEFAULT_HEAL_GRACE,
+            HEAL_GRACE_MIN..=HEAL_GRACE_MAX,
+            "shorter fences sites over a missed advert, longer leaves clusters short",
+        )?;
+        let lease = duration(
+            self.lease,
+            "clusters.lease",
+            DEFAULT_LEASE,
+            LEASE_MIN..=LEASE_MAX,
+            "shorter lets holds lapse before a slow commit arrives, longer keeps the \
+             nodes of a master that died from other requests",
+        )?;
+        let reserve_deadline = duration(
+            self.reserve_deadline,
+            "clusters.reserve_deadline",
+            DEFAULT_RESERVE_DEADLINE,
+            RESERVE_DEADLINE_MIN..=RESERVE_DEADLINE_MAX,
+            "shorter fails requests that need a few re-plans, longer leaves a request \
+             waiting on sites that do not answer",
+        )?;
         Ok(ClustersConfig {
             vlans,
             driver,
             heal_grace,
+            lease,
+            reserve_deadline,
         })
     }
 }

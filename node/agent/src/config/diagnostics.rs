@@ -410,6 +410,8 @@ pub(super) fn example(field: &str) -> Option<&'static str> {
         "inventory.hosts.disk_gib" => "disk_gib = 2000",
         "clusters.vlans" => r#"vlans = "100-199""#,
         "clusters.heal_grace" => r#"heal_grace = "60s""#,
+        "clusters.lease" => r#"lease = "30s""#,
+        "clusters.reserve_deadline" => r#"reserve_deadline = "60s""#,
         "gateway.listen" => r#"listen = "0.0.0.0:7782""#,
         "gateway.endpoint" => r#"endpoint = "gw.example.org:7782""#,
         "gateway.bridge" => r#"bridge = "br-site""#,

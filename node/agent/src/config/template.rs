@@ -165,6 +165,11 @@ vlans = {vlans}
 # cluster's network and, by the cluster's heal policy (`vcfed cluster create
 # --heal`), replaced at other sites. Between 10s and 1h. Default: "60s".
 # heal_grace = "60s"
+# How long a worker site holds nodes for a master before its commit (5s-10m),
+# and how long a master may take to collect every hold of a request
+# (10s-10m; its own hold lasts that plus the lease). Defaults: "30s", "60s".
+# lease = "30s"
+# reserve_deadline = "60s"
 
 [gateway]
 # UDP address (IP:port) of the data plane. Default: "{DEFAULT_GATEWAY_LISTEN}".

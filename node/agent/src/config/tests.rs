@@ -591,7 +591,10 @@ fn unknown_field_is_refused_with_the_valid_ones() {
     assert_error(&e, 10, "clusters.vlan", "unknown field `vlan`");
     assert_eq!(
         e.hint.as_deref(),
-        Some("did you mean `vlans`? the [clusters] table accepts `vlans`, `driver`, `heal_grace`")
+        Some(
+            "did you mean `vlans`? the [clusters] table accepts `vlans`, `driver`, \
+             `heal_grace`, `lease`, `reserve_deadline`"
+        )
     );
 
     let e = parse_err(&minimal("[gateway]\ncolour = \"blue\"\n"));
@@ -1637,4 +1640,28 @@ fn heal_grace_defaults_to_a_minute_and_is_bounded() {
     assert!(e.hint.unwrap_or_default().contains("between 10s and 1h"));
     let e = parse_err(&minimal("heal_grace = \"soon\"\n"));
     assert_error(&e, 11, "clusters.heal_grace", "invalid duration \"soon\"");
+}
+
+#[test]
+fn lease_and_reserve_deadline_are_config_with_bounds() {
+    let config = parse(&minimal("")).unwrap();
+    assert_eq!(
+        (config.clusters.lease, config.clusters.reserve_deadline),
+        (Duration::from_secs(30), Duration::from_secs(60))
+    );
+    let config = parse(&minimal("lease = \"2m\"\nreserve_deadline = \"5m\"\n")).unwrap();
+    assert_eq!(
+        (config.clusters.lease, config.clusters.reserve_deadline),
+        (Duration::from_secs(120), Duration::from_secs(300))
+    );
+    let e = parse_err(&minimal("lease = \"1h\"\n"));
+    assert_error(&e, 11, "clusters.lease", "\"1h\" is out of range");
+    assert!(e.hint.unwrap_or_default().contains("between 5s and 10m"));
+    let e = parse_err(&minimal("reserve_deadline = \"1s\"\n"));
+    assert_error(
+        &e,
+        11,
+        "clusters.reserve_deadline",
+        "\"1s\" is out of range",
+    );
 }

@@ -196,6 +196,11 @@ pub struct ClustersConfig {
     /// gone from the gossip view and silent before its parts are declared
     /// lost (and, by the cluster's heal policy, replaced).
     pub heal_grace: Duration,
+    /// How long a worker holds nodes for a master before its commit.
+    pub lease: Duration,
+    /// How long a master may take to collect every hold of a request (its
+    /// own hold lasts this plus `lease`).
+    pub reserve_deadline: Duration,
 }
 
 /// `clusters.heal_grace` when the config does not set it.
@@ -205,6 +210,18 @@ pub(super) const DEFAULT_HEAL_GRACE: Duration = Duration::from_secs(60);
 pub(super) const HEAL_GRACE_MIN: Duration = Duration::from_secs(10);
 /// See [`HEAL_GRACE_MIN`].
 pub(super) const HEAL_GRACE_MAX: Duration = Duration::from_secs(3600);
+/// `clusters.lease` when the config does not set it.
+pub(super) const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+/// Bounds of `clusters.lease` (a worker grants at most 10 minutes).
+pub(super) const LEASE_MIN: Duration = Duration::from_secs(5);
+/// See [`LEASE_MIN`].
+pub(super) const LEASE_MAX: Duration = Duration::from_secs(600);
+/// `clusters.reserve_deadline` when the config does not set it.
+pub(super) const DEFAULT_RESERVE_DEADLINE: Duration = Duration::from_secs(60);
+/// Bounds of `clusters.reserve_deadline`.
+pub(super) const RESERVE_DEADLINE_MIN: Duration = Duration::from_secs(10);
+/// See [`RESERVE_DEADLINE_MIN`].
+pub(super) const RESERVE_DEADLINE_MAX: Duration = Duration::from_secs(600);
 
 /// `clusters.driver`: how a site runs the nodes of its clusters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -422,6 +439,8 @@ impl Config {
                     vlans,
                     driver,
                     heal_grace,
+                    lease,
+                    reserve_deadline,
                 },
             gateway:
                 GatewayConfig {
@@ -472,6 +491,11 @@ impl Config {
             (
                 "clusters.heal_grace",
                 *heal_grace == other.clusters.heal_grace,
+            ),
+            ("clusters.lease", *lease == other.clusters.lease),
+            (
+                "clusters.reserve_deadline",
+                *reserve_deadline == other.clusters.reserve_deadline,
             ),
             ("gateway.listen", *gateway_listen == other.gateway.listen),
             ("gateway.endpoint", *endpoint == other.gateway.endpoint),
