@@ -10,7 +10,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use crate::{Sim, SiteId};
-use libp2p_identity::PeerId;
 use vcfed_storage::{ClusterRecord, ClusterState, NodeRecord, PartState};
 
 use crate::site::{Directory, FedSite, Presence};
@@ -546,7 +545,7 @@ impl LifecycleChecks {
             .parts
             .iter()
             .filter(|p| p.state == PartState::Committed)
-            .filter_map(|p| self.site_index(p.peer_id.as_deref()?))
+            .filter_map(|p| self.directory.site_of(p.peer_id.as_deref()?))
             .filter(|&s| s != info.master)
             .collect();
         let mut booted: BTreeSet<u32> = BTreeSet::new();
@@ -638,15 +637,9 @@ impl LifecycleChecks {
                 p.state != PartState::Released
                     && p.peer_id
                         .as_deref()
-                        .and_then(|peer| self.site_index(peer))
+                        .and_then(|peer| self.directory.site_of(peer))
                         .is_some_and(|s| sim.sites()[s].presence() != Presence::Member)
             })
-    }
-
-    /// The index of the site with peer id `peer`.
-    fn site_index(&self, peer: &str) -> Option<SiteId> {
-        let peer: PeerId = peer.parse().ok()?;
-        self.directory.index.get(&peer).copied()
     }
 
     fn found(

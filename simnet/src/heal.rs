@@ -125,7 +125,11 @@ impl World {
                 .iter()
                 .filter(|p| in_cluster(p.state) && p.lost_at_ms.is_none() && !p.frontend)
             {
-                let Some(site) = part.peer_id.as_deref().and_then(|p| self.site_of(p)) else {
+                let Some(site) = part
+                    .peer_id
+                    .as_deref()
+                    .and_then(|p| self.directory.site_of(p))
+                else {
                     continue;
                 };
                 if site != master && checks::alive(&self.sim, site) {
@@ -286,7 +290,7 @@ impl World {
                             && p.lost_at_ms.is_none()
                             && in_cluster(p.state)
                     });
-                    let Some(lost) = self.site_of(peer) else {
+                    let Some(lost) = self.directory.site_of(peer) else {
                         continue;
                     };
                     if !stays && self.dataplane.carries(master, segment, lost) {
@@ -338,11 +342,6 @@ impl World {
             .cluster(cluster)
             .ok()
             .flatten()
-    }
-
-    fn site_of(&self, peer: &str) -> Option<SiteId> {
-        let peer: libp2p_identity::PeerId = peer.parse().ok()?;
-        self.directory.index.get(&peer).copied()
     }
 }
 

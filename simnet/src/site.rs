@@ -444,6 +444,14 @@ pub struct Directory {
     pub index: BTreeMap<PeerId, SiteId>,
 }
 
+impl Directory {
+    /// The site whose peer id is `peer` (as text, as records keep it).
+    pub fn site_of(&self, peer: &str) -> Option<SiteId> {
+        let peer: PeerId = peer.parse().ok()?;
+        self.index.get(&peer).copied()
+    }
+}
+
 /// What a site loses when it crashes.
 struct Volatile {
     /// The site core's federation: registry core, cluster core, advert

@@ -1463,8 +1463,9 @@ impl World {
             let gone = self.sim.sites()[*master].presence() != Presence::Member
                 || record.parts.iter().any(|p| {
                     p.state != PartState::Released
-                        && self
-                            .site_of_peer(p.peer_id.as_deref())
+                        && p.peer_id
+                            .as_deref()
+                            .and_then(|peer| self.directory.site_of(peer))
                             .is_some_and(|s| self.sim.sites()[s].presence() != Presence::Member)
                 });
             let state = record.state;
@@ -1503,11 +1504,6 @@ impl World {
             self.violation("settled after faults", None, detail);
         }
         self.check_leaks();
-    }
-
-    fn site_of_peer(&self, peer: Option<&str>) -> Option<SiteId> {
-        let peer: libp2p_identity::PeerId = peer?.parse().ok()?;
-        self.directory.index.get(&peer).copied()
     }
 
     /// Every commitment a member keeps belongs to a part its master counts

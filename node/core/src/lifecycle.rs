@@ -26,8 +26,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use vcfed_storage::{
-    ClusterRecord, ClusterRun, ClusterState, GatewayRef, Ledger, LedgerError, NodeRecord,
-    NodeShape, PartState, Window,
+    ClusterPart, ClusterRecord, ClusterRun, ClusterState, GatewayRef, Ledger, LedgerError,
+    NodeRecord, NodeShape, PartState, Window,
 };
 
 use crate::cluster::ReportedNode;
@@ -146,26 +146,11 @@ pub fn plan(
             frontend: true,
         });
     }
-    // Parts the master numbered keep their numbers; any other follows the
-    // highest number in use.
-    let mut next = parts
-        .iter()
-        .filter_map(|p| p.first_node.map(|first| first.saturating_add(p.nodes)))
-        .max()
-        .unwrap_or(1)
-        .max(1);
+    let firsts = first_numbers(&parts);
     let mut cluster_nodes = vec![0u32];
     let mut peers: BTreeMap<&str, Option<GatewayRef>> = BTreeMap::new();
-    for part in &parts {
+    for (part, &first) in parts.iter().zip(&firsts) {
         let local = is_local(&part.site, part.peer_id.as_deref());
-        let first = match part.first_node {
-            Some(first) => first,
-            None => {
-                let first = next;
-                next = next.saturating_add(part.nodes);
-                first
-            }
-        };
         // Bounded: a committed part fits its site's inventory.
         let range = first..first.saturating_add(part.nodes);
         cluster_nodes.extend(range.clone());
@@ -214,6 +199,29 @@ pub fn plan(
             .get("shape")
             .and_then(|shape| serde_json::from_value(shape.clone()).ok()),
     })
+}
+
+/// The number of the first compute node of each of `parts` (a cluster's
+/// parts, in (site, attempt) order): the one the master gave it, or, for
+/// a part stored without one (before epochs), the next after the highest
+/// in use, in that order — from 1 when no part has a number.
+pub fn first_numbers(parts: &[&ClusterPart]) -> Vec<u32> {
+    let mut next = parts
+        .iter()
+        .filter_map(|p| p.first_node.map(|first| first.saturating_add(p.nodes)))
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    parts
+        .iter()
+        .map(|part| {
+            part.first_node.unwrap_or_else(|| {
+                let first = next;
+                next = next.saturating_add(part.nodes);
+                first
+            })
+        })
+        .collect()
 }
 
 /// Whether a part in `state` is one of the cluster's: committed, or (in

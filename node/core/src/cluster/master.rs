@@ -143,26 +143,6 @@ impl Master {
             .collect()
     }
 
-    /// A cluster committed before numbers were stored (a ledger from
-    /// before epochs): its parts get the numbers every site derived then,
-    /// in (site, attempt) order over the committed parts from 1, so that
-    /// fencing a part renumbers nobody.
-    fn number_as_before_epochs(&mut self, local_name: &str) {
-        let mut order: Vec<(&str, u32, Slot)> = self
-            .parts
-            .iter()
-            .enumerate()
-            .filter(|(_, p)| crate::lifecycle::in_cluster(p.state))
-            .map(|(i, p)| (p.site_name.as_str(), p.attempt, Slot::Remote(i)))
-            .collect();
-        if crate::lifecycle::in_cluster(self.local_state) {
-            order.push((local_name, 0, Slot::Local));
-        }
-        order.sort();
-        let order: Vec<Slot> = order.into_iter().map(|(_, _, slot)| slot).collect();
-        self.give_numbers(&order, 1);
-    }
-
     /// Numbers the parts of `order` one after the other from `next`.
     fn give_numbers(&mut self, order: &[Slot], mut next: u32) {
         for slot in order {
@@ -1340,8 +1320,32 @@ pub(super) fn master_from_record(
         record.state,
         ClusterState::Reserved | ClusterState::Starting | ClusterState::Running
     );
-    if live && master.local_first.is_none() && master.parts.iter().all(|p| p.first_node.is_none()) {
-        master.number_as_before_epochs(&record.master_site);
+    // A cluster committed before numbers were stored (a ledger from before
+    // epochs): its parts get the numbers every site derived then, so that
+    // fencing a part renumbers nobody.
+    if live && record.parts.iter().all(|p| p.first_node.is_none()) {
+        let mut committed: Vec<&ClusterPart> = record
+            .parts
+            .iter()
+            .filter(|p| crate::lifecycle::in_cluster(p.state))
+            .collect();
+        committed.sort_by(|a, b| (&a.site, a.attempt).cmp(&(&b.site, b.attempt)));
+        let firsts = crate::lifecycle::first_numbers(&committed);
+        for (part, first) in committed.into_iter().zip(firsts) {
+            if part.frontend && part.attempt == 0 {
+                master.local_first = Some(first);
+            } else if own(part) {
+                let extra = master.extras.iter_mut().find(|e| e.attempt == part.attempt);
+                if let Some(extra) = extra {
+                    extra.first_node = Some(first);
+                }
+            } else if let Some(remote) = master.parts.iter_mut().find(|r| {
+                part.peer_id.as_deref() == Some(r.peer.to_string().as_str())
+                    && r.attempt == part.attempt
+            }) {
+                remote.first_node = Some(first);
+            }
+        }
     }
     Some(master)
 }
