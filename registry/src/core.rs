@@ -259,6 +259,28 @@ pub struct RegistryStats {
     pub bytes_sent: u64,
 }
 
+/// A view still filling after a (re)start: the site has not yet heard from
+/// every site it expected to (those it remembers or was told to dial), and
+/// the time it gives them has not run out. While a view warms up, "no room
+/// in the federation" cannot be told from "not heard from the federation
+/// yet".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Warming {
+    /// Expected sites whose advert is in the view.
+    pub heard: usize,
+    /// Sites expected.
+    pub expected: usize,
+    /// When the wait ends, heard from or not.
+    pub until_ms: i64,
+}
+
+/// The sites a site expects to hear from after it starts, and until when.
+#[derive(Debug, Clone)]
+struct Expected {
+    sites: BTreeSet<PeerId>,
+    until_ms: i64,
+}
+
 /// One site as the view shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SiteView {
@@ -505,6 +527,8 @@ pub struct Registry {
     /// each: relays of those adverts do not bring them back, a newer one
     /// (the site is back) does.
     forgotten: BTreeMap<PeerId, u64>,
+    /// The sites expected after a start ([`Registry::expect_sites`]).
+    expected: Option<Expected>,
 }
 
 /// Most forgotten sites remembered (beyond, one is dropped for each new one).
@@ -561,6 +585,7 @@ impl Registry {
             stats: RegistryStats::default(),
             verifier: None,
             forgotten: BTreeMap::new(),
+            expected: None,
         }
     }
 
@@ -849,6 +874,45 @@ impl Registry {
         self.digest.remove(&entry);
         self.deadline = DeadlineBound::of(&self.sites, &self.config);
         true
+    }
+
+    /// After a (re)start, the sites this site expects to hear from: those
+    /// it remembers or is told to dial. Until it has heard from them all,
+    /// or for one refresh and one anti-entropy round from `now_ms` (by
+    /// then a live site has sent its advert or a relay of it), the view is
+    /// [`Registry::warming`].
+    pub fn expect_sites(&mut self, now_ms: i64, sites: impl IntoIterator<Item = PeerId>) {
+        let sites: BTreeSet<PeerId> = sites
+            .into_iter()
+            .filter(|site| *site != self.local_id)
+            .collect();
+        self.expected = (!sites.is_empty()).then(|| Expected {
+            sites,
+            until_ms: now_ms
+                .saturating_add(self.config.refresh_ms)
+                .saturating_add(self.config.anti_entropy_ms),
+        });
+    }
+
+    /// Whether the view is still filling after a start (see [`Warming`]);
+    /// `None` once every expected site was heard from or the wait ran out.
+    pub fn warming(&self, now_ms: i64) -> Option<Warming> {
+        let expected = self.expected.as_ref()?;
+        if now_ms >= expected.until_ms {
+            return None;
+        }
+        // The view starts empty: any entry of an expected site is an advert
+        // heard since the start, whatever its state now.
+        let heard = expected
+            .sites
+            .iter()
+            .filter(|site| self.find(site).is_some())
+            .count();
+        (heard < expected.sites.len()).then_some(Warming {
+            heard,
+            expected: expected.sites.len(),
+            until_ms: expected.until_ms,
+        })
     }
 
     /// Whether any remote site is alive in the view.

@@ -36,5 +36,5 @@ pub use advert::{
 };
 pub use core::{
     Candidate, LocalAdvert, Registry, RegistryConfig, RegistryEvent, RegistryStats, SiteState,
-    SiteView, Transmit, Verdict,
+    SiteView, Transmit, Verdict, Warming,
 };

@@ -12,7 +12,7 @@ use libp2p_identity::{Keypair, PeerId};
 
 use crate::advert::{Advert, CapacitySummary, NodeShape, SignedAdvert};
 use crate::core::{
-    LocalAdvert, Registry, RegistryConfig, RegistryEvent, SiteState, Transmit, Verdict,
+    LocalAdvert, Registry, RegistryConfig, RegistryEvent, SiteState, Transmit, Verdict, Warming,
 };
 use crate::wire::{self, Message};
 
@@ -929,4 +929,44 @@ fn a_forgotten_site_is_not_brought_back_by_relays_of_its_old_adverts() {
         Verdict::Accept
     );
     assert!(registry.site_state(&site).is_some());
+}
+
+#[test]
+fn a_restarted_view_warms_up_until_its_remembered_sites_are_heard_or_time_runs_out() {
+    let (a, b) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
+    let own = Keypair::generate_ed25519();
+    let own_id = own.public().to_peer_id();
+    let mut registry = Registry::new(config(), own, 0, 1, 0);
+    assert_eq!(registry.warming(0), None, "nothing expected: no warm-up");
+    // Its own id among the remembered ones is not waited for.
+    let expected = [a.public().to_peer_id(), b.public().to_peer_id(), own_id];
+    registry.expect_sites(1_000, expected);
+    // One refresh (3 s) and one anti-entropy round (1 s) from the start.
+    let until_ms = 5_000;
+    let warming = |heard| {
+        Some(Warming {
+            heard,
+            expected: 2,
+            until_ms,
+        })
+    };
+    assert_eq!(registry.warming(1_000), warming(0));
+    assert_eq!(
+        registry.handle_gossip(1_500, &advert_gossip(&a, 1, 4)),
+        Verdict::Accept
+    );
+    assert_eq!(registry.warming(1_500), warming(1));
+    // A site that never answers holds the warm-up only until its end.
+    assert_eq!(registry.warming(until_ms - 1), warming(1));
+    assert_eq!(registry.warming(until_ms), None);
+    // Heard from all: warm at once.
+    registry.expect_sites(10_000, [a.public().to_peer_id(), b.public().to_peer_id()]);
+    assert_eq!(
+        registry.handle_gossip(10_100, &advert_gossip(&b, 1, 4)),
+        Verdict::Accept
+    );
+    assert_eq!(registry.warming(10_100), None);
+    // Expecting nobody ends a warm-up.
+    registry.expect_sites(20_000, []);
+    assert_eq!(registry.warming(20_000), None);
 }

@@ -10,8 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::advert::SignedAdvert;
 
-/// Wire version this build speaks.
-pub const WIRE_VERSION: u16 = 1;
+/// Wire version this build speaks. 2: cluster commits carry the membership
+/// epoch, the parts' node numbers and the request's node count.
+pub const WIRE_VERSION: u16 = 2;
 
 /// One site's entry in an anti-entropy digest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -225,7 +226,9 @@ mod tests {
     #[test]
     fn cluster_messages_carry_the_cluster_tag() {
         let bytes = encode(&Message::Cluster(vec![1, 2, 3]));
-        assert_eq!(bytes[..2], [1, 7]);
+        // The version (a varint below 128: one byte), then the tag.
+        assert_eq!(u16::from(bytes[0]), WIRE_VERSION);
+        assert_eq!(bytes[1], 7);
         assert_eq!(u32::from(bytes[1]), CLUSTER_TAG);
         assert_eq!(decode_cluster(&bytes, 1024), Some(vec![1, 2, 3]));
         assert_eq!(decode_cluster(&bytes, 4), None);

@@ -735,6 +735,10 @@ impl FedSite {
                 ctx.send(peer, FedMsg::Hello);
             }
         }
+        // As the agent: requests that need sites not heard from yet since
+        // the start are answered "not known yet" for a while.
+        let expected = self.mesh.iter().map(|&peer| self.directory.peers[peer]);
+        volatile.fed.registry_mut().expect_sites(now, expected);
         self.volatile = Some(volatile);
         self.dataplane.set_alive(self.index, true);
         self.observations.push(Observation::LedgerTouched);
@@ -1349,6 +1353,7 @@ fn create_error_kind(e: &vcfed_node_core::cluster::CreateError) -> &'static str 
         CreateError::UnknownShape(_) => "unknown shape",
         CreateError::Insufficient { available: 0, .. } => "no room here for the frontend",
         CreateError::Insufficient { .. } => "federation has too few free nodes",
+        CreateError::NotReady { .. } => "view warming up",
         CreateError::Exists(_) => "exists",
         CreateError::NameTaken { .. } => "name taken",
         CreateError::Ledger(_) => "ledger error",

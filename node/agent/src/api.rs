@@ -141,6 +141,8 @@ pub async fn serve(
 pub struct ApiError {
     status: StatusCode,
     detail: ErrorDetail,
+    /// Seconds for a `Retry-After` header.
+    retry_after_s: Option<u64>,
 }
 
 impl ApiError {
@@ -152,6 +154,7 @@ impl ApiError {
                 message: message.into(),
                 available: None,
             },
+            retry_after_s: None,
         }
     }
 
@@ -167,6 +170,11 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let Some(seconds) = self.retry_after_s {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
     }
@@ -641,6 +649,11 @@ async fn find_cluster(state: &ApiState, id: &str) -> Result<ClusterRecord, ApiEr
     }
 }
 
+/// Longest a create waits for a view still warming up after a start, and
+/// how often it asks again meanwhile.
+const CREATE_WARMUP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+const CREATE_WARMUP_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+
 async fn create_cluster(
     State(state): State<Arc<ApiState>>,
     body: Result<Json<CreateClusterBody>, JsonRejection>,
@@ -675,17 +688,31 @@ async fn create_cluster(
     };
     let id = new_cluster_id()
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e))?;
-    let created = state
-        .federation
-        .create_cluster(id, request)
-        .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                format!("{e:#}"),
-            )
-        })?;
+    // A site that has just started may not have heard from the sites it
+    // remembers: their adverts usually arrive within a second or two, so
+    // the request waits for them (bounded) rather than be refused for lack
+    // of sites it has not heard from yet.
+    let waited_since = tokio::time::Instant::now();
+    let created = loop {
+        let created = state
+            .federation
+            .create_cluster(id.clone(), request.clone())
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    format!("{e:#}"),
+                )
+            })?;
+        if matches!(created, Err(CreateError::NotReady { .. }))
+            && waited_since.elapsed() < CREATE_WARMUP_WAIT
+        {
+            tokio::time::sleep(CREATE_WARMUP_POLL).await;
+            continue;
+        }
+        break created;
+    };
     match created {
         Ok(record) => Ok((StatusCode::CREATED, Json(record)).into_response()),
         Err(CreateError::Invalid(message)) => Err(ApiError::bad_request(message)),
@@ -697,6 +724,15 @@ async fn create_cluster(
         Err(CreateError::Insufficient { available, detail }) => {
             let mut error = ApiError::new(StatusCode::CONFLICT, "insufficient_capacity", detail);
             error.detail.available = Some(available);
+            Err(error)
+        }
+        Err(e @ CreateError::NotReady { retry_after_s, .. }) => {
+            let mut error = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "federation_not_ready",
+                e.to_string(),
+            );
+            error.retry_after_s = Some(retry_after_s);
             Err(error)
         }
         Err(e @ CreateError::Exists(_)) => Err(ApiError::new(

@@ -459,6 +459,11 @@ pub async fn start(
             }
         };
         shell.load_known_peers();
+        // Until the sites it will dial are heard from (or a refresh round
+        // passes), a request that needs them is answered "not known yet",
+        // not "the federation is full".
+        let expected: Vec<PeerId> = shell.dial_targets.keys().copied().collect();
+        shell.fed.registry_mut().expect_sites(now_ms(), expected);
         shell.fed.refresh_advert(&mut shell.ledger, now_ms());
         runtime.block_on(shell.run(events, commands_rx, stop));
     });

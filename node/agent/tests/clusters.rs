@@ -139,6 +139,26 @@ async fn a_site_masters_a_cluster_larger_than_itself() {
         let theirs = cluster(worker, &record.id).await;
         assert_eq!(theirs.master_site, "site-a");
         assert_eq!(theirs.state, ClusterState::Reserved);
+        // `cluster list --json` there: the request is the cluster's (10
+        // nodes), the worker's share is its part.
+        let out = vcfed(&[
+            "cluster",
+            "list",
+            "--json",
+            "--config",
+            worker.site.config_arg(),
+        ]);
+        assert!(out.status.success(), "{}", common::stderr(&out));
+        let listed: Vec<ClusterRecord> = serde_json::from_slice(&out.stdout).unwrap();
+        let listed = listed.iter().find(|c| c.id == record.id).expect("listed");
+        assert_eq!(listed.request["nodes"], 10, "{name}: {:?}", listed.request);
+        let own: u32 = listed
+            .parts
+            .iter()
+            .filter(|p| p.site == name)
+            .map(|p| p.nodes)
+            .sum();
+        assert_eq!(own, at(&name), "{name}");
     }
 
     // Delete releases everywhere.
@@ -710,4 +730,83 @@ async fn create_wait_prints_the_id_at_once_and_fails_for_a_cluster_deleted_meanw
         last.state,
         ClusterState::Stopping | ClusterState::Finished
     ));
+}
+
+/// A restarted agent has an empty view although it remembers its peers:
+/// a request that needs them waits for their adverts instead of being
+/// refused as if the federation were full; with a remembered site that
+/// stays silent it answers 503 `federation_not_ready` (bounded), and once
+/// the warm-up is over, the real answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_site_tells_not_heard_yet_from_full() {
+    let mut members = start_federation(&[("site-a", 2), ("site-b", 4)]).await;
+    let body = |name: &str| json!({"name": name, "nodes": 4, "duration": "1h"});
+
+    // Restart site-a: its first request needs site-b (it has one compute
+    // slot besides the frontend's), whose advert it has not heard yet.
+    members[0].agent.take().expect("running").kill();
+    members[0].agent = Some(members[0].site.spawn());
+    common::wait_ready(&members[0].client).await;
+    let asked = Instant::now();
+    let (status, answer) = create(&members[0], body("after-restart")).await;
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
+    eprintln!(
+        "created {:.2}s after the restarted agent's API answered",
+        asked.elapsed().as_secs_f64()
+    );
+    let id = answer["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        wait_settled(&members[0], &id).await.state,
+        ClusterState::Reserved
+    );
+
+    // Its slots are needed again below.
+    let (status, _) = members[0]
+        .client
+        .raw::<Value>(Method::DELETE, &format!("/v1/clusters/{id}"), None)
+        .await
+        .unwrap();
+    assert!(status.is_success(), "{status}");
+    eventually("the cluster ends", Duration::from_secs(20), || async {
+        cluster(&members[0], &id).await.state == ClusterState::Finished
+    })
+    .await;
+
+    // Now site-b is down for good and site-a restarts with a slow refresh
+    // (a warm-up of 10.5 s): "not known yet", then "too few nodes".
+    members[1].agent.take().expect("running").kill();
+    members[0].agent.take().expect("running").kill();
+    let config = std::fs::read_to_string(&members[0].site.config_path).unwrap();
+    let slow = config.replace(
+        common::FAST_GOSSIP,
+        "advert_ttl = \"30s\"\nadvert_refresh = \"10s\"\nanti_entropy = \"500ms\"",
+    );
+    assert_ne!(config, slow, "the fast gossip settings are in the config");
+    std::fs::write(&members[0].site.config_path, slow).unwrap();
+    let started = Instant::now();
+    members[0].agent = Some(members[0].site.spawn());
+    common::wait_ready(&members[0].client).await;
+    let asked = Instant::now();
+    let (status, answer) = create(&members[0], body("site-b-silent")).await;
+    let waited = asked.elapsed();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
+    assert_eq!(answer["error"]["code"], "federation_not_ready", "{answer}");
+    let message = answer["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("heard from 0 of the 1 sites") && message.contains("try again in"),
+        "{message}"
+    );
+    assert!(
+        waited >= Duration::from_secs(4) && waited < Duration::from_secs(9),
+        "the request waits about 5 s first, it waited {waited:?}"
+    );
+    // Nothing was stored or held for the refused request.
+    let list: Vec<ClusterRecord> = members[0].client.get("/v1/clusters").await.unwrap();
+    assert!(list.iter().all(|c| c.name != "site-b-silent"), "{list:?}");
+    // After the warm-up, the federation's real state: too few nodes.
+    let remaining = Duration::from_millis(10_500).saturating_sub(started.elapsed());
+    tokio::time::sleep(remaining + Duration::from_millis(200)).await;
+    let (status, answer) = create(&members[0], body("site-b-silent")).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+    assert_eq!(answer["error"]["code"], "insufficient_capacity", "{answer}");
 }

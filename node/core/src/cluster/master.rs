@@ -371,7 +371,9 @@ impl ClusterCore {
         };
         let federation_free: u64 = candidates.iter().map(|c| u64::from(c.free)).sum();
         if !fits_here && !sites.offers_shape(&request.shape) {
-            return Err(CreateError::UnknownShape(request.shape));
+            return Err(
+                not_ready(sites, now_ms).unwrap_or(CreateError::UnknownShape(request.shape))
+            );
         }
         if local_free == 0 {
             let what = if fits_here {
@@ -391,6 +393,9 @@ impl ClusterCore {
         let remaining = request.nodes - local_nodes;
         let available = u64::from(local_nodes) + federation_free;
         if u64::from(remaining) > federation_free {
+            if let Some(not_ready) = not_ready(sites, now_ms) {
+                return Err(not_ready);
+            }
             return Err(CreateError::Insufficient {
                 available: u32::try_from(available).unwrap_or(u32::MAX),
                 detail: format!(
@@ -1109,6 +1114,18 @@ impl ClusterCore {
     }
 }
 
+/// The refusal for a request that needs other sites while the view is
+/// still warming up after a start: "not heard from the federation yet",
+/// not "the federation is full".
+fn not_ready(sites: &dyn SiteDirectory, now_ms: i64) -> Option<CreateError> {
+    let warming = sites.warming(now_ms)?;
+    let wait_ms = warming.until_ms.saturating_sub(now_ms).max(1);
+    Some(CreateError::NotReady {
+        warming,
+        retry_after_s: u64::try_from(wait_ms).map_or(1, |ms| ms.div_ceil(1000)),
+    })
+}
+
 fn fail(master: &mut Master, reason: &str) {
     if master.state.is_terminal() || master.state == ClusterState::Stopping {
         return;
@@ -1187,6 +1204,7 @@ fn request_for(
         PartState::Committing => ClusterMsg::Commit {
             cluster: id.to_owned(),
             name: request.name.clone(),
+            nodes: request.nodes,
             attempt: part.attempt,
             segment: context.segment,
             epoch: context.epoch,

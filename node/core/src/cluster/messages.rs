@@ -34,6 +34,9 @@ pub enum ClusterMsg {
         cluster: String,
         /// Cluster name (for the worker's records).
         name: String,
+        /// Compute nodes the cluster's request asked for (for the worker's
+        /// records: its own part's size is in `parts`).
+        nodes: u32,
         /// Attempt.
         attempt: u32,
         /// Overlay segment id of the cluster.

@@ -181,6 +181,10 @@ pub trait SiteDirectory {
     /// Whether any other site is alive in the view: a site that sees none
     /// may be the one cut off, and fences nobody.
     fn any_alive(&self) -> bool;
+    /// Whether the view is still filling after this site started (see
+    /// [`vcfed_registry::Warming`]): a shortage it shows may only be sites
+    /// not heard from yet.
+    fn warming(&self, now_ms: i64) -> Option<vcfed_registry::Warming>;
 }
 
 impl SiteDirectory for vcfed_registry::Registry {
@@ -204,6 +208,10 @@ impl SiteDirectory for vcfed_registry::Registry {
     fn any_alive(&self) -> bool {
         vcfed_registry::Registry::any_alive(self)
     }
+
+    fn warming(&self, now_ms: i64) -> Option<vcfed_registry::Warming> {
+        vcfed_registry::Registry::warming(self, now_ms)
+    }
 }
 
 /// Why a cluster request was refused; nothing is held afterwards.
@@ -222,6 +230,23 @@ pub enum CreateError {
         available: u32,
         /// What is short, in words.
         detail: String,
+    },
+    /// The request needs other sites, and this site has not yet heard from
+    /// all the sites it remembers since it started: whether the federation
+    /// has room is not known yet. Nothing is held; asking again once the
+    /// view is warm gives the real answer.
+    #[error(
+        "this site has heard from {} of the {} sites it remembers since it started; whether the \
+         federation has room is not known yet: try again in {} s",
+        .warming.heard,
+        .warming.expected,
+        .retry_after_s
+    )]
+    NotReady {
+        /// How far the view is.
+        warming: vcfed_registry::Warming,
+        /// Seconds until the warm-up ends (at least 1).
+        retry_after_s: u64,
     },
     /// A cluster with this id exists already.
     #[error("cluster {0} exists already")]

@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt::Write as _;
 
 use libp2p_identity::{Keypair, PeerId};
-use vcfed_registry::Candidate;
+use vcfed_registry::{Candidate, Warming};
 use vcfed_storage::{
     ClusterRecord, ClusterState, Inventory, InventoryHost, Ledger, NodeShape, PartState,
     Reservation, ReservationFilter, ReservationState, Usage, Window, min_free,
@@ -98,6 +98,8 @@ struct Directory {
     sites: Vec<(PeerId, String, u32, Vec<Usage>)>,
     /// The sites cut off: `gone` in this view.
     gone: BTreeSet<PeerId>,
+    /// What the view says of its warm-up.
+    warming: Option<Warming>,
 }
 
 impl SiteDirectory for Directory {
@@ -139,6 +141,10 @@ impl SiteDirectory for Directory {
 
     fn any_alive(&self) -> bool {
         self.sites.iter().any(|s| !self.gone.contains(&s.0))
+    }
+
+    fn warming(&self, now_ms: i64) -> Option<Warming> {
+        self.warming.filter(|warming| now_ms < warming.until_ms)
     }
 }
 
@@ -198,6 +204,8 @@ struct Fed {
     sent: BTreeMap<&'static str, u64>,
     steps: u64,
     trace: VecDeque<String>,
+    /// The warm-up every site's view is in.
+    warming: Option<Warming>,
 }
 
 impl Fed {
@@ -242,6 +250,7 @@ impl Fed {
             index,
             wire: VecDeque::new(),
             lose: None,
+            warming: None,
             sent: BTreeMap::new(),
             steps: 0,
             trace: VecDeque::new(),
@@ -363,7 +372,11 @@ impl Fed {
             .filter(|site| !site.reachable)
             .map(|site| site.peer)
             .collect();
-        Directory { sites, gone }
+        Directory {
+            sites,
+            gone,
+            warming: self.warming,
+        }
     }
 
     /// Puts what every core queued on the wire.
@@ -1193,6 +1206,78 @@ fn bad_requests_are_refused_and_hold_nothing() {
 }
 
 #[test]
+fn a_view_still_warming_up_answers_not_ready_instead_of_full() {
+    let mut fed = Fed::new(&[4, 4, 4]);
+    let until_ms = fed.now_ms + 9_500;
+    fed.warming = Some(Warming {
+        heard: 1,
+        expected: 2,
+        until_ms,
+    });
+    // More than the view shows: not known yet, and nothing is held.
+    match fed.create(0, "big", 12) {
+        Err(
+            e @ CreateError::NotReady {
+                retry_after_s: 10,
+                warming:
+                    Warming {
+                        heard: 1,
+                        expected: 2,
+                        ..
+                    },
+            },
+        ) => assert!(
+            e.to_string().contains("heard from 1 of the 2 sites") && e.to_string().contains("10 s"),
+            "{e}"
+        ),
+        other => panic!("unexpected answer {other:?}"),
+    }
+    assert!(fed.sites[0].ledger.cluster("big").unwrap().is_none());
+    // A shape no site seen yet offers: not known yet either.
+    let huge = ClusterRequest {
+        shape: NodeShape {
+            cores: 1024,
+            ..shape()
+        },
+        ..request(2, window_after(fed.now_ms))
+    };
+    assert!(matches!(
+        fed.create_request(0, "huge", huge),
+        Err(CreateError::NotReady { .. })
+    ));
+    // What the view already covers is accepted while it warms up.
+    fed.create(0, "fits", 7).expect("the sites heard have room");
+    fed.run_quiet(fed.now_ms + 60 * SECOND_MS);
+    assert_eq!(fed.check_settled(0, "fits", 7), ClusterState::Reserved);
+    // Once the warm-up is over, the same request gets the real answer.
+    fed.now_ms = fed.now_ms.max(until_ms);
+    assert!(matches!(
+        fed.create(0, "big", 12),
+        Err(CreateError::Insufficient { .. })
+    ));
+}
+
+#[test]
+fn a_workers_record_keeps_the_clusters_request_and_its_own_part_apart() {
+    let mut fed = Fed::new(&[4, 4, 4]);
+    fed.create(0, "c9", 10).expect("the federation has room");
+    fed.run_quiet(T0_MS + 60 * SECOND_MS);
+    assert_eq!(fed.check_settled(0, "c9", 10), ClusterState::Reserved);
+    for worker in [1, 2] {
+        let record = fed.record(worker, "c9");
+        assert_eq!(record.request["nodes"], 10, "the request is the cluster's");
+        let name = &fed.sites[worker].name;
+        let own: u32 = record
+            .parts
+            .iter()
+            .filter(|p| &p.site == name)
+            .map(|p| p.nodes)
+            .sum();
+        assert!((3..=4).contains(&own), "{name}'s part: {own}");
+    }
+}
+
+#[test]
 fn delete_releases_at_every_site() {
     let mut fed = Fed::new(&[4, 4, 4]);
     fed.create(0, "c9", 10).expect("the federation has room");
@@ -1760,6 +1845,7 @@ fn a_worker_keeps_the_newest_list_of_parts() {
             ClusterMsg::Commit {
                 cluster: "c1".to_owned(),
                 name: "c1".to_owned(),
+                nodes: 4,
                 attempt,
                 segment: before.segment.expect("a segment"),
                 epoch: 0,

@@ -86,6 +86,7 @@ impl ClusterCore {
             ClusterMsg::Commit {
                 cluster,
                 name,
+                nodes,
                 attempt,
                 segment,
                 epoch,
@@ -98,6 +99,7 @@ impl ClusterCore {
                             sites.site_name(&from).unwrap_or_else(|| from.to_string());
                         let shared = SharedCluster {
                             name: &name,
+                            nodes,
                             master: &master_name,
                             segment,
                             epoch,
@@ -341,9 +343,11 @@ impl ClusterCore {
                 )?;
             }
             None => {
+                // The request is the cluster's, as at the master; this
+                // site's share of it is its part's `nodes`.
                 let request = serde_json::json!({
                     "name": shared.name,
-                    "nodes": reservation.nodes,
+                    "nodes": shared.nodes,
                     "shape": reservation.shape,
                     "window": reservation.window,
                 });
@@ -409,6 +413,9 @@ impl ClusterCore {
 /// What a worker learns of a cluster with the commit.
 struct SharedCluster<'a> {
     name: &'a str,
+    /// Compute nodes of the cluster's request (this site's part is in
+    /// `parts`).
+    nodes: u32,
     master: &'a str,
     segment: u32,
     epoch: u32,
