@@ -170,7 +170,7 @@ type Labels = Vec<(&'static str, String)>;
 /// The gateway's counters: per peer site and per cluster segment.
 fn register_gateway(registry: &mut Registry, gateway: &GatewayCounters) {
     type PeerField = fn(&vcfed_overlay::gateway::PeerStats) -> u64;
-    let per_peer: [(&str, &str, Option<Unit>, PeerField); 7] = [
+    let per_peer: [(&str, &str, Option<Unit>, PeerField); 8] = [
         (
             "gateway_tx_datagrams",
             "Datagrams sent to a peer gateway (data, handshakes, keepalives)",
@@ -200,6 +200,12 @@ fn register_gateway(registry: &mut Registry, gateway: &GatewayCounters) {
             "Datagrams for a peer's sessions refused (failed authentication, replay, no session)",
             None,
             |p| p.rx_dropped,
+        ),
+        (
+            "gateway_rx_replays",
+            "Of those, replays: data packets its sessions had seen, or older than the replay window, and replayed handshake initiations",
+            None,
+            |p| p.rx_replays,
         ),
         (
             "gateway_inner_dropped",
@@ -243,6 +249,23 @@ fn register_gateway(registry: &mut Registry, gateway: &GatewayCounters) {
                 .inc_by(count);
         }
     }
+    let stats = &gateway.datagrams;
+    let dropped = Family::<Label, Counter>::default();
+    for (reason, count) in [
+        ("junk", stats.junk),
+        ("bad_mac", stats.bad_mac),
+        ("cookie_reply", stats.cookie_replies),
+        ("unknown_peer", stats.unknown_peer),
+        ("replay", stats.replays),
+        ("refused", stats.refused),
+    ] {
+        dropped.get_or_create(&[("reason", reason)]).inc_by(count);
+    }
+    registry.register(
+        "gateway_datagrams_dropped",
+        "Datagrams the gateway dropped: junk, bad_mac (not for its key), cookie_reply (a handshake over the rate limit, answered with a cookie instead), unknown_peer, replay, refused (failed authentication, no session)",
+        dropped,
+    );
     registry.register(
         "gateway_segment_frames",
         "Frames a cluster segment's switch handled: unicast and flooded to peers, delivered to this site, dropped",

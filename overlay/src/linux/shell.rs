@@ -604,6 +604,7 @@ impl Shell {
             let changed = current.sessions != sessions;
             current.sessions = sessions;
             if counters_due {
+                current.gateway_stats = gateway.stats();
                 current.peer_stats = gateway.peer_stats().collect();
                 current.segment_stats = gateway
                     .segments()
@@ -694,6 +695,12 @@ impl Shell {
             send_errors = stats.send_errors,
             receive_errors = stats.receive_errors,
             datagrams_dropped = stats.gateway.datagrams_dropped,
+            junk = stats.gateway.junk,
+            bad_mac = stats.gateway.bad_mac,
+            cookie_replies = stats.gateway.cookie_replies,
+            unknown_peer = stats.gateway.unknown_peer,
+            replays = stats.gateway.replays,
+            refused = stats.gateway.refused,
             inner_dropped = stats.gateway.inner_dropped,
             wrong_segment = stats.gateway.wrong_segment,
             no_endpoint = stats.gateway.no_endpoint,
