@@ -747,7 +747,10 @@ impl Shell {
                     for (meta, buf) in self.rx_meta.iter().zip(&self.rx).take(messages) {
                         bytes += meta.len;
                         let stride = meta.stride.max(1);
-                        for datagram in buf[..meta.len].chunks(stride) {
+                        // An empty datagram is one too (to be counted as
+                        // junk), though `chunks` yields nothing for it.
+                        let empty = (meta.len == 0).then_some(&[][..]);
+                        for datagram in empty.into_iter().chain(buf[..meta.len].chunks(stride)) {
                             self.stats.datagrams_received += 1;
                             self.gateway.handle_datagram(
                                 now_ms,
