@@ -20,6 +20,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use common::vcfed_bin;
@@ -35,6 +36,19 @@ const RECOVERY_WITHIN: Duration = Duration::from_secs(5);
 const NOTHING_THROUGH_FOR: Duration = Duration::from_secs(3);
 
 static LABS: AtomicU32 = AtomicU32::new(0);
+/// Labs share the machine, except one that measures throughput: it waits
+/// for the others and they for it (the lock prefers a waiting writer).
+static TURNS: RwLock<()> = RwLock::new(());
+
+/// A lab's hold on [`TURNS`].
+enum Turn {
+    Shared {
+        _guard: RwLockReadGuard<'static, ()>,
+    },
+    Alone {
+        _guard: RwLockWriteGuard<'static, ()>,
+    },
+}
 
 #[test]
 fn three_sites_carry_ping_tcp_broadcast_and_full_size_frames() {
@@ -379,7 +393,7 @@ const ATTACKER_IP: &str = "198.18.0.100";
 /// figures are printed, then checked.
 #[test]
 fn a_gateway_under_junk_replay_and_handshake_floods_keeps_the_transfer_going() {
-    let Some(mut lab) = Lab::new() else { return };
+    let Some(mut lab) = Lab::alone() else { return };
     let sites = lab.sites(2);
     let a = lab.vm(sites[0], "brs", 1);
     let b = lab.vm(sites[1], "brs", 2);
@@ -419,7 +433,10 @@ fn a_gateway_under_junk_replay_and_handshake_floods_keeps_the_transfer_going() {
 
     // Without a flood, then each flood followed by a transfer without one:
     // each flood is compared with the transfers on either side of it, so
-    // that a change in what else runs on the machine weighs little.
+    // that a change in what else runs on the machine weighs little. A
+    // build elsewhere on a 2-core machine can still halve one 3-s
+    // transfer: a flood that keeps less than half is measured once more,
+    // and the test fails if it does again.
     let gateway_pid = lab.gateways[sites[1]].child.as_ref().unwrap().id();
     let b64_key = lab.gateways[sites[1]].public_key.clone();
     let mut rows = vec![lab.measure(&a, &b, gateway_pid, None)];
@@ -428,14 +445,19 @@ fn a_gateway_under_junk_replay_and_handshake_floods_keeps_the_transfer_going() {
         ("replay", capture_path),
         ("handshake", b64_key.as_str()),
     ] {
-        let flood = Flood {
-            kind,
-            attacker: &attacker,
-            target: &target,
-            extra,
-        };
-        rows.push(lab.measure(&a, &b, gateway_pid, Some(flood)));
-        rows.push(lab.measure(&a, &b, gateway_pid, None));
+        for _attempt in 0..2 {
+            let flood = Flood {
+                kind,
+                attacker: &attacker,
+                target: &target,
+                extra,
+            };
+            rows.push(lab.measure(&a, &b, gateway_pid, Some(flood)));
+            rows.push(lab.measure(&a, &b, gateway_pid, None));
+            if kept(&rows, rows.len() - 2) >= 0.5 {
+                break;
+            }
+        }
     }
     assert!(
         lab.gateways[sites[1]]
@@ -455,23 +477,19 @@ fn a_gateway_under_junk_replay_and_handshake_floods_keeps_the_transfer_going() {
 
     eprintln!("transfer A -> B under floods of {FLOOD_RATE} datagrams/s at B's gateway:");
     eprintln!("flood         sent  replies  Gbit/s   kept  B's gateway CPU ms");
-    let mut kept = Vec::new();
     for (i, row) in rows.iter().enumerate() {
         let Some(kind) = row.flood else {
             eprintln!("{:<9} {:>26.2} {:>14}", "none", row.gbit_s, row.cpu_ms);
             continue;
         };
-        let baseline = (rows[i - 1].gbit_s + rows[i + 1].gbit_s) / 2.0;
-        let share = row.gbit_s / baseline;
         eprintln!(
             "{kind:<9} {:>8} {:>8} {:>7.2} {:>5.0}% {:>8}",
             row.sent,
             row.replies,
             row.gbit_s,
-            100.0 * share,
+            100.0 * kept(&rows, i),
             row.cpu_ms
         );
-        kept.push((kind, share, row.gbit_s, baseline));
     }
     let count = |name| counter(&log, name);
     eprintln!(
@@ -487,17 +505,28 @@ fn a_gateway_under_junk_replay_and_handshake_floods_keeps_the_transfer_going() {
         count("unknown_peer"),
         started.elapsed()
     );
-    for (kind, share, gbit_s, baseline) in kept {
+    // The last measurement of each flood is the one that counts.
+    for (i, row) in rows.iter().enumerate() {
+        let Some(kind) = row.flood else { continue };
+        if rows[i + 1..].iter().any(|later| later.flood == Some(kind)) {
+            continue;
+        }
         assert!(
-            share >= 0.5,
-            "the {kind} flood took the transfer to {gbit_s:.2} Gbit/s, under half of {baseline:.2}"
+            kept(&rows, i) >= 0.5,
+            "the {kind} flood took the transfer to {:.2} Gbit/s, under half of {:.2}, twice",
+            row.gbit_s,
+            row.gbit_s / kept(&rows, i)
         );
     }
-    let results: Vec<(&str, u64, u64)> = rows
-        .iter()
-        .filter_map(|row| Some((row.flood?, row.sent, row.replies)))
-        .collect();
-    let sent = |kind: &str| results.iter().find(|r| r.0 == kind).unwrap().1;
+    // Per flood: datagrams sent, cookie replies received, times run.
+    let totals = |kind: &str| {
+        rows.iter()
+            .filter(|row| row.flood == Some(kind))
+            .fold((0, 0, 0), |(sent, replies, times), row| {
+                (sent + row.sent, replies + row.replies, times + 1)
+            })
+    };
+    let sent = |kind: &str| totals(kind).0;
     // Most of each flood reached the gateway and was counted by kind (the
     // kernel may drop some at the socket while the gateway is busy).
     let junk = count("junk") + count("bad_mac") + count("refused");
@@ -514,10 +543,10 @@ fn a_gateway_under_junk_replay_and_handshake_floods_keeps_the_transfer_going() {
     );
     // Under the handshake flood the gateway answered with cookies, and did
     // the DH of at most its limit per second.
-    let cookies_received = results.iter().find(|r| r.0 == "handshake").unwrap().2;
+    let (_, cookies_received, times) = totals("handshake");
     assert!(count("cookie_replies") > 0, "no cookie replies: {log}");
     assert!(cookies_received > 0, "no cookie reply reached the attacker");
-    let seconds = FLOOD_FOR.as_secs() + 2;
+    let seconds = (FLOOD_FOR.as_secs() + 2) * times;
     assert!(
         count("unknown_peer") <= HANDSHAKES_PER_S_MAX * seconds,
         "{} initiations got a DH, more than {HANDSHAKES_PER_S_MAX}/s: {log}",
@@ -783,6 +812,9 @@ struct Gateway {
 
 /// Namespaces, links and processes of one test; all removed on drop.
 struct Lab {
+    /// Held while the lab lives (released after its cleanup): shared, or
+    /// alone for a test that measures throughput.
+    _turn: Turn,
     id: String,
     dir: tempfile::TempDir,
     namespaces: Vec<String>,
@@ -795,6 +827,19 @@ impl Lab {
     /// A new lab, or `None` (after saying why) where namespaces cannot be
     /// made; under `CI=true` that is a failure.
     fn new() -> Option<Lab> {
+        let turn = TURNS.read().unwrap_or_else(PoisonError::into_inner);
+        Lab::with_turn(Turn::Shared { _guard: turn })
+    }
+
+    /// Like [`Lab::new`], once no other lab of this process runs, and none
+    /// starts until this one is gone: for measurements that other tests'
+    /// traffic and CPU would skew.
+    fn alone() -> Option<Lab> {
+        let turn = TURNS.write().unwrap_or_else(PoisonError::into_inner);
+        Lab::with_turn(Turn::Alone { _guard: turn })
+    }
+
+    fn with_turn(turn: Turn) -> Option<Lab> {
         let n = LABS.fetch_add(1, Ordering::Relaxed);
         let id = format!("vo{}n{n}", std::process::id());
         match prerequisites(&id) {
@@ -808,6 +853,7 @@ impl Lab {
             }
         }
         let mut lab = Lab {
+            _turn: turn,
             hub: format!("{id}-wan"),
             id,
             dir: tempfile::tempdir().unwrap(),
@@ -1338,6 +1384,13 @@ fn counter(log: &str, name: &str) -> u64 {
         .find_map(|field| field.strip_prefix(&pattern))
         .and_then(|value| value.parse().ok())
         .unwrap_or_else(|| panic!("no {name} in {line}"))
+}
+
+/// The throughput of flood row `i` as a share of the mean of the rows
+/// without a flood on either side.
+fn kept(rows: &[Measured], i: usize) -> f64 {
+    let baseline = (rows[i - 1].gbit_s + rows[i + 1].gbit_s) / 2.0;
+    rows[i].gbit_s / baseline
 }
 
 /// CPU time (user and system) process `pid` has used, ms.
