@@ -17,9 +17,12 @@
 //! be right for this gateway's key, and beyond [`HANDSHAKES_PER_S_MAX`] a
 //! second only messages that carry a valid cookie (`mac2`, proving the
 //! sender receives at its address) go on; the others are answered with a
-//! cookie reply, which costs a hash and a small AEAD seal, not a DH. What is
-//! dropped is counted by kind in [`GatewayStats`]: junk, bad `mac1`,
-//! answered with a cookie, unknown peer, replay, other refusals.
+//! cookie reply, which costs a hash and a small AEAD seal, not a DH. Those
+//! that pass are limited per source address as well (`address_limit.rs`),
+//! so that a sender that answers cookies cannot ask for a DH per packet.
+//! What is dropped is counted by kind in [`GatewayStats`]: junk, bad
+//! `mac1`, answered with a cookie, over an address's limit, unknown peer,
+//! replay, other refusals.
 //!
 //! One caveat to the sans-IO rule: boringtun reads the monotonic clock inside
 //! `Tunn` for handshake and rekey timers, and inside the rate limiter for the
@@ -37,6 +40,8 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 
+use self::address_limit::AddressLimiter;
+pub use self::address_limit::{ADDRESS_HANDSHAKES_BURST, ADDRESS_HANDSHAKES_PER_S, ADDRESSES_MAX};
 use crate::encap::{Decapsulator, Encapsulator, INNER_MTU_DEFAULT, Inner};
 use crate::frame::FRAME_LEN_MAX;
 use crate::offload::Offload;
@@ -263,6 +268,11 @@ pub struct GatewayStats {
     /// handled: the rate limiter was over [`HANDSHAKES_PER_S_MAX`] and
     /// they carried no valid cookie. No DH was done for them.
     pub cookie_replies: u64,
+    /// Handshake messages from an address over its own limit
+    /// ([`ADDRESS_HANDSHAKES_PER_S`], bursts of
+    /// [`ADDRESS_HANDSHAKES_BURST`]), or from a new address while
+    /// [`ADDRESSES_MAX`] are tracked: dropped without an answer, no DH.
+    pub rate_limited: u64,
     /// Messages that match no configured peer: an initiation from an
     /// unknown static key, a receiver index no peer has.
     pub unknown_peer: u64,
@@ -334,6 +344,9 @@ pub struct Gateway {
     /// repeats the `mac1` check, and its limit is never reached, so that
     /// each message counts once, in `rate_limiter`.
     session_limiter: Arc<RateLimiter>,
+    /// Handshake messages that pass `rate_limiter` are limited per source
+    /// address too, before any DH.
+    address_limiter: AddressLimiter,
     scratch: Vec<u8>,
 }
 
@@ -354,6 +367,7 @@ impl Gateway {
         Gateway {
             rate_limiter: RateLimiter::new(&public, HANDSHAKES_PER_S_MAX),
             session_limiter: Arc::new(RateLimiter::new(&public, u64::MAX)),
+            address_limiter: AddressLimiter::default(),
             private,
             public,
             inner_mtu: INNER_MTU_DEFAULT,
@@ -586,6 +600,11 @@ impl Gateway {
                     return;
                 }
             }
+            if !self.address_limiter.allow(now_ms, from.ip()) {
+                tracing::trace!(%from, "handshake message over its address's limit");
+                self.stats.dropped(Dropped::RateLimited);
+                return;
+            }
         }
         let Some(index) = self.identify(&packet) else {
             self.stats.dropped(Dropped::UnknownPeer);
@@ -685,7 +704,7 @@ impl Gateway {
     }
 
     /// Timers of the tunnels (handshakes, keepalives, rekeys), reassembly,
-    /// MAC aging and the handshake rate limiter's window. Call every
+    /// MAC aging and the handshake rate limiters' windows. Call every
     /// [`TIMER_TICK_MS`].
     pub fn handle_timers(&mut self, now_ms: i64, out: &mut Outputs) {
         // boringtun starts a new window only once a second has passed on
@@ -693,6 +712,7 @@ impl Gateway {
         // 1 s to 1 s + one tick (called once a second, it would sometimes
         // last 2 s).
         self.rate_limiter.reset_count();
+        self.address_limiter.expire(now_ms);
         for (index, peer) in &mut self.peers {
             peer.decap.expire(now_ms);
             let Some(to) = peer.endpoint else {
@@ -780,6 +800,7 @@ enum Dropped {
     Junk,
     BadMac,
     CookieReply,
+    RateLimited,
     UnknownPeer,
     Replay,
     Refused,
@@ -792,6 +813,7 @@ impl GatewayStats {
             Dropped::Junk => &mut self.junk,
             Dropped::BadMac => &mut self.bad_mac,
             Dropped::CookieReply => &mut self.cookie_replies,
+            Dropped::RateLimited => &mut self.rate_limited,
             Dropped::UnknownPeer => &mut self.unknown_peer,
             Dropped::Replay => &mut self.replays,
             Dropped::Refused => &mut self.refused,
@@ -857,5 +879,6 @@ fn encapsulator(inner_mtu: usize) -> Encapsulator {
     )
 }
 
+mod address_limit;
 #[cfg(test)]
 mod tests;

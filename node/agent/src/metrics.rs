@@ -255,6 +255,7 @@ fn register_gateway(registry: &mut Registry, gateway: &GatewayCounters) {
         ("junk", stats.junk),
         ("bad_mac", stats.bad_mac),
         ("cookie_reply", stats.cookie_replies),
+        ("rate_limited", stats.rate_limited),
         ("unknown_peer", stats.unknown_peer),
         ("replay", stats.replays),
         ("refused", stats.refused),
@@ -263,7 +264,7 @@ fn register_gateway(registry: &mut Registry, gateway: &GatewayCounters) {
     }
     registry.register(
         "gateway_datagrams_dropped",
-        "Datagrams the gateway dropped: junk, bad_mac (not for its key), cookie_reply (a handshake over the rate limit, answered with a cookie instead), unknown_peer, replay, refused (failed authentication, no session)",
+        "Datagrams the gateway dropped: junk, bad_mac (not for its key), cookie_reply (a handshake over the rate limit, answered with a cookie instead), rate_limited (a handshake over its address's limit), unknown_peer, replay, refused (failed authentication, no session)",
         dropped,
     );
     registry.register(

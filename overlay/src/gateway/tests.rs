@@ -410,10 +410,14 @@ fn junk_and_forged_handshakes_are_dropped_by_kind_without_a_reply() {
 #[test]
 fn a_handshake_flood_beyond_the_limit_is_answered_with_cookies_and_peers_still_get_in() {
     let mut sites = mesh(2, &[&[7], &[7]]);
-    let attacker = SocketAddr::from(([198, 18, 0, 100], 40_000));
-    // An initiator with a key the gateway does not know, but which knows
-    // the gateway's public key, so its mac1 is right: each initiation
-    // makes the gateway do a DH to find out who sent it.
+    // Initiations from many addresses (one each: no address's own limit
+    // applies), with a key the gateway does not know, but for the
+    // gateway's public key, so their mac1 is right: each makes the gateway
+    // do a DH to find out who sent it.
+    let attacker = |i: u64| {
+        let [.., high, low] = (i + 1).to_be_bytes();
+        SocketAddr::from(([198, 18, high + 1, low], 40_000))
+    };
     let mut flooder = Tunn::new(
         StaticSecret::from(key(50)),
         PublicKey::from(public(2)),
@@ -424,11 +428,11 @@ fn a_handshake_flood_beyond_the_limit_is_answered_with_cookies_and_peers_still_g
     );
     let extra = 20;
     let mut out = Outputs::new(64);
-    for _ in 0..HANDSHAKES_PER_S_MAX + extra {
+    for i in 0..HANDSHAKES_PER_S_MAX + extra {
         let init = initiation(&mut flooder);
         sites[1]
             .gateway
-            .handle_datagram(0, attacker, &init, &mut out);
+            .handle_datagram(0, attacker(i), &init, &mut out);
     }
     let stats = sites[1].gateway.stats();
     // The first HANDSHAKES_PER_S_MAX of the second were looked at (and
@@ -438,8 +442,8 @@ fn a_handshake_flood_beyond_the_limit_is_answered_with_cookies_and_peers_still_g
     assert_eq!(stats.datagrams_dropped, HANDSHAKES_PER_S_MAX + extra);
     let replies = datagrams(&out);
     assert_eq!(replies.len(), usize::try_from(extra).unwrap());
-    for (to, reply) in &replies {
-        assert_eq!(*to, attacker);
+    for (i, (to, reply)) in (HANDSHAKES_PER_S_MAX..).zip(&replies) {
+        assert_eq!(*to, attacker(i), "to its sender");
         assert_eq!((reply[0], reply.len()), (MESSAGE_COOKIE_REPLY, 64));
     }
     // Ticks within the same second on boringtun's clock leave the limiter
@@ -556,4 +560,62 @@ fn replayed_data_and_initiations_are_dropped_and_counted_as_replays() {
         &mut out,
     );
     assert_eq!(datagrams(&out)[0].0, addr(0));
+}
+
+#[test]
+fn a_sender_that_answers_cookies_gets_only_its_addresss_share_of_dh() {
+    let mut sites = mesh(2, &[&[7], &[7]]);
+    let attacker = SocketAddr::from(([198, 18, 0, 100], 40_000));
+    let mut flooder = Tunn::new(
+        StaticSecret::from(key(50)),
+        PublicKey::from(public(2)),
+        None,
+        None,
+        9,
+        None,
+    );
+    let send = |sites: &mut [Site], flooder: &mut Tunn, now_ms| {
+        let mut out = Outputs::default();
+        let init = initiation(flooder);
+        sites[1]
+            .gateway
+            .handle_datagram(now_ms, attacker, &init, &mut out);
+        datagrams(&out)
+    };
+    // Not under load: the address's burst is looked up, the rest dropped
+    // without an answer.
+    for _ in 0..ADDRESS_HANDSHAKES_BURST + 3 {
+        assert!(send(&mut sites, &mut flooder, 0).is_empty());
+    }
+    let stats = sites[1].gateway.stats();
+    let burst = u64::try_from(ADDRESS_HANDSHAKES_BURST).unwrap();
+    assert_eq!((stats.unknown_peer, stats.rate_limited), (burst, 3));
+
+    // Under load (other senders), it gets a cookie and answers it: its
+    // initiations pass the rate limiter, and its address's limit holds.
+    for i in 0..HANDSHAKES_PER_S_MAX {
+        let from = SocketAddr::from(([198, 19, 0, 1], u16::try_from(i).unwrap()));
+        let init = initiation(&mut flooder);
+        // The same address, many ports: one bucket, so these are dropped,
+        // but each counts in the rate limiter.
+        let mut out = Outputs::default();
+        sites[1].gateway.handle_datagram(0, from, &init, &mut out);
+    }
+    let cookie = send(&mut sites, &mut flooder, 0);
+    assert_eq!(cookie[0].1[0], MESSAGE_COOKIE_REPLY);
+    let mut buf = [0u8; HANDSHAKE_LEN_MAX];
+    assert!(matches!(
+        flooder.decapsulate(Some(addr(1).ip()), &cookie[0].1, &mut buf),
+        TunnResult::Done
+    ));
+    let before = sites[1].gateway.stats();
+    // Its bucket refills at its rate: one second brings that many DH.
+    for now_ms in (10..=1000).step_by(10) {
+        assert!(send(&mut sites, &mut flooder, now_ms).is_empty());
+    }
+    let after = sites[1].gateway.stats();
+    assert_eq!(after.cookie_replies, before.cookie_replies, "mac2 is valid");
+    let rate = u64::try_from(ADDRESS_HANDSHAKES_PER_S).unwrap();
+    assert_eq!(after.unknown_peer - before.unknown_peer, rate);
+    assert_eq!(after.rate_limited - before.rate_limited, 100 - rate);
 }

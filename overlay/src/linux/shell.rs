@@ -698,6 +698,7 @@ impl Shell {
             junk = stats.gateway.junk,
             bad_mac = stats.gateway.bad_mac,
             cookie_replies = stats.gateway.cookie_replies,
+            rate_limited = stats.gateway.rate_limited,
             unknown_peer = stats.gateway.unknown_peer,
             replays = stats.gateway.replays,
             refused = stats.gateway.refused,
