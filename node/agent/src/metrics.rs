@@ -290,3 +290,32 @@ fn gauge_of(value: u64) -> Gauge {
 fn gauge(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gateways_drops_show_by_reason_and_replays_by_peer() {
+        let mut gateway = GatewayCounters::default();
+        gateway.datagrams.replays = 3;
+        gateway.datagrams.cookie_replies = 7;
+        let peer = vcfed_overlay::gateway::PeerStats {
+            rx_replays: 2,
+            ..Default::default()
+        };
+        gateway.peers.push(("site-b".to_owned(), peer));
+        let mut registry = Registry::with_prefix(PREFIX);
+        register_gateway(&mut registry, &gateway);
+        let mut text = String::new();
+        text::encode(&mut text, &registry).unwrap();
+        for line in [
+            r#"vcfed_gateway_datagrams_dropped_total{reason="replay"} 3"#,
+            r#"vcfed_gateway_datagrams_dropped_total{reason="cookie_reply"} 7"#,
+            r#"vcfed_gateway_datagrams_dropped_total{reason="rate_limited"} 0"#,
+            r#"vcfed_gateway_rx_replays_total{peer="site-b"} 2"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
+        }
+    }
+}
