@@ -5,9 +5,11 @@
 //! interfaces meet on a WAN bridge (in a hub namespace) with addresses in
 //! 198.18.0.0/24; each site has a Linux bridge; "VMs" are namespaces with a
 //! veth into their site's bridge and addresses in 198.19.0.0/16. One
-//! gateway runs per site. Every name carries the test process's pid and a
-//! counter, every wait is bounded, and a guard kills the processes and
-//! deletes the namespaces, also when a test panics.
+//! gateway runs per site; an attacker, where a test needs one, is a
+//! namespace on the WAN bridge at 198.18.0.100. Every name carries the test
+//! process's pid and a counter, every wait is bounded (helpers run under
+//! `timeout`), and a guard kills the gateways and deletes the namespaces,
+//! also when a test panics. A test that measures throughput runs alone.
 //!
 //! The tests need root, `ip netns`, `ping` and `python3`. Without them they
 //! print why and pass, except under `CI=true`, where they fail.
@@ -375,8 +377,9 @@ fn bad_gateway_configs_exit_2_and_name_the_field() {
     );
 }
 
-/// Packets per second of each flood (bounded: the flooder sends at most
-/// this rate for [`FLOOD_FOR`] plus a lead, then stops).
+/// Datagrams per second of each flood. The flooder sends at most this
+/// rate times [`FLOOD_FOR`] datagrams, at this rate, and stops a second
+/// after [`FLOOD_FOR`] whatever it has sent.
 const FLOOD_RATE: u32 = 20_000;
 /// How long each measured transfer runs.
 const TRANSFER_FOR: Duration = Duration::from_secs(3);
