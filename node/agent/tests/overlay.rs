@@ -479,19 +479,20 @@ fn a_gateway_under_junk_replay_and_handshake_floods_keeps_the_transfer_going() {
     let log = lab.stop_gateway(sites[1]);
 
     eprintln!("transfer A -> B under floods of {FLOOD_RATE} datagrams/s at B's gateway:");
-    eprintln!("flood         sent  replies  Gbit/s   kept  B's gateway CPU ms");
+    eprintln!("flood         sent  replies  Gbit/s   kept  CPU ms: B's gateway  attacker");
     for (i, row) in rows.iter().enumerate() {
         let Some(kind) = row.flood else {
-            eprintln!("{:<9} {:>26.2} {:>14}", "none", row.gbit_s, row.cpu_ms);
+            eprintln!("{:<9} {:>26.2} {:>22}", "none", row.gbit_s, row.cpu_ms);
             continue;
         };
         eprintln!(
-            "{kind:<9} {:>8} {:>8} {:>7.2} {:>5.0}% {:>8}",
+            "{kind:<9} {:>8} {:>8} {:>7.2} {:>5.0}% {:>16} {:>9}",
             row.sent,
             row.replies,
             row.gbit_s,
             100.0 * kept(&rows, i),
-            row.cpu_ms
+            row.cpu_ms,
+            row.attacker_cpu_ms
         );
     }
     let count = |name| counter(&log, name);
@@ -668,8 +669,8 @@ print(len(got[:count]))
 
 /// Floods argv[2]:argv[3] with argv[1] datagrams at argv[4] per second for
 /// argv[5] seconds (a fixed count; it stops a second after that in any
-/// case) and prints how many it sent and how many cookie replies came
-/// back. `junk`: random bytes, handshake messages with a wrong mac1, data
+/// case) and prints how many it sent, how many cookie replies came back
+/// and the CPU time it used (ms). `junk`: random bytes, handshake messages with a wrong mac1, data
 /// packets with a real receiver index (from the capture file argv[6]) and
 /// a random body; `replay`: the captured packets; `handshake`: initiations
 /// with a random body and the right mac1 for the base64 public key argv[6].
@@ -732,7 +733,7 @@ while i < total and time.monotonic() < start + seconds + 1:
     receive()
 time.sleep(0.3)
 receive()
-print(sent, replies)
+print(sent, replies, round(time.process_time() * 1000))
 "#;
 
 /// Accepts one TCP connection on argv[1]:argv[2] and prints the bytes
@@ -798,6 +799,8 @@ struct Measured {
     sent: u64,
     /// Cookie replies it received.
     replies: u64,
+    /// CPU time the flooder used (it shares the machine's cores).
+    attacker_cpu_ms: u64,
 }
 
 /// A VM: a namespace with `eth0` in a site's bridge.
@@ -950,12 +953,15 @@ impl Lab {
         let cpu_started = cpu_ms(gateway_pid);
         let gbit_s = self.transfer(from, to, TRANSFER_FOR);
         let cpu_ms = cpu_ms(gateway_pid) - cpu_started;
-        let (mut sent, mut replies) = (0, 0);
+        let (mut sent, mut replies, mut attacker_cpu_ms) = (0, 0, 0);
         if let Some(flooder) = flooder {
             let out = wait_output(flooder, Duration::from_secs(10));
             let text = String::from_utf8_lossy(&out.stdout);
-            let mut numbers = text.split_whitespace().map(|n| n.parse::<u64>().unwrap());
-            (sent, replies) = (numbers.next().unwrap(), numbers.next().unwrap());
+            let numbers: Vec<u64> = text
+                .split_whitespace()
+                .map(|n| n.parse().unwrap())
+                .collect();
+            [sent, replies, attacker_cpu_ms] = numbers[..].try_into().unwrap();
         }
         Measured {
             flood: flood.map(|flood| flood.kind),
@@ -963,6 +969,7 @@ impl Lab {
             cpu_ms,
             sent,
             replies,
+            attacker_cpu_ms,
         }
     }
 
