@@ -15,7 +15,8 @@
 //! again is forgotten (it would start full anyway), and a new address that
 //! finds the table full is refused. Only messages that passed the rate
 //! limiter come here, at most its limit a second from addresses that need
-//! not receive, so spoofed sources cannot fill it.
+//! not receive, so spoofed sources cannot fill it. A new address costs one
+//! table entry (an allocation): handshake messages come here, data never.
 
 use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
