@@ -12,17 +12,36 @@
 //! that match no configured key are dropped and counted. A peer's endpoint
 //! follows the address its authenticated datagrams come from (roaming).
 //!
+//! Every handshake message passes the gateway's one [`RateLimiter`]
+//! (boringtun's) before any Diffie-Hellman is done for it: its `mac1` must
+//! be right for this gateway's key, and beyond [`HANDSHAKES_PER_S_MAX`] a
+//! second only messages that carry a valid cookie (`mac2`, proving the
+//! sender receives at its address) go on; the others are answered with a
+//! cookie reply, which costs a hash and a small AEAD seal, not a DH. Those
+//! that pass are limited per source address as well (`address_limit.rs`),
+//! so that a sender that answers cookies cannot ask for a DH per packet.
+//! What is dropped is counted by kind in [`GatewayStats`]: junk, bad
+//! `mac1`, answered with a cookie, over an address's limit, unknown peer,
+//! replay, other refusals.
+//!
 //! One caveat to the sans-IO rule: boringtun reads the monotonic clock inside
-//! `Tunn` for handshake and rekey timers. The switch, encapsulation and
-//! reassembly take `now_ms` like every core.
+//! `Tunn` for handshake and rekey timers, and inside the rate limiter for the
+//! one-second window of its count and the two-minute life of its cookie
+//! secret; it draws ephemeral keys and the limiter's secrets from the OS.
+//! The switch, encapsulation and reassembly take `now_ms` like every core.
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 
+use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 
+use self::address_limit::AddressLimiter;
+pub use self::address_limit::{ADDRESS_HANDSHAKES_BURST, ADDRESS_HANDSHAKES_PER_S, ADDRESSES_MAX};
 use crate::encap::{Decapsulator, Encapsulator, INNER_MTU_DEFAULT, Inner};
 use crate::frame::FRAME_LEN_MAX;
 use crate::offload::Offload;
@@ -42,6 +61,12 @@ pub const DATA_OVERHEAD: usize = 32;
 const MESSAGE_COOKIE_REPLY: u8 = 3;
 /// Room for any handshake message boringtun writes (148 for the largest).
 const HANDSHAKE_LEN_MAX: usize = 256;
+/// Handshake messages (initiations and responses with a valid `mac1`) the
+/// gateway takes in a second before it asks their senders for a cookie.
+/// Every peer of a full table ([`PEERS_MAX`]) can handshake within about
+/// a second of a restart; each costs one to three X25519 operations, so
+/// this bounds the DH work to a few percent of a core.
+pub const HANDSHAKES_PER_S_MAX: u64 = 1000;
 
 /// A peer gateway.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -232,8 +257,33 @@ impl Outputs {
 /// Counters of the data plane.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct GatewayStats {
-    /// Datagrams dropped: unknown key or index, failed authentication, replay.
+    /// Datagrams dropped, of every kind below (`junk` to `refused`).
     pub datagrams_dropped: u64,
+    /// Datagrams that are no WireGuard message: unknown type, wrong length.
+    pub junk: u64,
+    /// Handshake messages whose `mac1` does not match this gateway's key
+    /// (meant for another key, or forged): dropped before any DH.
+    pub bad_mac: u64,
+    /// Handshake messages answered with a cookie reply instead of being
+    /// handled: the rate limiter was over [`HANDSHAKES_PER_S_MAX`] and
+    /// they carried no valid cookie. No DH was done for them.
+    pub cookie_replies: u64,
+    /// Handshake messages from an address over its own limit
+    /// ([`ADDRESS_HANDSHAKES_PER_S`], bursts of
+    /// [`ADDRESS_HANDSHAKES_BURST`]), or from a new address while
+    /// [`ADDRESSES_MAX`] are tracked: dropped without an answer, no DH.
+    pub rate_limited: u64,
+    /// Messages that match no configured peer: an initiation from an
+    /// unknown static key, a receiver index no peer has.
+    pub unknown_peer: u64,
+    /// Messages a peer's session had seen before: data packets its replay
+    /// window holds or that are older than the window (1024 packets)
+    /// reaches back, and initiations whose timestamp is not newer than the
+    /// last one's (a replayed handshake). No decryption was done for them.
+    pub replays: u64,
+    /// Other messages a peer's session refused: failed authentication, no
+    /// session for the index, a response to no handshake.
+    pub refused: u64,
     /// Inner packets dropped: not GRE-TEB, bad fragments.
     pub inner_dropped: u64,
     /// Frames for segments this gateway does not carry, or from peers
@@ -260,6 +310,8 @@ pub struct PeerStats {
     /// Datagrams for the peer's sessions that were refused: failed
     /// authentication, replays, no session.
     pub rx_dropped: u64,
+    /// Of those, replays (see [`GatewayStats::replays`]).
+    pub rx_replays: u64,
     /// Inner packets from the peer dropped: not GRE, bad fragments or
     /// offload metadata, frames too long, fragments that timed out.
     pub inner_dropped: u64,
@@ -285,6 +337,16 @@ pub struct Gateway {
     peers: BTreeMap<PeerIndex, PeerState>,
     segments: BTreeMap<u32, Segment>,
     stats: GatewayStats,
+    /// Every handshake message passes it before any DH is done for it.
+    rate_limiter: RateLimiter,
+    /// Shared by the peers' sessions, which boringtun makes check every
+    /// message again (its verified-packet entry is crate-private): it only
+    /// repeats the `mac1` check, and its limit is never reached, so that
+    /// each message counts once, in `rate_limiter`.
+    session_limiter: Arc<RateLimiter>,
+    /// Handshake messages that pass `rate_limiter` are limited per source
+    /// address too, before any DH.
+    address_limiter: AddressLimiter,
     scratch: Vec<u8>,
 }
 
@@ -303,6 +365,9 @@ impl Gateway {
         let private = StaticSecret::from(private_key);
         let public = PublicKey::from(&private);
         Gateway {
+            rate_limiter: RateLimiter::new(&public, HANDSHAKES_PER_S_MAX),
+            session_limiter: Arc::new(RateLimiter::new(&public, u64::MAX)),
+            address_limiter: AddressLimiter::default(),
             private,
             public,
             inner_mtu: INNER_MTU_DEFAULT,
@@ -362,7 +427,7 @@ impl Gateway {
             None,
             Some(KEEPALIVE_S),
             peer.index,
-            None,
+            Some(Arc::clone(&self.session_limiter)),
         );
         let state = PeerState {
             tunn,
@@ -506,8 +571,43 @@ impl Gateway {
         datagram: &[u8],
         out: &mut Outputs,
     ) {
-        let Some(index) = self.identify(datagram) else {
-            self.stats.datagrams_dropped += 1;
+        let Ok(packet) = Tunn::parse_incoming_packet(datagram) else {
+            self.stats.dropped(Dropped::Junk);
+            return;
+        };
+        if matches!(
+            packet,
+            Packet::HandshakeInit(_) | Packet::HandshakeResponse(_)
+        ) {
+            // Before any DH: the mac1 check, and under load the cookie.
+            match self
+                .rate_limiter
+                .verify_packet(Some(from.ip()), datagram, &mut self.scratch)
+            {
+                Ok(_) => {}
+                Err(TunnResult::WriteToNetwork(cookie)) => {
+                    self.stats.dropped(Dropped::CookieReply);
+                    let len = cookie.len();
+                    out.push_datagram(from, len, |dst| {
+                        dst.copy_from_slice(cookie);
+                        len
+                    });
+                    return;
+                }
+                Err(e) => {
+                    tracing::trace!(%from, error = ?e, "handshake message refused");
+                    self.stats.dropped(Dropped::BadMac);
+                    return;
+                }
+            }
+            if !self.address_limiter.allow(now_ms, from.ip()) {
+                tracing::trace!(%from, "handshake message over its address's limit");
+                self.stats.dropped(Dropped::RateLimited);
+                return;
+            }
+        }
+        let Some(index) = self.identify(&packet) else {
+            self.stats.dropped(Dropped::UnknownPeer);
             return;
         };
         let peer = self
@@ -561,8 +661,13 @@ impl Gateway {
             }
             TunnResult::Err(e) => {
                 tracing::trace!(peer = index, error = ?e, "datagram refused");
-                self.stats.datagrams_dropped += 1;
                 peer.stats.rx_dropped += 1;
+                if is_replay(&e) {
+                    peer.stats.rx_replays += 1;
+                    self.stats.dropped(Dropped::Replay);
+                } else {
+                    self.stats.dropped(Dropped::Refused);
+                }
             }
         }
         if authenticated {
@@ -598,9 +703,16 @@ impl Gateway {
         }
     }
 
-    /// Timers of the tunnels (handshakes, keepalives, rekeys), reassembly
-    /// and MAC aging. Call every [`TIMER_TICK_MS`].
+    /// Timers of the tunnels (handshakes, keepalives, rekeys), reassembly,
+    /// MAC aging and the handshake rate limiters' windows. Call every
+    /// [`TIMER_TICK_MS`].
     pub fn handle_timers(&mut self, now_ms: i64, out: &mut Outputs) {
+        // boringtun starts a new window only once a second has passed on
+        // its clock since the last: called every tick, the window lasts
+        // 1 s to 1 s + one tick (called once a second, it would sometimes
+        // last 2 s).
+        self.rate_limiter.reset_count();
+        self.address_limiter.expire(now_ms);
         for (index, peer) in &mut self.peers {
             peer.decap.expire(now_ms);
             let Some(to) = peer.endpoint else {
@@ -659,12 +771,13 @@ impl Gateway {
         });
     }
 
-    /// Which configured peer a datagram belongs to, by receiver index or
-    /// (handshake initiation) by the initiator's static key.
-    fn identify(&self, datagram: &[u8]) -> Option<PeerIndex> {
-        let index = match Tunn::parse_incoming_packet(datagram).ok()? {
+    /// Which configured peer a message belongs to, by receiver index or
+    /// (handshake initiation) by the initiator's static key, which costs a
+    /// DH: only initiations that passed the rate limiter come here.
+    fn identify(&self, packet: &Packet<'_>) -> Option<PeerIndex> {
+        let index = match packet {
             Packet::HandshakeInit(init) => {
-                let half = parse_handshake_anon(&self.private, &self.public, &init).ok()?;
+                let half = parse_handshake_anon(&self.private, &self.public, init).ok()?;
                 return self
                     .peers
                     .iter()
@@ -678,6 +791,48 @@ impl Gateway {
         let peer = index >> 8;
         self.peers.contains_key(&peer).then_some(peer)
     }
+}
+
+/// The kinds of datagrams the gateway drops, as [`GatewayStats`] counts
+/// them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dropped {
+    Junk,
+    BadMac,
+    CookieReply,
+    RateLimited,
+    UnknownPeer,
+    Replay,
+    Refused,
+}
+
+impl GatewayStats {
+    fn dropped(&mut self, kind: Dropped) {
+        self.datagrams_dropped += 1;
+        let counter = match kind {
+            Dropped::Junk => &mut self.junk,
+            Dropped::BadMac => &mut self.bad_mac,
+            Dropped::CookieReply => &mut self.cookie_replies,
+            Dropped::RateLimited => &mut self.rate_limited,
+            Dropped::UnknownPeer => &mut self.unknown_peer,
+            Dropped::Replay => &mut self.replays,
+            Dropped::Refused => &mut self.refused,
+        };
+        *counter += 1;
+    }
+}
+
+/// Whether a session refused a message because it had seen it (or one
+/// like it) before: a data packet its replay window has, or one older than
+/// the window reaches back (boringtun cannot tell that from a replay), or
+/// an initiation whose timestamp is not newer than the last one's.
+fn is_replay(e: &WireGuardError) -> bool {
+    matches!(
+        e,
+        WireGuardError::DuplicateCounter
+            | WireGuardError::InvalidCounter
+            | WireGuardError::WrongTai64nTimestamp
+    )
 }
 
 /// Hands a decapsulated frame to its segment's switch; false if the frame
@@ -724,5 +879,6 @@ fn encapsulator(inner_mtu: usize) -> Encapsulator {
     )
 }
 
+mod address_limit;
 #[cfg(test)]
 mod tests;

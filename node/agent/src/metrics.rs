@@ -170,7 +170,7 @@ type Labels = Vec<(&'static str, String)>;
 /// The gateway's counters: per peer site and per cluster segment.
 fn register_gateway(registry: &mut Registry, gateway: &GatewayCounters) {
     type PeerField = fn(&vcfed_overlay::gateway::PeerStats) -> u64;
-    let per_peer: [(&str, &str, Option<Unit>, PeerField); 7] = [
+    let per_peer: [(&str, &str, Option<Unit>, PeerField); 8] = [
         (
             "gateway_tx_datagrams",
             "Datagrams sent to a peer gateway (data, handshakes, keepalives)",
@@ -200,6 +200,12 @@ fn register_gateway(registry: &mut Registry, gateway: &GatewayCounters) {
             "Datagrams for a peer's sessions refused (failed authentication, replay, no session)",
             None,
             |p| p.rx_dropped,
+        ),
+        (
+            "gateway_rx_replays",
+            "Of those, replays: data packets its sessions had seen, or older than the replay window, and replayed handshake initiations",
+            None,
+            |p| p.rx_replays,
         ),
         (
             "gateway_inner_dropped",
@@ -243,6 +249,24 @@ fn register_gateway(registry: &mut Registry, gateway: &GatewayCounters) {
                 .inc_by(count);
         }
     }
+    let stats = &gateway.datagrams;
+    let dropped = Family::<Label, Counter>::default();
+    for (reason, count) in [
+        ("junk", stats.junk),
+        ("bad_mac", stats.bad_mac),
+        ("cookie_reply", stats.cookie_replies),
+        ("rate_limited", stats.rate_limited),
+        ("unknown_peer", stats.unknown_peer),
+        ("replay", stats.replays),
+        ("refused", stats.refused),
+    ] {
+        dropped.get_or_create(&[("reason", reason)]).inc_by(count);
+    }
+    registry.register(
+        "gateway_datagrams_dropped",
+        "Datagrams the gateway dropped: junk, bad_mac (not for its key), cookie_reply (a handshake over the rate limit, answered with a cookie instead), rate_limited (a handshake over its address's limit), unknown_peer, replay, refused (failed authentication, no session)",
+        dropped,
+    );
     registry.register(
         "gateway_segment_frames",
         "Frames a cluster segment's switch handled: unicast and flooded to peers, delivered to this site, dropped",
@@ -265,4 +289,33 @@ fn gauge_of(value: u64) -> Gauge {
 /// A count as a gauge's value; no count here comes near `i64::MAX`.
 fn gauge(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gateways_drops_show_by_reason_and_replays_by_peer() {
+        let mut gateway = GatewayCounters::default();
+        gateway.datagrams.replays = 3;
+        gateway.datagrams.cookie_replies = 7;
+        let peer = vcfed_overlay::gateway::PeerStats {
+            rx_replays: 2,
+            ..Default::default()
+        };
+        gateway.peers.push(("site-b".to_owned(), peer));
+        let mut registry = Registry::with_prefix(PREFIX);
+        register_gateway(&mut registry, &gateway);
+        let mut text = String::new();
+        text::encode(&mut text, &registry).unwrap();
+        for line in [
+            r#"vcfed_gateway_datagrams_dropped_total{reason="replay"} 3"#,
+            r#"vcfed_gateway_datagrams_dropped_total{reason="cookie_reply"} 7"#,
+            r#"vcfed_gateway_datagrams_dropped_total{reason="rate_limited"} 0"#,
+            r#"vcfed_gateway_rx_replays_total{peer="site-b"} 2"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
+        }
+    }
 }

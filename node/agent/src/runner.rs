@@ -90,6 +90,8 @@ pub struct GatewayCounters {
     pub peers: Vec<(String, vcfed_overlay::gateway::PeerStats)>,
     /// Per segment: its cluster, its id and its switch's counters.
     pub segments: Vec<(String, u32, vcfed_overlay::switch::SwitchStats)>,
+    /// The gateway's own counters: datagrams dropped by kind.
+    pub datagrams: vcfed_overlay::gateway::GatewayStats,
 }
 
 impl RunnerCounters {
@@ -595,6 +597,7 @@ fn gateway_counters<'a>(
         }
     }
     GatewayCounters {
+        datagrams: report.gateway_stats,
         peers: report
             .peer_stats
             .iter()

@@ -5,9 +5,11 @@
 //! interfaces meet on a WAN bridge (in a hub namespace) with addresses in
 //! 198.18.0.0/24; each site has a Linux bridge; "VMs" are namespaces with a
 //! veth into their site's bridge and addresses in 198.19.0.0/16. One
-//! gateway runs per site. Every name carries the test process's pid and a
-//! counter, every wait is bounded, and a guard kills the processes and
-//! deletes the namespaces, also when a test panics.
+//! gateway runs per site; an attacker, where a test needs one, is a
+//! namespace on the WAN bridge at 198.18.0.100. Every name carries the test
+//! process's pid and a counter, every wait is bounded (helpers run under
+//! `timeout`), and a guard kills the gateways and deletes the namespaces,
+//! also when a test panics. A test that measures throughput runs alone.
 //!
 //! The tests need root, `ip netns`, `ping` and `python3`. Without them they
 //! print why and pass, except under `CI=true`, where they fail.
@@ -16,12 +18,15 @@
 
 mod common;
 
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use common::vcfed_bin;
+use vcfed_overlay::gateway::{ADDRESS_HANDSHAKES_BURST, ADDRESS_HANDSHAKES_PER_S};
 
 /// The UDP port of every gateway (each site has its own namespace).
 const GATEWAY_PORT: u16 = 7782;
@@ -33,6 +38,19 @@ const RECOVERY_WITHIN: Duration = Duration::from_secs(5);
 const NOTHING_THROUGH_FOR: Duration = Duration::from_secs(3);
 
 static LABS: AtomicU32 = AtomicU32::new(0);
+/// Labs share the machine, except one that measures throughput: it waits
+/// for the others and they for it (the lock prefers a waiting writer).
+static TURNS: RwLock<()> = RwLock::new(());
+
+/// A lab's hold on [`TURNS`].
+enum Turn {
+    Shared {
+        _guard: RwLockReadGuard<'static, ()>,
+    },
+    Alone {
+        _guard: RwLockWriteGuard<'static, ()>,
+    },
+}
 
 #[test]
 fn three_sites_carry_ping_tcp_broadcast_and_full_size_frames() {
@@ -359,6 +377,192 @@ fn bad_gateway_configs_exit_2_and_name_the_field() {
     );
 }
 
+/// Datagrams per second of each flood. The flooder sends at most this
+/// rate times [`FLOOD_FOR`] datagrams, at this rate, and stops a second
+/// after [`FLOOD_FOR`] whatever it has sent.
+const FLOOD_RATE: u32 = 20_000;
+/// How long each measured transfer runs.
+const TRANSFER_FOR: Duration = Duration::from_secs(3);
+/// How long each flood runs: it starts before the transfer and ends after
+/// it (the transfer's helpers take a few hundred ms to start).
+const FLOOD_FOR: Duration = Duration::from_secs(4);
+/// The attacker's address on the WAN.
+const ATTACKER_IP: &str = "198.18.0.100";
+
+/// An attacker on the WAN floods B's gateway, one flood after the other,
+/// while a TCP transfer runs from A to B: junk, packets it recorded on the
+/// WAN and replays, and handshake initiations for B's key. The transfer is
+/// measured without a flood before and after, and under each flood; the
+/// figures are printed, then checked.
+#[test]
+fn a_gateway_under_junk_replay_and_handshake_floods_keeps_the_transfer_going() {
+    let Some(mut lab) = Lab::alone() else { return };
+    let sites = lab.sites(2);
+    let a = lab.vm(sites[0], "brs", 1);
+    let b = lab.vm(sites[1], "brs", 2);
+    let attacker = lab.attacker();
+    lab.start_mesh(&sites, &[(100, "brs")]);
+    lab.eventually_ping(&a, &b, FIRST_TRAFFIC_WITHIN);
+    let target = wan_ip(sites[1]);
+    let port = GATEWAY_PORT.to_string();
+    let started = Instant::now();
+
+    // An on-path attacker records data packets for B's gateway at the WAN
+    // bridge while a transfer runs (not measured: the capture takes CPU).
+    let capture = lab.dir.path().join("captured");
+    let capture_path = capture.to_str().unwrap();
+    let sniffer = lab.spawn_in(
+        &lab.hub,
+        &[
+            "python3",
+            "-c",
+            CAPTURE,
+            &format!("p{}", sites[1]),
+            &target,
+            &port,
+            "2000",
+            "5",
+            capture_path,
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    lab.transfer(&a, &b, Duration::from_secs(2));
+    let captured = wait_output(sniffer, Duration::from_secs(10));
+    let captured = String::from_utf8_lossy(&captured.stdout).trim().to_owned();
+    assert!(
+        captured.parse::<u32>().is_ok_and(|n| n > 0),
+        "no data packet captured: {captured:?}"
+    );
+
+    // Without a flood, then each flood followed by a transfer without one:
+    // each flood is compared with the transfers on either side of it, so
+    // that a change in what else runs on the machine weighs little. A
+    // build elsewhere on a 2-core machine can still halve one 3-s
+    // transfer: a flood that keeps less than half is measured once more,
+    // and the test fails if it does again.
+    let gateway_pid = lab.gateways[sites[1]].child.as_ref().unwrap().id();
+    let b64_key = lab.gateways[sites[1]].public_key.clone();
+    let mut rows = vec![lab.measure(&a, &b, gateway_pid, None)];
+    for (kind, extra) in [
+        ("junk", capture_path),
+        ("replay", capture_path),
+        ("handshake", b64_key.as_str()),
+    ] {
+        for _attempt in 0..2 {
+            let flood = Flood {
+                kind,
+                attacker: &attacker,
+                target: &target,
+                extra,
+            };
+            rows.push(lab.measure(&a, &b, gateway_pid, Some(flood)));
+            rows.push(lab.measure(&a, &b, gateway_pid, None));
+            if kept(&rows, rows.len() - 2) >= 0.5 {
+                break;
+            }
+        }
+    }
+    assert!(
+        lab.gateways[sites[1]]
+            .child
+            .as_mut()
+            .unwrap()
+            .try_wait()
+            .unwrap()
+            .is_none(),
+        "B's gateway died under the floods:\n{}",
+        lab.logs()
+    );
+    // Honest traffic still crosses at once.
+    lab.eventually_ping(&a, &b, RECOVERY_WITHIN);
+    lab.eventually_ping(&b, &a, RECOVERY_WITHIN);
+    let log = lab.stop_gateway(sites[1]);
+
+    eprintln!("transfer A -> B under floods of {FLOOD_RATE} datagrams/s at B's gateway:");
+    eprintln!("flood         sent  replies  Gbit/s   kept  CPU ms: B's gateway  attacker");
+    for (i, row) in rows.iter().enumerate() {
+        let Some(kind) = row.flood else {
+            eprintln!("{:<9} {:>26.2} {:>22}", "none", row.gbit_s, row.cpu_ms);
+            continue;
+        };
+        eprintln!(
+            "{kind:<9} {:>8} {:>8} {:>7.2} {:>5.0}% {:>16} {:>9}",
+            row.sent,
+            row.replies,
+            row.gbit_s,
+            100.0 * kept(&rows, i),
+            row.cpu_ms,
+            row.attacker_cpu_ms
+        );
+    }
+    let count = |name| counter(&log, name);
+    eprintln!(
+        "B's gateway: datagrams_received={} datagrams_dropped={} junk={} bad_mac={} refused={} \
+         replays={} cookie_replies={} rate_limited={} unknown_peer={} (in {:?})",
+        count("datagrams_received"),
+        count("datagrams_dropped"),
+        count("junk"),
+        count("bad_mac"),
+        count("refused"),
+        count("replays"),
+        count("cookie_replies"),
+        count("rate_limited"),
+        count("unknown_peer"),
+        started.elapsed()
+    );
+    // The last measurement of each flood is the one that counts.
+    for (i, row) in rows.iter().enumerate() {
+        let Some(kind) = row.flood else { continue };
+        if rows[i + 1..].iter().any(|later| later.flood == Some(kind)) {
+            continue;
+        }
+        assert!(
+            kept(&rows, i) >= 0.5,
+            "the {kind} flood took the transfer to {:.2} Gbit/s, under half of {:.2}, twice",
+            row.gbit_s,
+            row.gbit_s / kept(&rows, i)
+        );
+    }
+    // Per flood: datagrams sent, cookie replies received, times run.
+    let totals = |kind: &str| {
+        rows.iter()
+            .filter(|row| row.flood == Some(kind))
+            .fold((0, 0, 0), |(sent, replies, times), row| {
+                (sent + row.sent, replies + row.replies, times + 1)
+            })
+    };
+    let sent = |kind: &str| totals(kind).0;
+    // Most of each flood reached the gateway and was counted by kind (the
+    // kernel may drop some at the socket while the gateway is busy).
+    let junk = count("junk") + count("bad_mac") + count("refused");
+    assert!(
+        junk >= sent("junk") / 2,
+        "{junk} of {} junk datagrams counted: {log}",
+        sent("junk")
+    );
+    assert!(
+        count("replays") >= sent("replay") / 2,
+        "{} of {} replayed packets counted as replays: {log}",
+        count("replays"),
+        sent("replay")
+    );
+    // Under the handshake flood the gateway answered with cookies, and did
+    // the DH for no more of the attacker's initiations than one address
+    // gets: its burst, then its rate.
+    let (_, cookies_received, times) = totals("handshake");
+    assert!(count("cookie_replies") > 0, "no cookie replies: {log}");
+    assert!(cookies_received > 0, "no cookie reply reached the attacker");
+    assert!(count("rate_limited") > 0, "no address limit: {log}");
+    let flood_s = i64::try_from(FLOOD_FOR.as_secs()).unwrap() + 1;
+    let per_flood = ADDRESS_HANDSHAKES_BURST + ADDRESS_HANDSHAKES_PER_S * flood_s;
+    let dh_max = u64::try_from(per_flood).unwrap() * times;
+    assert!(
+        count("unknown_peer") <= dh_max,
+        "{} initiations got a DH, more than {dh_max}: {log}",
+        count("unknown_peer")
+    );
+}
+
 /// Receives one UDP datagram on port argv[1] within argv[2] seconds and
 /// prints it with the sender's address, or prints "timeout".
 const UDP_LISTEN: &str = r#"
@@ -427,6 +631,178 @@ c.recv(1)
 print(size, hashlib.sha256(data).hexdigest())
 "#;
 
+/// Records UDP payloads of WireGuard data packets that leave bridge port
+/// argv[1] for argv[2]:argv[3], splitting UDP GSO packets (read with their
+/// virtio header), until argv[4] are held or argv[5] seconds pass; writes
+/// them to argv[6] (2-byte little-endian length, then the bytes) and
+/// prints how many.
+const CAPTURE: &str = r#"
+import socket, struct, sys, time
+iface, dst, port = sys.argv[1], socket.inet_aton(sys.argv[2]), int(sys.argv[3])
+count, seconds, path = int(sys.argv[4]), float(sys.argv[5]), sys.argv[6]
+# ETH_P_ALL: only such sockets see the packets a port sends.
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+s.setsockopt(263, 15, 1)  # SOL_PACKET, PACKET_VNET_HDR
+s.bind((iface, 3))
+s.settimeout(0.2)
+got, deadline = [], time.time() + seconds
+while len(got) < count and time.time() < deadline:
+    try:
+        pkt = s.recv(70000)
+    except socket.timeout:
+        continue
+    gso_type, gso_size = pkt[1], struct.unpack_from("<H", pkt, 4)[0]
+    ip = pkt[10 + 14:]
+    if pkt[10 + 12:10 + 14] != b"\x08\x00" or len(ip) < 28 or ip[9] != 17 or ip[16:20] != dst:
+        continue
+    ihl = (ip[0] & 15) * 4
+    if struct.unpack_from("!H", ip, ihl + 2)[0] != port:
+        continue
+    payload = ip[ihl + 8:]
+    size = gso_size if gso_type and gso_size else len(payload)
+    got += [payload[i:i + size] for i in range(0, len(payload), size) if payload[i] == 4]
+with open(path, "wb") as f:
+    for p in got[:count]:
+        f.write(struct.pack("<H", len(p)) + p)
+print(len(got[:count]))
+"#;
+
+/// Floods argv[2]:argv[3] with argv[1] datagrams at argv[4] per second for
+/// argv[5] seconds (a fixed count; it stops a second after that in any
+/// case) and prints how many it sent, how many cookie replies came back
+/// and the CPU time it used (ms). `junk`: random bytes, handshake messages with a wrong mac1, data
+/// packets with a real receiver index (from the capture file argv[6]) and
+/// a random body; `replay`: the captured packets; `handshake`: initiations
+/// with a random body and the right mac1 for the base64 public key argv[6].
+const FLOOD: &str = r#"
+import base64, hashlib, random, socket, struct, sys, time
+kind, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+rate, seconds, extra = int(sys.argv[4]), float(sys.argv[5]), sys.argv[6]
+rng = random.Random(19)
+def captured():
+    data, i, out = open(extra, "rb").read(), 0, []
+    while i < len(data):
+        n = struct.unpack_from("<H", data, i)[0]
+        out.append(data[i + 2:i + 2 + n])
+        i += 2 + n
+    return out
+if kind == "junk":
+    index = captured()[0][4:8]
+    pool = []
+    for i in range(1024):
+        pool.append([
+            lambda: rng.randbytes(rng.randrange(0, 1400)),
+            lambda: b"\x01\0\0\0" + rng.randbytes(144),
+            lambda: b"\x02\0\0\0" + rng.randbytes(88),
+            lambda: b"\x04\0\0\0" + index + struct.pack("<Q", rng.randrange(1 << 62, 1 << 63))
+                + rng.randbytes(rng.randrange(16, 1400)),
+        ][i % 4]())
+elif kind == "replay":
+    pool = captured()
+else:
+    key = hashlib.blake2s(b"mac1----" + base64.b64decode(extra)).digest()
+    pool = []
+    for _ in range(1024):
+        body = b"\x01\0\0\0" + rng.randbytes(112)
+        pool.append(body + hashlib.blake2s(body, key=key, digest_size=16).digest() + bytes(16))
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setblocking(False)
+total, sent, replies = int(rate * seconds), 0, 0
+start = time.monotonic()
+def receive():
+    global replies
+    try:
+        while True:
+            replies += s.recv(2048)[:1] == b"\x03"
+    except BlockingIOError:
+        pass
+print("flooding", file=sys.stderr, flush=True)
+i = 0
+while i < total and time.monotonic() < start + seconds + 1:
+    due = start + i / rate
+    now = time.monotonic()
+    if now < due:
+        time.sleep(due - now)
+    for _ in range(32):
+        try:
+            s.sendto(pool[i % len(pool)], (host, port))
+            sent += 1
+        except BlockingIOError:
+            pass
+        i += 1
+    receive()
+time.sleep(0.3)
+receive()
+print(sent, replies, round(time.process_time() * 1000))
+"#;
+
+/// Accepts one TCP connection on argv[1]:argv[2] and prints the bytes
+/// received and the seconds from the first to the end.
+const TCP_RATE_SINK: &str = r#"
+import socket, sys, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen(1)
+s.settimeout(20)
+c, _ = s.accept()
+c.settimeout(20)
+buf = bytearray(1 << 20)
+n = c.recv_into(buf)
+first = time.monotonic()
+while True:
+    got = c.recv_into(buf)
+    if not got:
+        break
+    n += got
+print(n, time.monotonic() - first)
+"#;
+
+/// Sends to argv[1]:argv[2] (retrying the connection for 10 s) for argv[3]
+/// seconds, as fast as TCP goes.
+const TCP_RATE_SOURCE: &str = r#"
+import socket, sys, time
+host, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+deadline = time.time() + 10
+while True:
+    try:
+        c = socket.create_connection((host, port), timeout=5)
+        break
+    except OSError:
+        if time.time() > deadline:
+            raise
+        time.sleep(0.1)
+c.settimeout(20)
+chunk = bytes(1 << 18)
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    c.sendall(chunk)
+c.close()
+"#;
+
+/// A flood from the attacker's namespace at B's gateway (see [`FLOOD`]).
+struct Flood<'a> {
+    kind: &'static str,
+    attacker: &'a str,
+    target: &'a str,
+    extra: &'a str,
+}
+
+/// One measured transfer.
+struct Measured {
+    /// Under which flood, if any.
+    flood: Option<&'static str>,
+    gbit_s: f64,
+    /// CPU time of B's gateway during the transfer.
+    cpu_ms: u64,
+    /// Datagrams the flooder sent.
+    sent: u64,
+    /// Cookie replies it received.
+    replies: u64,
+    /// CPU time the flooder used (it shares the machine's cores).
+    attacker_cpu_ms: u64,
+}
+
 /// A VM: a namespace with `eth0` in a site's bridge.
 #[derive(Debug, Clone)]
 struct Vm {
@@ -447,6 +823,9 @@ struct Gateway {
 
 /// Namespaces, links and processes of one test; all removed on drop.
 struct Lab {
+    /// Held while the lab lives (released after its cleanup): shared, or
+    /// alone for a test that measures throughput.
+    _turn: Turn,
     id: String,
     dir: tempfile::TempDir,
     namespaces: Vec<String>,
@@ -459,6 +838,19 @@ impl Lab {
     /// A new lab, or `None` (after saying why) where namespaces cannot be
     /// made; under `CI=true` that is a failure.
     fn new() -> Option<Lab> {
+        let turn = TURNS.read().unwrap_or_else(PoisonError::into_inner);
+        Lab::with_turn(Turn::Shared { _guard: turn })
+    }
+
+    /// Like [`Lab::new`], once no other lab of this process runs, and none
+    /// starts until this one is gone: for measurements that other tests'
+    /// traffic and CPU would skew.
+    fn alone() -> Option<Lab> {
+        let turn = TURNS.write().unwrap_or_else(PoisonError::into_inner);
+        Lab::with_turn(Turn::Alone { _guard: turn })
+    }
+
+    fn with_turn(turn: Turn) -> Option<Lab> {
         let n = LABS.fetch_add(1, Ordering::Relaxed);
         let id = format!("vo{}n{n}", std::process::id());
         match prerequisites(&id) {
@@ -472,6 +864,7 @@ impl Lab {
             }
         }
         let mut lab = Lab {
+            _turn: turn,
             hub: format!("{id}-wan"),
             id,
             dir: tempfile::tempdir().unwrap(),
@@ -509,6 +902,103 @@ impl Lab {
                 index
             })
             .collect()
+    }
+
+    /// An attacker's namespace on the WAN, at [`ATTACKER_IP`].
+    fn attacker(&mut self) -> String {
+        let ns = format!("{}-atk", self.id);
+        self.add_namespace(&ns);
+        ip(&[
+            "-n", &ns, "link", "add", "wan", "type", "veth", "peer", "name", "pa", "netns",
+            &self.hub,
+        ]);
+        ip(&["-n", &self.hub, "link", "set", "pa", "master", "wan", "up"]);
+        let address = format!("{ATTACKER_IP}/24");
+        ip(&["-n", &ns, "addr", "add", &address, "dev", "wan"]);
+        ip(&["-n", &ns, "link", "set", "wan", "up"]);
+        ns
+    }
+
+    /// A transfer from `from` to `to` for [`TRANSFER_FOR`] (under `flood`
+    /// if given), with the CPU time gateway process `gateway_pid` used
+    /// meanwhile.
+    fn measure(&self, from: &Vm, to: &Vm, gateway_pid: u32, flood: Option<Flood<'_>>) -> Measured {
+        let flooder = flood.as_ref().map(|flood| {
+            let rate = FLOOD_RATE.to_string();
+            let seconds = FLOOD_FOR.as_secs_f64().to_string();
+            let mut flooder = self.spawn_in(
+                flood.attacker,
+                &[
+                    "python3",
+                    "-c",
+                    FLOOD,
+                    flood.kind,
+                    flood.target,
+                    &GATEWAY_PORT.to_string(),
+                    &rate,
+                    &seconds,
+                    flood.extra,
+                ],
+            );
+            // It says when it starts (bounded: it runs under `timeout`).
+            let mut stderr = BufReader::new(flooder.stderr.take().unwrap());
+            let mut line = String::new();
+            stderr.read_line(&mut line).unwrap();
+            if line.trim() != "flooding" {
+                stderr.read_to_string(&mut line).unwrap();
+                panic!("the {} flooder did not start: {line}", flood.kind);
+            }
+            flooder
+        });
+        let cpu_started = cpu_ms(gateway_pid);
+        let gbit_s = self.transfer(from, to, TRANSFER_FOR);
+        let cpu_ms = cpu_ms(gateway_pid) - cpu_started;
+        let (mut sent, mut replies, mut attacker_cpu_ms) = (0, 0, 0);
+        if let Some(flooder) = flooder {
+            let out = wait_output(flooder, Duration::from_secs(10));
+            let text = String::from_utf8_lossy(&out.stdout);
+            let numbers: Vec<u64> = text
+                .split_whitespace()
+                .map(|n| n.parse().unwrap())
+                .collect();
+            [sent, replies, attacker_cpu_ms] = numbers[..].try_into().unwrap();
+        }
+        Measured {
+            flood: flood.map(|flood| flood.kind),
+            gbit_s,
+            cpu_ms,
+            sent,
+            replies,
+            attacker_cpu_ms,
+        }
+    }
+
+    /// A TCP transfer from `from` to `to` for `duration`, as fast as it
+    /// goes; returns its throughput in Gbit/s.
+    fn transfer(&self, from: &Vm, to: &Vm, duration: Duration) -> f64 {
+        let sink = self.spawn_in(&to.ns, &["python3", "-c", TCP_RATE_SINK, &to.ip, "5002"]);
+        let seconds = duration.as_secs_f64().to_string();
+        let sent = self.run_in(
+            &from.ns,
+            &["python3", "-c", TCP_RATE_SOURCE, &to.ip, "5002", &seconds],
+        );
+        assert!(
+            sent.status.success(),
+            "{}",
+            String::from_utf8_lossy(&sent.stderr)
+        );
+        let out = wait_output(sink, Duration::from_secs(30));
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut fields = text.split_whitespace();
+        let (Some(bytes), Some(seconds)) = (fields.next(), fields.next()) else {
+            panic!(
+                "the sink printed {text:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let bytes: f64 = bytes.parse().unwrap();
+        let seconds: f64 = seconds.parse().unwrap();
+        bytes * 8.0 / seconds.max(1e-3) / 1e9
     }
 
     /// A VM numbered `number` (its address is 198.19.0.`number`) on
@@ -909,6 +1399,29 @@ fn counter(log: &str, name: &str) -> u64 {
         .find_map(|field| field.strip_prefix(&pattern))
         .and_then(|value| value.parse().ok())
         .unwrap_or_else(|| panic!("no {name} in {line}"))
+}
+
+/// The throughput of flood row `i` as a share of the mean of the rows
+/// without a flood on either side.
+fn kept(rows: &[Measured], i: usize) -> f64 {
+    let baseline = (rows[i - 1].gbit_s + rows[i + 1].gbit_s) / 2.0;
+    rows[i].gbit_s / baseline
+}
+
+/// CPU time (user and system) process `pid` has used, ms.
+fn cpu_ms(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the command name, which is in parentheses.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    // utime and stime, fields 14 and 15 of proc(5), in clock ticks of
+    // 10 ms (USER_HZ is 100 on Linux).
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    ticks * 10
 }
 
 /// `text` without ANSI escape sequences (colours in the logs).

@@ -345,3 +345,277 @@ fn runs_hold_equal_datagrams_to_one_address_and_end_at_a_shorter_one() {
     assert!(out.is_empty());
     assert_eq!(out.bytes(), 0);
 }
+
+/// The datagrams of `out`, one by one, with where they go.
+fn datagrams(out: &Outputs) -> Vec<(SocketAddr, Vec<u8>)> {
+    let mut all = Vec::new();
+    for output in out.iter() {
+        if let Output::ToNetwork {
+            to,
+            datagrams,
+            stride,
+        } = output
+        {
+            all.extend(datagrams.chunks(stride).map(|d| (to, d.to_vec())));
+        }
+    }
+    all
+}
+
+/// A new handshake initiation from `tunn` (a fresh ephemeral key and
+/// sender index each call; `mac2` set once it holds a cookie).
+fn initiation(tunn: &mut Tunn) -> Vec<u8> {
+    let mut buf = [0u8; HANDSHAKE_LEN_MAX];
+    match tunn.format_handshake_initiation(&mut buf, true) {
+        TunnResult::WriteToNetwork(init) => init.to_vec(),
+        other => panic!("no initiation: {other:?}"),
+    }
+}
+
+#[test]
+fn junk_and_forged_handshakes_are_dropped_by_kind_without_a_reply() {
+    let mut sites = mesh(2, &[&[7], &[7]]);
+    let gateway = &mut sites[1].gateway;
+    let mut out = Outputs::default();
+    let mut forged_init = vec![0u8; 148];
+    forged_init[0] = 1;
+    let mut unknown_index = vec![0u8; 64];
+    unknown_index[0] = 4;
+    unknown_index[4..8].copy_from_slice(&(77u32 << 8).to_le_bytes());
+    let inputs: [(&[u8], &str); 6] = [
+        (&[], "empty"),
+        (&[4, 0, 0], "short"),
+        (&[9, 0, 0, 0, 1, 2, 3, 4], "no such type"),
+        (
+            &[1, 0, 0, 0, 1, 2, 3, 4],
+            "an initiation of the wrong length",
+        ),
+        (&forged_init, "an initiation with a wrong mac1"),
+        (&unknown_index, "data for an index no peer has"),
+    ];
+    for (datagram, what) in inputs {
+        gateway.handle_datagram(0, addr(0), datagram, &mut out);
+        assert!(out.is_empty(), "{what} got an answer");
+    }
+    let stats = gateway.stats();
+    assert_eq!(
+        (stats.junk, stats.bad_mac, stats.unknown_peer),
+        (4, 1, 1),
+        "{stats:?}"
+    );
+    assert_eq!(stats.datagrams_dropped, 6);
+    assert_eq!(stats.cookie_replies + stats.replays + stats.refused, 0);
+}
+
+#[test]
+fn a_handshake_flood_beyond_the_limit_is_answered_with_cookies_and_peers_still_get_in() {
+    let mut sites = mesh(2, &[&[7], &[7]]);
+    // Initiations from many addresses (one each: no address's own limit
+    // applies), with a key the gateway does not know, but for the
+    // gateway's public key, so their mac1 is right: each makes the gateway
+    // do a DH to find out who sent it.
+    let attacker = |i: u64| {
+        let [.., high, low] = (i + 1).to_be_bytes();
+        SocketAddr::from(([198, 18, high + 1, low], 40_000))
+    };
+    let mut flooder = Tunn::new(
+        StaticSecret::from(key(50)),
+        PublicKey::from(public(2)),
+        None,
+        None,
+        9,
+        None,
+    );
+    let extra = 20;
+    let mut out = Outputs::new(64);
+    for i in 0..HANDSHAKES_PER_S_MAX + extra {
+        let init = initiation(&mut flooder);
+        sites[1]
+            .gateway
+            .handle_datagram(0, attacker(i), &init, &mut out);
+    }
+    let stats = sites[1].gateway.stats();
+    // The first HANDSHAKES_PER_S_MAX of the second were looked at (and
+    // matched no peer); the rest cost a cookie reply each, no DH.
+    assert_eq!(stats.unknown_peer, HANDSHAKES_PER_S_MAX, "{stats:?}");
+    assert_eq!(stats.cookie_replies, extra, "{stats:?}");
+    assert_eq!(stats.datagrams_dropped, HANDSHAKES_PER_S_MAX + extra);
+    let replies = datagrams(&out);
+    assert_eq!(replies.len(), usize::try_from(extra).unwrap());
+    for (i, (to, reply)) in (HANDSHAKES_PER_S_MAX..).zip(&replies) {
+        assert_eq!(*to, attacker(i), "to its sender");
+        assert_eq!((reply[0], reply.len()), (MESSAGE_COOKIE_REPLY, 64));
+    }
+    // Ticks within the same second on boringtun's clock leave the limiter
+    // under load.
+    sites[1].gateway.handle_timers(100, &mut Outputs::default());
+
+    // Site 0, a real peer, is asked for a cookie too; with it, its next
+    // initiation (mac2 set) is taken and answered with a handshake.
+    let mut honest = Tunn::new(
+        StaticSecret::from(key(1)),
+        PublicKey::from(public(2)),
+        None,
+        None,
+        1,
+        None,
+    );
+    let mut out = Outputs::default();
+    let init = initiation(&mut honest);
+    sites[1]
+        .gateway
+        .handle_datagram(200, addr(0), &init, &mut out);
+    let cookie = datagrams(&out);
+    assert_eq!(cookie.len(), 1);
+    assert_eq!(cookie[0].1[0], MESSAGE_COOKIE_REPLY);
+    assert_eq!(sites[1].gateway.stats().cookie_replies, extra + 1);
+    let mut buf = [0u8; HANDSHAKE_LEN_MAX];
+    assert!(
+        matches!(
+            honest.decapsulate(Some(addr(1).ip()), &cookie[0].1, &mut buf),
+            TunnResult::Done
+        ),
+        "the cookie reply is genuine"
+    );
+    let mut out = Outputs::default();
+    let init = initiation(&mut honest);
+    sites[1]
+        .gateway
+        .handle_datagram(300, addr(0), &init, &mut out);
+    let response = datagrams(&out);
+    assert_eq!(response.len(), 1, "{:?}", sites[1].gateway.stats());
+    assert_eq!((response[0].0, response[0].1[0]), (addr(0), 2));
+    let (key, peer) = sites[1].gateway.peer_stats().next().unwrap();
+    assert_eq!((key, peer.handshakes), (public(1), 1));
+    assert_eq!(sites[1].gateway.stats().cookie_replies, extra + 1);
+}
+
+#[test]
+fn replayed_data_and_initiations_are_dropped_and_counted_as_replays() {
+    let mut sites = mesh(2, &[&[7], &[7]]);
+    // The initiation, kept for a replay.
+    let mut out = Outputs::default();
+    sites[0].gateway.initiate_handshake(2, &mut out);
+    let initiation = datagrams(&out).remove(0).1;
+    let mut queue = VecDeque::new();
+    collect(&mut sites, 0, &out, &mut queue);
+    run(&mut sites, queue, 0);
+
+    // One frame from site 0, captured on the way.
+    let send = |sites: &mut [Site], now_ms| {
+        let mut out = Outputs::default();
+        let frame = frame(mac(2), mac(1), 60);
+        sites[0]
+            .gateway
+            .handle_local_frame(now_ms, 7, Offload::NONE, &frame, &mut out);
+        let mut sent = datagrams(&out);
+        assert_eq!(sent.len(), 1);
+        let datagram = sent.remove(0).1;
+        let mut local = Outputs::default();
+        sites[1]
+            .gateway
+            .handle_datagram(now_ms, addr(0), &datagram, &mut local);
+        (datagram, local.iter().count())
+    };
+    let (first, delivered) = send(&mut sites, 1);
+    assert_eq!(delivered, 1);
+
+    // Replayed at once, from elsewhere: dropped, counted, delivered once.
+    let attacker = SocketAddr::from(([198, 18, 0, 100], 40_000));
+    let mut out = Outputs::default();
+    sites[1]
+        .gateway
+        .handle_datagram(2, attacker, &first, &mut out);
+    assert!(out.is_empty());
+    assert_eq!(sites[1].gateway.stats().replays, 1);
+
+    // Replayed after the window moved on: dropped as a replay too.
+    for now_ms in 0..1100 {
+        assert_eq!(send(&mut sites, 3 + now_ms).1, 1);
+    }
+    sites[1]
+        .gateway
+        .handle_datagram(1200, attacker, &first, &mut out);
+    assert!(out.is_empty());
+    assert_eq!(sites[1].gateway.stats().replays, 2);
+
+    // A replayed initiation: its timestamp is not newer than the last.
+    sites[1]
+        .gateway
+        .handle_datagram(1201, attacker, &initiation, &mut out);
+    assert!(out.is_empty(), "no handshake response to a replay");
+    let stats = sites[1].gateway.stats();
+    assert_eq!(stats.replays, 3, "{stats:?}");
+    assert_eq!(stats.datagrams_dropped, 3);
+    let (_, peer) = sites[1].gateway.peer_stats().next().unwrap();
+    assert_eq!((peer.rx_replays, peer.rx_dropped), (3, 3));
+    // The peer's endpoint did not follow the replays.
+    send(&mut sites, 1300);
+    let mut out = Outputs::default();
+    sites[1].gateway.handle_local_frame(
+        1301,
+        7,
+        Offload::NONE,
+        &frame(mac(1), mac(2), 60),
+        &mut out,
+    );
+    assert_eq!(datagrams(&out)[0].0, addr(0));
+}
+
+#[test]
+fn a_sender_that_answers_cookies_gets_only_its_addresss_share_of_dh() {
+    let mut sites = mesh(2, &[&[7], &[7]]);
+    let attacker = SocketAddr::from(([198, 18, 0, 100], 40_000));
+    let mut flooder = Tunn::new(
+        StaticSecret::from(key(50)),
+        PublicKey::from(public(2)),
+        None,
+        None,
+        9,
+        None,
+    );
+    let send = |sites: &mut [Site], flooder: &mut Tunn, now_ms| {
+        let mut out = Outputs::default();
+        let init = initiation(flooder);
+        sites[1]
+            .gateway
+            .handle_datagram(now_ms, attacker, &init, &mut out);
+        datagrams(&out)
+    };
+    // Not under load: the address's burst is looked up, the rest dropped
+    // without an answer.
+    for _ in 0..ADDRESS_HANDSHAKES_BURST + 3 {
+        assert!(send(&mut sites, &mut flooder, 0).is_empty());
+    }
+    let stats = sites[1].gateway.stats();
+    let burst = u64::try_from(ADDRESS_HANDSHAKES_BURST).unwrap();
+    assert_eq!((stats.unknown_peer, stats.rate_limited), (burst, 3));
+
+    // Under load (other senders), it gets a cookie and answers it: its
+    // initiations pass the rate limiter, and its address's limit holds.
+    for i in 0..HANDSHAKES_PER_S_MAX {
+        let from = SocketAddr::from(([198, 19, 0, 1], u16::try_from(i).unwrap()));
+        let init = initiation(&mut flooder);
+        // The same address, many ports: one bucket, so these are dropped,
+        // but each counts in the rate limiter.
+        let mut out = Outputs::default();
+        sites[1].gateway.handle_datagram(0, from, &init, &mut out);
+    }
+    let cookie = send(&mut sites, &mut flooder, 0);
+    assert_eq!(cookie[0].1[0], MESSAGE_COOKIE_REPLY);
+    let mut buf = [0u8; HANDSHAKE_LEN_MAX];
+    assert!(matches!(
+        flooder.decapsulate(Some(addr(1).ip()), &cookie[0].1, &mut buf),
+        TunnResult::Done
+    ));
+    let before = sites[1].gateway.stats();
+    // Its bucket refills at its rate: one second brings that many DH.
+    for now_ms in (10..=1000).step_by(10) {
+        assert!(send(&mut sites, &mut flooder, now_ms).is_empty());
+    }
+    let after = sites[1].gateway.stats();
+    assert_eq!(after.cookie_replies, before.cookie_replies, "mac2 is valid");
+    let rate = u64::try_from(ADDRESS_HANDSHAKES_PER_S).unwrap();
+    assert_eq!(after.unknown_peer - before.unknown_peer, rate);
+    assert_eq!(after.rate_limited - before.rate_limited, 100 - rate);
+}

@@ -146,6 +146,9 @@ pub struct GatewayReport {
     pub segments: BTreeMap<u32, Result<String, String>>,
     /// Public keys of the peers with a live session.
     pub sessions: BTreeSet<[u8; 32]>,
+    /// The data plane's own counters: drops by kind, cookie replies
+    /// (refreshed every second).
+    pub gateway_stats: crate::gateway::GatewayStats,
     /// Counters of each peer's tunnel, by public key (refreshed every
     /// second).
     pub peer_stats: BTreeMap<[u8; 32], crate::gateway::PeerStats>,

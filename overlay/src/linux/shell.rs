@@ -604,6 +604,7 @@ impl Shell {
             let changed = current.sessions != sessions;
             current.sessions = sessions;
             if counters_due {
+                current.gateway_stats = gateway.stats();
                 current.peer_stats = gateway.peer_stats().collect();
                 current.segment_stats = gateway
                     .segments()
@@ -694,6 +695,13 @@ impl Shell {
             send_errors = stats.send_errors,
             receive_errors = stats.receive_errors,
             datagrams_dropped = stats.gateway.datagrams_dropped,
+            junk = stats.gateway.junk,
+            bad_mac = stats.gateway.bad_mac,
+            cookie_replies = stats.gateway.cookie_replies,
+            rate_limited = stats.gateway.rate_limited,
+            unknown_peer = stats.gateway.unknown_peer,
+            replays = stats.gateway.replays,
+            refused = stats.gateway.refused,
             inner_dropped = stats.gateway.inner_dropped,
             wrong_segment = stats.gateway.wrong_segment,
             no_endpoint = stats.gateway.no_endpoint,
@@ -740,7 +748,10 @@ impl Shell {
                     for (meta, buf) in self.rx_meta.iter().zip(&self.rx).take(messages) {
                         bytes += meta.len;
                         let stride = meta.stride.max(1);
-                        for datagram in buf[..meta.len].chunks(stride) {
+                        // An empty datagram is one too (to be counted as
+                        // junk), though `chunks` yields nothing for it.
+                        let empty = (meta.len == 0).then_some(&[][..]);
+                        for datagram in empty.into_iter().chain(buf[..meta.len].chunks(stride)) {
                             self.stats.datagrams_received += 1;
                             self.gateway.handle_datagram(
                                 now_ms,
