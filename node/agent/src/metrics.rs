@@ -113,6 +113,7 @@ fn register_gossip(registry: &mut Registry, report: &SitesReport) {
         ("oversized", stats.dropped_oversized),
         ("view_full", stats.dropped_full),
         ("not_allowed", stats.dropped_not_allowed),
+        ("rate", stats.dropped_rate),
     ] {
         dropped.get_or_create(&[("reason", reason)]).inc_by(count);
     }
