@@ -158,6 +158,27 @@ fn register_federation(registry: &mut Registry, report: &SitesReport) {
         "Federation peers connected right now",
         gauge_of(u64::try_from(report.connected_peers).unwrap_or(u64::MAX)),
     );
+    let transport = &report.transport;
+    let refused = Family::<Label, Counter>::default();
+    for (reason, count) in [
+        ("handshake_failed", transport.inbound_handshake_failed),
+        ("connection_denied", transport.inbound_denied),
+        ("connection_failed", transport.inbound_failed_other),
+        ("rpc_frame_oversized", transport.rpc_frames_oversized),
+        ("rpc_frame_truncated", transport.rpc_frames_truncated),
+        ("rpc_request_refused", transport.rpc_requests_refused),
+        ("gossip_oversized", transport.gossip_oversized),
+    ] {
+        refused.get_or_create(&[("reason", reason)]).inc_by(count);
+    }
+    registry.register(
+        "federation_refused",
+        "Federation input the transport refused, by reason: inbound connections whose \
+         handshake failed (no or another pre-shared key, not libp2p, too slow), denied (over a \
+         connection limit, not allowed) or failed otherwise; RPC frames over the size limit or \
+         cut short; requests beyond the unanswered ones allowed; gossip over the size limit",
+        refused,
+    );
     registry.register(
         "federation_outbox_dropped",
         "Outgoing federation messages dropped because the outbox was full",
