@@ -112,6 +112,7 @@ pub async fn start(
         ledger.clone(),
         &keys.api_token,
         federation.clone(),
+        api::ApiLimits::of(&config.api),
     );
     state = state
         .with_network(runner.board.clone())

@@ -14,6 +14,7 @@ use prometheus_client::registry::{Registry, Unit};
 use vcfed_registry::SiteState;
 use vcfed_storage::{ClusterState, ReservationState};
 
+use crate::api::ApiStats;
 use crate::federation::SitesReport;
 use crate::runner::{GatewayCounters, RunnerCounters};
 
@@ -37,6 +38,8 @@ pub struct Snapshot {
     pub clusters: Vec<(ClusterState, u64)>,
     /// The runner's counters, if this agent runs clusters.
     pub runner: Option<RunnerCounters>,
+    /// The API server's connections and refusals.
+    pub api: ApiStats,
 }
 
 /// The snapshot in the OpenMetrics text format, ending in `# EOF`.
@@ -44,6 +47,7 @@ pub fn encode(snapshot: &Snapshot) -> String {
     let mut registry = Registry::with_prefix(PREFIX);
     register_gossip(&mut registry, &snapshot.federation);
     register_federation(&mut registry, &snapshot.federation);
+    register_api(&mut registry, &snapshot.api);
 
     let reservations = Family::<Label, Gauge>::default();
     for (state, count) in &snapshot.reservations {
@@ -183,6 +187,31 @@ fn register_federation(registry: &mut Registry, report: &SitesReport) {
         "federation_outbox_dropped",
         "Outgoing federation messages dropped because the outbox was full",
         counter(report.outbox_dropped),
+    );
+}
+
+/// The API server's limits at work.
+fn register_api(registry: &mut Registry, api: &ApiStats) {
+    registry.register(
+        "api_connections",
+        "Connections to the API open now",
+        gauge_of(api.connections_open),
+    );
+    let refused = Family::<Label, Counter>::default();
+    for (reason, count) in [
+        ("connections_max", api.connections_refused),
+        ("busy", api.requests_busy),
+        ("header_timeout", api.headers_timed_out),
+        ("body_timeout", api.bodies_timed_out),
+    ] {
+        refused.get_or_create(&[("reason", reason)]).inc_by(count);
+    }
+    registry.register(
+        "api_refused",
+        "API connections and requests refused, by reason: over api.connections_max (503), \
+         over api.requests_max (503 busy), headers or body not sent within api.client_timeout \
+         (connection closed, or 408)",
+        refused,
     );
 }
 
