@@ -327,3 +327,190 @@ async fn a_connection_flood_without_the_key_is_refused_and_counted() {
         assert!(took <= REFRESH + SLACK, "{what} took {took:?}");
     }
 }
+
+/// An advert of the member with `keypair`, as gossip bytes.
+fn member_advert(keypair: &libp2p_identity::Keypair, version: u64, issued_at_ms: i64) -> Vec<u8> {
+    use vcfed_registry::wire::{self, Message};
+    use vcfed_registry::{Advert, CapacitySummary, NodeShape, SignedAdvert};
+    let advert = Advert {
+        site: keypair.public().to_peer_id(),
+        site_name: "flooder".into(),
+        version,
+        issued_at_ms,
+        ttl_ms: 3_000,
+        capacity: CapacitySummary {
+            total_nodes: 1,
+            node: NodeShape {
+                cores: 1,
+                memory_mib: 512,
+                disk_gib: 1,
+            },
+            steps: vec![(issued_at_ms, 1)],
+            horizon_end_ms: issued_at_ms + 3_600_000,
+        },
+        gateway: None,
+        addrs: vec![],
+        software: "flooder".into(),
+    };
+    wire::encode(&Message::Advert(
+        SignedAdvert::sign(&advert, keypair).unwrap(),
+    ))
+}
+
+fn unix_ms() -> i64 {
+    i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+}
+
+/// A member holding the federation's key publishes adverts about every
+/// 5 ms for 3 s and replays older versions: beyond the burst, one advert a
+/// tenth of a second is applied (and forwarded), the rest are dropped and
+/// counted as `rate`, the replays as `stale`; its newest advert is learnt
+/// once it stops; the honest agents' capacity changes meanwhile arrive
+/// within one refresh interval (+ slack).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_flooding_adverts_is_rate_limited_and_its_replays_dropped() {
+    let keys = tempfile::tempdir().unwrap();
+    let psk = psk_file(keys.path(), "federation.psk");
+    let (mut a, b, port) = private_pair(&psk).await;
+    let key = vcfed_registry::p2p::parse_psk(&std::fs::read_to_string(&psk).unwrap()).unwrap();
+    let a_addr: multiaddr::Multiaddr = format!("/ip4/127.0.0.1/tcp/{port}/p2p/{}", a.peer_id)
+        .parse()
+        .unwrap();
+    let mut rng = XorShift(seed() ^ 0xAD);
+    let secret: [u8; 32] = rng.bytes(32).try_into().unwrap();
+    let keypair = libp2p_identity::Keypair::ed25519_from_bytes(secret).unwrap();
+    let member_id = keypair.public().to_peer_id().to_string();
+    let (member, mut events) = vcfed_registry::p2p::spawn(vcfed_registry::p2p::P2pConfig {
+        keypair: keypair.clone(),
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+        bootstrap: vec![a_addr],
+        psk: Some(key),
+        allow_peers: None,
+        topic: vcfed_node_core::federation::ADVERT_TOPIC.to_owned(),
+        message_max_bytes: vcfed_node_core::federation::MESSAGE_MAX_BYTES,
+        request_timeout: Duration::from_secs(10),
+        idle_connection_timeout: Duration::from_secs(60),
+    })
+    .await
+    .unwrap();
+    // The member reads what it is sent, and validates nothing.
+    tokio::spawn(async move { while events.recv().await.is_some() {} });
+
+    // The member joins: a learns its first advert.
+    let mut version = 1;
+    eventually("a learns the member", Duration::from_secs(15), || {
+        version += 1;
+        let data = member_advert(&keypair, version, unix_ms());
+        let member = member.clone();
+        let (a, member_id) = (&a, &member_id);
+        async move {
+            let _ = member.publish(data).await;
+            view(&a.client)
+                .await
+                .sites
+                .iter()
+                .any(|s| &s.peer_id == member_id)
+        }
+    })
+    .await;
+    let before = view(&a.client).await.stats;
+    let b_before = view(&b.client).await.stats;
+
+    // The flood, with honest changes in the middle of it.
+    const FLOOD: Duration = Duration::from_secs(3);
+    let flooder = {
+        let (member, keypair) = (member.clone(), keypair.clone());
+        tokio::spawn(async move {
+            let (mut sent, mut stale) = (0u64, 0u64);
+            let mut version = version;
+            let started = Instant::now();
+            while started.elapsed() < FLOOD {
+                version += 1;
+                member
+                    .publish(member_advert(&keypair, version, unix_ms()))
+                    .await
+                    .unwrap();
+                sent += 1;
+                if sent % 10 == 0 {
+                    // An old version signed again: new bytes, so gossip does
+                    // not dedupe it.
+                    member
+                        .publish(member_advert(&keypair, 2, unix_ms()))
+                        .await
+                        .unwrap();
+                    stale += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (sent, stale, version, started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let b_to_a = capacity_change_seen(&b, &a, "during-1").await;
+    let a_to_b = capacity_change_seen(&a, &b, "during-2").await;
+    let (sent, stale, last, took) = flooder.await.unwrap();
+    alive(&mut a);
+
+    // Stopped: its newest advert comes again (a refresh) and is learnt.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let newest = member_advert(&keypair, last + 1, unix_ms());
+    member.publish(newest).await.unwrap();
+    let learnt = eventually(
+        "a learns the member's newest advert",
+        Duration::from_secs(5),
+        || async {
+            view(&a.client)
+                .await
+                .sites
+                .iter()
+                .any(|s| s.peer_id == member_id && s.version == last + 1)
+        },
+    )
+    .await;
+
+    let after = view(&a.client).await.stats;
+    let rate = after.dropped_rate - before.dropped_rate;
+    let stale_dropped = after.dropped_stale - before.dropped_stale;
+    let applied = after.adverts_applied - before.adverts_applied;
+    // At most the burst and one per 100 ms were applied of the member's.
+    let allowed = 10 + took.as_millis() as u64 / 100 + 2;
+    let b_after = view(&b.client).await.stats;
+    eprintln!(
+        "advert flood: {sent} adverts and {stale} stale replays in {:.1}s from a member with the \
+         key; at a: {rate} dropped (rate), {stale_dropped} dropped (stale), {applied} applied \
+         (the member's and b's, at most {allowed} of the member's allowed); at b: {} dropped \
+         (rate), {} applied; newest learnt {:.2}s after the flood",
+        took.as_secs_f64(),
+        b_after.dropped_rate - b_before.dropped_rate,
+        b_after.adverts_applied - b_before.adverts_applied,
+        learnt.as_secs_f64(),
+    );
+    eprintln!(
+        "honest capacity changes during the advert flood: b->a {:.2}s, a->b {:.2}s",
+        b_to_a.as_secs_f64(),
+        a_to_b.as_secs_f64()
+    );
+    // Gossip on loopback delivers (nearly) all of it; what is not applied
+    // is dropped and counted.
+    assert!(rate + allowed >= sent * 9 / 10, "{rate} dropped of {sent}");
+    assert!(rate >= sent / 2, "{rate} dropped of {sent}");
+    assert!(
+        stale_dropped >= stale * 9 / 10,
+        "{stale_dropped} of {stale}"
+    );
+    // b sees only what a forwarded: no more than a applied.
+    assert!(b_after.adverts_applied - b_before.adverts_applied <= applied + 5);
+    let samples = metrics(&a).await;
+    assert!(samples["vcfed_gossip_dropped_total{reason=\"rate\"}"] >= rate as f64);
+    for (what, took) in [("b->a", b_to_a), ("a->b", a_to_b)] {
+        assert!(took <= REFRESH + SLACK, "{what} took {took:?}");
+    }
+    member.shutdown().await;
+    alive(&mut a);
+}
