@@ -246,6 +246,21 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .with_state(state)
 }
 
+/// Binds the API's listener with an accept queue of `connections_max`
+/// (the kernel caps it at `net.core.somaxconn`): with the usual 1024 a burst
+/// of connections overflows it, and the kernel drops SYNs that the clients
+/// (health probes included) resend only a second later.
+pub fn bind(addr: std::net::SocketAddr, limits: &ApiLimits) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    // As `TcpListener::bind` does: a port in TIME_WAIT is free.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(u32::try_from(limits.connections_max).unwrap_or(u32::MAX))
+}
+
 /// Serves the API on `listener` within the state's [`ApiLimits`] until
 /// `shutdown` resolves, then lets the connections finish what they are
 /// doing (each within `client_timeout` of its next read) and returns.

@@ -514,3 +514,293 @@ async fn a_member_flooding_adverts_is_rate_limited_and_its_replays_dropped() {
     member.shutdown().await;
     alive(&mut a);
 }
+
+/// One raw HTTP/1.1 exchange on a connection of its own: the status (0 if
+/// there was no status line) and the time it took, or the I/O error.
+async fn exchange(addr: SocketAddr, request: &[u8]) -> std::io::Result<(u16, Duration)> {
+    let started = Instant::now();
+    let mut stream = TcpStream::connect(addr).await?;
+    stream.write_all(request).await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    Ok((status_of(&response), started.elapsed()))
+}
+
+fn status_of(response: &[u8]) -> u16 {
+    std::str::from_utf8(&response[..response.len().min(12)])
+        .ok()
+        .and_then(|head| head.strip_prefix("HTTP/1.1 "))
+        .and_then(|code| code.get(..3))
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0)
+}
+
+fn percentile(sorted: &[Duration], p: usize) -> Duration {
+    sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
+}
+
+/// 1000 concurrent requests and 50 slow clients (25 trickling headers, 25
+/// a body, a byte each 100 ms) against one agent: `/healthz` keeps
+/// answering within 1 s, every request gets an answer (200, or 503 `busy`
+/// beyond `requests_max`), slow clients are cut at `client_timeout`; then
+/// connections beyond `connections_max` are answered 503 at once, and the
+/// agent serves again once the idle ones time out. Everything refused is in
+/// `/metrics`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_stays_responsive_under_a_flood_and_cuts_slow_clients() {
+    const CONNECTIONS_MAX: usize = 1100;
+    const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
+    const FLOOD: usize = 1000;
+    const SLOW: usize = 25;
+    let site = Site::init("site-a", 4);
+    let text = std::fs::read_to_string(&site.config_path).unwrap();
+    let text = text.replacen(
+        "[api]\n",
+        &format!(
+            "[api]\nconnections_max = {CONNECTIONS_MAX}\nclient_timeout = \"{}s\"\n",
+            CLIENT_TIMEOUT.as_secs()
+        ),
+        1,
+    );
+    std::fs::write(&site.config_path, text).unwrap();
+    let config = site.config();
+    let token = std::fs::read_to_string(&config.api.token_file).unwrap();
+    let addr = config.api.listen;
+    let mut agent = start(site).await;
+
+    let healthz = b"GET /healthz HTTP/1.1\r\nHost: vcfed\r\nConnection: close\r\n\r\n".to_vec();
+    let sites = format!(
+        "GET /v1/sites HTTP/1.1\r\nHost: vcfed\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+        token.trim()
+    )
+    .into_bytes();
+
+    // The probe: /healthz every 25 ms until told to stop.
+    let (stop_probe, mut probe_stopped) = tokio::sync::watch::channel(false);
+    let probe = tokio::spawn({
+        let healthz = healthz.clone();
+        async move {
+            let mut answers = Vec::new();
+            while !*probe_stopped.borrow() {
+                let answer = tokio::time::timeout(Duration::from_secs(5), exchange(addr, &healthz))
+                    .await
+                    .map_err(|_| "no answer within 5 s".to_owned())
+                    .and_then(|r| r.map_err(|e| e.to_string()));
+                answers.push(answer);
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(25)) => {}
+                    _ = probe_stopped.changed() => {}
+                }
+            }
+            answers
+        }
+    });
+
+    // Slow clients: headers a byte at a time, or a body a byte at a time.
+    let mut slow = tokio::task::JoinSet::new();
+    for i in 0..2 * SLOW {
+        let token = token.trim().to_owned();
+        slow.spawn(async move {
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            let started = Instant::now();
+            let (head, trickle): (String, Vec<u8>) = if i < SLOW {
+                (
+                    "GET /healthz HTTP/1.1\r\n".to_owned(),
+                    b"X-Slow: ".repeat(100),
+                )
+            } else {
+                (
+                    format!(
+                        "POST /v1/reservations HTTP/1.1\r\nHost: vcfed\r\nAuthorization: Bearer \
+                         {token}\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n"
+                    ),
+                    vec![b' '; 500],
+                )
+            };
+            stream.write_all(head.as_bytes()).await.unwrap();
+            let headers_sent = started.elapsed();
+            let (mut reader, mut writer) = stream.into_split();
+            let reading = tokio::spawn(async move {
+                let mut response = Vec::new();
+                let _ = reader.read_to_end(&mut response).await;
+                response
+            });
+            for byte in trickle {
+                if writer.write_all(&[byte]).await.is_err() || reading.is_finished() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let response = tokio::time::timeout(Duration::from_secs(10), reading)
+                .await
+                .expect("the agent cuts a slow client")
+                .unwrap();
+            let cut_after = started.elapsed()
+                - if i < SLOW {
+                    Duration::ZERO
+                } else {
+                    headers_sent
+                };
+            (i < SLOW, status_of(&response), cut_after)
+        });
+    }
+
+    // The flood: 1000 requests at once.
+    let flood_started = Instant::now();
+    let mut flood = tokio::task::JoinSet::new();
+    for _ in 0..FLOOD {
+        let sites = sites.clone();
+        flood.spawn(async move {
+            tokio::time::timeout(Duration::from_secs(30), exchange(addr, &sites))
+                .await
+                .map_err(|_| "no answer within 30 s".to_owned())
+                .and_then(|r| r.map_err(|e| e.to_string()))
+        });
+    }
+    let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+    let mut latencies = Vec::new();
+    while let Some(answer) = flood.join_next().await {
+        let (status, took) = answer
+            .unwrap()
+            .unwrap_or_else(|e| panic!("a request failed: {e}"));
+        *statuses.entry(status).or_default() += 1;
+        latencies.push(took);
+    }
+    let flood_took = flood_started.elapsed();
+    let mut slow_cut = Vec::new();
+    while let Some(done) = slow.join_next().await {
+        slow_cut.push(done.unwrap());
+    }
+    stop_probe.send(true).unwrap();
+    let probes = probe.await.unwrap();
+    alive(&mut agent);
+
+    latencies.sort();
+    let mut probe_latencies: Vec<Duration> = probes
+        .iter()
+        .map(|answer| match answer {
+            Ok((200, took)) => *took,
+            other => panic!("a health probe during the flood: {other:?}"),
+        })
+        .collect();
+    probe_latencies.sort();
+    let header_cuts: Vec<Duration> = slow_cut.iter().filter(|c| c.0).map(|c| c.2).collect();
+    let body_cuts: Vec<(u16, Duration)> = slow_cut
+        .iter()
+        .filter(|c| !c.0)
+        .map(|c| (c.1, c.2))
+        .collect();
+    let samples = metrics(&agent).await;
+    let refused =
+        |reason: &str| samples[&format!("vcfed_api_refused_total{{reason=\"{reason}\"}}")];
+    eprintln!(
+        "API flood: {FLOOD} concurrent GET /v1/sites answered in {:.2}s: {statuses:?}; latency \
+         p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; /healthz during it: {} probes, p50 {:.0} ms, \
+         p99 {:.0} ms, max {:.0} ms",
+        flood_took.as_secs_f64(),
+        percentile(&latencies, 50).as_secs_f64() * 1e3,
+        percentile(&latencies, 99).as_secs_f64() * 1e3,
+        latencies.last().unwrap().as_secs_f64() * 1e3,
+        probe_latencies.len(),
+        percentile(&probe_latencies, 50).as_secs_f64() * 1e3,
+        percentile(&probe_latencies, 99).as_secs_f64() * 1e3,
+        probe_latencies.last().unwrap().as_secs_f64() * 1e3,
+    );
+    eprintln!(
+        "slow clients (client_timeout {}s): headers trickled cut after {:.2?}..{:.2?}; bodies \
+         trickled answered {:?} after {:.2?}..{:.2?}; metrics: busy {}, header_timeout {}, \
+         body_timeout {}",
+        CLIENT_TIMEOUT.as_secs(),
+        header_cuts.iter().min().unwrap(),
+        header_cuts.iter().max().unwrap(),
+        body_cuts
+            .iter()
+            .map(|c| c.0)
+            .collect::<std::collections::BTreeSet<_>>(),
+        body_cuts.iter().map(|c| c.1).min().unwrap(),
+        body_cuts.iter().map(|c| c.1).max().unwrap(),
+        refused("busy"),
+        refused("header_timeout"),
+        refused("body_timeout"),
+    );
+    // Every request was answered: served, or refused as busy.
+    assert_eq!(
+        statuses
+            .keys()
+            .copied()
+            .filter(|s| ![200, 503].contains(s))
+            .count(),
+        0
+    );
+    assert!(statuses.get(&200).copied().unwrap_or(0) > 0);
+    assert_eq!(
+        refused("busy") as usize,
+        statuses.get(&503).copied().unwrap_or(0)
+    );
+    assert!(*probe_latencies.last().unwrap() < Duration::from_secs(1));
+    let slack = Duration::from_millis(1500);
+    for cut in header_cuts.iter().chain(body_cuts.iter().map(|c| &c.1)) {
+        assert!(
+            *cut >= CLIENT_TIMEOUT - Duration::from_millis(100) && *cut <= CLIENT_TIMEOUT + slack,
+            "a slow client cut after {cut:?}"
+        );
+    }
+    assert!(body_cuts.iter().all(|c| c.0 == 408), "{body_cuts:?}");
+    assert!(refused("header_timeout") >= SLOW as f64);
+    assert_eq!(refused("body_timeout"), SLOW as f64);
+
+    // Idle connections up to the cap and beyond: those beyond are answered
+    // 503 at once (a probe too, while the cap is reached); once the idle
+    // ones time out the agent serves again.
+    let mut idle = Vec::new();
+    for _ in 0..CONNECTIONS_MAX + 20 {
+        idle.push(TcpStream::connect(addr).await.unwrap());
+    }
+    let held_at = Instant::now();
+    let (probe_status, _) = exchange(addr, &healthz).await.unwrap();
+    let mut heads = tokio::task::JoinSet::new();
+    for mut stream in idle {
+        heads.spawn(async move {
+            let mut head = [0u8; 12];
+            let read =
+                tokio::time::timeout(Duration::from_millis(500), stream.read(&mut head)).await;
+            let status = match read {
+                Ok(Ok(n)) => status_of(&head[..n]),
+                _ => 0,
+            };
+            (status, stream)
+        });
+    }
+    let mut refused_at_once = 0;
+    let mut idle = Vec::new();
+    while let Some(done) = heads.join_next().await {
+        let (status, stream) = done.unwrap();
+        refused_at_once += usize::from(status == 503);
+        idle.push(stream);
+    }
+    eventually(
+        "the agent serves again once idle connections time out",
+        CLIENT_TIMEOUT + Duration::from_secs(5),
+        || async { matches!(exchange(addr, &healthz).await, Ok((200, _))) },
+    )
+    .await;
+    let back = held_at.elapsed();
+    let samples = metrics(&agent).await;
+    let refused_connections = samples["vcfed_api_refused_total{reason=\"connections_max\"}"];
+    eprintln!(
+        "connection cap {CONNECTIONS_MAX}: {} idle connections opened, {refused_at_once} answered \
+         503 at once, a probe meanwhile {probe_status}; {refused_connections} refused in all; \
+         serving again {:.2}s after the last idle one was opened",
+        CONNECTIONS_MAX + 20,
+        back.as_secs_f64(),
+    );
+    assert_eq!(probe_status, 503);
+    assert!(
+        back <= CLIENT_TIMEOUT + Duration::from_millis(1500),
+        "{back:?}"
+    );
+    assert!(refused_at_once >= 20, "{refused_at_once} refused");
+    assert!(refused_connections >= 20.0);
+    drop(idle);
+    alive(&mut agent);
+}
