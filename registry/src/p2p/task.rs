@@ -399,7 +399,7 @@ impl RefusalsLog {
         tracing::info!(
             refused = self.untold,
             last_error = %error,
-            "inbound federation connections refused since the last such line (counted in vcfed_federation_refused_total)"
+            "inbound federation connections refused since the last such line"
         );
         self.untold = 0;
         self.last_line = Some(now);
