@@ -21,6 +21,17 @@
 //! connected peer, which answers with what the digest lacks and asks for what
 //! it lacks itself: sites that missed pushes or were partitioned converge.
 //!
+//! Floods: a site's adverts are applied (and so forwarded) at most
+//! `advert_burst` back to back, then one per `advert_interval_min_ms` on
+//! average (a generic cell rate limit per site, driven by `now_ms`). A site
+//! publishes on a change (coalesced by its shell) and every `refresh_ms`, so
+//! an honest one stays well below; adverts beyond are ignored and counted
+//! (`dropped_rate`), never forwarded, and the newest one is learnt at the
+//! next refresh or anti-entropy round once the flood stops. Replays of
+//! versions already held are ignored and counted (`adverts_duplicate`,
+//! `dropped_stale`). Neither penalises the peer that relayed them: an honest
+//! relay may pass on an advert this site already holds.
+//!
 //! Failure detection: an advert is fresh for its TTL after it was issued
 //! (bounded by the receiver's own clock, allowing `clock_skew_max_ms`); a
 //! site whose advert is no longer fresh is *suspect*, and *gone* after a
@@ -71,6 +82,11 @@ pub struct RegistryConfig {
     /// If set, only adverts of these sites enter the view (a federation
     /// allowlist applies to what is relayed, not only to connections).
     pub allowed_sites: Option<BTreeSet<PeerId>>,
+    /// Shortest average interval between two applied adverts of one site.
+    pub advert_interval_min_ms: i64,
+    /// Adverts of one site applied back to back before
+    /// `advert_interval_min_ms` applies (at least 1).
+    pub advert_burst: u32,
 }
 
 impl Default for RegistryConfig {
@@ -85,9 +101,22 @@ impl Default for RegistryConfig {
             message_max_bytes: 1 << 20,
             sites_max: 10_000,
             allowed_sites: None,
+            advert_interval_min_ms: ADVERT_INTERVAL_MIN_MS,
+            advert_burst: ADVERT_BURST,
         }
     }
 }
+
+/// Default [`RegistryConfig::advert_interval_min_ms`]: ten adverts a second
+/// per site. A shell coalesces a site's changes (node-core's
+/// `ADVERT_COALESCE_MS`, 200 ms) and refreshes every few seconds, so an
+/// honest site publishes at most about five a second.
+pub const ADVERT_INTERVAL_MIN_MS: i64 = 100;
+/// Default [`RegistryConfig::advert_burst`]: room for a burst of changes
+/// and the anti-entropy catch-up after a partition.
+pub const ADVERT_BURST: u32 = 10;
+
+const _: () = assert!(ADVERT_INTERVAL_MIN_MS > 0 && ADVERT_BURST > 0);
 
 impl RegistryConfig {
     /// An advert's TTL as this site honours it: at most ten times its own,
@@ -253,6 +282,9 @@ pub struct RegistryStats {
     pub dropped_full: u64,
     /// Adverts of sites outside the allowlist.
     pub dropped_not_allowed: u64,
+    /// Adverts of a site that publishes faster than allowed.
+    #[serde(default)]
+    pub dropped_rate: u64,
     /// Messages sent.
     pub messages_sent: u64,
     /// Bytes sent.
@@ -329,6 +361,9 @@ struct SiteEntry {
     /// key: passes over the view (digests) need no more of the advert.
     version: u64,
     expires_at_ms: i64,
+    /// The site's advert rate: the theoretical arrival time of its next
+    /// advert (generic cell rate algorithm, [`Registry::rate_allows`]).
+    rate_tat_ms: i64,
 }
 
 impl SiteEntry {
@@ -1331,7 +1366,11 @@ impl Registry {
                     self.stats.dropped_stale += 1;
                     return Verdict::Ignore;
                 }
-                (Some(entry), key)
+                let Some(rate_tat_ms) = rate_allows(&self.config, entry.rate_tat_ms, now_ms) else {
+                    self.stats.dropped_rate += 1;
+                    return Verdict::Ignore;
+                };
+                (Some((entry, rate_tat_ms)), key)
             }
             Err(Some(key)) if !full => (None, key),
             Err(_) => {
@@ -1342,7 +1381,7 @@ impl Registry {
         self.stats.adverts_applied += 1;
         let config = &self.config;
         match &previous {
-            Some(previous) if previous.state == SiteState::Alive => {
+            Some((previous, _)) if previous.state == SiteState::Alive => {
                 self.events.push_back(RegistryEvent::SiteUpdated {
                     site,
                     version: advert.version,
@@ -1369,6 +1408,12 @@ impl Registry {
                 });
             }
         }
+        let rate_tat_ms = match &previous {
+            Some((_, rate_tat_ms)) => *rate_tat_ms,
+            None => {
+                rate_allows(config, i64::MIN, now_ms).expect("a site's first advert is allowed")
+            }
+        };
         let entry = SiteEntry {
             site,
             site_hash,
@@ -1377,11 +1422,12 @@ impl Registry {
             verified,
             fresh_until_ms,
             state: SiteState::Alive,
+            rate_tat_ms,
         };
         let deadline_ms = config.liveness_deadline(entry.state, entry.fresh_until_ms);
         self.digest.add(&entry);
         match previous {
-            Some(previous) => {
+            Some((previous, _)) => {
                 self.deadline
                     .removed(config.liveness_deadline(previous.state, previous.fresh_until_ms));
                 self.digest.remove(previous);
@@ -1485,6 +1531,27 @@ impl Registry {
         self.stats.bytes_sent += data.len() as u64;
         data
     }
+}
+
+/// Whether a site whose adverts' theoretical arrival time is `tat_ms` may
+/// have one more applied at `now_ms` (generic cell rate algorithm: at most
+/// `advert_burst` at once, then one per `advert_interval_min_ms`); if so,
+/// the time after it. While the clock runs forward the time is never more
+/// than a burst ahead of it; a time further ahead means the clock stepped
+/// back, and is forgotten (the site starts afresh) rather than silencing
+/// the site for as long as the step.
+fn rate_allows(config: &RegistryConfig, tat_ms: i64, now_ms: i64) -> Option<i64> {
+    let interval_ms = config.advert_interval_min_ms.max(1);
+    let burst_ms = interval_ms.saturating_mul(i64::from(config.advert_burst.max(1)));
+    let tat_ms = if tat_ms > now_ms.saturating_add(burst_ms) {
+        now_ms
+    } else {
+        tat_ms
+    };
+    if tat_ms.saturating_add(interval_ms) > now_ms.saturating_add(burst_ms) {
+        return None;
+    }
+    Some(tat_ms.max(now_ms).saturating_add(interval_ms))
 }
 
 /// Weighs the listings `group` (indices into `theirs`, all of one site)

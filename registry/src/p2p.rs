@@ -36,12 +36,26 @@
 //! [`P2pError::MessageTooLarge`]; oversized remote payloads are refused by the
 //! decoder before allocation (RPC) or by gossipsub's frame limit and then
 //! rejected (gossip), and never surface as events.
+//!
+//! Refusals are counted ([`P2pHandle::stats`]): failed and denied inbound
+//! connections, oversized and truncated RPC frames, refused requests,
+//! oversized gossip. Failed inbound connections are logged at info at most
+//! once per [`REFUSALS_LOG_INTERVAL`] with their number since the last line
+//! (each one at debug), so that a flood of them cannot flood the log.
 
 mod codec;
 mod psk;
 mod task;
 
-use std::{collections::BTreeSet, fmt, time::Duration};
+use std::{
+    collections::BTreeSet,
+    fmt,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use libp2p::{Multiaddr, PeerId, gossipsub, identity::Keypair, request_response};
 use tokio::sync::{mpsc, oneshot};
@@ -50,6 +64,9 @@ pub use self::psk::{format_psk, parse_psk};
 
 /// Capacity of the event channel handed to the glue.
 pub const EVENTS_MAX: usize = 1024;
+/// Shortest interval between two info lines about refused inbound
+/// connections.
+pub const REFUSALS_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// Capacity of the command channel behind every [`P2pHandle`].
 const COMMANDS_MAX: usize = 256;
 
@@ -235,18 +252,81 @@ pub enum P2pError {
     Closed,
 }
 
+/// What the shell refused since it started: remote input it dropped before
+/// the glue saw it. Counters only grow.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct P2pStats {
+    /// Inbound connections whose handshake failed: no or another pre-shared
+    /// key, not libp2p at all, or too slow (the handshake timeout).
+    pub inbound_handshake_failed: u64,
+    /// Inbound connections denied: over a connection limit, or a peer not
+    /// on the allowlist.
+    pub inbound_denied: u64,
+    /// Inbound connections that failed otherwise (aborted, our own id).
+    pub inbound_failed_other: u64,
+    /// RPC frames (requests or responses) whose length prefix exceeded the
+    /// limit: refused before anything was allocated for them.
+    pub rpc_frames_oversized: u64,
+    /// RPC frames whose stream ended before the announced length.
+    pub rpc_frames_truncated: u64,
+    /// Inbound requests refused because too many awaited an answer.
+    pub rpc_requests_refused: u64,
+    /// Gossip messages over the payload limit, rejected.
+    pub gossip_oversized: u64,
+}
+
+/// The live counters behind [`P2pStats`], shared by the swarm task, its
+/// codecs and the handles.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    inbound_handshake_failed: AtomicU64,
+    inbound_denied: AtomicU64,
+    inbound_failed_other: AtomicU64,
+    rpc_frames_oversized: AtomicU64,
+    rpc_frames_truncated: AtomicU64,
+    rpc_requests_refused: AtomicU64,
+    gossip_oversized: AtomicU64,
+}
+
+impl Counters {
+    fn snapshot(&self) -> P2pStats {
+        let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        P2pStats {
+            inbound_handshake_failed: read(&self.inbound_handshake_failed),
+            inbound_denied: read(&self.inbound_denied),
+            inbound_failed_other: read(&self.inbound_failed_other),
+            rpc_frames_oversized: read(&self.rpc_frames_oversized),
+            rpc_frames_truncated: read(&self.rpc_frames_truncated),
+            rpc_requests_refused: read(&self.rpc_requests_refused),
+            gossip_oversized: read(&self.gossip_oversized),
+        }
+    }
+
+    fn count(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// Cheap, cloneable access to the swarm task.
 #[derive(Clone, Debug)]
 pub struct P2pHandle {
     commands: mpsc::Sender<task::Command>,
     local_peer_id: PeerId,
     message_max_bytes: usize,
+    counters: Arc<Counters>,
 }
 
 impl P2pHandle {
     /// This site's peer id.
     pub fn local_peer_id(&self) -> PeerId {
         self.local_peer_id
+    }
+
+    /// What the shell refused so far. Read without asking the task, so it
+    /// answers even while the task is busy.
+    pub fn stats(&self) -> P2pStats {
+        self.counters.snapshot()
     }
 
     /// Publishes `data` on the topic, to every connected peer subscribed to
@@ -372,12 +452,14 @@ impl P2pHandle {
 pub async fn spawn(config: P2pConfig) -> Result<(P2pHandle, mpsc::Receiver<P2pEvent>), P2pError> {
     let (commands_tx, commands_rx) = mpsc::channel(COMMANDS_MAX);
     let (events_tx, events_rx) = mpsc::channel(EVENTS_MAX);
+    let counters = Arc::new(Counters::default());
     let handle = P2pHandle {
         commands: commands_tx,
         local_peer_id: config.keypair.public().to_peer_id(),
         message_max_bytes: config.message_max_bytes,
+        counters: counters.clone(),
     };
-    task::start(config, commands_rx, events_tx).await?;
+    task::start(config, commands_rx, events_tx, counters).await?;
     Ok((handle, events_rx))
 }
 

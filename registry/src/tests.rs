@@ -970,3 +970,180 @@ fn a_restarted_view_warms_up_until_its_remembered_sites_are_heard_or_time_runs_o
     registry.expect_sites(20_000, []);
     assert_eq!(registry.warming(20_000), None);
 }
+
+/// An advert of `keypair`'s site issued at `issued_at_ms`, signed and
+/// encoded as gossip.
+fn advert_issued(keypair: &Keypair, version: u64, issued_at_ms: i64) -> Vec<u8> {
+    let advert = Advert {
+        site: keypair.public().to_peer_id(),
+        site_name: "flooder".into(),
+        version,
+        issued_at_ms,
+        ttl_ms: 10_000,
+        capacity: capacity(1),
+        gateway: None,
+        addrs: vec![],
+        software: "test".into(),
+    };
+    wire::encode(&Message::Advert(
+        SignedAdvert::sign(&advert, keypair).unwrap(),
+    ))
+}
+
+/// A member that publishes a new version every millisecond for two seconds
+/// and replays old ones: beyond a burst, one advert per interval is applied
+/// (and so forwarded), the rest are ignored and counted; an honest site's
+/// adverts in the middle of the flood are all applied, and the flooder's
+/// newest version is learnt one interval after the flood stops.
+#[test]
+fn a_site_that_floods_adverts_is_rate_limited_and_its_replays_dropped() {
+    let config = config();
+    let (interval_ms, burst) = (config.advert_interval_min_ms, config.advert_burst);
+    let flooder = Keypair::generate_ed25519();
+    let honest = Keypair::generate_ed25519();
+    let mut registry = Registry::new(config, Keypair::generate_ed25519(), 0, 1, 0);
+    let start_ms = 10_000;
+    let flood_ms = 2_000;
+    let mut applied = Vec::new();
+    let mut honest_version = 0;
+    let (mut held_version, mut replays) = (0, 0);
+    for step in 0..flood_ms {
+        let now = start_ms + step;
+        let version = u64::try_from(step).unwrap() + 1;
+        let verdict = registry.handle_gossip(now, &advert_issued(&flooder, version, now));
+        assert_ne!(verdict, Verdict::Reject, "a flood is not a forgery");
+        if verdict == Verdict::Accept {
+            applied.push(now);
+            held_version = version;
+        }
+        // A replay of a version older than the one held, every 10 ms.
+        if step % 10 == 5 && held_version > 1 {
+            let replay = advert_issued(&flooder, held_version - 1, now - 3);
+            assert_eq!(registry.handle_gossip(now, &replay), Verdict::Ignore);
+            replays += 1;
+        }
+        // The honest site publishes every 250 ms.
+        if step % 250 == 0 {
+            honest_version += 1;
+            assert_eq!(
+                registry.handle_gossip(now, &advert_issued(&honest, honest_version, now)),
+                Verdict::Accept,
+                "an honest advert at {now} ms"
+            );
+        }
+    }
+    let stats = registry.stats();
+    let allowed = u64::from(burst) + u64::try_from(flood_ms / interval_ms).unwrap();
+    assert_eq!(stats.adverts_applied, applied.len() as u64 + honest_version);
+    assert!(
+        applied.len() as u64 <= allowed,
+        "{} applied, at most {allowed}",
+        applied.len()
+    );
+    assert!(
+        applied.len() as u64 >= allowed - 1,
+        "{} applied",
+        applied.len()
+    );
+    assert_eq!(
+        stats.dropped_rate,
+        u64::try_from(flood_ms).unwrap() - applied.len() as u64
+    );
+    assert_eq!(stats.dropped_stale, replays);
+    assert!(replays > 100);
+    // The burst first, then one per interval.
+    assert!(
+        applied[..usize::try_from(burst).unwrap()]
+            .iter()
+            .all(|at| *at < start_ms + i64::from(burst))
+    );
+    for pair in applied[usize::try_from(burst).unwrap()..].windows(2) {
+        assert!(pair[1] - pair[0] >= interval_ms, "{pair:?}");
+    }
+    // The flood stops; the newest version comes again (a refresh, or
+    // anti-entropy) one interval later and is applied.
+    let site = flooder.public().to_peer_id();
+    let last = u64::try_from(flood_ms).unwrap();
+    let later = start_ms + flood_ms + interval_ms;
+    assert_eq!(
+        registry.handle_gossip(later, &advert_issued(&flooder, last, later - interval_ms)),
+        Verdict::Accept
+    );
+    let view = registry.sites(later);
+    let held = view.iter().find(|v| v.site == site).unwrap();
+    assert_eq!(held.advert.version, last);
+}
+
+mod rate {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Whatever the arrival times of a site's adverts (the clock only
+        /// moves forward): no window of `T` ms applies more than
+        /// `burst + T / interval` of them, and an advert that comes at
+        /// least an interval after the last applied one is applied.
+        #[test]
+        fn applied_adverts_keep_to_the_rate(
+            gaps in prop::collection::vec(0i64..300, 1..120),
+            interval_ms in 1i64..200,
+            burst in 1u32..6,
+        ) {
+            let config = RegistryConfig {
+                advert_interval_min_ms: interval_ms,
+                advert_burst: burst,
+                ..config()
+            };
+            let site = Keypair::ed25519_from_bytes([7; 32]).unwrap();
+            let mut registry = Registry::new(config, Keypair::generate_ed25519(), 0, 1, 0);
+            let mut now = 50_000;
+            let mut applied: Vec<i64> = Vec::new();
+            for (index, gap) in gaps.iter().enumerate() {
+                now += gap;
+                let version = u64::try_from(index).unwrap() + 1;
+                let verdict = registry.handle_gossip(now, &advert_issued(&site, version, now));
+                if applied.last().is_none_or(|last| now - last >= interval_ms) {
+                    prop_assert_eq!(verdict, Verdict::Accept, "at {} after {:?}", now, applied);
+                }
+                if verdict == Verdict::Accept {
+                    applied.push(now);
+                }
+            }
+            for (i, from) in applied.iter().enumerate() {
+                for (j, to) in applied.iter().enumerate().skip(i) {
+                    let allowed = i64::from(burst) + (to - from) / interval_ms;
+                    prop_assert!(
+                        i64::try_from(j - i + 1).unwrap() <= allowed,
+                        "{} applied in [{}, {}]: {:?}", j - i + 1, from, to, applied
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// A clock stepped back while a site's adverts were at the rate limit does
+/// not silence the site until it catches up.
+#[test]
+fn a_clock_stepped_back_does_not_hold_a_site_to_its_old_rate() {
+    let config = config();
+    let interval_ms = config.advert_interval_min_ms;
+    let site = Keypair::generate_ed25519();
+    let mut registry = Registry::new(config, Keypair::generate_ed25519(), 0, 1, 0);
+    let mut version = 0;
+    let mut publish = |registry: &mut Registry, now: i64| {
+        version += 1;
+        registry.handle_gossip(now, &advert_issued(&site, version, now))
+    };
+    // At the limit at 100 s.
+    while publish(&mut registry, 100_000) == Verdict::Accept {}
+    // The clock steps back a minute.
+    let back = 40_000;
+    assert_eq!(publish(&mut registry, back), Verdict::Accept);
+    // And the limit holds from there.
+    while publish(&mut registry, back) == Verdict::Accept {}
+    assert_eq!(publish(&mut registry, back + interval_ms), Verdict::Accept);
+}

@@ -20,7 +20,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::net::TcpListener;
 use vcfed_storage::{Inventory, InventoryHost, Ledger};
 
 use crate::api::{self, ApiState, CapacityTotals, SiteInfo};
@@ -79,9 +78,8 @@ pub async fn start(
         free_now: 0,
         vlans: config.clusters.vlans.to_string(),
     };
-    let listener = TcpListener::bind(config.api.listen)
-        .await
-        .with_context(|| {
+    let listener =
+        api::bind(config.api.listen, &api::ApiLimits::of(&config.api)).with_context(|| {
             format!(
                 "binding the API to {} (api.listen in {})",
                 config.api.listen,
@@ -112,6 +110,7 @@ pub async fn start(
         ledger.clone(),
         &keys.api_token,
         federation.clone(),
+        api::ApiLimits::of(&config.api),
     );
     state = state
         .with_network(runner.board.clone())

@@ -7,9 +7,31 @@
 //! with a stable `code`. Ledger calls run on the blocking pool, one at a time
 //! behind a mutex: SQLite serialises writers anyway, and every write is
 //! durable before its response is sent.
+//!
+//! # Limits
+//!
+//! The server ([`serve`]) bounds what clients can hold, with the `[api]`
+//! settings ([`ApiLimits`]):
+//!
+//! - open connections, `connections_max`: one beyond is answered `503`
+//!   (`busy`) and closed, without reading its request;
+//! - requests handled at once, `requests_max`: one beyond is answered `503`
+//!   `busy` with `Retry-After`; `GET /healthz` has a budget of its own
+//!   ([`PROBES_MAX`]), so that a flood of other requests leaves probes their
+//!   answer;
+//! - time, `client_timeout`: a client that has not sent a request's headers
+//!   within it (a slow client, or an idle keep-alive connection) is
+//!   disconnected; one that has not sent the body within it more is
+//!   answered `408` and disconnected. Bodies are read whole (at most
+//!   [`BODY_LEN_MAX`]) before a request takes its place among
+//!   `requests_max`, so slow senders hold a connection, never a handler.
+//!
+//! Every refusal is counted in `GET /metrics` (`vcfed_api_refused_total`).
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
@@ -20,7 +42,8 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use ring::digest::{SHA256, digest};
 use serde::Deserialize;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use vcfed_storage::{
     ClusterRecord, Event, HoldOutcome, HoldRequest, Ledger, LedgerError, NodeShape, Reservation,
     ReservationFilter, Window,
@@ -52,6 +75,70 @@ pub const WINDOW_MS_MAX: i64 = 366 * DAY_MS;
 pub const PAST_START_SLACK_MS: i64 = 60_000;
 /// Most events one call returns.
 pub const EVENTS_LIMIT_MAX: u32 = 1000;
+/// Most `GET /healthz` handled at once, apart from `requests_max`: a probe
+/// asks once every few seconds, so more at once is a flood of them.
+pub const PROBES_MAX: usize = 16;
+/// Most refused connections being answered at once; beyond, a refused
+/// connection is closed without an answer.
+const REFUSING_MAX: usize = 64;
+/// How long a refused connection is given to take its answer.
+const REFUSING_LINGER: Duration = Duration::from_secs(1);
+/// Pause after a failed `accept` (out of file descriptors): connections
+/// close meanwhile, and the loop does not spin.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+/// Shortest interval between two warnings about failed `accept`s.
+const ACCEPT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The bounds of the server (the `[api]` settings; see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApiLimits {
+    /// Most open connections.
+    pub connections_max: usize,
+    /// Most requests handled at once (`/healthz` aside).
+    pub requests_max: usize,
+    /// How long a client may take to send a request's headers, then its body.
+    pub client_timeout: Duration,
+}
+
+impl ApiLimits {
+    /// The limits a site's config sets.
+    pub fn of(api: &crate::config::ApiConfig) -> ApiLimits {
+        ApiLimits {
+            connections_max: usize::try_from(api.connections_max).unwrap_or(usize::MAX),
+            requests_max: usize::try_from(api.requests_max).unwrap_or(usize::MAX),
+            client_timeout: api.client_timeout,
+        }
+    }
+}
+
+/// What the server refused since it started, and its open connections.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ApiStats {
+    /// Connections open now.
+    pub connections_open: u64,
+    /// Connections refused over `connections_max`.
+    pub connections_refused: u64,
+    /// Requests refused over `requests_max` (or [`PROBES_MAX`]).
+    pub requests_busy: u64,
+    /// Connections closed because a request's headers did not arrive within
+    /// `client_timeout` (slow clients and idle keep-alive connections).
+    pub headers_timed_out: u64,
+    /// Requests answered `408`: the body did not arrive within
+    /// `client_timeout`.
+    pub bodies_timed_out: u64,
+}
+
+#[derive(Debug, Default)]
+struct ApiCounters {
+    connections_refused: AtomicU64,
+    requests_busy: AtomicU64,
+    headers_timed_out: AtomicU64,
+    bodies_timed_out: AtomicU64,
+}
+
+fn count(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
 
 /// Shared state of the API handlers.
 pub struct ApiState {
@@ -61,15 +148,25 @@ pub struct ApiState {
     federation: FederationHandle,
     network: crate::runner::NetworkBoard,
     runner: Option<crate::runner::RunnerCounters>,
+    limits: ApiLimits,
+    /// One permit per open connection.
+    connections: Arc<Semaphore>,
+    /// One permit per request being handled, `/healthz` aside.
+    requests: Semaphore,
+    /// One permit per `/healthz` being handled.
+    probes: Semaphore,
+    counters: ApiCounters,
 }
 
 impl ApiState {
-    /// State for a site described by `site` (its `free_now` is filled per request).
+    /// State for a site described by `site` (its `free_now` is filled per
+    /// request), served within `limits`.
     pub fn new(
         site: SiteInfo,
         ledger: SharedLedger,
         token: &str,
         federation: FederationHandle,
+        limits: ApiLimits,
     ) -> ApiState {
         ApiState {
             site,
@@ -78,6 +175,27 @@ impl ApiState {
             federation,
             network: crate::runner::NetworkBoard::default(),
             runner: None,
+            limits,
+            connections: Arc::new(Semaphore::new(limits.connections_max)),
+            requests: Semaphore::new(limits.requests_max),
+            probes: Semaphore::new(PROBES_MAX),
+            counters: ApiCounters::default(),
+        }
+    }
+
+    /// What the server refused so far, and its open connections.
+    pub fn stats(&self) -> ApiStats {
+        let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        let open = self
+            .limits
+            .connections_max
+            .saturating_sub(self.connections.available_permits());
+        ApiStats {
+            connections_open: u64::try_from(open).unwrap_or(u64::MAX),
+            connections_refused: read(&self.counters.connections_refused),
+            requests_busy: read(&self.counters.requests_busy),
+            headers_timed_out: read(&self.counters.headers_timed_out),
+            bodies_timed_out: read(&self.counters.bodies_timed_out),
         }
     }
 
@@ -121,18 +239,226 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/healthz", get(healthz))
         .merge(protected)
         .layer(DefaultBodyLimit::max(BODY_LEN_MAX))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            limit_requests,
+        ))
         .with_state(state)
 }
 
-/// Serves the API on `listener` until `shutdown` resolves, then finishes the
-/// requests in flight.
+/// Binds the API's listener with an accept queue of `connections_max`
+/// (the kernel caps it at `net.core.somaxconn`): with the usual 1024 a burst
+/// of connections overflows it, and the kernel drops SYNs that the clients
+/// (health probes included) resend only a second later.
+pub fn bind(addr: std::net::SocketAddr, limits: &ApiLimits) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    // As `TcpListener::bind` does: a port in TIME_WAIT is free.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(u32::try_from(limits.connections_max).unwrap_or(u32::MAX))
+}
+
+/// Serves the API on `listener` within the state's [`ApiLimits`] until
+/// `shutdown` resolves, then lets the connections finish what they are
+/// doing (each within `client_timeout` of its next read) and returns.
 pub async fn serve(
     listener: TcpListener,
     state: Arc<ApiState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
+    let app = router(state.clone());
+    let refusing = Arc::new(Semaphore::new(REFUSING_MAX));
+    let (closing, closing_rx) = watch::channel(false);
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut accept_warned: Option<tokio::time::Instant> = None;
+    loop {
+        let accepted = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors, mostly: not the listener's end.
+                let now = tokio::time::Instant::now();
+                if accept_warned
+                    .is_none_or(|at| now.duration_since(at) >= ACCEPT_ERROR_LOG_INTERVAL)
+                {
+                    tracing::warn!(error = %e, "the API cannot accept a connection");
+                    accept_warned = Some(now);
+                }
+                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                continue;
+            }
+        };
+        match state.connections.clone().try_acquire_owned() {
+            Ok(permit) => {
+                tokio::spawn(serve_connection(
+                    stream,
+                    app.clone(),
+                    state.clone(),
+                    closing_rx.clone(),
+                    permit,
+                ));
+            }
+            Err(_) => {
+                count(&state.counters.connections_refused);
+                if let Ok(permit) = refusing.clone().try_acquire_owned() {
+                    tokio::spawn(refuse_connection(stream, state.limits, permit));
+                }
+            }
+        }
+    }
+    drop(listener);
+    let _ = closing.send(true);
+    // Every connection holds a permit until it ends.
+    let all = u32::try_from(state.limits.connections_max).unwrap_or(u32::MAX);
+    let _ended = state.connections.acquire_many(all).await;
+    Ok(())
+}
+
+/// Serves one connection (HTTP/1.1) until the client closes it, it times
+/// out, or the server shuts down.
+async fn serve_connection(
+    stream: TcpStream,
+    app: Router,
+    state: Arc<ApiState>,
+    mut closing: watch::Receiver<bool>,
+    _permit: OwnedSemaphorePermit,
+) {
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(error = %e, "cannot set TCP_NODELAY on an API connection");
+    }
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(state.limits.client_timeout);
+    let connection = builder.serve_connection(
+        hyper_util::rt::TokioIo::new(stream),
+        hyper_util::service::TowerToHyperService::new(app),
+    );
+    let mut connection = std::pin::pin!(connection);
+    let mut asked_to_close = false;
+    let result = loop {
+        tokio::select! {
+            result = connection.as_mut() => break result,
+            _ = closing.wait_for(|closing| *closing), if !asked_to_close => {
+                asked_to_close = true;
+                connection.as_mut().graceful_shutdown();
+            }
+        }
+    };
+    if let Err(e) = result {
+        if e.is_timeout() {
+            count(&state.counters.headers_timed_out);
+        }
+        tracing::debug!(error = %e, "API connection ended with an error");
+    }
+}
+
+/// Answers a connection over `connections_max` with `503` and closes it,
+/// reading (and dropping) what it sent meanwhile so that the close does not
+/// reset the connection before the client reads the answer.
+async fn refuse_connection(
+    mut stream: TcpStream,
+    limits: ApiLimits,
+    _permit: OwnedSemaphorePermit,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = format!(
+        "{{\"error\":{{\"code\":\"busy\",\"message\":\"the agent has {} connections open, its \
+         api.connections_max; retry shortly\"}}}}\n",
+        limits.connections_max
+    );
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         retry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let linger = async {
+        stream.write_all(answer.as_bytes()).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 1024];
+        let mut read = 0;
+        while read < BODY_LEN_MAX {
+            match stream.read(&mut sink).await? {
+                0 => break,
+                n => read += n,
+            }
+        }
+        std::io::Result::Ok(())
+    };
+    let _ = tokio::time::timeout(REFUSING_LINGER, linger).await;
+}
+
+/// Bounds every request: reads its body whole within `client_timeout`
+/// (`408` otherwise), then takes a place among `requests_max` (or
+/// [`PROBES_MAX`] for `/healthz`), answering `503` `busy` if there is none.
+async fn limit_requests(
+    State(state): State<Arc<ApiState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let (parts, body) = request.into_parts();
+    let timeout = state.limits.client_timeout;
+    let body = match tokio::time::timeout(timeout, axum::body::to_bytes(body, BODY_LEN_MAX)).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(e)) => {
+            let too_large =
+                std::iter::successors(Some(&e as &(dyn std::error::Error + 'static)), |e| {
+                    e.source()
+                })
+                .any(|e| e.is::<http_body_util::LengthLimitError>());
+            if too_large {
+                return ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    format!("the request body is over {BODY_LEN_MAX} bytes"),
+                )
+                .into_response();
+            }
+            return ApiError::bad_request(format!("cannot read the request body: {e}"))
+                .into_response();
+        }
+        Err(_) => {
+            count(&state.counters.bodies_timed_out);
+            let mut response = ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!(
+                    "the request body did not arrive within {} (api.client_timeout)",
+                    humantime::format_duration(timeout)
+                ),
+            )
+            .into_response();
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return response;
+        }
+    };
+    let (budget, what) = if parts.uri.path() == "/healthz" {
+        (&state.probes, "health checks")
+    } else {
+        (&state.requests, "requests")
+    };
+    let Ok(_permit) = budget.try_acquire() else {
+        count(&state.counters.requests_busy);
+        let mut response = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            format!("the agent is handling as many {what} as it allows at once; retry shortly"),
+        )
+        .into_response();
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return response;
+    };
+    next.run(Request::from_parts(parts, axum::body::Body::from(body)))
         .await
 }
 
@@ -286,6 +612,7 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> Result<Response, ApiErro
         reservations,
         clusters,
         runner: state.runner.clone(),
+        api: state.stats(),
     });
     Ok(([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
 }

@@ -95,6 +95,9 @@ pub struct SitesReport {
     pub stats: RegistryStats,
     /// Outgoing messages dropped because the outbox was full.
     pub outbox_dropped: u64,
+    /// What the transport refused: connections, RPC frames, requests.
+    #[serde(default)]
+    pub transport: p2p::P2pStats,
 }
 
 /// Talks to the federation task.
@@ -1059,6 +1062,7 @@ impl Shell {
             connected_peers: self.connected.len(),
             stats: self.fed.registry().stats(),
             outbox_dropped: self.outbox_dropped,
+            transport: self.p2p.stats(),
         }
     }
 }

@@ -14,6 +14,7 @@ use prometheus_client::registry::{Registry, Unit};
 use vcfed_registry::SiteState;
 use vcfed_storage::{ClusterState, ReservationState};
 
+use crate::api::ApiStats;
 use crate::federation::SitesReport;
 use crate::runner::{GatewayCounters, RunnerCounters};
 
@@ -37,6 +38,8 @@ pub struct Snapshot {
     pub clusters: Vec<(ClusterState, u64)>,
     /// The runner's counters, if this agent runs clusters.
     pub runner: Option<RunnerCounters>,
+    /// The API server's connections and refusals.
+    pub api: ApiStats,
 }
 
 /// The snapshot in the OpenMetrics text format, ending in `# EOF`.
@@ -44,6 +47,7 @@ pub fn encode(snapshot: &Snapshot) -> String {
     let mut registry = Registry::with_prefix(PREFIX);
     register_gossip(&mut registry, &snapshot.federation);
     register_federation(&mut registry, &snapshot.federation);
+    register_api(&mut registry, &snapshot.api);
 
     let reservations = Family::<Label, Gauge>::default();
     for (state, count) in &snapshot.reservations {
@@ -113,6 +117,7 @@ fn register_gossip(registry: &mut Registry, report: &SitesReport) {
         ("oversized", stats.dropped_oversized),
         ("view_full", stats.dropped_full),
         ("not_allowed", stats.dropped_not_allowed),
+        ("rate", stats.dropped_rate),
     ] {
         dropped.get_or_create(&[("reason", reason)]).inc_by(count);
     }
@@ -157,10 +162,56 @@ fn register_federation(registry: &mut Registry, report: &SitesReport) {
         "Federation peers connected right now",
         gauge_of(u64::try_from(report.connected_peers).unwrap_or(u64::MAX)),
     );
+    let transport = &report.transport;
+    let refused = Family::<Label, Counter>::default();
+    for (reason, count) in [
+        ("handshake_failed", transport.inbound_handshake_failed),
+        ("connection_denied", transport.inbound_denied),
+        ("connection_failed", transport.inbound_failed_other),
+        ("rpc_frame_oversized", transport.rpc_frames_oversized),
+        ("rpc_frame_truncated", transport.rpc_frames_truncated),
+        ("rpc_request_refused", transport.rpc_requests_refused),
+        ("gossip_oversized", transport.gossip_oversized),
+    ] {
+        refused.get_or_create(&[("reason", reason)]).inc_by(count);
+    }
+    registry.register(
+        "federation_refused",
+        "Federation input the transport refused, by reason: inbound connections whose \
+         handshake failed (no or another pre-shared key, not libp2p, too slow), denied (over a \
+         connection limit, not allowed) or failed otherwise; RPC frames over the size limit or \
+         cut short; requests beyond the unanswered ones allowed; gossip over the size limit",
+        refused,
+    );
     registry.register(
         "federation_outbox_dropped",
         "Outgoing federation messages dropped because the outbox was full",
         counter(report.outbox_dropped),
+    );
+}
+
+/// The API server's limits at work.
+fn register_api(registry: &mut Registry, api: &ApiStats) {
+    registry.register(
+        "api_connections",
+        "Connections to the API open now",
+        gauge_of(api.connections_open),
+    );
+    let refused = Family::<Label, Counter>::default();
+    for (reason, count) in [
+        ("connections_max", api.connections_refused),
+        ("busy", api.requests_busy),
+        ("header_timeout", api.headers_timed_out),
+        ("body_timeout", api.bodies_timed_out),
+    ] {
+        refused.get_or_create(&[("reason", reason)]).inc_by(count);
+    }
+    registry.register(
+        "api_refused",
+        "API connections and requests refused, by reason: over api.connections_max (503), \
+         over api.requests_max (503 busy), headers or body not sent within api.client_timeout \
+         (connection closed, or 408)",
+        refused,
     );
 }
 

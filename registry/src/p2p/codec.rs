@@ -5,24 +5,51 @@
 //! allocates, so a peer cannot make us reserve more than `max_bytes` per
 //! stream by lying in the prefix.
 
-use std::io;
+use std::{io, sync::Arc};
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::{StreamProtocol, request_response};
+
+use super::Counters;
 
 /// Protocol name negotiated by multistream-select for our RPC streams.
 pub(crate) const RPC_PROTOCOL: StreamProtocol = StreamProtocol::new("/vcfed/rpc/1");
 
 /// Length-prefixed codec for request and response payloads of at most
-/// `max_bytes` bytes each.
-#[derive(Debug, Clone, Copy)]
+/// `max_bytes` bytes each; counts the frames it refuses (request-response
+/// reports no failure of its own for a request that did not decode).
+#[derive(Debug, Clone)]
 pub(crate) struct RpcCodec {
     max_bytes: usize,
+    counters: Arc<Counters>,
 }
 
 impl RpcCodec {
-    pub(crate) fn new(max_bytes: usize) -> Self {
-        Self { max_bytes }
+    pub(crate) fn new(max_bytes: usize, counters: Arc<Counters>) -> Self {
+        Self {
+            max_bytes,
+            counters,
+        }
+    }
+
+    /// Reads a frame, counting an oversized or truncated one.
+    async fn read_counted<T>(&self, io: &mut T) -> io::Result<Vec<u8>>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        let read = read_frame(io, self.max_bytes).await;
+        match &read {
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                tracing::debug!(error = %e, "oversized RPC frame refused");
+                Counters::count(&self.counters.rpc_frames_oversized);
+            }
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                tracing::debug!("truncated RPC frame");
+                Counters::count(&self.counters.rpc_frames_truncated);
+            }
+            _ => {}
+        }
+        read
     }
 }
 
@@ -35,14 +62,14 @@ impl request_response::Codec for RpcCodec {
     where
         T: AsyncRead + Unpin + Send,
     {
-        read_frame(io, self.max_bytes).await
+        self.read_counted(io).await
     }
 
     async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Vec<u8>>
     where
         T: AsyncRead + Unpin + Send,
     {
-        read_frame(io, self.max_bytes).await
+        self.read_counted(io).await
     }
 
     async fn write_request<T>(

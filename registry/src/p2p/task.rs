@@ -5,6 +5,7 @@ use std::{
     collections::{BTreeMap, VecDeque},
     error::Error,
     io,
+    sync::Arc,
     time::Duration,
 };
 
@@ -34,7 +35,8 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument as _;
 
 use super::{
-    GossipId, InboundRequestId, OutboundRequestId, P2pConfig, P2pError, P2pEvent,
+    Counters, GossipId, InboundRequestId, OutboundRequestId, P2pConfig, P2pError, P2pEvent,
+    REFUSALS_LOG_INTERVAL,
     codec::{RPC_PROTOCOL, RpcCodec},
 };
 
@@ -125,6 +127,7 @@ pub(super) async fn start(
     config: P2pConfig,
     commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<P2pEvent>,
+    counters: Arc<Counters>,
 ) -> Result<(), P2pError> {
     if config.message_max_bytes == 0 || config.message_max_bytes > MESSAGE_LIMIT_BYTES {
         return Err(P2pError::Config(format!(
@@ -144,7 +147,7 @@ pub(super) async fn start(
 
     let local_peer_id = config.keypair.public().to_peer_id();
     let transport = build_transport(&config.keypair, config.psk)?;
-    let behaviour = build_behaviour(&config)?;
+    let behaviour = build_behaviour(&config, counters.clone())?;
     let swarm_config = swarm::Config::with_tokio_executor()
         .with_idle_connection_timeout(config.idle_connection_timeout);
     let mut swarm = Swarm::new(transport, behaviour, local_peer_id, swarm_config);
@@ -185,6 +188,8 @@ pub(super) async fn start(
         outbox: VecDeque::new(),
         commands,
         events,
+        counters,
+        refusals_log: RefusalsLog::default(),
     };
     task.wait_for_listeners(listeners)
         .instrument(span.clone())
@@ -254,7 +259,7 @@ fn check_port_free(addr: &Multiaddr) -> Result<(), P2pError> {
 }
 
 /// TCP, then pnet if there is a key, then noise and yamux.
-fn build_transport(
+pub(super) fn build_transport(
     keypair: &Keypair,
     psk: Option<[u8; 32]>,
 ) -> Result<Boxed<(PeerId, StreamMuxerBox)>, P2pError> {
@@ -275,7 +280,7 @@ fn build_transport(
         .boxed())
 }
 
-fn build_behaviour(config: &P2pConfig) -> Result<Behaviour, P2pError> {
+fn build_behaviour(config: &P2pConfig, counters: Arc<Counters>) -> Result<Behaviour, P2pError> {
     let allow = config.allow_peers.as_ref().map(|peers| {
         let mut allow = allow_block_list::Behaviour::<allow_block_list::AllowedPeers>::default();
         for peer in peers {
@@ -321,7 +326,7 @@ fn build_behaviour(config: &P2pConfig) -> Result<Behaviour, P2pError> {
     .map_err(|e| P2pError::Config(format!("gossipsub: {e}")))?;
 
     let rpc = request_response::Behaviour::with_codec(
-        RpcCodec::new(config.message_max_bytes),
+        RpcCodec::new(config.message_max_bytes, counters),
         [(RPC_PROTOCOL, ProtocolSupport::Full)],
         request_response::Config::default().with_request_timeout(config.request_timeout),
     );
@@ -368,6 +373,37 @@ struct Task {
     outbox: VecDeque<P2pEvent>,
     commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<P2pEvent>,
+    counters: Arc<Counters>,
+    refusals_log: RefusalsLog,
+}
+
+/// Failed inbound connections not yet told in the log, and when the last
+/// line was: at most one info line per [`REFUSALS_LOG_INTERVAL`].
+#[derive(Debug, Default)]
+struct RefusalsLog {
+    last_line: Option<tokio::time::Instant>,
+    untold: u64,
+}
+
+impl RefusalsLog {
+    /// One more refusal, `error` saying why; logs a line if one is due.
+    fn refused(&mut self, error: &str) {
+        self.untold += 1;
+        let now = tokio::time::Instant::now();
+        if self
+            .last_line
+            .is_some_and(|at| now.duration_since(at) < REFUSALS_LOG_INTERVAL)
+        {
+            return;
+        }
+        tracing::info!(
+            refused = self.untold,
+            last_error = %error,
+            "inbound federation connections refused since the last such line"
+        );
+        self.untold = 0;
+        self.last_line = Some(now);
+    }
 }
 
 impl Task {
@@ -654,8 +690,17 @@ impl Task {
                 peer_id,
                 ..
             } => {
+                let counter = match &error {
+                    swarm::ListenError::Transport(_) | swarm::ListenError::WrongPeerId { .. } => {
+                        &self.counters.inbound_handshake_failed
+                    }
+                    swarm::ListenError::Denied { .. } => &self.counters.inbound_denied,
+                    _ => &self.counters.inbound_failed_other,
+                };
+                Counters::count(counter);
                 let error = self.describe_connection_error(&error);
-                tracing::info!(peer = ?peer_id, %send_back_addr, %error, "inbound connection failed");
+                tracing::debug!(peer = ?peer_id, %send_back_addr, %error, "inbound connection failed");
+                self.refusals_log.refused(&error);
                 self.outbox.push_back(P2pEvent::ConnectionFailed {
                     peer: peer_id,
                     error,
@@ -700,6 +745,7 @@ impl Task {
                     // Only possible within the envelope allowance of the frame
                     // limit; such a message is invalid for every peer.
                     tracing::debug!(peer = %propagation_source, %message_id, bytes = message.data.len(), "oversized gossip rejected");
+                    Counters::count(&self.counters.gossip_oversized);
                     self.swarm
                         .behaviour_mut()
                         .gossipsub
@@ -749,7 +795,8 @@ impl Task {
                     }
                     if self.pending_responses.len() >= PENDING_RESPONSES_MAX {
                         // Dropping the channel tells the peer it gets no answer.
-                        tracing::warn!(%peer, %request_id, "too many unanswered requests; request refused");
+                        tracing::debug!(%peer, %request_id, "too many unanswered requests; request refused");
+                        Counters::count(&self.counters.rpc_requests_refused);
                         return;
                     }
                     tracing::trace!(%peer, %request_id, bytes = request.len(), "request received");

@@ -427,6 +427,13 @@ async fn private_network_requires_the_same_key() {
     );
     assert!(other_error.contains("pre-shared key"), "{other_error}");
     assert!(!no_key_error.is_empty());
+    // Both refusals are counted at a (where they may end after the dialers
+    // gave up).
+    let deadline = Instant::now() + HANDSHAKE_WAIT;
+    while a.handle.stats().inbound_handshake_failed < 2 {
+        assert!(Instant::now() < deadline, "{:?}", a.handle.stats());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     assert_eq!(a.handle.connected_peers().await.unwrap(), vec![b.peer]);
     let seen = drain(&mut a.events);
@@ -567,4 +574,194 @@ async fn a_taken_listen_address_is_refused() {
     third.listen = vec![bound];
     let (handle, _events) = spawn(third).await.unwrap();
     handle.shutdown().await;
+}
+
+/// A client of `/vcfed/rpc/1` that writes its requests' bytes as they are,
+/// frame or not: what a member with the federation's key but a broken or
+/// hostile codec sends.
+#[derive(Clone, Copy, Debug, Default)]
+struct RawCodec;
+
+impl libp2p::request_response::Codec for RawCodec {
+    type Protocol = libp2p::StreamProtocol;
+    type Request = Vec<u8>;
+    type Response = Vec<u8>;
+
+    async fn read_request<T>(&mut self, _: &Self::Protocol, _: &mut T) -> std::io::Result<Vec<u8>>
+    where
+        T: futures::AsyncRead + Unpin + Send,
+    {
+        Err(std::io::Error::other("a client only"))
+    }
+
+    async fn read_response<T>(&mut self, _: &Self::Protocol, io: &mut T) -> std::io::Result<Vec<u8>>
+    where
+        T: futures::AsyncRead + Unpin + Send,
+    {
+        use futures::AsyncReadExt;
+        let mut answer = Vec::new();
+        io.take(MAX_BYTES as u64 + 4)
+            .read_to_end(&mut answer)
+            .await?;
+        Ok(answer)
+    }
+
+    async fn write_request<T>(
+        &mut self,
+        _: &Self::Protocol,
+        io: &mut T,
+        request: Vec<u8>,
+    ) -> std::io::Result<()>
+    where
+        T: futures::AsyncWrite + Unpin + Send,
+    {
+        use futures::AsyncWriteExt;
+        io.write_all(&request).await?;
+        io.close().await
+    }
+
+    async fn write_response<T>(
+        &mut self,
+        _: &Self::Protocol,
+        _: &mut T,
+        _: Vec<u8>,
+    ) -> std::io::Result<()>
+    where
+        T: futures::AsyncWrite + Unpin + Send,
+    {
+        Err(std::io::Error::other("a client only"))
+    }
+}
+
+/// Sends `bytes` as one RPC stream from `client` to `to` and waits for the
+/// outcome: the response, or the failure as text.
+async fn raw_request(
+    client: &mut libp2p::Swarm<libp2p::request_response::Behaviour<RawCodec>>,
+    to: PeerId,
+    bytes: Vec<u8>,
+) -> Result<Vec<u8>, String> {
+    use futures::StreamExt;
+    use libp2p::{request_response::Event, request_response::Message, swarm::SwarmEvent};
+    let sent = client.behaviour_mut().send_request(&to, bytes);
+    let outcome = async {
+        loop {
+            match client.select_next_some().await {
+                SwarmEvent::Behaviour(Event::Message {
+                    message:
+                        Message::Response {
+                            request_id,
+                            response,
+                        },
+                    ..
+                }) if request_id == sent => return Ok(response),
+                SwarmEvent::Behaviour(Event::OutboundFailure {
+                    request_id, error, ..
+                }) if request_id == sent => return Err(error.to_string()),
+                _ => {}
+            }
+        }
+    };
+    timeout(WAIT, outcome)
+        .await
+        .expect("the request ends in time")
+}
+
+/// A member with the federation's key sends an RPC frame whose length
+/// prefix is far over the limit, then one cut short: both are refused (the
+/// first after reading its 4-byte prefix only, so nothing near 4 GiB is
+/// allocated), counted, and never reach the glue; the connection and the
+/// node keep working, and a well-formed request on it arrives.
+#[tokio::test]
+async fn oversized_and_truncated_rpc_frames_are_refused_and_counted() {
+    let key = [0x33; 32];
+    let mut server = start(
+        Keypair::generate_ed25519(),
+        Options {
+            psk: Some(key),
+            ..Options::default()
+        },
+    )
+    .await;
+    let client_key = Keypair::generate_ed25519();
+    let client_peer = client_key.public().to_peer_id();
+    let transport = task::build_transport(&client_key, Some(key)).unwrap();
+    let behaviour = libp2p::request_response::Behaviour::with_codec(
+        RawCodec,
+        [(
+            super::codec::RPC_PROTOCOL,
+            libp2p::request_response::ProtocolSupport::Outbound,
+        )],
+        libp2p::request_response::Config::default().with_request_timeout(WAIT),
+    );
+    let mut client = libp2p::Swarm::new(
+        transport,
+        behaviour,
+        client_peer,
+        libp2p::swarm::Config::with_tokio_executor()
+            .with_idle_connection_timeout(Duration::from_secs(60)),
+    );
+    let mut server_addr = server.addr.clone();
+    server_addr.pop();
+    client.add_peer_address(server.peer, server_addr);
+
+    // 4 GiB announced, nothing behind it.
+    let oversized = raw_request(&mut client, server.peer, u32::MAX.to_be_bytes().to_vec()).await;
+    // No answer: the stream is dropped (an empty read or a failure).
+    assert!(
+        oversized.as_ref().is_ok_and(Vec::is_empty) || oversized.is_err(),
+        "{oversized:?}"
+    );
+    // 1000 bytes announced, 10 sent, then the stream closes.
+    let mut truncated = 1000u32.to_be_bytes().to_vec();
+    truncated.extend_from_slice(&[7; 10]);
+    let truncated = raw_request(&mut client, server.peer, truncated).await;
+    assert!(
+        truncated.as_ref().is_ok_and(Vec::is_empty) || truncated.is_err(),
+        "{truncated:?}"
+    );
+
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let stats = server.handle.stats();
+        if stats.rpc_frames_oversized == 1 && stats.rpc_frames_truncated == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{stats:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A frame within the limit, on the same connection, still arrives, and
+    // it is the first request the glue sees.
+    let mut good = 3u32.to_be_bytes().to_vec();
+    good.extend_from_slice(b"abc");
+    let request = client.behaviour_mut().send_request(&server.peer, good);
+    let (from, data) = {
+        use futures::StreamExt;
+        let server_events = &mut server.events;
+        let pump = async {
+            loop {
+                tokio::select! {
+                    event = server_events.recv() => match event {
+                        Some(P2pEvent::Request { peer, data, .. }) => return (peer, data),
+                        Some(_) => {}
+                        None => panic!("the server stopped"),
+                    },
+                    _ = client.select_next_some() => {}
+                }
+            }
+        };
+        timeout(WAIT, pump).await.expect("the good request arrives")
+    };
+    assert_eq!((from, data.as_slice()), (client_peer, b"abc".as_slice()));
+    let _ = request;
+    assert_eq!(
+        server.handle.connected_peers().await.unwrap(),
+        vec![client_peer]
+    );
+    let stats = server.handle.stats();
+    assert_eq!(
+        (stats.rpc_frames_oversized, stats.rpc_frames_truncated),
+        (1, 1)
+    );
+    eprintln!("oversized and truncated RPC frames refused and counted: {stats:?}");
 }

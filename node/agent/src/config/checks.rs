@@ -14,6 +14,9 @@ use toml::Spanned;
 
 use super::diagnostics::{ConfigError, Source, example, ifname_problem};
 use super::types::{
+    API_CLIENT_TIMEOUT_MAX, API_CLIENT_TIMEOUT_MIN, API_CONNECTIONS_MAX_MAX,
+    API_CONNECTIONS_MAX_MIN, API_REQUESTS_MAX_MAX, API_REQUESTS_MAX_MIN,
+    DEFAULT_API_CLIENT_TIMEOUT, DEFAULT_API_CONNECTIONS_MAX, DEFAULT_API_REQUESTS_MAX,
     DEFAULT_HEAL_GRACE, DEFAULT_LEASE, DEFAULT_RESERVE_DEADLINE, HEAL_GRACE_MAX, HEAL_GRACE_MIN,
     INSTALLER_ARGS_BYTES_MAX, LEASE_MAX, LEASE_MIN, NODE_MEMORY_MIB_MAX, NODE_MEMORY_MIB_MIN,
     POOL_NAME_CHARS_MAX, RESERVE_DEADLINE_MAX, RESERVE_DEADLINE_MIN, SHUTDOWN_TIMEOUT_S_MAX,
@@ -92,6 +95,9 @@ struct RawFederation {
 struct RawApi {
     listen: Option<Spanned<String>>,
     token_file: Option<Spanned<PathBuf>>,
+    connections_max: Option<Spanned<u32>>,
+    requests_max: Option<Spanned<u32>>,
+    client_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -364,7 +370,35 @@ impl RawApi {
             Some(file) => source.path_value(file, "api.token_file")?,
             None => data_dir.join("api.token"),
         };
-        Ok(ApiConfig { listen, token_file })
+        let connections_max = source.count_within(
+            self.connections_max,
+            "api.connections_max",
+            DEFAULT_API_CONNECTIONS_MAX,
+            API_CONNECTIONS_MAX_MIN..=API_CONNECTIONS_MAX_MAX,
+            "fewer refuses the CLI while a few clients are slow, more costs a file \
+             descriptor and some memory each",
+        )?;
+        let requests_max = source.count_within(
+            self.requests_max,
+            "api.requests_max",
+            DEFAULT_API_REQUESTS_MAX,
+            API_REQUESTS_MAX_MIN..=API_REQUESTS_MAX_MAX,
+            "requests queue for the one ledger anyway; more only lengthens the queue",
+        )?;
+        let client_timeout = source.duration_within(
+            self.client_timeout,
+            "api.client_timeout",
+            DEFAULT_API_CLIENT_TIMEOUT,
+            API_CLIENT_TIMEOUT_MIN..=API_CLIENT_TIMEOUT_MAX,
+            "shorter cuts clients on a slow link, longer lets slow clients hold connections",
+        )?;
+        Ok(ApiConfig {
+            listen,
+            token_file,
+            connections_max,
+            requests_max,
+            client_timeout,
+        })
     }
 }
 
@@ -526,37 +560,8 @@ impl RawClusters {
                 }
             },
         };
-        // A duration of the table within `range`, `why` saying what the
-        // bounds guard against.
-        let duration = |value: Option<Spanned<String>>,
-                        field: &str,
-                        default: Duration,
-                        range: std::ops::RangeInclusive<Duration>,
-                        why: &str| {
-            let Some(text) = value else {
-                return Ok(default);
-            };
-            let parsed = humantime::parse_duration(text.get_ref()).map_err(|e| {
-                source.invalid(
-                    &text,
-                    field,
-                    format!("invalid duration {:?}: {e}", text.get_ref()),
-                    Some("write a duration such as \"60s\" or \"5m\"".to_owned()),
-                )
-            })?;
-            if !range.contains(&parsed) {
-                return Err(source.invalid(
-                    &text,
-                    field,
-                    format!("{:?} is out of range", text.get_ref()),
-                    Some(format!(
-                        "use a duration between {} and {}: {why}",
-                        humantime::format_duration(*range.start()),
-                        humantime::format_duration(*range.end())
-                    )),
-                ));
-            }
-            Ok(parsed)
+        let duration = |value, field, default, range, why| {
+            source.duration_within(value, field, default, range, why)
         };
         let heal_grace = duration(
             self.heal_grace,
@@ -1036,6 +1041,70 @@ impl Source<'_> {
                     example(field)
                         .map(|example| format!(", like `{example}`"))
                         .unwrap_or_default()
+                )),
+            ));
+        }
+        Ok(value.into_inner())
+    }
+
+    /// A duration within `range` (`default` if absent), `why` saying what
+    /// the bounds guard against.
+    fn duration_within(
+        &self,
+        value: Option<Spanned<String>>,
+        field: &str,
+        default: Duration,
+        range: std::ops::RangeInclusive<Duration>,
+        why: &str,
+    ) -> Result<Duration, ConfigError> {
+        let Some(text) = value else {
+            return Ok(default);
+        };
+        let parsed = humantime::parse_duration(text.get_ref()).map_err(|e| {
+            self.invalid(
+                &text,
+                field,
+                format!("invalid duration {:?}: {e}", text.get_ref()),
+                Some("write a duration such as \"60s\" or \"5m\"".to_owned()),
+            )
+        })?;
+        if !range.contains(&parsed) {
+            return Err(self.invalid(
+                &text,
+                field,
+                format!("{:?} is out of range", text.get_ref()),
+                Some(format!(
+                    "use a duration between {} and {}: {why}",
+                    humantime::format_duration(*range.start()),
+                    humantime::format_duration(*range.end())
+                )),
+            ));
+        }
+        Ok(parsed)
+    }
+
+    /// A count within `range` (`default` if absent), `why` saying what the
+    /// bounds guard against.
+    fn count_within(
+        &self,
+        value: Option<Spanned<u32>>,
+        field: &str,
+        default: u32,
+        range: std::ops::RangeInclusive<u32>,
+        why: &str,
+    ) -> Result<u32, ConfigError> {
+        let Some(value) = value else {
+            return Ok(default);
+        };
+        if !range.contains(value.get_ref()) {
+            return Err(self.invalid(
+                &value,
+                field,
+                format!("{} is out of range", value.get_ref()),
+                Some(format!(
+                    "use a number between {} and {}: {why}",
+                    range.start(),
+                    range.end()
                 )),
             ));
         }

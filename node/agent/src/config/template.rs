@@ -124,6 +124,15 @@ bootstrap = {bootstrap}
 listen = {api_listen}
 # File holding the API token. Default: "<data_dir>/api.token".
 # token_file = {token_file}
+# Most open connections (16-16384); one beyond is answered 503 and closed.
+# Most requests handled at once (1-4096; /healthz aside); one beyond is
+# answered 503 `busy` with Retry-After. How long a client may take to send
+# a request's headers, then its body (1s-5m; 408 for a body, the connection
+# closed); idle keep-alive connections close after it too.
+# Defaults: 1024, 64, "10s".
+# connections_max = 1024
+# requests_max = 64
+# client_timeout = "10s"
 
 [inventory]
 # Number of node slots this site offers, each of the shape in

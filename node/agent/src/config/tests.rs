@@ -1665,3 +1665,36 @@ fn lease_and_reserve_deadline_are_config_with_bounds() {
         "\"1s\" is out of range",
     );
 }
+
+#[test]
+fn api_limits_are_config_with_bounds() {
+    let config = parse(&minimal("")).unwrap();
+    assert_eq!(
+        (
+            config.api.connections_max,
+            config.api.requests_max,
+            config.api.client_timeout
+        ),
+        (1024, 64, Duration::from_secs(10))
+    );
+    let config = parse(&minimal(
+        "[api]\nconnections_max = 64\nrequests_max = 8\nclient_timeout = \"2s\"\n",
+    ))
+    .unwrap();
+    assert_eq!(
+        (
+            config.api.connections_max,
+            config.api.requests_max,
+            config.api.client_timeout
+        ),
+        (64, 8, Duration::from_secs(2))
+    );
+    let e = parse_err(&minimal("[api]\nconnections_max = 2\n"));
+    assert_error(&e, 12, "api.connections_max", "2 is out of range");
+    assert!(e.hint.unwrap_or_default().contains("between 16 and 16384"));
+    let e = parse_err(&minimal("[api]\nrequests_max = 0\n"));
+    assert_error(&e, 12, "api.requests_max", "0 is out of range");
+    let e = parse_err(&minimal("[api]\nclient_timeout = \"1h\"\n"));
+    assert_error(&e, 12, "api.client_timeout", "\"1h\" is out of range");
+    assert!(e.hint.unwrap_or_default().contains("between 1s and 5m"));
+}

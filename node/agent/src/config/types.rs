@@ -121,7 +121,38 @@ pub struct ApiConfig {
     pub listen: SocketAddr,
     /// File holding the API token; `<data_dir>/api.token` unless set.
     pub token_file: PathBuf,
+    /// Most open connections; a connection beyond is answered `503` and
+    /// closed.
+    pub connections_max: u32,
+    /// Most requests handled at once (`/healthz` aside); a request beyond is
+    /// answered `503` with code `busy`.
+    pub requests_max: u32,
+    /// How long a client may take to send a request's headers, and then its
+    /// body; an idle keep-alive connection is closed after it too.
+    pub client_timeout: Duration,
 }
+
+/// `api.connections_max` when the config does not set it: the CLI and a
+/// scraper need a handful; the systemd unit allows 65536 open files.
+pub(super) const DEFAULT_API_CONNECTIONS_MAX: u32 = 1024;
+/// Bounds of `api.connections_max`.
+pub(super) const API_CONNECTIONS_MAX_MIN: u32 = 16;
+/// See [`API_CONNECTIONS_MAX_MIN`].
+pub(super) const API_CONNECTIONS_MAX_MAX: u32 = 16_384;
+/// `api.requests_max` when the config does not set it: handlers share one
+/// ledger, one call at a time, so more in flight only queue there (and
+/// each waiting ledger call takes a thread of the blocking pool).
+pub(super) const DEFAULT_API_REQUESTS_MAX: u32 = 64;
+/// Bounds of `api.requests_max`.
+pub(super) const API_REQUESTS_MAX_MIN: u32 = 1;
+/// See [`API_REQUESTS_MAX_MIN`].
+pub(super) const API_REQUESTS_MAX_MAX: u32 = 4096;
+/// `api.client_timeout` when the config does not set it.
+pub(super) const DEFAULT_API_CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bounds of `api.client_timeout`.
+pub(super) const API_CLIENT_TIMEOUT_MIN: Duration = Duration::from_secs(1);
+/// See [`API_CLIENT_TIMEOUT_MIN`].
+pub(super) const API_CLIENT_TIMEOUT_MAX: Duration = Duration::from_secs(300);
 
 /// The resources of one node slot, the unit of capacity a site offers.
 pub use vcfed_storage::NodeShape;
@@ -432,6 +463,9 @@ impl Config {
                 ApiConfig {
                     listen: api_listen,
                     token_file,
+                    connections_max,
+                    requests_max,
+                    client_timeout,
                 },
             inventory,
             clusters:
@@ -485,6 +519,15 @@ impl Config {
             ("federation.anti_entropy", *anti_entropy == g.anti_entropy),
             ("api.listen", *api_listen == other.api.listen),
             ("api.token_file", *token_file == other.api.token_file),
+            (
+                "api.connections_max",
+                *connections_max == other.api.connections_max,
+            ),
+            ("api.requests_max", *requests_max == other.api.requests_max),
+            (
+                "api.client_timeout",
+                *client_timeout == other.api.client_timeout,
+            ),
             ("inventory", *inventory == other.inventory),
             ("clusters.vlans", *vlans == other.clusters.vlans),
             ("clusters.driver", *driver == other.clusters.driver),
