@@ -917,9 +917,17 @@ impl Registry {
     /// then a live site has sent its advert or a relay of it), the view is
     /// [`Registry::warming`].
     pub fn expect_sites(&mut self, now_ms: i64, sites: impl IntoIterator<Item = PeerId>) {
+        // Sites whose adverts this view refuses (an allowlist) are never
+        // heard from: waiting for them would only stretch every warm-up.
+        let allowed = |site: &PeerId| {
+            self.config
+                .allowed_sites
+                .as_ref()
+                .is_none_or(|allowed| allowed.contains(site))
+        };
         let sites: BTreeSet<PeerId> = sites
             .into_iter()
-            .filter(|site| *site != self.local_id)
+            .filter(|site| *site != self.local_id && allowed(site))
             .collect();
         self.expected = (!sites.is_empty()).then(|| Expected {
             sites,

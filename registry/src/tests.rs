@@ -969,6 +969,21 @@ fn a_restarted_view_warms_up_until_its_remembered_sites_are_heard_or_time_runs_o
     // Expecting nobody ends a warm-up.
     registry.expect_sites(20_000, []);
     assert_eq!(registry.warming(20_000), None);
+    // Nor is a site waited for whose adverts the allowlist refuses.
+    let config = RegistryConfig {
+        allowed_sites: Some([a.public().to_peer_id()].into_iter().collect()),
+        ..config()
+    };
+    let mut registry = Registry::new(config, Keypair::generate_ed25519(), 0, 1, 0);
+    registry.expect_sites(0, [a.public().to_peer_id(), b.public().to_peer_id()]);
+    assert_eq!(
+        registry.warming(0),
+        Some(Warming {
+            heard: 0,
+            expected: 1,
+            until_ms: 4_000
+        })
+    );
 }
 
 /// An advert of `keypair`'s site issued at `issued_at_ms`, signed and
