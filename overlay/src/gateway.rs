@@ -12,23 +12,28 @@
 //! that match no configured key are dropped and counted. A peer's endpoint
 //! follows the address its authenticated datagrams come from (roaming).
 //!
-//! Every handshake message passes the gateway's one [`RateLimiter`]
-//! (boringtun's) before any Diffie-Hellman is done for it: its `mac1` must
-//! be right for this gateway's key, and beyond [`HANDSHAKES_PER_S_MAX`] a
-//! second only messages that carry a valid cookie (`mac2`, proving the
-//! sender receives at its address) go on; the others are answered with a
-//! cookie reply, which costs a hash and a small AEAD seal, not a DH. Those
-//! that pass are limited per source address as well (`address_limit.rs`),
-//! so that a sender that answers cookies cannot ask for a DH per packet.
-//! What is dropped is counted by kind in [`GatewayStats`]: junk, bad
-//! `mac1`, answered with a cookie, over an address's limit, unknown peer,
-//! replay, other refusals.
+//! Every handshake message is checked before any Diffie-Hellman is done
+//! for it, as WireGuard's cookie mechanism has it: its `mac1` must be right
+//! for this gateway's key. The gateway counts the messages that pass in
+//! windows of a second of the caller's `now_ms`; beyond
+//! [`HANDSHAKES_PER_S_MAX`] in one it is under load, and only messages
+//! that carry a valid cookie (`mac2`, proving the sender receives at its
+//! address) go on; the others are answered with a cookie reply, which costs
+//! a hash and a small AEAD seal, not a DH. Under load, those with a cookie
+//! are limited per source address as well (`address_limit.rs`), so that a
+//! sender that answers cookies cannot ask for a DH per packet. Not under
+//! load, no address is limited: a message without a cookie proves nothing
+//! about its source address, so charging that address would let anyone
+//! spend a peer's handshakes by spoofing it. What is dropped is counted by
+//! kind in [`GatewayStats`]: junk, bad `mac1`, answered with a cookie, over
+//! an address's limit, unknown peer, replay, other refusals.
 //!
 //! One caveat to the sans-IO rule: boringtun reads the monotonic clock inside
-//! `Tunn` for handshake and rekey timers, and inside the rate limiter for the
-//! one-second window of its count and the two-minute life of its cookie
-//! secret; it draws ephemeral keys and the limiter's secrets from the OS.
-//! The switch, encapsulation and reassembly take `now_ms` like every core.
+//! `Tunn` for handshake and rekey timers, and inside its cookie checker for
+//! the two-minute life of the cookie secret; it draws ephemeral keys and the
+//! checker's secrets from the OS. Whether the gateway is under load, the
+//! switch, encapsulation and reassembly all go by the `now_ms` the caller
+//! gives, like every core.
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -62,11 +67,20 @@ const MESSAGE_COOKIE_REPLY: u8 = 3;
 /// Room for any handshake message boringtun writes (148 for the largest).
 const HANDSHAKE_LEN_MAX: usize = 256;
 /// Handshake messages (initiations and responses with a valid `mac1`) the
-/// gateway takes in a second before it asks their senders for a cookie.
-/// Every peer of a full table ([`PEERS_MAX`]) can handshake within about
-/// a second of a restart; each costs one to three X25519 operations, so
-/// this bounds the DH work to a few percent of a core.
+/// gateway takes in a second ([`HANDSHAKE_WINDOW_MS`] of the caller's
+/// time) before it is under load: it then asks their senders for a cookie
+/// and limits each cookie-proven address to its share. Every peer of a full
+/// table ([`PEERS_MAX`]) can handshake within about a second of a restart;
+/// each costs one to three X25519 operations, so this bounds the DH work
+/// for senders that need not receive to a few percent of a core.
 pub const HANDSHAKES_PER_S_MAX: u64 = 1000;
+/// The window [`HANDSHAKES_PER_S_MAX`] counts in, ms of the caller's time.
+/// A window begins with the first handshake message after the previous
+/// one ended.
+pub const HANDSHAKE_WINDOW_MS: i64 = 1000;
+
+// The limit is named per second: its window must be one.
+const _: () = assert!(HANDSHAKE_WINDOW_MS == 1000);
 
 /// A peer gateway.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -265,12 +279,14 @@ pub struct GatewayStats {
     /// (meant for another key, or forged): dropped before any DH.
     pub bad_mac: u64,
     /// Handshake messages answered with a cookie reply instead of being
-    /// handled: the rate limiter was over [`HANDSHAKES_PER_S_MAX`] and
-    /// they carried no valid cookie. No DH was done for them.
+    /// handled: the gateway was under load (over [`HANDSHAKES_PER_S_MAX`]
+    /// in the window) and they carried no valid cookie. No DH was done for
+    /// them.
     pub cookie_replies: u64,
-    /// Handshake messages from an address over its own limit
+    /// Handshake messages that carried a valid cookie while the gateway was
+    /// under load, from an address over its own limit
     /// ([`ADDRESS_HANDSHAKES_PER_S`], bursts of
-    /// [`ADDRESS_HANDSHAKES_BURST`]), or from a new address while
+    /// [`ADDRESS_HANDSHAKES_BURST`]) or from a new address while
     /// [`ADDRESSES_MAX`] are tracked: dropped without an answer, no DH.
     pub rate_limited: u64,
     /// Messages that match no configured peer: an initiation from an
@@ -278,8 +294,10 @@ pub struct GatewayStats {
     pub unknown_peer: u64,
     /// Messages a peer's session had seen before: data packets its replay
     /// window holds or that are older than the window (1024 packets)
-    /// reaches back, and initiations whose timestamp is not newer than the
-    /// last one's (a replayed handshake). No decryption was done for them.
+    /// reaches back, which are dropped before any decryption, and
+    /// initiations whose timestamp is not newer than the last one's (a
+    /// replayed handshake), which are found out only after the
+    /// initiation's DHs and the decryption of its timestamp.
     pub replays: u64,
     /// Other messages a peer's session refused: failed authentication, no
     /// session for the index, a response to no handshake.
@@ -337,15 +355,22 @@ pub struct Gateway {
     peers: BTreeMap<PeerIndex, PeerState>,
     segments: BTreeMap<u32, Segment>,
     stats: GatewayStats,
-    /// Every handshake message passes it before any DH is done for it.
-    rate_limiter: RateLimiter,
-    /// Shared by the peers' sessions, which boringtun makes check every
-    /// message again (its verified-packet entry is crate-private): it only
-    /// repeats the `mac1` check, and its limit is never reached, so that
-    /// each message counts once, in `rate_limiter`.
-    session_limiter: Arc<RateLimiter>,
-    /// Handshake messages that pass `rate_limiter` are limited per source
-    /// address too, before any DH.
+    /// A boringtun limiter whose limit is never reached, so it checks
+    /// `mac1` and nothing else: every handshake message passes it before
+    /// any DH. The peers' sessions share it, since boringtun makes a `Tunn`
+    /// check every message it decapsulates again (its verified-packet
+    /// entry is crate-private).
+    mac1_check: Arc<RateLimiter>,
+    /// A boringtun limiter with a limit of 0, so always under load: it
+    /// checks `mac2` and writes the cookie replies. Asked only while the
+    /// gateway is under load, which `handshakes` decides: boringtun's own
+    /// count cannot say which messages it took with a cookie, and runs on
+    /// its own clock.
+    cookie_check: RateLimiter,
+    /// Handshake messages with a valid `mac1` in the current window.
+    handshakes: HandshakeWindow,
+    /// Under load, handshake messages with a valid cookie are limited per
+    /// source address too, before any DH.
     address_limiter: AddressLimiter,
     scratch: Vec<u8>,
 }
@@ -365,8 +390,9 @@ impl Gateway {
         let private = StaticSecret::from(private_key);
         let public = PublicKey::from(&private);
         Gateway {
-            rate_limiter: RateLimiter::new(&public, HANDSHAKES_PER_S_MAX),
-            session_limiter: Arc::new(RateLimiter::new(&public, u64::MAX)),
+            mac1_check: Arc::new(RateLimiter::new(&public, u64::MAX)),
+            cookie_check: RateLimiter::new(&public, 0),
+            handshakes: HandshakeWindow::default(),
             address_limiter: AddressLimiter::default(),
             private,
             public,
@@ -427,7 +453,7 @@ impl Gateway {
             None,
             Some(KEEPALIVE_S),
             peer.index,
-            Some(Arc::clone(&self.session_limiter)),
+            Some(Arc::clone(&self.mac1_check)),
         );
         let state = PeerState {
             tunn,
@@ -579,31 +605,42 @@ impl Gateway {
             packet,
             Packet::HandshakeInit(_) | Packet::HandshakeResponse(_)
         ) {
-            // Before any DH: the mac1 check, and under load the cookie.
-            match self
-                .rate_limiter
-                .verify_packet(Some(from.ip()), datagram, &mut self.scratch)
+            // Before any DH: the mac1 check, and under load the cookie and
+            // then the limit of the address the cookie proved.
+            if let Err(e) =
+                self.mac1_check
+                    .verify_packet(Some(from.ip()), datagram, &mut self.scratch)
             {
-                Ok(_) => {}
-                Err(TunnResult::WriteToNetwork(cookie)) => {
-                    self.stats.dropped(Dropped::CookieReply);
-                    let len = cookie.len();
-                    out.push_datagram(from, len, |dst| {
-                        dst.copy_from_slice(cookie);
-                        len
-                    });
-                    return;
-                }
-                Err(e) => {
-                    tracing::trace!(%from, error = ?e, "handshake message refused");
-                    self.stats.dropped(Dropped::BadMac);
-                    return;
-                }
-            }
-            if !self.address_limiter.allow(now_ms, from.ip()) {
-                tracing::trace!(%from, "handshake message over its address's limit");
-                self.stats.dropped(Dropped::RateLimited);
+                tracing::trace!(%from, error = ?e, "handshake message refused");
+                self.stats.dropped(Dropped::BadMac);
                 return;
+            }
+            if self.handshakes.under_load(now_ms) {
+                match self
+                    .cookie_check
+                    .verify_packet(Some(from.ip()), datagram, &mut self.scratch)
+                {
+                    Ok(_) => {}
+                    Err(TunnResult::WriteToNetwork(cookie)) => {
+                        self.stats.dropped(Dropped::CookieReply);
+                        let len = cookie.len();
+                        out.push_datagram(from, len, |dst| {
+                            dst.copy_from_slice(cookie);
+                            len
+                        });
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::trace!(%from, error = ?e, "handshake message refused");
+                        self.stats.dropped(Dropped::BadMac);
+                        return;
+                    }
+                }
+                if !self.address_limiter.allow(now_ms, from.ip()) {
+                    tracing::trace!(%from, "handshake message over its address's limit");
+                    self.stats.dropped(Dropped::RateLimited);
+                    return;
+                }
             }
         }
         let Some(index) = self.identify(&packet) else {
@@ -623,8 +660,8 @@ impl Gateway {
             TunnResult::WriteToNetwork(reply) => {
                 // A handshake response (to an initiation) or a keepalive
                 // (after a response) means a session; a cookie reply is
-                // what the rate limiter says to anyone under load, so it
-                // proves nothing about the sender.
+                // what a limiter under load says to anyone, so it proves
+                // nothing about the sender.
                 authenticated = reply.first() != Some(&MESSAGE_COOKIE_REPLY);
                 peer.stats.handshakes += u64::from(authenticated);
                 reply_len = reply.len();
@@ -704,14 +741,9 @@ impl Gateway {
     }
 
     /// Timers of the tunnels (handshakes, keepalives, rekeys), reassembly,
-    /// MAC aging and the handshake rate limiters' windows. Call every
+    /// MAC aging and the table of the address limiter. Call every
     /// [`TIMER_TICK_MS`].
     pub fn handle_timers(&mut self, now_ms: i64, out: &mut Outputs) {
-        // boringtun starts a new window only once a second has passed on
-        // its clock since the last: called every tick, the window lasts
-        // 1 s to 1 s + one tick (called once a second, it would sometimes
-        // last 2 s).
-        self.rate_limiter.reset_count();
         self.address_limiter.expire(now_ms);
         for (index, peer) in &mut self.peers {
             peer.decap.expire(now_ms);
@@ -773,7 +805,8 @@ impl Gateway {
 
     /// Which configured peer a message belongs to, by receiver index or
     /// (handshake initiation) by the initiator's static key, which costs a
-    /// DH: only initiations that passed the rate limiter come here.
+    /// DH: only initiations that passed the `mac1` check and, under load,
+    /// the cookie check and their address's limit come here.
     fn identify(&self, packet: &Packet<'_>) -> Option<PeerIndex> {
         let index = match packet {
             Packet::HandshakeInit(init) => {
@@ -790,6 +823,34 @@ impl Gateway {
         };
         let peer = index >> 8;
         self.peers.contains_key(&peer).then_some(peer)
+    }
+}
+
+/// Handshake messages with a valid `mac1`, counted in windows of
+/// [`HANDSHAKE_WINDOW_MS`] on the caller's clock.
+#[derive(Debug, Default)]
+struct HandshakeWindow {
+    /// When the current window began: at its first message.
+    started_ms: Option<i64>,
+    /// Messages counted in it.
+    count: u64,
+}
+
+impl HandshakeWindow {
+    /// Counts a message at `now_ms`; whether the gateway is under load for
+    /// it: the window held [`HANDSHAKES_PER_S_MAX`] already. A clock that
+    /// runs back stays in the window.
+    fn under_load(&mut self, now_ms: i64) -> bool {
+        let in_window = self
+            .started_ms
+            .is_some_and(|started_ms| now_ms.saturating_sub(started_ms) < HANDSHAKE_WINDOW_MS);
+        if !in_window {
+            self.started_ms = Some(now_ms);
+            self.count = 0;
+        }
+        let under_load = self.count >= HANDSHAKES_PER_S_MAX;
+        self.count = self.count.saturating_add(1);
+        under_load
     }
 }
 

@@ -315,7 +315,7 @@ fn register_gateway(registry: &mut Registry, gateway: &GatewayCounters) {
     }
     registry.register(
         "gateway_datagrams_dropped",
-        "Datagrams the gateway dropped: junk, bad_mac (not for its key), cookie_reply (a handshake over the rate limit, answered with a cookie instead), rate_limited (a handshake over its address's limit), unknown_peer, replay, refused (failed authentication, no session)",
+        "Datagrams the gateway dropped: junk, bad_mac (not for its key), cookie_reply (a handshake over the rate limit, answered with a cookie instead), rate_limited (a handshake with a cookie, under load, over its address's limit), unknown_peer, replay, refused (failed authentication, no session)",
         dropped,
     );
     registry.register(

@@ -1,21 +1,34 @@
-//! A token bucket per source address for the handshake messages that pass
-//! the gateway's rate limiter, as the kernel's WireGuard keeps one beside
-//! its cookies (boringtun has none).
+//! A token bucket per source address for the handshake messages the
+//! gateway takes while under load, each with a valid cookie (`mac2`).
+//! boringtun has none; the kernel's WireGuard keeps one, and like it the
+//! gateway consults it only for messages that carry a valid cookie under
+//! load (the kernel's `wg_cookie_validate_packet`). The load is decided
+//! differently: the kernel is under load while its queue of handshakes is
+//! long, the gateway while it has taken more than
+//! [`HANDSHAKES_PER_S_MAX`](super::HANDSHAKES_PER_S_MAX) in a second.
 //!
 //! The cookie proves that a sender receives at its address; it does not
 //! limit what that sender asks for. Without this, one host that answers
-//! cookies could have the gateway do a DH for every initiation it sends.
-//! With it, an address gets [`ADDRESS_HANDSHAKES_BURST`] messages at once
-//! and [`ADDRESS_HANDSHAKES_PER_S`] a second after that, far more than a
-//! peer gateway needs (an initiation every two minutes per session, a retry
-//! every five seconds). IPv6 senders are limited per /64, which is what one
-//! host can pick its addresses from.
+//! cookies could have the gateway do a DH for every initiation it sends
+//! once it is under load. With it, an address gets
+//! [`ADDRESS_HANDSHAKES_BURST`] messages at once and
+//! [`ADDRESS_HANDSHAKES_PER_S`] a second after that. IPv6 senders are
+//! limited per /64, which is what one host can pick its addresses from.
+//!
+//! Only messages with a valid cookie come here because only they prove
+//! their source address: a bucket charged for messages without one could
+//! be drained by anyone who spoofs that address, cutting a peer gateway
+//! (or every site behind one NAT address) off its handshakes. Not under
+//! load, no address is limited at all.
 //!
 //! The table is bounded ([`ADDRESSES_MAX`]): an address whose bucket is full
 //! again is forgotten (it would start full anyway), and a new address that
-//! finds the table full is refused. Only messages that passed the rate
-//! limiter come here, at most its limit a second from addresses that need
-//! not receive, so spoofed sources cannot fill it. A new address costs one
+//! finds the table full is refused. Since every message here carries a
+//! cookie for its source address, spoofed sources cannot fill it. An
+//! address that spent `n` messages' worth of its bucket is full again
+//! `n` times [`COST_MS`] after its last message (50 to 250 ms), and is
+//! forgotten at the first [`AddressLimiter::expire`] at or after that (the
+//! gateway calls it every timer tick, 100 ms). A new address costs one
 //! table entry (an allocation): handshake messages come here, data never.
 
 use std::collections::BTreeMap;
@@ -30,7 +43,7 @@ pub const ADDRESS_HANDSHAKES_BURST: i64 = 5;
 pub const ADDRESSES_MAX: usize = 4096;
 
 /// What one message costs, in ms of refill.
-const COST_MS: i64 = 1000 / ADDRESS_HANDSHAKES_PER_S;
+pub(super) const COST_MS: i64 = 1000 / ADDRESS_HANDSHAKES_PER_S;
 /// A full bucket, in ms of refill.
 const FULL_MS: i64 = COST_MS * ADDRESS_HANDSHAKES_BURST;
 

@@ -446,8 +446,9 @@ fn a_handshake_flood_beyond_the_limit_is_answered_with_cookies_and_peers_still_g
         assert_eq!(*to, attacker(i), "to its sender");
         assert_eq!((reply[0], reply.len()), (MESSAGE_COOKIE_REPLY, 64));
     }
-    // Ticks within the same second on boringtun's clock leave the limiter
-    // under load.
+    // The window is a second of the caller's time, not of a clock the
+    // gateway reads: a timer tick within it leaves the gateway under load,
+    // however long the flood above took to run.
     sites[1].gateway.handle_timers(100, &mut Outputs::default());
 
     // Site 0, a real peer, is asked for a cookie too; with it, its next
@@ -488,6 +489,68 @@ fn a_handshake_flood_beyond_the_limit_is_answered_with_cookies_and_peers_still_g
     let (key, peer) = sites[1].gateway.peer_stats().next().unwrap();
     assert_eq!((key, peer.handshakes), (public(1), 1));
     assert_eq!(sites[1].gateway.stats().cookie_replies, extra + 1);
+
+    // A second after the flood began, a new window: an initiation without a
+    // cookie is looked at again.
+    let mut out = Outputs::default();
+    let init = initiation(&mut flooder);
+    sites[1]
+        .gateway
+        .handle_datagram(HANDSHAKE_WINDOW_MS, attacker(0), &init, &mut out);
+    assert!(out.is_empty());
+    let stats = sites[1].gateway.stats();
+    assert_eq!(stats.unknown_peer, HANDSHAKES_PER_S_MAX + 1, "{stats:?}");
+    assert_eq!(stats.cookie_replies, extra + 1);
+}
+
+#[test]
+fn spoofed_initiations_from_a_peers_address_do_not_cut_it_off() {
+    let mut sites = mesh(2, &[&[7], &[7]]);
+    // The attacker knows B's public key (it is in every advert) and A's
+    // address: its initiations have the right mac1 and A's address as
+    // their source. 25 a second for ten seconds, more than an address
+    // gets under load but far from putting the gateway under load.
+    let mut spoofer = Tunn::new(
+        StaticSecret::from(key(50)),
+        PublicKey::from(public(2)),
+        None,
+        None,
+        9,
+        None,
+    );
+    let mut spoofed = 0;
+    let mut now_ms = 0;
+    while now_ms < 10_000 {
+        let mut out = Outputs::default();
+        let init = initiation(&mut spoofer);
+        sites[1]
+            .gateway
+            .handle_datagram(now_ms, addr(0), &init, &mut out);
+        assert!(out.is_empty());
+        spoofed += 1;
+        now_ms += 40;
+    }
+
+    // A's own initiation, and its response to B's, still get through at
+    // once: a frame crosses either way.
+    let last_ms = now_ms - 40;
+    let to_b = frame(mac(2), mac(1), 60);
+    send_local(&mut sites, 0, 7, &to_b, last_ms);
+    assert_eq!(sites[1].delivered, vec![(7, to_b)]);
+    let mut out = Outputs::default();
+    sites[1].gateway.initiate_handshakes(&mut out);
+    let mut queue = VecDeque::new();
+    collect(&mut sites, 1, &out, &mut queue);
+    run(&mut sites, queue, last_ms);
+    let to_a = frame(mac(1), mac(2), 60);
+    send_local(&mut sites, 1, 7, &to_a, last_ms);
+    assert_eq!(sites[0].delivered, vec![(7, to_a)]);
+    let (_, at_b) = sites[1].gateway.peer_stats().next().unwrap();
+    assert_eq!(at_b.handshakes, 2);
+    // Each spoofed initiation cost a lookup (a DH), as any sender's does
+    // while the gateway is not under load, and none was charged to A.
+    let stats = sites[1].gateway.stats();
+    assert_eq!((stats.unknown_peer, stats.rate_limited), (spoofed, 0));
 }
 
 #[test]
@@ -563,7 +626,7 @@ fn replayed_data_and_initiations_are_dropped_and_counted_as_replays() {
 }
 
 #[test]
-fn a_sender_that_answers_cookies_gets_only_its_addresss_share_of_dh() {
+fn under_load_a_sender_that_answers_cookies_gets_only_its_addresss_share_of_dh() {
     let mut sites = mesh(2, &[&[7], &[7]]);
     let attacker = SocketAddr::from(([198, 18, 0, 100], 40_000));
     let mut flooder = Tunn::new(
@@ -582,25 +645,32 @@ fn a_sender_that_answers_cookies_gets_only_its_addresss_share_of_dh() {
             .handle_datagram(now_ms, attacker, &init, &mut out);
         datagrams(&out)
     };
-    // Not under load: the address's burst is looked up, the rest dropped
-    // without an answer.
-    for _ in 0..ADDRESS_HANDSHAKES_BURST + 3 {
+    // Not under load, no address is limited: without a cookie a message
+    // proves nothing about its source.
+    let burst = u64::try_from(ADDRESS_HANDSHAKES_BURST).unwrap();
+    for _ in 0..burst + 3 {
         assert!(send(&mut sites, &mut flooder, 0).is_empty());
     }
     let stats = sites[1].gateway.stats();
-    let burst = u64::try_from(ADDRESS_HANDSHAKES_BURST).unwrap();
-    assert_eq!((stats.unknown_peer, stats.rate_limited), (burst, 3));
+    assert_eq!((stats.unknown_peer, stats.rate_limited), (burst + 3, 0));
 
-    // Under load (other senders), it gets a cookie and answers it: its
-    // initiations pass the rate limiter, and its address's limit holds.
-    for i in 0..HANDSHAKES_PER_S_MAX {
+    // Other senders (one address, many ports) put the gateway under load.
+    let load = initiation(&mut flooder);
+    for i in 0..HANDSHAKES_PER_S_MAX - (burst + 3) {
         let from = SocketAddr::from(([198, 19, 0, 1], u16::try_from(i).unwrap()));
-        let init = initiation(&mut flooder);
-        // The same address, many ports: one bucket, so these are dropped,
-        // but each counts in the rate limiter.
         let mut out = Outputs::default();
-        sites[1].gateway.handle_datagram(0, from, &init, &mut out);
+        sites[1].gateway.handle_datagram(0, from, &load, &mut out);
+        assert!(out.is_empty());
     }
+    let stats = sites[1].gateway.stats();
+    assert_eq!(
+        (stats.unknown_peer, stats.rate_limited),
+        (HANDSHAKES_PER_S_MAX, 0)
+    );
+
+    // The sender gets a cookie and answers it: its initiations pass the
+    // cookie check, and its address's limit holds: its burst, then its
+    // rate.
     let cookie = send(&mut sites, &mut flooder, 0);
     assert_eq!(cookie[0].1[0], MESSAGE_COOKIE_REPLY);
     let mut buf = [0u8; HANDSHAKE_LEN_MAX];
@@ -609,13 +679,33 @@ fn a_sender_that_answers_cookies_gets_only_its_addresss_share_of_dh() {
         TunnResult::Done
     ));
     let before = sites[1].gateway.stats();
-    // Its bucket refills at its rate: one second brings that many DH.
-    for now_ms in (10..=1000).step_by(10) {
+    for _ in 0..burst + 3 {
+        assert!(send(&mut sites, &mut flooder, 0).is_empty());
+    }
+    let after = sites[1].gateway.stats();
+    assert_eq!(after.unknown_peer - before.unknown_peer, burst);
+    assert_eq!(after.rate_limited - before.rate_limited, 3);
+    // Over the rest of the window (990 ms, a message every 10 ms), its
+    // bucket refills at its rate.
+    let before = after;
+    for now_ms in (10..HANDSHAKE_WINDOW_MS).step_by(10) {
         assert!(send(&mut sites, &mut flooder, now_ms).is_empty());
     }
     let after = sites[1].gateway.stats();
     assert_eq!(after.cookie_replies, before.cookie_replies, "mac2 is valid");
-    let rate = u64::try_from(ADDRESS_HANDSHAKES_PER_S).unwrap();
-    assert_eq!(after.unknown_peer - before.unknown_peer, rate);
-    assert_eq!(after.rate_limited - before.rate_limited, 100 - rate);
+    let sent = u64::try_from((HANDSHAKE_WINDOW_MS - 10) / 10).unwrap();
+    let refilled = u64::try_from((HANDSHAKE_WINDOW_MS - 10) / address_limit::COST_MS).unwrap();
+    assert_eq!(refilled, 19);
+    assert_eq!(after.unknown_peer - before.unknown_peer, refilled);
+    assert_eq!(after.rate_limited - before.rate_limited, sent - refilled);
+
+    // In the next window the gateway is no longer under load, and the
+    // address is not limited though its bucket is empty.
+    let before = after;
+    for _ in 0..burst + 3 {
+        assert!(send(&mut sites, &mut flooder, HANDSHAKE_WINDOW_MS).is_empty());
+    }
+    let after = sites[1].gateway.stats();
+    assert_eq!(after.unknown_peer - before.unknown_peer, burst + 3);
+    assert_eq!(after.rate_limited, before.rate_limited);
 }
