@@ -14,7 +14,9 @@
 //! settings ([`ApiLimits`]):
 //!
 //! - open connections, `connections_max`: one beyond is answered `503`
-//!   (`busy`) and closed, without reading its request;
+//!   (`busy`) and closed, without reading its request. There is no limit per
+//!   source: one client can hold all of them (the API listens on loopback
+//!   unless configured otherwise);
 //! - requests handled at once, `requests_max`: one beyond is answered `503`
 //!   `busy` with `Retry-After`; `GET /healthz` has a budget of its own
 //!   ([`PROBES_MAX`]), so that a flood of other requests leaves probes their
@@ -22,11 +24,27 @@
 //! - time, `client_timeout`: a client that has not sent a request's headers
 //!   within it (a slow client, or an idle keep-alive connection) is
 //!   disconnected; one that has not sent the body within it more is
-//!   answered `408` and disconnected. Bodies are read whole (at most
+//!   answered `408` and disconnected; one that takes none of an answer for
+//!   it (it sends requests and never reads) is disconnected
+//!   (`write_deadline.rs`: hyper has no write timeout, and reads no
+//!   requests while its answers wait). Bodies are read whole (at most
 //!   [`BODY_LEN_MAX`]) before a request takes its place among
-//!   `requests_max`, so slow senders hold a connection, never a handler.
+//!   `requests_max`, so slow senders hold a connection, never a handler;
+//! - memory: the token is checked from the headers before the body is read,
+//!   and hyper's buffer of a connection is at most [`CONNECTION_BUF_LEN_MAX`],
+//!   so a client without the token makes the server hold about that per
+//!   connection (16 MiB at the default `connections_max`, 256 MiB at its
+//!   bound of 16384), plus the kernel's socket buffers;
+//! - shutdown: connections are given `client_timeout` to finish what they
+//!   are doing, then dropped.
+//!
+//! `busy` is only ever answered before a handler sees the request, so a
+//! client may send the request again, whatever its method ([`ApiClient`]
+//! does, after `Retry-After`).
 //!
 //! Every refusal is counted in `GET /metrics` (`vcfed_api_refused_total`).
+//!
+//! [`ApiClient`]: crate::client::ApiClient
 
 use std::future::Future;
 use std::sync::Arc;
@@ -58,10 +76,18 @@ pub use crate::api_types::{
 use crate::federation::{FederationHandle, ForgetSiteError, JoinError, SitesReport};
 use crate::ledger::SharedLedger;
 use crate::time::{DAY_MS, format_instant, now_ms, parse_instant};
+use crate::write_deadline::{WriteDeadline, is_write_stalled};
 use vcfed_node_core::cluster::{ClusterRequest, CreateError, DeleteError};
 
 /// Largest request body accepted, bytes.
 pub const BODY_LEN_MAX: usize = 64 * 1024;
+/// Largest buffer hyper keeps for a connection, bytes: it bounds a
+/// request's headers (`431` beyond), and what a client without the token
+/// makes the server hold. hyper's default is ~400 KiB, its least 8 KiB; a
+/// request's headers are a few hundred bytes.
+pub const CONNECTION_BUF_LEN_MAX: usize = 16 * 1024;
+/// Paths served without the token.
+const OPEN_PATHS: [&str; 1] = ["/healthz"];
 /// Default lease of a hold made through the API, seconds.
 pub const DEFAULT_LEASE_S: u64 = 60;
 /// Longest lease accepted, seconds.
@@ -96,7 +122,9 @@ pub struct ApiLimits {
     pub connections_max: usize,
     /// Most requests handled at once (`/healthz` aside).
     pub requests_max: usize,
-    /// How long a client may take to send a request's headers, then its body.
+    /// How long a client may take to send a request's headers, then its
+    /// body, and to take some of an answer; how long shutdown waits for open
+    /// connections.
     pub client_timeout: Duration,
 }
 
@@ -126,6 +154,9 @@ pub struct ApiStats {
     /// Requests answered `408`: the body did not arrive within
     /// `client_timeout`.
     pub bodies_timed_out: u64,
+    /// Connections closed because the client took none of an answer within
+    /// `client_timeout`.
+    pub writes_timed_out: u64,
 }
 
 #[derive(Debug, Default)]
@@ -134,6 +165,7 @@ struct ApiCounters {
     requests_busy: AtomicU64,
     headers_timed_out: AtomicU64,
     bodies_timed_out: AtomicU64,
+    writes_timed_out: AtomicU64,
 }
 
 fn count(counter: &AtomicU64) {
@@ -196,6 +228,7 @@ impl ApiState {
             requests_busy: read(&self.counters.requests_busy),
             headers_timed_out: read(&self.counters.headers_timed_out),
             bodies_timed_out: read(&self.counters.bodies_timed_out),
+            writes_timed_out: read(&self.counters.writes_timed_out),
         }
     }
 
@@ -213,7 +246,7 @@ impl ApiState {
 }
 
 /// The API's routes: `/healthz` open to all, the others behind the token
-/// check.
+/// check (in [`limit_requests`], before the body is read).
 pub fn router(state: Arc<ApiState>) -> Router {
     let protected = Router::new()
         .route("/metrics", get(metrics))
@@ -233,8 +266,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         )
         .route("/v1/peers", post(join))
         .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn_with_state(state.clone(), require_token));
+        .method_not_allowed_fallback(method_not_allowed);
     Router::new()
         .route("/healthz", get(healthz))
         .merge(protected)
@@ -263,7 +295,7 @@ pub fn bind(addr: std::net::SocketAddr, limits: &ApiLimits) -> std::io::Result<T
 
 /// Serves the API on `listener` within the state's [`ApiLimits`] until
 /// `shutdown` resolves, then lets the connections finish what they are
-/// doing (each within `client_timeout` of its next read) and returns.
+/// doing for at most `client_timeout`, drops those still open, and returns.
 pub async fn serve(
     listener: TcpListener,
     state: Arc<ApiState>,
@@ -271,7 +303,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let app = router(state.clone());
     let refusing = Arc::new(Semaphore::new(REFUSING_MAX));
-    let (closing, closing_rx) = watch::channel(false);
+    let (phase, phase_rx) = watch::channel(Phase::Serving);
     let mut shutdown = std::pin::pin!(shutdown);
     let mut accept_warned: Option<tokio::time::Instant> = None;
     loop {
@@ -300,7 +332,7 @@ pub async fn serve(
                     stream,
                     app.clone(),
                     state.clone(),
-                    closing_rx.clone(),
+                    phase_rx.clone(),
                     permit,
                 ));
             }
@@ -313,11 +345,37 @@ pub async fn serve(
         }
     }
     drop(listener);
-    let _ = closing.send(true);
-    // Every connection holds a permit until it ends.
+    let _ = phase.send(Phase::Closing);
+    // Every connection holds a permit until it ends. Each ends on its own
+    // within `client_timeout` of its client's last move, but a handler may
+    // take longer and a client may trickle: the wait has its own bound.
     let all = u32::try_from(state.limits.connections_max).unwrap_or(u32::MAX);
-    let _ended = state.connections.acquire_many(all).await;
+    let grace = state.limits.client_timeout;
+    if tokio::time::timeout(grace, state.connections.acquire_many(all))
+        .await
+        .is_err()
+    {
+        tracing::info!(
+            connections = state.stats().connections_open,
+            grace = %humantime::format_duration(grace),
+            "API connections still open at shutdown are dropped"
+        );
+        let _ = phase.send(Phase::Closed);
+        // Each task ends at its next poll, which the send wakes.
+        let _ended = state.connections.acquire_many(all).await;
+    }
     Ok(())
+}
+
+/// Where the server is in its life, as its connections see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Accepting and serving.
+    Serving,
+    /// Shutting down: connections finish the request at hand, then close.
+    Closing,
+    /// Shut down: connections still open are dropped.
+    Closed,
 }
 
 /// Serves one connection (HTTP/1.1) until the client closes it, it times
@@ -326,18 +384,20 @@ async fn serve_connection(
     stream: TcpStream,
     app: Router,
     state: Arc<ApiState>,
-    mut closing: watch::Receiver<bool>,
+    mut phase: watch::Receiver<Phase>,
     _permit: OwnedSemaphorePermit,
 ) {
     if let Err(e) = stream.set_nodelay(true) {
         tracing::debug!(error = %e, "cannot set TCP_NODELAY on an API connection");
     }
+    let timeout = state.limits.client_timeout;
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(state.limits.client_timeout);
+        .header_read_timeout(timeout)
+        .max_buf_size(CONNECTION_BUF_LEN_MAX);
     let connection = builder.serve_connection(
-        hyper_util::rt::TokioIo::new(stream),
+        hyper_util::rt::TokioIo::new(WriteDeadline::new(stream, timeout)),
         hyper_util::service::TowerToHyperService::new(app),
     );
     let mut connection = std::pin::pin!(connection);
@@ -345,15 +405,30 @@ async fn serve_connection(
     let result = loop {
         tokio::select! {
             result = connection.as_mut() => break result,
-            _ = closing.wait_for(|closing| *closing), if !asked_to_close => {
-                asked_to_close = true;
-                connection.as_mut().graceful_shutdown();
+            changed = phase.changed() => {
+                // A dropped sender is a server that is gone.
+                let now = match changed {
+                    Ok(()) => *phase.borrow_and_update(),
+                    Err(_) => Phase::Closed,
+                };
+                match now {
+                    Phase::Serving => {}
+                    Phase::Closing => {
+                        if !asked_to_close {
+                            asked_to_close = true;
+                            connection.as_mut().graceful_shutdown();
+                        }
+                    }
+                    Phase::Closed => return,
+                }
             }
         }
     };
     if let Err(e) = result {
         if e.is_timeout() {
             count(&state.counters.headers_timed_out);
+        } else if is_write_stalled(&e) {
+            count(&state.counters.writes_timed_out);
         }
         tracing::debug!(error = %e, "API connection ended with an error");
     }
@@ -394,17 +469,33 @@ async fn refuse_connection(
     let _ = tokio::time::timeout(REFUSING_LINGER, linger).await;
 }
 
-/// Bounds every request: reads its body whole within `client_timeout`
-/// (`408` otherwise), then takes a place among `requests_max` (or
-/// [`PROBES_MAX`] for `/healthz`), answering `503` `busy` if there is none.
+/// Bounds every request: checks its token (but on [`OPEN_PATHS`]), reads
+/// its body whole within `client_timeout` (`408` otherwise), then takes a
+/// place among `requests_max` (or [`PROBES_MAX`] for `/healthz`), answering
+/// `503` `busy` if there is none.
+///
+/// `busy` is answered here, before any handler, and nowhere else: clients
+/// send a request answered `busy` again, whatever its method.
 async fn limit_requests(
     State(state): State<Arc<ApiState>>,
     request: Request,
     next: Next,
 ) -> Response {
     let (parts, body) = request.into_parts();
+    let open = OPEN_PATHS.contains(&parts.uri.path());
+    // The token first, from the headers: a client without it gets no body
+    // read, so it makes the server buffer nothing beyond hyper's buffer.
+    // The open paths take no body at all, for the same reason.
+    let body_len_max = if open {
+        0
+    } else {
+        if let Err(e) = check_token(&state, &parts.headers) {
+            return e.into_response();
+        }
+        BODY_LEN_MAX
+    };
     let timeout = state.limits.client_timeout;
-    let body = match tokio::time::timeout(timeout, axum::body::to_bytes(body, BODY_LEN_MAX)).await {
+    let body = match tokio::time::timeout(timeout, axum::body::to_bytes(body, body_len_max)).await {
         Ok(Ok(bytes)) => bytes,
         Ok(Err(e)) => {
             let too_large =
@@ -416,7 +507,7 @@ async fn limit_requests(
                 return ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "payload_too_large",
-                    format!("the request body is over {BODY_LEN_MAX} bytes"),
+                    format!("the request body is over {body_len_max} bytes"),
                 )
                 .into_response();
             }
@@ -532,12 +623,8 @@ impl From<LedgerError> for ApiError {
     }
 }
 
-async fn require_token(
-    State(state): State<Arc<ApiState>>,
-    headers: HeaderMap,
-    request: Request,
-    next: Next,
-) -> Response {
+/// `401` unless `headers` carry the API token.
+fn check_token(state: &ApiState, headers: &HeaderMap) -> Result<(), ApiError> {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
@@ -545,24 +632,22 @@ async fn require_token(
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, token)| token.trim());
     let Some(presented) = presented else {
-        return ApiError::new(
+        return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "missing `Authorization: Bearer <token>` header",
-        )
-        .into_response();
+        ));
     };
     // Comparing digests keeps the comparison's timing independent of how
     // much of the token a caller guessed right.
     if digest(&SHA256, presented.as_bytes()).as_ref() != state.token_digest.as_ref() {
-        return ApiError::new(
+        return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "invalid API token",
-        )
-        .into_response();
+        ));
     }
-    next.run(request).await
+    Ok(())
 }
 
 /// Runs `operation` on the ledger, mapping its errors to API errors.

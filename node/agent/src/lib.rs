@@ -42,3 +42,4 @@ mod runner;
 mod simnet_cli;
 pub mod time;
 mod usage;
+mod write_deadline;

@@ -203,6 +203,7 @@ fn register_api(registry: &mut Registry, api: &ApiStats) {
         ("busy", api.requests_busy),
         ("header_timeout", api.headers_timed_out),
         ("body_timeout", api.bodies_timed_out),
+        ("write_timeout", api.writes_timed_out),
     ] {
         refused.get_or_create(&[("reason", reason)]).inc_by(count);
     }
@@ -210,7 +211,8 @@ fn register_api(registry: &mut Registry, api: &ApiStats) {
         "api_refused",
         "API connections and requests refused, by reason: over api.connections_max (503), \
          over api.requests_max (503 busy), headers or body not sent within api.client_timeout \
-         (connection closed, or 408)",
+         (connection closed, or 408), answers not taken within api.client_timeout (connection \
+         closed)",
         refused,
     );
 }

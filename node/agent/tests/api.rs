@@ -84,6 +84,27 @@ async fn requests_need_the_bearer_token() {
         "{response}"
     );
 
+    // Without the token, the body is not waited for (nor buffered): a
+    // request announcing 60000 bytes and sending none is answered 401 at
+    // once, not after the client timeout (10 s).
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(
+            b"POST /v1/reservations HTTP/1.1\r\nHost: vcfed\r\nContent-Type: application/json\r\n\
+              Content-Length: 60000\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        stream.read_exact(&mut head),
+    )
+    .await
+    .expect("401 before the body")
+    .unwrap();
+    assert_eq!(&head, b"HTTP/1.1 401");
+
     let wrong = ApiClient::new(addr, "not-the-token".into());
     match wrong.get::<Value>("/v1/site").await {
         Err(ClientError::Api { status, code, .. }) => {

@@ -1,9 +1,10 @@
 //! Floods and abuse against real agents on loopback (issue #19): a flood of
 //! connections without the federation's key, a member that floods adverts
-//! and replays stale ones, and an API flood with slow clients. Each test
-//! asserts that the agent stays up, counts what it refused, and keeps doing
-//! its job for honest peers and clients within a bound; each prints its
-//! figures. Every wait is bounded, and the agents are killed on drop.
+//! and replays stale ones, an API flood with slow clients, and API clients
+//! that never read their answers. Each test asserts that the agent stays
+//! up, counts what it refused, and keeps doing its job for honest peers and
+//! clients within a bound; each prints its figures. Every wait is bounded,
+//! and the agents are killed on drop.
 
 #![allow(clippy::unwrap_used, clippy::print_stderr)] // test code
 
@@ -242,7 +243,9 @@ async fn a_connection_flood_without_the_key_is_refused_and_counted() {
         while let Some(done) = tasks.join_next().await {
             connected += u64::from(done.unwrap());
         }
-        connected
+        // When the flood ended, measured here: the test awaits it only
+        // after the honest changes.
+        (connected, flood_started.elapsed())
     });
 
     // Honest changes while the flood runs, both ways.
@@ -251,11 +254,11 @@ async fn a_connection_flood_without_the_key_is_refused_and_counted() {
     let a_to_b = capacity_change_seen(&a, &b, "during-2").await;
     let b_to_a_late = capacity_change_seen(&b, &a, "during-3").await;
     let changes_done = flood_started.elapsed();
-    let connected = flood.await.unwrap();
-    let flood_took = flood_started.elapsed();
+    let (connected, flood_took) = flood.await.unwrap();
     assert!(
         changes_done < flood_took,
-        "the changes were seen during the flood"
+        "the changes were seen during the flood: done after {changes_done:?}, the flood ended \
+         after {flood_took:?}"
     );
     alive(&mut a);
 
@@ -803,4 +806,151 @@ async fn the_api_stays_responsive_under_a_flood_and_cuts_slow_clients() {
     assert!(refused_connections >= 20.0);
     drop(idle);
     alive(&mut agent);
+}
+
+/// A client that pipelines `request` (one that needs no token) as fast as
+/// the agent takes it and never reads an answer: its receive buffer is a
+/// few KiB, so the answers pile up at the agent, which then stops reading.
+/// Returns, once a write fails (the agent closed the connection), when its
+/// writes last made progress, when one failed, and the bytes sent.
+async fn never_reading_client(
+    addr: SocketAddr,
+    request: &[u8],
+) -> std::io::Result<(Instant, Instant, usize)> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    // Before connecting, so that the window is small from the handshake on.
+    socket.set_recv_buffer_size(4096)?;
+    let mut stream = socket.connect(addr).await?;
+    let requests = request.repeat(256);
+    let mut at = 0;
+    let mut progress = Instant::now();
+    let mut sent = 0;
+    loop {
+        // From where the last write stopped: the requests stay whole.
+        match stream.write(&requests[at..]).await {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                sent += n;
+                at = (at + n) % requests.len();
+                progress = Instant::now();
+            }
+            Err(_) => return Ok((progress, Instant::now(), sent)),
+        }
+    }
+}
+
+/// Clients that pipeline requests and never read the answers: each is
+/// disconnected within `client_timeout` of its last progress, counted as
+/// `write_timeout`, and `vcfed_api_connections` comes back down; the agent
+/// answers probes meanwhile. Then, with such clients connected, the agent
+/// stops within `client_timeout` of SIGTERM (+ slack) rather than waiting
+/// on them.
+///
+/// The timed clients send requests answered `401` without the token: the
+/// agent answers them as fast as it reads them, so that it stalls writing
+/// as soon as the client's writes stall. `GET /healthz` asks the ledger each
+/// time, and what the agent has read but not answered yet (up to a window
+/// of requests, seconds of work for a debug build) would shift the cut by
+/// that much; the clients of the shutdown send those.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_never_read_their_answers_are_cut() {
+    const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
+    const CLIENTS: usize = 4;
+    let slack = Duration::from_millis(1500);
+    let site = Site::init("site-a", 4);
+    let text = std::fs::read_to_string(&site.config_path).unwrap();
+    let text = text.replacen(
+        "[api]\n",
+        &format!(
+            "[api]\nclient_timeout = \"{}s\"\n",
+            CLIENT_TIMEOUT.as_secs()
+        ),
+        1,
+    );
+    std::fs::write(&site.config_path, text).unwrap();
+    let addr = site.config().api.listen;
+    let mut agent = start(site).await;
+    let open = |samples: &std::collections::BTreeMap<String, f64>| samples["vcfed_api_connections"];
+    let open_before = open(&metrics(&agent).await);
+
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..CLIENTS {
+        clients.spawn(tokio::time::timeout(
+            CLIENT_TIMEOUT * 10,
+            never_reading_client(addr, b"GET /v1/site HTTP/1.1\r\nHost: vcfed\r\n\r\n"),
+        ));
+    }
+    // Stuck by now: the agent's buffers on loopback fill in milliseconds.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let open_stuck = open(&metrics(&agent).await);
+    let healthz = b"GET /healthz HTTP/1.1\r\nHost: vcfed\r\nConnection: close\r\n\r\n";
+    let (probe_status, probe_took) = exchange(addr, healthz).await.unwrap();
+    let mut cuts = Vec::new();
+    let mut sent = Vec::new();
+    while let Some(done) = clients.join_next().await {
+        let (progress, failed, bytes) = done
+            .unwrap()
+            .expect("the agent cuts a client that never reads")
+            .unwrap();
+        cuts.push(failed - progress);
+        sent.push(bytes);
+    }
+    let closed = eventually(
+        "vcfed_api_connections comes back down",
+        Duration::from_secs(5),
+        || async { open(&metrics(&agent).await) <= open_before },
+    )
+    .await;
+    let samples = metrics(&agent).await;
+    let write_timeouts = samples["vcfed_api_refused_total{reason=\"write_timeout\"}"];
+    cuts.sort();
+    eprintln!(
+        "clients that never read (client_timeout {}s): {CLIENTS} sent {:?} bytes of pipelined \
+         GET /v1/site (401), cut {:.2?}..{:.2?} after their last progress; connections open before \
+         {open_before}, while stuck {open_stuck}, back down {:.2}s after the last cut; \
+         write_timeout {write_timeouts}; a probe meanwhile {probe_status} in {:.0} ms",
+        CLIENT_TIMEOUT.as_secs(),
+        sent,
+        cuts.first().unwrap(),
+        cuts.last().unwrap(),
+        closed.as_secs_f64(),
+        probe_took.as_secs_f64() * 1e3,
+    );
+    assert!(open_stuck >= open_before + CLIENTS as f64, "{open_stuck}");
+    assert_eq!(probe_status, 200);
+    for cut in &cuts {
+        assert!(
+            *cut >= CLIENT_TIMEOUT / 2 && *cut <= CLIENT_TIMEOUT + slack,
+            "a client that never reads cut after {cut:?}"
+        );
+    }
+    assert_eq!(write_timeouts, CLIENTS as f64);
+    alive(&mut agent);
+
+    // Shutdown with such clients connected and stuck.
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..CLIENTS {
+        clients.spawn(never_reading_client(
+            addr,
+            b"GET /healthz HTTP/1.1\r\nHost: vcfed\r\n\r\n",
+        ));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let stopping = Instant::now();
+    let status = tokio::task::block_in_place(|| {
+        agent
+            .agent
+            .as_mut()
+            .unwrap()
+            .terminate(CLIENT_TIMEOUT + Duration::from_secs(10))
+    });
+    let stopped = stopping.elapsed();
+    eprintln!(
+        "SIGTERM with {CLIENTS} clients that never read connected: the agent stopped in {:.2}s \
+         ({status})",
+        stopped.as_secs_f64()
+    );
+    assert!(status.success(), "{status}");
+    assert!(stopped <= CLIENT_TIMEOUT + slack, "{stopped:?}");
+    clients.abort_all();
 }

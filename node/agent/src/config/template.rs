@@ -127,8 +127,9 @@ listen = {api_listen}
 # Most open connections (16-16384); one beyond is answered 503 and closed.
 # Most requests handled at once (1-4096; /healthz aside); one beyond is
 # answered 503 `busy` with Retry-After. How long a client may take to send
-# a request's headers, then its body (1s-5m; 408 for a body, the connection
-# closed); idle keep-alive connections close after it too.
+# a request's headers, then its body, and to take some of an answer (1s-5m;
+# 408 for a body, the connection closed); idle keep-alive connections close
+# after it too.
 # Defaults: 1024, 64, "10s".
 # connections_max = 1024
 # requests_max = 64

@@ -127,8 +127,10 @@ pub struct ApiConfig {
     /// Most requests handled at once (`/healthz` aside); a request beyond is
     /// answered `503` with code `busy`.
     pub requests_max: u32,
-    /// How long a client may take to send a request's headers, and then its
-    /// body; an idle keep-alive connection is closed after it too.
+    /// How long a client may take to send a request's headers, then its
+    /// body, and to take some of an answer; an idle keep-alive connection is
+    /// closed after it too, and at shutdown it bounds the wait for open
+    /// connections.
     pub client_timeout: Duration,
 }
 
