@@ -37,7 +37,7 @@
 //! decoder before allocation (RPC) or by gossipsub's frame limit and then
 //! rejected (gossip), and never surface as events.
 
-mod codec;
+pub mod codec;
 mod psk;
 mod task;
 
