@@ -194,7 +194,7 @@ impl SignedAdvert {
         if !public_key.verify(&signed_bytes(&self.body), &self.signature) {
             return Err(AdvertError::BadSignature);
         }
-        let advert = decode_body(&self.body)?;
+        let advert = decode_unchecked(&self.body)?;
         let signer = public_key.to_peer_id();
         if advert.site != signer {
             return Err(AdvertError::WrongSigner {
@@ -202,6 +202,7 @@ impl SignedAdvert {
                 signer: Box::new(signer),
             });
         }
+        check_bounds(&advert)?;
         Ok(advert)
     }
 }
@@ -215,6 +216,13 @@ pub fn decode_body(body: &[u8]) -> Result<Advert, AdvertError> {
     if body.len() > ADVERT_BODY_MAX {
         return Err(AdvertError::OutOfBounds("advert too large"));
     }
+    let advert = decode_unchecked(body)?;
+    check_bounds(&advert)?;
+    Ok(advert)
+}
+
+/// The advert a body encodes, without trailing bytes; its bounds unchecked.
+fn decode_unchecked(body: &[u8]) -> Result<Advert, AdvertError> {
     let (advert, rest): (Advert, &[u8]) =
         postcard::take_from_bytes(body).map_err(|e| AdvertError::Undecodable(e.to_string()))?;
     if !rest.is_empty() {
@@ -223,7 +231,6 @@ pub fn decode_body(body: &[u8]) -> Result<Advert, AdvertError> {
             rest.len()
         )));
     }
-    check_bounds(&advert)?;
     Ok(advert)
 }
 
@@ -355,6 +362,24 @@ mod tests {
         let mut bad_key = signed.clone();
         bad_key.public_key = vec![1, 2, 3];
         assert_eq!(bad_key.verify(), Err(AdvertError::BadKey));
+    }
+
+    #[test]
+    fn decode_body_reads_what_verify_reads() {
+        let keypair = Keypair::generate_ed25519();
+        let signed = SignedAdvert::sign(&advert(&keypair, 7), &keypair).unwrap();
+        assert_eq!(decode_body(&signed.body), signed.verify());
+        let mut wrong = advert(&keypair, 1);
+        wrong.ttl_ms = 0;
+        let body = postcard::to_allocvec(&wrong).unwrap();
+        assert_eq!(
+            decode_body(&body),
+            Err(AdvertError::OutOfBounds("zero TTL"))
+        );
+        assert!(matches!(
+            decode_body(&body[..body.len() - 1]),
+            Err(AdvertError::Undecodable(_))
+        ));
     }
 
     #[test]
