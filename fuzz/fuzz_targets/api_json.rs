@@ -31,7 +31,10 @@ fn body<T: Serialize + DeserializeOwned>(json: &[u8]) -> Option<T> {
     let value: T = serde_json::from_slice(json).ok()?;
     let once = serde_json::to_value(&value).expect("a body serializes");
     let again: T = serde_json::from_value(once.clone()).expect("a body's JSON reads back");
-    assert_eq!(serde_json::to_value(&again).expect("a body serializes"), once);
+    assert_eq!(
+        serde_json::to_value(&again).expect("a body serializes"),
+        once
+    );
     Some(value)
 }
 
@@ -68,7 +71,10 @@ fuzz_target!(|data: &[u8]| {
                 && let Ok(addr) = join.addr.parse::<multiaddr::Multiaddr>()
             {
                 // What a peer's address prints as reads back as itself.
-                assert_eq!(addr.to_string().parse::<multiaddr::Multiaddr>().ok(), Some(addr));
+                assert_eq!(
+                    addr.to_string().parse::<multiaddr::Multiaddr>().ok(),
+                    Some(addr)
+                );
             }
         }
         3 => {

@@ -42,7 +42,9 @@ fn round_trip(segment: u32, offload: Offload, frame: &[u8], inner_mtu: usize) {
     );
     let mut packets = Vec::new();
     if encapsulator
-        .encapsulate(segment, offload, frame, |packet| packets.push(packet.to_vec()))
+        .encapsulate(segment, offload, frame, |packet| {
+            packets.push(packet.to_vec())
+        })
         .is_err()
     {
         // A frame reassembled from fragments may be too large for this MTU's

@@ -24,8 +24,7 @@ fuzz_target!(|data: &[u8]| {
     if offload.check(frame.len()).is_ok() {
         assert!(frame.len() <= SUPER_FRAME_LEN_MAX);
         if offload.flags & F_NEEDS_CSUM != 0 {
-            let csum_end =
-                usize::from(offload.csum_start) + usize::from(offload.csum_offset) + 2;
+            let csum_end = usize::from(offload.csum_start) + usize::from(offload.csum_offset) + 2;
             assert!(csum_end <= frame.len());
         }
         if offload.is_gso() {

@@ -15,7 +15,10 @@ fuzz_target!(|data: &[u8]| {
     let decoded = wire::decode(data, MESSAGE_MAX_BYTES);
     if let Ok(message) = &decoded {
         let again = wire::encode(message);
-        assert_eq!(wire::decode(&again, MESSAGE_MAX_BYTES).as_ref(), Ok(message));
+        assert_eq!(
+            wire::decode(&again, MESSAGE_MAX_BYTES).as_ref(),
+            Ok(message)
+        );
     }
     let cluster = match decoded {
         Ok(Message::Cluster(payload)) => Some(payload),

@@ -60,7 +60,11 @@ fuzz_target!(|data: &[u8]| {
     let mut io = Trickle {
         data: stream,
         read: 0,
-        chunk: if *chunk == 0 { usize::MAX } else { usize::from(*chunk) },
+        chunk: if *chunk == 0 {
+            usize::MAX
+        } else {
+            usize::from(*chunk)
+        },
         stall: flags & 1 == 1,
         stalled: false,
     };

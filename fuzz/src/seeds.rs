@@ -247,11 +247,7 @@ fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
 
     // site_config: the file `vcfed init` writes.
     let mut init = InitParams::new("site-a".into(), "/var/lib/vcfed".into());
-    add(
-        "site_config",
-        "init",
-        render_template(&init).into_bytes(),
-    );
+    add("site_config", "init", render_template(&init).into_bytes());
     init.bootstrap = vec![
         format!("/ip4/198.18.0.2/tcp/7781/p2p/{}", peer(2))
             .parse()
@@ -264,7 +260,11 @@ fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     );
 
     // gateway_config: the module's example, bridge and trunk mode.
-    add("gateway_config", "bridge", GATEWAY_BRIDGE.as_bytes().to_vec());
+    add(
+        "gateway_config",
+        "bridge",
+        GATEWAY_BRIDGE.as_bytes().to_vec(),
+    );
     add("gateway_config", "trunk", GATEWAY_TRUNK.as_bytes().to_vec());
     all
 }
@@ -386,6 +386,26 @@ fn corpus() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus")
 }
 
+/// The configuration seeds are files the parsers accept: a fuzzer that
+/// starts from an accepted file reaches every check behind the syntax.
+#[test]
+fn configuration_seeds_are_accepted() {
+    let init = render_template(&InitParams::new("site-a".into(), "/var/lib/vcfed".into()));
+    if let Err(e) = vcfed::config::Config::parse(&init, Path::new("/etc/vcfed/vcfed.toml")) {
+        panic!("{e}");
+    }
+    for text in [GATEWAY_BRIDGE, GATEWAY_TRUNK] {
+        let parsed = vcfed::gateway_config::parse_with_key_reader(
+            text,
+            Path::new("/etc/vcfed/gateway.toml"),
+            |_| Ok([7; 32]),
+        );
+        if let Err(e) = parsed {
+            panic!("{e}\n{text}");
+        }
+    }
+}
+
 #[test]
 fn write() {
     let rewrite = std::env::var_os("VCFED_WRITE_SEEDS").is_some();
@@ -396,8 +416,8 @@ fn write() {
             std::fs::create_dir_all(&dir).expect("corpus directory");
             std::fs::write(&path, &bytes).expect("seed written");
         } else {
-            let committed = std::fs::read(&path)
-                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let committed =
+                std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             assert!(
                 committed == bytes,
                 "{} is stale: run VCFED_WRITE_SEEDS=1 cargo test --manifest-path fuzz/Cargo.toml",
