@@ -111,6 +111,24 @@ fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         )),
     );
 
+    // cluster_worker: a master reserves, commits, reports and releases;
+    // another reserves more than is left.
+    let enveloped = |msg: &ClusterMsg| wire::encode(&Message::Cluster(msg.encode()));
+    let mut exchange = Vec::new();
+    push_record(&mut exchange, 1, &enveloped(&reserve()));
+    push_record(&mut exchange, 1 | 1 << 2, &enveloped(&commit()));
+    push_record(&mut exchange, 1, &enveloped(&nodes));
+    push_record(&mut exchange, 2, &enveloped(&reserve()));
+    push_record(
+        &mut exchange,
+        1 | 40 << 2,
+        &enveloped(&ClusterMsg::Release {
+            cluster: "c-00aa".into(),
+            attempt: 1,
+        }),
+    );
+    add("cluster_worker", "exchange", exchange);
+
     // rpc_frame: frames of registry messages, read whole and trickled.
     let frame = |payload: &[u8]| {
         let mut out = u32::try_from(payload.len())
@@ -343,7 +361,7 @@ fn commit() -> ClusterMsg {
         peer_id: Some(keypair(1).public().to_peer_id().to_string()),
         attempt: 1,
         nodes,
-        frontend: first == 0,
+        frontend: first == 1,
         state: PartState::Committed,
         reservation_key: Some(format!("c-00aa/{site}")),
         gateway: Some(gateway()),
@@ -356,7 +374,7 @@ fn commit() -> ClusterMsg {
         attempt: 1,
         segment: 100,
         epoch: 2,
-        parts: vec![part("site-a", 3, 0), part("site-b", 3, 3)],
+        parts: vec![part("site-a", 3, 1), part("site-b", 3, 4)],
     }
 }
 
