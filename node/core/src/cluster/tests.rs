@@ -2274,7 +2274,8 @@ fn the_master_replaces_lost_nodes_in_its_own_free_slots_last() {
 // Hostile or broken masters (found by the fuzz target `cluster_worker`).
 
 /// A commit whose parts the ledger cannot store (a node numbered 0, two
-/// parts of one site and attempt, another site under the worker's name) is
+/// parts of one site and attempt, another site under the worker's name, a
+/// part without nodes) is
 /// refused before the hold is committed: the worker once committed the
 /// hold, then failed to store the cluster's record with a ledger error,
 /// leaving nodes committed to a cluster it knew nothing of.
@@ -2324,6 +2325,14 @@ fn a_commit_with_parts_the_ledger_refuses_is_refused_before_committing() {
         vec![master_part(Some(0)), own.clone()],
         vec![master_part(Some(1)), master_part(Some(1)), own.clone()],
         vec![master_part(Some(1)), part("B", None, Some(7)), own.clone()],
+        // The fuzzer's second: a part without nodes or the frontend.
+        vec![
+            ClusterPart {
+                nodes: 0,
+                ..master_part(Some(1))
+            },
+            own.clone(),
+        ],
     ] {
         let commit = ClusterMsg::Commit {
             cluster: "c-00aa".to_owned(),

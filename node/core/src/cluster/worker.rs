@@ -422,15 +422,19 @@ struct SharedCluster<'a> {
 }
 
 /// Why the parts of a commit from a master cannot be stored, if they
-/// cannot: a compute node numbered 0 (numbers start at 1), two parts of
-/// one site and attempt, or another site's part under this site's name
-/// (this site's own parts are its own). The ledger's constraints would
-/// refuse them, but only after the hold was committed.
+/// cannot: a part with neither nodes nor the frontend, a compute node
+/// numbered 0 (numbers start at 1), two parts of one site and attempt, or
+/// another site's part under this site's name (this site's own parts are
+/// its own). The ledger would refuse them, but only after the hold was
+/// committed.
 fn check_parts(
     parts: &[ClusterPart],
     local_name: &str,
     local_id: &str,
 ) -> Result<(), &'static str> {
+    if parts.iter().any(|part| part.nodes == 0 && !part.frontend) {
+        return Err("invalid commit: a part without nodes");
+    }
     if parts.iter().any(|part| part.first_node == Some(0)) {
         return Err("invalid commit: compute nodes are numbered from 1");
     }
