@@ -147,6 +147,11 @@ impl Segment {
         self.stats
     }
 
+    /// How many addresses are learnt (at most `macs_max`).
+    pub fn macs_learnt(&self) -> usize {
+        self.macs.len()
+    }
+
     /// Where `mac` was learnt, if it was.
     pub fn lookup(&self, mac: &Mac) -> Option<Port> {
         self.macs.get(mac).map(|entry| entry.port)

@@ -194,14 +194,7 @@ impl SignedAdvert {
         if !public_key.verify(&signed_bytes(&self.body), &self.signature) {
             return Err(AdvertError::BadSignature);
         }
-        let (advert, rest): (Advert, &[u8]) = postcard::take_from_bytes(&self.body)
-            .map_err(|e| AdvertError::Undecodable(e.to_string()))?;
-        if !rest.is_empty() {
-            return Err(AdvertError::Undecodable(format!(
-                "{} trailing bytes",
-                rest.len()
-            )));
-        }
+        let advert = decode_unchecked(&self.body)?;
         let signer = public_key.to_peer_id();
         if advert.site != signer {
             return Err(AdvertError::WrongSigner {
@@ -212,6 +205,33 @@ impl SignedAdvert {
         check_bounds(&advert)?;
         Ok(advert)
     }
+}
+
+/// Decodes an advert body and checks its bounds, without the signature:
+/// what [`SignedAdvert::verify`] does with a body once its signature
+/// verified. Any member can sign any body with its own key, so these are
+/// bytes from outside all the same (the fuzz target `registry_advert`
+/// reads them here, without a signature per input).
+pub fn decode_body(body: &[u8]) -> Result<Advert, AdvertError> {
+    if body.len() > ADVERT_BODY_MAX {
+        return Err(AdvertError::OutOfBounds("advert too large"));
+    }
+    let advert = decode_unchecked(body)?;
+    check_bounds(&advert)?;
+    Ok(advert)
+}
+
+/// The advert a body encodes, without trailing bytes; its bounds unchecked.
+fn decode_unchecked(body: &[u8]) -> Result<Advert, AdvertError> {
+    let (advert, rest): (Advert, &[u8]) =
+        postcard::take_from_bytes(body).map_err(|e| AdvertError::Undecodable(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(AdvertError::Undecodable(format!(
+            "{} trailing bytes",
+            rest.len()
+        )));
+    }
+    Ok(advert)
 }
 
 /// How the registry checks adverts. Production uses [`SignedAdvert::verify`]
@@ -342,6 +362,24 @@ mod tests {
         let mut bad_key = signed.clone();
         bad_key.public_key = vec![1, 2, 3];
         assert_eq!(bad_key.verify(), Err(AdvertError::BadKey));
+    }
+
+    #[test]
+    fn decode_body_reads_what_verify_reads() {
+        let keypair = Keypair::generate_ed25519();
+        let signed = SignedAdvert::sign(&advert(&keypair, 7), &keypair).unwrap();
+        assert_eq!(decode_body(&signed.body), signed.verify());
+        let mut wrong = advert(&keypair, 1);
+        wrong.ttl_ms = 0;
+        let body = postcard::to_allocvec(&wrong).unwrap();
+        assert_eq!(
+            decode_body(&body),
+            Err(AdvertError::OutOfBounds("zero TTL"))
+        );
+        assert!(matches!(
+            decode_body(&body[..body.len() - 1]),
+            Err(AdvertError::Undecodable(_))
+        ));
     }
 
     #[test]

@@ -43,7 +43,7 @@
 //! once per [`REFUSALS_LOG_INTERVAL`] with their number since the last line
 //! (each one at debug), so that a flood of them cannot flood the log.
 
-mod codec;
+pub mod codec;
 mod psk;
 mod task;
 

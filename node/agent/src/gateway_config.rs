@@ -59,12 +59,25 @@ pub(crate) fn load(path: &Path) -> Result<GatewayConfig, ConfigError> {
 /// Parses and checks gateway configuration `text` read from `path`
 /// (relative paths are resolved against its directory).
 pub(crate) fn parse(text: &str, path: &Path) -> Result<GatewayConfig, ConfigError> {
+    parse_with_key_reader(text, path, read_private_key)
+}
+
+/// [`parse`] with the private key file read by `read_key` (given the
+/// resolved path) instead of [`read_private_key`]: the text alone decides
+/// the outcome, which is what the fuzz target `gateway_config` (`fuzz/`)
+/// needs. A text may name any file; reading `/dev/zero` there would only
+/// measure the fuzzer's patience.
+pub fn parse_with_key_reader(
+    text: &str,
+    path: &Path,
+    read_key: impl FnOnce(&Path) -> Result<[u8; 32], String>,
+) -> Result<GatewayConfig, ConfigError> {
     let source = Source { path, text };
     let deserializer = toml::Deserializer::parse(text)
         .map_err(|e| source.error(e.span(), None, e.message().to_owned(), None))?;
     let raw: RawGatewayFile =
         serde_path_to_error::deserialize(deserializer).map_err(|e| source.deserialize_error(e))?;
-    raw.check(&source)
+    raw.check(&source, read_key)
 }
 
 /// Reads a WireGuard private key file (base64, like `wg genkey` writes),
@@ -122,9 +135,13 @@ struct RawSegment {
 }
 
 impl RawGatewayFile {
-    fn check(self, source: &Source<'_>) -> Result<GatewayConfig, ConfigError> {
+    fn check(
+        self,
+        source: &Source<'_>,
+        read_key: impl FnOnce(&Path) -> Result<[u8; 32], String>,
+    ) -> Result<GatewayConfig, ConfigError> {
         let key_path = source.path_value(self.private_key_file.clone(), "private_key_file")?;
-        let private_key = read_private_key(&key_path).map_err(|problem| {
+        let private_key = read_key(&key_path).map_err(|problem| {
             source.invalid(
                 &self.private_key_file,
                 "private_key_file",

@@ -32,7 +32,7 @@ pub mod driver;
 mod events_cli;
 pub mod federation;
 mod gateway;
-mod gateway_config;
+pub mod gateway_config;
 pub mod identity;
 pub mod ledger;
 mod links;

@@ -4,6 +4,9 @@
 //! The reader checks the announced length against the limit before it
 //! allocates, so a peer cannot make us reserve more than `max_bytes` per
 //! stream by lying in the prefix.
+//!
+//! [`read_frame`] and [`write_frame`] are public for the fuzz target
+//! `rpc_frame` (`fuzz/`), which reads peers' bytes as the codec does.
 
 use std::{io, sync::Arc};
 
@@ -99,7 +102,7 @@ impl request_response::Codec for RpcCodec {
 
 /// Reads one frame; a length above `max_bytes` is refused with `InvalidData`
 /// before any buffer is allocated for it.
-pub(crate) async fn read_frame<T>(io: &mut T, max_bytes: usize) -> io::Result<Vec<u8>>
+pub async fn read_frame<T>(io: &mut T, max_bytes: usize) -> io::Result<Vec<u8>>
 where
     T: AsyncRead + Unpin,
 {
@@ -123,7 +126,7 @@ where
 /// Writes one frame; a payload above `max_bytes` is refused with
 /// `InvalidInput` so that we never send what a peer with the same limit would
 /// reject.
-pub(crate) async fn write_frame<T>(io: &mut T, data: &[u8], max_bytes: usize) -> io::Result<()>
+pub async fn write_frame<T>(io: &mut T, data: &[u8], max_bytes: usize) -> io::Result<()>
 where
     T: AsyncWrite + Unpin,
 {

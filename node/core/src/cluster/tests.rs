@@ -23,8 +23,8 @@ use std::fmt::Write as _;
 use libp2p_identity::{Keypair, PeerId};
 use vcfed_registry::{Candidate, Warming};
 use vcfed_storage::{
-    ClusterRecord, ClusterState, Inventory, InventoryHost, Ledger, NodeShape, PartState,
-    Reservation, ReservationFilter, ReservationState, Usage, Window, min_free,
+    ClusterPart, ClusterRecord, ClusterState, Inventory, InventoryHost, Ledger, NodeShape,
+    PartState, Reservation, ReservationFilter, ReservationState, Usage, Window, min_free,
 };
 
 use super::{
@@ -2355,4 +2355,107 @@ fn the_master_replaces_lost_nodes_in_its_own_free_slots_last() {
         "{:?}",
         fed.counting(0, "c1")
     );
+}
+
+// Hostile or broken masters (found by the fuzz target `cluster_worker`).
+
+/// A commit whose parts the ledger cannot store (a node numbered 0, two
+/// parts of one site and attempt, another site under the worker's name, a
+/// part without nodes) is
+/// refused before the hold is committed: the worker once committed the
+/// hold, then failed to store the cluster's record with a ledger error,
+/// leaving nodes committed to a cluster it knew nothing of.
+#[test]
+fn a_commit_with_parts_the_ledger_refuses_is_refused_before_committing() {
+    let mut fed = Fed::new(&[4, 4]);
+    let master = fed.sites[0].peer;
+    let worker_id = fed.sites[1].peer.to_string();
+    let directory = fed.directory(1);
+    let now_ms = fed.now_ms;
+    let site = &mut fed.sites[1];
+    let reserve = ClusterMsg::Reserve {
+        cluster: "c-00aa".to_owned(),
+        name: "hpc".to_owned(),
+        attempt: 1,
+        nodes: 3,
+        shape: shape(),
+        window: window_after(now_ms),
+        lease_ms: 30 * SECOND_MS,
+        segment: 100,
+        gateway: Some(gateway_of("A")),
+    };
+    let answer = site
+        .core
+        .handle_request(&mut site.ledger, &directory, now_ms, master, reserve)
+        .expect("the ledger works");
+    assert!(
+        matches!(answer, Some(ClusterMsg::Held { .. })),
+        "{answer:?}"
+    );
+    let part = |site: &str, peer_id: Option<String>, first_node| ClusterPart {
+        site: site.to_owned(),
+        peer_id,
+        attempt: 1,
+        nodes: 3,
+        frontend: false,
+        state: PartState::Committed,
+        reservation_key: Some(format!("c-00aa/{site}")),
+        gateway: Some(gateway_of(site)),
+        first_node,
+        lost_at_ms: None,
+    };
+    let master_part = |first_node| part("A", Some(master.to_string()), first_node);
+    let own = part("B", Some(worker_id.clone()), Some(4));
+    for parts in [
+        // The fuzzer's input: the master's part numbered from 0.
+        vec![master_part(Some(0)), own.clone()],
+        vec![master_part(Some(1)), master_part(Some(1)), own.clone()],
+        vec![master_part(Some(1)), part("B", None, Some(7)), own.clone()],
+        // The fuzzer's second: a part without nodes or the frontend.
+        vec![
+            ClusterPart {
+                nodes: 0,
+                ..master_part(Some(1))
+            },
+            own.clone(),
+        ],
+    ] {
+        let commit = ClusterMsg::Commit {
+            cluster: "c-00aa".to_owned(),
+            name: "hpc".to_owned(),
+            attempt: 1,
+            segment: 100,
+            epoch: 1,
+            parts: parts.clone(),
+        };
+        let answer = site
+            .core
+            .handle_request(&mut site.ledger, &directory, now_ms, master, commit)
+            .expect("a refused commit is no ledger error");
+        assert!(
+            matches!(answer, Some(ClusterMsg::Refused { .. })),
+            "{answer:?} for {parts:#?}"
+        );
+        let hold = site.ledger.reservation("c-00aa/1").unwrap().unwrap();
+        assert_eq!(hold.state, ReservationState::Held);
+        assert!(site.ledger.cluster("c-00aa").unwrap().is_none());
+    }
+    // The same commit with parts it can store goes through.
+    let commit = ClusterMsg::Commit {
+        cluster: "c-00aa".to_owned(),
+        name: "hpc".to_owned(),
+        attempt: 1,
+        segment: 100,
+        epoch: 1,
+        parts: vec![master_part(Some(1)), own],
+    };
+    let answer = site
+        .core
+        .handle_request(&mut site.ledger, &directory, now_ms, master, commit)
+        .expect("the ledger works");
+    assert!(
+        matches!(answer, Some(ClusterMsg::Committed { .. })),
+        "{answer:?}"
+    );
+    assert!(site.ledger.cluster("c-00aa").unwrap().is_some());
 }

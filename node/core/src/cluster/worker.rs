@@ -92,6 +92,12 @@ impl ClusterCore {
                 epoch,
                 parts,
             } => {
+                // Before the hold is committed: parts the ledger would refuse
+                // to store must not leave a commitment without its record.
+                if let Err(why) = check_parts(&parts, &self.local_name, &self.local.to_string()) {
+                    tracing::debug!(%from, cluster, why, "refusing a commit");
+                    return Ok(Some(refused(cluster, attempt, why)));
+                }
                 let key = format!("{cluster}/{attempt}");
                 match ledger.commit(&key, &requester, now_ms) {
                     Ok(reservation) => {
@@ -420,4 +426,33 @@ struct SharedCluster<'a> {
     segment: u32,
     epoch: u32,
     parts: &'a [ClusterPart],
+}
+
+/// Why the parts of a commit from a master cannot be stored, if they
+/// cannot: a part with neither nodes nor the frontend, a compute node
+/// numbered 0 (numbers start at 1), two parts of one site and attempt, or
+/// another site's part under this site's name (this site's own parts are
+/// its own). The ledger would refuse them, but only after the hold was
+/// committed.
+fn check_parts(
+    parts: &[ClusterPart],
+    local_name: &str,
+    local_id: &str,
+) -> Result<(), &'static str> {
+    if parts.iter().any(|part| part.nodes == 0 && !part.frontend) {
+        return Err("invalid commit: a part without nodes");
+    }
+    if parts.iter().any(|part| part.first_node == Some(0)) {
+        return Err("invalid commit: compute nodes are numbered from 1");
+    }
+    let mut seen = BTreeSet::new();
+    for part in parts {
+        if !seen.insert((part.site.as_str(), part.attempt)) {
+            return Err("invalid commit: two parts of one site and attempt");
+        }
+        if part.site == local_name && part.peer_id.as_deref() != Some(local_id) {
+            return Err("invalid commit: another site's part under this site's name");
+        }
+    }
+    Ok(())
 }
