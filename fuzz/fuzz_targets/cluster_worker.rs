@@ -44,6 +44,9 @@ impl SiteDirectory for Nobody {
     fn any_alive(&self) -> bool {
         true
     }
+    fn warming(&self, _: i64) -> Option<vcfed_registry::Warming> {
+        None
+    }
 }
 
 fn ledger() -> Ledger {

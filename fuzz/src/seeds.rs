@@ -371,6 +371,7 @@ fn commit() -> ClusterMsg {
     ClusterMsg::Commit {
         cluster: "c-00aa".into(),
         name: "hpc".into(),
+        nodes: 6,
         attempt: 1,
         segment: 100,
         epoch: 2,
