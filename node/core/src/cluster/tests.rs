@@ -2423,6 +2423,7 @@ fn a_commit_with_parts_the_ledger_refuses_is_refused_before_committing() {
         let commit = ClusterMsg::Commit {
             cluster: "c-00aa".to_owned(),
             name: "hpc".to_owned(),
+            nodes: 4,
             attempt: 1,
             segment: 100,
             epoch: 1,
@@ -2444,6 +2445,7 @@ fn a_commit_with_parts_the_ledger_refuses_is_refused_before_committing() {
     let commit = ClusterMsg::Commit {
         cluster: "c-00aa".to_owned(),
         name: "hpc".to_owned(),
+        nodes: 4,
         attempt: 1,
         segment: 100,
         epoch: 1,
