@@ -20,6 +20,8 @@
 #
 #   bench/overlay/run.sh                  # all paths, 5 s per iperf3 run
 #   DURATION=10 ONLY="vcfed tinc" bench/overlay/run.sh
+#   BUSY_POLL=100ms bench/overlay/run.sh   # vcfed with a busy-poll window
+#   NICE=-20 bench/overlay/run.sh          # every tunnel at niceness -20
 #   PERF=1 ONLY=vcfed bench/overlay/run.sh   # also profiles the gateways
 #                                            # (perf; top in /tmp/vcfed-perf.txt)
 #
@@ -70,6 +72,12 @@ in_ns() { local ns=$1; shift; ip netns exec "$P-$ns" "$@"; }
 # Starts "$@" in namespace $1 in the background, remembering its pid for the
 # cleanup (`ip netns exec` execs the command, so the pid is the command's).
 bg_ns() { local ns=$1; shift; ip netns exec "$P-$ns" "$@" & echo $! >>"$WORK/pids"; }
+# A tunnel's process: like bg_ns, at the niceness NICE gives (every path
+# alike; `nice` execs the command, so the pid is still the tunnel's).
+bg_tunnel() {
+  local ns=$1; shift
+  if [ -n "${NICE:-}" ]; then bg_ns "$ns" nice -n "$NICE" "$@"; else bg_ns "$ns" "$@"; fi
+}
 
 # Two sites with a WAN of MTU $1, bridges br0, and VMs with MTU $2.
 lab_up() {
@@ -140,12 +148,14 @@ path_vcfed() {
   local a_pub b_pub
   a_pub=$("$VCFED" gateway genkey --out "$WORK/a.key")
   b_pub=$("$VCFED" gateway genkey --out "$WORK/b.key")
-  local s=a i=1 peer=2 pub=$b_pub
+  local s=a i=1 peer=2 pub=$b_pub poll_line=""
+  if [ -n "${BUSY_POLL:-}" ]; then poll_line="busy_poll = \"$BUSY_POLL\""; fi
   for s in a b; do
     if [ "$s" = b ]; then i=2; peer=1; pub=$a_pub; fi
     cat >"$WORK/$s.toml" <<EOF
 private_key_file = "$s.key"
 listen = "198.18.0.$i:7782"
+$poll_line
 [[peers]]
 index = $peer
 public_key = "$pub"
@@ -155,7 +165,7 @@ id = 1
 peers = [$peer]
 bridge = "br0"
 EOF
-    bg_ns "s$s" env RUST_LOG=warn "$VCFED" gateway --config "$WORK/$s.toml" 2>"$WORK/vcfed-$s.log"
+    bg_tunnel "s$s" env RUST_LOG=warn "$VCFED" gateway --config "$WORK/$s.toml" 2>"$WORK/vcfed-$s.log"
   done
   wait_link vcft1 10 sa
   wait_link vcft1 10 sb
@@ -186,7 +196,7 @@ path_tinc() {
   cp "$WORK/tinc-a/hosts/a" "$WORK/tinc-b/hosts/a"
   cp "$WORK/tinc-b/hosts/b" "$WORK/tinc-a/hosts/b"
   for s in a b; do
-    bg_ns "s$s" tincd -c "$WORK/tinc-$s" -D --pidfile="$WORK/tinc-$s.pid" \
+    bg_tunnel "s$s" tincd -c "$WORK/tinc-$s" -D --pidfile="$WORK/tinc-$s.pid" \
       --logfile="$WORK/tinc-$s.log"
   done
   wait_link tinc0 10 sa
@@ -200,7 +210,7 @@ path_openvpn() {
   for s in a b; do
     peer=$((3 - i))
     direction=$((i - 1))
-    bg_ns "s$s" openvpn --dev tap0 --dev-type tap --proto udp \
+    bg_tunnel "s$s" openvpn --dev tap0 --dev-type tap --proto udp \
       --local "198.18.0.$i" --lport 1194 --remote "198.18.0.$peer" --rport 1194 \
       --secret "$WORK/ovpn.key" "$direction" --cipher AES-256-CBC --auth SHA256 \
       --verb 1 --log "$WORK/ovpn-$s.log"
@@ -219,7 +229,7 @@ path_wggo() {
     # wireguard-go's control socket lives in /var/run/wireguard, shared by
     # every namespace: the device name must be unique on the machine.
     dev="$P$s"
-    bg_ns "s$s" env WG_PROCESS_FOREGROUND=1 wireguard-go "$dev" >"$WORK/wg-$s.log" 2>&1
+    bg_tunnel "s$s" env WG_PROCESS_FOREGROUND=1 wireguard-go "$dev" >"$WORK/wg-$s.log" 2>&1
   done
   for s in a b; do
     peer=$((3 - i))
@@ -295,7 +305,7 @@ avg_rtt() {
 declare -A RESULT LABEL
 LABEL[plain]="plain veth, no tunnel"
 LABEL[vxlan]="kernel VXLAN, unencrypted"
-LABEL[vcfed]="vcfed gateway"
+LABEL[vcfed]="vcfed gateway${BUSY_POLL:+, busy_poll $BUSY_POLL}"
 LABEL[tinc]="tinc 1.0 switch mode"
 LABEL[openvpn]="OpenVPN tap, static key"
 LABEL[wggo]="wireguard-go + VXLAN (MTU 1370)"
@@ -341,3 +351,4 @@ echo
 echo "iperf3 ${DURATION}s per run; $(nproc) cores; VM MTU 1500 unless noted. loaded RTT: ping"
 echo "during the 1-stream run. RSS: the tunnel processes' largest peak. RTT/vcfed: that path's"
 echo "idle RTT over vcfed's (above 1: vcfed is faster)."
+if [ -n "${NICE:-}" ]; then echo "every tunnel's processes ran at niceness $NICE."; fi

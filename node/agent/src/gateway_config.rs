@@ -6,6 +6,7 @@
 //! listen = "0.0.0.0:7782"           # UDP address of the data plane
 //! # inner_mtu = 1440                # WAN path MTU - 60; default for a 1500-byte path
 //! # link_prefix = "vcf"             # names of the links the gateway creates
+//! # busy_poll = "0s"                # poll this long after a packet instead of sleeping (max 1s)
 //!
 //! [[peers]]
 //! index = 2                         # 1 to 16777215, unique
@@ -110,6 +111,7 @@ struct RawGatewayFile {
     listen: Spanned<String>,
     inner_mtu: Option<Spanned<u32>>,
     link_prefix: Option<Spanned<String>>,
+    busy_poll: Option<Spanned<String>>,
     #[serde(default)]
     peers: Vec<RawPeer>,
     #[serde(default)]
@@ -200,9 +202,11 @@ impl RawGatewayFile {
             }
         };
 
+        let busy_poll = source.busy_poll(self.busy_poll, "busy_poll")?;
         let peers = check_peers(self.peers, source, &own_public)?;
         let segments = check_segments(self.segments, source, &peers, &link_prefix)?;
         Ok(GatewayConfig {
+            busy_poll,
             private_key,
             listen,
             inner_mtu,
@@ -535,6 +539,7 @@ mod tests {
         assert_eq!(config.private_key, [7; 32]);
         assert_eq!(config.listen, "198.18.0.1:7782".parse().unwrap());
         assert_eq!(config.inner_mtu, INNER_MTU_DEFAULT);
+        assert_eq!(config.busy_poll, std::time::Duration::ZERO);
         assert_eq!(config.link_prefix, "vcf");
         assert_eq!(config.peers.len(), 1);
         assert_eq!(config.peers[0].index, 2);
@@ -630,6 +635,12 @@ mod tests {
                     .replace("listen", "inner_mtu = 100\nlisten"),
                 "inner_mtu",
                 "outside",
+            ),
+            (
+                with_segment("id = 1\npeers = [2]\nbridge = \"br0\"")
+                    .replace("listen", "busy_poll = \"5s\"\nlisten"),
+                "busy_poll",
+                "out of range",
             ),
             (
                 with_segment("id = 1\npeers = [2]\nbridge = \"br0\"\ncolour = 3"),

@@ -211,6 +211,58 @@ fn a_restarted_gateway_carries_traffic_again_within_seconds() {
 }
 
 #[test]
+fn a_busy_polling_gateway_polls_while_packets_come_and_sleeps_after() {
+    let Some(mut lab) = Lab::alone() else { return };
+    let sites = lab.sites(2);
+    let a = lab.vm(sites[0], "brs", 1);
+    let b = lab.vm(sites[1], "brs", 2);
+    // No IPv6 (router solicitations, MLD reports): the idle gateway must
+    // see no packet at all.
+    for ns in [&lab.sites[0], &lab.sites[1], &a.ns, &b.ns] {
+        for scope in ["all", "default", "lo"] {
+            let key = format!("net.ipv6.conf.{scope}.disable_ipv6=1");
+            let out = lab.run_in(ns, &["sysctl", "-q", "-w", &key]);
+            assert!(out.status.success(), "sysctl {key} in {ns}");
+        }
+    }
+    lab.ensure_key(0);
+    lab.gateways[0].busy_poll = Some("300ms");
+    lab.start_mesh(&sites, &[(100, "brs")]);
+    lab.eventually_ping(&a, &b, FIRST_TRAFFIC_WITHIN);
+    let polling = lab.gateways[0].child.as_ref().unwrap().id();
+    let sleeping = lab.gateways[1].child.as_ref().unwrap().id();
+
+    // A ping every 50 ms: A's gateway never gets 300 ms without a packet,
+    // so it polls all along; B's sleeps between packets.
+    let (cpu_a, cpu_b, started) = (cpu_ms(polling), cpu_ms(sleeping), Instant::now());
+    let out = lab.run_in(&a.ns, &["ping", "-c", "30", "-i", "0.05", "-q", &b.ip]);
+    let wall_ms = u64::try_from(started.elapsed().as_millis()).unwrap();
+    let (cpu_a, cpu_b) = (cpu_ms(polling) - cpu_a, cpu_ms(sleeping) - cpu_b);
+    let summary = String::from_utf8_lossy(&out.stdout);
+    eprintln!(
+        "pings every 50 ms for {wall_ms} ms: CPU {cpu_a} ms at the polling gateway, {cpu_b} ms at the other; {summary}"
+    );
+    assert!(out.status.success(), "pings lost: {summary}");
+    assert!(
+        cpu_a * 10 >= wall_ms * 3 && cpu_a >= cpu_b * 3,
+        "the busy-polling gateway used {cpu_a} ms of CPU in {wall_ms} ms, the other {cpu_b} ms"
+    );
+
+    // Once packets stop, it polls 300 ms more, then sleeps.
+    std::thread::sleep(Duration::from_millis(500));
+    let (cpu_a, started) = (cpu_ms(polling), Instant::now());
+    std::thread::sleep(Duration::from_millis(1500));
+    let cpu_a = cpu_ms(polling) - cpu_a;
+    let wall_ms = u64::try_from(started.elapsed().as_millis()).unwrap();
+    eprintln!("idle for {wall_ms} ms: CPU {cpu_a} ms at the polling gateway");
+    assert!(
+        cpu_a * 100 <= wall_ms * 15,
+        "an idle busy-polling gateway used {cpu_a} ms of CPU in {wall_ms} ms"
+    );
+    lab.eventually_ping(&a, &b, Duration::from_secs(2));
+}
+
+#[test]
 fn a_peer_with_the_wrong_key_gets_nothing_through() {
     let Some(mut lab) = Lab::new() else { return };
     let sites = lab.sites(3);
@@ -819,6 +871,8 @@ struct Gateway {
     config: PathBuf,
     log: PathBuf,
     child: Option<Child>,
+    /// `busy_poll` for its config file, if set.
+    busy_poll: Option<&'static str>,
 }
 
 /// Namespaces, links and processes of one test; all removed on drop.
@@ -1080,6 +1134,7 @@ impl Lab {
                 config: self.dir.path().join(format!("site{index}.toml")),
                 log: self.dir.path().join(format!("site{index}.log")),
                 child: None,
+                busy_poll: None,
             });
         }
     }
@@ -1106,6 +1161,9 @@ impl Lab {
             gateway.key.display().to_string(),
             wan_ip(site)
         );
+        if let Some(busy_poll) = gateway.busy_poll {
+            text.push_str(&format!("busy_poll = {busy_poll:?}\n"));
+        }
         let peers: Vec<usize> = (0..self.gateways.len()).filter(|p| *p != site).collect();
         for peer in &peers {
             text.push_str(&format!(

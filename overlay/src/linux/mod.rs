@@ -35,6 +35,7 @@ mod tap;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
+use std::time::Duration;
 
 pub use shell::{
     INPUT_BATCH_BYTES, INPUT_BATCH_MAX, SEGMENTS_MAX, SOCKET_BUFFER_BYTES, ShellStats, run,
@@ -50,6 +51,9 @@ pub const IFNAME_LEN_MAX: usize = 15;
 pub const INNER_MTU_MIN: usize = 576;
 /// Largest accepted inner MTU, bytes (a 9000-byte jumbo path − 60).
 pub const INNER_MTU_MAX: usize = 8940;
+/// Longest busy-poll window: a gateway that polls keeps a core busy for
+/// that long after every packet, so more than a second only burns CPU.
+pub const BUSY_POLL_MAX: Duration = Duration::from_secs(1);
 /// Default prefix of the names of the links the gateway creates.
 pub const LINK_PREFIX_DEFAULT: &str = "vcf";
 
@@ -70,6 +74,9 @@ pub struct GatewayConfig {
     /// Prefix of the names of the links the gateway creates, e.g. `vcf`
     /// gives `vcft7` (TAP) and `vcfb7` (bridge) for segment 7.
     pub link_prefix: String,
+    /// How long the loop keeps polling its devices after the last packet
+    /// instead of sleeping ([`BUSY_POLL_MAX`] at most; zero: never).
+    pub busy_poll: Duration,
 }
 
 impl std::fmt::Debug for GatewayConfig {
@@ -81,6 +88,7 @@ impl std::fmt::Debug for GatewayConfig {
             .field("peers", &self.peers)
             .field("segments", &self.segments)
             .field("link_prefix", &self.link_prefix)
+            .field("busy_poll", &self.busy_poll)
             .finish_non_exhaustive()
     }
 }
@@ -97,6 +105,9 @@ pub struct GatewayBase {
     pub inner_mtu: usize,
     /// Prefix of the names of the links the gateway creates.
     pub link_prefix: String,
+    /// How long the loop keeps polling after the last packet
+    /// ([`GatewayConfig::busy_poll`]).
+    pub busy_poll: Duration,
 }
 
 impl std::fmt::Debug for GatewayBase {
@@ -105,6 +116,7 @@ impl std::fmt::Debug for GatewayBase {
             .field("listen", &self.listen)
             .field("inner_mtu", &self.inner_mtu)
             .field("link_prefix", &self.link_prefix)
+            .field("busy_poll", &self.busy_poll)
             .finish_non_exhaustive()
     }
 }

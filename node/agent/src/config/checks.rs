@@ -142,6 +142,7 @@ struct RawGateway {
     endpoint: Option<Spanned<String>>,
     bridge: Option<Spanned<String>>,
     trunk: Option<Spanned<String>>,
+    busy_poll: Option<Spanned<String>>,
 }
 
 #[derive(Default, Deserialize)]
@@ -674,10 +675,12 @@ impl RawGateway {
             (None, None) => None,
         };
 
+        let busy_poll = source.busy_poll(self.busy_poll, "gateway.busy_poll")?;
         Ok(GatewayConfig {
             listen,
             endpoint,
             site_link,
+            busy_poll,
         })
     }
 }
@@ -1081,6 +1084,22 @@ impl Source<'_> {
             ));
         }
         Ok(parsed)
+    }
+
+    /// The data plane's busy-poll window (zero if absent), for the site's
+    /// `gateway.busy_poll` and `vcfed gateway`'s `busy_poll`.
+    pub(crate) fn busy_poll(
+        &self,
+        value: Option<Spanned<String>>,
+        field: &str,
+    ) -> Result<Duration, ConfigError> {
+        self.duration_within(
+            value,
+            field,
+            Duration::ZERO,
+            Duration::ZERO..=vcfed_overlay::linux::BUSY_POLL_MAX,
+            "the gateway keeps a core busy for that long after each packet",
+        )
     }
 
     /// A count within `range` (`default` if absent), `why` saying what the

@@ -193,6 +193,11 @@ listen = {gateway_listen}
 # Default: neither (no site link configured yet).
 # bridge = "br-site"
 # trunk = "eth1"
+# How long the data plane keeps polling after a packet instead of sleeping,
+# "0s" to 1s: shorter ping times between sites on hosts whose idle cores are
+# slow to wake (virtual machines), for a core kept busy while packets keep
+# coming. Default: "0s" (off).
+# busy_poll = "0s"
 
 # Where driver = "libvirt" runs node VMs. The table and every field in it
 # are optional; the table is checked whatever the driver.

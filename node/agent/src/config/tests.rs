@@ -601,7 +601,7 @@ fn unknown_field_is_refused_with_the_valid_ones() {
     assert_error(&e, 12, "gateway.colour", "unknown field `colour`");
     assert_eq!(
         e.hint.as_deref(),
-        Some("the [gateway] table accepts `listen`, `endpoint`, `bridge`, `trunk`")
+        Some("the [gateway] table accepts `listen`, `endpoint`, `bridge`, `trunk`, `busy_poll`")
     );
 
     let e = parse_err(&minimal("[sites]\n"));
@@ -1697,4 +1697,17 @@ fn api_limits_are_config_with_bounds() {
     let e = parse_err(&minimal("[api]\nclient_timeout = \"1h\"\n"));
     assert_error(&e, 12, "api.client_timeout", "\"1h\" is out of range");
     assert!(e.hint.unwrap_or_default().contains("between 1s and 5m"));
+}
+
+#[test]
+fn the_gateways_busy_poll_is_off_by_default_and_bounded() {
+    let config = parse(&minimal("")).unwrap();
+    assert_eq!(config.gateway.busy_poll, Duration::ZERO);
+    let config = parse(&minimal("[gateway]\nbusy_poll = \"200ms\"\n")).unwrap();
+    assert_eq!(config.gateway.busy_poll, Duration::from_millis(200));
+    let e = parse_err(&minimal("[gateway]\nbusy_poll = \"2s\"\n"));
+    assert_error(&e, 12, "gateway.busy_poll", "\"2s\" is out of range");
+    assert!(e.hint.unwrap_or_default().contains("between 0s and 1s"));
+    let e = parse_err(&minimal("[gateway]\nbusy_poll = \"soon\"\n"));
+    assert_error(&e, 12, "gateway.busy_poll", "invalid duration");
 }

@@ -308,6 +308,9 @@ pub struct GatewayConfig {
     pub endpoint: Option<String>,
     /// The site link; `None` means none is configured yet.
     pub site_link: Option<SiteLink>,
+    /// How long the data plane polls without sleeping after a packet
+    /// (zero: it sleeps at once).
+    pub busy_poll: Duration,
 }
 
 /// The `[libvirt]` table: the hypervisor hosts and the disks, consoles and limits of the
@@ -483,6 +486,7 @@ impl Config {
                     listen: gateway_listen,
                     endpoint,
                     site_link,
+                    busy_poll,
                 },
             libvirt:
                 LibvirtConfig {
@@ -548,6 +552,7 @@ impl Config {
                 "gateway.bridge/trunk",
                 *site_link == other.gateway.site_link,
             ),
+            ("gateway.busy_poll", *busy_poll == other.gateway.busy_poll),
             ("libvirt.hosts", *hosts == l.hosts),
             ("libvirt.pool", *pool == l.pool),
             ("libvirt.base_image", *base_image == l.base_image),
