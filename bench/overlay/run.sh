@@ -72,8 +72,9 @@ in_ns() { local ns=$1; shift; ip netns exec "$P-$ns" "$@"; }
 # Starts "$@" in namespace $1 in the background, remembering its pid for the
 # cleanup (`ip netns exec` execs the command, so the pid is the command's).
 bg_ns() { local ns=$1; shift; ip netns exec "$P-$ns" "$@" & echo $! >>"$WORK/pids"; }
-# A tunnel's process: like bg_ns, at the niceness NICE gives (every path
-# alike; `nice` execs the command, so the pid is still the tunnel's).
+# An anchor tunnel's process: like bg_ns, at the niceness NICE gives, as
+# vcfed's data plane gets it from its `nice` setting (`nice` execs the
+# command, so the pid is still the tunnel's).
 bg_tunnel() {
   local ns=$1; shift
   if [ -n "${NICE:-}" ]; then bg_ns "$ns" nice -n "$NICE" "$@"; else bg_ns "$ns" "$@"; fi
@@ -148,14 +149,16 @@ path_vcfed() {
   local a_pub b_pub
   a_pub=$("$VCFED" gateway genkey --out "$WORK/a.key")
   b_pub=$("$VCFED" gateway genkey --out "$WORK/b.key")
-  local s=a i=1 peer=2 pub=$b_pub poll_line=""
-  if [ -n "${BUSY_POLL:-}" ]; then poll_line="busy_poll = \"$BUSY_POLL\""; fi
+  local s=a i=1 peer=2 pub=$b_pub tuning=""
+  if [ -n "${BUSY_POLL:-}" ]; then tuning="busy_poll = \"$BUSY_POLL\""; fi
+  # vcfed's own knob: the data plane's thread alone.
+  if [ -n "${NICE:-}" ]; then tuning="$tuning"$'\n'"nice = $NICE"; fi
   for s in a b; do
     if [ "$s" = b ]; then i=2; peer=1; pub=$a_pub; fi
     cat >"$WORK/$s.toml" <<EOF
 private_key_file = "$s.key"
 listen = "198.18.0.$i:7782"
-$poll_line
+$tuning
 [[peers]]
 index = $peer
 public_key = "$pub"
@@ -165,7 +168,7 @@ id = 1
 peers = [$peer]
 bridge = "br0"
 EOF
-    bg_tunnel "s$s" env RUST_LOG=warn "$VCFED" gateway --config "$WORK/$s.toml" 2>"$WORK/vcfed-$s.log"
+    bg_ns "s$s" env RUST_LOG=warn "$VCFED" gateway --config "$WORK/$s.toml" 2>"$WORK/vcfed-$s.log"
   done
   wait_link vcft1 10 sa
   wait_link vcft1 10 sb

@@ -7,6 +7,7 @@
 //! # inner_mtu = 1440                # WAN path MTU - 60; default for a 1500-byte path
 //! # link_prefix = "vcf"             # names of the links the gateway creates
 //! # busy_poll = "0s"                # poll this long after a packet instead of sleeping (max 1s)
+//! # nice = 0                        # the data plane thread's niceness, -20 (first served) to 19
 //!
 //! [[peers]]
 //! index = 2                         # 1 to 16777215, unique
@@ -112,6 +113,7 @@ struct RawGatewayFile {
     inner_mtu: Option<Spanned<u32>>,
     link_prefix: Option<Spanned<String>>,
     busy_poll: Option<Spanned<String>>,
+    nice: Option<Spanned<i64>>,
     #[serde(default)]
     peers: Vec<RawPeer>,
     #[serde(default)]
@@ -203,10 +205,12 @@ impl RawGatewayFile {
         };
 
         let busy_poll = source.busy_poll(self.busy_poll, "busy_poll")?;
+        let nice = source.nice(self.nice, "nice")?;
         let peers = check_peers(self.peers, source, &own_public)?;
         let segments = check_segments(self.segments, source, &peers, &link_prefix)?;
         Ok(GatewayConfig {
             busy_poll,
+            nice,
             private_key,
             listen,
             inner_mtu,
@@ -540,6 +544,7 @@ mod tests {
         assert_eq!(config.listen, "198.18.0.1:7782".parse().unwrap());
         assert_eq!(config.inner_mtu, INNER_MTU_DEFAULT);
         assert_eq!(config.busy_poll, std::time::Duration::ZERO);
+        assert_eq!(config.nice, 0);
         assert_eq!(config.link_prefix, "vcf");
         assert_eq!(config.peers.len(), 1);
         assert_eq!(config.peers[0].index, 2);
@@ -640,6 +645,12 @@ mod tests {
                 with_segment("id = 1\npeers = [2]\nbridge = \"br0\"")
                     .replace("listen", "busy_poll = \"5s\"\nlisten"),
                 "busy_poll",
+                "out of range",
+            ),
+            (
+                with_segment("id = 1\npeers = [2]\nbridge = \"br0\"")
+                    .replace("listen", "nice = -21\nlisten"),
+                "nice",
                 "out of range",
             ),
             (

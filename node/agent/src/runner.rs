@@ -190,6 +190,7 @@ pub(crate) async fn start(
             inner_mtu: INNER_MTU,
             link_prefix: LINK_PREFIX.to_owned(),
             busy_poll: config.gateway.busy_poll,
+            nice: config.gateway.nice,
         };
         gateway = Some(start_gateway(base, carried_rx, report_tx, stop.clone())?);
         plane = AgentPlane::Gateway(GatewayPlane {

@@ -210,6 +210,8 @@ fn a_restarted_gateway_carries_traffic_again_within_seconds() {
     assert!(lab.link_exists(sites[1], "brs"), "the site bridge stays");
 }
 
+/// The data-plane knobs: `busy_poll` keeps A's loop polling while packets
+/// come and lets it sleep after; `nice` sets B's loop thread alone.
 #[test]
 fn a_busy_polling_gateway_polls_while_packets_come_and_sleeps_after() {
     let Some(mut lab) = Lab::alone() else { return };
@@ -225,12 +227,23 @@ fn a_busy_polling_gateway_polls_while_packets_come_and_sleeps_after() {
             assert!(out.status.success(), "sysctl {key} in {ns}");
         }
     }
-    lab.ensure_key(0);
+    lab.ensure_key(1);
     lab.gateways[0].busy_poll = Some("300ms");
+    lab.gateways[1].nice = Some(-7);
     lab.start_mesh(&sites, &[(100, "brs")]);
     lab.eventually_ping(&a, &b, FIRST_TRAFFIC_WITHIN);
     let polling = lab.gateways[0].child.as_ref().unwrap().id();
     let sleeping = lab.gateways[1].child.as_ref().unwrap().id();
+    let threads = thread_niceness(sleeping);
+    assert!(
+        threads
+            .iter()
+            .any(|(name, nice)| name == "vcfed-gateway" && *nice == -7)
+            && threads
+                .iter()
+                .all(|(name, nice)| name == "vcfed-gateway" || *nice != -7),
+        "nice = -7 is the loop thread's alone: {threads:?}"
+    );
 
     // A ping every 50 ms: A's gateway never gets 300 ms without a packet,
     // so it polls all along; B's sleeps between packets.
@@ -873,6 +886,8 @@ struct Gateway {
     child: Option<Child>,
     /// `busy_poll` for its config file, if set.
     busy_poll: Option<&'static str>,
+    /// `nice` for its config file, if set.
+    nice: Option<i32>,
 }
 
 /// Namespaces, links and processes of one test; all removed on drop.
@@ -1135,6 +1150,7 @@ impl Lab {
                 log: self.dir.path().join(format!("site{index}.log")),
                 child: None,
                 busy_poll: None,
+                nice: None,
             });
         }
     }
@@ -1163,6 +1179,9 @@ impl Lab {
         );
         if let Some(busy_poll) = gateway.busy_poll {
             text.push_str(&format!("busy_poll = {busy_poll:?}\n"));
+        }
+        if let Some(nice) = gateway.nice {
+            text.push_str(&format!("nice = {nice}\n"));
         }
         let peers: Vec<usize> = (0..self.gateways.len()).filter(|p| *p != site).collect();
         for peer in &peers {
@@ -1480,6 +1499,26 @@ fn cpu_ms(pid: u32) -> u64 {
     // 10 ms (USER_HZ is 100 on Linux).
     let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
     ticks * 10
+}
+
+/// The name and niceness of each thread of process `pid`.
+fn thread_niceness(pid: u32) -> Vec<(String, i32)> {
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let path = task.unwrap().path();
+        let name = std::fs::read_to_string(path.join("comm")).unwrap();
+        let stat = std::fs::read_to_string(path.join("stat")).unwrap();
+        // Field 19 of proc(5), the 17th after the command name.
+        let nice = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .nth(16)
+            .unwrap();
+        threads.push((name.trim().to_owned(), nice.parse().unwrap()));
+    }
+    threads
 }
 
 /// `text` without ANSI escape sequences (colours in the logs).

@@ -54,6 +54,12 @@ pub const INNER_MTU_MAX: usize = 8940;
 /// Longest busy-poll window: a gateway that polls keeps a core busy for
 /// that long after every packet, so more than a second only burns CPU.
 pub const BUSY_POLL_MAX: Duration = Duration::from_secs(1);
+/// Highest priority a gateway's thread may ask for (Linux's lowest
+/// niceness). Under a bulk transfer that shares the cores, the loop's
+/// thread competes with the senders for CPU, and a ping waits for its turn.
+pub const NICE_MIN: i32 = -20;
+/// Lowest priority (Linux's highest niceness).
+pub const NICE_MAX: i32 = 19;
 /// Default prefix of the names of the links the gateway creates.
 pub const LINK_PREFIX_DEFAULT: &str = "vcf";
 
@@ -77,6 +83,9 @@ pub struct GatewayConfig {
     /// How long the loop keeps polling its devices after the last packet
     /// instead of sleeping ([`BUSY_POLL_MAX`] at most; zero: never).
     pub busy_poll: Duration,
+    /// The niceness of the loop's thread ([`NICE_MIN`] to [`NICE_MAX`]);
+    /// zero leaves it as it is. Below zero needs CAP_SYS_NICE.
+    pub nice: i32,
 }
 
 impl std::fmt::Debug for GatewayConfig {
@@ -89,6 +98,7 @@ impl std::fmt::Debug for GatewayConfig {
             .field("segments", &self.segments)
             .field("link_prefix", &self.link_prefix)
             .field("busy_poll", &self.busy_poll)
+            .field("nice", &self.nice)
             .finish_non_exhaustive()
     }
 }
@@ -108,6 +118,8 @@ pub struct GatewayBase {
     /// How long the loop keeps polling after the last packet
     /// ([`GatewayConfig::busy_poll`]).
     pub busy_poll: Duration,
+    /// The niceness of the loop's thread ([`GatewayConfig::nice`]).
+    pub nice: i32,
 }
 
 impl std::fmt::Debug for GatewayBase {
@@ -117,6 +129,7 @@ impl std::fmt::Debug for GatewayBase {
             .field("inner_mtu", &self.inner_mtu)
             .field("link_prefix", &self.link_prefix)
             .field("busy_poll", &self.busy_poll)
+            .field("nice", &self.nice)
             .finish_non_exhaustive()
     }
 }
@@ -260,6 +273,14 @@ pub enum ShellError {
     /// The netlink socket could not be opened.
     #[error("opening a netlink socket: {0}")]
     NetlinkSocket(std::io::Error),
+    /// The loop's thread could not take the niceness it was given.
+    #[error("setting the gateway thread's niceness to {nice}: {source}")]
+    Nice {
+        /// The niceness asked for.
+        nice: i32,
+        /// What the OS said.
+        source: std::io::Error,
+    },
     /// A link the configuration names does not exist.
     #[error("{what} {name} does not exist")]
     MissingLink {
@@ -291,6 +312,7 @@ impl ShellError {
         match self {
             ShellError::Tap { source, .. }
             | ShellError::Udp { source, .. }
+            | ShellError::Nice { source, .. }
             | ShellError::NetlinkSocket(source) => {
                 source.kind() == std::io::ErrorKind::PermissionDenied
             }

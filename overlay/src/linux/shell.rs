@@ -37,7 +37,7 @@ use super::netlink::Links;
 use super::tap::Tap;
 use super::{
     BUSY_POLL_MAX, Carried, CarriedSegment, GatewayBase, GatewayConfig, GatewayReport,
-    INNER_MTU_MAX, INNER_MTU_MIN, SegmentLinkNames, ShellError, link_names,
+    INNER_MTU_MAX, INNER_MTU_MIN, NICE_MAX, NICE_MIN, SegmentLinkNames, ShellError, link_names,
 };
 use crate::gateway::{
     DATAGRAM_LEN_MAX, Gateway, GatewayStats, Output, Outputs, PEERS_MAX, PeerConfig, TIMER_TICK_MS,
@@ -143,6 +143,7 @@ pub async fn run_reloadable(
         inner_mtu: config.inner_mtu,
         link_prefix: config.link_prefix.clone(),
         busy_poll: config.busy_poll,
+        nice: config.nice,
     };
     let (carried_tx, carried_rx) = watch::channel(carried_of(&config));
     let (report_tx, _report) = watch::channel(GatewayReport::default());
@@ -158,9 +159,10 @@ pub async fn run_reloadable(
                 || next.inner_mtu != config.inner_mtu
                 || next.link_prefix != config.link_prefix
                 || next.busy_poll != config.busy_poll
+                || next.nice != config.nice
             {
                 tracing::warn!(
-                    "the key, listen address, MTU, link prefix or busy poll changed: they apply at the next start"
+                    "the key, listen address, MTU, link prefix, busy poll or niceness changed: they apply at the next start"
                 );
             }
             tracing::info!(
@@ -246,8 +248,10 @@ async fn run_control(
             segments: Vec::new(),
             link_prefix: base.link_prefix.clone(),
             busy_poll: base.busy_poll,
+            nice: base.nice,
         };
         check_limits(&config)?;
+        set_nice(config.nice)?;
         let started = Instant::now();
         let socket = bind_udp(config.listen).map_err(|source| ShellError::Udp {
             addr: config.listen,
@@ -381,6 +385,12 @@ fn check_limits(config: &GatewayConfig) -> Result<(), ShellError> {
         return Err(ShellError::Config(format!(
             "inner MTU {} outside {INNER_MTU_MIN}-{INNER_MTU_MAX}",
             config.inner_mtu
+        )));
+    }
+    if !(NICE_MIN..=NICE_MAX).contains(&config.nice) {
+        return Err(ShellError::Config(format!(
+            "niceness {} outside {NICE_MIN} to {NICE_MAX}",
+            config.nice
         )));
     }
     if config.busy_poll > BUSY_POLL_MAX {
@@ -975,6 +985,21 @@ async fn any_readable(taps: &BTreeMap<u32, Tap>, cursor: usize) -> (u32, std::io
         Poll::Pending
     })
     .await
+}
+
+/// Gives the calling thread (the loop's: the runtime is current-thread)
+/// the niceness `nice`, unless it is zero. Linux keeps a niceness per
+/// thread, so the rest of the process keeps its own.
+fn set_nice(nice: i32) -> Result<(), ShellError> {
+    if nice == 0 {
+        return Ok(());
+    }
+    rustix::process::setpriority_process(None, nice).map_err(|e| ShellError::Nice {
+        nice,
+        source: e.into(),
+    })?;
+    tracing::info!(nice, "gateway thread niceness set");
+    Ok(())
 }
 
 /// Errors an unconnected UDP socket reports for earlier sends (ICMP), which

@@ -143,6 +143,7 @@ struct RawGateway {
     bridge: Option<Spanned<String>>,
     trunk: Option<Spanned<String>>,
     busy_poll: Option<Spanned<String>>,
+    nice: Option<Spanned<i64>>,
 }
 
 #[derive(Default, Deserialize)]
@@ -676,11 +677,13 @@ impl RawGateway {
         };
 
         let busy_poll = source.busy_poll(self.busy_poll, "gateway.busy_poll")?;
+        let nice = source.nice(self.nice, "gateway.nice")?;
         Ok(GatewayConfig {
             listen,
             endpoint,
             site_link,
             busy_poll,
+            nice,
         })
     }
 }
@@ -1100,6 +1103,31 @@ impl Source<'_> {
             Duration::ZERO..=vcfed_overlay::linux::BUSY_POLL_MAX,
             "the gateway keeps a core busy for that long after each packet",
         )
+    }
+
+    /// The niceness of the data plane's thread (0, unchanged, if absent),
+    /// for the site's `gateway.nice` and `vcfed gateway`'s `nice`.
+    pub(crate) fn nice(
+        &self,
+        value: Option<Spanned<i64>>,
+        field: &str,
+    ) -> Result<i32, ConfigError> {
+        use vcfed_overlay::linux::{NICE_MAX, NICE_MIN};
+        let Some(value) = value else {
+            return Ok(0);
+        };
+        match i32::try_from(*value.get_ref()) {
+            Ok(nice) if (NICE_MIN..=NICE_MAX).contains(&nice) => Ok(nice),
+            _ => Err(self.invalid(
+                &value,
+                field,
+                format!("{} is out of range", value.get_ref()),
+                Some(format!(
+                    "use a niceness between {NICE_MIN} (first served) and {NICE_MAX}; below 0 \
+                     needs root or CAP_SYS_NICE"
+                )),
+            )),
+        }
     }
 
     /// A count within `range` (`default` if absent), `why` saying what the

@@ -198,6 +198,10 @@ listen = {gateway_listen}
 # slow to wake (virtual machines), for a core kept busy while packets keep
 # coming. Default: "0s" (off).
 # busy_poll = "0s"
+# The niceness of the data plane's thread, -20 (first served) to 19: below 0,
+# pings and ACKs between sites wait less behind busy work on the same cores
+# (needs root or CAP_SYS_NICE). Default: 0 (unchanged).
+# nice = -10
 
 # Where driver = "libvirt" runs node VMs. The table and every field in it
 # are optional; the table is checked whatever the driver.

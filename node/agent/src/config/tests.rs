@@ -601,7 +601,9 @@ fn unknown_field_is_refused_with_the_valid_ones() {
     assert_error(&e, 12, "gateway.colour", "unknown field `colour`");
     assert_eq!(
         e.hint.as_deref(),
-        Some("the [gateway] table accepts `listen`, `endpoint`, `bridge`, `trunk`, `busy_poll`")
+        Some(
+            "the [gateway] table accepts `listen`, `endpoint`, `bridge`, `trunk`, `busy_poll`, `nice`"
+        )
     );
 
     let e = parse_err(&minimal("[sites]\n"));
@@ -1710,4 +1712,16 @@ fn the_gateways_busy_poll_is_off_by_default_and_bounded() {
     assert!(e.hint.unwrap_or_default().contains("between 0s and 1s"));
     let e = parse_err(&minimal("[gateway]\nbusy_poll = \"soon\"\n"));
     assert_error(&e, 12, "gateway.busy_poll", "invalid duration");
+}
+
+#[test]
+fn the_gateways_niceness_is_unchanged_by_default_and_bounded() {
+    assert_eq!(parse(&minimal("")).unwrap().gateway.nice, 0);
+    let config = parse(&minimal("[gateway]\nnice = -20\n")).unwrap();
+    assert_eq!(config.gateway.nice, -20);
+    let e = parse_err(&minimal("[gateway]\nnice = -21\n"));
+    assert_error(&e, 12, "gateway.nice", "-21 is out of range");
+    assert!(e.hint.unwrap_or_default().contains("between -20"));
+    let e = parse_err(&minimal("[gateway]\nnice = 99999999999\n"));
+    assert_error(&e, 12, "gateway.nice", "out of range");
 }

@@ -311,6 +311,8 @@ pub struct GatewayConfig {
     /// How long the data plane polls without sleeping after a packet
     /// (zero: it sleeps at once).
     pub busy_poll: Duration,
+    /// The niceness of the data plane's thread (zero: unchanged).
+    pub nice: i32,
 }
 
 /// The `[libvirt]` table: the hypervisor hosts and the disks, consoles and limits of the
@@ -487,6 +489,7 @@ impl Config {
                     endpoint,
                     site_link,
                     busy_poll,
+                    nice,
                 },
             libvirt:
                 LibvirtConfig {
@@ -553,6 +556,7 @@ impl Config {
                 *site_link == other.gateway.site_link,
             ),
             ("gateway.busy_poll", *busy_poll == other.gateway.busy_poll),
+            ("gateway.nice", *nice == other.gateway.nice),
             ("libvirt.hosts", *hosts == l.hosts),
             ("libvirt.pool", *pool == l.pool),
             ("libvirt.base_image", *base_image == l.base_image),
