@@ -534,6 +534,12 @@ mod tests {
         )
     }
 
+    /// A valid file with one more top-level `setting`.
+    fn with_setting(setting: &str) -> String {
+        with_segment("id = 1\npeers = [2]\nbridge = \"br0\"")
+            .replace("listen", &format!("{setting}\nlisten"))
+    }
+
     #[test]
     fn a_full_file_loads() {
         let f = files();
@@ -635,24 +641,13 @@ mod tests {
                 "peers[0].endpoint",
                 "invalid socket address",
             ),
+            (with_setting("inner_mtu = 100"), "inner_mtu", "outside"),
             (
-                with_segment("id = 1\npeers = [2]\nbridge = \"br0\"")
-                    .replace("listen", "inner_mtu = 100\nlisten"),
-                "inner_mtu",
-                "outside",
-            ),
-            (
-                with_segment("id = 1\npeers = [2]\nbridge = \"br0\"")
-                    .replace("listen", "busy_poll = \"5s\"\nlisten"),
+                with_setting("busy_poll = \"5s\""),
                 "busy_poll",
                 "out of range",
             ),
-            (
-                with_segment("id = 1\npeers = [2]\nbridge = \"br0\"")
-                    .replace("listen", "nice = -21\nlisten"),
-                "nice",
-                "out of range",
-            ),
+            (with_setting("nice = -21"), "nice", "out of range"),
             (
                 with_segment("id = 1\npeers = [2]\nbridge = \"br0\"\ncolour = 3"),
                 "segments[0].colour",
