@@ -22,6 +22,9 @@
 #   DURATION=10 ONLY="vcfed tinc" bench/overlay/run.sh
 #   BUSY_POLL=100ms bench/overlay/run.sh   # vcfed with a busy-poll window
 #   NICE=-20 bench/overlay/run.sh          # every tunnel at niceness -20
+#   TRACE=1 ONLY=vcfed bench/overlay/run.sh  # also times each leg of vcfed's
+#                                            # pings (tcpdump of ICMP at the VM
+#                                            # and at both TAPs)
 #   PERF=1 ONLY=vcfed bench/overlay/run.sh   # also profiles the gateways
 #                                            # (perf; top in /tmp/vcfed-perf.txt)
 #
@@ -48,7 +51,7 @@ if [ "${NO_INSTALL:-}" != "1" ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends iproute2 iputils-ping python3 iperf3 \
-    tinc openvpn wireguard-go wireguard-tools >/dev/null
+    tinc openvpn wireguard-go wireguard-tools ${TRACE:+tcpdump} >/dev/null
 fi
 
 if [ -n "${VCFED_BIN:-}" ]; then
@@ -261,7 +264,15 @@ measure() {
     in_ns va ping -c 1 -W 1 -q 198.19.0.2 >/dev/null 2>&1 && break
   done
   in_ns va ping -c 1 -W 1 -q 198.19.0.2 >/dev/null
-  local rtt loaded
+  local rtt loaded tracers=""
+  if [ -n "${TRACE:-}" ] && [ "$path" = vcfed ]; then
+    for at in va:eth0 sa:vcft1 sb:vcft1; do
+      in_ns "${at%%:*}" tcpdump -i "${at#*:}" -n -B 4096 -w "$WORK/trace-${at%%:*}.pcap" icmp \
+        >/dev/null 2>&1 &
+      tracers="$tracers $!"
+    done
+    sleep 1
+  fi
   rtt=$(in_ns va ping -c 20 -i 0.05 -q 198.19.0.2 | avg_rtt)
   # The tunnel's own processes: everything started so far.
   local tunnel_pids
@@ -279,6 +290,14 @@ measure() {
   one=$(gbps 1)
   wait "$pinger" || true
   loaded=$(cat "$WORK/loaded" 2>/dev/null || echo -)
+  if [ -n "$tracers" ]; then
+    sleep 0.5
+    # shellcheck disable=SC2086 # a list of pids
+    kill -TERM $tracers 2>/dev/null || true
+    # shellcheck disable=SC2086
+    wait $tracers 2>/dev/null || true
+    legs >&2
+  fi
   four=$(gbps 4)
   rss=0
   for pid in $tunnel_pids; do
@@ -292,6 +311,46 @@ measure() {
     echo "    profile of the gateways (1 stream): ${PERF_OUT:-/tmp/vcfed-perf.txt}" >&2
   fi
   echo "$one $four $rtt $loaded $rss"
+}
+
+# The legs of the traced pings (TRACE=1): each echo request and reply is
+# matched by ICMP id and sequence at the VM (va), at A's TAP (sa: when the
+# frame is queued for the gateway, and when the gateway writes the reply)
+# and at B's TAP (sb); prints the mean of each leg for the idle pings and
+# for those during the transfer.
+legs() {
+  python3 - "$WORK" <<'PY'
+import collections, statistics, subprocess, sys
+work = sys.argv[1]
+def times(ns):
+    out = subprocess.run(["tcpdump", "-n", "-tt", "-r", f"{work}/trace-{ns}.pcap"],
+                         capture_output=True, text=True).stdout
+    seen = {}
+    for line in out.splitlines():
+        if "echo" not in line or " id " not in line:
+            continue
+        kind = "request" if "request" in line else "reply"
+        ident = line.split(" id ")[1].split(",")[0]
+        seq = int(line.split(" seq ")[1].split(",")[0])
+        seen[(ident, kind, seq)] = float(line.split()[0])
+    return seen
+va, sa, sb = times("va"), times("sa"), times("sb")
+runs = collections.defaultdict(list)
+for (ident, kind, seq), t0 in va.items():
+    if kind != "request":
+        continue
+    try:
+        t = [t0, sa[(ident, "request", seq)], sb[(ident, "request", seq)],
+             sb[(ident, "reply", seq)], sa[(ident, "reply", seq)], va[(ident, "reply", seq)]]
+    except KeyError:
+        continue
+    runs[ident].append((t0, [(b - a) * 1e3 for a, b in zip(t, t[1:])] + [(t[5] - t[0]) * 1e3]))
+groups = sorted((rows for rows in runs.values() if len(rows) >= 3), key=lambda rows: min(rows)[0])
+print("    vcfed ping legs, ms (means): VM->TAP A | A+B forward | VM B replies | B+A back | TAP A->VM | total")
+for name, rows in zip(("idle", "loaded"), groups):
+    legs = [statistics.mean(leg) for leg in zip(*(r for _, r in rows))]
+    print(f"    {name:7} " + " ".join(f"{leg:7.3f}" for leg in legs) + f"   ({len(rows)} pings)")
+PY
 }
 
 # iperf3 with $1 streams, in Gbit/s (received).
