@@ -49,6 +49,7 @@ use self::address_limit::AddressLimiter;
 pub use self::address_limit::{ADDRESS_HANDSHAKES_BURST, ADDRESS_HANDSHAKES_PER_S, ADDRESSES_MAX};
 use crate::encap::{Decapsulator, Encapsulator, INNER_MTU_DEFAULT, Inner};
 use crate::frame::FRAME_LEN_MAX;
+use crate::lane::{Lane, Lanes, OVERTAKE_MAX};
 use crate::offload::Offload;
 use crate::switch::{Decision, PeerIndex, Segment, SwitchConfig};
 
@@ -106,6 +107,9 @@ pub enum Output<'a> {
         datagrams: &'a [u8],
         /// The size of each datagram but the last.
         stride: usize,
+        /// A datagram of the interactive lane (alone in its run): send it
+        /// without waiting for more.
+        interactive: bool,
     },
     /// A frame for this site's bridge of `segment`.
     ToLocal {
@@ -125,6 +129,7 @@ enum Item {
         start: usize,
         len: usize,
         stride: usize,
+        interactive: bool,
     },
     Local {
         segment: u32,
@@ -144,6 +149,8 @@ pub struct Outputs {
     bytes: Vec<u8>,
     items: Vec<Item>,
     run_datagrams_max: usize,
+    /// Whether an interactive datagram waits.
+    urgent: bool,
 }
 
 impl Default for Outputs {
@@ -160,6 +167,7 @@ impl Outputs {
             bytes: Vec::new(),
             items: Vec::new(),
             run_datagrams_max: run_datagrams_max.max(1),
+            urgent: false,
         }
     }
 
@@ -179,10 +187,17 @@ impl Outputs {
         self.bytes.len()
     }
 
+    /// Whether a datagram of the interactive lane waits: the caller should
+    /// send at once rather than gather more.
+    pub fn urgent(&self) -> bool {
+        self.urgent
+    }
+
     /// Forgets everything, keeping the memory.
     pub fn clear(&mut self) {
         self.bytes.clear();
         self.items.clear();
+        self.urgent = false;
     }
 
     /// The outputs, in order.
@@ -193,10 +208,12 @@ impl Outputs {
                 start,
                 len,
                 stride,
+                interactive,
             } => Output::ToNetwork {
                 to,
                 datagrams: &self.bytes[start..start + len],
                 stride,
+                interactive,
             },
             Item::Local {
                 segment,
@@ -232,6 +249,20 @@ impl Outputs {
         max_len: usize,
         write: impl FnOnce(&mut [u8]) -> usize,
     ) {
+        self.push_datagram_in(Lane::Bulk, to, max_len, write);
+    }
+
+    /// [`Outputs::push_datagram`] for a frame's datagram of `lane`; one of
+    /// the interactive lane gets its mark and a run of its own, which no
+    /// later datagram joins (the receiver's kernel steers a run by its
+    /// first datagram).
+    fn push_datagram_in(
+        &mut self,
+        lane: Lane,
+        to: SocketAddr,
+        max_len: usize,
+        write: impl FnOnce(&mut [u8]) -> usize,
+    ) {
         let start = self.bytes.len();
         self.bytes.resize(start + max_len, 0);
         let len = write(&mut self.bytes[start..]);
@@ -239,17 +270,21 @@ impl Outputs {
         if len == 0 {
             return;
         }
+        Lanes::mark(lane, &mut self.bytes[start..]);
+        let interactive = Lanes::is_marked(&self.bytes[start..]);
         if let Some(Item::Network {
             to: run_to,
             start: run_start,
             len: run_len,
             stride,
+            interactive: false,
         }) = self.items.last_mut()
         {
             // A run is open while all its datagrams are `stride` long and
             // it is next to the new one in the arena.
             let open = *run_len % *stride == 0 && *run_start + *run_len == start;
             if open
+                && !interactive
                 && *run_to == to
                 && len <= *stride
                 && *run_len / *stride < self.run_datagrams_max
@@ -259,11 +294,13 @@ impl Outputs {
                 return;
             }
         }
+        self.urgent |= interactive;
         self.items.push(Item::Network {
             to,
             start,
             len,
             stride: len,
+            interactive,
         });
     }
 }
@@ -312,6 +349,13 @@ pub struct GatewayStats {
     /// Frames from the site dropped before the switch: longer than the
     /// overlay carries, or with offload metadata that does not fit them.
     pub local_dropped: u64,
+    /// Frames from the site sent on the interactive lane (see
+    /// [`crate::lane`]); the rest went bulk.
+    pub interactive_frames: u64,
+    /// Interactive datagrams received that were held until the bulk lane
+    /// caught up (they would have overtaken more of it than WireGuard's
+    /// replay window allows).
+    pub interactive_held: u64,
 }
 
 /// Counters of the tunnel to one peer gateway.
@@ -344,7 +388,30 @@ struct PeerState {
     encap: Encapsulator,
     decap: Decapsulator,
     stats: PeerStats,
+    /// The session and counter of the newest bulk data message that
+    /// authenticated: how far the bulk lane has got.
+    bulk_at: Option<(u32, u64)>,
 }
+
+/// An interactive datagram held until the bulk lane catches up.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    from: SocketAddr,
+    at_ms: i64,
+    start: usize,
+    len: usize,
+}
+
+/// Interactive datagrams held at most; one more is handled at once.
+pub const HELD_MAX: usize = 64;
+/// How long the bulk lane must have handed nothing for the gateway to take
+/// it for empty, ms.
+pub const BULK_IDLE_MS: i64 = 2;
+/// Bytes of interactive datagrams held at most.
+pub const HELD_BYTES_MAX: usize = 256 << 10;
+/// How long an interactive datagram is held at most, ms (the bulk lane's
+/// progress or its end releases it sooner).
+pub const HELD_MS_MAX: i64 = 50;
 
 /// The data plane of one gateway.
 pub struct Gateway {
@@ -372,7 +439,19 @@ pub struct Gateway {
     /// Under load, handshake messages with a valid cookie are limited per
     /// source address too, before any DH.
     address_limiter: AddressLimiter,
+    /// The flows of the site's frames, for their lane.
+    lanes: Lanes,
     scratch: Vec<u8>,
+    /// Where a datagram of the interactive lane loses its mark.
+    unmarked: Vec<u8>,
+    /// Interactive datagrams that would overtake too much of the bulk lane,
+    /// in arrival order, and their bytes.
+    held: Vec<Held>,
+    held_bytes: Vec<u8>,
+    /// Where a held datagram goes to be handled.
+    releasing: Vec<u8>,
+    /// When the last bulk data message authenticated.
+    bulk_last_ms: i64,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -401,7 +480,13 @@ impl Gateway {
             peers: BTreeMap::new(),
             segments: BTreeMap::new(),
             stats: GatewayStats::default(),
+            lanes: Lanes::default(),
             scratch: vec![0; DATAGRAM_LEN_MAX],
+            unmarked: Vec::new(),
+            held: Vec::new(),
+            held_bytes: Vec::new(),
+            releasing: Vec::new(),
+            bulk_last_ms: i64::MIN / 2,
         }
     }
 
@@ -462,6 +547,7 @@ impl Gateway {
             encap: encapsulator(self.inner_mtu),
             decap: Decapsulator::new(),
             stats: PeerStats::default(),
+            bulk_at: None,
         };
         self.peers.insert(peer.index, state);
         Ok(())
@@ -554,6 +640,8 @@ impl Gateway {
             Decision::Peers(peers) => peers,
             Decision::Local | Decision::Drop(_) => return,
         };
+        let lane = self.lanes.classify(now_ms, segment, offload, frame);
+        self.stats.interactive_frames += u64::from(lane == Lane::Interactive);
         for index in targets {
             let Some(peer) = self.peers.get_mut(index) else {
                 continue;
@@ -566,7 +654,8 @@ impl Gateway {
                 tunn, encap, stats, ..
             } = peer;
             let sent = encap.encapsulate(segment, offload, frame, |packet| {
-                out.push_datagram(
+                out.push_datagram_in(
+                    lane,
                     endpoint,
                     (packet.len() + DATA_OVERHEAD).max(HANDSHAKE_LEN_MAX),
                     |dst| {
@@ -590,6 +679,13 @@ impl Gateway {
     }
 
     /// A datagram from the network.
+    ///
+    /// A datagram of the interactive lane that is more than
+    /// [`OVERTAKE_MAX`] messages ahead of the last bulk one handled from its
+    /// session is held (see [`crate::lane`]), as are those after it, until
+    /// the bulk lane catches up, [`Gateway::bulk_drained`] says it has
+    /// nothing left, or [`HELD_MS_MAX`] passes; past [`HELD_MAX`] datagrams
+    /// or [`HELD_BYTES_MAX`] bytes held, it is handled at once.
     pub fn handle_datagram(
         &mut self,
         now_ms: i64,
@@ -597,6 +693,89 @@ impl Gateway {
         datagram: &[u8],
         out: &mut Outputs,
     ) {
+        let interactive = Lanes::is_marked(datagram);
+        if interactive && !self.held.is_empty() {
+            self.release_held(now_ms, false, out);
+        }
+        if interactive
+            && (!self.held.is_empty() || self.must_hold(now_ms, datagram))
+            && self.held.len() < HELD_MAX
+            && self.held_bytes.len() + datagram.len() <= HELD_BYTES_MAX
+        {
+            self.stats.interactive_held += 1;
+            self.held.push(Held {
+                from,
+                at_ms: now_ms,
+                start: self.held_bytes.len(),
+                len: datagram.len(),
+            });
+            self.held_bytes.extend_from_slice(datagram);
+            return;
+        }
+        self.handle_one(now_ms, from, datagram, interactive, out);
+        if !interactive && !self.held.is_empty() {
+            self.release_held(now_ms, false, out);
+        }
+    }
+
+    /// The caller found the bulk lane empty: what it held back is handled
+    /// now (nothing is left for it to overtake).
+    pub fn bulk_drained(&mut self, now_ms: i64, out: &mut Outputs) {
+        if !self.held.is_empty() {
+            self.release_held(now_ms, true, out);
+        }
+    }
+
+    /// Whether an interactive `datagram` is too far ahead of the bulk lane
+    /// of its session, while that lane is busy: a lane that handed nothing
+    /// for [`BULK_IDLE_MS`] is empty (the loop reads every ready socket
+    /// within a turn), and there is nothing to overtake.
+    fn must_hold(&self, now_ms: i64, datagram: &[u8]) -> bool {
+        if now_ms - self.bulk_last_ms >= BULK_IDLE_MS {
+            return false;
+        }
+        let Some((index, counter)) = Lanes::position(datagram) else {
+            return false;
+        };
+        let Some(peer) = self.peers.get(&(index >> 8)) else {
+            return false;
+        };
+        matches!(peer.bulk_at, Some((at_index, at)) if at_index == index && counter > at.saturating_add(OVERTAKE_MAX))
+    }
+
+    /// Handles the held datagrams, oldest first, as long as they may go
+    /// (all of them with `all`).
+    fn release_held(&mut self, now_ms: i64, all: bool, out: &mut Outputs) {
+        while let Some(held) = self.held.first().copied() {
+            let bytes = &self.held_bytes[held.start..held.start + held.len];
+            if !(all || now_ms - held.at_ms >= HELD_MS_MAX || !self.must_hold(now_ms, bytes)) {
+                break;
+            }
+            let mut datagram = std::mem::take(&mut self.releasing);
+            datagram.clear();
+            datagram.extend_from_slice(bytes);
+            self.held.remove(0);
+            self.handle_one(now_ms, held.from, &datagram, true, out);
+            self.releasing = datagram;
+        }
+        if self.held.is_empty() {
+            self.held_bytes.clear();
+        }
+    }
+
+    fn handle_one(
+        &mut self,
+        now_ms: i64,
+        from: SocketAddr,
+        datagram: &[u8],
+        interactive: bool,
+        out: &mut Outputs,
+    ) {
+        let datagram: &[u8] = if Lanes::unmark(datagram, &mut self.unmarked) {
+            &self.unmarked
+        } else {
+            datagram
+        };
         let Ok(packet) = Tunn::parse_incoming_packet(datagram) else {
             self.stats.dropped(Dropped::Junk);
             return;
@@ -710,6 +889,13 @@ impl Gateway {
         if authenticated {
             peer.stats.rx_datagrams += 1;
             peer.stats.rx_bytes += datagram.len() as u64;
+            if let (false, Some((index, counter))) = (interactive, Lanes::position(datagram)) {
+                let behind = matches!(peer.bulk_at, Some((at_index, at)) if at_index == index && at >= counter);
+                if !behind {
+                    peer.bulk_at = Some((index, counter));
+                }
+                self.bulk_last_ms = now_ms;
+            }
         }
         if reply_len > 0 {
             let reply = &self.scratch[..reply_len];
@@ -745,6 +931,7 @@ impl Gateway {
     /// [`TIMER_TICK_MS`].
     pub fn handle_timers(&mut self, now_ms: i64, out: &mut Outputs) {
         self.address_limiter.expire(now_ms);
+        self.release_held(now_ms, false, out);
         for (index, peer) in &mut self.peers {
             peer.decap.expire(now_ms);
             let Some(to) = peer.endpoint else {

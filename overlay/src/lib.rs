@@ -18,6 +18,7 @@
 pub mod encap;
 pub mod frame;
 pub mod gateway;
+pub mod lane;
 #[cfg(target_os = "linux")]
 pub mod linux;
 pub mod offload;

@@ -159,6 +159,24 @@ fn three_sites_carry_ping_tcp_broadcast_and_full_size_frames() {
         counter(&log_a, "frames_from_local") < 2_000,
         "8 MiB took more frames than super-frames would: {log_a}"
     );
+
+    // The pings, ARP and broadcasts rode the interactive lane: A marked
+    // them, and B's kernel steered them to B's interactive socket, while
+    // the transfer's super-frames came through the bulk one.
+    let (marked, steered, received) = (
+        counter(&log_a, "interactive_frames"),
+        counter(&log_b, "interactive_datagrams_received"),
+        counter(&log_b, "datagrams_received"),
+    );
+    eprintln!(
+        "interactive lane: {marked} frames marked at A; at B {steered} of {received} datagrams"
+    );
+    assert!(marked > 0 && steered > 0, "{log_a}\n{log_b}");
+    assert!(
+        received - steered > 1_000,
+        "the transfer took the bulk socket: {log_b}"
+    );
+    assert_eq!(counter(&log_b, "replays"), 0, "{log_b}");
 }
 
 #[test]

@@ -85,6 +85,7 @@ fn collect(
                 to,
                 datagrams,
                 stride,
+                ..
             } => {
                 let index = sites
                     .iter()
@@ -327,6 +328,7 @@ fn runs_hold_equal_datagrams_to_one_address_and_end_at_a_shorter_one() {
                 to,
                 datagrams,
                 stride,
+                ..
             } => (to, datagrams.len(), stride),
             Output::ToLocal { .. } => unreachable!(),
         })
@@ -354,6 +356,7 @@ fn datagrams(out: &Outputs) -> Vec<(SocketAddr, Vec<u8>)> {
             to,
             datagrams,
             stride,
+            ..
         } = output
         {
             all.extend(datagrams.chunks(stride).map(|d| (to, d.to_vec())));
@@ -708,4 +711,162 @@ fn under_load_a_sender_that_answers_cookies_gets_only_its_addresss_share_of_dh()
     let after = sites[1].gateway.stats();
     assert_eq!(after.unknown_peer - before.unknown_peer, burst + 3);
     assert_eq!(after.rate_limited, before.rate_limited);
+}
+
+/// A small frame of a flow of its own (another IPv4 source).
+fn ping_frame() -> Vec<u8> {
+    let mut ping = frame(mac(2), mac(3), 98);
+    ping[14 + 12] = 99;
+    ping
+}
+
+#[test]
+fn a_sparse_flow_rides_the_interactive_lane_and_waits_rather_than_overtake_the_replay_window() {
+    let mut sites = mesh(2, &[&[7], &[7]]);
+    send_local(&mut sites, 0, 7, &frame(mac(2), mac(1), 60), 0);
+    sites[1].delivered.clear();
+    let interactive_before = sites[0].gateway.stats().interactive_frames;
+
+    // A transfer: 2000 frames of one flow within a millisecond. Its first
+    // frames are interactive, the rest (past FLOW_BYTES_MAX) bulk.
+    let now = 1000;
+    let mut out = Outputs::new(64);
+    let bulk_frame = frame(mac(2), mac(1), 200);
+    for _ in 0..2000 {
+        sites[0]
+            .gateway
+            .handle_local_frame(now, 7, Offload::NONE, &bulk_frame, &mut out);
+    }
+    assert!(
+        !out.urgent()
+            || out.iter().any(|o| matches!(
+                o,
+                Output::ToNetwork {
+                    interactive: true,
+                    ..
+                }
+            ))
+    );
+    let mut sent = datagrams(&out);
+    assert_eq!(sent.len(), 2000);
+    let marked = sent.iter().filter(|(_, d)| Lanes::is_marked(d)).count();
+    assert!(
+        marked > 0 && marked <= crate::lane::FLOW_BYTES_MAX as usize / 200,
+        "{marked}"
+    );
+    assert!(sent[1999].1[1] == 0, "the transfer ends on the bulk lane");
+
+    // Then a ping of another flow: alone in its run, marked, urgent.
+    let mut out = Outputs::new(64);
+    let ping = ping_frame();
+    sites[0]
+        .gateway
+        .handle_local_frame(now, 7, Offload::NONE, &ping, &mut out);
+    assert!(out.urgent());
+    let runs: Vec<Output<'_>> = out.iter().collect();
+    assert!(
+        matches!(runs[..], [Output::ToNetwork { interactive: true, stride, datagrams, .. }] if stride == datagrams.len())
+    );
+    let (_, ping_datagram) = datagrams(&out).remove(0);
+    assert!(Lanes::is_marked(&ping_datagram));
+    assert_eq!(
+        sites[0].gateway.stats().interactive_frames - interactive_before,
+        marked as u64 + 1
+    );
+
+    // The receiver has handled the first 100 of the transfer when the ping
+    // arrives: it is some 1900 messages ahead, past the replay window's
+    // reach, so it waits.
+    let from = sites[0].addr;
+    let deliver = |sites: &mut [Site], datagram: &[u8]| {
+        let mut out = Outputs::new(64);
+        sites[1]
+            .gateway
+            .handle_datagram(now, from, datagram, &mut out);
+        let mut queue = VecDeque::new();
+        collect(sites, 1, &out, &mut queue);
+        assert!(queue.is_empty());
+    };
+    let rest = sent.split_off(100);
+    for (_, datagram) in &sent {
+        deliver(&mut sites, datagram);
+    }
+    deliver(&mut sites, &ping_datagram);
+    assert_eq!(sites[1].gateway.stats().interactive_held, 1);
+    assert!(!sites[1].delivered.iter().any(|(_, f)| *f == ping));
+
+    // As the transfer comes in, the ping goes as soon as it is within
+    // OVERTAKE_MAX of it: before the transfer's last frames, with no drop.
+    for (_, datagram) in &rest {
+        deliver(&mut sites, datagram);
+    }
+    let at = sites[1]
+        .delivered
+        .iter()
+        .position(|(_, f)| *f == ping)
+        .expect("the ping was delivered");
+    assert_eq!(sites[1].delivered.len(), 2001);
+    let overtaken = 2000 - at;
+    assert!(
+        overtaken > 0 && overtaken as u64 <= crate::lane::OVERTAKE_MAX + 1,
+        "overtook {overtaken}"
+    );
+    assert_eq!(sites[1].gateway.stats().replays, 0);
+    assert_eq!(sites[1].gateway.stats().datagrams_dropped, 0);
+}
+
+#[test]
+fn a_held_datagram_goes_when_the_bulk_lane_empties_or_idles() {
+    let mut sites = mesh(2, &[&[7], &[7]]);
+    send_local(&mut sites, 0, 7, &frame(mac(2), mac(1), 60), 0);
+    let now = 1000;
+    let mut out = Outputs::new(64);
+    for _ in 0..1000 {
+        sites[0].gateway.handle_local_frame(
+            now,
+            7,
+            Offload::NONE,
+            &frame(mac(2), mac(1), 200),
+            &mut out,
+        );
+    }
+    let sent = datagrams(&out);
+    let mut out = Outputs::new(64);
+    let ping = ping_frame();
+    sites[0]
+        .gateway
+        .handle_local_frame(now, 7, Offload::NONE, &ping, &mut out);
+    let ping_datagram = datagrams(&out).remove(0).1;
+    let from = sites[0].addr;
+    let gateway = &mut sites[1].gateway;
+    let mut out = Outputs::new(64);
+    // The transfer's first 80 datagrams are interactive: 100 reach past.
+    for (_, datagram) in &sent[..100] {
+        gateway.handle_datagram(now, from, datagram, &mut out);
+    }
+    out.clear();
+    gateway.handle_datagram(now, from, &ping_datagram, &mut out);
+    assert!(out.is_empty(), "held");
+    // The shell found the bulk socket empty (the rest was lost): it goes.
+    gateway.bulk_drained(now, &mut out);
+    assert!(
+        out.iter()
+            .any(|o| matches!(o, Output::ToLocal { frame, .. } if frame == ping))
+    );
+
+    // A lane idle for BULK_IDLE_MS holds nothing, however far ahead.
+    let mut out = Outputs::new(64);
+    sites[0]
+        .gateway
+        .handle_local_frame(now + 1, 7, Offload::NONE, &ping, &mut out);
+    let later = datagrams(&out).remove(0).1;
+    let mut out = Outputs::new(64);
+    sites[1]
+        .gateway
+        .handle_datagram(now + BULK_IDLE_MS, from, &later, &mut out);
+    assert!(
+        out.iter()
+            .any(|o| matches!(o, Output::ToLocal { frame, .. } if frame == ping))
+    );
+    assert_eq!(sites[1].gateway.stats().interactive_held, 1);
 }

@@ -32,15 +32,17 @@
 mod netlink;
 mod shell;
 mod tap;
+mod udp;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
 pub use shell::{
-    INPUT_BATCH_BYTES, INPUT_BATCH_MAX, SEGMENTS_MAX, SOCKET_BUFFER_BYTES, ShellStats, run,
+    INPUT_BATCH_BYTES, INPUT_BATCH_MAX, LANE_BATCH_BYTES, SEGMENTS_MAX, ShellStats, run,
     run_dynamic, run_reloadable,
 };
+pub use udp::SOCKET_BUFFER_BYTES;
 
 use crate::gateway::PeerConfig;
 use crate::switch::PeerIndex;

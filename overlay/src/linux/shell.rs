@@ -35,6 +35,7 @@ use tokio::sync::watch;
 
 use super::netlink::Links;
 use super::tap::Tap;
+use super::udp::{self, Sockets};
 use super::{
     BUSY_POLL_MAX, Carried, CarriedSegment, GatewayBase, GatewayConfig, GatewayReport,
     INNER_MTU_MAX, INNER_MTU_MIN, NICE_MAX, NICE_MIN, SegmentLinkNames, ShellError, link_names,
@@ -64,10 +65,11 @@ const FLUSH_BYTES: usize = 256 << 10;
 const SEND_WAIT_MAX: Duration = Duration::from_millis(200);
 /// Segments (TAP devices) one gateway carries, at most.
 pub const SEGMENTS_MAX: usize = 256;
-/// Receive and send buffer asked of the UDP socket, bytes: room for a burst
-/// of about 2800 full datagrams while the loop is busy. The kernel caps it
-/// at `net.core.rmem_max` / `wmem_max`.
-pub const SOCKET_BUFFER_BYTES: usize = 4 << 20;
+/// Bytes read from the interactive socket in a row, at most: its datagrams
+/// go first, but a peer that marks everything interactive must not starve
+/// the rest (the senders' own ceiling is [`crate::lane::LANE_BYTES_MAX`]
+/// per window).
+pub const LANE_BATCH_BYTES: usize = 64 << 10;
 /// How often the counters are logged at DEBUG, ms.
 pub(super) const STATS_LOG_INTERVAL_MS: u64 = 10_000;
 /// How often a dynamic gateway refreshes the counters of its report, ms.
@@ -90,8 +92,10 @@ pub struct ShellStats {
     pub super_frames_from_local: u64,
     /// Of those written, TCP super-frames for the kernel to cut.
     pub super_frames_to_local: u64,
-    /// Datagrams received on the UDP socket.
+    /// Datagrams received on the UDP sockets.
     pub datagrams_received: u64,
+    /// Of those, datagrams received on the interactive lane's socket.
+    pub interactive_datagrams_received: u64,
     /// Datagrams sent.
     pub datagrams_sent: u64,
     /// Frames read from a TAP that were larger than the overlay carries.
@@ -253,7 +257,7 @@ async fn run_control(
         check_limits(&config)?;
         set_nice(config.nice)?;
         let started = Instant::now();
-        let socket = bind_udp(config.listen).map_err(|source| ShellError::Udp {
+        let sockets = udp::bind(config.listen).map_err(|source| ShellError::Udp {
             addr: config.listen,
             source,
         })?;
@@ -271,7 +275,7 @@ async fn run_control(
         for name in links.remove_stale(&keep).await? {
             tracing::info!(link = %name, "removed a stale link");
         }
-        let mut shell = Shell::new(&config, socket, BTreeMap::new(), started)?;
+        let mut shell = Shell::new(&config, sockets, BTreeMap::new(), started)?;
         shell.control = Some(Control {
             links,
             prefix: base.link_prefix,
@@ -356,24 +360,6 @@ impl Control {
     }
 }
 
-/// The gateway's UDP socket, with large buffers: a burst that finds the loop
-/// busy waits in the kernel instead of being dropped there.
-fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    // Best effort: a smaller buffer only costs drops under load.
-    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
-    let _ = socket.set_send_buffer_size(SOCKET_BUFFER_BYTES);
-    tracing::debug!(
-        recv_buffer = socket.recv_buffer_size().unwrap_or(0),
-        send_buffer = socket.send_buffer_size().unwrap_or(0),
-        "UDP socket buffers"
-    );
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    UdpSocket::from_std(socket.into())
-}
-
 fn check_limits(config: &GatewayConfig) -> Result<(), ShellError> {
     if config.segments.len() > SEGMENTS_MAX {
         return Err(ShellError::Config(format!(
@@ -425,6 +411,8 @@ struct Shell {
     tap_cursor: usize,
     /// UDP GSO and GRO on the socket.
     udp: quinn_udp::UdpSocketState,
+    /// The socket of the interactive lane, with its GRO state, read first.
+    interactive: Option<(UdpSocket, quinn_udp::UdpSocketState)>,
     /// Where TAP frames are read to (with their virtio header), reused.
     buf: Vec<u8>,
     /// Where datagrams are read to, reused.
@@ -443,7 +431,7 @@ struct Shell {
 impl Shell {
     fn new(
         config: &GatewayConfig,
-        socket: UdpSocket,
+        sockets: Sockets,
         taps: BTreeMap<u32, Tap>,
         started: Instant,
     ) -> Result<Shell, ShellError> {
@@ -458,11 +446,19 @@ impl Shell {
         for segment in &config.segments {
             gateway.add_segment(now_ms, segment.id, &segment.peers);
         }
-        let udp =
-            quinn_udp::UdpSocketState::new((&socket).into()).map_err(|source| ShellError::Udp {
-                addr: config.listen,
-                source,
-            })?;
+        let udp_error = |source| ShellError::Udp {
+            addr: config.listen,
+            source,
+        };
+        let socket = sockets.bulk;
+        let udp = quinn_udp::UdpSocketState::new((&socket).into()).map_err(udp_error)?;
+        let interactive = match sockets.interactive {
+            Some(lane) => {
+                let state = quinn_udp::UdpSocketState::new((&lane).into()).map_err(udp_error)?;
+                Some((lane, state))
+            }
+            None => None,
+        };
         tracing::debug!(
             gso_segments = udp.max_gso_segments(),
             gro_segments = udp.gro_segments(),
@@ -481,6 +477,7 @@ impl Shell {
             rx_meta: [quinn_udp::RecvMeta::default(); RECV_BATCH],
             out: Outputs::new(udp.max_gso_segments()),
             udp,
+            interactive,
             control: None,
             busy_poll: config.busy_poll,
             last_input: started,
@@ -670,6 +667,15 @@ impl Shell {
         stats_log.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut shutdown = std::pin::pin!(shutdown);
         let ended = loop {
+            // The interactive lane first, every turn: the reactor was just
+            // asked (the yield below), and when it knows of nothing to read
+            // this costs no system call.
+            if let Err(source) = self.drain_socket(true).await {
+                break Err(ShellError::Udp {
+                    addr: self.listen,
+                    source,
+                });
+            }
             let polling = !self.busy_poll.is_zero() && self.last_input.elapsed() < self.busy_poll;
             // Unbiased: under load the socket and the TAPs are all ready all
             // the time, and a fixed order would starve the later branches.
@@ -699,7 +705,16 @@ impl Shell {
                 }
                 ready = self.socket.readable() => {
                     let drained = match ready {
-                        Ok(()) => self.drain_socket().await,
+                        Ok(()) => self.drain_socket(false).await,
+                        Err(e) => Err(e),
+                    };
+                    if let Err(source) = drained {
+                        break Err(ShellError::Udp { addr: self.listen, source });
+                    }
+                }
+                ready = lane_readable(&self.interactive) => {
+                    let drained = match ready {
+                        Ok(()) => self.drain_socket(true).await,
                         Err(e) => Err(e),
                     };
                     if let Err(source) = drained {
@@ -737,6 +752,7 @@ impl Shell {
             super_frames_from_local = stats.super_frames_from_local,
             super_frames_to_local = stats.super_frames_to_local,
             datagrams_received = stats.datagrams_received,
+            interactive_datagrams_received = stats.interactive_datagrams_received,
             datagrams_sent = stats.datagrams_sent,
             oversize_frames = stats.oversize_frames,
             local_write_errors = stats.local_write_errors,
@@ -754,6 +770,8 @@ impl Shell {
             wrong_segment = stats.gateway.wrong_segment,
             no_endpoint = stats.gateway.no_endpoint,
             local_dropped = stats.gateway.local_dropped,
+            interactive_frames = stats.gateway.interactive_frames,
+            interactive_held = stats.gateway.interactive_held,
             "gateway stopped"
         );
         // The TAP devices close (and vanish) when they drop.
@@ -772,23 +790,35 @@ impl Shell {
         ended.map(|()| stats)
     }
 
-    /// Reads and handles datagrams until none is left or the batch is full.
-    /// Each read takes up to [`RECV_BATCH`] messages, each of which may be
+    /// Reads and handles datagrams from the bulk socket, or with
+    /// `interactive` from the interactive one, until none is left or the
+    /// batch is full ([`INPUT_BATCH_BYTES`], [`LANE_BATCH_BYTES`]). Each
+    /// read takes up to [`RECV_BATCH`] messages, each of which may be
     /// several datagrams the kernel coalesced (UDP GRO). Only errors that
-    /// concern the socket itself are returned.
-    async fn drain_socket(&mut self) -> std::io::Result<()> {
+    /// concern the socket itself are returned. Without an interactive socket
+    /// `interactive` reads nothing.
+    async fn drain_socket(&mut self, interactive: bool) -> std::io::Result<()> {
+        let limit = if interactive {
+            LANE_BATCH_BYTES
+        } else {
+            INPUT_BATCH_BYTES
+        };
         let mut bytes = 0;
         for _ in 0..INPUT_BATCH_MAX {
-            if bytes >= INPUT_BATCH_BYTES {
+            if bytes >= limit {
                 break;
             }
+            let (socket, udp) = match (interactive, &self.interactive) {
+                (false, _) => (&self.socket, &self.udp),
+                (true, Some((socket, udp))) => (socket, udp),
+                (true, None) => break,
+            };
             let mut slices: [IoSliceMut<'_>; RECV_BATCH] = {
                 let mut bufs = self.rx.iter_mut();
                 std::array::from_fn(|_| IoSliceMut::new(bufs.next().expect("RECV_BATCH buffers")))
             };
-            let received = self.socket.try_io(Interest::READABLE, || {
-                self.udp
-                    .recv((&self.socket).into(), &mut slices, &mut self.rx_meta)
+            let received = socket.try_io(Interest::READABLE, || {
+                udp.recv(socket.into(), &mut slices, &mut self.rx_meta)
             });
             match received {
                 Ok(messages) => {
@@ -802,6 +832,7 @@ impl Shell {
                         let empty = (meta.len == 0).then_some(&[][..]);
                         for datagram in empty.into_iter().chain(buf[..meta.len].chunks(stride)) {
                             self.stats.datagrams_received += 1;
+                            self.stats.interactive_datagrams_received += u64::from(interactive);
                             self.gateway.handle_datagram(
                                 now_ms,
                                 meta.addr,
@@ -814,7 +845,13 @@ impl Shell {
                         self.flush().await;
                     }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if !interactive {
+                        let now_ms = self.now_ms();
+                        self.gateway.bulk_drained(now_ms, &mut self.out);
+                    }
+                    break;
+                }
                 Err(e) if is_transient(&e) => self.stats.receive_errors += 1,
                 Err(e) => {
                     self.flush().await;
@@ -849,7 +886,9 @@ impl Shell {
                     let frame = &self.buf[offload::WIRE_LEN..offload::WIRE_LEN + len];
                     self.gateway
                         .handle_local_frame(now_ms, segment, offload, frame, &mut self.out);
-                    if self.out.bytes() >= FLUSH_BYTES {
+                    // A frame of the interactive lane leaves at once, with
+                    // what was gathered before it.
+                    if self.out.bytes() >= FLUSH_BYTES || self.out.urgent() {
                         self.flush().await;
                     }
                 }
@@ -881,6 +920,7 @@ impl Shell {
                     to,
                     datagrams,
                     stride,
+                    interactive: _,
                 } => {
                     let count = datagrams.len().div_ceil(stride) as u64;
                     let transmit = quinn_udp::Transmit {
@@ -970,6 +1010,16 @@ impl Shell {
 
 fn elapsed_ms(started: Instant) -> i64 {
     i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Resolves when the interactive socket is readable; without one, never.
+async fn lane_readable(
+    interactive: &Option<(UdpSocket, quinn_udp::UdpSocketState)>,
+) -> std::io::Result<()> {
+    match interactive {
+        Some((socket, _)) => socket.readable().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Resolves when one of `taps` is readable, with its segment, looking at

@@ -12,8 +12,9 @@
 //! so it disappears when the last file descriptor closes, including when
 //! the process dies.
 
-// The one place of the workspace that needs unsafe code: the TUNSETIFF ioctl
-// and the `ifreq` it reads, which the standard library does not wrap.
+// Unsafe code (with `udp.rs`, the only places of the workspace): the
+// TUNSETIFF ioctl and the `ifreq` it reads, which the standard library does
+// not wrap.
 #![allow(unsafe_code)]
 
 use std::fs::{File, OpenOptions};
