@@ -70,6 +70,10 @@ pub const SEGMENTS_MAX: usize = 256;
 /// the rest (the senders' own ceiling is [`crate::lane::LANE_BYTES_MAX`]
 /// per window).
 pub const LANE_BATCH_BYTES: usize = 64 << 10;
+/// Bytes of bulk input (from the bulk socket or a TAP) between two looks
+/// at the interactive lane within a turn: a 64 KiB super-frame takes some
+/// 50 µs to handle, a look without anything to read about 1 µs.
+pub const LANE_LOOK_BYTES: usize = 64 << 10;
 /// How often the counters are logged at DEBUG, ms.
 pub(super) const STATS_LOG_INTERVAL_MS: u64 = 10_000;
 /// How often a dynamic gateway refreshes the counters of its report, ms.
@@ -96,6 +100,8 @@ pub struct ShellStats {
     pub datagrams_received: u64,
     /// Of those, datagrams received on the interactive lane's socket.
     pub interactive_datagrams_received: u64,
+    /// Looks at the interactive lane within a turn that found something.
+    pub lane_looks_found: u64,
     /// Datagrams sent.
     pub datagrams_sent: u64,
     /// Frames read from a TAP that were larger than the overlay carries.
@@ -753,6 +759,7 @@ impl Shell {
             super_frames_to_local = stats.super_frames_to_local,
             datagrams_received = stats.datagrams_received,
             interactive_datagrams_received = stats.interactive_datagrams_received,
+            lane_looks_found = stats.lane_looks_found,
             datagrams_sent = stats.datagrams_sent,
             oversize_frames = stats.oversize_frames,
             local_write_errors = stats.local_write_errors,
@@ -804,45 +811,20 @@ impl Shell {
             INPUT_BATCH_BYTES
         };
         let mut bytes = 0;
+        let mut looked_at = 0;
         for _ in 0..INPUT_BATCH_MAX {
             if bytes >= limit {
                 break;
             }
-            let (socket, udp) = match (interactive, &self.interactive) {
-                (false, _) => (&self.socket, &self.udp),
-                (true, Some((socket, udp))) => (socket, udp),
-                (true, None) => break,
-            };
-            let mut slices: [IoSliceMut<'_>; RECV_BATCH] = {
-                let mut bufs = self.rx.iter_mut();
-                std::array::from_fn(|_| IoSliceMut::new(bufs.next().expect("RECV_BATCH buffers")))
-            };
-            let received = socket.try_io(Interest::READABLE, || {
-                udp.recv(socket.into(), &mut slices, &mut self.rx_meta)
-            });
-            match received {
-                Ok(messages) => {
-                    self.last_input = Instant::now();
-                    let now_ms = self.now_ms();
-                    for (meta, buf) in self.rx_meta.iter().zip(&self.rx).take(messages) {
-                        bytes += meta.len;
-                        let stride = meta.stride.max(1);
-                        // An empty datagram is one too (to be counted as
-                        // junk), though `chunks` yields nothing for it.
-                        let empty = (meta.len == 0).then_some(&[][..]);
-                        for datagram in empty.into_iter().chain(buf[..meta.len].chunks(stride)) {
-                            self.stats.datagrams_received += 1;
-                            self.stats.interactive_datagrams_received += u64::from(interactive);
-                            self.gateway.handle_datagram(
-                                now_ms,
-                                meta.addr,
-                                datagram,
-                                &mut self.out,
-                            );
-                        }
-                    }
+            match self.receive(interactive, false) {
+                Ok(read) => {
+                    bytes += read;
                     if self.out.bytes() >= FLUSH_BYTES {
                         self.flush().await;
+                    }
+                    if !interactive && bytes - looked_at >= LANE_LOOK_BYTES {
+                        looked_at = bytes;
+                        self.look_at_lane().await;
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -863,11 +845,77 @@ impl Shell {
         Ok(())
     }
 
+    /// One read of the bulk socket, or with `interactive` of the
+    /// interactive one (`WouldBlock` when there is none), taking up to
+    /// [`RECV_BATCH`] messages, each of which may be several datagrams the
+    /// kernel coalesced (UDP GRO), and handing its datagrams to the gateway.
+    /// Returns the bytes read. With `direct`, the read is made even if the
+    /// reactor has not said that the socket is readable.
+    fn receive(&mut self, interactive: bool, direct: bool) -> std::io::Result<usize> {
+        let (socket, udp) = match (interactive, &self.interactive) {
+            (false, _) => (&self.socket, &self.udp),
+            (true, Some((socket, udp))) => (socket, udp),
+            (true, None) => return Err(std::io::ErrorKind::WouldBlock.into()),
+        };
+        let mut slices: [IoSliceMut<'_>; RECV_BATCH] = {
+            let mut bufs = self.rx.iter_mut();
+            std::array::from_fn(|_| IoSliceMut::new(bufs.next().expect("RECV_BATCH buffers")))
+        };
+        let messages = if direct {
+            udp.recv(socket.into(), &mut slices, &mut self.rx_meta)
+        } else {
+            socket.try_io(Interest::READABLE, || {
+                udp.recv(socket.into(), &mut slices, &mut self.rx_meta)
+            })
+        }?;
+        self.last_input = Instant::now();
+        let now_ms = self.now_ms();
+        let mut bytes = 0;
+        for (meta, buf) in self.rx_meta.iter().zip(&self.rx).take(messages) {
+            bytes += meta.len;
+            let stride = meta.stride.max(1);
+            // An empty datagram is one too (to be counted as junk), though
+            // `chunks` yields nothing for it.
+            let empty = (meta.len == 0).then_some(&[][..]);
+            for datagram in empty.into_iter().chain(buf[..meta.len].chunks(stride)) {
+                self.stats.datagrams_received += 1;
+                self.stats.interactive_datagrams_received += u64::from(interactive);
+                self.gateway
+                    .handle_datagram(now_ms, meta.addr, datagram, &mut self.out);
+            }
+        }
+        Ok(bytes)
+    }
+
+    /// A look at the interactive lane in the middle of a turn: what is
+    /// there is handled and sent at once, with what the turn gathered so
+    /// far. The reactor only learns of readiness between turns, so this
+    /// asks the kernel directly: one system call, every
+    /// [`LANE_LOOK_BYTES`] of bulk input. Errors are left for the regular
+    /// read to find.
+    async fn look_at_lane(&mut self) {
+        if self.interactive.is_none() {
+            return;
+        }
+        let mut bytes = 0;
+        while bytes < LANE_BATCH_BYTES {
+            match self.receive(true, true) {
+                Ok(read) => bytes += read,
+                Err(_) => break,
+            }
+        }
+        if bytes > 0 {
+            self.stats.lane_looks_found += 1;
+            self.flush().await;
+        }
+    }
+
     /// Reads and handles the frames of `segment`'s TAP until none is left
     /// or the batch is full.
     async fn drain_tap(&mut self, segment: u32) -> std::io::Result<()> {
         let mut ended = Ok(());
         let mut bytes = 0;
+        let mut looked_at = 0;
         for _ in 0..INPUT_BATCH_MAX {
             if bytes >= INPUT_BATCH_BYTES {
                 break;
@@ -890,6 +938,10 @@ impl Shell {
                     // what was gathered before it.
                     if self.out.bytes() >= FLUSH_BYTES || self.out.urgent() {
                         self.flush().await;
+                    }
+                    if bytes - looked_at >= LANE_LOOK_BYTES {
+                        looked_at = bytes;
+                        self.look_at_lane().await;
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
