@@ -271,6 +271,11 @@ measure() {
         >/dev/null 2>&1 &
       tracers="$tracers $!"
     done
+    # The pings' encrypted datagrams on the WAN, by their size: a 98-byte
+    # frame + 28 (GRE, inner IPv4) + 32 (WireGuard) + 8 (UDP).
+    in_ns sa tcpdump -i wan -n -B 4096 -w "$WORK/trace-wan.pcap" 'udp and udp[4:2] = 166' \
+      >/dev/null 2>&1 &
+    tracers="$tracers $!"
     sleep 1
   fi
   rtt=$(in_ns va ping -c 20 -i 0.05 -q 198.19.0.2 | avg_rtt)
@@ -335,7 +340,19 @@ def times(ns):
         seen[(ident, kind, seq)] = float(line.split()[0])
     return seen
 va, sa, sb = times("va"), times("sa"), times("sb")
+# Datagrams on the WAN, A to B (requests) and B to A (replies), in order.
+wan = {"request": [], "reply": []}
+out = subprocess.run(["tcpdump", "-n", "-tt", "-r", f"{work}/trace-wan.pcap"],
+                     capture_output=True, text=True).stdout
+for line in out.splitlines():
+    fields = line.split()
+    if len(fields) > 4:
+        wan["request" if fields[2].startswith("198.18.0.1.") else "reply"].append(float(fields[0]))
+def on_wan(kind, after, before):
+    # The first of the pings' datagrams between the two TAP sightings.
+    return next((t for t in wan[kind] if after <= t <= before), None)
 runs = collections.defaultdict(list)
+wan_legs = collections.defaultdict(list)
 for (ident, kind, seq), t0 in va.items():
     if kind != "request":
         continue
@@ -345,11 +362,21 @@ for (ident, kind, seq), t0 in va.items():
     except KeyError:
         continue
     runs[ident].append((t0, [(b - a) * 1e3 for a, b in zip(t, t[1:])] + [(t[5] - t[0]) * 1e3]))
+    w_req, w_rep = on_wan("request", t[1], t[2]), on_wan("reply", t[3], t[4])
+    if w_req is not None and w_rep is not None:
+        wan_legs[ident].append([(w_req - t[1]) * 1e3, (t[2] - w_req) * 1e3,
+                                (w_rep - t[3]) * 1e3, (t[4] - w_rep) * 1e3])
 groups = sorted((rows for rows in runs.values() if len(rows) >= 3), key=lambda rows: min(rows)[0])
 print("    vcfed ping legs, ms (means): VM->TAP A | A+B forward | VM B replies | B+A back | TAP A->VM | total")
 for name, rows in zip(("idle", "loaded"), groups):
     legs = [statistics.mean(leg) for leg in zip(*(r for _, r in rows))]
     print(f"    {name:7} " + " ".join(f"{leg:7.3f}" for leg in legs) + f"   ({len(rows)} pings)")
+print("    the tunnel legs split at the WAN, ms (means): TAP A->WAN | WAN->TAP B | TAP B->WAN | WAN->TAP A")
+for name, rows in zip(("idle", "loaded"), groups):
+    split = wan_legs.get(next(iter(ident for ident, r in runs.items() if r is rows)), [])
+    if split:
+        legs = [statistics.mean(leg) for leg in zip(*split)]
+        print(f"    {name:7} " + " ".join(f"{leg:7.3f}" for leg in legs) + f"   ({len(split)} pings)")
 PY
 }
 
