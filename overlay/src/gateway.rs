@@ -119,6 +119,10 @@ pub enum Output<'a> {
         offload: Offload,
         /// The Ethernet frame.
         frame: &'a [u8],
+        /// It came on the interactive lane: the shell writes it to the TAP's
+        /// interactive queue, so that the kernel sorts the flow's frames the
+        /// other way there too.
+        interactive: bool,
     },
 }
 
@@ -136,6 +140,7 @@ enum Item {
         offload: Offload,
         start: usize,
         len: usize,
+        interactive: bool,
     },
 }
 
@@ -220,16 +225,18 @@ impl Outputs {
                 offload,
                 start,
                 len,
+                interactive,
             } => Output::ToLocal {
                 segment,
                 offload,
                 frame: &self.bytes[start..start + len],
+                interactive,
             },
         })
     }
 
     /// Appends a frame for the site.
-    fn push_local(&mut self, segment: u32, offload: Offload, frame: &[u8]) {
+    fn push_local(&mut self, segment: u32, offload: Offload, frame: &[u8], interactive: bool) {
         let start = self.bytes.len();
         self.bytes.extend_from_slice(frame);
         self.items.push(Item::Local {
@@ -237,6 +244,7 @@ impl Outputs {
             offload,
             start,
             len: frame.len(),
+            interactive,
         });
     }
 
@@ -389,8 +397,16 @@ struct PeerState {
     decap: Decapsulator,
     stats: PeerStats,
     /// The session and counter of the newest bulk data message that
-    /// authenticated: how far the bulk lane has got.
-    bulk_at: Option<(u32, u64)>,
+    /// authenticated (how far the bulk lane has got), and when.
+    bulk_at: Option<BulkAt>,
+}
+
+/// How far a peer's bulk lane has got.
+#[derive(Debug, Clone, Copy)]
+struct BulkAt {
+    index: u32,
+    counter: u64,
+    at_ms: i64,
 }
 
 /// An interactive datagram held until the bulk lane catches up.
@@ -404,14 +420,15 @@ struct Held {
 
 /// Interactive datagrams held at most; one more is handled at once.
 pub const HELD_MAX: usize = 64;
-/// How long the bulk lane must have handed nothing for the gateway to take
-/// it for empty, ms.
-pub const BULK_IDLE_MS: i64 = 2;
+/// How long after its last bulk message a session's bulk lane counts as
+/// busy, ms: an interactive message of a session whose transfer ended is not
+/// held behind another peer's.
+pub const BULK_ACTIVE_MS: i64 = 20;
 /// Bytes of interactive datagrams held at most.
 pub const HELD_BYTES_MAX: usize = 256 << 10;
 /// How long an interactive datagram is held at most, ms (the bulk lane's
 /// progress or its end releases it sooner).
-pub const HELD_MS_MAX: i64 = 50;
+pub const HELD_MS_MAX: i64 = 20;
 
 /// The data plane of one gateway.
 pub struct Gateway {
@@ -450,8 +467,9 @@ pub struct Gateway {
     held_bytes: Vec<u8>,
     /// Where a held datagram goes to be handled.
     releasing: Vec<u8>,
-    /// When the last bulk data message authenticated.
-    bulk_last_ms: i64,
+    /// Whether the bulk lane may have datagrams waiting (the caller says
+    /// when it has none: [`Gateway::bulk_queued`]).
+    bulk_queued: bool,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -486,7 +504,7 @@ impl Gateway {
             held: Vec::new(),
             held_bytes: Vec::new(),
             releasing: Vec::new(),
-            bulk_last_ms: i64::MIN / 2,
+            bulk_queued: true,
         }
     }
 
@@ -683,7 +701,7 @@ impl Gateway {
     /// A datagram of the interactive lane that is more than
     /// [`OVERTAKE_MAX`] messages ahead of the last bulk one handled from its
     /// session is held (see [`crate::lane`]), as are those after it, until
-    /// the bulk lane catches up, [`Gateway::bulk_drained`] says it has
+    /// the bulk lane catches up, [`Gateway::bulk_queued`] says it has
     /// nothing left, or [`HELD_MS_MAX`] passes; past [`HELD_MAX`] datagrams
     /// or [`HELD_BYTES_MAX`] bytes held, it is handled at once.
     pub fn handle_datagram(
@@ -718,20 +736,24 @@ impl Gateway {
         }
     }
 
-    /// The caller found the bulk lane empty: what it held back is handled
-    /// now (nothing is left for it to overtake).
-    pub fn bulk_drained(&mut self, now_ms: i64, out: &mut Outputs) {
-        if !self.held.is_empty() {
+    /// Tells whether datagrams wait in the bulk lane (the bulk socket), as
+    /// the caller last saw it: when none do, the interactive lane overtakes
+    /// nothing, what was held goes now and nothing more is held until a
+    /// bulk datagram comes again. The caller says so when a read of the
+    /// bulk socket finds it empty, and before it hands over interactive
+    /// datagrams.
+    pub fn bulk_queued(&mut self, queued: bool, now_ms: i64, out: &mut Outputs) {
+        self.bulk_queued = queued;
+        if !queued && !self.held.is_empty() {
             self.release_held(now_ms, true, out);
         }
     }
 
     /// Whether an interactive `datagram` is too far ahead of the bulk lane
-    /// of its session, while that lane is busy: a lane that handed nothing
-    /// for [`BULK_IDLE_MS`] is empty (the loop reads every ready socket
-    /// within a turn), and there is nothing to overtake.
+    /// of its session, while that lane has datagrams waiting and the
+    /// session sent bulk within [`BULK_ACTIVE_MS`].
     fn must_hold(&self, now_ms: i64, datagram: &[u8]) -> bool {
-        if now_ms - self.bulk_last_ms >= BULK_IDLE_MS {
+        if !self.bulk_queued {
             return false;
         }
         let Some((index, counter)) = Lanes::position(datagram) else {
@@ -740,7 +762,9 @@ impl Gateway {
         let Some(peer) = self.peers.get(&(index >> 8)) else {
             return false;
         };
-        matches!(peer.bulk_at, Some((at_index, at)) if at_index == index && counter > at.saturating_add(OVERTAKE_MAX))
+        matches!(peer.bulk_at, Some(at) if at.index == index
+            && now_ms - at.at_ms < BULK_ACTIVE_MS
+            && counter > at.counter.saturating_add(OVERTAKE_MAX))
     }
 
     /// Handles the held datagrams, oldest first, as long as they may go
@@ -851,9 +875,11 @@ impl Gateway {
                     Ok(Some(inner)) => deliver(
                         &mut self.segments,
                         &mut self.stats,
+                        &mut self.lanes,
                         now_ms,
                         index,
                         inner,
+                        interactive,
                         out,
                     ),
                     Ok(None) => true,
@@ -890,11 +916,16 @@ impl Gateway {
             peer.stats.rx_datagrams += 1;
             peer.stats.rx_bytes += datagram.len() as u64;
             if let (false, Some((index, counter))) = (interactive, Lanes::position(datagram)) {
-                let behind = matches!(peer.bulk_at, Some((at_index, at)) if at_index == index && at >= counter);
+                let behind =
+                    matches!(peer.bulk_at, Some(at) if at.index == index && at.counter >= counter);
                 if !behind {
-                    peer.bulk_at = Some((index, counter));
+                    peer.bulk_at = Some(BulkAt {
+                        index,
+                        counter,
+                        at_ms: now_ms,
+                    });
                 }
-                self.bulk_last_ms = now_ms;
+                self.bulk_queued = true;
             }
         }
         if reply_len > 0 {
@@ -1085,12 +1116,15 @@ fn is_replay(e: &WireGuardError) -> bool {
 
 /// Hands a decapsulated frame to its segment's switch; false if the frame
 /// is not one the overlay carries (the caller counts it).
+#[allow(clippy::too_many_arguments)]
 fn deliver(
     segments: &mut BTreeMap<u32, Segment>,
     stats: &mut GatewayStats,
+    lanes: &mut Lanes,
     now_ms: i64,
     peer: PeerIndex,
     inner: Inner<'_>,
+    interactive: bool,
     out: &mut Outputs,
 ) -> bool {
     if inner.offload.is_none() && inner.frame.len() > FRAME_LEN_MAX {
@@ -1101,7 +1135,10 @@ fn deliver(
         return true;
     };
     match switch.from_peer(now_ms, peer, inner.frame) {
-        Decision::Local => out.push_local(inner.segment, inner.offload, inner.frame),
+        Decision::Local => {
+            lanes.count_delivered(now_ms, inner.segment, inner.frame);
+            out.push_local(inner.segment, inner.offload, inner.frame, interactive);
+        }
         Decision::Drop(crate::switch::DropReason::UnknownPeer) => stats.wrong_segment += 1,
         _ => {}
     }

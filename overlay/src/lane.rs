@@ -84,7 +84,13 @@ struct Bucket {
     bulk_until_ms: i64,
 }
 
-/// The sender's flow meter.
+/// A frame's bucket, once counted.
+struct Counted {
+    index: usize,
+    bulk_until_ms: i64,
+}
+
+/// The flow meter.
 #[derive(Debug, Clone)]
 pub struct Lanes {
     buckets: Box<[Bucket]>,
@@ -108,27 +114,51 @@ impl Lanes {
     /// to its flow.
     pub fn classify(&mut self, now_ms: i64, segment: u32, offload: Offload, frame: &[u8]) -> Lane {
         let window = now_ms.div_euclid(WINDOW_MS);
-        let len = u32::try_from(frame.len()).unwrap_or(u32::MAX);
-        let bucket = &mut self.buckets[flow_hash(segment, frame) as usize % FLOW_BUCKETS];
-        if bucket.window != window {
-            bucket.window = window;
-            bucket.bytes = 0;
-        }
-        bucket.bytes = bucket.bytes.saturating_add(len);
         if self.window != window {
             self.window = window;
             self.lane_bytes = 0;
         }
+        let len = u32::try_from(frame.len()).unwrap_or(u32::MAX);
+        let bucket = self.count(now_ms, segment, frame);
         let interactive = !offload.is_gso()
             && now_ms >= bucket.bulk_until_ms
-            && bucket.bytes <= FLOW_BYTES_MAX
             && self.lane_bytes.saturating_add(len) <= LANE_BYTES_MAX;
         if interactive {
             self.lane_bytes += len;
             Lane::Interactive
         } else {
-            bucket.bulk_until_ms = now_ms.saturating_add(BULK_HOLD_MS);
+            self.buckets[bucket.index].bulk_until_ms = now_ms.saturating_add(BULK_HOLD_MS);
             Lane::Bulk
+        }
+    }
+
+    /// Counts `frame`, which came from a peer for the site's bridge of
+    /// `segment`, to its flow: a flow is sparse only if it is sparse both
+    /// ways (the acknowledgements of a transfer are few bytes, but they
+    /// belong to the transfer, and the kernel's TAP sorts both ways of a
+    /// flow alike).
+    pub fn count_delivered(&mut self, now_ms: i64, segment: u32, frame: &[u8]) {
+        self.count(now_ms, segment, frame);
+    }
+
+    /// Adds `frame` to its flow's bucket in the current window; a flow past
+    /// [`FLOW_BYTES_MAX`] goes bulk for [`BULK_HOLD_MS`].
+    fn count(&mut self, now_ms: i64, segment: u32, frame: &[u8]) -> Counted {
+        let window = now_ms.div_euclid(WINDOW_MS);
+        let len = u32::try_from(frame.len()).unwrap_or(u32::MAX);
+        let index = flow_hash(segment, frame) as usize % FLOW_BUCKETS;
+        let bucket = &mut self.buckets[index];
+        if bucket.window != window {
+            bucket.window = window;
+            bucket.bytes = 0;
+        }
+        bucket.bytes = bucket.bytes.saturating_add(len);
+        if bucket.bytes > FLOW_BYTES_MAX {
+            bucket.bulk_until_ms = now_ms.saturating_add(BULK_HOLD_MS);
+        }
+        Counted {
+            index,
+            bulk_until_ms: bucket.bulk_until_ms,
         }
     }
 
@@ -173,10 +203,11 @@ impl Lanes {
     }
 }
 
-/// A hash of a frame's flow: for IPv4 and IPv6, the addresses, the protocol
-/// and (TCP, UDP, SCTP; not in a later IPv4 fragment) the ports; for
-/// anything else the MAC addresses and the EtherType. One 802.1Q tag is
-/// looked through. FNV-1a: cheap, and flows are the site's own.
+/// A hash of a frame's flow, the same both ways: for IPv4 and IPv6, the
+/// addresses, the protocol and (TCP, UDP, SCTP; not in a later IPv4
+/// fragment) the ports; for anything else the MAC addresses and the
+/// EtherType. One 802.1Q tag is looked through. FNV-1a: cheap, and flows
+/// are the site's own.
 pub fn flow_hash(segment: u32, frame: &[u8]) -> u32 {
     let mut hash = Fnv::default();
     hash.write(&segment.to_be_bytes());
@@ -189,29 +220,29 @@ pub fn flow_hash(segment: u32, frame: &[u8]) -> u32 {
         return hash.0;
     };
     let ip = &frame[ethertype_at + 2..];
-    let key = match ethertype {
+    let ports_at = match ethertype {
         [0x08, 0x00] if ip.len() >= 20 => {
-            let header_len = usize::from(ip[0] & 0x0f) * 4;
-            let protocol = ip[9];
             let later_fragment = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff != 0;
             hash.write(&ip[9..10]);
-            hash.write(&ip[12..20]);
-            (!later_fragment).then_some((protocol, header_len))
+            hash.write_pair(&ip[12..16], &ip[16..20]);
+            let header_len = usize::from(ip[0] & 0x0f) * 4;
+            (!later_fragment && matches!(ip[9], 6 | 17 | 132)).then_some(header_len)
         }
         [0x86, 0xdd] if ip.len() >= 40 => {
             hash.write(&ip[6..7]);
-            hash.write(&ip[8..40]);
-            Some((ip[6], 40))
+            hash.write_pair(&ip[8..24], &ip[24..40]);
+            matches!(ip[6], 6 | 17 | 132).then_some(40)
         }
         _ => {
-            hash.write(&frame[..ethertype_at + 2]);
+            hash.write(ethertype);
+            hash.write_pair(&frame[..6], &frame[6..12]);
             None
         }
     };
-    if let Some((6 | 17 | 132, at)) = key
+    if let Some(at) = ports_at
         && let Some(ports) = ip.get(at..at + 4)
     {
-        hash.write(ports);
+        hash.write_pair(&ports[..2], &ports[2..]);
     }
     hash.0
 }
@@ -229,6 +260,14 @@ impl Fnv {
         for &byte in bytes {
             self.0 = (self.0 ^ u32::from(byte)).wrapping_mul(0x0100_0193);
         }
+    }
+
+    /// Two fields of a flow (source and destination), in the same order
+    /// whichever way the frame goes.
+    fn write_pair(&mut self, a: &[u8], b: &[u8]) {
+        let (low, high) = if a <= b { (a, b) } else { (b, a) };
+        self.write(low);
+        self.write(high);
     }
 }
 
@@ -328,6 +367,31 @@ mod tests {
         for len in 0..60 {
             flow_hash(1, &tcp[..len.min(tcp.len())]);
         }
+    }
+
+    #[test]
+    fn a_flow_is_one_both_ways_and_its_delivered_bytes_count() {
+        let forward = ipv4(6, 5001, 100);
+        let mut back = forward.clone();
+        // Swap the addresses and the ports.
+        back.copy_within(14 + 12..14 + 16, 14 + 16);
+        back[14 + 12..14 + 16].copy_from_slice(&forward[14 + 16..14 + 20]);
+        back[34..36].copy_from_slice(&forward[36..38]);
+        back[36..38].copy_from_slice(&forward[34..36]);
+        assert_ne!(back, forward);
+        assert_eq!(flow_hash(1, &back), flow_hash(1, &forward));
+
+        // A transfer delivered to the site makes its acknowledgements bulk.
+        let mut lanes = Lanes::default();
+        assert_eq!(
+            lanes.classify(0, 1, Offload::NONE, &back),
+            Lane::Interactive
+        );
+        let data = ipv4(6, 5001, 1514);
+        for _ in 0..20 {
+            lanes.count_delivered(1, 1, &data);
+        }
+        assert_eq!(lanes.classify(2, 1, Offload::NONE, &back), Lane::Bulk);
     }
 
     #[test]

@@ -172,6 +172,12 @@ fn three_sites_carry_ping_tcp_broadcast_and_full_size_frames() {
         "interactive lane: {marked} frames marked at A; at B {steered} of {received} datagrams"
     );
     assert!(marked > 0 && steered > 0, "{log_a}\n{log_b}");
+    // B wrote the pings to its TAP's interactive queue, so the kernel
+    // queued B's replies there too.
+    assert!(
+        counter(&log_b, "interactive_frames_from_local") > 0,
+        "{log_b}"
+    );
     assert!(
         received - steered > 1_000,
         "the transfer took the bulk socket: {log_b}"

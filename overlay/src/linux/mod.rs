@@ -39,8 +39,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 pub use shell::{
-    INPUT_BATCH_BYTES, INPUT_BATCH_MAX, LANE_BATCH_BYTES, LANE_LOOK_BYTES, SEGMENTS_MAX,
-    ShellStats, run, run_dynamic, run_reloadable,
+    INPUT_BATCH_BYTES, INPUT_BATCH_MAX, LANE_BATCH_BYTES, LANE_LOOK_BYTES, LOOK_TAPS_MAX,
+    SEGMENTS_MAX, ShellStats, run, run_dynamic, run_reloadable,
 };
 pub use udp::SOCKET_BUFFER_BYTES;
 

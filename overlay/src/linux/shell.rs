@@ -34,7 +34,7 @@ use tracing::Instrument;
 use tokio::sync::watch;
 
 use super::netlink::Links;
-use super::tap::Tap;
+use super::tap::{BULK_QUEUE, INTERACTIVE_QUEUE, Tap};
 use super::udp::{self, Sockets};
 use super::{
     BUSY_POLL_MAX, Carried, CarriedSegment, GatewayBase, GatewayConfig, GatewayReport,
@@ -74,6 +74,10 @@ pub const LANE_BATCH_BYTES: usize = 64 << 10;
 /// at the interactive lane within a turn: a 64 KiB super-frame takes some
 /// 50 µs to handle, a look without anything to read about 1 µs.
 pub const LANE_LOOK_BYTES: usize = 64 << 10;
+/// TAPs whose interactive queues a look within a turn of the bulk socket
+/// reads directly, at most; a gateway with more leaves them to the next
+/// turn (the reactor's readiness).
+pub const LOOK_TAPS_MAX: usize = 4;
 /// How often the counters are logged at DEBUG, ms.
 pub(super) const STATS_LOG_INTERVAL_MS: u64 = 10_000;
 /// How often a dynamic gateway refreshes the counters of its report, ms.
@@ -94,6 +98,8 @@ pub struct ShellStats {
     pub frames_to_local: u64,
     /// Of those read, TCP super-frames (GSO) that the kernel left whole.
     pub super_frames_from_local: u64,
+    /// Of those, frames read from the TAPs' interactive queues.
+    pub interactive_frames_from_local: u64,
     /// Of those written, TCP super-frames for the kernel to cut.
     pub super_frames_to_local: u64,
     /// Datagrams received on the UDP sockets.
@@ -682,6 +688,9 @@ impl Shell {
                     source,
                 });
             }
+            if let Err(e) = self.drain_interactive_taps().await {
+                break Err(e);
+            }
             let polling = !self.busy_poll.is_zero() && self.last_input.elapsed() < self.busy_poll;
             // Unbiased: under load the socket and the TAPs are all ready all
             // the time, and a fixed order would starve the later branches.
@@ -729,9 +738,9 @@ impl Shell {
                 }
                 ready = any_readable(&self.taps, self.tap_cursor) => {
                     self.tap_cursor = self.tap_cursor.wrapping_add(1);
-                    let (segment, ready) = ready;
+                    let (segment, queue, ready) = ready;
                     let drained = match ready {
-                        Ok(()) => self.drain_tap(segment).await,
+                        Ok(()) => self.drain_tap(segment, queue).await,
                         Err(e) => Err(e),
                     };
                     if let Err(source) = drained {
@@ -756,6 +765,7 @@ impl Shell {
             frames_from_local = stats.frames_from_local,
             frames_to_local = stats.frames_to_local,
             super_frames_from_local = stats.super_frames_from_local,
+            interactive_frames_from_local = stats.interactive_frames_from_local,
             super_frames_to_local = stats.super_frames_to_local,
             datagrams_received = stats.datagrams_received,
             interactive_datagrams_received = stats.interactive_datagrams_received,
@@ -824,13 +834,13 @@ impl Shell {
                     }
                     if !interactive && bytes - looked_at >= LANE_LOOK_BYTES {
                         looked_at = bytes;
-                        self.look_at_lane().await;
+                        self.look_at_lane(None).await;
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     if !interactive {
                         let now_ms = self.now_ms();
-                        self.gateway.bulk_drained(now_ms, &mut self.out);
+                        self.gateway.bulk_queued(false, now_ms, &mut self.out);
                     }
                     break;
                 }
@@ -870,6 +880,13 @@ impl Shell {
         }?;
         self.last_input = Instant::now();
         let now_ms = self.now_ms();
+        if interactive && messages > 0 {
+            // Whether the interactive datagrams may overtake bulk ones
+            // (see `Gateway::handle_datagram`): the kernel says whether the
+            // bulk socket holds any (the length of its first datagram).
+            let queued = rustix::io::ioctl_fionread(&self.socket).map_or(true, |len| len > 0);
+            self.gateway.bulk_queued(queued, now_ms, &mut self.out);
+        }
         let mut bytes = 0;
         for (meta, buf) in self.rx_meta.iter().zip(&self.rx).take(messages) {
             bytes += meta.len;
@@ -888,21 +905,47 @@ impl Shell {
     }
 
     /// A look at the interactive lane in the middle of a turn: what is
-    /// there is handled and sent at once, with what the turn gathered so
-    /// far. The reactor only learns of readiness between turns, so this
-    /// asks the kernel directly: one system call, every
+    /// there (in the interactive socket and the interactive queue of
+    /// `segment`'s TAP, or of every TAP if there are at most
+    /// [`LOOK_TAPS_MAX`]) is handled and sent at once, with what the turn
+    /// gathered so far. The reactor only learns of readiness between turns,
+    /// so this asks the kernel directly: a system call per device, every
     /// [`LANE_LOOK_BYTES`] of bulk input. Errors are left for the regular
-    /// read to find.
-    async fn look_at_lane(&mut self) {
-        if self.interactive.is_none() {
-            return;
-        }
+    /// reads to find.
+    async fn look_at_lane(&mut self, segment: Option<u32>) {
         let mut bytes = 0;
-        while bytes < LANE_BATCH_BYTES {
-            match self.receive(true, true) {
-                Ok(read) => bytes += read,
-                Err(_) => break,
+        if self.interactive.is_some() {
+            while bytes < LANE_BATCH_BYTES {
+                match self.receive(true, true) {
+                    Ok(read) => bytes += read,
+                    Err(_) => break,
+                }
             }
+        }
+        let mut next = match segment {
+            Some(segment) => Some(segment),
+            None if self.taps.len() <= LOOK_TAPS_MAX => self.taps.keys().next().copied(),
+            None => None,
+        };
+        while let Some(at) = next {
+            if self.taps.get(&at).is_some_and(|tap| tap.queues() > 1) {
+                let mut read = 0;
+                while read < LANE_BATCH_BYTES {
+                    match self.receive_frame(at, INTERACTIVE_QUEUE, true) {
+                        Ok(len) => read += len.max(1),
+                        Err(_) => break,
+                    }
+                }
+                bytes += read;
+            }
+            next = match segment {
+                Some(_) => None,
+                None => self
+                    .taps
+                    .range((std::ops::Bound::Excluded(at), std::ops::Bound::Unbounded))
+                    .next()
+                    .map(|(id, _)| *id),
+            };
         }
         if bytes > 0 {
             self.stats.lane_looks_found += 1;
@@ -910,45 +953,37 @@ impl Shell {
         }
     }
 
-    /// Reads and handles the frames of `segment`'s TAP until none is left
-    /// or the batch is full.
-    async fn drain_tap(&mut self, segment: u32) -> std::io::Result<()> {
+    /// Reads and handles the frames of `queue` of `segment`'s TAP until
+    /// none is left or the batch is full ([`INPUT_BATCH_BYTES`], or
+    /// [`LANE_BATCH_BYTES`] for the interactive queue).
+    async fn drain_tap(&mut self, segment: u32, queue: usize) -> std::io::Result<()> {
+        let limit = if queue == INTERACTIVE_QUEUE {
+            LANE_BATCH_BYTES
+        } else {
+            INPUT_BATCH_BYTES
+        };
         let mut ended = Ok(());
         let mut bytes = 0;
         let mut looked_at = 0;
         for _ in 0..INPUT_BATCH_MAX {
-            if bytes >= INPUT_BATCH_BYTES {
+            if bytes >= limit {
                 break;
             }
-            let Some(tap) = self.taps.get(&segment) else {
-                break;
-            };
-            match tap.try_recv(&mut self.buf) {
-                Ok((_, len)) if len > SUPER_FRAME_LEN_MAX => self.stats.oversize_frames += 1,
-                Ok((offload, len)) => {
-                    self.last_input = Instant::now();
-                    self.stats.frames_from_local += 1;
-                    self.stats.super_frames_from_local += u64::from(offload.is_gso());
-                    bytes += len;
-                    let now_ms = self.now_ms();
-                    let frame = &self.buf[offload::WIRE_LEN..offload::WIRE_LEN + len];
-                    self.gateway
-                        .handle_local_frame(now_ms, segment, offload, frame, &mut self.out);
+            match self.receive_frame(segment, queue, false) {
+                Ok(read) => {
+                    bytes += read;
                     // A frame of the interactive lane leaves at once, with
                     // what was gathered before it.
                     if self.out.bytes() >= FLUSH_BYTES || self.out.urgent() {
                         self.flush().await;
                     }
-                    if bytes - looked_at >= LANE_LOOK_BYTES {
+                    if queue == BULK_QUEUE && bytes - looked_at >= LANE_LOOK_BYTES {
                         looked_at = bytes;
-                        self.look_at_lane().await;
+                        self.look_at_lane(Some(segment)).await;
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                    self.stats.oversize_frames += 1;
-                }
                 Err(e) => {
                     ended = Err(e);
                     break;
@@ -957,6 +992,68 @@ impl Shell {
         }
         self.flush().await;
         ended
+    }
+
+    /// Reads one frame from `queue` of `segment`'s TAP (with `direct`, even
+    /// if the reactor has not said it is readable) and hands it to the
+    /// gateway; returns its length (0 for a frame dropped as oversize).
+    /// `WouldBlock` when there is none, or no such TAP.
+    fn receive_frame(
+        &mut self,
+        segment: u32,
+        queue: usize,
+        direct: bool,
+    ) -> std::io::Result<usize> {
+        let Some(tap) = self.taps.get(&segment) else {
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        };
+        match tap.try_recv(queue, direct, &mut self.buf) {
+            Ok((_, len)) if len > SUPER_FRAME_LEN_MAX => {
+                self.stats.oversize_frames += 1;
+                Ok(0)
+            }
+            Ok((offload, len)) => {
+                self.last_input = Instant::now();
+                self.stats.frames_from_local += 1;
+                self.stats.super_frames_from_local += u64::from(offload.is_gso());
+                self.stats.interactive_frames_from_local += u64::from(queue == INTERACTIVE_QUEUE);
+                let now_ms = self.now_ms();
+                let frame = &self.buf[offload::WIRE_LEN..offload::WIRE_LEN + len];
+                self.gateway
+                    .handle_local_frame(now_ms, segment, offload, frame, &mut self.out);
+                Ok(len)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                self.stats.oversize_frames += 1;
+                Ok(0)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The interactive queues of the TAPs, drained while the reactor says
+    /// they are readable (no system call otherwise), before anything else
+    /// in a turn.
+    async fn drain_interactive_taps(&mut self) -> Result<(), ShellError> {
+        let mut next = self.taps.keys().next().copied();
+        while let Some(segment) = next {
+            if let Err(source) = self.drain_tap(segment, INTERACTIVE_QUEUE).await {
+                let name = self
+                    .taps
+                    .get(&segment)
+                    .map_or_else(String::new, |tap| tap.name().to_owned());
+                return Err(ShellError::Tap { name, source });
+            }
+            next = self
+                .taps
+                .range((
+                    std::ops::Bound::Excluded(segment),
+                    std::ops::Bound::Unbounded,
+                ))
+                .next()
+                .map(|(id, _)| *id);
+        }
+        Ok(())
     }
 
     /// Sends every output of the gateway: runs of datagrams in one UDP GSO
@@ -1011,12 +1108,18 @@ impl Shell {
                     segment,
                     offload,
                     frame,
+                    interactive,
                 } => {
                     let Some(tap) = self.taps.get(&segment) else {
                         self.stats.local_write_errors += 1;
                         continue;
                     };
-                    match tap.try_send(offload, frame) {
+                    let queue = if interactive {
+                        INTERACTIVE_QUEUE
+                    } else {
+                        BULK_QUEUE
+                    };
+                    match tap.try_send(queue, offload, frame) {
                         Ok(_) => {
                             self.stats.frames_to_local += 1;
                             self.stats.super_frames_to_local += u64::from(offload.is_gso());
@@ -1074,14 +1177,20 @@ async fn lane_readable(
     }
 }
 
-/// Resolves when one of `taps` is readable, with its segment, looking at
-/// them in turn from the `cursor`-th. With no TAP it never resolves.
-async fn any_readable(taps: &BTreeMap<u32, Tap>, cursor: usize) -> (u32, std::io::Result<()>) {
+/// Resolves when a queue of one of `taps` is readable, with its segment and
+/// queue, looking at the TAPs in turn from the `cursor`-th, each's
+/// interactive queue first. With no TAP it never resolves.
+async fn any_readable(
+    taps: &BTreeMap<u32, Tap>,
+    cursor: usize,
+) -> (u32, usize, std::io::Result<()>) {
     let start = cursor % taps.len().max(1);
     std::future::poll_fn(|cx| {
         for (segment, tap) in taps.iter().cycle().skip(start).take(taps.len()) {
-            if let Poll::Ready(ready) = tap.poll_readable(cx) {
-                return Poll::Ready((*segment, ready));
+            for queue in (0..tap.queues()).rev() {
+                if let Poll::Ready(ready) = tap.poll_readable(queue, cx) {
+                    return Poll::Ready((*segment, queue, ready));
+                }
             }
         }
         Poll::Pending
