@@ -65,6 +65,8 @@ pub const PEERS_MAX: usize = 1024;
 pub const DATA_OVERHEAD: usize = 32;
 /// WireGuard's message type of a cookie reply.
 const MESSAGE_COOKIE_REPLY: u8 = 3;
+/// WireGuard's message type of transport data.
+const MESSAGE_DATA: u8 = 4;
 /// Room for any handshake message boringtun writes (148 for the largest).
 const HANDSHAKE_LEN_MAX: usize = 256;
 /// Handshake messages (initiations and responses with a valid `mac1`) the
@@ -399,6 +401,12 @@ struct PeerState {
     /// The session and counter of the newest bulk data message that
     /// authenticated (how far the bulk lane has got), and when.
     bulk_at: Option<BulkAt>,
+    /// The peer sent a marked message in the current session: it reads
+    /// lanes, and this gateway marks what it sends it.
+    lanes: bool,
+    /// This gateway told the peer, in the current session, that it reads
+    /// lanes (a marked keepalive).
+    hello_sent: bool,
 }
 
 /// How far a peer's bulk lane has got.
@@ -566,6 +574,8 @@ impl Gateway {
             decap: Decapsulator::new(),
             stats: PeerStats::default(),
             bulk_at: None,
+            lanes: false,
+            hello_sent: false,
         };
         self.peers.insert(peer.index, state);
         Ok(())
@@ -659,7 +669,7 @@ impl Gateway {
             Decision::Local | Decision::Drop(_) => return,
         };
         let lane = self.lanes.classify(now_ms, segment, offload, frame);
-        self.stats.interactive_frames += u64::from(lane == Lane::Interactive);
+        let mut marked = false;
         for index in targets {
             let Some(peer) = self.peers.get_mut(index) else {
                 continue;
@@ -669,8 +679,16 @@ impl Gateway {
                 continue;
             };
             let PeerState {
-                tunn, encap, stats, ..
+                tunn,
+                encap,
+                stats,
+                lanes,
+                ..
             } = peer;
+            // A peer that has not said it reads lanes gets no marks: a
+            // gateway without lanes would drop marked messages.
+            let lane = if *lanes { lane } else { Lane::Bulk };
+            marked |= lane == Lane::Interactive;
             let sent = encap.encapsulate(segment, offload, frame, |packet| {
                 out.push_datagram_in(
                     lane,
@@ -694,6 +712,7 @@ impl Gateway {
                 self.stats.local_dropped += 1;
             }
         }
+        self.stats.interactive_frames += u64::from(marked);
     }
 
     /// A datagram from the network.
@@ -868,6 +887,14 @@ impl Gateway {
                 authenticated = reply.first() != Some(&MESSAGE_COOKIE_REPLY);
                 peer.stats.handshakes += u64::from(authenticated);
                 reply_len = reply.len();
+                if authenticated {
+                    // A new session: whether the peer reads lanes is to be
+                    // learnt again (it may have restarted with another
+                    // version). The initiator speaks first, once its
+                    // keepalive has confirmed the session (below).
+                    peer.lanes = false;
+                    peer.hello_sent = false;
+                }
             }
             TunnResult::WriteToTunnelV4(packet, _) => {
                 authenticated = true;
@@ -928,6 +955,14 @@ impl Gateway {
                 self.bulk_queued = true;
             }
         }
+        let initiator = reply_len > 0 && self.scratch[0] == MESSAGE_DATA;
+        if authenticated && interactive && Lanes::position(datagram).is_some() {
+            // The peer reads lanes (it marked a message). It gets this
+            // gateway's hello in return, once a session.
+            peer.lanes = true;
+        }
+        let hello =
+            authenticated && !peer.hello_sent && (initiator || (peer.lanes && reply_len == 0));
         if reply_len > 0 {
             let reply = &self.scratch[..reply_len];
             out.push_datagram(from, reply_len, |dst| {
@@ -950,6 +985,21 @@ impl Gateway {
                     break;
                 }
             }
+        }
+        if hello {
+            // A keepalive with the lane mark: a gateway without lanes drops
+            // it (one lost keepalive), one with lanes starts marking.
+            peer.hello_sent = true;
+            out.push_datagram_in(Lane::Interactive, from, DATA_OVERHEAD, |dst| {
+                match peer.tunn.encapsulate(&[], dst) {
+                    TunnResult::WriteToNetwork(keepalive)
+                        if keepalive.first() == Some(&MESSAGE_DATA) =>
+                    {
+                        count(&mut peer.stats, keepalive.len())
+                    }
+                    _ => 0,
+                }
+            });
         }
         if authenticated {
             // Roaming: the peer is wherever its authenticated packets come from.

@@ -884,3 +884,43 @@ fn a_held_datagram_goes_when_the_bulk_lane_empties_and_an_idle_session_holds_not
     assert_eq!(gateway.stats().interactive_held, 1);
     assert_eq!(gateway.stats().datagrams_dropped, 0);
 }
+
+#[test]
+fn a_peer_that_never_says_it_reads_lanes_gets_no_marks() {
+    let mut sites = mesh(2, &[&[7], &[7]]);
+    // Site 1 stands for a gateway without lanes: a marked message is junk
+    // to it (boringtun refuses a nonzero reserved byte), so it is dropped on
+    // the way and never answered.
+    let mut out = Outputs::new(64);
+    sites[0]
+        .gateway
+        .handle_local_frame(0, 7, Offload::NONE, &frame(mac(2), mac(1), 60), &mut out);
+    let mut queue = VecDeque::new();
+    collect(&mut sites, 0, &out, &mut queue);
+    let (mut steps, mut dropped) = (0, 0);
+    while let Some((to, from, datagram)) = queue.pop_front() {
+        steps += 1;
+        assert!(steps < 1_000);
+        if Lanes::is_marked(&datagram) {
+            dropped += 1;
+            continue;
+        }
+        let mut out = Outputs::new(64);
+        sites[to]
+            .gateway
+            .handle_datagram(0, from, &datagram, &mut out);
+        collect(&mut sites, to, &out, &mut queue);
+    }
+    assert_eq!(dropped, 1, "site 0's hello, once per session");
+    assert_eq!(sites[1].delivered.len(), 1);
+
+    let mut out = Outputs::new(64);
+    sites[0]
+        .gateway
+        .handle_local_frame(1000, 7, Offload::NONE, &ping_frame(), &mut out);
+    let sent = datagrams(&out);
+    assert!(!sent.is_empty());
+    assert!(sent.iter().all(|(_, d)| !Lanes::is_marked(d)));
+    assert!(!out.urgent());
+    assert_eq!(sites[0].gateway.stats().interactive_frames, 0);
+}
