@@ -6,12 +6,15 @@
 //! Asserts: no panic; metadata reads back to the same bytes in both byte
 //! orders; metadata that `check` accepts has its checksum field inside the
 //! frame and a segment size for a super-frame; removing an 802.1Q tag and
-//! adding it back gives the frame again, and parsing agrees with both.
+//! adding it back gives the frame again, and parsing agrees with both; the
+//! lanes' flow meter takes any frame, and a datagram that carries the lane
+//! mark loses it and nothing else.
 
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use vcfed_overlay::frame::{self, ETHERTYPE_VLAN, FRAME_LEN_MAX};
+use vcfed_overlay::lane::{LANE_OFFSET, Lanes, flow_hash};
 use vcfed_overlay::offload::{F_NEEDS_CSUM, Offload, SUPER_FRAME_LEN_MAX, WIRE_LEN};
 
 fuzz_target!(|data: &[u8]| {
@@ -30,6 +33,19 @@ fuzz_target!(|data: &[u8]| {
         if offload.is_gso() {
             assert!(offload.gso_size > 0);
         }
+    }
+
+    let mut lanes = Lanes::default();
+    lanes.classify(0, 7, offload, frame);
+    lanes.count_delivered(1, 7, frame);
+    let _ = flow_hash(7, frame);
+    let mut unmarked = Vec::new();
+    if Lanes::unmark(frame, &mut unmarked) {
+        assert!(!Lanes::is_marked(&unmarked));
+        assert_eq!(unmarked.len(), frame.len());
+        assert_eq!(unmarked[LANE_OFFSET], 0);
+        assert_eq!(unmarked[..LANE_OFFSET], frame[..LANE_OFFSET]);
+        assert_eq!(unmarked[LANE_OFFSET + 1..], frame[LANE_OFFSET + 1..]);
     }
 
     let parsed = frame::parse_header(frame);
