@@ -412,6 +412,21 @@ fn check_limits(config: &GatewayConfig) -> Result<(), ShellError> {
     Ok(())
 }
 
+/// Buffers one read of a UDP socket lands in.
+struct RxBatch {
+    bufs: Vec<Vec<u8>>,
+    meta: [quinn_udp::RecvMeta; RECV_BATCH],
+}
+
+impl RxBatch {
+    fn new() -> RxBatch {
+        RxBatch {
+            bufs: (0..RECV_BATCH).map(|_| vec![0; DATAGRAM_LEN_MAX]).collect(),
+            meta: [quinn_udp::RecvMeta::default(); RECV_BATCH],
+        }
+    }
+}
+
 struct Shell {
     gateway: Gateway,
     socket: UdpSocket,
@@ -427,9 +442,10 @@ struct Shell {
     interactive: Option<(UdpSocket, quinn_udp::UdpSocketState)>,
     /// Where TAP frames are read to (with their virtio header), reused.
     buf: Vec<u8>,
-    /// Where datagrams are read to, reused.
-    rx: Vec<Vec<u8>>,
-    rx_meta: [quinn_udp::RecvMeta; RECV_BATCH],
+    /// Where datagrams are read to, reused: from the bulk socket, and from
+    /// the interactive one (read between the messages of a bulk read).
+    rx: RxBatch,
+    rx_lane: RxBatch,
     /// Outputs of the gateway, reused between inputs.
     out: Outputs,
     /// For a dynamic gateway: what it should carry, and what it does.
@@ -485,8 +501,8 @@ impl Shell {
             stats: ShellStats::default(),
             tap_cursor: 0,
             buf: vec![0; offload::WIRE_LEN + SUPER_FRAME_LEN_MAX + 1],
-            rx: (0..RECV_BATCH).map(|_| vec![0; DATAGRAM_LEN_MAX]).collect(),
-            rx_meta: [quinn_udp::RecvMeta::default(); RECV_BATCH],
+            rx: RxBatch::new(),
+            rx_lane: RxBatch::new(),
             out: Outputs::new(udp.max_gso_segments()),
             udp,
             interactive,
@@ -826,15 +842,21 @@ impl Shell {
             if bytes >= limit {
                 break;
             }
-            match self.receive(interactive, false) {
-                Ok(read) => {
-                    bytes += read;
-                    if self.out.bytes() >= FLUSH_BYTES {
-                        self.flush().await;
-                    }
-                    if !interactive && bytes - looked_at >= LANE_LOOK_BYTES {
-                        looked_at = bytes;
-                        self.look_at_lane(None).await;
+            match self.receive_batch(interactive, false) {
+                Ok(messages) => {
+                    let now_ms = self.now_ms();
+                    // Message by message (each up to 64 KiB of coalesced
+                    // datagrams), looking at the interactive lane between
+                    // them.
+                    for message in 0..messages {
+                        bytes += self.handle_message(interactive, message, now_ms);
+                        if self.out.bytes() >= FLUSH_BYTES {
+                            self.flush().await;
+                        }
+                        if !interactive && bytes - looked_at >= LANE_LOOK_BYTES {
+                            looked_at = bytes;
+                            self.look_at_lane(None).await;
+                        }
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -862,46 +884,61 @@ impl Shell {
     /// Returns the bytes read. With `direct`, the read is made even if the
     /// reactor has not said that the socket is readable.
     fn receive(&mut self, interactive: bool, direct: bool) -> std::io::Result<usize> {
-        let (socket, udp) = match (interactive, &self.interactive) {
-            (false, _) => (&self.socket, &self.udp),
-            (true, Some((socket, udp))) => (socket, udp),
+        let messages = self.receive_batch(interactive, direct)?;
+        let now_ms = self.now_ms();
+        Ok((0..messages)
+            .map(|message| self.handle_message(interactive, message, now_ms))
+            .sum())
+    }
+
+    /// The read of [`Shell::receive`], into the lane's own buffers; returns
+    /// how many messages it took.
+    fn receive_batch(&mut self, interactive: bool, direct: bool) -> std::io::Result<usize> {
+        let (socket, udp, rx) = match (interactive, &self.interactive) {
+            (false, _) => (&self.socket, &self.udp, &mut self.rx),
+            (true, Some((socket, udp))) => (socket, udp, &mut self.rx_lane),
             (true, None) => return Err(std::io::ErrorKind::WouldBlock.into()),
         };
         let mut slices: [IoSliceMut<'_>; RECV_BATCH] = {
-            let mut bufs = self.rx.iter_mut();
+            let mut bufs = rx.bufs.iter_mut();
             std::array::from_fn(|_| IoSliceMut::new(bufs.next().expect("RECV_BATCH buffers")))
         };
         let messages = if direct {
-            udp.recv(socket.into(), &mut slices, &mut self.rx_meta)
+            udp.recv(socket.into(), &mut slices, &mut rx.meta)
         } else {
             socket.try_io(Interest::READABLE, || {
-                udp.recv(socket.into(), &mut slices, &mut self.rx_meta)
+                udp.recv(socket.into(), &mut slices, &mut rx.meta)
             })
         }?;
         self.last_input = Instant::now();
-        let now_ms = self.now_ms();
         if interactive && messages > 0 {
             // Whether the interactive datagrams may overtake bulk ones
             // (see `Gateway::handle_datagram`): the kernel says whether the
             // bulk socket holds any (the length of its first datagram).
             let queued = rustix::io::ioctl_fionread(&self.socket).map_or(true, |len| len > 0);
+            let now_ms = self.now_ms();
             self.gateway.bulk_queued(queued, now_ms, &mut self.out);
         }
-        let mut bytes = 0;
-        for (meta, buf) in self.rx_meta.iter().zip(&self.rx).take(messages) {
-            bytes += meta.len;
-            let stride = meta.stride.max(1);
-            // An empty datagram is one too (to be counted as junk), though
-            // `chunks` yields nothing for it.
-            let empty = (meta.len == 0).then_some(&[][..]);
-            for datagram in empty.into_iter().chain(buf[..meta.len].chunks(stride)) {
-                self.stats.datagrams_received += 1;
-                self.stats.interactive_datagrams_received += u64::from(interactive);
-                self.gateway
-                    .handle_datagram(now_ms, meta.addr, datagram, &mut self.out);
-            }
+        Ok(messages)
+    }
+
+    /// Hands the datagrams of the `message`-th message of the last read of
+    /// the lane to the gateway; returns its bytes.
+    fn handle_message(&mut self, interactive: bool, message: usize, now_ms: i64) -> usize {
+        let rx = if interactive { &self.rx_lane } else { &self.rx };
+        let meta = rx.meta[message];
+        let buf = &rx.bufs[message];
+        let stride = meta.stride.max(1);
+        // An empty datagram is one too (to be counted as junk), though
+        // `chunks` yields nothing for it.
+        let empty = (meta.len == 0).then_some(&[][..]);
+        for datagram in empty.into_iter().chain(buf[..meta.len].chunks(stride)) {
+            self.stats.datagrams_received += 1;
+            self.stats.interactive_datagrams_received += u64::from(interactive);
+            self.gateway
+                .handle_datagram(now_ms, meta.addr, datagram, &mut self.out);
         }
-        Ok(bytes)
+        meta.len
     }
 
     /// A look at the interactive lane in the middle of a turn: what is
