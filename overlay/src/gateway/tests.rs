@@ -823,7 +823,7 @@ fn a_held_datagram_goes_when_the_bulk_lane_empties_and_an_idle_session_holds_not
     send_local(&mut sites, 0, 7, &frame(mac(2), mac(1), 60), 0);
     let now = 1000;
     let mut out = Outputs::new(64);
-    for _ in 0..1000 {
+    for _ in 0..1500 {
         sites[0].gateway.handle_local_frame(
             now,
             7,
@@ -859,14 +859,19 @@ fn a_held_datagram_goes_when_the_bulk_lane_empties_and_an_idle_session_holds_not
     // Nothing is held while the bulk lane is empty, however far ahead, nor
     // once the session has sent no bulk for BULK_ACTIVE_MS (the lane is
     // busy with another peer's).
-    let mut ahead = |at: i64| {
+    let mut send = |at: i64, frame: &[u8]| {
         let mut out = Outputs::new(64);
         sites[0]
             .gateway
-            .handle_local_frame(at, 7, Offload::NONE, &ping, &mut out);
+            .handle_local_frame(at, 7, Offload::NONE, frame, &mut out);
         datagrams(&out).remove(0).1
     };
-    let (first, second) = (ahead(now + 1), ahead(now + 2));
+    let first = send(now + 1, &ping);
+    let bulk = send(now + 1, &frame(mac(2), mac(1), 200));
+    for _ in 0..1100 {
+        send(now + 1, &frame(mac(2), mac(1), 200));
+    }
+    let second = send(now + 2, &ping);
     let gateway = &mut sites[1].gateway;
     let mut out = Outputs::new(64);
     gateway.handle_datagram(now + 1, from, &first, &mut out);
@@ -874,7 +879,9 @@ fn a_held_datagram_goes_when_the_bulk_lane_empties_and_an_idle_session_holds_not
         out.iter()
             .any(|o| matches!(o, Output::ToLocal { frame, .. } if frame == ping))
     );
-    gateway.handle_datagram(now, from, &sent[100].1, &mut Outputs::new(64));
+    // The transfer goes on (the lane is busy again), then pauses while the
+    // ping, 1100 messages ahead of it, comes BULK_ACTIVE_MS later.
+    gateway.handle_datagram(now, from, &bulk, &mut Outputs::new(64));
     let mut out = Outputs::new(64);
     gateway.handle_datagram(now + BULK_ACTIVE_MS, from, &second, &mut out);
     assert!(
