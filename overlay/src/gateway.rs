@@ -49,7 +49,7 @@ use self::address_limit::AddressLimiter;
 pub use self::address_limit::{ADDRESS_HANDSHAKES_BURST, ADDRESS_HANDSHAKES_PER_S, ADDRESSES_MAX};
 use crate::encap::{Decapsulator, Encapsulator, INNER_MTU_DEFAULT, Inner};
 use crate::frame::FRAME_LEN_MAX;
-use crate::lane::{Lane, Lanes, OVERTAKE_MAX};
+use crate::lane::{Lane, Lanes, MESSAGE_DATA, OVERTAKE_MAX};
 use crate::offload::Offload;
 use crate::switch::{Decision, PeerIndex, Segment, SwitchConfig};
 
@@ -65,8 +65,6 @@ pub const PEERS_MAX: usize = 1024;
 pub const DATA_OVERHEAD: usize = 32;
 /// WireGuard's message type of a cookie reply.
 const MESSAGE_COOKIE_REPLY: u8 = 3;
-/// WireGuard's message type of transport data.
-const MESSAGE_DATA: u8 = 4;
 /// Room for any handshake message boringtun writes (148 for the largest).
 const HANDSHAKE_LEN_MAX: usize = 256;
 /// Handshake messages (initiations and responses with a valid `mac1`) the
@@ -778,7 +776,7 @@ impl Gateway {
         let Some((index, counter)) = Lanes::position(datagram) else {
             return false;
         };
-        let Some(peer) = self.peers.get(&(index >> 8)) else {
+        let Some(peer) = self.peers.get(&peer_of(index)) else {
             return false;
         };
         matches!(peer.bulk_at, Some(at) if at.index == index
@@ -1089,7 +1087,7 @@ impl Gateway {
             Packet::PacketCookieReply(cookie) => cookie.receiver_idx,
             Packet::PacketData(data) => data.receiver_idx,
         };
-        let peer = index >> 8;
+        let peer = peer_of(index);
         self.peers.contains_key(&peer).then_some(peer)
     }
 }
@@ -1193,6 +1191,13 @@ fn deliver(
         _ => {}
     }
     true
+}
+
+/// The peer a WireGuard receiver index belongs to: the gateway gives each
+/// peer's `Tunn` its index, and boringtun adds a session number in the low
+/// 8 bits.
+fn peer_of(receiver_index: u32) -> PeerIndex {
+    receiver_index >> 8
 }
 
 /// Counts a datagram of `len` bytes (none when 0) sent to a peer; returns

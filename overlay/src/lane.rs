@@ -45,7 +45,7 @@ pub const LANE_OFFSET: usize = 1;
 /// WireGuard has it).
 pub const LANE_INTERACTIVE: u8 = 1;
 /// WireGuard's message type of transport data.
-const MESSAGE_DATA: u8 = 4;
+pub const MESSAGE_DATA: u8 = 4;
 /// The window flows are measured in, ms.
 pub const WINDOW_MS: i64 = 10;
 /// Bytes of frames one flow sends in a window and stays interactive (about

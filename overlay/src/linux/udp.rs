@@ -28,15 +28,12 @@ use std::os::fd::AsRawFd;
 
 use tokio::net::UdpSocket;
 
-use crate::lane::{LANE_INTERACTIVE, LANE_OFFSET};
+use crate::lane::{LANE_INTERACTIVE, LANE_OFFSET, MESSAGE_DATA};
 
 /// Receive and send buffer asked of each UDP socket, bytes: room for a burst
 /// of about 2800 full datagrams while the loop is busy. The kernel caps it
 /// at `net.core.rmem_max` / `wmem_max`.
 pub const SOCKET_BUFFER_BYTES: usize = 4 << 20;
-
-/// WireGuard's message type of transport data.
-const MESSAGE_DATA: u32 = 4;
 
 /// The sockets of a gateway.
 pub(super) struct Sockets {
@@ -96,7 +93,7 @@ fn lane_program() -> [libc::sock_filter; 6] {
     [
         // The UDP payload's first byte: the message type.
         op(ld_b_abs, 0, 0, 0),
-        op(jeq_k, 0, 3, MESSAGE_DATA),
+        op(jeq_k, 0, 3, u32::from(MESSAGE_DATA)),
         op(
             ld_b_abs,
             0,
