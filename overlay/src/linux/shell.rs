@@ -961,7 +961,7 @@ impl Shell {
         }
         let mut next = match segment {
             Some(segment) => Some(segment),
-            None if self.taps.len() <= LOOK_TAPS_MAX => self.taps.keys().next().copied(),
+            None if self.taps.len() <= LOOK_TAPS_MAX => self.next_lane_tap(None),
             None => None,
         };
         while let Some(at) = next {
@@ -977,11 +977,7 @@ impl Shell {
             }
             next = match segment {
                 Some(_) => None,
-                None => self
-                    .taps
-                    .range((std::ops::Bound::Excluded(at), std::ops::Bound::Unbounded))
-                    .next()
-                    .map(|(id, _)| *id),
+                None => self.next_lane_tap(Some(at)),
             };
         }
         if bytes > 0 {
@@ -1068,11 +1064,21 @@ impl Shell {
         }
     }
 
+    /// The first segment after `after` (or the first of all) whose TAP has
+    /// an interactive queue.
+    fn next_lane_tap(&self, after: Option<u32>) -> Option<u32> {
+        let from = after.map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded);
+        self.taps
+            .range((from, std::ops::Bound::Unbounded))
+            .find(|(_, tap)| tap.queues() > 1)
+            .map(|(segment, _)| *segment)
+    }
+
     /// The interactive queues of the TAPs, drained while the reactor says
     /// they are readable (no system call otherwise), before anything else
     /// in a turn.
     async fn drain_interactive_taps(&mut self) -> Result<(), ShellError> {
-        let mut next = self.taps.keys().next().copied();
+        let mut next = self.next_lane_tap(None);
         while let Some(segment) = next {
             if let Err(source) = self.drain_tap(segment, INTERACTIVE_QUEUE).await {
                 let name = self
@@ -1081,14 +1087,7 @@ impl Shell {
                     .map_or_else(String::new, |tap| tap.name().to_owned());
                 return Err(ShellError::Tap { name, source });
             }
-            next = self
-                .taps
-                .range((
-                    std::ops::Bound::Excluded(segment),
-                    std::ops::Bound::Unbounded,
-                ))
-                .next()
-                .map(|(id, _)| *id);
+            next = self.next_lane_tap(Some(segment));
         }
         Ok(())
     }
