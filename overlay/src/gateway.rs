@@ -107,9 +107,6 @@ pub enum Output<'a> {
         datagrams: &'a [u8],
         /// The size of each datagram but the last.
         stride: usize,
-        /// A datagram of the interactive lane (alone in its run): send it
-        /// without waiting for more.
-        interactive: bool,
     },
     /// A frame for this site's bridge of `segment`.
     ToLocal {
@@ -213,12 +210,11 @@ impl Outputs {
                 start,
                 len,
                 stride,
-                interactive,
+                interactive: _,
             } => Output::ToNetwork {
                 to,
                 datagrams: &self.bytes[start..start + len],
                 stride,
-                interactive,
             },
             Item::Local {
                 segment,

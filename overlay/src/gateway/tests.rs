@@ -743,10 +743,7 @@ fn a_sparse_flow_rides_the_interactive_lane_and_waits_rather_than_overtake_the_r
         !out.urgent()
             || out.iter().any(|o| matches!(
                 o,
-                Output::ToNetwork {
-                    interactive: true,
-                    ..
-                }
+                Output::ToNetwork { datagrams, .. } if Lanes::is_marked(datagrams)
             ))
     );
     let mut sent = datagrams(&out);
@@ -767,7 +764,7 @@ fn a_sparse_flow_rides_the_interactive_lane_and_waits_rather_than_overtake_the_r
     assert!(out.urgent());
     let runs: Vec<Output<'_>> = out.iter().collect();
     assert!(
-        matches!(runs[..], [Output::ToNetwork { interactive: true, stride, datagrams, .. }] if stride == datagrams.len())
+        matches!(runs[..], [Output::ToNetwork { stride, datagrams, .. }] if stride == datagrams.len() && Lanes::is_marked(datagrams))
     );
     let (_, ping_datagram) = datagrams(&out).remove(0);
     assert!(Lanes::is_marked(&ping_datagram));

@@ -1095,6 +1095,11 @@ impl Shell {
     /// Sends every output of the gateway: runs of datagrams in one UDP GSO
     /// send each, frames with their offload metadata.
     async fn flush(&mut self) {
+        // The loop drains the interactive lane every turn, mostly finding
+        // nothing: then there is nothing to do here either.
+        if self.out.is_empty() {
+            return;
+        }
         let mut out = std::mem::take(&mut self.out);
         // One wait for room per flush, not per run: a full socket buffer
         // must not hold the loop (and its timers) for long.
@@ -1105,7 +1110,6 @@ impl Shell {
                     to,
                     datagrams,
                     stride,
-                    interactive: _,
                 } => {
                     let count = datagrams.len().div_ceil(stride) as u64;
                     let transmit = quinn_udp::Transmit {
